@@ -1,0 +1,1 @@
+"""Floor 1: the feature store (numpy, zarr, webdataset; never torch)."""

@@ -1,0 +1,44 @@
+"""User-facing error types, shared by every floor.
+
+They live on the lowest floor (cache/) so that cache, stages and pipeline can all raise
+them without importing upwards. The CLI turns any PipelineError into one line on stderr
+and exit status 2; anything else is a bug and keeps its traceback.
+"""
+
+__all__ = [
+    "PipelineError",
+    "ConfigError",
+    "DatasetError",
+    "CacheError",
+    "CacheMismatchError",
+    "ModelError",
+    "VideoDecodeError",
+]
+
+
+class PipelineError(Exception):
+    """Base class for every error a user can cause."""
+
+
+class ConfigError(PipelineError, ValueError):
+    """A bad option, override key or value type."""
+
+
+class DatasetError(PipelineError, ValueError):
+    """A bad list file, class file, label or dataset name."""
+
+
+class CacheError(PipelineError, RuntimeError):
+    """A cache that cannot be opened, created or written."""
+
+
+class CacheMismatchError(CacheError, ValueError):
+    """A cache that lacks what a head or command needs."""
+
+
+class ModelError(PipelineError, ValueError):
+    """An unknown model name or an unloadable checkpoint."""
+
+
+class VideoDecodeError(PipelineError, RuntimeError):
+    """Neither decoder could produce the frames of a video (recorded as a failure)."""

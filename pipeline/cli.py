@@ -1,0 +1,232 @@
+"""The `pipeline` command. It parses, validates and calls one stage function per command.
+
+Every error a user can cause is a PipelineError: one line on stderr, exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cache.errors import ConfigError, PipelineError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="clipcache: cache frozen CLIP features of videos once, train heads from the cache many times.")
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect feature caches.")
+app.add_typer(cache_app, name="cache")
+
+
+def _echo_err(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard must look like i/n (e.g. 0/2), got '{text}'") from None
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+# ----------------------------------------------------------------------------- demo data
+@app.command("demo-data")
+def demo_data(
+    out: Path = typer.Option(Path("data/demo"), help="Folder to write the demo videos, lists and class file into."),
+    seed: int = typer.Option(0, help="Seed of the synthetic world."),
+    classes: int = typer.Option(12, help="Number of action classes."),
+    train_per_class: int = typer.Option(12, help="Training videos per class."),
+    val_per_class: int = typer.Option(4, help="Validation videos per class."),
+    frames: int = typer.Option(16, help="Frames per video."),
+    world: str = typer.Option("basic", help="basic | rich"),
+):
+    """Write the built-in synthetic demo dataset (real h264 mp4 files)."""
+    from pipeline.demo_data import DemoCfg, generate_demo
+
+    ds = generate_demo(out, DemoCfg(num_classes=classes, train_per_class=train_per_class,
+                                    val_per_class=val_per_class, frames=frames, seed=seed, world=world))
+    typer.echo(f"demo data in {ds.root}: {len(ds.classes)} classes; lists {ds.train_list.name}, {ds.val_list.name}")
+
+
+# ----------------------------------------------------------------------------- extract
+@app.command()
+def extract(
+    dataset: str = typer.Option("demo", help="demo | k400 | ucf101 | hmdb51 | ssv2 | custom"),
+    data_root: Optional[Path] = typer.Option(None, help="Dataset folder (official layout or demo folder)."),
+    video_root: Optional[Path] = typer.Option(None, help="Folder the list paths are relative to."),
+    train_list: Optional[Path] = typer.Option(None, help="Train list: 'path label' lines."),
+    val_list: Optional[Path] = typer.Option(None, help="Val list."),
+    test_list: Optional[Path] = typer.Option(None, help="Test list."),
+    classes: Optional[Path] = typer.Option(None, help="Class names: one per line, or CSV id,name."),
+    split_id: int = typer.Option(1, help="Official split number (UCF-101, HMDB-51)."),
+    model: str = typer.Option("tiny", help="open_clip model name (ViT-B-16, ...), or tiny / demo (built in)."),
+    pretrained: str = typer.Option("", help="open_clip pretrained tag or a local checkpoint path."),
+    init_seed: int = typer.Option(0, help="Seed of the random init when no --pretrained is given."),
+    frames: int = typer.Option(8, help="Frames per clip (T)."),
+    sampling: str = typer.Option("segment", help="segment (TSN) | dense"),
+    stride: int = typer.Option(8, help="Frame stride for dense sampling."),
+    layers: str = typer.Option("last4", help="Blocks to tap: lastK | all | none | 8,10,12 (1-based)."),
+    patch: bool = typer.Option(False, "--patch/--no-patch", help="Also store patch tokens of the tapped blocks."),
+    store_frames: bool = typer.Option(False, "--frames-uint8/--no-frames-uint8",
+                                      help="Also store the preprocessed uint8 input frames."),
+    views: str = typer.Option("1x1", help="CxS views (temporal clips x spatial crops) for val/test."),
+    train_views: str = typer.Option("1x1", help="CxS views for the train split."),
+    dtype: str = typer.Option("fp16", help="fp16 | int8 (per-token int8 for CLS/patch tokens)."),
+    text: str = typer.Option("all", help="Text sets to store: all | none | comma list of clip_single, "
+                                         "clip_text4vis, clip_actionclip, clip_classname, minilm."),
+    batch_frames: int = typer.Option(128, help="Frames per encoder call."),
+    workers: int = typer.Option(-1, help="Decode workers (-1: auto)."),
+    shard_size: int = typer.Option(0, help="Videos per shard (0: auto)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    out: Optional[Path] = typer.Option(None, help="Cache folder (default: a keyed folder under the cache root)."),
+    cache_root: Optional[Path] = typer.Option(None, envvar="CLIPCACHE_ROOT_CACHES",
+                                              help="Where keyed caches go (default artifacts/caches, or $CLIPCACHE_ROOT/caches)."),
+    shard: str = typer.Option("0/1", help="Process i of n: take the i-th of n disjoint shard ranges."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be extracted and its size, then stop."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+):
+    """Stage one: decode videos, run the frozen CLIP once, write the feature cache."""
+    from pipeline.datasets import load_dataset
+    from stages.extract import ExtractCfg, describe_plan, plan_extraction, run_extraction
+
+    rank_world = _parse_shard(shard)
+    spec = load_dataset(dataset, data_root=data_root, video_root=video_root, train_list=train_list,
+                        val_list=val_list, test_list=test_list, classes=classes, split_id=split_id)
+    cfg = ExtractCfg(model=model, pretrained=pretrained, init_seed=init_seed, frames=frames, sampling=sampling,
+                     stride=stride, layers=layers, patch=patch, store_frames=store_frames, views=views,
+                     train_views=train_views, dtype=dtype, text=text, batch_frames=batch_frames, workers=workers,
+                     shard_size=shard_size, device=device)
+    plan = plan_extraction(spec, cfg, out=out, cache_root=cache_root)
+    if dry_run:
+        for line in describe_plan(plan):
+            typer.echo(line)
+        return
+    res = run_extraction(plan, shard=rank_world, progress=progress)
+    if res.reused:
+        return
+    fps = res.frames / res.seconds if res.seconds else 0.0
+    typer.echo(f"cache {res.path}: {res.videos} videos encoded, {res.failed} failed, "
+               f"{res.frames} frames in {res.seconds:.1f}s ({fps:.0f} frames/s, "
+               f"encoder busy {100 * res.encoder_seconds / max(res.seconds, 1e-9):.0f}%)")
+    for split, fails in res.summary.get("failures", {}).items():
+        for f in fails:
+            typer.echo(f"  failed [{split}] {f['path']}: {f['reason']}")
+    if not res.summary.get("complete", False):
+        typer.echo("cache not complete yet (other shard ranges pending); run the remaining ranks, or rerun without --shard")
+
+
+# ----------------------------------------------------------------------------- cache ls/info/verify
+@cache_app.command("ls")
+def cache_ls(root: Optional[Path] = typer.Argument(None, help="Cache root (default: artifacts/caches).")):
+    """List the caches under a root."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from cache.store import list_stores
+    from stages.extract import default_cache_root
+
+    stores = list_stores(root or default_cache_root())
+    table = Table("cache", "dataset", "model", "layers", "dtype", "done", "failed", "pending", "size")
+    for st in stores:
+        meta = st.meta
+        done = failed = pending = 0
+        for s in st.splits:
+            c = st.counts(s)
+            done, failed, pending = done + c["done"], failed + c["failed"], pending + c["pending"]
+        table.add_row(st.path.name, meta["dataset"]["name"], meta["backbone"]["arch"], str(meta["layers"]),
+                      meta["dtype"], str(done), str(failed), str(pending), _human(st.size_bytes()))
+    Console().print(table)
+    if not stores:
+        typer.echo(f"no caches under {root or default_cache_root()}")
+
+
+@cache_app.command("info")
+def cache_info(path: Path = typer.Argument(..., help="Cache folder."),
+               as_json: bool = typer.Option(False, "--json", help="Print the metadata as JSON.")):
+    """Size, videos done/failed/pending, layers, dtype and how the cache was made."""
+    from cache.store import open_store
+
+    st = open_store(path)
+    meta = st.meta
+    if as_json:
+        typer.echo(json.dumps({"meta": meta, "summary": st.summary()}, indent=1))
+        return
+    cfg = meta["config"]
+    typer.echo(f"cache     {st.path}")
+    typer.echo(f"key       {st.key}")
+    typer.echo(f"size      {_human(st.size_bytes())}")
+    typer.echo(f"dataset   {meta['dataset']['name']} ({meta['dims']['num_classes']} classes)")
+    typer.echo(f"model     {meta['backbone']['arch']}  weights {meta['backbone']['weights']}")
+    typer.echo(f"layers    {meta['layers']}  patch tokens: {'yes' if cfg['patch'] else 'no'}  "
+               f"frames: {'yes' if cfg['store_frames'] else 'no'}  dtype {meta['dtype']}")
+    typer.echo(f"sampling  {cfg['frames']} frames, {cfg['sampling']}  views {meta['views']}")
+    typer.echo(f"text      {', '.join(st.text_names()) or 'none'}")
+    for s in st.splits:
+        c = st.counts(s)
+        typer.echo(f"{s:<9} {st.num_videos(s)} videos: done {c['done']}, failed {c['failed']}, pending {c['pending']}")
+        for f in st.failures(s):
+            typer.echo(f"          failed {f['path']}: {f['reason']}")
+    flags = {"patch": "--patch", "store_frames": "--frames-uint8"}
+    args = " ".join(flags[k] if k in flags else f"--{k.replace('_', '-')} {v}"
+                    for k, v in cfg.items() if v not in ("", None, False) and k != "device")
+    typer.echo(f"made by   pipeline extract --dataset {meta['dataset']['name']} {args}")
+
+
+@cache_app.command("verify")
+def cache_verify(path: Path = typer.Argument(..., help="Cache folder.")):
+    """Check status against data (done videos hold finite data; failures have reasons)."""
+    from cache.store import open_store
+
+    st = open_store(path)
+    problems = st.verify()
+    for s in st.splits:
+        c = st.counts(s)
+        typer.echo(f"{s}: done {c['done']}, failed {c['failed']}, pending {c['pending']}")
+    if problems:
+        for p in problems[:50]:
+            typer.echo(f"problem: {p}")
+        raise PipelineErrorExit(f"cache {path} failed verification: {len(problems)} problem(s)")
+    typer.echo("ok: status and data agree, no NaN/inf in done videos")
+
+
+class PipelineErrorExit(PipelineError):
+    pass
+
+
+def _human(n: float) -> str:
+    from stages.extract import _human as h
+
+    return h(n)
+
+
+# ----------------------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except PipelineError as exc:
+        _echo_err(f"error: {exc}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        _echo_err("interrupted")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()
+

@@ -1,0 +1,1 @@
+"""Floor 2: the work (decode, backbone taps, extraction, training, evaluation)."""

@@ -1,0 +1,481 @@
+"""Stage one: decode every video once, run the frozen backbone, write the feature cache.
+
+Pipeline: DataLoader workers decode + sample + crop (uint8) in parallel with the encoder; the
+main process batches frames across videos through the frozen model; finished shards go to a
+writer thread, so disk writes stay off the critical path. Each shard is written whole by this
+process (data, failures, then status), which is what makes SIGKILL-and-rerun and several
+processes (``--shard i/n``) safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cache.errors import CacheError, ConfigError, VideoDecodeError
+from cache.store import DONE, FAILED, FORMAT_VERSION, ArraySpec, FeatureStore, create_store, open_store
+from stages.backbone import BackboneInfo, FrozenCLIP, load_clip, model_config, parse_layers, resolve_model_name, weights_id
+from stages.text import TEXT_SETS, compute_text_sets
+from stages.video import SamplingCfg, decode_clips, make_views, normalize, parse_views
+
+__all__ = ["ExtractCfg", "ExtractPlan", "plan_extraction", "run_extraction", "default_cache_root", "latest_cache"]
+
+# Bump when decoding/sampling/cropping changes what lands in a cache (part of the cache key).
+PREPROCESS_VERSION = 1
+
+
+@dataclass
+class ExtractCfg:
+    model: str = "tiny"
+    pretrained: str = ""
+    init_seed: int = 0               # weights when no `pretrained` (random-init models)
+    frames: int = 8
+    sampling: str = "segment"        # segment (TSN) | dense
+    stride: int = 8                  # dense sampling stride
+    layers: str = "last4"            # lastK | all | none | 8,10,12
+    patch: bool = False              # store patch tokens of the tapped layers (large)
+    store_frames: bool = False       # store the preprocessed uint8 input frames
+    views: str = "1x1"               # CxS for val/test splits
+    train_views: str = "1x1"         # CxS for the train split
+    dtype: str = "fp16"              # fp16 | int8 (per-token, for cls/patch)
+    text: str = "all"                # comma list of TEXT_SETS, all, or none
+    batch_frames: int = 128          # frames per encoder call
+    workers: int = -1                # decode workers; -1 = auto
+    shard_size: int = 0              # videos per shard; 0 = auto (about 64 MB of the largest array)
+    device: str = "auto"
+
+    def text_sets(self) -> list[str]:
+        if self.text == "all":
+            return list(TEXT_SETS)
+        if self.text in ("", "none"):
+            return []
+        names = [t.strip() for t in self.text.split(",") if t.strip()]
+        bad = [n for n in names if n not in TEXT_SETS]
+        if bad:
+            raise ConfigError(f"unknown text set(s) {bad}; available: {', '.join(TEXT_SETS)}")
+        return names
+
+
+@dataclass
+class ExtractPlan:
+    """Everything resolved before any work: where the cache goes and what it will hold."""
+
+    cfg: ExtractCfg
+    dataset: object                  # pipeline.datasets.DatasetSpec (duck-typed: no upward import)
+    arch: str
+    info: BackboneInfo
+    layers: tuple[int, ...]
+    key: str
+    path: Path
+    meta: dict
+    split_arrays: dict[str, list[ArraySpec]]
+    shard_size: int
+    bytes_per_video: dict[str, int] = field(default_factory=dict)
+
+    def total_bytes(self) -> int:
+        return sum(self.bytes_per_video[s] * len(self.dataset.splits[s]) for s in self.split_arrays)
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("CLIPCACHE_ROOT", "artifacts")) / "caches"
+
+
+def latest_cache(cache_root: Path, dataset: str) -> Path | None:
+    marker = Path(cache_root) / f".latest-{dataset}"
+    if marker.exists():
+        path = Path(marker.read_text().strip())
+        if path.exists():
+            return path
+    return None
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
+                    cache_root: str | Path | None = None) -> ExtractPlan:
+    """Validate the request and work out the cache key, path and layout (no model weights loaded)."""
+    if cfg.dtype not in ("fp16", "int8"):
+        raise ConfigError(f"--dtype must be fp16 or int8, got '{cfg.dtype}'")
+    if cfg.frames < 1:
+        raise ConfigError("--frames must be at least 1")
+    if cfg.sampling not in ("segment", "dense"):
+        raise ConfigError(f"--sampling must be segment or dense, got '{cfg.sampling}'")
+    arch = resolve_model_name(cfg.model)
+    info = BackboneInfo.from_config(model_config(cfg.model))
+    layers = parse_layers(cfg.layers, info.depth)
+    if (cfg.patch and not layers):
+        raise ConfigError("--patch needs tapped layers (--layers)")
+    text_sets = cfg.text_sets()
+    views = {s: parse_views(cfg.train_views if s == "train" else cfg.views) for s in dataset.splits}
+    if cfg.pretrained and os.sep in cfg.pretrained and not os.path.isfile(cfg.pretrained):
+        raise ConfigError(f"checkpoint not found: {cfg.pretrained}")
+    wid = weights_id(cfg.pretrained, cfg.init_seed)
+
+    feat = "int8" if cfg.dtype == "int8" else "float16"
+    T, L, D, P, S_img = cfg.frames, len(layers), info.width, info.num_patches, info.image_size
+    split_arrays: dict[str, list[ArraySpec]] = {}
+    bytes_per_video: dict[str, int] = {}
+    for split, (C, S) in views.items():
+        V = C * S
+        arrays = [ArraySpec("frame_emb", (V, T, info.embed_dim), "float16")]
+        if L:
+            arrays.append(ArraySpec("cls", (V, T, L, D), feat))
+        if cfg.patch:
+            arrays.append(ArraySpec("patch", (V, T, L, P, D), feat, layer_axis=2))
+        if cfg.store_frames:
+            arrays.append(ArraySpec("frames", (V, T, S_img, S_img, 3), "uint8"))
+        split_arrays[split] = arrays
+        bytes_per_video[split] = sum(a.nbytes() for a in arrays)
+    if cfg.shard_size > 0:
+        shard_size = cfg.shard_size
+    else:
+        largest = max(max(a.nbytes() for a in arrs) for arrs in split_arrays.values())
+        shard_size = int(max(1, min(256, (64 << 20) // max(largest, 1))))
+
+    video_root = str(dataset.video_root)
+
+    def rel(p: str) -> str:
+        return os.path.relpath(p, video_root) if video_root and p.startswith(video_root) else p
+
+    content = {
+        "format": FORMAT_VERSION,
+        "preprocess": PREPROCESS_VERSION,
+        "dataset": dataset.name,
+        "classes": _sha(list(dataset.classes)),
+        "lists": {s: _sha([[rel(it.path), it.label, it.num_frames] for it in items])
+                  for s, items in dataset.splits.items()},
+        "model": arch,
+        "weights": wid,
+        "layers": list(layers),
+        "patch": cfg.patch,
+        "frames_stored": cfg.store_frames,
+        "sampling": {"frames": T, "mode": cfg.sampling, "stride": cfg.stride if cfg.sampling == "dense" else None},
+        "views": {s: list(v) for s, v in views.items()},
+        "image_size": S_img,
+        "dtype": cfg.dtype,
+        "text": sorted(text_sets),
+    }
+    key = _sha(content)[:16]
+    if out:
+        path = Path(out)
+    else:
+        root = Path(cache_root) if cache_root else default_cache_root()
+        path = root / f"{dataset.name}-{cfg.model.replace('/', '_')}-{key[:10]}"
+    meta = {
+        "key": key,
+        "content": content,
+        "config": asdict(cfg),
+        "dataset": {"name": dataset.name, "video_root": video_root, "sources": dict(getattr(dataset, "sources", {})),
+                    "classes": list(dataset.classes)},
+        "backbone": {"arch": arch, "pretrained": cfg.pretrained, "weights": wid, **asdict(info),
+                     "num_patches": info.num_patches},
+        "dims": {"num_classes": len(dataset.classes), "embed_dim": info.embed_dim, "width": info.width,
+                 "frames": T, "num_patches": P, "depth": info.depth, "backbone_heads": info.backbone_heads,
+                 "image_size": S_img, "patch_size": info.patch_size},
+        "layers": list(layers),
+        "views": {s: {"clips": v[0], "crops": v[1]} for s, v in views.items()},
+        "dtype": cfg.dtype,
+        "int8_outliers": 4,
+        "text_sets": text_sets,
+        "versions": _versions(),
+    }
+    _check_writable(path.parent)
+    return ExtractPlan(cfg, dataset, arch, info, layers, key, path, meta, split_arrays, shard_size, bytes_per_video)
+
+
+def _check_writable(folder: Path) -> None:
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise CacheError(f"output location {folder} is not writable")
+
+
+def _versions() -> dict:
+    import open_clip
+    import zarr
+
+    return {"torch": torch.__version__, "open_clip": open_clip.__version__, "zarr": zarr.__version__,
+            "python": sys.version.split()[0]}
+
+
+# ----------------------------------------------------------------------------- decoding workers
+class _DecodeJobs(Dataset):
+    """Item i -> (split, index, views uint8 (V, T, S, S, 3) | None, failure reason | None)."""
+
+    def __init__(self, jobs: list[tuple[str, int, str, int | None]], sampling: dict[str, SamplingCfg], size: int):
+        self.jobs, self.sampling, self.size = jobs, sampling, size
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, i: int):
+        split, index, path, num_frames = self.jobs[i]
+        samp = self.sampling[split]
+        try:
+            clips, _backend = decode_clips(path, samp, num_frames)
+            return split, index, make_views(clips, self.size, samp.crops), None
+        except VideoDecodeError as exc:
+            return split, index, None, str(exc)
+        except Exception as exc:  # a decoder crash on one file must not stop the run
+            return split, index, None, f"decode error: {exc.__class__.__name__}: {str(exc)[:160]}"
+
+
+def _first(batch):
+    return batch[0]
+
+
+# ----------------------------------------------------------------------------- shard buffers
+class _ShardBuffer:
+    def __init__(self, store: FeatureStore, split: str, shard: int):
+        self.split, self.shard = split, shard
+        self.start, self.stop = store.shard_range(split, shard)
+        n = self.stop - self.start
+        self.arrays = {}
+        for name, spec in store.specs(split).items():
+            fill = 0 if spec.dtype == "uint8" else np.nan
+            dtype = np.uint8 if spec.dtype == "uint8" else np.float32
+            self.arrays[name] = np.full((n, *spec.shape), fill, dtype=dtype)
+        self.status = np.zeros(n, dtype=np.int8)
+        self.failures: list[dict] = []
+        self.remaining = n
+
+    def put(self, index: int, outputs: dict[str, np.ndarray] | None, reason: str | None, path: str) -> None:
+        j = index - self.start
+        if outputs is None:
+            self.status[j] = FAILED
+            self.failures.append({"index": index, "path": path, "reason": reason})
+        else:
+            for name, value in outputs.items():
+                self.arrays[name][j] = value
+            self.status[j] = DONE
+        self.remaining -= 1
+
+
+# ----------------------------------------------------------------------------- the run
+@dataclass
+class ExtractResult:
+    path: Path
+    reused: bool
+    videos: int = 0
+    frames: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    encoder_seconds: float = 0.0
+    summary: dict = field(default_factory=dict)
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _auto_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+def _init_store(plan: ExtractPlan, model, frozen: FrozenCLIP, device: str):
+    """What is written into the store folder before it is renamed into place."""
+    import open_clip
+
+    def init(folder: Path) -> None:
+        import zarr
+
+        root = zarr.open_group(str(folder), mode="r+")
+        sets = plan.meta["text_sets"]
+        if sets:
+            tok = open_clip.get_tokenizer(plan.arch)
+            model.to(device)
+            for name, arr in compute_text_sets(sets, model, tok, list(plan.dataset.classes), device).items():
+                root.create_array(f"text/{name}", data=np.asarray(arr, dtype=np.float32))
+        for block in plan.layers:
+            for pname, tensor in frozen.block_weights(block).items():
+                root.create_array(f"aux/block{block}.{pname}", data=tensor.detach().float().cpu().numpy())
+
+    return init
+
+
+def run_extraction(plan: ExtractPlan, shard: tuple[int, int] = (0, 1), progress: bool = True,
+                   log=print) -> ExtractResult:
+    """Run (or resume, or reuse) the extraction described by ``plan``."""
+    cfg = plan.cfg
+    t_start = time.perf_counter()
+    if plan.path.exists():
+        store = open_store(plan.path)
+        if store.key != plan.key:
+            raise CacheError(f"{plan.path} already holds a different cache (key {store.key}); "
+                             "choose another --out or remove it")
+        if store.is_complete():
+            log(f"reusing cache {plan.path} (key {plan.key}): complete, nothing to do")
+            _mark_latest(plan)
+            return ExtractResult(plan.path, reused=True, summary=store.summary())
+    device = _device(cfg.device)
+    model = load_clip(cfg.model, cfg.pretrained or None, device="cpu", seed=cfg.init_seed)
+    frozen = FrozenCLIP(model, plan.layers, cfg.patch, plan.info, device=device)
+    plan.meta["preprocess"] = {"mean": list(frozen.mean), "std": list(frozen.std), "image_size": plan.info.image_size}
+    store = create_store(plan.path, plan.meta, {
+        s: {"items": [(it.path, it.label) for it in plan.dataset.splits[s]], "arrays": arrs}
+        for s, arrs in plan.split_arrays.items()}, plan.shard_size, init=_init_store(plan, model, frozen, device))
+    del model.transformer  # the text tower is no longer needed
+    # This process's shards: a fixed contiguous range of the full shard list, so ranges stay
+    # disjoint across ranks and across reruns; then only those still pending.
+    rank, world = shard
+    all_shards = [(s, k) for s in store.splits for k in range(store.num_shards(s))]
+    lo, hi = (len(all_shards) * rank) // world, (len(all_shards) * (rank + 1)) // world
+    mine = set(all_shards[lo:hi])
+    todo = [(s, k) for s in store.splits for k in store.pending_shards(s) if (s, k) in mine]
+    done_before = sum(1 for s, k in mine if (s, k) not in set(todo))
+    if done_before:
+        log(f"resuming {plan.path}: {done_before} shard(s) already done, {len(todo)} to go")
+    items = {s: plan.dataset.splits[s] for s in store.splits}
+    jobs = []
+    for s, k in todo:
+        a, b = store.shard_range(s, k)
+        jobs.extend((s, i, items[s][i].path, items[s][i].num_frames) for i in range(a, b))
+    sampling = {}
+    for s in store.splits:
+        v = plan.meta["views"][s]
+        sampling[s] = SamplingCfg(cfg.frames, cfg.sampling, cfg.stride, v["clips"], v["crops"])
+    result = ExtractResult(plan.path, reused=False)
+    if jobs:
+        _encode_jobs(store, plan, frozen, jobs, sampling, todo, items, device, progress, result)
+    result.seconds = time.perf_counter() - t_start
+    if store.is_complete():
+        result.summary = store.write_summary()
+        _mark_latest(plan)
+    else:
+        result.summary = store.summary()
+    return result
+
+
+def _mark_latest(plan: ExtractPlan) -> None:
+    root = plan.path.parent
+    try:
+        (root / f".latest-{plan.dataset.name}").write_text(str(plan.path.resolve()))
+    except OSError:
+        pass
+
+
+def _encode_jobs(store, plan, frozen, jobs, sampling, todo, items, device, progress, result) -> None:
+    from tqdm import tqdm
+
+    cfg = plan.cfg
+    workers = cfg.workers if cfg.workers >= 0 else _auto_workers()
+    loader = DataLoader(_DecodeJobs(jobs, sampling, plan.info.image_size), batch_size=1, shuffle=False,
+                        num_workers=workers, collate_fn=_first, prefetch_factor=4 if workers else None,
+                        persistent_workers=False)
+    buffers = {key: _ShardBuffer(store, *key) for key in todo}
+    writer = ThreadPoolExecutor(max_workers=1)
+    pending_writes: list[Future] = []
+    bar = tqdm(total=len(jobs), unit="video", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    queue: list[tuple[str, int, np.ndarray]] = []
+    queued_frames = 0
+
+    def shard_of(split: str, index: int) -> tuple[str, int]:
+        return split, index // store.shard_size
+
+    def finish(split: str, index: int, outputs, reason) -> None:
+        key = shard_of(split, index)
+        buf = buffers[key]
+        buf.put(index, outputs, reason, items[split][index].path)
+        if reason is not None:
+            result.failed += 1
+        else:
+            result.videos += 1
+        bar.update(1)
+        if buf.remaining == 0:
+            del buffers[key]
+            while len(pending_writes) >= 2:  # bound memory held by shards waiting for the disk
+                pending_writes.pop(0).result()
+            pending_writes.append(writer.submit(store.write_shard, buf.split, buf.shard, buf.arrays,
+                                                buf.status, buf.failures))
+
+    def flush() -> None:
+        nonlocal queue, queued_frames
+        if not queue:
+            return
+        x = torch.cat([torch.from_numpy(v).reshape(-1, *v.shape[2:]) for _, _, v in queue])  # (F, S, S, 3)
+        x = normalize(x.to(device, non_blocking=True), frozen.mean, frozen.std)  # (F, 3, S, S)
+        te = time.perf_counter()
+        outs = frozen(x)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        result.encoder_seconds += time.perf_counter() - te
+        outs = {k: v.cpu().numpy() for k, v in outs.items()}
+        pos = 0
+        for split, index, views in queue:
+            V, T = views.shape[:2]
+            n = V * T
+            per = {k: v[pos:pos + n].reshape(V, T, *v.shape[1:]) for k, v in outs.items()}  # (V, T, ...)
+            if "frames" in buffers[shard_of(split, index)].arrays:
+                per["frames"] = views
+            result.frames += n
+            finish(split, index, per, None)
+            pos += n
+        queue, queued_frames = [], 0
+
+    try:
+        for split, index, views, reason in loader:
+            if views is None:
+                finish(split, index, None, reason)
+            else:
+                queue.append((split, index, views))
+                queued_frames += views.shape[0] * views.shape[1]
+                if queued_frames >= cfg.batch_frames:
+                    flush()
+            elapsed = max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix_str(f"{(result.videos + result.failed) / elapsed:.1f} v/s, "
+                                f"{result.frames / elapsed:.0f} f/s, failed {result.failed}", refresh=False)
+        flush()
+        for fut in pending_writes:
+            fut.result()
+    finally:
+        bar.close()
+        writer.shutdown(wait=True)
+
+
+def free_bytes(path: Path) -> int:
+    probe = Path(path)
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def describe_plan(plan: ExtractPlan) -> list[str]:
+    """Lines for --dry-run: what will be extracted and what it will take."""
+    lines = [f"cache  {plan.path}  (key {plan.key})",
+             f"model  {plan.arch}  weights {plan.meta['backbone']['weights'][:40]}  "
+             f"layers {list(plan.layers) or 'none'}  dtype {plan.cfg.dtype}"]
+    for split, arrays in plan.split_arrays.items():
+        n = len(plan.dataset.splits[split])
+        parts = ", ".join(f"{a.name}{list(a.shape)} {_human(a.nbytes())}" for a in arrays)
+        lines.append(f"{split:<6} {n} videos x {_human(plan.bytes_per_video[split])}/video  [{parts}]")
+    total = plan.total_bytes()
+    free = free_bytes(plan.path.parent)
+    lines.append(f"total  {_human(total)} needed, {_human(free)} free on {plan.path.parent}"
+                 + ("" if total < free else "  NOT ENOUGH SPACE"))
+    return lines
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+

@@ -1,0 +1,23 @@
+"""Heads trained from the cache. Every module in this package registers itself on import."""
+
+import importlib
+import pkgutil
+
+from stages.heads.registry import (  # noqa: F401
+    DIM_FIELDS,
+    DataKeys,
+    Head,
+    Reference,
+    create_head,
+    get_head_entry,
+    list_heads,
+    make_cfg,
+    example_batch,
+    register_head,
+    resolve_layers,
+)
+
+_SKIP = {"registry", "common"}
+for _mod in pkgutil.iter_modules(__path__):
+    if _mod.name not in _SKIP and not _mod.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_mod.name}")

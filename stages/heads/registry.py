@@ -1,0 +1,253 @@
+"""Head registry: one file per head registers itself; nothing else needs editing.
+
+A head is an ``nn.Module`` subclass of :class:`Head` with a config dataclass. Stage two fills
+the config fields named in :data:`DIM_FIELDS` from the cache (backbone width, frames, ...),
+applies the user's overrides, checks the cache holds what ``data_keys()`` asks for, and calls
+``forward(batch) -> {"logits": (B, K), ...}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cache.errors import ConfigError
+
+__all__ = [
+    "DIM_FIELDS",
+    "DataKeys",
+    "Head",
+    "HeadEntry",
+    "Reference",
+    "register_head",
+    "create_head",
+    "get_head_entry",
+    "list_heads",
+    "make_cfg",
+    "example_batch",
+    "resolve_layers",
+]
+
+# Config fields a head may declare that stage two fills from the cache metadata.
+#   num_classes K, embed_dim E (final embedding), width D (backbone token width),
+#   frames T, num_patches P, depth N (backbone blocks), backbone_heads (D / 64 for ViT),
+#   image_size, patch_size.
+DIM_FIELDS = (
+    "num_classes",
+    "embed_dim",
+    "width",
+    "frames",
+    "num_patches",
+    "depth",
+    "backbone_heads",
+    "image_size",
+    "patch_size",
+)
+
+
+@dataclass(frozen=True)
+class DataKeys:
+    """What a head reads from the cache.
+
+    Layers are backbone block numbers, 1-based (1..N), or negative counted from the end
+    (-1 is the last block), so a head can ask for "the last M" without knowing N.
+    ``backbone_weights`` names frozen backbone parameters (per tapped block) a head needs,
+    e.g. ("ln_1", "in_proj") for EVL's temporal cross attention.
+    """
+
+    frame_emb: bool = False
+    cls_layers: tuple[int, ...] = ()
+    patch_layers: tuple[int, ...] = ()
+    frames: bool = False
+    backbone_weights: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        parts = []
+        if self.frame_emb:
+            parts.append("frame_emb")
+        if self.cls_layers:
+            parts.append(f"cls{list(self.cls_layers)}")
+        if self.patch_layers:
+            parts.append(f"patch{list(self.patch_layers)}")
+        if self.frames:
+            parts.append("frames")
+        return ", ".join(parts) or "nothing"
+
+
+def resolve_layers(layers: tuple[int, ...], depth: int) -> tuple[int, ...]:
+    """Turn relative (negative) block numbers into absolute 1-based ones."""
+    out = []
+    for layer in layers:
+        absolute = depth + 1 + layer if layer < 0 else layer
+        if not 1 <= absolute <= depth:
+            raise ConfigError(f"layer {layer} does not exist in a backbone of {depth} blocks")
+        out.append(absolute)
+    return tuple(out)
+
+
+class Head(nn.Module):
+    """Base class of every head.
+
+    Subclasses set ``cfg_cls`` through :func:`register_head`, build their modules from
+    ``self.cfg`` and implement ``data_keys`` and ``forward``. Heads with a classifier
+    matrix W (classes x E) set ``has_classifier = True`` and implement ``set_classifier``.
+    """
+
+    name: str = ""
+    has_classifier: bool = False
+    uses_sklearn: bool = False  # fitted in closed form (LDA, logistic probe), not by SGD
+
+    def __init__(self, cfg: Any):
+        super().__init__()
+        self.cfg = cfg
+
+    def data_keys(self) -> DataKeys:  # pragma: no cover - every head overrides
+        raise NotImplementedError
+
+    def loss(self, out: dict[str, torch.Tensor], labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        """Cross-entropy on ``out['logits']``; heads with another objective override."""
+        return F.cross_entropy(out["logits"].float(), labels, label_smoothing=label_smoothing)
+
+    def set_classifier(self, weight: torch.Tensor) -> None:
+        """Install the classifier matrix W (K, E), or (K, M, E) for per-template heads."""
+        raise ConfigError(f"head '{self.name}' has no classifier matrix to initialise")
+
+    def classifier_shape(self) -> tuple[int, ...]:
+        """Shape ``set_classifier`` expects; (K, E) unless a head says otherwise."""
+        return (self.cfg.num_classes, self.cfg.embed_dim)
+
+    def fit(self, batch: dict[str, torch.Tensor]) -> None:
+        """Closed-form heads (``uses_sklearn``) fit on the whole training set at once."""
+        raise ConfigError(f"head '{self.name}' is trained by gradient, not fitted")
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A paper configuration and its published trainable-parameter count (ViT-B/16, 400 classes)."""
+
+    label: str
+    overrides: dict
+    expected: int | None = None
+    source: str = ""
+
+
+@dataclass
+class HeadEntry:
+    name: str
+    head_cls: type
+    cfg_cls: type
+    tiny: dict = field(default_factory=dict)
+    references: tuple[Reference, ...] = ()
+
+
+_REGISTRY: dict[str, HeadEntry] = {}
+
+
+def register_head(name: str, cfg_cls: type, tiny: dict | None = None,
+                  references: tuple[Reference, ...] = ()) -> Callable[[type], type]:
+    """Class decorator: ``@register_head("evl", EVLCfg, tiny={...})``."""
+
+    def wrap(head_cls: type) -> type:
+        if name in _REGISTRY:
+            raise RuntimeError(f"head '{name}' registered twice")
+        head_cls.name = name
+        head_cls.cfg_cls = cfg_cls
+        _REGISTRY[name] = HeadEntry(name, head_cls, cfg_cls, dict(tiny or {}), tuple(references))
+        return head_cls
+
+    return wrap
+
+
+def list_heads() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_head_entry(name: str) -> HeadEntry:
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown head '{name}'; available: {', '.join(list_heads())}")
+    return _REGISTRY[name]
+
+
+def _coerce(cfg_cls: type, key: str, value: Any) -> Any:
+    """Type-check one override against the dataclass field (strings from the CLI are parsed)."""
+    fields = {f.name: f for f in dataclasses.fields(cfg_cls)}
+    ftype = fields[key].type
+    ftype = ftype if isinstance(ftype, str) else getattr(ftype, "__name__", str(ftype))
+    ftype = ftype.replace(" ", "")
+    if isinstance(value, str):
+        raw = value
+        try:
+            if ftype == "bool":
+                low = raw.lower()
+                if low not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return low in ("true", "1", "yes")
+            if ftype == "int":
+                return int(raw)
+            if ftype == "float":
+                return float(raw)
+            if ftype.startswith("tuple"):
+                return tuple(int(x) for x in raw.split(",") if x.strip())
+            if ftype in ("str", "str|None", "Optional[str]"):
+                return raw
+        except ValueError:
+            raise ConfigError(f"option '{key}' expects {ftype}, got '{raw}'") from None
+        return raw
+    # Non-string values: check the basic types.
+    checks = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
+    if ftype in checks and (not isinstance(value, checks[ftype]) or (ftype == "int" and isinstance(value, bool))):
+        raise ConfigError(f"option '{key}' expects {ftype}, got {value!r}")
+    if ftype == "float":
+        return float(value)
+    if ftype.startswith("tuple") and isinstance(value, (list, tuple)):
+        return tuple(value)
+    return value
+
+
+def make_cfg(name: str, overrides: dict | None = None, tiny: bool = False) -> Any:
+    """Build a head's config: defaults, then the tiny preset (tests), then overrides."""
+    entry = get_head_entry(name)
+    valid = {f.name for f in dataclasses.fields(entry.cfg_cls)}
+    values: dict[str, Any] = {}
+    if tiny:
+        values.update(entry.tiny)
+    for key, value in (overrides or {}).items():
+        if key not in valid:
+            raise ConfigError(f"head '{name}' has no option '{key}'; valid: {', '.join(sorted(valid))}")
+        values[key] = _coerce(entry.cfg_cls, key, value)
+    return entry.cfg_cls(**values)
+
+
+def create_head(name: str, tiny: bool = False, **overrides: Any) -> Head:
+    """Create a registered head; unknown options are an error listing the valid ones."""
+    entry = get_head_entry(name)
+    return entry.head_cls(make_cfg(name, overrides, tiny=tiny))
+
+
+def example_batch(head: Head, batch_size: int = 4, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """A random batch shaped as stage two would feed ``head`` (tests, benchmarks, shape checks).
+
+    Shapes: frame_emb (B, T, E); cls (B, T, L, D); patch (B, T, L, P, D);
+    frames (B, T, 3, H, W) normalised floats; label (B,).
+    """
+    cfg, keys = head.cfg, head.data_keys()
+    g = generator or torch.Generator().manual_seed(0)
+    B, T = batch_size, getattr(cfg, "frames", 8)
+    batch: dict[str, torch.Tensor] = {"label": torch.randint(0, cfg.num_classes, (B,), generator=g)}
+    if keys.frame_emb:
+        batch["frame_emb"] = torch.randn(B, T, cfg.embed_dim, generator=g)
+    if keys.cls_layers:
+        batch["cls"] = torch.randn(B, T, len(keys.cls_layers), cfg.width, generator=g)
+    if keys.patch_layers:
+        batch["patch"] = torch.randn(B, T, len(keys.patch_layers), cfg.num_patches, cfg.width, generator=g)
+    if keys.frames:
+        batch["frames"] = torch.randn(B, T, 3, cfg.image_size, cfg.image_size, generator=g)
+    return batch
