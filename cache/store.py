@@ -339,6 +339,9 @@ def create_store(path: str | Path, meta: dict, splits: dict[str, dict], shard_si
                     f"{path} already holds a different cache (key {store.key}, asked {meta['key']}); "
                     "choose another --out or remove it")
             return store
+        # Holding the lock, nobody else is building: leftovers are from killed runs.
+        for stale in path.parent.glob(f".{path.name}.building-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.building-"))
         try:
             _build(tmp, meta, splits, shard_size)

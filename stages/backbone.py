@@ -97,8 +97,9 @@ def parse_layers(spec: str, depth: int) -> tuple[int, ...]:
             k = int(spec[4:])
         except ValueError:
             raise ConfigError(f"bad --layers '{spec}': use lastK, all, none or a list like 8,10,12") from None
-        if not 1 <= k <= depth:
-            raise ConfigError(f"--layers {spec}: the backbone has {depth} blocks")
+        if k < 1:
+            raise ConfigError(f"bad --layers '{spec}': K must be at least 1")
+        k = min(k, depth)  # a backbone shallower than K gives all its blocks
         return tuple(range(depth - k + 1, depth + 1))
     try:
         layers = sorted({int(x) for x in spec.split(",") if x.strip()})
