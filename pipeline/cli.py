@@ -204,6 +204,80 @@ def _human(n: float) -> str:
     return h(n)
 
 
+# ----------------------------------------------------------------------------- stage two
+def _resolve_cache(cache: Optional[Path], dataset: str, cache_root: Optional[Path]) -> Path:
+    from stages.extract import default_cache_root, latest_cache
+
+    if cache is not None:
+        return cache
+    found = latest_cache(cache_root or default_cache_root(), dataset)
+    if found is None:
+        raise ConfigError(f"no cache given and none extracted yet for dataset '{dataset}': "
+                          f"run `pipeline extract --dataset {dataset} ...` first, or pass --cache PATH")
+    return found
+
+
+@app.command()
+def train(
+    head: str = typer.Option(..., help="Head name (see `pipeline heads`)."),
+    cache: Optional[Path] = typer.Option(None, help="Cache folder (default: the last extracted cache of --dataset)."),
+    dataset: str = typer.Option("demo", help="Dataset whose last cache is used when --cache is not given."),
+    cache_root: Optional[Path] = typer.Option(None, help="Where keyed caches are (default artifacts/caches)."),
+    set_: list[str] = typer.Option([], "--set", help="Override: key=value (training option or head option; "
+                                                     "head.key=value forces a head option). Repeatable."),
+    shots: int = typer.Option(0, help="K training videos per class (0: all)."),
+    fraction: float = typer.Option(1.0, help="Fraction of the training videos."),
+    train_classes: str = typer.Option("", help="Train on these classes only, e.g. 0-5,8."),
+    test_classes: str = typer.Option("", help="Evaluate on these classes (zero-shot via the text classifier)."),
+    init: str = typer.Option("", help="Classifier init: clip_text | random_normal | orthogonal | lda | minilm."),
+    run_dir: Optional[Path] = typer.Option(None, help="Run folder (default: artifacts/runs/<head>-<config hash>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Stage two: train a head from a cache and evaluate it."""
+    import dataclasses as dc
+
+    from stages.train import TrainCfg, split_overrides, train_head
+
+    train_over, head_over = split_overrides(set_)
+    cfg = TrainCfg(head=head, **train_over)
+    flag_values = {"shots": shots, "fraction": fraction, "train_classes": train_classes, "test_classes": test_classes,
+                   "classifier_init": init}
+    defaults = TrainCfg()
+    for key, value in flag_values.items():
+        if value != getattr(defaults, key) and value != "":
+            cfg = dc.replace(cfg, **{key: value})
+    path = _resolve_cache(cache, dataset, cache_root)
+    res = train_head(path, cfg, head_over, run_dir=run_dir, resume=resume, progress=progress)
+    fin = res["final"]
+    typer.echo(f"{head}: top1 {fin['top1']:.1f}%  top5 {fin['top5']:.1f}%  mean-class {fin['mean_class']:.1f}%  "
+               f"({res['train_videos']} train / {res['eval_videos']} eval videos, "
+               f"{res['trainable_params']:,} trainable params, {res['seconds']:.1f}s)")
+    typer.echo(f"run folder: {res['run_dir']}")
+
+
+@app.command()
+def heads(
+    backbone: str = typer.Option("ViT-B-16", help="open_clip model name whose dims the heads are built for."),
+    classes: int = typer.Option(400, help="Number of classes."),
+    frames: int = typer.Option(8, help="Frames per clip."),
+):
+    """Print each head configuration and its trainable parameter count (from the real modules)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from stages.heads.counts import reference_rows
+
+    table = Table("head", "configuration", "trainable params", "paper", "diff")
+    for row in reference_rows(backbone, classes, frames):
+        exp = row["expected"]
+        diff = "" if exp is None else (f"{100 * (row['count'] - exp) / exp:+.2f}%" if exp else
+                                       ("exact" if row["count"] == 0 else "differs"))
+        table.add_row(row["head"], row["label"], f"{row['count']:,}",
+                      "" if row["expected"] is None else f"{row['expected']:,}", diff)
+    Console(width=140).print(table)
+
+
 # ----------------------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> None:
     try:

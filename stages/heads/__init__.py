@@ -17,7 +17,7 @@ from stages.heads.registry import (  # noqa: F401
     resolve_layers,
 )
 
-_SKIP = {"registry", "common"}
+_SKIP = {"registry", "common", "counts"}
 for _mod in pkgutil.iter_modules(__path__):
     if _mod.name not in _SKIP and not _mod.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_mod.name}")

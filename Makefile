@@ -1,0 +1,47 @@
+# clipcache: `make demo` runs the whole method on the built-in demo; `make test` runs the tests.
+# Both install what they need into $(VENV) first.
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+PIPELINE   := $(VENV)/bin/pipeline
+DATASET    ?= demo
+DATA_ROOT  ?= data/$(DATASET)
+MODEL      ?= tiny
+PRETRAINED ?=
+FRAMES     ?= 8
+LAYERS     ?= last4
+HEAD       ?= tap
+SET        ?=
+EXTRACT_ARGS ?=
+TRAIN_ARGS ?=
+
+.PHONY: setup demo extract train test test-slow bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: setup
+	$(PY) -m pipeline.demo_run
+
+extract: setup
+	$(PIPELINE) extract --dataset $(DATASET) --data-root $(DATA_ROOT) --model $(MODEL) \
+	  $(if $(PRETRAINED),--pretrained $(PRETRAINED),) --frames $(FRAMES) --layers $(LAYERS) $(EXTRACT_ARGS)
+
+train: setup
+	$(PIPELINE) train --head $(HEAD) --dataset $(DATASET) $(foreach s,$(SET),--set $(s)) $(TRAIN_ARGS)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+bench: setup
+	$(PY) bench/bench_extract.py
+
+clean:
+	rm -rf artifacts data/demo

@@ -1,0 +1,170 @@
+"""Stage two's view of a cache: the arrays one head declares, as tensors, for chosen videos.
+
+Small arrays (frame_emb, cls) load whole into memory once; large ones (patch tokens, frames)
+are read per video from the Zarr store. Only the layers a head asks for are read.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cache.errors import CacheMismatchError, DatasetError
+from cache.store import DONE, FeatureStore
+from stages.heads import DataKeys, resolve_layers
+
+__all__ = ["HeadInputs", "CacheSplit", "check_cache_for_head", "select_videos", "extraction_hint"]
+
+IN_MEMORY_LIMIT = 2 << 30  # bytes of one array above which it is read per video instead
+
+
+class HeadInputs:
+    """Absolute layer positions of what a head reads, checked against a cache."""
+
+    def __init__(self, store: FeatureStore, keys: DataKeys, split: str):
+        depth = int(store.meta["dims"]["depth"])
+        cached = list(store.meta["layers"])
+        self.keys = keys
+        self.cls_layers = resolve_layers(keys.cls_layers, depth)
+        self.patch_layers = resolve_layers(keys.patch_layers, depth)
+        self.cls_pos = [cached.index(x) for x in self.cls_layers] if set(self.cls_layers) <= set(cached) else None
+        self.patch_pos = [cached.index(x) for x in self.patch_layers] if set(self.patch_layers) <= set(cached) else None
+        self.split = split
+        missing = []
+        has = store.specs(split)
+        if keys.frame_emb and "frame_emb" not in has:
+            missing.append("frame_emb")
+        if self.cls_layers and (self.cls_pos is None or "cls" not in has):
+            missing.append(f"cls of blocks {list(self.cls_layers)}")
+        if self.patch_layers and (self.patch_pos is None or "patch" not in has):
+            missing.append(f"patch tokens of blocks {list(self.patch_layers)}")
+        if keys.frames and "frames" not in has:
+            missing.append("uint8 input frames")
+        self.missing = missing
+
+
+def extraction_hint(store: FeatureStore, keys: DataKeys) -> str:
+    """The extraction command that would produce a cache holding what ``keys`` needs."""
+    depth = int(store.meta["dims"]["depth"])
+    layers = sorted(set(store.meta["layers"]) | set(resolve_layers(keys.cls_layers, depth))
+                    | set(resolve_layers(keys.patch_layers, depth)))
+    cfg = store.meta["config"]
+    parts = [f"pipeline extract --dataset {store.meta['dataset']['name']} --model {cfg['model']}"]
+    if cfg.get("pretrained"):
+        parts.append(f"--pretrained {cfg['pretrained']}")
+    parts.append(f"--frames {cfg['frames']} --layers {','.join(map(str, layers)) or 'none'}")
+    if keys.patch_layers or cfg.get("patch"):
+        parts.append("--patch")
+    if keys.frames or cfg.get("store_frames"):
+        parts.append("--frames-uint8")
+    return " ".join(parts)
+
+
+def check_cache_for_head(store: FeatureStore, keys: DataKeys, head_name: str, splits: list[str]) -> dict[str, HeadInputs]:
+    out = {}
+    for split in splits:
+        if split not in store.splits:
+            raise CacheMismatchError(f"cache {store.path} has no split '{split}' (has {', '.join(store.splits)})")
+        inputs = HeadInputs(store, keys, split)
+        if inputs.missing:
+            raise CacheMismatchError(
+                f"head '{head_name}' needs {', '.join(inputs.missing)}, which cache {store.path.name} lacks; "
+                f"extract them with: {extraction_hint(store, keys)}")
+        out[split] = inputs
+    return out
+
+
+def select_videos(store: FeatureStore, split: str, *, shots: int = 0, fraction: float = 1.0,
+                  classes: list[int] | None = None, seed: int = 0) -> np.ndarray:
+    """Indices of done videos in ``split``: optional class subset, K shots per class, or a fraction."""
+    labels = store.labels(split)
+    ok = store.status(split) == DONE
+    idx = np.flatnonzero(ok)
+    if classes is not None:
+        idx = idx[np.isin(labels[idx], classes)]
+    rng = np.random.default_rng(seed)
+    if shots > 0:
+        chosen = []
+        for c in sorted(set(labels[idx].tolist()) if classes is None else classes):
+            members = idx[labels[idx] == c]
+            if len(members) < shots:
+                raise DatasetError(f"--shots {shots}: class {c} has only {len(members)} usable videos in '{split}'")
+            chosen.append(rng.choice(members, size=shots, replace=False))
+        idx = np.sort(np.concatenate(chosen)) if chosen else idx[:0]
+    if not 0 < fraction <= 1:
+        raise DatasetError(f"--fraction must be in (0, 1], got {fraction}")
+    if fraction < 1:
+        n = max(1, int(round(len(idx) * fraction)))
+        idx = np.sort(rng.choice(idx, size=n, replace=False))
+    if len(idx) == 0:
+        raise DatasetError(f"no usable videos in split '{split}' for this selection")
+    return idx
+
+
+class CacheSplit(Dataset):
+    """Videos of one split as dicts of tensors.
+
+    Training (``train=True``): one view per sample, drawn at random when several were cached.
+    Evaluation: every view, with a leading V axis (multi-view test).
+    """
+
+    def __init__(self, store: FeatureStore, inputs: HeadInputs, indices: np.ndarray, train: bool,
+                 label_map: dict[int, int] | None = None):
+        self.store, self.inputs, self.indices, self.train = store, inputs, np.asarray(indices), train
+        split = inputs.split
+        labels = store.labels(split)[self.indices]
+        self.labels = np.array([label_map[int(x)] for x in labels] if label_map else labels, dtype=np.int64)
+        self.memory: dict[str, np.ndarray] = {}
+        specs = store.specs(split)
+        keys = inputs.keys
+        wanted = []
+        if keys.frame_emb:
+            wanted.append("frame_emb")
+        if inputs.cls_layers:
+            wanted.append("cls")
+        if inputs.patch_layers:
+            wanted.append("patch")
+        if keys.frames:
+            wanted.append("frames")
+        self.wanted = wanted
+        for name in wanted:
+            if specs[name].nbytes() * len(self.indices) <= IN_MEMORY_LIMIT:
+                self.memory[name] = self._read(name, self.indices)
+        pre = store.meta.get("preprocess", {})
+        self.mean = torch.tensor(pre.get("mean", (0.48145466, 0.4578275, 0.40821073))).view(3, 1, 1)
+        self.std = torch.tensor(pre.get("std", (0.26862954, 0.26130258, 0.27577711))).view(3, 1, 1)
+        self.views = specs[wanted[0]].shape[0] if wanted else 1
+        self.epoch_seed = 0
+
+    def _read(self, name: str, rows) -> np.ndarray:
+        data = self.store.read(self.inputs.split, name, rows, dtype=np.float32)
+        if name == "cls":
+            data = data[..., self.inputs.cls_pos, :]  # (n, V, T, L, D)
+        elif name == "patch":
+            data = data[..., self.inputs.patch_pos, :, :]  # (n, V, T, L, P, D)
+        return data
+
+    def set_epoch(self, epoch: int, seed: int) -> None:
+        self.epoch_seed = seed * 100003 + epoch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item: dict[str, torch.Tensor] = {"label": torch.tensor(self.labels[i])}
+        if self.train and self.views > 1:
+            view = int(np.random.default_rng((self.epoch_seed, i)).integers(self.views))
+            pick = slice(view, view + 1)
+        else:
+            pick = slice(None)
+        for name in self.wanted:
+            arr = self.memory[name][i] if name in self.memory else self._read(name, int(self.indices[i]))
+            arr = arr[pick]  # (V or 1, T, ...)
+            t = torch.from_numpy(np.ascontiguousarray(arr))
+            if name == "frames":
+                t = (t.movedim(-1, -3).float() / 255.0 - self.mean) / self.std  # (V, T, 3, H, W)
+            if self.train:
+                t = t[0]
+            item[name] = t
+        return item

@@ -1,0 +1,260 @@
+"""ActionCLIP: video-text matching over cached frame embeddings, with a post-network prompt.
+
+Wang, Xing, Liu, "ActionCLIP: A New Paradigm for Video Action Recognition" (arXiv:2109.08472).
+A post-network visual prompt turns the T frame embeddings into one video embedding; training
+matches it against the text embedding of its label (one random template of the M per class)
+with a symmetric KL loss; testing compares it with every class's text.
+
+Prompts (cfg ``prompt``) and their trainable counts at E=512, 8 frames (all reproduced exactly):
+
+- ``meanp``: mean over frames, 0.
+- ``conv1d``: depthwise temporal conv k=3, no bias, shift-initialised (1/4 of the channels read
+  frame t-1, 1/2 frame t, 1/4 frame t+1; ``conv_init="smooth"`` starts every channel as the
+  kernel (1/4, 1/2, 1/4) instead), residual, mean: 3*512 + 77*512 = 40,960.
+- ``lstm``: one LSTM layer (hidden E), residual, mean: 2,101,248 + 39,424 = 2,140,672.
+- ``transf``: 6 CLIP blocks + a 77-row frame position table, residual, mean:
+  6 * 3,152,384 + 39,424 = 18,953,728.
+- ``transf_cls``: a class token, a (T+1)-row position table, 6 post-norm encoder layers (ReLU,
+  MLP x4, dropout ``cls_dropout``), a final LayerNorm, output at the class token:
+  18,914,304 + 1,024 + 512 + 9 * 512 + 39,424 = 18,959,872.
+
+Where the 39,424 comes from: the reference allocates a 77 x E frame position table (77 is CLIP's
+text context length) for every prompt but MeanP, yet only ``transf`` uses it. Here the table is
+used by all four: ``transf`` as in the reference (init N(0, 0.02)); ``conv1d``, ``lstm`` and
+``transf_cls`` add it to the frames the prompt reads, initialised to zero, so at initialisation
+each computes exactly the reference function, the published counts hold, and no parameter is
+left without a gradient (an unused parameter breaks DDP without find_unused_parameters).
+
+Other differences from the reference code, on purpose:
+
+- Conv1D convolves along time. The reference reshapes (B, T, E) to (B, E, T) with ``view``,
+  which interleaves frames and channels instead of transposing them.
+- Ground truth: the row-normalised "same label" matrix, as the paper describes; the reference
+  uses softmax(10 * same), which puts ~e^-10 of mass on each other-label entry. The loss is
+  ``kl_div(log_softmax(sim), gt, reduction="batchmean")`` for video->text and text->video,
+  averaged; that is KL(gt || softmax(sim)), the direction ``nn.KLDivLoss`` computes (the reverse
+  is infinite wherever gt is 0). ``label_smoothing`` mixes gt with the uniform distribution.
+- Logit scale: a cfg float, 100 by default. ActionCLIP multiplies by CLIP's learned
+  ``logit_scale.exp()`` in training, which is 100 for the pretrained CLIP checkpoints (CLIP
+  clamps it at 100), and by a hard-coded 100 at test; stage two has no CLIP model to learn it.
+- Test-time template average (``template_average``): by default the M normalised text
+  embeddings of a class are averaged and renormalised, then logits = scale * cos(video, class).
+  That is CLIP's prompt ensembling (in embedding space): one (K, E) matrix like every other
+  text-classifier head, computed without a softmax per template. The reference averages
+  *scores* instead (softmax over classes per template, then the mean over templates);
+  ``template_average="score"`` does that and returns the log of the averaged probabilities.
+- The random template is a training augmentation: in eval mode ``loss`` uses the averaged class
+  embedding instead, so a validation loss is deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cache.errors import ConfigError
+from stages.heads.common import (
+    FramePosition,
+    TemporalConv1D,
+    TemporalTransformer,
+    cosine_logits,
+    default_heads,
+    track_loaded,
+    validate_choice,
+)
+from stages.heads.registry import DataKeys, Head, Reference, register_head
+
+__all__ = ["ActionClipCfg", "ClsTokenAggregator", "VisualPrompt", "ActionClipHead"]
+
+PROMPTS = ("meanp", "conv1d", "lstm", "transf", "transf_cls")
+TEMPLATE_AVERAGES = ("embedding", "score")
+_B16 = {"embed_dim": 512, "frames": 8, "num_classes": 400}
+_SRC = "ActionCLIP (arXiv:2109.08472) / SPEC section 3"
+
+
+@dataclass
+class ActionClipCfg:
+    num_classes: int = 400
+    embed_dim: int = 512
+    frames: int = 8
+    prompt: str = "transf"  # "meanp" | "conv1d" | "lstm" | "transf" | "transf_cls"
+    layers: int = 6  # transformer depth of transf / transf_cls
+    heads: int = 0  # attention heads; 0 = embed_dim / 64
+    pos_rows: int = 77  # frame position table rows (CLIP's text context length)
+    num_templates: int = 16  # text templates per class (M)
+    logit_scale: float = 100.0  # CLIP's pretrained logit_scale.exp(); train and test
+    template_average: str = "embedding"  # "embedding" | "score" (the reference's test rule)
+    conv_init: str = "shift"  # conv1d init: "shift" (reference) | "smooth" | "identity"
+    cls_dropout: float = 0.1  # dropout inside the transf_cls encoder layers (torch default)
+    seed: int = -1  # random template choice: -1 = the global torch RNG, else a seeded generator
+
+
+class ClsTokenAggregator(nn.Module):
+    """Transf_cls: prepend a class token, add a (T+1)-row position table, encode, read the token.
+
+    Post-norm encoder layers with ReLU and an MLP of 4E (torch's ``nn.TransformerEncoderLayer``,
+    what the reference builds; its 2048-wide MLP is 4E at E=512), then a final LayerNorm.
+    """
+
+    def __init__(self, width: int, frames: int, layers: int, heads: int, dropout: float):
+        super().__init__()
+        self.frames = frames
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, frames + 1, width))
+        layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=4 * width, dropout=dropout,
+                                           activation="relu", batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(width), enable_nested_tensor=False)
+        std = 0.02
+        for p in (self.cls_token, self.pos_embed):
+            nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
+        for mod in self.encoder.modules():
+            if isinstance(mod, nn.Linear):
+                nn.init.trunc_normal_(mod.weight, std=std, a=-2 * std, b=2 * std)
+                nn.init.zeros_(mod.bias)
+            elif isinstance(mod, nn.MultiheadAttention):
+                nn.init.xavier_uniform_(mod.in_proj_weight)  # each layer its own draw
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        if T != self.frames:
+            raise ConfigError(f"transf_cls was built for {self.frames} frames, got {T}; set frames={T}")
+        x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)  # (B, 1+T, E)
+        x = x + self.pos_embed.to(x.dtype)
+        return self.encoder(x)[:, 0]  # (B, 1+T, E) -> (B, E)
+
+
+class VisualPrompt(nn.Module):
+    """Frame embeddings (B, T, E) -> video embedding (B, E) by one of the ActionCLIP prompts."""
+
+    def __init__(self, cfg: ActionClipCfg):
+        super().__init__()
+        self.kind = validate_choice("prompt", cfg.prompt, PROMPTS)
+        E = cfg.embed_dim
+        heads = default_heads(E, cfg.heads)
+        if self.kind != "meanp" and cfg.frames > cfg.pos_rows:
+            raise ConfigError(f"frames={cfg.frames} exceeds the frame position table (pos_rows={cfg.pos_rows})")
+        if self.kind == "transf":
+            self.transformer = TemporalTransformer(E, layers=cfg.layers, heads=heads, pos_rows=cfg.pos_rows)
+        elif self.kind != "meanp":
+            self.position = FramePosition(cfg.pos_rows, E, std=0.0)  # zero: reference function at init
+        if self.kind == "conv1d":
+            self.conv = TemporalConv1D(E, init=cfg.conv_init, residual=False)
+        elif self.kind == "lstm":
+            self.lstm = nn.LSTM(E, E, num_layers=1, batch_first=True)
+        elif self.kind == "transf_cls":
+            self.aggregator = ClsTokenAggregator(E, cfg.frames, cfg.layers, heads, cfg.cls_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "meanp":
+            return x.mean(dim=1)
+        if self.kind == "transf":
+            return self.transformer(x)
+        h = self.position(x)
+        if self.kind == "conv1d":
+            return (x + self.conv(h)).mean(dim=1)
+        if self.kind == "lstm":
+            return (x + self.lstm(h)[0]).mean(dim=1)
+        return self.aggregator(h)
+
+
+def _ref(label: str, prompt: str, expected: int) -> Reference:
+    return Reference(f"ActionCLIP {label}, ViT-B/16, 8 frames, K400", {"prompt": prompt, **_B16}, expected, _SRC)
+
+
+@register_head(
+    "actionclip",
+    ActionClipCfg,
+    tiny={"num_classes": 5, "embed_dim": 32, "frames": 4, "prompt": "transf", "layers": 2,
+          "pos_rows": 8, "num_templates": 3},
+    references=(
+        _ref("Transf", "transf", 18_953_728),
+        _ref("Transf_cls", "transf_cls", 18_959_872),
+        _ref("LSTM", "lstm", 2_140_672),
+        _ref("Conv1D", "conv1d", 40_960),
+        Reference("ActionCLIP MeanP, ViT-B/16, 8 frames, K400", {"prompt": "meanp", **_B16}, 0,
+                  "ActionCLIP (arXiv:2109.08472); no parameters by construction"),
+    ),
+)
+class ActionClipHead(Head):
+    """Visual prompt + symmetric-KL video-text matching against M frozen templates per class."""
+
+    has_classifier = True
+
+    def __init__(self, cfg: ActionClipCfg):
+        super().__init__(cfg)
+        validate_choice("template_average", cfg.template_average, TEMPLATE_AVERAGES)
+        if cfg.num_templates < 1:
+            raise ConfigError(f"num_templates must be at least 1, got {cfg.num_templates}")
+        self.prompt = VisualPrompt(cfg)
+        self.register_buffer("text", torch.zeros(cfg.num_classes, cfg.num_templates, cfg.embed_dim))
+        self.classifier_ready = False
+        track_loaded(self, "classifier_ready", "text")
+        self._generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed >= 0 else None
+
+    def data_keys(self) -> DataKeys:
+        return DataKeys(frame_emb=True)
+
+    def classifier_shape(self) -> tuple[int, ...]:
+        return (self.cfg.num_classes, self.cfg.num_templates, self.cfg.embed_dim)
+
+    def set_classifier(self, text: torch.Tensor) -> None:
+        """Install the class text embeddings (K, M, E), one per template; kept frozen."""
+        text = torch.as_tensor(text)
+        if text.dim() == 2 and self.cfg.num_templates == 1:
+            text = text.unsqueeze(1)  # (K, E) -> (K, 1, E)
+        if tuple(text.shape) != self.classifier_shape():
+            raise ConfigError(
+                f"actionclip text must be (classes, templates, E) = {self.classifier_shape()}, "
+                f"got {tuple(text.shape)}; set num_templates to the cache's template count"
+            )
+        with torch.no_grad():
+            self.text.copy_(text.to(self.text))
+        self.classifier_ready = True
+
+    def class_embedding(self) -> torch.Tensor:
+        """(K, M, E) -> (K, E): mean of the normalised templates, renormalised."""
+        return F.normalize(F.normalize(self.text, dim=-1).mean(dim=1), dim=-1)
+
+    def _check_ready(self) -> None:
+        if not self.classifier_ready:
+            raise ConfigError("actionclip needs the class text embeddings: call set_classifier(text) first")
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self._check_ready()
+        video = self.prompt(batch["frame_emb"].float())
+        scale = self.cfg.logit_scale
+        if self.cfg.template_average == "embedding":
+            logits = cosine_logits(video, self.class_embedding(), scale)
+        else:
+            K, M, E = self.text.shape
+            per_template = cosine_logits(video, self.text.reshape(K * M, E), scale)  # (B, K*M)
+            per_template = per_template.reshape(-1, K, M).softmax(dim=1)  # over classes, per template
+            logits = per_template.mean(dim=2).clamp_min(1e-30).log()  # (B, K)
+        return {"logits": logits, "video_emb": video}
+
+    def _draw_templates(self, n: int, device: torch.device) -> torch.Tensor:
+        M = self.cfg.num_templates
+        if self._generator is None:
+            return torch.randint(M, (n,), device=device)
+        return torch.randint(M, (n,), generator=self._generator).to(device)
+
+    def loss(self, out: dict[str, torch.Tensor], labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        """Symmetric KL between softmax(scale * video-text similarity) and the same-label matrix."""
+        self._check_ready()
+        video = out["video_emb"].float()
+        B = video.shape[0]
+        if self.training:
+            text = self.text[labels, self._draw_templates(B, labels.device)]  # (B, E), one template each
+        else:
+            text = self.class_embedding()[labels]  # (B, E)
+        sim = cosine_logits(video, text.float(), self.cfg.logit_scale)  # (B videos, B texts)
+        same = (labels[:, None] == labels[None, :]).float()  # symmetric
+        target = same / same.sum(dim=1, keepdim=True)  # row-normalised; the same for both directions
+        if label_smoothing:
+            target = (1.0 - label_smoothing) * target + label_smoothing / B
+        v2t = F.kl_div(F.log_softmax(sim, dim=1), target, reduction="batchmean")
+        t2v = F.kl_div(F.log_softmax(sim.t(), dim=1), target, reduction="batchmean")
+        return 0.5 * (v2t + t2v)

@@ -1,0 +1,132 @@
+"""Text4Vis: a temporal module over frame embeddings, then a cosine classifier W (K, E).
+
+Wu, Sun, Ouyang, "Revisiting Classifier: Transferring Vision-Language Models for Video
+Recognition", AAAI 2023 (arXiv:2207.01297). The paper's point is the classifier: W is
+initialised from class text embeddings (or, in its Table 4 ablation, random normal, random
+orthogonal, LDA coef_, a text-only encoder) and kept frozen; logits are
+``scale * normalise(video) @ normalise(W).T``. Stage two installs W with ``set_classifier``.
+
+Temporal modules (cfg ``temporal``):
+
+- ``"tap"``: mean over frames (no parameters; with a frozen W the head has nothing to train
+  and is a pure evaluation of W).
+- ``"ttrans"``: :class:`~stages.heads.common.TemporalTransformer`, the paper's "T-Trans" (the
+  same 6-layer module as ActionCLIP's "Transf": 77-row frame position table, residual, mean).
+  By arithmetic 18,953,728 parameters at E=512; the paper publishes no count.
+- ``"t1d"``: depthwise temporal conv (k=3, shift init, residual), then mean; 3E parameters.
+
+Logit scale: ``logit_scale`` in training, ``test_logit_scale`` in eval mode, both 100 by
+default. Text4Vis multiplies by CLIP's learned ``logit_scale.exp()`` in training, which is 100
+for the pretrained CLIP checkpoints (CLIP clamps it at 100), and by a hard-coded 100 at test.
+The scale does not change the arg-max, only softmax scores (multi-view score averaging, loss).
+
+Multi-view evaluation: Text4Vis averages the video embeddings (before normalisation) of the
+views, normalises, then classifies; :meth:`Text4VisHead.video_embedding` and
+:meth:`Text4VisHead.logits_from_embedding` split ``forward`` at that point.
+Different from the paper: the backbone is frozen here (stage two); stage three trains it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cache.errors import ConfigError
+from stages.heads.common import (
+    TemporalConv1D,
+    TemporalTransformer,
+    cosine_logits,
+    track_loaded,
+    validate_choice,
+)
+from stages.heads.registry import DataKeys, Head, Reference, register_head
+
+__all__ = ["Text4VisCfg", "Text4VisHead"]
+
+TEMPORAL = ("tap", "ttrans", "t1d")
+_B16 = {"embed_dim": 512, "frames": 8, "num_classes": 400}
+
+
+@dataclass
+class Text4VisCfg:
+    num_classes: int = 400
+    embed_dim: int = 512
+    frames: int = 8
+    temporal: str = "ttrans"  # "tap" | "ttrans" | "t1d"
+    layers: int = 6  # T-Trans depth
+    heads: int = 0  # T-Trans attention heads; 0 = embed_dim / 64
+    pos_rows: int = 77  # T-Trans frame position table rows (CLIP's context length)
+    trainable_classifier: bool = False  # W frozen (Text4Vis default) or trained
+    logit_scale: float = 100.0  # training (CLIP's logit_scale.exp())
+    test_logit_scale: float = 100.0  # eval mode (Text4Vis test)
+
+
+@register_head(
+    "text4vis",
+    Text4VisCfg,
+    tiny={"num_classes": 5, "embed_dim": 32, "frames": 4, "temporal": "ttrans", "layers": 2, "pos_rows": 8},
+    references=(
+        Reference("Text4Vis T-Trans, frozen W, ViT-B/16, 8 frames, K400", {"temporal": "ttrans", **_B16}, None,
+                  "Text4Vis (arXiv:2207.01297); no published count (ActionCLIP's 18,953,728 Transf module)"),
+        Reference("Text4Vis TAP, frozen W, ViT-B/16, 8 frames, K400", {"temporal": "tap", **_B16}, None,
+                  "Text4Vis (arXiv:2207.01297); no published count (no parameters by construction)"),
+        Reference("Text4Vis T1D, frozen W, ViT-B/16, 8 frames, K400", {"temporal": "t1d", **_B16}, None,
+                  "Text4Vis (arXiv:2207.01297); no published count"),
+    ),
+)
+class Text4VisHead(Head):
+    """Temporal module, then cosine similarity to a frozen (or trainable) classifier W."""
+
+    has_classifier = True
+
+    def __init__(self, cfg: Text4VisCfg):
+        super().__init__(cfg)
+        validate_choice("temporal", cfg.temporal, TEMPORAL)
+        E = cfg.embed_dim
+        if cfg.temporal == "ttrans":
+            self.temporal = TemporalTransformer(E, layers=cfg.layers, heads=cfg.heads, pos_rows=cfg.pos_rows)
+        elif cfg.temporal == "t1d":
+            self.temporal = TemporalConv1D(E, init="shift", residual=True)
+        else:
+            self.temporal = None
+        weight = torch.zeros(cfg.num_classes, E)
+        if cfg.trainable_classifier:
+            self.classifier = nn.Parameter(weight)
+        else:
+            self.register_buffer("classifier", weight)
+        self.classifier_ready = False
+        track_loaded(self, "classifier_ready", "classifier")
+
+    def data_keys(self) -> DataKeys:
+        return DataKeys(frame_emb=True)
+
+    def set_classifier(self, weight: torch.Tensor) -> None:
+        """Copy W (K, E) into the head (in place: an optimizer built earlier keeps working)."""
+        weight = torch.as_tensor(weight)
+        if tuple(weight.shape) != tuple(self.classifier.shape):
+            raise ConfigError(f"text4vis classifier must be {tuple(self.classifier.shape)}, got {tuple(weight.shape)}")
+        with torch.no_grad():
+            self.classifier.copy_(weight.to(self.classifier))
+        self.classifier_ready = True
+
+    def video_embedding(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T, E) frame embeddings -> (B, E) video embedding, before normalisation."""
+        x = batch["frame_emb"].float()
+        if self.temporal is None:
+            return x.mean(dim=1)  # TAP
+        if isinstance(self.temporal, TemporalTransformer):
+            return self.temporal(x)  # residual transformer, then mean
+        return self.temporal(x).mean(dim=1)  # T1D: (B, T, E) -> (B, T, E) -> (B, E)
+
+    def logits_from_embedding(self, video_emb: torch.Tensor) -> torch.Tensor:
+        """(B, E) (e.g. averaged over views) -> (B, K) with the train or test scale."""
+        if not self.classifier_ready:
+            raise ConfigError("text4vis needs its classifier W: call set_classifier(W) first")
+        scale = self.cfg.logit_scale if self.training else self.cfg.test_logit_scale
+        return cosine_logits(video_emb, self.classifier, scale)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        video = self.video_embedding(batch)
+        return {"logits": self.logits_from_embedding(video), "video_emb": video}

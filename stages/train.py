@@ -1,0 +1,472 @@
+"""Stage two: train (or fit) one head from a cache, evaluate, write a run folder.
+
+Run folder: config.json (resolved), last.pt (atomic, every epoch; `resume` continues from it),
+metrics.json (history + final), curves.png. Deterministic on CPU for a given seed: the
+shuffle order and the RNG state of each epoch derive from (seed, epoch), so a run killed
+after epoch k and resumed ends with the metrics of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from cache.errors import ConfigError, DatasetError
+from cache.store import FeatureStore, atomic_write_text, open_store
+from stages.cache_data import CacheSplit, check_cache_for_head, select_videos
+from stages.heads import DIM_FIELDS, Head, get_head_entry, make_cfg
+
+__all__ = ["TrainCfg", "parse_class_spec", "split_overrides", "build_head", "classifier_matrix",
+           "train_head", "evaluate_head", "accuracy_metrics", "CLASSIFIER_INITS"]
+
+CLASSIFIER_INITS = ("clip_text", "random_normal", "orthogonal", "lda", "minilm")
+
+
+@dataclass
+class TrainCfg:
+    head: str = "tap"
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    grad_clip: float = 0.0            # max grad norm; 0 = off
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"                 # auto (bf16/fp16 on GPU, off on CPU) | none | bf16 | fp16
+    train_split: str = "train"
+    eval_split: str = "val"
+    shots: int = 0                    # K videos per class (0 = all)
+    fraction: float = 1.0             # label fraction
+    train_classes: str = ""           # e.g. "0-5,8": train on these classes only
+    test_classes: str = ""            # evaluate on these (zero-shot by swapping the text classifier)
+    classifier_init: str = "clip_text"  # for heads with a classifier matrix: see CLASSIFIER_INITS
+    text_set: str = ""                # cache text set for clip_text (default: the head's choice)
+    lda_per_class: int = 60           # videos per class for the LDA initialisation
+    eval_average: str = "scores"      # multi-view test: average "scores" or "embeddings" (Text4Vis)
+    eval_every: int = 1
+    workers: int = 0
+
+
+def parse_class_spec(spec: str, num_classes: int) -> list[int] | None:
+    """'0-5,8' -> [0, 1, 2, 3, 4, 5, 8]; '' -> None (all)."""
+    if not spec:
+        return None
+    out: set[int] = set()
+    try:
+        for part in spec.split(","):
+            part = part.strip()
+            if "-" in part:
+                a, b = (int(x) for x in part.split("-"))
+                out.update(range(a, b + 1))
+            elif part:
+                out.add(int(part))
+    except ValueError:
+        raise ConfigError(f"bad class list '{spec}': use e.g. 0-5,8") from None
+    bad = [c for c in out if not 0 <= c < num_classes]
+    if bad:
+        raise ConfigError(f"classes {bad} out of range [0, {num_classes})")
+    return sorted(out)
+
+
+def split_overrides(pairs: list[str]) -> tuple[dict, dict]:
+    """--set key=value pairs -> (TrainCfg overrides, head overrides). 'head.x' always goes to the head."""
+    train_fields = {f.name: f for f in dataclasses.fields(TrainCfg)}
+    train, head = {}, {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value, got '{pair}'")
+        key, value = pair.split("=", 1)
+        key = key.strip()
+        if key.startswith("head."):
+            head[key[5:]] = value
+        elif key in train_fields:
+            train[key] = _coerce_train(train_fields[key], key, value)
+        else:
+            head[key] = value
+    return train, head
+
+
+def _coerce_train(field, key, value):
+    kind = field.type if isinstance(field.type, str) else field.type.__name__
+    try:
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind == "bool":
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return value.lower() in ("true", "1")
+    except ValueError:
+        raise ConfigError(f"option '{key}' expects {kind}, got '{value}'") from None
+    return value
+
+
+# ----------------------------------------------------------------------------- head + classifier
+def build_head(name: str, store: FeatureStore, overrides: dict, num_classes: int | None = None) -> Head:
+    """Create a head with its dims filled from the cache metadata, then the user's overrides."""
+    entry = get_head_entry(name)
+    fields = {f.name for f in dataclasses.fields(entry.cfg_cls)}
+    dims = dict(store.meta["dims"])
+    if num_classes is not None:
+        dims["num_classes"] = num_classes
+    values = {k: v for k, v in dims.items() if k in fields and k in DIM_FIELDS}
+    if "num_templates" in fields and "clip_actionclip" in store.text_names():
+        values["num_templates"] = int(store.text("clip_actionclip").shape[1])
+    values.update(overrides)
+    return entry.head_cls(make_cfg(name, values))
+
+
+def _frame_mean_features(store: FeatureStore, split: str, idx: np.ndarray) -> np.ndarray:
+    x = store.read(split, "frame_emb", idx)  # (n, V, T, E)
+    return x.mean(axis=(1, 2))
+
+
+def _project(w: np.ndarray, dim: int, seed: int) -> np.ndarray:
+    """Map text-only embeddings (K, d) to the video embedding size E with a seeded matrix with
+    orthonormal rows or columns: when d <= E it is an exact isometry (all inner products, hence
+    the inter-class correlation structure, are kept); when d > E it is a Johnson-Lindenstrauss
+    style projection that keeps them approximately."""
+    d = w.shape[1]
+    if d == dim:
+        return w
+    g = np.random.default_rng(seed).standard_normal((max(d, dim), max(d, dim)))
+    q, _ = np.linalg.qr(g)
+    proj = q[:d, :dim] if d <= dim else q[:d, :dim] * math.sqrt(d / dim)
+    return w @ proj
+
+
+def classifier_matrix(init: str, store: FeatureStore, head: Head, classes: list[int] | None, cfg: TrainCfg,
+                      train_idx: np.ndarray | None = None) -> torch.Tensor:
+    """The classifier matrix W for ``head`` under one initialisation (Text4Vis Table 4)."""
+    shape = head.classifier_shape()
+    K, E = shape[0], shape[-1]
+    g = torch.Generator().manual_seed(cfg.seed + 17)
+    sel = classes if classes is not None else list(range(int(store.meta["dims"]["num_classes"])))
+    if init == "clip_text":
+        name = cfg.text_set or ("clip_actionclip" if len(shape) == 3 else "clip_single")
+        w = torch.from_numpy(store.text(name))[sel]
+    elif init == "random_normal":
+        w = torch.randn(*shape, generator=g)
+    elif init == "orthogonal":
+        q, _ = torch.linalg.qr(torch.randn(max(K, E), max(K, E), generator=g))
+        w = q[:K, :E].contiguous()
+        if len(shape) == 3:
+            w = w.unsqueeze(1).expand(shape).contiguous()
+    elif init == "lda":
+        from stages.heads.lda import lda_classifier
+
+        if train_idx is None:
+            raise ConfigError("the LDA initialisation needs training videos")
+        feats = _frame_mean_features(store, cfg.train_split, train_idx)
+        labels = store.labels(cfg.train_split)[train_idx]
+        remap = {c: i for i, c in enumerate(sel)}
+        y = np.array([remap[int(v)] for v in labels])
+        w = torch.from_numpy(np.asarray(lda_classifier(feats, y, len(sel), max_per_class=cfg.lda_per_class,
+                                                       seed=cfg.seed), dtype=np.float32))
+    elif init == "minilm":
+        w = torch.from_numpy(_project(store.text("minilm")[sel], E, cfg.seed).astype(np.float32))
+    else:
+        raise ConfigError(f"unknown classifier init '{init}'; choose from {', '.join(CLASSIFIER_INITS)}")
+    if len(shape) == 3 and w.dim() == 2:
+        w = w.unsqueeze(1).expand(K, shape[1], E).contiguous()
+    if tuple(w.shape) != tuple(shape):
+        raise ConfigError(f"classifier '{init}' has shape {tuple(w.shape)}, the head needs {tuple(shape)}")
+    return w.float()
+
+
+# ----------------------------------------------------------------------------- metrics
+def accuracy_metrics(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """top-1, top-5 and mean-class accuracy (percent)."""
+    k = min(5, scores.shape[1])
+    top = scores.topk(k, dim=1).indices
+    correct1 = top[:, 0] == labels
+    correct5 = (top == labels[:, None]).any(dim=1)
+    per_class = [correct1[labels == c].float().mean().item() for c in labels.unique()]
+    return {"top1": 100 * correct1.float().mean().item(), "top5": 100 * correct5.float().mean().item(),
+            "mean_class": 100 * float(np.mean(per_class)), "n": int(len(labels))}
+
+
+def _collate(items: list[dict]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate_head(head: Head, data: CacheSplit, device: torch.device, batch_size: int = 64,
+                  average: str = "scores", classifier: torch.Tensor | None = None,
+                  amp_dtype=None) -> dict[str, float]:
+    """Multi-view evaluation: run each view, average scores (or embeddings, Text4Vis style).
+
+    ``classifier`` (K', E) given: logits come from cosine similarity of the head's video
+    embedding with it (zero-shot on other classes, cross-dataset evaluation).
+    """
+    head.eval()
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=_collate)
+    all_scores, all_labels = [], []
+    use_emb = classifier is not None or average == "embeddings"
+    if use_emb and not hasattr(head, "video_embedding"):
+        raise ConfigError(f"head '{head.name}' has no video embedding: it cannot average embeddings or swap classes")
+    for batch in loader:
+        batch = _to(batch, device)
+        labels = batch.pop("label")
+        V = next(iter(batch.values())).shape[1]
+        per_view = []
+        for v in range(V):
+            view = {k: t[:, v] for k, t in batch.items()}
+            with _autocast(device, amp_dtype):
+                per_view.append(head.video_embedding(view).float() if use_emb else head(view)["logits"].float())
+        stacked = torch.stack(per_view)  # (V, B, K) or (V, B, E)
+        if use_emb:
+            emb = F.normalize(stacked, dim=-1).mean(0)
+            if classifier is None:
+                scores = head.logits_from_embedding(emb) if hasattr(head, "logits_from_embedding") else \
+                    F.normalize(emb, dim=-1) @ F.normalize(_head_w(head), dim=-1).T
+            else:
+                scores = F.normalize(emb, dim=-1) @ F.normalize(classifier.to(emb), dim=-1).T
+        else:
+            scores = stacked.softmax(-1).mean(0)
+        all_scores.append(scores.float().cpu())
+        all_labels.append(labels.cpu())
+    return accuracy_metrics(torch.cat(all_scores), torch.cat(all_labels))
+
+
+def _head_w(head: Head) -> torch.Tensor:
+    w = head.classifier
+    return w.mean(1) if w.dim() == 3 else w
+
+
+@contextlib.contextmanager
+def _autocast(device: torch.device, dtype):
+    if dtype is None:
+        yield
+    else:
+        with torch.autocast(device.type, dtype=dtype):
+            yield
+
+
+# ----------------------------------------------------------------------------- training
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _run_id(cfg: TrainCfg, head_overrides: dict, store: FeatureStore) -> str:
+    blob = json.dumps({"train": asdict(cfg), "head": head_overrides, "cache": store.key}, sort_keys=True, default=str)
+    return f"{cfg.head}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def _device(name: str) -> torch.device:
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+
+
+def _amp_dtype(cfg: TrainCfg, device: torch.device):
+    if cfg.amp == "none" or (cfg.amp == "auto" and device.type != "cuda"):
+        return None
+    if cfg.amp == "fp16":
+        return torch.float16
+    return torch.bfloat16
+
+
+def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: dict | None = None,
+               run_dir: str | Path | None = None, runs_root: str | Path | None = None, resume: bool = False,
+               progress: bool = True, log=print, init_weight: torch.Tensor | None = None) -> dict:
+    """Train (or fit) ``cfg.head`` on a cache and evaluate it; returns the metrics dict."""
+    store = cache if isinstance(cache, FeatureStore) else open_store(cache)
+    head_overrides = dict(head_overrides or {})
+    K_all = int(store.meta["dims"]["num_classes"])
+    train_classes = parse_class_spec(cfg.train_classes, K_all)
+    test_classes = parse_class_spec(cfg.test_classes, K_all)
+    if test_classes is not None and train_classes is None:
+        train_classes = [c for c in range(K_all) if c not in test_classes]
+    K = len(train_classes) if train_classes is not None else K_all
+    head = build_head(cfg.head, store, head_overrides, num_classes=K)
+    keys = head.data_keys()
+    inputs = check_cache_for_head(store, keys, cfg.head, [cfg.train_split, cfg.eval_split])
+    train_idx = select_videos(store, cfg.train_split, shots=cfg.shots, fraction=cfg.fraction,
+                              classes=train_classes, seed=cfg.seed)
+    eval_classes = test_classes if test_classes is not None else train_classes
+    eval_idx = select_videos(store, cfg.eval_split, classes=eval_classes, seed=cfg.seed)
+    train_map = {c: i for i, c in enumerate(train_classes)} if train_classes is not None else None
+    eval_map = {c: i for i, c in enumerate(eval_classes)} if eval_classes is not None else None
+    device = _device(cfg.device)
+    amp_dtype = _amp_dtype(cfg, device)
+
+    run_dir = Path(run_dir) if run_dir else Path(runs_root or Path(os.environ.get("CLIPCACHE_ROOT", "artifacts")) / "runs") \
+        / _run_id(cfg, head_overrides, store)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = {"train": asdict(cfg), "head": {"name": cfg.head, **asdict(head.cfg)}, "cache": str(store.path),
+                "cache_key": store.key, "train_videos": int(len(train_idx)), "eval_videos": int(len(eval_idx))}
+    atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=1))
+
+    torch.manual_seed(cfg.seed)
+    if getattr(head, "set_backbone_weights", None) and keys.backbone_weights:
+        head.set_backbone_weights(_backbone_weights(store, keys, head))
+    if head.has_classifier:
+        w = init_weight if init_weight is not None else classifier_matrix(cfg.classifier_init, store, head,
+                                                                          train_classes, cfg, train_idx)
+        head.set_classifier(w)
+    head.to(device)
+    train_data = CacheSplit(store, inputs[cfg.train_split], train_idx, train=True, label_map=train_map)
+    eval_data = CacheSplit(store, inputs[cfg.eval_split], eval_idx, train=False, label_map=eval_map)
+    eval_classifier = None
+    if test_classes is not None:
+        if not head.has_classifier:
+            raise ConfigError(f"--test-classes needs a head with a text classifier; '{cfg.head}' has none")
+        eval_classifier = classifier_matrix("clip_text", store, head, test_classes, cfg).to(device)
+        if eval_classifier.dim() == 3:
+            eval_classifier = F.normalize(eval_classifier, dim=-1).mean(1)
+
+    history: list[dict] = []
+    t0 = time.perf_counter()
+    if head.uses_sklearn:
+        full = _collate([train_data[i] for i in range(len(train_data))])
+        head.fit(full)
+        metrics = evaluate_head(head, eval_data, device, average="scores", amp_dtype=amp_dtype)
+        history.append({"epoch": 1, "train_loss": None, **{f"val_{k}": v for k, v in metrics.items()}})
+        _atomic_save({"head": head.state_dict(), "config": resolved, "epoch": 1}, run_dir / "last.pt")
+    else:
+        metrics, history = _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resolved,
+                                    resume, progress, log, eval_classifier)
+    result = {"head": cfg.head, "final": metrics, "history": history, "train_videos": int(len(train_idx)),
+              "eval_videos": int(len(eval_idx)), "trainable_params": head.num_trainable(),
+              "seconds": time.perf_counter() - t0, "run_dir": str(run_dir)}
+    atomic_write_text(run_dir / "metrics.json", json.dumps(result, indent=1))
+    _plot_curves(history, run_dir / "curves.png", cfg.head)
+    return result
+
+
+def _backbone_weights(store: FeatureStore, keys, head) -> dict[int, dict[str, torch.Tensor]]:
+    from stages.heads import resolve_layers
+
+    depth = int(store.meta["dims"]["depth"])
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    blocks = set(resolve_layers(keys.cls_layers, depth)) | set(resolve_layers(keys.patch_layers, depth))
+    names = set(store.aux_names())
+    for block in sorted(blocks):
+        got = {n: torch.from_numpy(store.aux(f"block{block}.{n}")) for n in keys.backbone_weights
+               if f"block{block}.{n}" in names}
+        if got:
+            out[block] = got
+    return out
+
+
+def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resolved, resume, progress, log,
+             eval_classifier):
+    from tqdm import tqdm
+
+    params = [p for p in head.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError(f"head '{cfg.head}' has nothing to train with these options")
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    steps_per_epoch = max(1, math.ceil(len(train_data) / cfg.batch_size))
+    total = steps_per_epoch * cfg.epochs
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, warmup))
+    scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
+    start_epoch, history = 0, []
+    ckpt_path = run_dir / "last.pt"
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        head.load_state_dict(ckpt["head"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        start_epoch, history = ckpt["epoch"], ckpt["history"]
+        log(f"resuming {run_dir} from epoch {start_epoch}")
+    metrics = history[-1]["val"] if history else {}
+    for epoch in range(start_epoch, cfg.epochs):
+        torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: same stream whether resumed or not
+        train_data.set_epoch(epoch, cfg.seed)
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        loader = DataLoader(train_data, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+                            collate_fn=_collate, num_workers=cfg.workers, drop_last=False)
+        head.train()
+        losses = []
+        bar = tqdm(loader, desc=f"{cfg.head} epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        for batch in bar:
+            batch = _to(batch, device)
+            labels = batch["label"]
+            with _autocast(device, amp_dtype):
+                out = head(batch)
+                loss = head.loss(out, labels, cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        entry = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0]}
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            metrics = evaluate_head(head, eval_data, device, average=cfg.eval_average, classifier=eval_classifier,
+                                    amp_dtype=amp_dtype)
+            entry["val"] = metrics
+        history.append(entry)
+        if progress:
+            log(f"epoch {epoch + 1}/{cfg.epochs}: loss {entry['train_loss']:.4f}"
+                + (f", val top1 {metrics['top1']:.1f}%" if "val" in entry else ""))
+        _atomic_save({"head": head.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                      "epoch": epoch + 1, "history": history, "config": resolved}, ckpt_path)
+    if not metrics:
+        raise DatasetError("no evaluation ran")
+    return metrics, history
+
+
+def _plot_curves(history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    losses = [h.get("train_loss") for h in history]
+    if any(v is not None for v in losses):
+        ax[0].plot(epochs, [v if v is not None else np.nan for v in losses], marker="o")
+    ax[0].set(title=f"{title}: train loss", xlabel="epoch")
+    acc = [(h["epoch"], (h.get("val") or {}).get("top1", h.get("val_top1"))) for h in history]
+    acc = [(e, a) for e, a in acc if a is not None]
+    if acc:
+        ax[1].plot(*zip(*acc), marker="o", color="tab:green")
+    ax[1].set(title=f"{title}: val top-1 (%)", xlabel="epoch")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
