@@ -310,6 +310,7 @@ def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: 
     if test_classes is not None and train_classes is None:
         train_classes = [c for c in range(K_all) if c not in test_classes]
     K = len(train_classes) if train_classes is not None else K_all
+    torch.manual_seed(cfg.seed)  # the head's initial weights depend on the seed alone
     head = build_head(cfg.head, store, head_overrides, num_classes=K)
     keys = head.data_keys()
     inputs = check_cache_for_head(store, keys, cfg.head, [cfg.train_split, cfg.eval_split])
@@ -329,7 +330,6 @@ def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: 
                 "cache_key": store.key, "train_videos": int(len(train_idx)), "eval_videos": int(len(eval_idx))}
     atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=1))
 
-    torch.manual_seed(cfg.seed)
     if getattr(head, "set_backbone_weights", None) and keys.backbone_weights:
         head.set_backbone_weights(_backbone_weights(store, keys, head))
     if head.has_classifier:

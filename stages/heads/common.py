@@ -13,6 +13,8 @@ Not a head: the registry's auto-import skips this module by name.
 - :class:`TemporalConv1D`: depthwise temporal convolution (ActionCLIP "Conv1D", Text4Vis "T1D"),
   kernel 3, no bias, shift-initialised, residual.
 - :func:`cosine_logits`: ``scale * normalise(video) @ normalise(W).T``.
+- :class:`ClosedFormHead`: base of the scikit-learn heads (LDA, logistic probe): ``fit`` on the
+  whole training set, weights kept as state_dict buffers, no trainable parameter.
 """
 
 from __future__ import annotations

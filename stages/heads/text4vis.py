@@ -86,6 +86,8 @@ class Text4VisHead(Head):
         validate_choice("temporal", cfg.temporal, TEMPORAL)
         E = cfg.embed_dim
         if cfg.temporal == "ttrans":
+            if cfg.frames > cfg.pos_rows:
+                raise ConfigError(f"frames={cfg.frames} exceeds the frame position table (pos_rows={cfg.pos_rows})")
             self.temporal = TemporalTransformer(E, layers=cfg.layers, heads=cfg.heads, pos_rows=cfg.pos_rows)
         elif cfg.temporal == "t1d":
             self.temporal = TemporalConv1D(E, init="shift", residual=True)

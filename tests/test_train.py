@@ -1,0 +1,143 @@
+"""Stage two from a real cache: every head via the CLI, resume after SIGKILL, user errors."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+import torch
+
+from cache.store import open_store
+from conftest import demo_args, popen_cli, run_cli
+from stages.train import TrainCfg, classifier_matrix, build_head, select_videos, train_head
+
+TINY_HEAD_SETS = {
+    "tap": [],
+    "lda": [],
+    "linear_probe": [],
+    "text4vis": ["layers=1", "pos_rows=8"],
+    "actionclip": ["layers=1", "pos_rows=8"],
+    "evl": ["num_layers=1"],
+    "side4video": ["preset=custom", "num_blocks=2", "side_width=32"],
+}
+
+
+@pytest.fixture(scope="module")
+def full_cache(demo_small, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "cache"
+    run_cli(*demo_args(demo_small, out, "--layers", "all", "--patch", "--frames-uint8", "--text",
+                       "clip_single,clip_actionclip,minilm"), check=True)
+    return open_store(out)
+
+
+@pytest.mark.parametrize("head", sorted(TINY_HEAD_SETS))
+def test_every_head_trains_from_the_cli(full_cache, tmp_path, head):
+    sets = [x for s in TINY_HEAD_SETS[head] + ["epochs=2", "batch_size=4"] for x in ("--set", s)]
+    proc = run_cli("train", "--head", head, "--cache", full_cache.path, *sets, "--run-dir", tmp_path / "run",
+                   "--no-progress", check=True)
+    assert f"{head}: top1" in proc.stdout
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["eval_videos"] == 8 and 0 <= metrics["final"]["top1"] <= 100
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "last.pt").exists() and (tmp_path / "run" / "config.json").exists()
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["cache_key"] == full_cache.key and cfg["head"]["name"] == head
+
+
+def _kill_after_first_checkpoint(args, ckpt, timeout=120):
+    proc = popen_cli(*args)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists():
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    proc.wait()
+    return proc.returncode
+
+
+def test_sigkill_and_resume_match_an_uninterrupted_run(full_cache, tmp_path):
+    sets = ["--set", "epochs=12", "--set", "batch_size=2", "--set", "preset=custom", "--set", "num_blocks=2",
+            "--set", "side_width=32", "--set", "seed=3"]
+    ref = tmp_path / "ref"
+    run_cli("train", "--head", "side4video", "--cache", full_cache.path, *sets, "--run-dir", ref, "--no-progress",
+            check=True)
+    run = tmp_path / "run"
+    args = ["train", "--head", "side4video", "--cache", full_cache.path, *sets, "--run-dir", run, "--no-progress"]
+    for _ in range(3):
+        code = _kill_after_first_checkpoint(args, run / "last.pt")
+        if code == -signal.SIGKILL and not (run / "metrics.json").exists():
+            break
+    assert code == -signal.SIGKILL and not (run / "metrics.json").exists(), "could not kill training mid-run"
+    epoch_at_kill = torch.load(run / "last.pt", weights_only=False)["epoch"]
+    assert epoch_at_kill < 12
+    proc = run_cli(*args, "--resume", check=True)
+    assert f"from epoch {epoch_at_kill}" in proc.stdout
+    a = json.loads((ref / "metrics.json").read_text())
+    b = json.loads((run / "metrics.json").read_text())
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    assert a["final"] == b["final"]
+
+
+@pytest.mark.parametrize("case", ["head", "set_key", "set_type", "layers", "shots", "init"])
+def test_bad_input_is_one_line_exit_2(full_cache, demo_small, tmp_path, case):
+    cache = full_cache.path
+    args = ["train", "--head", "tap", "--cache", cache, "--no-progress", "--run-dir", tmp_path / "r"]
+    if case == "head":
+        args[2] = "transformer9000"
+    elif case == "set_key":
+        args += ["--set", "head.depthh=3"]
+    elif case == "set_type":
+        args += ["--set", "epochs=many"]
+    elif case == "layers":
+        small = tmp_path / "small"
+        run_cli(*demo_args(demo_small, small, "--layers", "2", "--text", "none"), check=True)
+        args = ["train", "--head", "evl", "--cache", small, "--set", "num_layers=1", "--no-progress"]
+    elif case == "shots":
+        args += ["--shots", "50"]
+    elif case == "init":
+        args = ["train", "--head", "text4vis", "--cache", cache, "--init", "magic", "--no-progress"]
+    proc = run_cli(*args)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    expect = {"head": "transformer9000", "set_key": "depthh", "set_type": "many", "layers": "pipeline extract",
+              "shots": "--shots 50", "init": "magic"}[case]
+    assert expect in lines[0]
+
+
+def test_shots_fraction_and_class_subsets(full_cache):
+    idx = select_videos(full_cache, "train", shots=2, seed=0)
+    labels = full_cache.labels("train")[idx]
+    assert sorted(labels.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert (select_videos(full_cache, "train", shots=2, seed=0) == idx).all()
+    assert len(select_videos(full_cache, "train", fraction=0.5, seed=1)) == 6
+    sub = select_videos(full_cache, "val", classes=[1, 3])
+    assert set(full_cache.labels("val")[sub].tolist()) == {1, 3}
+
+
+def test_zero_shot_class_split_swaps_the_text_classifier(full_cache, tmp_path):
+    cfg = TrainCfg(head="text4vis", epochs=1, batch_size=4, train_classes="0,1", test_classes="2,3")
+    res = train_head(full_cache, cfg, {"layers": 1, "pos_rows": 8}, run_dir=tmp_path / "zs", progress=False)
+    assert res["eval_videos"] == 4 and res["train_videos"] == 6
+    assert res["final"]["n"] == 4
+
+
+def test_classifier_inits_have_the_right_structure(full_cache):
+    head = build_head("text4vis", full_cache, {"layers": 1, "pos_rows": 8})
+    cfg = TrainCfg(head="text4vis")
+    K, E = head.classifier_shape()
+    orth = classifier_matrix("orthogonal", full_cache, head, None, cfg)
+    torch.testing.assert_close(orth @ orth.T, torch.eye(K), atol=1e-5, rtol=0)
+    text = classifier_matrix("clip_text", full_cache, head, None, cfg)
+    torch.testing.assert_close(text, torch.from_numpy(full_cache.text("clip_single")))
+    mini = classifier_matrix("minilm", full_cache, head, None, cfg)
+    raw = torch.from_numpy(full_cache.text("minilm"))
+    assert mini.shape == (K, E)
+    # the projection keeps the inter-class geometry approximately (E = 32 < 384 here)
+    gram_raw, gram = raw @ raw.T, mini @ mini.T
+    assert torch.corrcoef(torch.stack([gram_raw.flatten(), gram.flatten()]))[0, 1] > 0.8
+    idx = select_videos(full_cache, "train")
+    lda = classifier_matrix("lda", full_cache, head, None, cfg, idx)
+    assert lda.shape == (K, E) and torch.isfinite(lda).all()
