@@ -355,6 +355,10 @@ def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: 
         metrics = evaluate_head(head, eval_data, device, average="scores", amp_dtype=amp_dtype)
         history.append({"epoch": 1, "train_loss": None, **{f"val_{k}": v for k, v in metrics.items()}})
         _atomic_save({"head": head.state_dict(), "config": resolved, "epoch": 1}, run_dir / "last.pt")
+    elif cfg.epochs == 0:  # evaluation only: zero-shot with the installed classifier
+        metrics = evaluate_head(head, eval_data, device, average=cfg.eval_average, classifier=eval_classifier,
+                                amp_dtype=amp_dtype)
+        history.append({"epoch": 0, "train_loss": None, "val": metrics})
     else:
         metrics, history = _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resolved,
                                     resume, progress, log, eval_classifier)

@@ -1,0 +1,144 @@
+"""`make demo`: the whole method on the built-in synthetic world, on CPU, in minutes.
+
+Steps (each reused when its output already exists, so a second run takes seconds):
+  1. generate the demo world (real h264 videos, lists, class names, per-frame captions);
+  2. pretrain the small demo CLIP on the world's frames and captions (an ordinary open_clip
+     checkpoint, loaded through the same --pretrained PATH code a user's checkpoint takes);
+  3. extract the cache once (all blocks, patch tokens, uint8 frames, every text set);
+  4. train heads from the cache (tap, linear_probe, lda, text4vis, evl, side4video, actionclip);
+  5. zero-shot: the text classifier with no training, and train-on-half / test-on-the-other-half;
+  6. `compare-init`: the Text4Vis classifier-initialisation ablation in few-shot splits;
+and ends with one summary table and the paths of the plots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+from cache.errors import PipelineError
+
+__all__ = ["run_demo", "DEMO_HEADS"]
+
+# Head options sized for the demo CLIP (64 px, 4 blocks of width 128, E = 64) and ~200 videos.
+DEMO_HEADS: dict[str, dict] = {
+    "tap": {"epochs": 30, "lr": 3e-3, "head": {}},
+    "linear_probe": {"head": {}},
+    "lda": {"head": {}},
+    "text4vis": {"epochs": 30, "lr": 1e-3, "head": {"temporal": "ttrans", "layers": 2, "pos_rows": 16}},
+    "evl": {"epochs": 30, "lr": 1e-3, "head": {"num_layers": 3}},
+    "side4video": {"epochs": 30, "lr": 1e-3, "head": {"preset": "custom", "num_blocks": 4, "side_width": 64}},
+    "actionclip": {"epochs": 30, "lr": 1e-3, "head": {"prompt": "transf", "layers": 2, "pos_rows": 16}},
+}
+
+
+def _say(msg: str) -> None:
+    typer.secho(msg, fg=typer.colors.CYAN, err=False)
+
+
+def run_demo(root: Path = Path("artifacts/demo"), data: Path = Path("data/demo"), quick: bool = False,
+             pretrain_minutes: float = 4.0, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
+    """Run every step; ``quick`` shrinks everything for the slow end-to-end test."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.compare_init import compare_init
+    from pipeline.datasets import load_dataset
+    from pipeline.demo_data import DemoCfg, generate_demo, render_frame_with_caption
+    from stages.extract import ExtractCfg, plan_extraction, run_extraction
+    from stages.pretrain_demo import PretrainCfg, pretrain_demo_clip
+    from stages.train import TrainCfg, train_head
+
+    t_all = time.perf_counter()
+    root.mkdir(parents=True, exist_ok=True)
+    demo_cfg = DemoCfg(num_classes=12, train_per_class=12, val_per_class=6, frames=16, world="rich", seed=0)
+    if quick:
+        demo_cfg = DemoCfg(num_classes=4, train_per_class=3, val_per_class=2, frames=8, size=64, world="rich", seed=0)
+    _say(f"[1/6] demo world -> {data}")
+    ds = generate_demo(data, demo_cfg, progress=not quick)
+
+    _say("[2/6] demo CLIP (contrastive pretraining on the world's frames and captions)")
+    ckpt = root / "demo_clip.pt"
+    pre_cfg = PretrainCfg(model="demo", minutes=pretrain_minutes, max_steps=20 if quick else 0,
+                          batch_size=32 if quick else 128)
+
+    def render(rng):
+        return render_frame_with_caption(rng, size=pre_cfg.image_size, world=demo_cfg.world)
+
+    pre = pretrain_demo_clip(ckpt, render, None, pre_cfg, progress=not quick, log=_say)
+
+    _say("[3/6] extract the cache once")
+    spec = load_dataset("demo", data_root=ds.root)
+    ecfg = ExtractCfg(model="demo", pretrained=str(ckpt), frames=8, layers="all", patch=True, store_frames=True,
+                      views="1x1", text="all")
+    plan = plan_extraction(spec, ecfg, cache_root=root / "caches")
+    ext = run_extraction(plan, progress=not quick, log=_say)
+    cache = plan.path
+
+    _say("[4/6] train heads from the cache")
+    rows = []
+    heads = DEMO_HEADS if not quick else {k: {**v, "epochs": 2} for k, v in DEMO_HEADS.items()}
+    for name, opts in heads.items():
+        tcfg = TrainCfg(head=name, epochs=opts.get("epochs", 1), lr=opts.get("lr", 1e-3), batch_size=16,
+                        warmup_epochs=1, seed=0)
+        res = train_head(cache, tcfg, opts["head"], runs_root=root / "runs", progress=False, log=_say)
+        fin = res["final"]
+        rows.append((name, fin["top1"], fin["top5"], fin["mean_class"], res["trainable_params"], res["seconds"],
+                     res["run_dir"]))
+        _say(f"      {name:<12} top1 {fin['top1']:5.1f}%  ({res['seconds']:.1f}s)")
+
+    _say("[5/6] zero-shot with the demo CLIP's text classifier")
+    K = len(spec.classes)
+    zs = train_head(cache, TrainCfg(head="text4vis", epochs=0, seed=0),
+                    {"temporal": "tap"}, runs_root=root / "runs", progress=False)
+    half = ",".join(str(c) for c in range(K // 2))
+    other = ",".join(str(c) for c in range(K // 2, K))
+    zs_split = train_head(cache, TrainCfg(head="text4vis", epochs=2 if quick else 20, batch_size=16, seed=0,
+                                          train_classes=half, test_classes=other),
+                          DEMO_HEADS["text4vis"]["head"], runs_root=root / "runs", progress=False)
+
+    _say("[6/6] compare-init: classifier initialisations in few-shot")
+    ci = compare_init(cache, head="text4vis", seeds=seeds if not quick else (0,), shots=(1, 2, 0),
+                      frozen=(True,), epochs=2 if quick else 20, head_overrides={"temporal": "tap"},
+                      out_dir=root / "compare-init", progress=False, log=_say)
+
+    table = Table(title=f"clipcache demo: {K} classes, {len(spec.splits['train'])} train / "
+                        f"{len(spec.splits['val'])} val videos (chance {100 / K:.1f}%)")
+    for col in ("result", "top-1 %", "top-5 %", "mean-class %", "trainable", "seconds"):
+        table.add_column(col)
+    for name, t1, t5, mc, n, sec, _ in rows:
+        table.add_row(f"head {name}", f"{t1:.1f}", f"{t5:.1f}", f"{mc:.1f}", f"{n:,}", f"{sec:.1f}")
+    table.add_row("zero-shot, all classes (no training)", f"{zs['final']['top1']:.1f}", f"{zs['final']['top5']:.1f}",
+                  f"{zs['final']['mean_class']:.1f}", "0", "")
+    table.add_row(f"zero-shot on classes {K // 2}-{K - 1} (trained on 0-{K // 2 - 1})",
+                  f"{zs_split['final']['top1']:.1f}", f"{zs_split['final']['top5']:.1f}",
+                  f"{zs_split['final']['mean_class']:.1f}", f"{zs_split['trainable_params']:,}", "")
+    console = Console(width=120)
+    console.print(table)
+    summary = {"pretrain": pre, "cache": str(cache), "extract_reused": ext.reused,
+               "heads": {r[0]: {"top1": r[1], "top5": r[2], "mean_class": r[3], "run_dir": r[6]} for r in rows},
+               "zero_shot": zs["final"], "zero_shot_split": zs_split["final"], "compare_init": ci.get("files", {}),
+               "seconds": time.perf_counter() - t_all}
+    (root / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    console.print(f"plots: {root / 'runs'}/*/curves.png, " + ", ".join(str(v) for v in ci.get("files", {}).values()))
+    console.print(f"summary: {root / 'summary.json'}  ({summary['seconds']:.0f}s)")
+    return summary
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    quick = "--quick" in sys.argv
+    try:
+        run_demo(quick=quick)
+    except PipelineError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
