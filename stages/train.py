@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from cache.errors import ConfigError, DatasetError
+from cache.errors import CacheMismatchError, ConfigError, DatasetError
 from cache.store import FeatureStore, atomic_write_text, open_store
 from stages.cache_data import CacheSplit, check_cache_for_head, select_videos
 from stages.heads import DIM_FIELDS, Head, get_head_entry, make_cfg
 
 __all__ = ["TrainCfg", "parse_class_spec", "split_overrides", "build_head", "classifier_matrix",
-           "train_head", "evaluate_head", "accuracy_metrics", "CLASSIFIER_INITS"]
+           "train_head", "evaluate_head", "evaluate_run", "accuracy_metrics", "CLASSIFIER_INITS"]
 
 CLASSIFIER_INITS = ("clip_text", "random_normal", "orthogonal", "lda", "minilm")
 
@@ -474,3 +474,46 @@ def _plot_curves(history: list[dict], path: Path, title: str) -> None:
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, split: str = "val",
+                 text_set: str = "", eval_average: str = "scores") -> dict:
+    """Evaluate a trained run, on its own cache or on another one (cross-dataset zero-shot).
+
+    On another dataset's cache the head's classifier is swapped for that cache's class text
+    embeddings (cosine similarity with the head's video embedding), so the other cache must
+    come from the same backbone weights and sampling.
+    """
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / "last.pt"
+    if not ckpt_path.exists():
+        raise ConfigError(f"no checkpoint in run folder {run_dir}")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    resolved = ckpt["config"]
+    own = open_store(resolved["cache"])
+    target = open_store(cache) if cache else own
+    head_cfg = {k: v for k, v in resolved["head"].items() if k != "name"}
+    name = resolved["head"]["name"]
+    head = get_head_entry(name).head_cls(make_cfg(name, head_cfg))
+    head.load_state_dict(ckpt["head"])
+    swap = target.key != own.key
+    if swap:
+        same = (target.meta["backbone"]["weights"] == own.meta["backbone"]["weights"]
+                and target.meta["backbone"]["arch"] == own.meta["backbone"]["arch"])
+        if not same:
+            raise CacheMismatchError(f"cache {target.path} was made with other backbone weights "
+                                     f"({target.meta['backbone']['weights'][:24]}...) than the run's cache")
+        if not head.has_classifier:
+            raise ConfigError(f"head '{name}' has no text classifier: it cannot be evaluated on other classes")
+    inputs = check_cache_for_head(target, head.data_keys(), name, [split])
+    idx = select_videos(target, split)
+    data = CacheSplit(target, inputs[split], idx, train=False)
+    classifier = None
+    if swap:
+        tset = text_set or ("clip_actionclip" if len(head.classifier_shape()) == 3 else
+                            resolved["train"].get("text_set") or "clip_single")
+        classifier = torch.from_numpy(target.text(tset))
+        if classifier.dim() == 3:
+            classifier = F.normalize(classifier, dim=-1).mean(1)
+    metrics = evaluate_head(head, data, torch.device("cpu"), average=eval_average, classifier=classifier)
+    return {"run": str(run_dir), "cache": str(target.path), "split": split, "swapped_classifier": swap, **metrics}

@@ -141,3 +141,26 @@ def test_classifier_inits_have_the_right_structure(full_cache):
     idx = select_videos(full_cache, "train")
     lda = classifier_matrix("lda", full_cache, head, None, cfg, idx)
     assert lda.shape == (K, E) and torch.isfinite(lda).all()
+
+
+def test_cross_dataset_evaluation_swaps_in_the_other_class_names(full_cache, tmp_path):
+    from pipeline.demo_data import DemoCfg, generate_demo
+
+    other = generate_demo(tmp_path / "other", DemoCfg(num_classes=3, train_per_class=1, val_per_class=2, frames=8,
+                                                      size=48, seed=11), progress=False)
+    other_cache = tmp_path / "other_cache"
+    run_cli("extract", "--dataset", "demo", "--data-root", other.root, "--model", "tiny", "--out", other_cache,
+            "--layers", "all", "--text", "clip_single", "--no-progress", check=True)
+    run = tmp_path / "run"
+    train_head(full_cache, TrainCfg(head="text4vis", epochs=1, batch_size=4), {"layers": 1, "pos_rows": 8},
+               run_dir=run, progress=False)
+    proc = run_cli("evaluate", "--run", run, "--cache", other_cache, check=True)
+    assert "classifier swapped" in proc.stdout and "(6 videos" in proc.stdout
+    same = run_cli("evaluate", "--run", run, check=True)
+    assert "(8 videos)" in same.stdout
+    # a cache from other backbone weights is refused
+    foreign = tmp_path / "foreign"
+    run_cli("extract", "--dataset", "demo", "--data-root", other.root, "--model", "tiny", "--init-seed", "5",
+            "--out", foreign, "--text", "clip_single", "--no-progress", check=True)
+    bad = run_cli("evaluate", "--run", run, "--cache", foreign)
+    assert bad.returncode == 2 and "other backbone weights" in bad.stderr
