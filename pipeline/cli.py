@@ -256,6 +256,72 @@ def train(
     typer.echo(f"run folder: {res['run_dir']}")
 
 
+@app.command("compare-init")
+def compare_init_cmd(
+    cache: Optional[Path] = typer.Option(None, help="Cache folder (default: the last extracted cache of --dataset)."),
+    dataset: str = typer.Option("demo", help="Dataset whose last cache is used when --cache is not given."),
+    cache_root: Optional[Path] = typer.Option(None, help="Where keyed caches are (default artifacts/caches)."),
+    head: str = typer.Option("text4vis", help="A head with a classifier matrix W (text4vis, actionclip)."),
+    inits: str = typer.Option("", help="Comma list of classifier inits (default all: clip_text, random_normal, "
+                                       "orthogonal, lda, minilm)."),
+    seeds: str = typer.Option("0,1,2", help="Comma list of seeds."),
+    shots: str = typer.Option("0", help="Comma list of K training videos per class (0: all), e.g. 0,1,2."),
+    frozen: str = typer.Option("both", help="both | frozen | tuned: keep W as initialised, train it, or both."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs per run (default: the training default)."),
+    set_: list[str] = typer.Option([], "--set", help="Override: key=value (training option or head option; "
+                                                     "head.key=value forces a head option). Repeatable."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: artifacts/compare-init/<cache>-<hash>)."),
+    corr_classes: int = typer.Option(20, help="Classes shown in the W correlation maps (0: no maps)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Text4Vis classifier-init ablation: train per init x seed x shots x frozen/tuned W, tabulate, plot."""
+    from rich.console import Console
+
+    from pipeline.compare_init import compare_init, summary_table
+    from stages.train import CLASSIFIER_INITS, split_overrides
+
+    def int_list(text: str, flag: str) -> list[int]:
+        try:
+            values = [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"{flag} expects a comma list of integers, got '{text}'") from None
+        if not values:
+            raise ConfigError(f"{flag} is empty")
+        return values
+
+    modes = {"both": (True, False), "frozen": (True,), "tuned": (False,)}
+    if frozen not in modes:
+        raise ConfigError(f"--frozen must be one of {', '.join(modes)}, got '{frozen}'")
+    init_list = [x.strip() for x in inits.split(",") if x.strip()] or list(CLASSIFIER_INITS)
+    train_over, head_over = split_overrides(set_)
+    path = _resolve_cache(cache, dataset, cache_root)
+    res = compare_init(path, head=head, inits=init_list, seeds=int_list(seeds, "--seeds"),
+                       shots=int_list(shots, "--shots"), frozen=modes[frozen], epochs=epochs, head_overrides=head_over,
+                       train_overrides=train_over, out_dir=out, corr_classes=corr_classes, progress=progress,
+                       log=typer.echo)
+    Console(width=120).print(summary_table(res))
+    for label, file in res["files"].items():
+        typer.echo(f"{label:<28} {file}")
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Option(..., help="Run folder of a trained head."),
+    cache: Optional[Path] = typer.Option(None, help="Evaluate on this cache instead (cross-dataset zero-shot: "
+                                                    "the text classifier is swapped for its class names)."),
+    split: str = typer.Option("val", help="Split to evaluate."),
+    text_set: str = typer.Option("", help="Text set of the other cache to classify with."),
+    average: str = typer.Option("scores", help="Multi-view: average scores or embeddings."),
+):
+    """Evaluate a trained run on its cache or on another dataset's cache."""
+    from stages.train import evaluate_run
+
+    res = evaluate_run(run, cache, split=split, text_set=text_set, eval_average=average)
+    typer.echo(f"{res['cache']} [{split}]: top1 {res['top1']:.1f}%  top5 {res['top5']:.1f}%  "
+               f"mean-class {res['mean_class']:.1f}%  ({res['n']} videos"
+               + (", classifier swapped to this cache's classes)" if res["swapped_classifier"] else ")"))
+
+
 @app.command()
 def heads(
     backbone: str = typer.Option("ViT-B-16", help="open_clip model name whose dims the heads are built for."),

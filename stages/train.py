@@ -177,7 +177,12 @@ def classifier_matrix(init: str, store: FeatureStore, head: Head, classes: list[
         remap = {c: i for i, c in enumerate(sel)}
         y = np.array([remap[int(v)] for v in labels])
         w = torch.from_numpy(np.asarray(lda_classifier(feats, y, len(sel), max_per_class=cfg.lda_per_class,
-                                                       seed=cfg.seed), dtype=np.float32))
+                                                       seed=cfg.seed), dtype=np.float64))
+        # LDA's rows share one large direction (the global mean times the precision matrix):
+        # harmless for dot-product scores, but a cosine classifier would see only the small
+        # remainder (every pair of rows at cosine ~1). Removing the shared row mean adds the
+        # same x.c to every class score, so LDA's decisions are unchanged.
+        w = (w - w.mean(0, keepdim=True)).float()
     elif init == "minilm":
         w = torch.from_numpy(_project(store.text("minilm")[sel], E, cfg.seed).astype(np.float32))
     else:

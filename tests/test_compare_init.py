@@ -1,0 +1,164 @@
+"""compare-init: the Text4Vis classifier-init ablation on a real (tiny) cache, in-process and via the CLI."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from cache.errors import ConfigError
+from cache.store import open_store
+from conftest import demo_args, run_cli
+from pipeline.compare_init import compare_init, run_name
+from stages.cache_data import select_videos
+from stages.train import TrainCfg, build_head, classifier_matrix
+
+HEAD = {"layers": 1, "pos_rows": 8}
+GRID = dict(head="text4vis", inits=("clip_text", "orthogonal"), seeds=(0, 1), shots=(0, 1), frozen=(True, False),
+            epochs=2, head_overrides=HEAD, corr_classes=20)
+
+
+@pytest.fixture(scope="module")
+def cache(demo_small, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ci_cache") / "cache"
+    run_cli(*demo_args(demo_small, out), check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ablation(cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ci_out") / "ablation"
+    lines: list[str] = []
+    res = compare_init(cache, out_dir=out, log=lines.append, **GRID)
+    return res, out, lines
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_one_row_per_run_and_summary_is_mean_and_std_over_seeds(ablation):
+    res, out, lines = ablation
+    rows = _read_csv(out / "results.csv")
+    assert len(rows) == 2 * 2 * 2 * 2 == len(lines)
+    keys = {(r["init"], r["seed"], r["shots"], r["classifier"]) for r in rows}
+    assert len(keys) == 16
+    for r in rows:
+        assert (out / r["run_dir"] / "metrics.json").exists()
+        assert r["run_dir"] == f"runs/{run_name(r['init'], int(r['seed']), int(r['shots']), r['classifier'] == 'frozen')}"
+        assert int(r["train_videos"]) == (12 if r["shots"] == "0" else 4)
+        assert int(r["eval_videos"]) == 8
+    summary = _read_csv(out / "summary.csv")
+    assert len(summary) == 8
+    for s in summary:
+        group = [float(r["top1"]) for r in rows
+                 if (r["init"], r["shots"], r["classifier"]) == (s["init"], s["shots"], s["classifier"])]
+        assert int(s["n"]) == len(group) == 2
+        assert float(s["top1_mean"]) == pytest.approx(np.mean(group), abs=1e-3)
+        assert float(s["top1_std"]) == pytest.approx(np.std(group, ddof=1), abs=1e-3)
+        for m in ("top5", "mean_class"):
+            assert f"{m}_mean" in s and f"{m}_std" in s
+    md = (out / "summary.md").read_text()
+    assert md.count("| clip_text |") >= 4 and md.count("| orthogonal |") >= 4
+    for name in ("curves.png", "correlation_clip_text.png", "correlation_orthogonal.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(res["files"]) >= {"results", "summary_csv", "summary_md", "curves", "correlation_orthogonal"}
+
+
+def test_orthogonal_w_is_uncorrelated_and_text_w_is_not(ablation, cache):
+    res, _, _ = ablation
+    ortho, text = res["correlation"]["orthogonal"]["matrix"], res["correlation"]["clip_text"]["matrix"]
+    assert ortho.shape == text.shape == (4, 4)
+    np.testing.assert_allclose(ortho, np.eye(4), atol=1e-5)
+    np.testing.assert_allclose(np.diag(text), 1.0, atol=1e-5)
+    assert np.abs(text[~np.eye(4, dtype=bool)]).max() > 0.1
+    assert res["correlation"]["clip_text"]["classes"] == open_store(cache).meta["dataset"]["classes"]
+
+
+def test_frozen_runs_keep_w_as_initialised_and_tuned_runs_move_it(ablation, cache):
+    _, out, _ = ablation
+    store = open_store(cache)
+    head = build_head("text4vis", store, {**HEAD, "trainable_classifier": False}, num_classes=4)
+    for init in GRID["inits"]:
+        for seed in GRID["seeds"]:
+            for k in GRID["shots"]:
+                cfg = TrainCfg(head="text4vis", epochs=2, seed=seed, shots=k, classifier_init=init)
+                w0 = classifier_matrix(init, store, head, None, cfg, select_videos(store, "train", shots=k, seed=seed))
+                frozen = torch.load(out / "runs" / run_name(init, seed, k, True) / "last.pt", weights_only=False)
+                tuned = torch.load(out / "runs" / run_name(init, seed, k, False) / "last.pt", weights_only=False)
+                assert torch.equal(frozen["head"]["classifier"], w0)
+                assert not torch.allclose(tuned["head"]["classifier"], w0)
+
+
+def test_rerun_reuses_finished_runs_and_a_wider_grid_trains_only_new_ones(ablation, cache, tmp_path):
+    res, out, _ = ablation
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*") if p.suffix in (".json", ".pt")}
+    lines: list[str] = []
+    again = compare_init(cache, out_dir=out, log=lines.append, **GRID)
+    assert all(r["reused"] for r in again["results"]) and all("(reused)" in ln for ln in lines)
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    assert [r["top1"] for r in again["results"]] == [r["top1"] for r in res["results"]]
+
+    wider = tmp_path / "wider"
+    shutil.copytree(out, wider)
+    grid = {**GRID, "inits": ("orthogonal",), "seeds": (0, 1, 2), "shots": (0,), "frozen": (True,)}
+    more = compare_init(cache, out_dir=wider, log=lambda *_: None, **grid)
+    assert [(r["seed"], r["reused"]) for r in more["results"]] == [(0, True), (1, True), (2, False)]
+
+
+def test_default_folder_hash_covers_run_settings_not_the_grid(cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIPCACHE_ROOT", str(tmp_path))
+    one = dict(head="text4vis", inits=("orthogonal",), seeds=(0,), shots=(1,), frozen=(True,), corr_classes=0,
+               log=lambda *_: None)
+    a = compare_init(cache, epochs=1, head_overrides={"layers": 1, "pos_rows": 8}, **one)
+    b = compare_init(cache, epochs=1, head_overrides={"layers": "1", "pos_rows": "8"},
+                     **{**one, "inits": ("clip_text",)})
+    c = compare_init(cache, epochs=2, head_overrides={"layers": 1, "pos_rows": 8}, **one)
+    assert a["out_dir"] == b["out_dir"] != c["out_dir"]
+    assert a["out_dir"].parent == tmp_path / "compare-init" and a["out_dir"].name.startswith("cache-")
+    assert not any(a["out_dir"].glob("correlation_*.png"))
+
+
+def test_same_out_dir_with_other_settings_trains_again(cache, tmp_path):
+    one = dict(head="text4vis", inits=("orthogonal",), seeds=(0,), shots=(1,), frozen=(True,), corr_classes=0,
+               head_overrides=HEAD, out_dir=tmp_path / "x", log=lambda *_: None)
+    first = compare_init(cache, epochs=1, **one)
+    second = compare_init(cache, epochs=2, **one)
+    assert not second["results"][0]["reused"] and second["results"][0]["epochs"] == 2
+    assert len(first["results"]) == len(second["results"]) == 1
+    assert compare_init(cache, epochs=2, **one)["results"][0]["reused"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--head", "tap"], "compare-init works with: actionclip, text4vis"),
+    (["--shots", "0,4"], "--shots 4: class 0 has only 3 usable videos"),
+])
+def test_cli_user_errors_are_one_line_exit_2(cache, tmp_path, args, message):
+    proc = run_cli("compare-init", "--cache", cache, "--out", tmp_path / "out", "--epochs", "1", "--no-progress", *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_init_or_grid_option_in_overrides_is_a_config_error_before_any_run(cache, tmp_path):
+    with pytest.raises(ConfigError, match="unknown classifier init 'bogus'"):
+        compare_init(cache, inits=("clip_text", "bogus"), out_dir=tmp_path / "a")
+    with pytest.raises(ConfigError, match="use --seeds"):
+        compare_init(cache, train_overrides={"seed": 3}, out_dir=tmp_path / "b")
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_prints_table_and_files(cache, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("compare-init", "--cache", cache, "--out", out, "--inits", "orthogonal,minilm", "--seeds", "0",
+                   "--shots", "1", "--frozen", "frozen", "--epochs", "1", "--set", "layers=1", "--set", "pos_rows=8",
+                   "--corr-classes", "3", "--no-progress", check=True)
+    assert "orthogonal" in proc.stdout and "minilm" in proc.stdout and "top-1" in proc.stdout
+    for name in ("results.csv", "summary.csv", "summary.md", "curves.png", "correlation_minilm.png"):
+        assert str(out / name) in proc.stdout and (out / name).exists()
+    assert len(_read_csv(out / "results.csv")) == 2
