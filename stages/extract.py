@@ -247,7 +247,8 @@ class _ShardBuffer:
         self.arrays = {}
         for name, spec in store.specs(split).items():
             fill = 0 if spec.dtype == "uint8" else np.nan
-            dtype = np.uint8 if spec.dtype == "uint8" else np.float32
+            # fp16 in memory: what the store keeps (int8 is quantised from it per token)
+            dtype = np.uint8 if spec.dtype == "uint8" else np.float16
             self.arrays[name] = np.full((n, *spec.shape), fill, dtype=dtype)
         self.status = np.zeros(n, dtype=np.int8)
         self.failures: list[dict] = []
@@ -375,6 +376,11 @@ def _encode_jobs(store, plan, frozen, jobs, sampling, todo, items, device, progr
 
     cfg = plan.cfg
     workers = cfg.workers if cfg.workers >= 0 else _auto_workers()
+    if not device.startswith("cuda"):
+        # On CPU the decode workers and the writer share the cores with the encoder; measured on
+        # 2 cores (bench/bench_extract.py), an encoder with every core's thread lost 1.6-2x CPU
+        # per frame to contention, so leave the workers their cores.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
     loader = DataLoader(_DecodeJobs(jobs, sampling, plan.info.image_size), batch_size=1, shuffle=False,
                         num_workers=workers, collate_fn=_first, prefetch_factor=4 if workers else None,
                         persistent_workers=False)

@@ -1,0 +1,886 @@
+#!/usr/bin/env python
+"""Stage two vs the reference repositories: a head trained from the cache vs the same head fed
+by the frozen backbone run online on decoded frames, epoch for epoch.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_train.py            # ViT-B/16, ~6-8 min on 2 cores
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_train.py --quick    # "demo" backbone, ~1-2 min
+
+Heads at their paper configurations for the benched backbone:
+
+  full   open_clip ViT-B-16 (random init, seed 0: nothing downloaded), 224 px, 8 frames;
+         EVL 4 decoder layers with temporal cross attention (TCA); Side4Video "light"
+         (6 blocks x 192, interval taps 2, 4, ..., 12); Text4Vis T-Trans (6 layers, E=512).
+  quick  the built-in "demo" architecture (64 px, 4 blocks x 128, E=64), 8 frames;
+         EVL 3 layers + TCA; Side4Video 2 blocks x 32 (the light preset's ratios: half the
+         depth, a quarter of the width); Text4Vis T-Trans (6 layers, E=64).
+
+What is measured, all on this machine, in one run:
+
+1. Data: the synthetic demo dataset (4 classes, a few train videos each, 16 frames), and ONE
+   cache made by ``plan_extraction`` + ``run_extraction`` (train split only): all layers,
+   patch tokens, uint8 input frames, the clip_single text set, fp16.
+2. Per head, three subprocesses of this script (so that peak RSS is per mode), one after the
+   other, each building the head with the same seed and the same optimizer as ``train_head``
+   (AdamW, decay / no-decay groups, warmup + cosine LambdaLR, cross-entropy, batch size B):
+   - cache:    ``CacheSplit`` (the default: arrays under 2 GB are loaded whole at start) ->
+               DataLoader(shuffle, the project's collate) -> forward / backward / AdamW step,
+               i.e. the loop of ``_fit_sgd`` without evaluation and checkpointing (their costs
+               are shown separately). One warm-up epoch, then epochs are timed (median).
+   - streamed: the same with ``IN_MEMORY_LIMIT = 0``: every item is read from Zarr per video
+               (the path any cache over ~2 GB of patch tokens takes, e.g. >74 ViT-B/16 videos).
+   - online:   the reference repositories' way: DataLoader over the videos whose __getitem__
+               decodes (``decode_clips``, the cache's own deterministic TSN sampling so the
+               inputs are the cached ones), ``make_views`` (resize + centre crop) and
+               ``normalize``; the main process runs ``FrozenCLIP`` (inference mode, the head's
+               blocks only as taps) on the B*T frames, builds the batch the head expects
+               (frame_emb (B,T,E), cls (B,T,L,D), patch (B,T,L,P,D), frames (B,T,3,H,W)), then
+               the same head step. One warm-up step (a full epoch would double the cost of the
+               slowest path), then one timed epoch. After timing, the last online batch is
+               compared with the cache's arrays for the same videos (a check of "same data").
+   DataLoader workers = 0 in every mode (one process; on 2 cores workers would only compete
+   with torch's two intra-op threads); torch threads = torch's default (all cores) everywhere.
+3. FLOPs (``torch.utils.flop_counter.FlopCounterMode``, matmul/conv/attention only): the backbone
+   forward the online mode runs, counted on one frame and multiplied by B*T (frames are
+   independent in a ViT), and the head's forward + backward on one real cache batch of B videos.
+   Ceiling = (backbone + head) / head; measured ratio = online epoch / cache epoch;
+   closeness = measured / ceiling.
+4. Peak memory: ``ru_maxrss`` of each subprocess at its end (process lifetime: imports, model or
+   cache load, training) and the peak during the timed loop alone (VmHWM reset through
+   /proc/self/clear_refs after setup).
+5. Cache read rate, per head, of exactly the arrays that head reads: ``FeatureStore.read`` per
+   video (CacheSplit's streamed path, fp16 -> float32 included) and in one call over all videos
+   (CacheSplit's in-memory path), vs ``open(f, 'rb').read()`` of every file under the same array
+   folders. "cold": the files' pages are dropped first with posix_fadvise(DONTNEED) (this VM's
+   disk may still be cached by the host); "warm": read again right after. Rates are on-disk
+   bytes (all stored layers) per second. Also a layer-sliced Zarr read (only the head's layers).
+
+The machine may be shared: the load average at start and end is printed; CPU seconds of each
+subprocess are kept in the JSON next to the wall times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+now = time.perf_counter
+MB = 1 << 20
+# zarr 3.1 reads an integer-array index over N (what CacheSplit's in-memory preload passes to
+# FeatureStore.read) through numpy fancy indexing of every chunk: measured here at ~115-150
+# bytes of transient memory per element read (and 20-60x slower than a slice). The bench never
+# lets that path run where it would take more than this much memory.
+FANCY_BYTES_PER_ELEMENT = 160
+
+
+def mem_available() -> int:
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 8 << 30
+
+
+def fancy_budget() -> int:
+    return min(2 << 30, mem_available() // 4)
+
+
+def fancy_cost(spec, n: int) -> int:
+    return n * math.prod(spec.shape) * FANCY_BYTES_PER_ELEMENT
+
+
+def runs(rows) -> list[tuple[int, int]]:
+    """Sorted distinct rows -> [start, stop) runs of consecutive rows."""
+    rows = [int(r) for r in rows]
+    out: list[tuple[int, int]] = []
+    for r in rows:
+        if out and r == out[-1][1]:
+            out[-1] = (out[-1][0], r + 1)
+        else:
+            out.append((r, r + 1))
+    return out
+
+
+def run_sliced_split():
+    """CacheSplit whose in-memory preload reads runs of consecutive videos with slices (the
+    suggested fix) instead of one integer-array index; the training loop is unchanged."""
+    from stages.cache_data import CacheSplit
+
+    class RunSlicedSplit(CacheSplit):
+        def _read(self, name, rows):
+            if np.ndim(rows) == 0 or isinstance(rows, slice):
+                return super()._read(name, rows)
+            rows = np.asarray(rows)
+            if np.any(np.diff(rows) <= 0):
+                return super()._read(name, rows)
+            return np.concatenate([super(RunSlicedSplit, self)._read(name, slice(a, b)) for a, b in runs(rows)])
+
+    return RunSlicedSplit
+
+
+# ----------------------------------------------------------------------------- settings
+@dataclass
+class HeadRun:
+    name: str           # registry name
+    label: str          # what the table calls it
+    overrides: dict     # head cfg overrides on top of the cache's dims
+
+
+@dataclass
+class Settings:
+    model: str
+    classes: int
+    per_class: int
+    video_frames: int   # frames in each generated video
+    video_size: int     # generated frame height (width = 4/3)
+    frames: int         # T sampled per video
+    batch: int          # B videos per step
+    heads: list[HeadRun]
+    cache_min_s: float = 20.0   # timed cache epochs: at least min_epochs, up to max_epochs, until this long
+    min_epochs: int = 1
+    max_epochs: int = 3
+    streamed: bool = False      # also run the per-video Zarr ("streamed") cache mode
+    threads: int = 1            # torch intra-op threads in every timed subprocess
+
+
+def settings(quick: bool) -> Settings:
+    if quick:
+        return Settings("demo", 4, 4, 16, 96, 8, 4, [
+            HeadRun("evl", "EVL 3 layers + TCA", {"num_layers": 3, "use_tca": True}),
+            HeadRun("side4video", "Side4Video 2x32", {"preset": "custom", "num_blocks": 2, "side_width": 32}),
+            HeadRun("text4vis", "Text4Vis T-Trans", {"temporal": "ttrans"}),
+        ], cache_min_s=3.0, min_epochs=3, max_epochs=5, streamed=True)
+    return Settings("ViT-B-16", 4, 2, 16, 240, 8, 4, [
+        HeadRun("evl", "EVL 4 layers + TCA", {"num_layers": 4, "use_tca": True}),
+        HeadRun("side4video", "Side4Video light 6x192", {"preset": "light"}),
+        HeadRun("text4vis", "Text4Vis T-Trans", {"temporal": "ttrans"}),
+    ])
+
+
+# ----------------------------------------------------------------------------- small helpers
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KB on Linux
+
+
+def vm_status(key: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}" if unit != "GB" else f"{n:.2f} GB"
+        n /= 1024
+    return f"{n:.2f} GB"
+
+
+def mbps(x: float) -> str:
+    x /= MB
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}" if x >= 1 else f"{x:.2f}"
+
+
+def secs(s: float) -> str:
+    return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.2f} s" if s < 100 else f"{s:.0f} s"
+
+
+def ratio(x: float) -> str:
+    return f"{x:.0f}x" if x >= 100 else f"{x:.1f}x" if x >= 10 else f"{x:.2f}x"
+
+
+def collate(items: list[dict]) -> dict[str, torch.Tensor]:
+    from stages.train import _collate  # the collate stage two uses
+
+    return _collate(items)
+
+
+# ----------------------------------------------------------------------------- the head, as train_head builds it
+def make_head(store, run: HeadRun, seed: int = 0):
+    """Build, fill frozen weights / classifier, exactly like train_head (same seed -> same init)."""
+    from stages.train import TrainCfg, _backbone_weights, build_head, classifier_matrix
+
+    cfg = TrainCfg(head=run.name, seed=seed)
+    K = int(store.meta["dims"]["num_classes"])
+    torch.manual_seed(cfg.seed)
+    head = build_head(run.name, store, dict(run.overrides), num_classes=K)
+    keys = head.data_keys()
+    if getattr(head, "set_backbone_weights", None) and keys.backbone_weights:
+        head.set_backbone_weights(_backbone_weights(store, keys, head))
+    if head.has_classifier:
+        head.set_classifier(classifier_matrix(cfg.classifier_init, store, head, None, cfg))
+    return head, cfg
+
+
+def make_optimizer(head, cfg, steps_per_epoch: int, epochs: int):
+    """AdamW + warmup/cosine LambdaLR, grouped as _fit_sgd groups them."""
+    from stages.train import _lr_factor
+
+    params = [p for p in head.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    total = steps_per_epoch * epochs
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, warmup))
+    return opt, sched
+
+
+class Timers(dict):
+    def add(self, key: str, dt: float) -> None:
+        self[key] = self.get(key, 0.0) + dt
+
+
+def head_step(head, batch, opt, sched, cfg, tm: Timers) -> float:
+    """One step of _fit_sgd on CPU (AMP off, GradScaler disabled, no grad clip)."""
+    labels = batch["label"]
+    t0 = now()
+    out = head(batch)
+    loss = head.loss(out, labels, cfg.label_smoothing)
+    t1 = now()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    t2 = now()
+    opt.step()
+    sched.step()
+    value = loss.item()
+    t3 = now()
+    tm.add("head fwd", t1 - t0)
+    tm.add("head bwd", t2 - t1)
+    tm.add("optimizer", t3 - t2)
+    return value
+
+
+# ----------------------------------------------------------------------------- online data (reference-repo style)
+class DecodedVideos(torch.utils.data.Dataset):
+    """Video -> normalised (T, 3, S, S) float frames, decoded on every access (as the reference
+    repositories' dataloaders do). Times its phases (workers = 0: same process)."""
+
+    def __init__(self, items, sampling, size: int, mean, std, tm: Timers):
+        self.items, self.sampling, self.size, self.mean, self.std, self.tm = items, sampling, size, mean, std, tm
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        from stages.video import decode_clips, make_views, normalize
+
+        path, label = self.items[i]
+        t0 = now()
+        clips, _ = decode_clips(path, self.sampling)
+        t1 = now()
+        views = make_views(clips, self.size, self.sampling.crops)  # (1, T, S, S, 3) uint8
+        t2 = now()
+        x = normalize(torch.from_numpy(views[0]), self.mean, self.std)  # (T, 3, S, S)
+        t3 = now()
+        self.tm.add("decode", t1 - t0)
+        self.tm.add("resize+crop", t2 - t1)
+        self.tm.add("normalize", t3 - t2)
+        return {"video": x, "label": torch.tensor(label, dtype=torch.int64), "index": torch.tensor(i)}
+
+
+class OnlineBackbone:
+    """FrozenCLIP with exactly the taps a head reads; turns decoded frames into the head's batch."""
+
+    def __init__(self, store, head, model_name: str, seed: int):
+        from stages.backbone import BackboneInfo, FrozenCLIP, load_clip, model_config
+        from stages.heads import resolve_layers
+
+        info = BackboneInfo.from_config(model_config(model_name))
+        keys = head.data_keys()
+        self.keys = keys
+        self.cls_layers = resolve_layers(keys.cls_layers, info.depth)
+        self.patch_layers = resolve_layers(keys.patch_layers, info.depth)
+        layers = tuple(sorted(set(self.cls_layers) | set(self.patch_layers)))
+        model = load_clip(model_name, None, device="cpu", seed=seed)
+        self.frozen = FrozenCLIP(model, layers, bool(self.patch_layers), info, device="cpu")
+        del model  # only the vision tower stays referenced
+        self.cls_pos = [layers.index(x) for x in self.cls_layers]
+        self.patch_pos = [layers.index(x) for x in self.patch_layers]
+        self.info = info
+
+    def batch(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x = raw["video"]  # (B, T, 3, S, S)
+        B, T = x.shape[:2]
+        with torch.no_grad():
+            out = self.frozen(x.flatten(0, 1))
+        # clone(): FrozenCLIP runs in inference mode; its tensors cannot be saved for backward.
+        batch = {"label": raw["label"]}
+        if self.keys.frame_emb:
+            batch["frame_emb"] = out["frame_emb"].reshape(B, T, -1).clone()
+        if self.cls_layers:
+            batch["cls"] = out["cls"][:, self.cls_pos].reshape(B, T, len(self.cls_pos), -1).clone()
+        if self.patch_layers:
+            p = out["patch"][:, self.patch_pos]
+            batch["patch"] = p.reshape(B, T, *p.shape[1:]).clone()
+        if self.keys.frames:
+            batch["frames"] = x
+        return batch
+
+
+# ----------------------------------------------------------------------------- child: one mode of one head
+def child(spec: dict) -> dict:
+    import stages.cache_data as CD
+    from cache.store import open_store
+    from stages.cache_data import CacheSplit, check_cache_for_head, select_videos
+    from stages.video import SamplingCfg
+
+    mode, run = spec["mode"], HeadRun(**spec["head"])
+    B = spec["batch"]
+    torch.set_num_threads(spec["threads"])
+    rss_imports = vm_status("VmRSS")
+    t_setup = now()
+    store = open_store(spec["cache"])
+    head, cfg = make_head(store, run)
+    keys = head.data_keys()
+    idx = select_videos(store, "train")
+    n = len(idx)
+    steps = math.ceil(n / B)
+    epochs = 1 + (spec["max_epochs"] if mode != "online" else 1)
+    opt, sched = make_optimizer(head, cfg, steps, epochs)
+    tm = Timers()
+    if mode in ("cache", "streamed"):
+        if mode == "streamed":
+            CD.IN_MEMORY_LIMIT = 0  # every array read per video from Zarr in __getitem__
+        inputs = check_cache_for_head(store, keys, run.name, ["train"])
+        specs = store.specs("train")
+        names = [k for k, on in (("frame_emb", keys.frame_emb), ("cls", bool(inputs["train"].cls_layers)),
+                                 ("patch", bool(inputs["train"].patch_layers)), ("frames", keys.frames)) if on]
+        est = sum(fancy_cost(specs[k], n) for k in names if specs[k].nbytes() * n <= CD.IN_MEMORY_LIMIT)
+        if est > fancy_budget():
+            preload = f"run-sliced (stock would need ~{human(est)})"
+            data = run_sliced_split()(store, inputs["train"], idx, train=True)
+        else:
+            preload = "stock" if mode == "cache" else "none (per video)"
+            data = CacheSplit(store, inputs["train"], idx, train=True)
+        in_memory = sorted(data.memory)
+        backbone = None
+    else:
+        backbone = OnlineBackbone(store, head, spec["model"], seed=int(store.meta["config"]["init_seed"]))
+        items = [store.items("train")[i] for i in idx]
+        samp = SamplingCfg(int(store.meta["dims"]["frames"]), "segment", 8, 1, 1)  # the cache's own sampling
+        data = DecodedVideos(items, samp, backbone.info.image_size, backbone.frozen.mean, backbone.frozen.std, tm)
+        in_memory = []
+        preload = "-"
+    setup_s = now() - t_setup
+    rss_setup = vm_status("VmRSS")
+    peak_setup = maxrss_bytes()  # imports + model / cache load so far
+    peak_reset = reset_peak_rss()
+
+    def epoch(e: int, max_steps: int | None, timers: Timers) -> tuple[float, float, list[float], dict | None]:
+        torch.manual_seed(cfg.seed * 1000 + e)
+        if hasattr(data, "set_epoch"):
+            data.set_epoch(e, cfg.seed)
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + e)
+        loader = torch.utils.data.DataLoader(data, batch_size=B, shuffle=True, generator=gen, collate_fn=collate,
+                                             num_workers=0, drop_last=False)
+        head.train()
+        losses, last = [], None
+        c0, t0 = cpu_seconds(), now()
+        it = iter(loader)
+        for _ in range(steps if max_steps is None else max_steps):
+            td = now()
+            raw = next(it)
+            timers.add("data (loader)", now() - td)
+            if backbone is not None:
+                tb = now()
+                index = raw.pop("index")
+                batch = backbone.batch(raw)
+                timers.add("backbone", now() - tb)
+                last = {"index": index, "batch": batch}
+            else:
+                batch = raw
+            losses.append(head_step(head, batch, opt, sched, cfg, timers))
+        return now() - t0, cpu_seconds() - c0, losses, last
+
+    warm = Timers()
+    if mode == "online":
+        w_s, _, _, _ = epoch(0, 1, warm)  # one warm-up step
+    else:
+        w_s, _, _, _ = epoch(0, None, warm)  # one warm-up epoch
+    times, cpus, all_losses, last = [], [], [], None
+    tm.clear()
+    target = 0.0 if mode == "online" else spec["cache_min_s"]
+    e = 1
+    while True:
+        ep_tm = Timers()
+        wall, cpu, losses, last = epoch(e, None, ep_tm)
+        for k, v in ep_tm.items():
+            tm.add(k, v)
+        times.append(wall)
+        cpus.append(cpu)
+        all_losses.append(float(np.mean(losses)))
+        e += 1
+        if mode == "online" or len(times) >= spec["max_epochs"] or (
+                sum(times) >= target and len(times) >= spec["min_epochs"]):
+            break
+    peak_loop = vm_status("VmHWM") if peak_reset else None
+    res = {"mode": mode, "head": run.name, "videos": n, "steps_per_epoch": steps, "setup_s": setup_s,
+           "warmup_s": w_s, "epoch_s": times, "epoch_cpu_s": cpus, "losses": all_losses,
+           "timers_per_epoch": {k: v / len(times) for k, v in tm.items()}, "rss_setup": rss_setup,
+           "peak_loop": peak_loop, "in_memory": in_memory,
+           "preload": preload, "rss_imports": rss_imports, "trainable": head.num_trainable(),
+           "threads": torch.get_num_threads()}
+    # Process-lifetime peak: ru_maxrss before the reset (setup) and after it (the loop).
+    res["peak_process"] = max(peak_setup, maxrss_bytes())
+
+    if mode == "cache":
+        res["checkpoint"] = checkpoint_cost(head, opt, sched, Path(spec["scratch"]))
+    if mode == "online" and last is not None:
+        res["same_data"] = compare_with_cache(store, last, head, idx)
+    return res
+
+
+def checkpoint_cost(head, opt, sched, folder: Path) -> dict:
+    """What _fit_sgd writes after every epoch (head + optimizer + scheduler, atomic)."""
+    from stages.train import _atomic_save
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"ckpt-{os.getpid()}.pt"
+    t0 = now()
+    _atomic_save({"head": head.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                  "epoch": 1, "history": [], "config": {}}, path)
+    dt = now() - t0
+    size = path.stat().st_size
+    path.unlink()
+    return {"seconds": dt, "bytes": size}
+
+
+def compare_with_cache(store, last: dict, head, idx) -> dict:
+    """Relative max error of the last online batch against the cache for the same videos."""
+    from stages.heads import resolve_layers
+
+    depth = int(store.meta["dims"]["depth"])
+    cached = list(store.meta["layers"])
+    keys = head.data_keys()
+    rows = [int(idx[i]) for i in last["index"].tolist()]
+    out = {}
+    for name, tensor in last["batch"].items():
+        if name in ("label", "frames"):
+            continue
+        errs = []
+        for b, row in enumerate(rows):
+            ref = store.read("train", name, row)[0]  # (T, ...) of view 0
+            if name == "cls":
+                ref = ref[:, [cached.index(x) for x in resolve_layers(keys.cls_layers, depth)]]
+            elif name == "patch":
+                ref = ref[:, [cached.index(x) for x in resolve_layers(keys.patch_layers, depth)]]
+            got = tensor[b].numpy()
+            errs.append(float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12)))
+        out[name] = max(errs)
+    if "frames" in last["batch"]:
+        mean = torch.tensor(store.meta["preprocess"]["mean"]).view(3, 1, 1)
+        std = torch.tensor(store.meta["preprocess"]["std"]).view(3, 1, 1)
+        diffs = []
+        for b, row in enumerate(rows):
+            u8 = torch.from_numpy(store.read("train", "frames", row)[0])  # (T, S, S, 3)
+            ref = (u8.movedim(-1, -3).float() / 255.0 - mean) / std
+            diffs.append(float((last["batch"]["frames"][b] - ref).abs().max()))
+        out["frames"] = max(diffs)
+    return out
+
+
+# ----------------------------------------------------------------------------- parent: FLOPs
+def count_flops(store, run: HeadRun, model_name: str, B: int) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from stages.cache_data import CacheSplit, check_cache_for_head, select_videos
+
+    head, cfg = make_head(store, run)
+    keys = head.data_keys()
+    inputs = check_cache_for_head(store, keys, run.name, ["train"])
+    import stages.cache_data as CD
+
+    idx = select_videos(store, "train")[:B]
+    limit, CD.IN_MEMORY_LIMIT = CD.IN_MEMORY_LIMIT, 0  # per-video reads (see FANCY_BYTES_PER_ELEMENT)
+    try:
+        data = CacheSplit(store, inputs["train"], idx, train=True)
+    finally:
+        CD.IN_MEMORY_LIMIT = limit
+    batch = collate([data[i] for i in range(len(data))])
+    head.train()
+    with FlopCounterMode(display=False) as fc:
+        out = head(batch)
+        head.loss(out, batch["label"]).backward()
+    head_flops = fc.get_total_flops()
+    with FlopCounterMode(display=False) as fc:
+        head(batch)
+    head_fwd = fc.get_total_flops()
+    bb = OnlineBackbone(store, head, model_name, seed=int(store.meta["config"]["init_seed"]))
+    S = bb.info.image_size
+    with FlopCounterMode(display=False) as fc:
+        bb.frozen(torch.zeros(1, 3, S, S))
+    T = int(store.meta["dims"]["frames"])
+    per_frame = fc.get_total_flops()
+    return {"head_train": head_flops, "head_fwd": head_fwd, "backbone_frame": per_frame,
+            "backbone_batch": per_frame * B * T, "B": len(idx), "T": T,
+            "ceiling": (per_frame * B * T + head_flops) / head_flops}
+
+
+# ----------------------------------------------------------------------------- parent: read rates
+def drop_pages(files: list[Path]) -> bool:
+    ok = True
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            ok = False
+        finally:
+            os.close(fd)
+    return ok
+
+
+def layer_index(pos: list[int]):
+    """Cache layer positions -> a basic (stepped) slice when evenly spaced, else the list."""
+    if not pos:
+        return None
+    if len(pos) == 1:
+        return slice(pos[0], pos[0] + 1)
+    step = pos[1] - pos[0]
+    if step > 0 and all(b - a == step for a, b in zip(pos, pos[1:])):
+        return slice(pos[0], pos[-1] + 1, step)
+    return pos
+
+
+def read_rates(store, run: HeadRun) -> dict:
+    from stages.cache_data import IN_MEMORY_LIMIT, check_cache_for_head, select_videos
+    from stages.heads import resolve_layers
+
+    head, _ = make_head(store, run)
+    keys = head.data_keys()
+    inputs = check_cache_for_head(store, keys, run.name, ["train"])["train"]
+    idx = select_videos(store, "train")
+    n = len(idx)
+    wanted = [k for k, on in (("frame_emb", keys.frame_emb), ("cls", bool(inputs.cls_layers)),
+                              ("patch", bool(inputs.patch_layers)), ("frames", keys.frames)) if on]
+    specs = store.specs("train")
+    files = sorted(f for k in wanted for f in (store.path / "train" / k).rglob("*") if f.is_file())
+    nbytes = sum(f.stat().st_size for f in files)
+    depth = int(store.meta["dims"]["depth"])
+    cached = list(store.meta["layers"])
+    layer_sel = {"cls": layer_index([cached.index(x) for x in resolve_layers(keys.cls_layers, depth)]),
+                 "patch": layer_index([cached.index(x) for x in resolve_layers(keys.patch_layers, depth)])}
+
+    def plain() -> None:
+        for f in files:
+            with open(f, "rb") as fh:
+                fh.read()
+
+    def zarr_per_video() -> None:  # CacheSplit's streamed path: FeatureStore.read(split, name, i)
+        for i in idx:
+            for k in wanted:
+                store.read("train", k, int(i))
+
+    def zarr_bulk() -> None:  # CacheSplit's in-memory preload: FeatureStore.read(split, name, ndarray)
+        for k in wanted:
+            store.read("train", k, idx)
+
+    def zarr_slice() -> None:  # the same rows as one slice (idx is 0..n-1 here)
+        for k in wanted:
+            store.read("train", k, slice(int(idx[0]), int(idx[-1]) + 1))
+
+    def layer_sliced() -> None:  # per video, only the head's layers (basic stepped slice)
+        for i in idx:
+            for k in wanted:
+                arr = store.root[f"train/{k}"]
+                if k in layer_sel and isinstance(layer_sel[k], slice) and arr.ndim == 6:
+                    arr[int(i), :, :, layer_sel[k]].astype(np.float32)
+                elif k in layer_sel:
+                    arr[int(i)][:, :, layer_sel[k]].astype(np.float32)
+                else:
+                    arr[int(i)] if k == "frames" else arr[int(i)].astype(np.float32)
+
+    used = 0.0
+    for k in wanted:
+        size = sum(p.stat().st_size for p in (store.path / "train" / k).rglob("*") if p.is_file())
+        if k in ("cls", "patch"):
+            layers = inputs.cls_layers if k == "cls" else inputs.patch_layers
+            size = size * len(layers) / len(cached)
+        used += size
+    bulk_cost = sum(fancy_cost(specs[k], n) for k in wanted if specs[k].nbytes() * n <= IN_MEMORY_LIMIT)
+    contiguous = bool(np.all(np.diff(idx) == 1))
+    out = {"arrays": wanted, "bytes": nbytes, "useful_bytes": used, "files": len(files), "videos": n,
+           "bulk_cost": bulk_cost}
+    methods = [("plain", plain), ("zarr per video", zarr_per_video)]
+    if bulk_cost <= fancy_budget():
+        methods.append(("zarr bulk", zarr_bulk))
+    if contiguous:
+        methods.append(("zarr slice", zarr_slice))
+    methods.append(("zarr layer-sliced", layer_sliced))
+    for label, fn in methods:
+        res = {}
+        for temp in ("cold", "warm"):
+            if temp == "cold":
+                res["dropped"] = drop_pages(files)
+            t0 = now()
+            fn()
+            res[temp] = now() - t0
+        out[label] = res
+    return out
+
+
+# ----------------------------------------------------------------------------- parent
+def run_child(spec: dict, scratch: Path) -> dict:
+    spec_path = scratch / f"spec-{spec['head']['name']}-{spec['mode']}.json"
+    out_path = spec_path.with_suffix(".out.json")
+    spec = dict(spec, out=str(out_path))
+    spec_path.write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {spec['head']['name']}/{spec['mode']} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(out_path.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help='the built-in "demo" backbone (about 1-2 minutes)')
+    ap.add_argument("--workdir", default=os.path.join(os.environ.get("CLIPCACHE_ROOT", "artifacts"), "bench_train"),
+                    help="data, cache and scratch folder (default: artifacts/bench_train)")
+    ap.add_argument("--per-class", type=int, default=0, help="train videos per class (4 classes)")
+    ap.add_argument("--batch", type=int, default=0, help="videos per step")
+    ap.add_argument("--heads", default="", help="comma list among evl,side4video,text4vis")
+    ap.add_argument("--streamed", action=argparse.BooleanOptionalAction, default=None,
+                    help="also run the per-video Zarr (streamed) cache mode (default: on with --quick, off in full)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads in the timed subprocesses (default 1: robust on a shared machine)")
+    ap.add_argument("--json", default="", help="also write all figures to this JSON file")
+    ap.add_argument("--child", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.child:
+        spec = json.loads(Path(args.child).read_text())
+        res = child(spec)
+        Path(spec["out"]).write_text(json.dumps(res))
+        return
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from cache.store import open_store
+    from pipeline.datasets import load_dataset
+    from pipeline.demo_data import DemoCfg, generate_demo
+    from stages.extract import ExtractCfg, plan_extraction, run_extraction
+
+    console = Console(width=240)
+    S = settings(args.quick)
+    if args.per_class:
+        S.per_class = args.per_class
+    if args.batch:
+        S.batch = args.batch
+    if args.streamed is not None:
+        S.streamed = args.streamed
+    if args.threads:
+        S.threads = args.threads
+    if args.heads:
+        keep = [h.strip() for h in args.heads.split(",") if h.strip()]
+        S.heads = [h for h in S.heads if h.name in keep]
+    work = Path(args.workdir) / ("quick" if args.quick else "full")
+    scratch = work / "scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    t_all, load0 = now(), os.getloadavg()
+
+    # 1. data + one cache
+    demo = DemoCfg(num_classes=S.classes, train_per_class=S.per_class, val_per_class=1, frames=S.video_frames,
+                   size=S.video_size)
+    data_dir = work / f"demo-{S.classes}x{S.per_class}-{S.video_frames}f-{S.video_size}px"
+    t = now()
+    generate_demo(data_dir, demo, progress=False)
+    ds = load_dataset("demo", data_root=data_dir)
+    ds = replace(ds, splits={"train": ds.splits["train"]})  # only the split that is trained on
+    gen_s = now() - t
+    ecfg = ExtractCfg(model=S.model, frames=S.frames, layers="all", patch=True, store_frames=True,
+                      text="clip_single", device="cpu")
+    plan = plan_extraction(ds, ecfg, out=work / f"cache-{S.model}")
+    t = now()
+    ext = run_extraction(plan, progress=False, log=lambda *a: None)
+    ext_s = now() - t
+    store = open_store(plan.path)
+    n_videos = len(ds.splits["train"])
+    console.print(f"[bold]clipcache stage-two bench[/] ({'quick' if args.quick else 'full'}): {os.cpu_count()} cores, "
+                  f"torch {torch.__version__}, CPU. Load average at start "
+                  f"{load0[0]:.2f}.", highlight=False)
+    console.print(f"data: {n_videos} train videos ({S.classes} classes x {S.per_class}), {S.video_frames} frames "
+                  f"{S.video_size}px h264 (made/reused in {gen_s:.1f}s); cache {plan.path.name}: {S.model} random init, "
+                  f"{S.frames} frames, layers all ({len(plan.layers)}), patch + uint8 frames + clip_single, fp16, "
+                  f"{human(store.size_bytes())} ({'reused' if ext.reused else f'extracted in {ext_s:.1f}s'}). "
+                  f"Batch {S.batch} videos, DataLoader workers 0 and torch threads {S.threads} in every timed mode.",
+                  highlight=False)
+
+    results: dict[str, dict] = {}
+    for run in S.heads:
+        t = now()
+        fl = count_flops(store, run, S.model, S.batch)
+        r = {"flops": fl, "flops_s": now() - t}
+        base = {"cache": str(plan.path), "head": run.__dict__, "batch": S.batch, "model": S.model,
+                "max_epochs": S.max_epochs, "min_epochs": S.min_epochs, "threads": S.threads, "cache_min_s": S.cache_min_s, "scratch": str(scratch)}
+        modes = ["cache"] + (["streamed"] if S.streamed else []) + ["online"]
+        for mode in modes:
+            t = now()
+            r[mode] = run_child(dict(base, mode=mode), scratch)
+            console.print(f"  {run.label:<24} {mode:<9} epoch {secs(statistics.median(r[mode]['epoch_s']))} "
+                          f"(subprocess {now() - t:.0f}s)", highlight=False)
+        results[run.name] = r
+    for run in S.heads:
+        results[run.name]["read"] = read_rates(store, run)
+
+    # ------------------------------------------------------------------ table 1
+    t1 = Table(title=f"Epoch time: head trained from the cache vs the same head on frozen {S.model} run online on "
+                     f"decoded frames ({n_videos} videos, B={S.batch}, T={S.frames}, CPU, one run)")
+    cols = ["head", "trainable", "cache epoch", "online epoch", "measured ratio", "(CPU-s ratio)", "FLOP ceiling",
+            "closeness", "(CPU-s)", "streamed epoch (ratio)", "peak RSS cache", "peak RSS online", "Zarr read", "plain read"]
+    for c in cols:
+        t1.add_column(c, justify="left" if c == "head" else "right")
+    for run in S.heads:
+        r = results[run.name]
+        c = statistics.median(r["cache"]["epoch_s"])
+        o = statistics.median(r["online"]["epoch_s"])
+        cc = statistics.median(r["cache"]["epoch_cpu_s"])
+        oc = statistics.median(r["online"]["epoch_cpu_s"])
+        rd = r["read"]
+        if "streamed" in r:
+            st = statistics.median(r["streamed"]["epoch_s"])
+            streamed = f"{secs(st)} ({ratio(o / st)})"
+        else:  # the in-memory epoch plus one per-video Zarr read of every video (measured in table 3)
+            st = c + rd["zarr per video"]["warm"]
+            streamed = f"~{secs(st)} ({ratio(o / st)}) est."
+        meas = o / c
+        ceil = r["flops"]["ceiling"]
+        t1.add_row(run.label, f"{r['cache']['trainable']:,}", secs(c), secs(o), ratio(meas), ratio(oc / cc),
+                   ratio(ceil), f"{100 * meas / ceil:.0f}%", f"{100 * oc / cc / ceil:.0f}%", streamed,
+                   human(r["cache"]["peak_process"]), human(r["online"]["peak_process"]),
+                   f"{mbps(rd['bytes'] / rd['zarr per video']['warm'])} MB/s",
+                   f"{mbps(rd['bytes'] / rd['plain']['warm'])} MB/s")
+    console.print(t1)
+    console.print("measured ratio = online epoch / cache epoch, wall time (CPU seconds of the process in brackets: "
+                  "less sensitive to other load on the machine). cache = CacheSplit as train_head builds it (arrays "
+                  "under 2 GB preloaded); streamed = the same with every item read from Zarr per video (est. = cache "
+                  "epoch + the warm per-video Zarr read time of table 3, where not run). FLOP ceiling "
+                  "= (backbone fwd + head fwd+bwd) / head fwd+bwd, per batch; closeness = measured / ceiling. Peak "
+                  "RSS = ru_maxrss of each mode's own process. Read rates: warm page cache, on-disk bytes of the "
+                  "arrays the head reads, FeatureStore.read per video vs open().read() of the same files.",
+                  highlight=False)
+
+    # ------------------------------------------------------------------ table 2
+    t2 = Table(title="Where an epoch goes (seconds per epoch; GFLOP/s achieved in the timed epochs)")
+    for c in ("head", "mode", "epoch", "CPU s", "data", "of which decode", "backbone", "head fwd", "head bwd",
+              "AdamW+sched", "other", "backbone GFLOP/s", "head GFLOP/s", "RSS imports", "RSS setup",
+              "peak RSS loop", "setup"):
+        t2.add_column(c, justify="left" if c in ("head", "mode") else "right")
+    for run in S.heads:
+        r = results[run.name]
+        fl = r["flops"]
+        for mode in ("cache", "streamed", "online"):
+            if mode not in r:
+                continue
+            m = r[mode]
+            tp = m["timers_per_epoch"]
+            n = m["videos"]
+            head_fl = fl["head_train"] / fl["B"] * n
+            hb = tp.get("head fwd", 0) + tp.get("head bwd", 0)
+            bb = tp.get("backbone", 0)
+            ep = statistics.median(m["epoch_s"])
+            known = sum(tp.get(k, 0) for k in ("data (loader)", "backbone", "head fwd", "head bwd", "optimizer"))
+            t2.add_row(run.label, mode, secs(ep), f"{statistics.median(m['epoch_cpu_s']):.1f}",
+                       secs(tp.get("data (loader)", 0)), secs(tp.get("decode", 0)) if mode == "online" else "-",
+                       secs(bb) if bb else "-", secs(tp.get("head fwd", 0)), secs(tp.get("head bwd", 0)),
+                       secs(tp.get("optimizer", 0)), secs(max(0.0, sum(m["epoch_s"]) / len(m["epoch_s"]) - known)),
+                       f"{fl['backbone_frame'] * n * fl['T'] / bb / 1e9:.1f}" if bb else "-",
+                       f"{head_fl / hb / 1e9:.1f}", human(m["rss_imports"]), human(m["rss_setup"]),
+                       human(m["peak_loop"]) if m["peak_loop"] else "-", secs(m["setup_s"]))
+    console.print(t2)
+    console.print("data = time the loop waits for the DataLoader (workers 0: online = decode + resize/crop + "
+                  "normalize + collate; cache = CacheSplit items + collate); backbone = FrozenCLIP on the B*T frames "
+                  "+ building the head's batch; timers are per-epoch means, 'epoch' the median.", highlight=False)
+
+    # ------------------------------------------------------------------ table 3
+    t3 = Table(title="Cache read rate, MB/s of on-disk bytes (the arrays each head reads, all videos; cold / warm)")
+    for c in ("head", "arrays", "on disk", "head's layers", "plain read", "Zarr per video", "Zarr bulk (preload)",
+              "Zarr one slice", "Zarr, head's layers", "ms/video (Zarr, warm)"):
+        t3.add_column(c, justify="left" if c in ("head", "arrays") else "right")
+    for run in S.heads:
+        rd = results[run.name]["read"]
+        b = rd["bytes"]
+
+        def rate(k: str, useful: bool = False) -> str:
+            if k not in rd:
+                return "not run" if k != "zarr bulk" else f"not run (~{human(rd['bulk_cost'])})"
+            x = rd["useful_bytes"] if useful else b
+            return f"{mbps(x / rd[k]['cold'])} / {mbps(x / rd[k]['warm'])}"
+
+        t3.add_row(run.label, ",".join(rd["arrays"]), human(b), human(rd["useful_bytes"]), rate("plain"),
+                   rate("zarr per video"), rate("zarr bulk"), rate("zarr slice"),
+                   rate("zarr layer-sliced", useful=True) + " *",
+                   f"{1000 * rd['zarr per video']['warm'] / rd['videos']:.1f}")
+    console.print(t3)
+    console.print("* useful bytes (only the head's layers) per second. Zarr bulk = FeatureStore.read with the "
+                  "index array CacheSplit passes when it preloads (not run where it would need the memory shown).",
+                  highlight=False)
+
+    # ------------------------------------------------------------------ notes
+    for run in S.heads:
+        r = results[run.name]
+        fl = r["flops"]
+        line = (f"{run.label}: FLOPs per batch of {fl['B']}: backbone {fl['backbone_batch'] / 1e9:.1f} G "
+                f"({fl['backbone_frame'] / 1e9:.2f} G/frame), head fwd+bwd {fl['head_train'] / 1e9:.2f} G "
+                f"(fwd {fl['head_fwd'] / 1e9:.2f} G)")
+        if "checkpoint" in r["cache"]:
+            ck = r["cache"]["checkpoint"]
+            line += f"; train_head's per-epoch checkpoint: {human(ck['bytes'])} in {secs(ck['seconds'])}"
+        if "same_data" in r["online"]:
+            sd = r["online"]["same_data"]
+            line += "; online batch vs cache, max rel. err: " + ", ".join(f"{k} {v:.1e}" for k, v in sd.items())
+        if r["cache"]["in_memory"]:
+            line += (f"; CacheSplit preloads {','.join(r['cache']['in_memory'])} "
+                     f"({r['cache']['preload']}, setup {secs(r['cache']['setup_s'])})")
+        console.print(line, highlight=False)
+    dropped = all(results[r.name]["read"]["plain"].get("dropped", False) for r in S.heads)
+    console.print(f"cold reads: page cache of the cache files dropped with posix_fadvise(DONTNEED) "
+                  f"{'(ok)' if dropped else '(FAILED: cold = warm)'}; timed cache epochs: median of "
+                  f"{', '.join(str(len(results[r.name]['cache']['epoch_s'])) for r in S.heads)} after 1 warm-up epoch; "
+                  f"online: 1 epoch after 1 warm-up step. Load average at end {os.getloadavg()[0]:.2f}; "
+                  f"total {now() - t_all:.0f}s.", highlight=False)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"settings": {"model": S.model, "videos": n_videos, "batch": S.batch,
+                                                            "frames": S.frames}, "results": results}, indent=1))
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
