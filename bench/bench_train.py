@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Stage two vs the reference repositories: a head trained from the cache vs the same head fed
-by the frozen backbone run online on decoded frames, epoch for epoch.
+by the frozen backbone run online on decoded frames, epoch for epoch, same data, same machine.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_train.py            # ViT-B/16, ~6-8 min on 2 cores
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_train.py --quick    # "demo" backbone, ~1-2 min
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_train.py            # ViT-B/16, ~7 min on 2 cores
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_train.py --quick    # "demo" backbone, ~1.5 min
 
 Heads at their paper configurations for the benched backbone:
 
@@ -14,57 +14,64 @@ Heads at their paper configurations for the benched backbone:
          EVL 3 layers + TCA; Side4Video 2 blocks x 32 (the light preset's ratios: half the
          depth, a quarter of the width); Text4Vis T-Trans (6 layers, E=64).
 
-What is measured, all on this machine, in one run:
+What is measured:
 
 1. Data: the synthetic demo dataset (4 classes, a few train videos each, 16 frames), and ONE
    cache made by ``plan_extraction`` + ``run_extraction`` (train split only): all layers,
    patch tokens, uint8 input frames, the clip_single text set, fp16.
-2. Per head, three subprocesses of this script (so that peak RSS is per mode), one after the
-   other, each building the head with the same seed and the same optimizer as ``train_head``
-   (AdamW, decay / no-decay groups, warmup + cosine LambdaLR, cross-entropy, batch size B):
-   - cache:    ``CacheSplit`` (the default: arrays under 2 GB are loaded whole at start) ->
-               DataLoader(shuffle, the project's collate) -> forward / backward / AdamW step,
-               i.e. the loop of ``_fit_sgd`` without evaluation and checkpointing (their costs
-               are shown separately). One warm-up epoch, then epochs are timed (median).
-   - streamed: the same with ``IN_MEMORY_LIMIT = 0``: every item is read from Zarr per video
-               (the path any cache over ~2 GB of patch tokens takes, e.g. >74 ViT-B/16 videos).
-   - online:   the reference repositories' way: DataLoader over the videos whose __getitem__
-               decodes (``decode_clips``, the cache's own deterministic TSN sampling so the
+2. Per head, subprocesses of this script (so that peak RSS is per mode), one after the other,
+   each building the head with the same seed and the same optimizer as ``train_head`` (AdamW,
+   decay / no-decay groups, warmup + cosine LambdaLR, cross-entropy, batch size B):
+   - cache:    ``CacheSplit`` as ``train_head`` makes it (arrays under 2 GB preloaded) ->
+               DataLoader(shuffle, the project's collate) -> forward / backward / AdamW step:
+               the loop of ``_fit_sgd`` without evaluation and checkpointing (the checkpoint's
+               cost is shown separately). One warm-up epoch, then timed epochs (median).
+               Where CacheSplit's own preload would need too much memory (zarr reads its
+               index array through fancy indexing, ~150 B per element: ~17 GB for 8 ViT-B/16
+               videos of patch tokens), the preload reads the same rows with slices instead;
+               the training loop is unchanged (the table says which preload ran).
+   - streamed: (default with --quick) the same with ``IN_MEMORY_LIMIT = 0``: every item read
+               from Zarr per video, the path of any cache whose patch tokens exceed 2 GB.
+               Without it, table 1 estimates it as the cache epoch + one per-video read of all.
+   - online:   the reference repositories' way: a DataLoader over the videos whose __getitem__
+               decodes (``decode_clips`` with the cache's own deterministic TSN sampling, so the
                inputs are the cached ones), ``make_views`` (resize + centre crop) and
-               ``normalize``; the main process runs ``FrozenCLIP`` (inference mode, the head's
-               blocks only as taps) on the B*T frames, builds the batch the head expects
-               (frame_emb (B,T,E), cls (B,T,L,D), patch (B,T,L,P,D), frames (B,T,3,H,W)), then
-               the same head step. One warm-up step (a full epoch would double the cost of the
-               slowest path), then one timed epoch. After timing, the last online batch is
+               ``normalize``; the main process runs ``FrozenCLIP`` (inference mode, taps = the
+               head's blocks) on the B*T frames, builds the batch the head expects (frame_emb
+               (B,T,E), cls (B,T,L,D), patch (B,T,L,P,D), frames (B,T,3,H,W)), then the same
+               head step. One warm-up step, then one timed epoch. The last online batch is then
                compared with the cache's arrays for the same videos (a check of "same data").
-   DataLoader workers = 0 in every mode (one process; on 2 cores workers would only compete
-   with torch's two intra-op threads); torch threads = torch's default (all cores) everywhere.
-3. FLOPs (``torch.utils.flop_counter.FlopCounterMode``, matmul/conv/attention only): the backbone
-   forward the online mode runs, counted on one frame and multiplied by B*T (frames are
-   independent in a ViT), and the head's forward + backward on one real cache batch of B videos.
-   Ceiling = (backbone + head) / head; measured ratio = online epoch / cache epoch;
-   closeness = measured / ceiling.
-4. Peak memory: ``ru_maxrss`` of each subprocess at its end (process lifetime: imports, model or
-   cache load, training) and the peak during the timed loop alone (VmHWM reset through
-   /proc/self/clear_refs after setup).
+   DataLoader workers = 0 in every mode, and ONE torch thread in every timed subprocess
+   (--threads): on a shared 2-core machine two OpenMP threads lose whole seconds to each
+   other's descheduling, which made 2-thread epochs vary 8x from one to the next.
+3. FLOPs (``torch.utils.flop_counter.FlopCounterMode``: matmul / conv / attention): the backbone
+   forward the online mode runs, counted on one frame (with nn.MultiheadAttention's fused
+   inference fast path off, which the counter cannot see) and multiplied by B*T, and the head's
+   forward + backward on one real cache batch of B videos. Ceiling = (backbone + head) / head;
+   measured ratio = online epoch / cache epoch; closeness = measured / ceiling.
+4. Peak memory: VmHWM of each subprocess (process lifetime: imports, model or cache load,
+   training; not ru_maxrss, which a subprocess inherits from its parent's RSS at fork), and the
+   peak during the timed loop alone (VmHWM reset through /proc/self/clear_refs after setup).
 5. Cache read rate, per head, of exactly the arrays that head reads: ``FeatureStore.read`` per
-   video (CacheSplit's streamed path, fp16 -> float32 included) and in one call over all videos
-   (CacheSplit's in-memory path), vs ``open(f, 'rb').read()`` of every file under the same array
-   folders. "cold": the files' pages are dropped first with posix_fadvise(DONTNEED) (this VM's
-   disk may still be cached by the host); "warm": read again right after. Rates are on-disk
-   bytes (all stored layers) per second. Also a layer-sliced Zarr read (only the head's layers).
+   video (CacheSplit's streamed path, fp16 -> float32 included; and without the cast), in one
+   call with an index array (CacheSplit's preload; only where it fits in memory) and with one
+   slice, and only the head's layers, vs ``open(f, 'rb').read()`` of every file under the same
+   array folders. "cold": each file's pages dropped first with posix_fadvise(DONTNEED) (the
+   VM's disk may still be cached by the host); "warm": read again right after. Rates are
+   on-disk bytes per second (all stored layers; "head's layers" counts only those).
 
-The machine may be shared: the load average at start and end is printed; CPU seconds of each
-subprocess are kept in the JSON next to the wall times.
+The machine may be shared: the load average at start and end is printed, and CPU seconds are
+shown next to wall seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import resource
 import math
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -141,6 +148,7 @@ class HeadRun:
     name: str           # registry name
     label: str          # what the table calls it
     overrides: dict     # head cfg overrides on top of the cache's dims
+    alt: dict = field(default_factory=dict)  # a variant whose FLOP ceiling is shown too (not timed)
 
 
 @dataclass
@@ -163,12 +171,12 @@ class Settings:
 def settings(quick: bool) -> Settings:
     if quick:
         return Settings("demo", 4, 4, 16, 96, 8, 4, [
-            HeadRun("evl", "EVL 3 layers + TCA", {"num_layers": 3, "use_tca": True}),
+            HeadRun("evl", "EVL 3 layers + TCA", {"num_layers": 3, "use_tca": True}, {"use_tca": False}),
             HeadRun("side4video", "Side4Video 2x32", {"preset": "custom", "num_blocks": 2, "side_width": 32}),
             HeadRun("text4vis", "Text4Vis T-Trans", {"temporal": "ttrans"}),
         ], cache_min_s=3.0, min_epochs=3, max_epochs=5, streamed=True)
     return Settings("ViT-B-16", 4, 2, 16, 240, 8, 4, [
-        HeadRun("evl", "EVL 4 layers + TCA", {"num_layers": 4, "use_tca": True}),
+        HeadRun("evl", "EVL 4 layers + TCA", {"num_layers": 4, "use_tca": True}, {"use_tca": False}),
         HeadRun("side4video", "Side4Video light 6x192", {"preset": "light"}),
         HeadRun("text4vis", "Text4Vis T-Trans", {"temporal": "ttrans"}),
     ])
@@ -178,10 +186,6 @@ def settings(quick: bool) -> Settings:
 def cpu_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-
-
-def maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KB on Linux
 
 
 def vm_status(key: str) -> int:
@@ -260,27 +264,34 @@ def make_optimizer(head, cfg, steps_per_epoch: int, epochs: int):
 
 
 class Timers(dict):
+    """Accumulated wall seconds per phase; CPU seconds (process_time) under "cpu:<phase>"."""
+
     def add(self, key: str, dt: float) -> None:
         self[key] = self.get(key, 0.0) + dt
+
+    @contextlib.contextmanager
+    def span(self, key: str):
+        t0, c0 = now(), time.process_time()
+        try:
+            yield
+        finally:
+            self.add(key, now() - t0)
+            self.add("cpu:" + key, time.process_time() - c0)
 
 
 def head_step(head, batch, opt, sched, cfg, tm: Timers) -> float:
     """One step of _fit_sgd on CPU (AMP off, GradScaler disabled, no grad clip)."""
     labels = batch["label"]
-    t0 = now()
-    out = head(batch)
-    loss = head.loss(out, labels, cfg.label_smoothing)
-    t1 = now()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    t2 = now()
-    opt.step()
-    sched.step()
-    value = loss.item()
-    t3 = now()
-    tm.add("head fwd", t1 - t0)
-    tm.add("head bwd", t2 - t1)
-    tm.add("optimizer", t3 - t2)
+    with tm.span("head fwd"):
+        out = head(batch)
+        loss = head.loss(out, labels, cfg.label_smoothing)
+    with tm.span("head bwd"):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+    with tm.span("optimizer"):
+        opt.step()
+        sched.step()
+        value = loss.item()
     return value
 
 
@@ -299,16 +310,12 @@ class DecodedVideos(torch.utils.data.Dataset):
         from stages.video import decode_clips, make_views, normalize
 
         path, label = self.items[i]
-        t0 = now()
-        clips, _ = decode_clips(path, self.sampling)
-        t1 = now()
-        views = make_views(clips, self.size, self.sampling.crops)  # (1, T, S, S, 3) uint8
-        t2 = now()
-        x = normalize(torch.from_numpy(views[0]), self.mean, self.std)  # (T, 3, S, S)
-        t3 = now()
-        self.tm.add("decode", t1 - t0)
-        self.tm.add("resize+crop", t2 - t1)
-        self.tm.add("normalize", t3 - t2)
+        with self.tm.span("decode"):
+            clips, _ = decode_clips(path, self.sampling)
+        with self.tm.span("resize+crop"):
+            views = make_views(clips, self.size, self.sampling.crops)  # (1, T, S, S, 3) uint8
+        with self.tm.span("normalize"):
+            x = normalize(torch.from_numpy(views[0]), self.mean, self.std)  # (T, 3, S, S)
         return {"video": x, "label": torch.tensor(label, dtype=torch.int64), "index": torch.tensor(i)}
 
 
@@ -397,7 +404,9 @@ def child(spec: dict) -> dict:
         preload = "-"
     setup_s = now() - t_setup
     rss_setup = vm_status("VmRSS")
-    peak_setup = maxrss_bytes()  # imports + model / cache load so far
+    # VmHWM, not ru_maxrss: a subprocess's ru_maxrss starts at its parent's RSS at fork time
+    # (Linux keeps it across execve), VmHWM belongs to the new address space.
+    peak_setup = vm_status("VmHWM")  # imports + model / cache load so far
     peak_reset = reset_peak_rss()
 
     def epoch(e: int, max_steps: int | None, timers: Timers) -> tuple[float, float, list[float], dict | None]:
@@ -412,14 +421,12 @@ def child(spec: dict) -> dict:
         c0, t0 = cpu_seconds(), now()
         it = iter(loader)
         for _ in range(steps if max_steps is None else max_steps):
-            td = now()
-            raw = next(it)
-            timers.add("data (loader)", now() - td)
+            with timers.span("data (loader)"):
+                raw = next(it)
             if backbone is not None:
-                tb = now()
                 index = raw.pop("index")
-                batch = backbone.batch(raw)
-                timers.add("backbone", now() - tb)
+                with timers.span("backbone"):
+                    batch = backbone.batch(raw)
                 last = {"index": index, "batch": batch}
             else:
                 batch = raw
@@ -454,8 +461,8 @@ def child(spec: dict) -> dict:
            "peak_loop": peak_loop, "in_memory": in_memory,
            "preload": preload, "rss_imports": rss_imports, "trainable": head.num_trainable(),
            "threads": torch.get_num_threads()}
-    # Process-lifetime peak: ru_maxrss before the reset (setup) and after it (the loop).
-    res["peak_process"] = max(peak_setup, maxrss_bytes())
+    # Process-lifetime peak: VmHWM before the reset (setup) and after it (the loop).
+    res["peak_process"] = max(peak_setup, vm_status("VmHWM"))
 
     if mode == "cache":
         res["checkpoint"] = checkpoint_cost(head, opt, sched, Path(spec["scratch"]))
@@ -514,16 +521,15 @@ def compare_with_cache(store, last: dict, head, idx) -> dict:
 
 
 # ----------------------------------------------------------------------------- parent: FLOPs
-def count_flops(store, run: HeadRun, model_name: str, B: int) -> dict:
+def head_flops(store, run: HeadRun, B: int) -> tuple[int, int, int]:
+    """(forward+backward, forward, B) FLOPs of the head on one real cache batch of B videos."""
+    import stages.cache_data as CD
     from torch.utils.flop_counter import FlopCounterMode
 
     from stages.cache_data import CacheSplit, check_cache_for_head, select_videos
 
-    head, cfg = make_head(store, run)
-    keys = head.data_keys()
-    inputs = check_cache_for_head(store, keys, run.name, ["train"])
-    import stages.cache_data as CD
-
+    head, _ = make_head(store, run)
+    inputs = check_cache_for_head(store, head.data_keys(), run.name, ["train"])
     idx = select_videos(store, "train")[:B]
     limit, CD.IN_MEMORY_LIMIT = CD.IN_MEMORY_LIMIT, 0  # per-video reads (see FANCY_BYTES_PER_ELEMENT)
     try:
@@ -535,19 +541,51 @@ def count_flops(store, run: HeadRun, model_name: str, B: int) -> dict:
     with FlopCounterMode(display=False) as fc:
         out = head(batch)
         head.loss(out, batch["label"]).backward()
-    head_flops = fc.get_total_flops()
+    train = fc.get_total_flops()
     with FlopCounterMode(display=False) as fc:
         head(batch)
-    head_fwd = fc.get_total_flops()
+    return train, fc.get_total_flops(), len(idx)
+
+
+def count_flops(store, run: HeadRun, model_name: str, B: int) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    train, fwd, nb = head_flops(store, run, B)
+    head, _ = make_head(store, run)
     bb = OnlineBackbone(store, head, model_name, seed=int(store.meta["config"]["init_seed"]))
     S = bb.info.image_size
-    with FlopCounterMode(display=False) as fc:
-        bb.frozen(torch.zeros(1, 3, S, S))
+    # In eval / inference mode nn.MultiheadAttention takes a fused fast path that FlopCounterMode
+    # has no formula for (its q/k/v/out projections and attention would count as 0 FLOPs):
+    # count through the regular path, which computes the same thing.
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with FlopCounterMode(display=False) as fc:
+            bb.frozen(torch.zeros(1, 3, S, S))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
     T = int(store.meta["dims"]["frames"])
     per_frame = fc.get_total_flops()
-    return {"head_train": head_flops, "head_fwd": head_fwd, "backbone_frame": per_frame,
-            "backbone_batch": per_frame * B * T, "B": len(idx), "T": T,
-            "ceiling": (per_frame * B * T + head_flops) / head_flops}
+    out = {"head_train": train, "head_fwd": fwd, "backbone_frame": per_frame, "backbone_batch": per_frame * nb * T,
+           "B": nb, "T": T, "ceiling": (per_frame * nb * T + train) / train}
+    if run.alt:
+        alt = HeadRun(run.name, run.label, {**run.overrides, **run.alt})
+        a_train, _, _ = head_flops(store, alt, B)
+        out["alt"] = {"overrides": run.alt, "head_train": a_train, "ceiling": (per_frame * nb * T + a_train) / a_train}
+    return out
+
+
+def probe_preload(store, name: str, k: int) -> dict:
+    """Child: FeatureStore.read of k videos of one array with CacheSplit's index array vs a slice."""
+    out = {"array": name, "videos": k}
+    for label, index in (("slice", slice(0, k)), ("index array", np.arange(k))):
+        before = vm_status("VmRSS")
+        reset_peak_rss()
+        t0 = now()
+        x = store.read("train", name, index)
+        out[label] = {"seconds": now() - t0, "peak_extra": vm_status("VmHWM") - before, "result": x.nbytes}
+        del x
+    return out
 
 
 # ----------------------------------------------------------------------------- parent: read rates
@@ -606,6 +644,11 @@ def read_rates(store, run: HeadRun) -> dict:
             for k in wanted:
                 store.read("train", k, int(i))
 
+    def zarr_per_video_fp16() -> None:  # the same without the fp16 -> float32 conversion
+        for i in idx:
+            for k in wanted:
+                store.read("train", k, int(i), dtype=np.float16)
+
     def zarr_bulk() -> None:  # CacheSplit's in-memory preload: FeatureStore.read(split, name, ndarray)
         for k in wanted:
             store.read("train", k, idx)
@@ -636,7 +679,7 @@ def read_rates(store, run: HeadRun) -> dict:
     contiguous = bool(np.all(np.diff(idx) == 1))
     out = {"arrays": wanted, "bytes": nbytes, "useful_bytes": used, "files": len(files), "videos": n,
            "bulk_cost": bulk_cost}
-    methods = [("plain", plain), ("zarr per video", zarr_per_video)]
+    methods = [("plain", plain), ("zarr per video", zarr_per_video), ("zarr per video fp16", zarr_per_video_fp16)]
     if bulk_cost <= fancy_budget():
         methods.append(("zarr bulk", zarr_bulk))
     if contiguous:
@@ -656,14 +699,14 @@ def read_rates(store, run: HeadRun) -> dict:
 
 # ----------------------------------------------------------------------------- parent
 def run_child(spec: dict, scratch: Path) -> dict:
-    spec_path = scratch / f"spec-{spec['head']['name']}-{spec['mode']}.json"
+    spec_path = scratch / f"spec-{spec['head']['name'] if 'head' in spec else 'x'}-{spec['mode']}.json"
     out_path = spec_path.with_suffix(".out.json")
     spec = dict(spec, out=str(out_path))
     spec_path.write_text(json.dumps(spec))
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"child {spec['head']['name']}/{spec['mode']} failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"child {spec_path.name} failed:\n{proc.stderr[-4000:]}")
     return json.loads(out_path.read_text())
 
 
@@ -686,7 +729,12 @@ def main() -> None:
 
     if args.child:
         spec = json.loads(Path(args.child).read_text())
-        res = child(spec)
+        if spec["mode"] == "probe":
+            from cache.store import open_store
+
+            res = probe_preload(open_store(spec["cache"]), spec["array"], spec["videos"])
+        else:
+            res = child(spec)
         Path(spec["out"]).write_text(json.dumps(res))
         return
 
@@ -759,6 +807,12 @@ def main() -> None:
         results[run.name] = r
     for run in S.heads:
         results[run.name]["read"] = read_rates(store, run)
+    # CacheSplit's preload (FeatureStore.read with an index array) on ONE video's patch tokens,
+    # against a slice, in a fresh process (clean peak RSS); only where it fits in memory.
+    probe = None
+    pspec = store.specs("train")["patch"]
+    if fancy_cost(pspec, 1) <= mem_available() // 3:
+        probe = run_child({"mode": "probe", "cache": str(plan.path), "array": "patch", "videos": 1}, scratch)
 
     # ------------------------------------------------------------------ table 1
     t1 = Table(title=f"Epoch time: head trained from the cache vs the same head on frozen {S.model} run online on "
@@ -793,7 +847,7 @@ def main() -> None:
                   "under 2 GB preloaded); streamed = the same with every item read from Zarr per video (est. = cache "
                   "epoch + the warm per-video Zarr read time of table 3, where not run). FLOP ceiling "
                   "= (backbone fwd + head fwd+bwd) / head fwd+bwd, per batch; closeness = measured / ceiling. Peak "
-                  "RSS = ru_maxrss of each mode's own process. Read rates: warm page cache, on-disk bytes of the "
+                  "RSS = VmHWM of each mode's own process over its life (imports, setup, training). Read rates: warm page cache, on-disk bytes of the "
                   "arrays the head reads, FeatureStore.read per video vs open().read() of the same files.",
                   highlight=False)
 
@@ -813,15 +867,16 @@ def main() -> None:
             tp = m["timers_per_epoch"]
             n = m["videos"]
             head_fl = fl["head_train"] / fl["B"] * n
-            hb = tp.get("head fwd", 0) + tp.get("head bwd", 0)
+            hb = tp.get("cpu:head fwd", 0) + tp.get("cpu:head bwd", 0)
             bb = tp.get("backbone", 0)
+            bbc = tp.get("cpu:backbone", 0)
             ep = statistics.median(m["epoch_s"])
             known = sum(tp.get(k, 0) for k in ("data (loader)", "backbone", "head fwd", "head bwd", "optimizer"))
             t2.add_row(run.label, mode, secs(ep), f"{statistics.median(m['epoch_cpu_s']):.1f}",
                        secs(tp.get("data (loader)", 0)), secs(tp.get("decode", 0)) if mode == "online" else "-",
                        secs(bb) if bb else "-", secs(tp.get("head fwd", 0)), secs(tp.get("head bwd", 0)),
                        secs(tp.get("optimizer", 0)), secs(max(0.0, sum(m["epoch_s"]) / len(m["epoch_s"]) - known)),
-                       f"{fl['backbone_frame'] * n * fl['T'] / bb / 1e9:.1f}" if bb else "-",
+                       f"{fl['backbone_frame'] * n * fl['T'] / bbc / 1e9:.1f}" if bbc else "-",
                        f"{head_fl / hb / 1e9:.1f}", human(m["rss_imports"]), human(m["rss_setup"]),
                        human(m["peak_loop"]) if m["peak_loop"] else "-", secs(m["setup_s"]))
     console.print(t2)
@@ -831,7 +886,8 @@ def main() -> None:
 
     # ------------------------------------------------------------------ table 3
     t3 = Table(title="Cache read rate, MB/s of on-disk bytes (the arrays each head reads, all videos; cold / warm)")
-    for c in ("head", "arrays", "on disk", "head's layers", "plain read", "Zarr per video", "Zarr bulk (preload)",
+    for c in ("head", "arrays", "on disk", "head's layers", "plain read", "Zarr per video", "same, no fp32 cast",
+              "Zarr bulk (preload)",
               "Zarr one slice", "Zarr, head's layers", "ms/video (Zarr, warm)"):
         t3.add_column(c, justify="left" if c in ("head", "arrays") else "right")
     for run in S.heads:
@@ -845,7 +901,7 @@ def main() -> None:
             return f"{mbps(x / rd[k]['cold'])} / {mbps(x / rd[k]['warm'])}"
 
         t3.add_row(run.label, ",".join(rd["arrays"]), human(b), human(rd["useful_bytes"]), rate("plain"),
-                   rate("zarr per video"), rate("zarr bulk"), rate("zarr slice"),
+                   rate("zarr per video"), rate("zarr per video fp16"), rate("zarr bulk"), rate("zarr slice"),
                    rate("zarr layer-sliced", useful=True) + " *",
                    f"{1000 * rd['zarr per video']['warm'] / rd['videos']:.1f}")
     console.print(t3)
@@ -860,6 +916,13 @@ def main() -> None:
         line = (f"{run.label}: FLOPs per batch of {fl['B']}: backbone {fl['backbone_batch'] / 1e9:.1f} G "
                 f"({fl['backbone_frame'] / 1e9:.2f} G/frame), head fwd+bwd {fl['head_train'] / 1e9:.2f} G "
                 f"(fwd {fl['head_fwd'] / 1e9:.2f} G)")
+        if "alt" in fl:
+            line += (f"; ceiling with {fl['alt']['overrides']}: {ratio(fl['alt']['ceiling'])} "
+                     f"(head fwd+bwd {fl['alt']['head_train'] / 1e9:.2f} G)")
+        tc, to = r["cache"]["timers_per_epoch"], r["online"]["timers_per_epoch"]
+        c_ep, o_ep = statistics.median(r["cache"]["epoch_s"]), statistics.median(r["online"]["epoch_s"])
+        line += (f"; ratio without the AdamW+scheduler time: "
+                 f"{ratio((o_ep - to.get('optimizer', 0)) / (c_ep - tc.get('optimizer', 0)))}")
         if "checkpoint" in r["cache"]:
             ck = r["cache"]["checkpoint"]
             line += f"; train_head's per-epoch checkpoint: {human(ck['bytes'])} in {secs(ck['seconds'])}"
@@ -870,6 +933,12 @@ def main() -> None:
             line += (f"; CacheSplit preloads {','.join(r['cache']['in_memory'])} "
                      f"({r['cache']['preload']}, setup {secs(r['cache']['setup_s'])})")
         console.print(line, highlight=False)
+    if probe is not None:
+        sl, ia = probe["slice"], probe["index array"]
+        console.print(f"CacheSplit preload path on 1 video of patch ({human(sl['result'])} as float32): "
+                      f"FeatureStore.read(split, 'patch', np.arange(1)) {secs(ia['seconds'])}, peak +{human(ia['peak_extra'])}; "
+                      f"the same rows as slice(0, 1): {secs(sl['seconds'])}, peak +{human(sl['peak_extra'])}.",
+                      highlight=False)
     dropped = all(results[r.name]["read"]["plain"].get("dropped", False) for r in S.heads)
     console.print(f"cold reads: page cache of the cache files dropped with posix_fadvise(DONTNEED) "
                   f"{'(ok)' if dropped else '(FAILED: cold = warm)'}; timed cache epochs: median of "
@@ -878,7 +947,8 @@ def main() -> None:
                   f"total {now() - t_all:.0f}s.", highlight=False)
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": {"model": S.model, "videos": n_videos, "batch": S.batch,
-                                                            "frames": S.frames}, "results": results}, indent=1))
+                                                            "frames": S.frames, "threads": S.threads},
+                                               "results": results, "probe": probe}, indent=1))
     shutil.rmtree(scratch, ignore_errors=True)
 
 

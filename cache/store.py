@@ -219,16 +219,45 @@ class FeatureStore:
         self.root.create_array(f"aux/{name}", data=np.asarray(array, dtype=np.float32), overwrite=True)
 
     # ----------------------------------------------------------------- reading
-    def read(self, split: str, name: str, index: Any = slice(None), dtype=np.float32) -> np.ndarray:
-        """Read rows (any numpy index over N, plus trailing indices) of one array."""
+    def read(self, split: str, name: str, index: Any = slice(None), dtype=np.float32,
+             layers: list[int] | None = None) -> np.ndarray:
+        """Read videos ``index`` (an int, a slice or an array of row numbers) of one array.
+
+        ``layers`` picks positions on the layer axis of cls/patch (only those chunks are read).
+        Arrays of row numbers are read as runs of consecutive rows: zarr 3.1's fancy indexing
+        took 20-60x longer and ~150 bytes of scratch memory per element (bench_train.py).
+        """
         spec = self.specs(split).get(name)
         if spec is None:
             raise CacheMismatchError(f"cache {self.path} has no '{name}' for split '{split}'")
+        if not isinstance(index, (int, np.integer, slice)):
+            rows = np.asarray(index, dtype=np.int64).ravel()
+            if rows.size == 0:
+                return self.read(split, name, slice(0, 0), dtype, layers)
+            order = np.argsort(rows, kind="stable")
+            srt = rows[order]
+            cuts = np.flatnonzero(np.diff(srt) != 1) + 1
+            parts = [self.read(split, name, slice(int(r[0]), int(r[-1]) + 1), dtype, layers)
+                     for r in np.split(srt, cuts)]
+            out = np.concatenate(parts)
+            return out[np.argsort(order, kind="stable")]
+        sel: tuple = (index,)
+        if layers is not None:
+            # per-video shape (V, T, L, ...): the layer axis is 3 counting N
+            lay = list(layers)
+            contiguous = lay == list(range(lay[0], lay[0] + len(lay))) if lay else True
+            sel = (index, slice(None), slice(None), slice(lay[0], lay[-1] + 1) if contiguous and lay else lay)
         if spec.dtype == "int8":
-            parts = {s: self.root[f"{split}/{name}/{s}"][index] for s in QUANT_SUFFIXES}
+            parts = {s: self._get(f"{split}/{name}/{s}", sel) for s in QUANT_SUFFIXES}
             return dequantize_int8(parts, dtype=dtype)
-        data = self.root[f"{split}/{name}"][index]
+        data = self._get(f"{split}/{name}", sel)
         return data if spec.dtype == "uint8" else data.astype(dtype, copy=False)
+
+    def _get(self, key: str, sel: tuple) -> np.ndarray:
+        arr = self.root[key]
+        if any(isinstance(x, list) for x in sel):
+            return arr.oindex[sel]
+        return arr[sel]
 
     def text_names(self) -> list[str]:
         if "text" not in self.root:

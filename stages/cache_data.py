@@ -129,7 +129,12 @@ class CacheSplit(Dataset):
             wanted.append("frames")
         self.wanted = wanted
         for name in wanted:
-            if specs[name].nbytes() * len(self.indices) <= IN_MEMORY_LIMIT:
+            spec = specs[name]
+            per_video = 4 * int(np.prod(spec.shape))  # held as float32
+            picked = {"cls": inputs.cls_pos, "patch": inputs.patch_pos}.get(name)
+            if picked is not None:
+                per_video = per_video * len(picked) // spec.shape[2]  # only the head's layers
+            if per_video * len(self.indices) <= IN_MEMORY_LIMIT:
                 self.memory[name] = self._read(name, self.indices)
         pre = store.meta.get("preprocess", {})
         self.mean = torch.tensor(pre.get("mean", (0.48145466, 0.4578275, 0.40821073))).view(3, 1, 1)
@@ -138,12 +143,8 @@ class CacheSplit(Dataset):
         self.epoch_seed = 0
 
     def _read(self, name: str, rows) -> np.ndarray:
-        data = self.store.read(self.inputs.split, name, rows, dtype=np.float32)
-        if name == "cls":
-            data = data[..., self.inputs.cls_pos, :]  # (n, V, T, L, D)
-        elif name == "patch":
-            data = data[..., self.inputs.patch_pos, :, :]  # (n, V, T, L, P, D)
-        return data
+        layers = {"cls": self.inputs.cls_pos, "patch": self.inputs.patch_pos}.get(name)
+        return self.store.read(self.inputs.split, name, rows, dtype=np.float32, layers=layers)
 
     def set_epoch(self, epoch: int, seed: int) -> None:
         self.epoch_seed = seed * 100003 + epoch

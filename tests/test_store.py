@@ -105,3 +105,19 @@ def test_output_under_a_file_is_refused(tmp_path):
     blocker.write_text("x")
     with pytest.raises(CacheError):
         create_store(blocker / "c", {"key": "k"}, {"train": {"items": [("a", 0)], "arrays": []}}, 1)
+
+
+def test_read_rows_in_any_order_and_layer_subsets(tmp_path):
+    st = _make(tmp_path, n=7, shard=3)
+    full = {}
+    for shard in range(st.num_shards("train")):
+        a, b = st.shard_range("train", shard)
+        data = _shard_data(st, shard)
+        st.write_shard("train", shard, data, np.full(b - a, DONE, np.int8), [])
+        full.setdefault("cls", []).append(data["cls"].astype(np.float16))
+    cls = np.concatenate(full["cls"]).astype(np.float32)
+    rows = np.array([5, 1, 2, 3, 6, 0])
+    np.testing.assert_array_equal(st.read("train", "cls", rows), cls[rows])
+    np.testing.assert_array_equal(st.read("train", "cls", rows, layers=[1]), cls[rows][:, :, :, [1]])
+    np.testing.assert_array_equal(st.read("train", "cls", 4, layers=[1, 0]), cls[4][:, :, [1, 0]])
+    assert st.read("train", "cls", np.array([], dtype=int)).shape == (0, 1, 3, 2, 16)
