@@ -281,8 +281,20 @@ class ExtractResult:
 
 def _device(name: str) -> str:
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per local rank
+        name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     return name
+
+
+def torchrun_shard() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) when launched by torchrun (or any launcher that sets both), else (0, 1)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if world >= 1 and 0 <= rank < world:
+            return rank, world
+        raise ConfigError(f"RANK={rank} / WORLD_SIZE={world} from the environment: need 0 <= RANK < WORLD_SIZE")
+    return 0, 1
 
 
 def _auto_workers() -> int:
@@ -310,10 +322,16 @@ def _init_store(plan: ExtractPlan, model, frozen: FrozenCLIP, device: str):
     return init
 
 
-def run_extraction(plan: ExtractPlan, shard: tuple[int, int] = (0, 1), progress: bool = True,
+def run_extraction(plan: ExtractPlan, shard: tuple[int, int] | None = None, progress: bool = True,
                    log=print) -> ExtractResult:
-    """Run (or resume, or reuse) the extraction described by ``plan``."""
+    """Run (or resume, or reuse) the extraction described by ``plan``.
+
+    ``shard=(i, n)``: this process takes the i-th of n shard ranges; None: torchrun's
+    (RANK, WORLD_SIZE) when set, else everything.
+    """
     cfg = plan.cfg
+    if shard is None:
+        shard = torchrun_shard()
     t_start = time.perf_counter()
     if plan.path.exists():
         store = open_store(plan.path)
@@ -325,6 +343,8 @@ def run_extraction(plan: ExtractPlan, shard: tuple[int, int] = (0, 1), progress:
             _mark_latest(plan)
             return ExtractResult(plan.path, reused=True, summary=store.summary())
     device = _device(cfg.device)
+    if device.startswith("cuda:"):
+        torch.cuda.set_device(device)
     model = load_clip(cfg.model, cfg.pretrained or None, device="cpu", seed=cfg.init_seed)
     frozen = FrozenCLIP(model, plan.layers, cfg.patch, plan.info, device=device)
     plan.meta["preprocess"] = {"mean": list(frozen.mean), "std": list(frozen.std), "image_size": plan.info.image_size}

@@ -1,0 +1,555 @@
+"""WebDataset export of a feature cache, and the numpy side of reading it back (no torch).
+
+An export of cache NAME into folder DIR::
+
+    DIR/NAME-header.json            written last (the export's commit mark): cache metadata
+                                    (dims, layers, views, dtype, config, key), per split its shard
+                                    files with their sample counts, byte sizes and index ranges,
+                                    counts and failures
+    DIR/NAME-extra.tar              small arrays as .npy: text/<set>.npy (class text embeddings),
+                                    aux/<name>.npy (frozen backbone tensors), split/<s>/label.npy
+                                    and split/<s>/status.npy (every video of the source list)
+    DIR/NAME-<split>-000000.tar     one series of shards per split, ~--shard-bytes each
+
+One sample per done video (failed and pending ones are absent), in list order, key
+``<split>_<index>`` (no dots: webdataset splits a member name at the first dot). Members::
+
+    <key>.json                      {"split", "index", "label", "path"}
+    <key>.frame_emb.npy             (V, T, E) fp16, exactly as stored
+    <key>.cls.npy                   (V, T, L, D) fp16, or for an int8 cache the quantised parts
+    <key>.cls.q.npy, .cls.scale.npy, .cls.oidx.npy, .cls.oval.npy   (cache/quant.py)
+    <key>.patch.npy                 (V, T, L, P, D), same rule as cls
+    <key>.frames.npy                (V, T, H, W, 3) uint8
+
+Every .npy is written with ``allow_pickle=False`` and read back with ``allow_pickle=False``;
+nothing is ever unpickled. Each tar is written to a temporary name and renamed into place, so a
+killed export leaves whole shards or none, and the header appears only when every shard is there.
+Shard s holds the done videos with index in [first, last] of its header entry, which is what lets
+a reader given a subset of the shards know exactly which videos it will see.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import subprocess
+import tarfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from cache.errors import CacheError, CacheMismatchError, ConfigError
+from cache.quant import QUANT_SUFFIXES, dequantize_int8
+from cache.store import DONE, FAILED, PENDING, FeatureStore, atomic_write_text
+
+__all__ = [
+    "WDS_FORMAT",
+    "export_wds",
+    "parse_bytes",
+    "WdsCache",
+    "open_url",
+    "expand_shards",
+    "member_names",
+    "iter_tar_samples",
+    "load_npy",
+    "sample_info",
+    "sample_array",
+    "header_for",
+]
+
+WDS_FORMAT = "clipcache-wds"
+WDS_VERSION = 1
+_BLOCK = 512
+_RECORD = 20 * _BLOCK  # tarfile pads a closed archive to a multiple of this
+_MTIME = 1_700_000_000  # fixed member mtime: the same cache exports to the same bytes
+
+
+# ----------------------------------------------------------------------------- small helpers
+def parse_bytes(text: str | int) -> int:
+    """'1GB' -> 10**9, '512MiB' -> 512 * 2**20, '4096' -> 4096."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)(b?)\s*", str(text).lower())
+    if not m or (m.group(3) and not m.group(2)):
+        raise ConfigError(f"bad size '{text}': use e.g. 1GB, 500MB, 64MiB or a number of bytes")
+    base = 1024 if m.group(3) else 1000
+    value = float(m.group(1)) * base ** " kmgt".index(m.group(2) or " ")
+    if value < 1:
+        raise ConfigError(f"size '{text}' must be at least one byte")
+    return int(value)
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """Decode one .npy member; object arrays (which would need unpickling) are refused."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def member_names(spec_name: str, dtype: str) -> list[str]:
+    """Member extensions (after '<key>.') that hold one array of the cache."""
+    if dtype == "int8":
+        return [f"{spec_name}.{s}.npy" for s in QUANT_SUFFIXES]
+    return [f"{spec_name}.npy"]
+
+
+def _tar_member_size(n: int) -> int:
+    return _BLOCK + math.ceil(n / _BLOCK) * _BLOCK  # ustar header + data padded to blocks
+
+
+def _closed_size(offset: int) -> int:
+    return math.ceil((offset + 2 * _BLOCK) / _RECORD) * _RECORD  # end-of-archive blocks + record padding
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), _MTIME, 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+class _ShardSeries:
+    """Writes NAME-<split>-%06d.tar files of at most ``limit`` bytes, each atomically."""
+
+    def __init__(self, out: Path, prefix: str, limit: int):
+        self.out, self.prefix, self.limit = out, prefix, limit
+        self.shards: list[dict] = []
+        self.tar: tarfile.TarFile | None = None
+        self.tmp: Path | None = None
+        self.offset = 0
+        self.entry: dict = {}
+        self.oversized = 0
+
+    def add(self, index: int, members: list[tuple[str, bytes]]) -> None:
+        need = sum(_tar_member_size(len(d)) for _, d in members)
+        if self.tar is not None and self.entry["samples"] and _closed_size(self.offset + need) > self.limit:
+            self.close()
+        if self.tar is None:
+            self._open()
+        for name, data in members:
+            _add(self.tar, name, data)
+        self.offset += need
+        if self.entry["samples"] == 0 and _closed_size(self.offset) > self.limit:
+            self.oversized += 1  # one video larger than the limit: it gets a shard of its own
+        self.entry["samples"] += 1
+        self.entry["first"] = index if self.entry["first"] is None else self.entry["first"]
+        self.entry["last"] = index
+
+    def _open(self) -> None:
+        name = f"{self.prefix}-{len(self.shards):06d}.tar"
+        self.tmp = self.out / f".{name}.tmp-{os.getpid()}"
+        self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
+        self.offset = 0
+        self.entry = {"file": name, "samples": 0, "first": None, "last": None}
+
+    def close(self) -> None:
+        if self.tar is None:
+            return
+        self.tar.close()
+        with open(self.tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        final = self.out / self.entry["file"]
+        os.replace(self.tmp, final)
+        self.entry["bytes"] = final.stat().st_size
+        self.shards.append(self.entry)
+        self.tar, self.tmp = None, None
+
+    def abort(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+            self.tmp.unlink(missing_ok=True)
+            self.tar = None
+
+
+# ----------------------------------------------------------------------------- export
+def export_wds(store: FeatureStore, out: str | Path, name: str | None = None, shard_bytes: int | str = "1GB",
+               splits: list[str] | None = None, partial: bool = False, log: Callable[[str], Any] | None = None) -> dict:
+    """Write the cache's done videos as WebDataset shards; returns the header (plus timing)."""
+    t0 = time.perf_counter()
+    limit = parse_bytes(shard_bytes)
+    name = name or store.path.name
+    if not name or "/" in name or name.startswith("."):
+        raise ConfigError(f"--name must be a plain file-name prefix, got '{name}'")
+    splits = list(splits or store.splits)
+    for split in splits:
+        if split not in store.splits:
+            raise CacheMismatchError(f"cache {store.path} has no split '{split}' (has {', '.join(store.splits)})")
+        if not re.fullmatch(r"[A-Za-z0-9_]+", split):
+            raise ConfigError(f"split name '{split}' cannot be part of a sample key (letters, digits, _ only)")
+        pending = store.counts(split)["pending"]
+        if pending and not partial:
+            raise CacheError(f"cache {store.path} is not complete ({pending} pending video(s) in '{split}'): "
+                             "finish the extraction (`pipeline cache finalize` names what is missing), "
+                             "or pass --partial to export only the done videos")
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CacheError(f"cannot create export folder {out}: {exc.strerror}") from None
+    header_path = out / f"{name}-header.json"
+    if header_path.exists():
+        old = json.loads(header_path.read_text())
+        if old.get("key") != store.key:
+            raise CacheMismatchError(f"{out} already holds an export named '{name}' of another cache "
+                                     f"(key {old.get('key')}); choose another --name or --out")
+    for stale in out.glob(f".{name}-*.tmp-*"):
+        stale.unlink(missing_ok=True)
+
+    header: dict[str, Any] = {
+        "format": WDS_FORMAT, "version": WDS_VERSION, "name": name, "key": store.key, "source": str(store.path),
+        "shard_bytes": limit, "extra": f"{name}-extra.tar", "meta": store.meta, "splits": {},
+    }
+    extra: list[tuple[str, bytes]] = []
+    for tname in store.text_names():
+        extra.append((f"text/{tname}.npy", _npy_bytes(store.text(tname))))
+    for aname in store.aux_names():
+        extra.append((f"aux/{aname}.npy", _npy_bytes(store.aux(aname))))
+    for split in splits:
+        info = _export_split(store, split, out, name, limit, log)
+        extra.append((f"split/{split}/label.npy", _npy_bytes(store.labels(split).astype(np.int64))))
+        extra.append((f"split/{split}/status.npy", _npy_bytes(store.status(split))))
+        header["splits"][split] = info
+    tmp = out / f".{name}-extra.tar.tmp-{os.getpid()}"
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for member, data in extra:
+            _add(tar, member, data)
+    os.replace(tmp, out / header["extra"])
+    atomic_write_text(header_path, json.dumps(header, indent=1))
+    os.chmod(header_path, 0o644)  # readable like the shards (the temporary file was private)
+    # shards of an earlier, larger export under the same name would be picked up by a glob: drop them
+    keep = {s["file"] for info in header["splits"].values() for s in info["shards"]}
+    series = re.compile(rf"{re.escape(name)}-({'|'.join(map(re.escape, splits))})-\d{{6}}\.tar")
+    for f in out.iterdir():
+        if series.fullmatch(f.name) and f.name not in keep:
+            f.unlink()
+    header["seconds"] = time.perf_counter() - t0
+    header["bytes"] = sum(s["bytes"] for info in header["splits"].values() for s in info["shards"]) \
+        + (out / header["extra"]).stat().st_size + header_path.stat().st_size
+    return header
+
+
+def _export_split(store: FeatureStore, split: str, out: Path, name: str, limit: int, log) -> dict:
+    specs = store.specs(split)
+    labels = store.labels(split)
+    items = store.items(split)
+    status = store.status(split)
+    width = max(8, len(str(store.num_videos(split))))
+    series = _ShardSeries(out, f"{name}-{split}", limit)
+    try:
+        for shard in range(store.num_shards(split)):
+            start, stop = store.shard_range(split, shard)
+            rows = np.flatnonzero(status[start:stop] == DONE)
+            if rows.size == 0:
+                continue
+            # one whole Zarr shard at a time, as stored (fp16 / uint8 / int8 parts): no re-rounding
+            raw: dict[str, Any] = {}
+            for aname, spec in specs.items():
+                if spec.dtype == "int8":
+                    raw[aname] = {s: store.root[f"{split}/{aname}/{s}"][start:stop] for s in QUANT_SUFFIXES}
+                else:
+                    raw[aname] = store.root[f"{split}/{aname}"][start:stop]
+            for r in rows:
+                index = start + int(r)
+                key = f"{split}_{index:0{width}d}"
+                meta = {"split": split, "index": index, "label": int(labels[index]), "path": items[index][0]}
+                members = [(f"{key}.json", json.dumps(meta).encode())]
+                for aname, spec in specs.items():
+                    if spec.dtype == "int8":
+                        members += [(f"{key}.{aname}.{s}.npy", _npy_bytes(raw[aname][s][r])) for s in QUANT_SUFFIXES]
+                    else:
+                        members.append((f"{key}.{aname}.npy", _npy_bytes(raw[aname][r])))
+                series.add(index, members)
+        series.close()
+    except BaseException:
+        series.abort()
+        raise
+    if series.oversized and log:
+        log(f"note: {series.oversized} video(s) of '{split}' are larger than the shard limit alone; "
+            "each got a shard of its own")
+    c = store.counts(split)
+    return {"num_videos": store.num_videos(split), "samples": sum(s["samples"] for s in series.shards),
+            "counts": c, "failures": store.failures(split), "key_width": width, "shards": series.shards,
+            "members": ["json"] + [m for aname, spec in specs.items() for m in member_names(aname, spec.dtype)]}
+
+
+# ----------------------------------------------------------------------------- reading (numpy side)
+def open_url(url: str):
+    """A readable binary stream for a local path, file:, http(s): or pipe: URL (webdataset's forms)."""
+    if url.startswith("pipe:"):
+        return _PipeReader(url[5:])
+    if url.startswith(("http://", "https://")):
+        return urllib.request.urlopen(url)
+    if url.startswith("file:"):
+        url = url[5:]
+        if url.startswith("//"):
+            url = url[2:]
+    try:
+        return open(url, "rb")
+    except OSError as exc:
+        raise CacheError(f"cannot open {url}: {exc.strerror}") from None
+
+
+class _PipeReader(io.RawIOBase):
+    """stdout of a shell command (``pipe:curl -s URL``); closing waits for it and checks its status."""
+
+    def __init__(self, cmd: str):
+        self.cmd = cmd
+        self.proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        return self.proc.stdout.readinto(b)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.proc.stdout.close()
+            code = self.proc.wait()
+            super().close()
+            if code not in (0, 141, -13):  # SIGPIPE (via the shell: 141) when the reader stopped early
+                raise CacheError(f"command '{self.cmd}' exited with status {code}")
+
+
+def expand_shards(spec: str | Iterable[str]) -> list[str]:
+    """Brace patterns ('a-{000000..000003}.tar'), '::'-joined lists, or a list -> shard URLs."""
+    import braceexpand
+
+    parts = spec.split("::") if isinstance(spec, str) else list(spec)
+    return [u for p in parts if p for u in braceexpand.braceexpand(p)]
+
+
+def _basename(url: str) -> str:
+    found = re.findall(r"[^/\s'\"]+\.(?:tar|json)\b", url)
+    return found[-1] if found else url.rsplit("/", 1)[-1]
+
+
+def header_for(shard_url: str) -> str:
+    """Where the header of a shard is by the naming rule: NAME-<split>-000000.tar -> NAME-header.json."""
+    base = _basename(shard_url)
+    m = re.fullmatch(r"(.+)-[A-Za-z0-9_]+-\d{6}\.tar", base)
+    if not m:
+        raise ConfigError(f"cannot tell the export header from shard name '{base}' "
+                          "(expected NAME-<split>-000000.tar): pass the header explicitly")
+    return _sibling(shard_url, f"{m.group(1)}-header.json")
+
+
+def _sibling(url: str, name: str) -> str:
+    """``url`` with its file name replaced by ``name`` (works for paths, URLs and pipe: commands)."""
+    base = _basename(url)
+    i = url.rfind(base)
+    return url[:i] + name + url[i + len(base):] if i >= 0 else name
+
+
+class _Location(str):
+    """A header location that also answers ``.name`` like a Path (URLs must not go through Path)."""
+
+    @property
+    def name(self) -> str:
+        return _basename(self)
+
+
+def iter_tar_samples(stream, select: Callable[[str], bool] | None = None) -> Iterator[dict[str, Any]]:
+    """Group a tar stream's members into samples {'__key__', '<ext>': bytes} (webdataset's rule)."""
+    current: dict[str, Any] | None = None
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            if not info.isreg():
+                continue
+            base = info.name.rsplit("/", 1)[-1]
+            if "." not in base:
+                continue
+            key, ext = info.name[:len(info.name) - len(base)] + base.split(".", 1)[0], base.split(".", 1)[1]
+            if current is not None and current["__key__"] != key:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key}
+            if select is None or select(ext):
+                current[ext] = tar.extractfile(info).read()
+    if current is not None:
+        yield current
+
+
+def sample_info(sample: dict[str, Any]) -> dict:
+    return json.loads(sample["json"])
+
+
+def sample_array(sample: dict[str, Any], name: str, dtype_stored: str, dtype=np.float32) -> np.ndarray:
+    """One cache array of a sample, as FeatureStore.read would return it (int8 dequantised)."""
+    if dtype_stored == "int8":
+        return dequantize_int8({s: load_npy(sample[f"{name}.{s}.npy"]) for s in QUANT_SUFFIXES}, dtype=dtype)
+    arr = load_npy(sample[f"{name}.npy"])
+    return arr if dtype_stored == "uint8" else arr.astype(dtype, copy=False)
+
+
+class WdsCache:
+    """An export opened for reading, with FeatureStore's read-side API.
+
+    Metadata, labels, status, text and aux arrays come from the header and the extra tar (small,
+    read at once); per-video arrays stream from the shards. ``shards={split: [urls]}`` narrows a
+    split to some of its shards: ``status`` then says DONE only for the videos those shards hold,
+    so selections (shots, fractions) and counts are exact for what will actually be read.
+    """
+
+    def __init__(self, header: str, opener: Callable[[str], Any] = open_url,
+                 shards: dict[str, list[str]] | None = None):
+        self.path = _Location(header)
+        self.opener = opener
+        try:
+            with opener(header) as fh:
+                self.header = json.loads(fh.read())
+        except CacheError:
+            raise
+        except (OSError, ValueError) as exc:
+            raise CacheError(f"cannot read WebDataset header {header}: {exc}") from None
+        if self.header.get("format") != WDS_FORMAT:
+            raise CacheError(f"{header} is not a clipcache WebDataset header")
+        self.meta: dict[str, Any] = self.header["meta"]
+        self._arrays: dict[str, np.ndarray] = {}
+        with opener(_sibling(header, self.header["extra"])) as fh:
+            for sample_name, data in _iter_members(fh):
+                self._arrays[sample_name] = load_npy(data)
+        self._shards: dict[str, list[str]] = {}
+        for split, info in self.header["splits"].items():
+            self._shards[split] = [_sibling(header, s["file"]) for s in info["shards"]]
+        self._status: dict[str, np.ndarray] = {}
+        for split, urls in (shards or {}).items():
+            self.use_shards(split, urls)
+
+    # ----------------------------------------------------------------- structure (FeatureStore API)
+    @property
+    def key(self) -> str:
+        return self.header["key"]
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.header["splits"])
+
+    def specs(self, split: str):
+        from cache.store import ArraySpec
+
+        return {d["name"]: ArraySpec.from_json(d) for d in self.meta["splits"][split]["arrays"]}
+
+    def num_videos(self, split: str) -> int:
+        return int(self.header["splits"][split]["num_videos"])
+
+    def has(self, split: str, name: str) -> bool:
+        return name in self.specs(split)
+
+    def labels(self, split: str) -> np.ndarray:
+        self._check_split(split)
+        return np.asarray(self._arrays[f"split/{split}/label.npy"], dtype=np.int64)
+
+    def status(self, split: str) -> np.ndarray:
+        self._check_split(split)
+        if split in self._status:
+            return self._status[split].copy()
+        st = np.asarray(self._arrays[f"split/{split}/status.npy"], dtype=np.int8).copy()
+        return st
+
+    def counts(self, split: str) -> dict[str, int]:
+        st = self.status(split)
+        return {"done": int((st == DONE).sum()), "failed": int((st == FAILED).sum()),
+                "pending": int((st == PENDING).sum())}
+
+    def failures(self, split: str) -> list[dict]:
+        return list(self.header["splits"][split].get("failures", []))
+
+    def text_names(self) -> list[str]:
+        return sorted(k[5:-4] for k in self._arrays if k.startswith("text/"))
+
+    def text(self, name: str) -> np.ndarray:
+        if name not in self.text_names():
+            raise CacheMismatchError(f"export {self.path} has no text embeddings '{name}' "
+                                     f"(has: {', '.join(self.text_names()) or 'none'})")
+        return np.asarray(self._arrays[f"text/{name}.npy"], dtype=np.float32)
+
+    def aux_names(self) -> list[str]:
+        return sorted(k[4:-4] for k in self._arrays if k.startswith("aux/"))
+
+    def aux(self, name: str) -> np.ndarray:
+        return np.asarray(self._arrays[f"aux/{name}.npy"], dtype=np.float32)
+
+    def _check_split(self, split: str) -> None:
+        if split not in self.header["splits"]:
+            raise CacheMismatchError(f"export {self.path} has no split '{split}' (has {', '.join(self.splits)})")
+
+    # ----------------------------------------------------------------- shards
+    def shard_urls(self, split: str) -> list[str]:
+        self._check_split(split)
+        return list(self._shards[split])
+
+    def shard_entries(self, split: str) -> dict[str, dict]:
+        """Header entry of each shard in use, by URL."""
+        by_name = {s["file"]: s for s in self.header["splits"][split]["shards"]}
+        return {u: by_name[_basename(u)] for u in self._shards[split]}
+
+    def use_shards(self, split: str, urls: list[str]) -> None:
+        """Read ``split`` from these shard URLs (a subset, or copies elsewhere) instead of the header's."""
+        self._check_split(split)
+        urls = list(dict.fromkeys(urls))  # a shard named twice is still read once
+        by_name = {s["file"]: s for s in self.header["splits"][split]["shards"]}
+        unknown = [u for u in urls if _basename(u) not in by_name]
+        if unknown:
+            named = f" (named {min(by_name)}, ...)" if by_name else ""
+            raise CacheMismatchError(f"shard(s) {', '.join(unknown[:3])} are not among the {len(by_name)} "
+                                     f"'{split}' shards of export {self.path}{named}")
+        if not urls:
+            raise CacheMismatchError(f"no shards given for split '{split}'")
+        self._shards[split] = list(urls)
+        full = np.asarray(self._arrays[f"split/{split}/status.npy"], dtype=np.int8)
+        st = np.where(full == DONE, FAILED, full).astype(np.int8)  # done elsewhere = not readable here
+        for u in urls:
+            e = by_name[_basename(u)]
+            sl = slice(e["first"], e["last"] + 1)
+            st[sl] = np.where(full[sl] == DONE, DONE, st[sl])
+        self._status[split] = st
+
+    def iter_samples(self, split: str, urls: list[str] | None = None,
+                     select: Callable[[str], bool] | None = None) -> Iterator[dict[str, Any]]:
+        for url in (self.shard_urls(split) if urls is None else urls):
+            with self.opener(url) as fh:
+                yield from iter_tar_samples(fh, select)
+
+    def read(self, split: str, name: str, index: Any = slice(None), dtype=np.float32) -> np.ndarray:
+        """Rows of one array by video index, like FeatureStore.read (one pass over the split's shards)."""
+        spec = self.specs(split).get(name)
+        if spec is None:
+            raise CacheMismatchError(f"export {self.path} has no '{name}' for split '{split}'")
+        wanted = np.arange(self.num_videos(split))[index]
+        scalar = np.ndim(wanted) == 0
+        wanted = np.atleast_1d(wanted)
+        pos = {int(v): i for i, v in enumerate(wanted)}
+        out = np.full((len(wanted), *spec.shape), np.nan if spec.dtype != "uint8" else 0,
+                      dtype=np.uint8 if spec.dtype == "uint8" else dtype)
+        names = set(member_names(name, spec.dtype)) | {"json"}
+        found = 0
+        for sample in self.iter_samples(split, select=names.__contains__):
+            i = sample_info(sample)["index"]
+            if i in pos:
+                out[pos[i]] = sample_array(sample, name, spec.dtype, dtype)
+                found += 1
+        if found < len(pos):
+            raise CacheMismatchError(f"export {self.path}: {len(pos) - found} requested '{split}' video(s) "
+                                     "are not in its shards (failed, or in shards not given)")
+        return out[0] if scalar else out
+
+
+def _iter_members(stream) -> Iterator[tuple[str, bytes]]:
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            if info.isreg():
+                yield info.name, tar.extractfile(info).read()
+

@@ -1,0 +1,242 @@
+"""Stage two from WebDataset shards: a streaming dataset that yields what CacheSplit yields.
+
+``open_wds_source`` opens an export (cache/wds.py) from its header, a shard pattern, or both;
+the result stands in for a FeatureStore in ``train_head`` (metadata, labels, text and aux arrays
+come from the header and its extra tar) and builds a ``WdsSplit`` per split. A WdsSplit streams
+its shards (local paths, http(s), ``pipe:`` commands: anything webdataset's gopen opens),
+keeps only the selected videos, shuffles through a buffer, and turns each sample into the item
+dict of CacheSplit: the same keys, shapes and dtypes, one view per sample in training (the same
+view CacheSplit would draw for that video and epoch), every view with a leading V axis in
+evaluation. Nothing is unpickled: members are .npy decoded with ``allow_pickle=False``, and
+webdataset's decoders (which include pickle) are never used.
+
+Scale out: shards are split across DataLoader workers, and across nodes when torch.distributed
+is initialised (rank r of w reads shards r, r+w, ...); ``resample=True`` draws shards with
+replacement instead (webdataset's ResampledShards), so every node streams an endless, differently
+seeded sequence and an epoch is a fixed number of samples: the usual multi-node recipe when
+shards do not divide evenly.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+from cache.errors import CacheMismatchError
+from cache.wds import WdsCache, expand_shards, header_for, member_names, sample_array, sample_info
+
+__all__ = ["WdsSource", "WdsSplit", "open_wds_source", "node_info"]
+
+
+def _gopen(url: str):
+    from webdataset.gopen import gopen
+
+    return gopen(url, "rb")
+
+
+def node_info() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed when initialised, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _worker_info() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def open_wds_source(spec: str, header: str | None = None, eval_spec: str | None = None,
+                    train_split: str = "train", eval_split: str = "val", shuffle: int = 1000,
+                    resample: bool = False, split_nodes: bool = True) -> "WdsSource":
+    """Open an export for training.
+
+    ``spec``: the export's header (``.../NAME-header.json``), or a pattern of ``train_split``
+    shards (``.../NAME-train-{000000..000003}.tar``, '::'-joined lists too) whose header is
+    ``header`` or, by default, ``NAME-header.json`` next to the first shard. ``eval_spec``: a
+    pattern of ``eval_split`` shards (default: all of them, next to the header).
+    """
+    shards: dict[str, list[str]] = {}
+    if spec.endswith(".json"):
+        header = header or spec
+    else:
+        urls = expand_shards(spec)
+        if not urls:
+            raise CacheMismatchError(f"no shards in '{spec}'")
+        header = header or header_for(urls[0])
+        shards[train_split] = urls
+    if eval_spec:
+        shards[eval_split] = expand_shards(eval_spec)
+    return WdsSource(header, shards=shards, shuffle=shuffle, resample=resample, split_nodes=split_nodes)
+
+
+class WdsSource(WdsCache):
+    """An export as a stage-two data source: FeatureStore's read API plus ``split_dataset``."""
+
+    def __init__(self, header: str, shards: dict[str, list[str]] | None = None, shuffle: int = 1000,
+                 resample: bool = False, split_nodes: bool = True, opener=_gopen):
+        super().__init__(header, opener=opener, shards=shards)
+        self.shuffle, self.resample, self.split_nodes = shuffle, resample, split_nodes
+
+    def split_dataset(self, inputs, indices: np.ndarray, train: bool, label_map: dict[int, int] | None = None):
+        """The streaming counterpart of ``CacheSplit(store, inputs, indices, train, label_map)``."""
+        return WdsSplit(self, inputs, indices, train=train, label_map=label_map,
+                        shuffle=self.shuffle if train else 0, resample=self.resample and train,
+                        split_nodes=self.split_nodes and train)
+
+
+class WdsSplit(IterableDataset):
+    """Selected videos of one split, streamed from shards, as CacheSplit's item dicts."""
+
+    def __init__(self, source: WdsCache, inputs, indices: np.ndarray, train: bool,
+                 label_map: dict[int, int] | None = None, shuffle: int = 1000, resample: bool = False,
+                 split_nodes: bool = True):
+        super().__init__()
+        self.source, self.inputs, self.train = source, inputs, train
+        self.split = inputs.split
+        self.indices = np.asarray(indices)
+        self.pos = {int(v): i for i, v in enumerate(self.indices)}  # video index -> position (view draw)
+        self.label_map = label_map
+        self.shuffle, self.resample, self.split_nodes = int(shuffle), bool(resample), bool(split_nodes)
+        specs = source.specs(self.split)
+        keys = inputs.keys
+        wanted = []
+        if keys.frame_emb:
+            wanted.append("frame_emb")
+        if inputs.cls_layers:
+            wanted.append("cls")
+        if inputs.patch_layers:
+            wanted.append("patch")
+        if keys.frames:
+            wanted.append("frames")
+        self.wanted = wanted
+        self.stored = {n: specs[n].dtype for n in wanted}
+        self.members = {"json"} | {m for n in wanted for m in member_names(n, specs[n].dtype)}
+        pre = source.meta.get("preprocess", {})
+        self.mean = torch.tensor(pre.get("mean", (0.48145466, 0.4578275, 0.40821073))).view(3, 1, 1)
+        self.std = torch.tensor(pre.get("std", (0.26862954, 0.26130258, 0.27577711))).view(3, 1, 1)
+        self.views = specs[wanted[0]].shape[0] if wanted else 1
+        self.epoch_seed = 0
+        # only shards holding a selected video, in index order
+        entries = source.shard_entries(self.split)
+        sel = np.sort(self.indices)
+        self.urls: list[str] = []
+        self.counts: dict[str, int] = {}
+        for url, e in entries.items():
+            n = int(np.searchsorted(sel, e["last"], side="right") - np.searchsorted(sel, e["first"], side="left"))
+            if n:
+                self.urls.append(url)
+                self.counts[url] = n
+        if sum(self.counts.values()) != len(self.indices):
+            raise CacheMismatchError(f"export {source.path}: {len(self.indices) - sum(self.counts.values())} "
+                                     f"selected '{self.split}' video(s) are in none of the shards given")
+
+    # ----------------------------------------------------------------- CacheSplit API
+    def set_epoch(self, epoch: int, seed: int) -> None:
+        self.epoch_seed = seed * 100003 + epoch
+
+    def _node(self) -> tuple[int, int]:
+        return node_info() if self.split_nodes else (0, 1)
+
+    def _node_urls(self) -> list[str]:
+        rank, world = self._node()
+        return self.urls[rank::world]
+
+    def __len__(self) -> int:
+        """Samples this node yields per epoch (all of them on one node)."""
+        rank, world = self._node()
+        if self.resample:
+            return math.ceil(len(self.indices) / world)
+        return sum(self.counts[u] for u in self._node_urls())
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        rank, world = self._node()
+        worker, workers = _worker_info()
+        rng = random.Random(f"{self.epoch_seed}-{rank}-{worker}")
+        if self.resample:
+            from webdataset import ResampledShards
+
+            shards = ResampledShards(self.urls, seed=self.epoch_seed, deterministic=True,
+                                     worker_seed=lambda: rank * 1000 + worker)
+            limit = math.ceil(len(self) / workers)
+            samples = self._samples(u["url"] for u in shards)
+        else:
+            urls = self._node_urls()
+            if self.shuffle > 0:
+                urls = list(urls)
+                rng.shuffle(urls)
+            samples = self._samples(urls[worker::workers])
+            limit = None
+        if self.shuffle > 0:
+            samples = _shuffled(samples, self.shuffle, rng)
+        for n, sample in enumerate(samples):
+            if limit is not None and n >= limit:
+                break
+            yield self._item(sample)
+
+    def ordered(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Every selected video once, in index order (closed-form heads fit on the whole set)."""
+        for sample in self._samples(self.urls):
+            yield self._item(sample)
+
+    # ----------------------------------------------------------------- internals
+    def _samples(self, urls) -> Iterator[dict[str, Any]]:
+        from webdataset.tariterators import tarfile_samples
+
+        members = self.members
+        select = lambda fname: fname.rsplit("/", 1)[-1].split(".", 1)[-1] in members  # noqa: E731
+        for sample in tarfile_samples(({"url": u} for u in urls), select_files=select):
+            info = sample_info(sample)
+            if info["split"] != self.split:
+                raise CacheMismatchError(f"{sample.get('__url__')}: sample of split '{info['split']}' "
+                                         f"in shards given for '{self.split}'")
+            if info["index"] in self.pos:
+                sample["__info__"] = info
+                yield sample
+
+    def _item(self, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
+        info = sample["__info__"]
+        label = int(info["label"])
+        if self.label_map:
+            label = self.label_map[label]
+        item: dict[str, torch.Tensor] = {"label": torch.tensor(label, dtype=torch.int64)}
+        if self.train and self.views > 1:
+            view = int(np.random.default_rng((self.epoch_seed, self.pos[info["index"]])).integers(self.views))
+            pick = slice(view, view + 1)
+        else:
+            pick = slice(None)
+        for name in self.wanted:
+            arr = sample_array(sample, name, self.stored[name], np.float32)
+            if name == "cls":
+                arr = arr[..., self.inputs.cls_pos, :]  # (V, T, L, D)
+            elif name == "patch":
+                arr = arr[..., self.inputs.patch_pos, :, :]  # (V, T, L, P, D)
+            arr = arr[pick]  # (V or 1, T, ...)
+            t = torch.from_numpy(np.ascontiguousarray(arr))
+            if name == "frames":
+                t = (t.movedim(-1, -3).float() / 255.0 - self.mean) / self.std  # (V, T, 3, H, W)
+            if self.train:
+                t = t[0]
+            item[name] = t
+        return item
+
+
+def _shuffled(samples, bufsize: int, rng: random.Random):
+    """Shuffle through a buffer of ``bufsize`` samples (webdataset's shuffle, with our seeded rng)."""
+    buf: list = []
+    for s in samples:
+        if len(buf) < bufsize:
+            buf.append(s)
+            continue
+        j = rng.randrange(len(buf))
+        buf[j], s = s, buf[j]
+        yield s
+    rng.shuffle(buf)
+    yield from buf

@@ -1,0 +1,288 @@
+"""WebDataset export (cache/wds.py) and stage two streaming from shards (stages/wds_data.py)."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cache.quant import QUANT_SUFFIXES
+from cache.store import DONE, FAILED, open_store
+from cache.wds import WdsCache, export_wds, iter_tar_samples, load_npy, parse_bytes
+from conftest import run_cli
+from stages.cache_data import CacheSplit, HeadInputs, select_videos
+from stages.heads import DataKeys
+from stages.train import TrainCfg, train_head
+from stages.wds_data import WdsSplit, open_wds_source
+
+
+def _extract(spec, out, **cfg):
+    """In-process extraction (no interpreter start-up); restores the thread count it changes."""
+    from stages.extract import ExtractCfg, plan_extraction, run_extraction
+
+    threads = torch.get_num_threads()
+    try:
+        plan = plan_extraction(spec, ExtractCfg(model="tiny", workers=0, **cfg), out=out)
+        run_extraction(plan, shard=(0, 1), progress=False, log=lambda *a, **k: None)
+    finally:
+        torch.set_num_threads(threads)
+    return open_store(out)
+
+
+@pytest.fixture(scope="module")
+def mixed_cache(demo_small, tmp_path_factory):
+    """fp16, every array kind (cls, patch, uint8 frames), 2 views per video, two bad train videos."""
+    from pipeline.datasets import load_dataset
+
+    tmp = tmp_path_factory.mktemp("wds_mixed")
+    root = Path(demo_small.video_root)
+    lines = demo_small.train_list.read_text().splitlines()
+    good = (root / lines[0].split()[0]).read_bytes()
+    (tmp / "truncated.mp4").write_bytes(good[: len(good) // 3])
+    lines[2:2] = [f"{tmp}/truncated.mp4 1", f"{tmp}/missing.mp4 2"]
+    lst = tmp / "train.txt"
+    lst.write_text("\n".join(lines) + "\n")
+    spec = load_dataset("custom", video_root=root, train_list=lst, val_list=demo_small.val_list,
+                        classes=demo_small.classes_file)
+    return _extract(spec, tmp / "cache", layers="all", patch=True, store_frames=True, views="2x1",
+                    train_views="2x1", text="clip_single", shard_size=3)
+
+
+@pytest.fixture(scope="module")
+def int8_cache(demo_small, tmp_path_factory):
+    from pipeline.datasets import load_dataset
+
+    spec = load_dataset("demo", data_root=demo_small.root)
+    return _extract(spec, tmp_path_factory.mktemp("wds_int8") / "cache", layers="all", patch=True, dtype="int8",
+                    text="none", shard_size=4)
+
+
+@pytest.fixture(scope="module")
+def medium(tmp_path_factory):
+    """6 classes x (8 train + 6 val): enough eval videos for accuracy to mean something; frame_emb only."""
+    from pipeline.datasets import load_dataset
+    from pipeline.demo_data import DemoCfg, generate_demo
+
+    tmp = tmp_path_factory.mktemp("wds_medium")
+    ds = generate_demo(tmp / "data", DemoCfg(num_classes=6, train_per_class=8, val_per_class=6, frames=8, size=48,
+                                             seed=5), progress=False)
+    st = _extract(load_dataset("demo", data_root=ds.root), tmp / "cache", layers="none", text="clip_single",
+                  shard_size=8)
+    export_wds(st, tmp / "wds", name="med", shard_bytes="24KB")
+    return st, tmp / "wds"
+
+
+def _all_samples(folder: Path, name: str, split: str):
+    for shard in sorted(folder.glob(f"{name}-{split}-*.tar")):
+        with open(shard, "rb") as fh:
+            yield from iter_tar_samples(fh)
+
+
+def test_parse_bytes():
+    assert parse_bytes("1GB") == 10**9 and parse_bytes("64MiB") == 64 << 20 and parse_bytes("4096") == 4096
+    assert parse_bytes("1.5kb") == 1500
+    for bad in ("", "GB", "1XB", "-3MB", "1i"):
+        with pytest.raises(ValueError):
+            parse_bytes(bad)
+
+
+def test_export_round_trips_every_done_video(mixed_cache, tmp_path):
+    st = mixed_cache
+    assert st.status("train").tolist().count(FAILED) == 2
+    limit = 120_000
+    header = export_wds(st, tmp_path, name="mix", shard_bytes=limit)
+    assert json.loads((tmp_path / "mix-header.json").read_text())["key"] == st.key
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    for split in st.splits:
+        info = header["splits"][split]
+        done = np.flatnonzero(st.status(split) == DONE)
+        assert info["samples"] == len(done) and len(info["shards"]) > 1
+        for entry in info["shards"]:
+            size = (tmp_path / entry["file"]).stat().st_size
+            assert size == entry["bytes"] and (size <= limit or entry["samples"] == 1), entry
+        seen = []
+        for sample in _all_samples(tmp_path, "mix", split):
+            key = sample["__key__"]
+            assert "." not in key and key.startswith(f"{split}_")
+            meta = json.loads(sample["json"])
+            i = meta["index"]
+            seen.append(i)
+            assert meta["label"] == st.labels(split)[i] and meta["path"] == st.items(split)[i][0]
+            assert set(sample) - {"__key__", "json"} == {f"{n}.npy" for n in st.specs(split)}
+            for name, spec in st.specs(split).items():
+                got = load_npy(sample[f"{name}.npy"])
+                raw = st.root[f"{split}/{name}"][i]  # as stored: fp16 (uint8 frames), bit for bit
+                assert got.dtype == raw.dtype == np.dtype(spec.dtype) and got.shape == spec.shape
+                np.testing.assert_array_equal(got, raw)
+        assert seen == done.tolist()  # every done video once, in list order; failed ones absent
+    # the small arrays travel in the extra tar, the metadata in the header
+    wc = WdsCache(str(tmp_path / "mix-header.json"))
+    assert wc.meta == st.meta and wc.key == st.key and wc.text_names() == st.text_names() == ["clip_single"]
+    np.testing.assert_array_equal(wc.text("clip_single"), st.text("clip_single"))
+    assert wc.aux_names() == st.aux_names()
+    for name in st.aux_names():
+        np.testing.assert_array_equal(wc.aux(name), st.aux(name))
+    for split in st.splits:
+        np.testing.assert_array_equal(wc.labels(split), st.labels(split))
+        np.testing.assert_array_equal(wc.status(split), st.status(split))
+        assert wc.failures(split) == st.failures(split)
+    done = np.flatnonzero(st.status("train") == DONE)
+    np.testing.assert_array_equal(wc.read("train", "cls", done), st.read("train", "cls", done))
+    with tarfile.open(tmp_path / "mix-extra.tar") as tar:
+        assert all(m.name.endswith(".npy") for m in tar.getmembers())
+
+
+def test_export_is_readable_by_webdataset_and_never_needs_pickle(mixed_cache, tmp_path):
+    from webdataset.tariterators import tarfile_samples
+
+    export_wds(mixed_cache, tmp_path, name="mix", shard_bytes="1MB")
+    urls = [{"url": str(p)} for p in sorted(tmp_path.glob("mix-val-*.tar"))]
+    samples = list(tarfile_samples(urls))
+    assert len(samples) == 8
+    for s in samples:
+        for k, v in s.items():
+            if k.endswith(".npy"):
+                assert load_npy(v).dtype != object  # allow_pickle=False would refuse an object array
+
+
+def test_int8_export_keeps_the_quantised_parts(int8_cache, tmp_path):
+    st = int8_cache
+    export_wds(st, tmp_path, name="q8", shard_bytes="1GB")
+    wc = WdsCache(str(tmp_path / "q8-header.json"))
+    for split in st.splits:
+        for sample in _all_samples(tmp_path, "q8", split):
+            i = json.loads(sample["json"])["index"]
+            for name in ("cls", "patch"):
+                for part in QUANT_SUFFIXES:
+                    got, raw = load_npy(sample[f"{name}.{part}.npy"]), st.root[f"{split}/{name}/{part}"][i]
+                    assert got.dtype == raw.dtype
+                    np.testing.assert_array_equal(got, raw)
+        for name in st.specs(split):
+            np.testing.assert_array_equal(wc.read(split, name), st.read(split, name))
+    assert len(list(tmp_path.glob("q8-train-*.tar"))) == 1  # 1 GB default-size shards: one per split here
+
+
+def test_streamed_items_equal_cache_split_items(mixed_cache, tmp_path, monkeypatch):
+    st = mixed_cache
+    export_wds(st, tmp_path, name="mix", shard_bytes="100KB")
+    src = open_wds_source(str(tmp_path / "mix-header.json"), shuffle=4)
+    keys = DataKeys(frame_emb=True, cls_layers=(1,), patch_layers=(-1,), frames=True)
+    for split, train in (("train", True), ("val", False)):
+        idx = select_videos(st, split)
+        assert np.array_equal(idx, select_videos(src, split))
+        ref = CacheSplit(st, HeadInputs(st, keys, split), idx, train=train, label_map={0: 3, 1: 2, 2: 1, 3: 0})
+        got = src.split_dataset(HeadInputs(src, keys, split), idx, train=train, label_map={0: 3, 1: 2, 2: 1, 3: 0})
+        assert isinstance(got, WdsSplit) and len(got) == len(ref)
+        for ds in (ref, got):
+            ds.set_epoch(3, seed=1)  # the random view per training sample matches CacheSplit's
+        ordered = list(got.ordered())
+        for i, item in enumerate(ordered):
+            want = ref[i]
+            assert item.keys() == want.keys()
+            for k in want:
+                assert item[k].dtype == want[k].dtype and item[k].shape == want[k].shape, (split, k)
+                assert torch.equal(item[k], want[k]), (split, k)
+        # streaming order: shuffled in training (a buffer), in order for evaluation; same items either way
+        streamed = list(got)
+        sig = lambda it: (int(it["label"]), it["frame_emb"].numpy().tobytes())  # noqa: E731
+        assert sorted(map(sig, streamed)) == sorted(map(sig, ordered))
+        if not train:
+            assert list(map(sig, streamed)) == list(map(sig, ordered))
+    # a DataLoader with workers: shards are split between them, every video once
+    idx = select_videos(st, "train")
+    ds = src.split_dataset(HeadInputs(src, DataKeys(frame_emb=True), "train"), idx, train=True)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+    assert len(list(loader)) == len(idx)
+    # nodes: rank r of 2 reads shards r, r+2, ...; together every selected video exactly once
+    import stages.wds_data as wd
+
+    parts = []
+    for rank in range(2):
+        monkeypatch.setattr(wd, "node_info", lambda r=rank: (r, 2))
+        part = [it["frame_emb"].numpy().tobytes() for it in ds]
+        assert len(part) == len(ds)
+        parts += part
+    assert len(parts) == len(set(parts)) == len(idx)
+    # resampled: an epoch is a fixed number of samples drawn from shards with replacement
+    monkeypatch.setattr(wd, "node_info", lambda: (0, 1))
+    res = WdsSplit(src, HeadInputs(src, DataKeys(frame_emb=True), "train"), idx, train=True, resample=True)
+    assert len(list(res)) == len(idx)
+
+
+def test_a_subset_of_shards_narrows_the_selection(medium):
+    st, folder = medium
+    header = json.loads((folder / "med-header.json").read_text())
+    shards = header["splits"]["train"]["shards"]
+    assert len(shards) >= 3
+    src = open_wds_source(str(folder / "med-train-{000000..000001}.tar"))
+    assert src.path.name == "med-header.json"
+    idx = select_videos(src, "train")
+    assert len(idx) == shards[0]["samples"] + shards[1]["samples"]
+    assert idx.min() == shards[0]["first"] and idx.max() == shards[1]["last"]
+
+
+def test_training_from_shards_equals_training_from_zarr(medium, tmp_path):
+    st, folder = medium
+    header = str(folder / "med-header.json")
+
+    def both(**sets):
+        cfg = TrainCfg(**sets)
+        a = train_head(st, cfg, run_dir=tmp_path / "zarr", progress=False)
+        b = train_head(open_wds_source(header, shuffle=16), cfg, run_dir=tmp_path / "wds", progress=False)
+        assert a["train_videos"] == b["train_videos"] == 48 and a["eval_videos"] == b["eval_videos"] == 36
+        return a, b
+
+    # closed-form heads see the same data in the same order: the same model, exactly
+    for head in ("lda", "linear_probe"):
+        a, b = both(head=head)
+        assert a["final"] == b["final"], head
+    # one full batch per epoch: the shuffle order cannot matter beyond float summation order
+    a, b = both(head="tap", epochs=6, batch_size=64, lr=1e-2)
+    assert a["final"] == b["final"]
+    np.testing.assert_allclose([h["train_loss"] for h in a["history"]], [h["train_loss"] for h in b["history"]],
+                               rtol=1e-5)
+    # minibatches: another shuffle order, so equal within noise (36 eval videos: one is 2.8 points)
+    za, wa = [], []
+    for seed in range(3):
+        a, b = both(head="tap", epochs=40, batch_size=8, lr=5e-2, seed=seed)
+        za.append(a["final"]["top1"])
+        wa.append(b["final"]["top1"])
+        la, lb = a["history"][-1]["train_loss"], b["history"][-1]["train_loss"]
+        assert abs(la - lb) < 0.03 * la, (seed, la, lb)
+    assert abs(np.mean(za) - np.mean(wa)) <= 6.0, (za, wa)
+    assert max(abs(x - y) for x, y in zip(za, wa)) <= 12.0, (za, wa)
+
+
+def test_cli_export_then_train_from_a_shard_pattern(medium, int8_cache, tmp_path, capsys):
+    st, _ = medium
+    out = tmp_path / "shards"
+    proc = run_cli("cache", "export", st.path, "--format", "wds", "--out", out, "--name", "m", "--shard-bytes",
+                   "30KB", check=True)
+    assert "train: 48 videos in" in proc.stdout and "val: 36 videos in" in proc.stdout
+    header = json.loads((out / "m-header.json").read_text())
+    n = len(header["splits"]["train"]["shards"])
+    pattern = f"{out}/m-train-{{000000..{n - 1:06d}}}.tar"
+    proc = run_cli("train", "--head", "lda", "--wds", pattern, "--run-dir", tmp_path / "run", "--no-progress",
+                   check=True)
+    ref = train_head(st, TrainCfg(head="lda"), run_dir=tmp_path / "ref", progress=False)
+    got = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert got["final"] == ref["final"] and got["train_videos"] == 48 and "lda: top1" in proc.stdout
+    # user errors: one line, exit 2 (in this process: the CLI's error path, without interpreter start-ups)
+    from pipeline.cli import main
+
+    for args, expect in ((["cache", "export", st.path, "--format", "zip"], "--format"),
+                         (["train", "--head", "tap", "--wds", f"{tmp_path}/nope/m-train-000000.tar"], "m-header.json"),
+                         (["train", "--head", "tap", "--wds", pattern, "--cache", st.path], "not both")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            main([str(a) for a in args])
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert exc.value.code == 2 and len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], lines
+    # the default destination and name sit next to the cache
+    proc = run_cli("cache", "export", int8_cache.path, check=True)
+    dest = int8_cache.path.parent / f"{int8_cache.path.name}-wds"
+    assert (dest / f"{int8_cache.path.name}-header.json").exists() and str(dest) in proc.stdout
