@@ -10,11 +10,13 @@ PRETRAINED ?=
 FRAMES     ?= 8
 LAYERS     ?= last4
 HEAD       ?= tap
+PARADIGM   ?= text4vis
 SET        ?=
 EXTRACT_ARGS ?=
 TRAIN_ARGS ?=
+FINETUNE_ARGS ?=
 
-.PHONY: setup demo extract train test test-slow bench clean
+.PHONY: setup demo extract train finetune test test-slow bench clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +35,10 @@ extract: setup
 
 train: setup
 	$(PIPELINE) train --head $(HEAD) --dataset $(DATASET) $(foreach s,$(SET),--set $(s)) $(TRAIN_ARGS)
+
+finetune: setup
+	$(PIPELINE) finetune --paradigm $(PARADIGM) --dataset $(DATASET) --data-root $(DATA_ROOT) --model $(MODEL) \
+	  $(if $(PRETRAINED),--pretrained $(PRETRAINED),) --frames $(FRAMES) $(foreach s,$(SET),--set $(s)) $(FINETUNE_ARGS)
 
 test: setup
 	$(PY) -m pytest -q

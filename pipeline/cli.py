@@ -86,7 +86,8 @@ def extract(
     out: Optional[Path] = typer.Option(None, help="Cache folder (default: a keyed folder under the cache root)."),
     cache_root: Optional[Path] = typer.Option(None, envvar="CLIPCACHE_ROOT_CACHES",
                                               help="Where keyed caches go (default artifacts/caches, or $CLIPCACHE_ROOT/caches)."),
-    shard: str = typer.Option("0/1", help="Process i of n: take the i-th of n disjoint shard ranges."),
+    shard: str = typer.Option("", help="Process i of n: take the i-th of n disjoint shard ranges "
+                                       "(default: RANK/WORLD_SIZE under torchrun, else 0/1)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be extracted and its size, then stop."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ):
@@ -94,7 +95,7 @@ def extract(
     from pipeline.datasets import load_dataset
     from stages.extract import ExtractCfg, describe_plan, plan_extraction, run_extraction
 
-    rank_world = _parse_shard(shard)
+    rank_world = _parse_shard(shard) if shard else None  # None: torchrun's RANK/WORLD_SIZE, or 0/1
     spec = load_dataset(dataset, data_root=data_root, video_root=video_root, train_list=train_list,
                         val_list=val_list, test_list=test_list, classes=classes, split_id=split_id)
     cfg = ExtractCfg(model=model, pretrained=pretrained, init_seed=init_seed, frames=frames, sampling=sampling,
@@ -233,6 +234,13 @@ def train(
     run_dir: Optional[Path] = typer.Option(None, help="Run folder (default: artifacts/runs/<head>-<config hash>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    wds: str = typer.Option("", help="Train from WebDataset shards instead: the export's NAME-header.json, or a "
+                                     "train shard pattern DIR/NAME-train-{000000..000003}.tar (path or URL)."),
+    wds_header: str = typer.Option("", help="Header of the --wds shards (default: NAME-header.json beside them)."),
+    wds_eval: str = typer.Option("", help="Eval shard pattern (default: the header's eval-split shards)."),
+    wds_shuffle: int = typer.Option(1000, help="Shuffle buffer in samples when training from shards (0: off)."),
+    wds_resample: bool = typer.Option(False, "--wds-resample/--no-wds-resample",
+                                      help="Draw shards with replacement (multi-node streaming)."),
 ):
     """Stage two: train a head from a cache and evaluate it."""
     import dataclasses as dc
@@ -247,7 +255,8 @@ def train(
     for key, value in flag_values.items():
         if value != getattr(defaults, key) and value != "":
             cfg = dc.replace(cfg, **{key: value})
-    path = _resolve_cache(cache, dataset, cache_root)
+    path = _wds_source(wds, wds_header, wds_eval, wds_shuffle, wds_resample, cfg, cache) if wds else \
+        _resolve_cache(cache, dataset, cache_root)
     res = train_head(path, cfg, head_over, run_dir=run_dir, resume=resume, progress=progress)
     fin = res["final"]
     typer.echo(f"{head}: top1 {fin['top1']:.1f}%  top5 {fin['top5']:.1f}%  mean-class {fin['mean_class']:.1f}%  "
@@ -342,6 +351,165 @@ def heads(
         table.add_row(row["head"], row["label"], f"{row['count']:,}",
                       "" if row["expected"] is None else f"{row['expected']:,}", diff)
     Console(width=140).print(table)
+
+
+# ----------------------------------------------------------------------------- stage three
+@app.command()
+def finetune(
+    paradigm: str = typer.Option(..., help="text4vis | actionclip"),
+    dataset: str = typer.Option("demo", help="demo | k400 | ucf101 | hmdb51 | ssv2 | custom"),
+    data_root: Optional[Path] = typer.Option(None, help="Dataset folder (official layout or demo folder)."),
+    video_root: Optional[Path] = typer.Option(None, help="Folder the list paths are relative to."),
+    train_list: Optional[Path] = typer.Option(None, help="Train list: 'path label' lines."),
+    val_list: Optional[Path] = typer.Option(None, help="Val list."),
+    test_list: Optional[Path] = typer.Option(None, help="Test list."),
+    classes: Optional[Path] = typer.Option(None, help="Class names: one per line, or CSV id,name."),
+    split_id: int = typer.Option(1, help="Official split number (UCF-101, HMDB-51)."),
+    model: str = typer.Option("ViT-B-16", help="open_clip model name, or tiny / demo (built in)."),
+    pretrained: str = typer.Option("", help="open_clip pretrained tag or a local checkpoint path."),
+    init_seed: int = typer.Option(0, help="Seed of the random init when no --pretrained is given."),
+    frames: int = typer.Option(8, help="Frames per clip (T)."),
+    views: str = typer.Option("1x1", help="CxS evaluation views (temporal clips x spatial crops)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (default: Text4Vis 30, ActionCLIP 50; 0: evaluate only)."),
+    set_: list[str] = typer.Option([], "--set", help="Override: key=value (fine-tuning option such as lr, "
+                                                     "backbone_ratio, batch_size, warmup_epochs; head option, or "
+                                                     "head.key; aug.key for the augmentation). Repeatable."),
+    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing",
+                                            help="Recompute the encoder blocks in backward (less memory)."),
+    run_dir: Optional[Path] = typer.Option(None, help="Run folder (default: "
+                                                      "artifacts/runs/finetune-<paradigm>-<hash>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Stage three: fine-tune CLIP end to end from raw video (Text4Vis or ActionCLIP). Runs under torchrun too."""
+    import dataclasses as dc
+
+    from pipeline.datasets import load_dataset
+    from stages.augment import AugmentCfg
+    from stages.finetune import FinetuneCfg, finetune as run_finetune, split_finetune_overrides
+
+    ft_over, aug_over, head_over = split_finetune_overrides(set_, paradigm)
+    cfg = FinetuneCfg(paradigm=paradigm, model=model, pretrained=pretrained, init_seed=init_seed, frames=frames,
+                      views=views)
+    cfg = dc.replace(cfg, **ft_over)
+    if epochs is not None:
+        if epochs < 0:
+            raise ConfigError(f"--epochs must be 0 or more, got {epochs}")
+        cfg = dc.replace(cfg, epochs=epochs)
+    if grad_checkpointing:
+        cfg = dc.replace(cfg, grad_checkpointing=True)
+    cfg.validate()
+    spec = load_dataset(dataset, data_root=data_root, video_root=video_root, train_list=train_list,
+                        val_list=val_list, test_list=test_list, classes=classes, split_id=split_id)
+    res = run_finetune(spec, cfg, head_over, AugmentCfg(**aug_over), run_dir=run_dir, resume=resume,
+                       progress=progress, log=typer.echo)
+    if res["rank"] != 0:
+        return
+    fin = res["final"]
+    n = sum(res["trainable_params"].values())
+    typer.echo(f"finetune {paradigm}: top1 {fin['top1']:.1f}%  top5 {fin['top5']:.1f}%  mean-class "
+               f"{fin['mean_class']:.1f}%  ({res['train_videos']} train / {res['eval_videos']} eval videos, "
+               f"{n:,} trainable params, {res['world_size']} process(es), {res['seconds']:.1f}s)")
+    for split, fails in res["failures"].items():
+        for f in fails:
+            typer.echo(f"  failed [{split}] {f['path']}: {f['reason']}")
+    typer.echo(f"run folder: {res['run_dir']}")
+
+
+@app.command("finetune-export")
+def finetune_export(
+    run: Path = typer.Option(..., help="Run folder of `pipeline finetune`."),
+    out: Path = typer.Option(..., help="Where to write the open_clip state dict (.pt)."),
+):
+    """Export a fine-tuned model as an open_clip checkpoint (use it as `pipeline extract --pretrained OUT`)."""
+    from stages.finetune import export_finetuned
+
+    path = export_finetuned(run, out)
+    config = Path(run) / "config.json"
+    model = json.loads(config.read_text())["finetune"]["model"] if config.exists() else "<model>"
+    typer.echo(f"wrote {path}; build a cache from it with: pipeline extract --model {model} --pretrained {path} ...")
+
+
+# ----------------------------------------------------------------------------- scale out: export, finalize
+@cache_app.command("export")
+def cache_export(
+    path: Path = typer.Argument(..., help="Cache folder."),
+    format_: str = typer.Option("wds", "--format", help="Export format: wds (WebDataset tar shards)."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the shards (default: <cache>-wds next to the cache)."),
+    shard_bytes: str = typer.Option("1GB", help="Shard size limit: 1GB, 500MB, 64MiB or bytes."),
+    name: str = typer.Option("", help="Shard name prefix NAME (default: the cache folder's name)."),
+    split: list[str] = typer.Option([], "--split", help="Export only this split (repeatable; default: all)."),
+    partial: bool = typer.Option(False, "--partial", help="Export the done videos of an incomplete cache."),
+):
+    """Export the done videos as WebDataset shards NAME-<split>-000000.tar, plus NAME-header.json."""
+    from cache.store import open_store
+    from cache.wds import export_wds
+
+    if format_ != "wds":
+        raise ConfigError(f"--format must be wds (WebDataset shards), got '{format_}'")
+    st = open_store(path)
+    dest = out or st.path.parent / f"{st.path.name}-wds"
+    res = export_wds(st, dest, name=name or None, shard_bytes=shard_bytes, splits=split or None, partial=partial,
+                     log=typer.echo)
+    for s, info in res["splits"].items():
+        c = info["counts"]
+        typer.echo(f"{s}: {info['samples']} videos in {len(info['shards'])} shard(s)"
+                   + (f" ({c['failed']} failed, {c['pending']} pending: not exported)" if c["failed"] or c["pending"]
+                      else ""))
+    typer.echo(f"export {dest}: {_bytes(res['bytes'])} (cache {_bytes(st.size_bytes())}) in {res['seconds']:.1f}s")
+    typer.echo(f"header {dest / (res['name'] + '-header.json')}")
+
+
+@cache_app.command("finalize")
+def cache_finalize(path: Path = typer.Argument(..., help="Cache folder written by several ranks or nodes.")):
+    """After a multi-node extraction: check every video is done or failed, write summary.json."""
+    from cache.errors import CacheError
+    from cache.store import open_store
+
+    st = open_store(path)
+    pending = {s: st.pending_shards(s) for s in st.splits}
+    if any(pending.values()):
+        parts = []
+        for s, shards in pending.items():
+            for k in shards:
+                a, b = st.shard_range(s, k)
+                parts.append(f"{s} shard {k} (videos {a}-{b - 1})")
+        n = sum(st.counts(s)["pending"] for s in st.splits)
+        raise CacheError(f"cache {path} is not complete: {n} pending video(s) in {len(parts)} shard(s): "
+                         f"{', '.join(parts[:20])}{' ...' if len(parts) > 20 else ''}; rerun the rank(s) that own "
+                         "them with the same command and their --shard i/n")
+    summary = st.write_summary()
+    for s in st.splits:
+        c = summary["splits"][s]
+        typer.echo(f"{s}: done {c['done']}, failed {c['failed']}, pending 0")
+        for f in summary["failures"][s]:
+            typer.echo(f"  failed [{s}] {f['path']}: {f['reason']}")
+    try:
+        (st.path.parent / f".latest-{st.meta['dataset']['name']}").write_text(str(st.path.resolve()))
+    except OSError:
+        pass
+    typer.echo(f"cache {st.path} complete ({_bytes(summary['bytes'])}); summary {st.path / 'summary.json'}")
+
+
+def _bytes(n: float) -> str:
+    """Like _human, without importing stages/ (and torch) for the cache commands."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _wds_source(wds: str, header: str, eval_shards: str, shuffle: int, resample: bool, cfg, cache: Optional[Path]):
+    """`train --wds`: the export as train_head's data source (stages/wds_data.py)."""
+    from stages.wds_data import open_wds_source
+
+    if cache is not None:
+        raise ConfigError("give either --cache (a Zarr cache) or --wds (WebDataset shards), not both")
+    if shuffle < 0:
+        raise ConfigError(f"--wds-shuffle must be >= 0, got {shuffle}")
+    return open_wds_source(wds, header=header or None, eval_spec=eval_shards or None, train_split=cfg.train_split,
+                           eval_split=cfg.eval_split, shuffle=shuffle, resample=resample)
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from cache.errors import CacheMismatchError, ConfigError, DatasetError
 from cache.store import FeatureStore, atomic_write_text, open_store
@@ -305,9 +305,13 @@ def _amp_dtype(cfg: TrainCfg, device: torch.device):
 
 def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: dict | None = None,
                run_dir: str | Path | None = None, runs_root: str | Path | None = None, resume: bool = False,
-               progress: bool = True, log=print, init_weight: torch.Tensor | None = None) -> dict:
-    """Train (or fit) ``cfg.head`` on a cache and evaluate it; returns the metrics dict."""
-    store = cache if isinstance(cache, FeatureStore) else open_store(cache)
+               progress: bool = True, log=print, init_weight: torch.Tensor | None = None,
+               reuse: bool = False) -> dict:
+    """Train (or fit) ``cfg.head`` on a cache and evaluate it; returns the metrics dict.
+
+    ``reuse``: a finished run of the same resolved config in ``run_dir`` is returned as is.
+    """
+    store = open_store(cache) if isinstance(cache, (str, Path)) else cache  # FeatureStore or stages.wds_data.WdsSource
     head_overrides = dict(head_overrides or {})
     K_all = int(store.meta["dims"]["num_classes"])
     train_classes = parse_class_spec(cfg.train_classes, K_all)
@@ -333,6 +337,9 @@ def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: 
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = {"train": asdict(cfg), "head": {"name": cfg.head, **asdict(head.cfg)}, "cache": str(store.path),
                 "cache_key": store.key, "train_videos": int(len(train_idx)), "eval_videos": int(len(eval_idx))}
+    if reuse and (run_dir / "metrics.json").exists() and (run_dir / "config.json").exists():
+        if json.loads((run_dir / "config.json").read_text()) == json.loads(json.dumps(resolved)):
+            return json.loads((run_dir / "metrics.json").read_text())
     atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=1))
 
     if getattr(head, "set_backbone_weights", None) and keys.backbone_weights:
@@ -342,8 +349,8 @@ def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: 
                                                                           train_classes, cfg, train_idx)
         head.set_classifier(w)
     head.to(device)
-    train_data = CacheSplit(store, inputs[cfg.train_split], train_idx, train=True, label_map=train_map)
-    eval_data = CacheSplit(store, inputs[cfg.eval_split], eval_idx, train=False, label_map=eval_map)
+    train_data = _split_data(store, inputs[cfg.train_split], train_idx, train=True, label_map=train_map)
+    eval_data = _split_data(store, inputs[cfg.eval_split], eval_idx, train=False, label_map=eval_map)
     eval_classifier = None
     if test_classes is not None:
         if not head.has_classifier:
@@ -355,7 +362,7 @@ def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: 
     history: list[dict] = []
     t0 = time.perf_counter()
     if head.uses_sklearn:
-        full = _collate([train_data[i] for i in range(len(train_data))])
+        full = _collate(_all_items(train_data))
         head.fit(full)
         metrics = evaluate_head(head, eval_data, device, average="scores", amp_dtype=amp_dtype)
         history.append({"epoch": 1, "train_loss": None, **{f"val_{k}": v for k, v in metrics.items()}})
@@ -373,6 +380,24 @@ def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: 
     atomic_write_text(run_dir / "metrics.json", json.dumps(result, indent=1))
     _plot_curves(history, run_dir / "curves.png", cfg.head)
     return result
+
+
+# ----------------------------------------------------------------------------- streaming sources
+# A source other than a Zarr FeatureStore (stages/wds_data.WdsSource: WebDataset shards) builds its
+# own dataset per split: an IterableDataset that shuffles itself through a buffer, seeded by
+# set_epoch. Everything else in this file treats it as a store (meta, labels, status, text, aux).
+def _split_data(store, inputs, indices, train: bool, label_map):
+    make = getattr(store, "split_dataset", None)
+    if make is not None:
+        return make(inputs, indices, train=train, label_map=label_map)
+    return CacheSplit(store, inputs, indices, train=train, label_map=label_map)
+
+
+def _all_items(data) -> list[dict]:
+    """Every training item in index order (closed-form heads fit on the whole set at once)."""
+    if isinstance(data, IterableDataset):
+        return list(data.ordered())
+    return [data[i] for i in range(len(data))]
 
 
 def _backbone_weights(store: FeatureStore, keys, head) -> dict[int, dict[str, torch.Tensor]]:
@@ -423,7 +448,8 @@ def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resol
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: same stream whether resumed or not
         train_data.set_epoch(epoch, cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        loader = DataLoader(train_data, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+        streaming = isinstance(train_data, IterableDataset)  # shuffles itself (buffer seeded by set_epoch)
+        loader = DataLoader(train_data, batch_size=cfg.batch_size, shuffle=not streaming, generator=gen,
                             collate_fn=_collate, num_workers=cfg.workers, drop_last=False)
         head.train()
         losses = []

@@ -1,0 +1,791 @@
+"""Stage three: end-to-end fine-tuning from raw video (Text4Vis, ActionCLIP).
+
+For the paradigms whose backbone must train, so that no cache can stand in for it:
+
+- ``text4vis`` (Wu et al., arXiv:2207.01297): the CLIP visual encoder and the temporal module of
+  the stage-two ``text4vis`` head train; the classifier is the frozen matrix of class text
+  embeddings, computed once with the CLIP text tower from the dataset's class names and the
+  template "a video of a person {}."; cross-entropy on ``scale * cos(video, W)``.
+- ``actionclip`` (Wang et al., arXiv:2109.08472): the visual encoder, the text encoder and the
+  visual prompt of the stage-two ``actionclip`` head train; every training sample is matched
+  with the text of its label under one random template of the 16 (drawn per sample), with the
+  symmetric KL loss between softmax(scale * video-text similarity) and the row-normalised
+  same-label matrix; the test averages the 16 templates (the head's evaluation rule).
+
+The temporal module / visual prompt *is* the stage-two head (``create_head``), fed by frame
+embeddings the trainable encoder computes on the fly, so a head's definition lives in one place.
+
+Optimiser (SPEC section 4): AdamW, betas (0.9, 0.98), eps 1e-8, weight decay 0.2 (on weights
+of dim >= 2, as stage two groups them), learning rate ``lr`` (5e-5) for the head and
+``lr * backbone_ratio`` (5e-6) for the encoders, linear warmup (5 epochs) then cosine per step
+(stage two's ``_lr_factor``); 30 epochs for Text4Vis, 50 for ActionCLIP. Differences from the
+reference code, on purpose: CLIP's ``logit_scale`` stays frozen and the head's fixed scale (100,
+what pretrained CLIP's clamped scale is) is used. SPEC gives betas (0.9, 0.98) for ActionCLIP;
+they are the default for Text4Vis too (``--set beta2=0.999`` for torch's default).
+
+Data: decode (stages.video, decord then PyAV) in DataLoader workers, random TSN offsets and the
+clip-level augmentation of stages.augment in training, stage one's fixed sampling and CxS views
+in evaluation. Every random draw of a sample (frame offsets, crop, colour, template) comes from
+a seed of (run seed, epoch, video), so the data do not depend on workers or ranks.
+
+Distributed (torchrun, one process per GPU, gloo on CPU): the batch size is the *global*
+batch; each global batch (a seeded permutation) is cut into equal per-rank slices, padded with
+masked-out entries when it does not divide. ActionCLIP's contrastive loss sees the whole global
+batch: video and text embeddings are all-gathered (the local slice keeps its gradient) and every
+rank computes the same global loss; the backward pass scales it by the world size so that DDP's
+gradient average equals the gradient of the global loss. With the same global batch a run on n
+processes computes the same losses as a run on one (checked in tests/test_finetune.py).
+
+Run folder (as stage two): config.json, last.pt (atomic, every epoch; ``resume`` continues from
+it), metrics.json, curves.png. ``export_finetuned`` writes the fine-tuned CLIP as an ordinary
+open_clip state dict, which ``pipeline extract --pretrained PATH`` loads like any checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from cache.errors import ConfigError, DatasetError, ModelError, VideoDecodeError
+from cache.store import atomic_write_text
+from stages.augment import AugmentCfg, augment_clip, build_train_transform, eval_views
+from stages.backbone import BackboneInfo, load_clip, model_config, resolve_model_name, weights_id
+from stages.heads import get_head_entry, make_cfg
+from stages.heads.common import cosine_logits
+from stages.text import TEMPLATE_SETS, clip_text_embeddings
+from stages.train import (
+    _amp_dtype,
+    _atomic_save,
+    _autocast,
+    _coerce_train,
+    _lr_factor,
+    _plot_curves,
+    evaluate_head,
+)
+from stages.video import SamplingCfg, decode_clips, parse_views
+
+__all__ = [
+    "PARADIGMS",
+    "FinetuneCfg",
+    "split_finetune_overrides",
+    "video_text_kl_loss",
+    "DistContext",
+    "VideoClips",
+    "FinetuneModel",
+    "Finetuner",
+    "finetune",
+    "load_finetuned",
+    "export_finetuned",
+]
+
+PARADIGMS = ("text4vis", "actionclip")
+DEFAULT_EPOCHS = {"text4vis": 30, "actionclip": 50}
+TEXT4VIS_TEMPLATE = TEMPLATE_SETS["single"][0]  # "a video of a person {}."
+CKPT_FORMAT = "clipcache-finetune/1"
+
+
+@dataclass
+class FinetuneCfg:
+    paradigm: str = "text4vis"        # text4vis | actionclip
+    model: str = "ViT-B-16"           # open_clip name, or tiny / demo (built in)
+    pretrained: str = ""              # open_clip tag or a checkpoint path ("" = seeded random init)
+    init_seed: int = 0                # the random init when no pretrained weights are given
+    frames: int = 8                   # T
+    sampling: str = "segment"         # segment (TSN: random offsets in training) | dense
+    stride: int = 8                   # dense sampling stride
+    views: str = "1x1"                # CxS evaluation views (as stage one)
+    epochs: int = -1                  # -1: paradigm default (Text4Vis 30, ActionCLIP 50); 0: evaluate only
+    warmup_epochs: float = 5.0
+    batch_size: int = 32              # global batch, split over DDP ranks
+    lr: float = 5e-5                  # temporal module / visual prompt
+    backbone_ratio: float = 0.1       # encoders train at lr * backbone_ratio (5e-6)
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-8
+    label_smoothing: float = 0.0
+    grad_clip: float = 0.0            # max grad norm; 0 = off
+    grad_checkpointing: bool = False  # recompute the encoders' blocks in backward
+    amp: str = "auto"                 # auto (bf16 on GPU, off on CPU) | none | bf16 | fp16
+    device: str = "auto"
+    workers: int = -1                 # decode workers per process; -1 = auto
+    seed: int = 0
+    train_split: str = "train"
+    eval_split: str = "val"
+    eval_every: int = 1
+    eval_average: str = ""            # multi-view: scores | embeddings; "" = Text4Vis embeddings, ActionCLIP scores
+    eval_batch_size: int = 0          # videos per evaluation batch (0 = batch_size)
+
+    def resolved_epochs(self) -> int:
+        return DEFAULT_EPOCHS[self.paradigm] if self.epochs < 0 else self.epochs
+
+    def validate(self) -> None:
+        if self.paradigm not in PARADIGMS:
+            raise ConfigError(f"unknown paradigm '{self.paradigm}'; choose one of {', '.join(PARADIGMS)}")
+        if self.sampling not in ("segment", "dense"):
+            raise ConfigError(f"sampling must be segment or dense, got '{self.sampling}'")
+        if self.frames < 1 or self.batch_size < 1 or self.stride < 1:
+            raise ConfigError("frames, batch_size and stride must be at least 1")
+        if self.amp not in ("auto", "none", "bf16", "fp16"):
+            raise ConfigError(f"amp must be auto, none, bf16 or fp16, got '{self.amp}'")
+        if self.eval_average not in ("", "scores", "embeddings"):
+            raise ConfigError(f"eval_average must be scores or embeddings, got '{self.eval_average}'")
+        if self.lr <= 0 or self.backbone_ratio < 0 or self.weight_decay < 0:
+            raise ConfigError("lr must be positive, backbone_ratio and weight_decay non-negative")
+        if self.eval_every < 1:
+            raise ConfigError("eval_every must be at least 1")
+        parse_views(self.views)
+
+
+def split_finetune_overrides(pairs: list[str], paradigm: str) -> tuple[dict, dict, dict]:
+    """--set key=value -> (FinetuneCfg, AugmentCfg, head) overrides.
+
+    ``aug.x`` goes to the augmentation, ``head.x`` to the head; a bare key is a fine-tuning
+    option when FinetuneCfg has it, else a head option. Types are checked here.
+    """
+    if paradigm not in PARADIGMS:
+        raise ConfigError(f"unknown paradigm '{paradigm}'; choose one of {', '.join(PARADIGMS)}")
+    ft_fields = {f.name: f for f in dataclasses.fields(FinetuneCfg)}
+    aug_fields = {f.name: f for f in dataclasses.fields(AugmentCfg)}
+    head_fields = {f.name for f in dataclasses.fields(get_head_entry(paradigm).cfg_cls)}
+    ft, aug, head = {}, {}, {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value, got '{pair}'")
+        key, value = (x.strip() for x in pair.split("=", 1))
+        if key.startswith("aug."):
+            name = key[4:]
+            if name not in aug_fields:
+                raise ConfigError(f"unknown augmentation option '{name}'; valid: {', '.join(sorted(aug_fields))}")
+            aug[name] = _coerce_train(aug_fields[name], key, value)
+        elif key.startswith("head.") or (key not in ft_fields and key in head_fields):
+            name = key[5:] if key.startswith("head.") else key
+            if name not in head_fields:
+                raise ConfigError(f"head '{paradigm}' has no option '{name}'; valid: {', '.join(sorted(head_fields))}")
+            head[name] = value  # typed by make_cfg
+        elif key in ft_fields:
+            if key == "paradigm":
+                raise ConfigError("choose the paradigm with --paradigm, not --set")
+            ft[key] = _coerce_train(ft_fields[key], key, value)
+        else:
+            raise ConfigError(f"unknown option '{key}'; fine-tuning options: {', '.join(sorted(ft_fields))}; "
+                              f"head options: {', '.join(sorted(head_fields))}; augmentation: aug.<"
+                              f"{'|'.join(sorted(aug_fields))}>")
+    make_cfg(paradigm, head)  # type-check the head options now, before any work
+    return ft, aug, head
+
+
+# ----------------------------------------------------------------------------- the loss
+def video_text_kl_loss(video: torch.Tensor, text: torch.Tensor, labels: torch.Tensor, scale: float,
+                       label_smoothing: float = 0.0) -> torch.Tensor:
+    """ActionCLIP's matching loss over a batch of (video i, text of sample j) pairs.
+
+    The rule of ``ActionClipHead.loss`` (see stages/heads/actionclip.py), with the text given per
+    sample because here it comes from the trainable text encoder, not from the head's fixed
+    table: KL(gt || softmax(scale * sim)) for video->text and text->video, batchmean, averaged;
+    gt is the row-normalised same-label matrix. tests/test_finetune.py checks that both agree.
+    """
+    sim = cosine_logits(video.float(), text.float(), scale)  # (B videos, B texts)
+    same = (labels[:, None] == labels[None, :]).float()
+    target = same / same.sum(dim=1, keepdim=True)
+    if label_smoothing:
+        target = (1.0 - label_smoothing) * target + label_smoothing / video.shape[0]
+    v2t = F.kl_div(F.log_softmax(sim, dim=1), target, reduction="batchmean")
+    t2v = F.kl_div(F.log_softmax(sim.t(), dim=1), target, reduction="batchmean")
+    return 0.5 * (v2t + t2v)
+
+
+# ----------------------------------------------------------------------------- distributed
+class DistContext:
+    """torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and the few collectives used here."""
+
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, local_world: int = 1):
+        self.rank, self.world, self.local_rank, self.local_world = rank, world, local_rank, local_world
+        self.started = False
+
+    @classmethod
+    def from_env(cls) -> "DistContext":
+        env = os.environ
+        world = int(env.get("WORLD_SIZE", "1"))
+        return cls(int(env.get("RANK", "0")), world, int(env.get("LOCAL_RANK", "0")),
+                   int(env.get("LOCAL_WORLD_SIZE", str(world))))
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def start(self, device: torch.device) -> None:
+        import torch.distributed as dist
+
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            self.started = True
+
+    def stop(self) -> None:
+        import torch.distributed as dist
+
+        if self.started and dist.is_initialized():
+            dist.destroy_process_group()
+            self.started = False
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            import torch.distributed as dist
+
+            x = x.clone()
+            dist.all_reduce(x)
+        return x
+
+    def all_cat(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate equal-shaped tensors of all ranks in rank order (no gradient)."""
+        if not self.enabled:
+            return x
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.detach().contiguous())
+        return torch.cat(parts)
+
+    def all_cat_with_grad(self, x: torch.Tensor) -> torch.Tensor:
+        """As ``all_cat``, with this rank's slice still attached to its graph."""
+        if not self.enabled:
+            return x
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.detach().contiguous())
+        parts[self.rank] = x
+        return torch.cat(parts)
+
+    def all_objects(self, obj) -> list:
+        if not self.enabled:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def rank_batches(n: int, batch_size: int, world: int, rank: int, seed: int, epoch: int,
+                 shuffle: bool) -> list[list[int]]:
+    """This rank's slice of every global batch; -1 marks padding (masked out)."""
+    order = np.random.default_rng([seed, epoch, 7]).permutation(n) if shuffle else np.arange(n)
+    out = []
+    for start in range(0, n, batch_size):
+        chunk = [int(i) for i in order[start:start + batch_size]]
+        per = -(-len(chunk) // world)
+        chunk += [-1] * (per * world - len(chunk))
+        out.append(chunk[rank * per:(rank + 1) * per])
+    return out
+
+
+# ----------------------------------------------------------------------------- data
+class VideoClips(Dataset):
+    """Videos as uint8 clips; item -1 is padding.
+
+    Training: {"video": (T, 3, S, S)} with random TSN offsets and clip-level augmentation,
+    "template": the random text template of the sample. Evaluation: {"video": (V, T, 3, S, S)},
+    stage one's views. Both: "label", "index", "valid" (False: padding or undecodable), "error".
+    """
+
+    def __init__(self, items: list, sampling: SamplingCfg, size: int, train: bool, seed: int = 0,
+                 aug: AugmentCfg | None = None, num_templates: int = 0):
+        self.items, self.sampling, self.size, self.train = list(items), sampling, size, train
+        self.seed, self.num_templates, self.epoch = seed, num_templates, 0
+        self.transform = build_train_transform(size, aug) if train else None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _shape(self) -> tuple[int, ...]:
+        T, S = self.sampling.frames, self.size
+        return (T, 3, S, S) if self.train else (self.sampling.views, T, 3, S, S)
+
+    def _empty(self, index: int, label: int, error: str) -> dict:
+        return {"video": torch.zeros(self._shape(), dtype=torch.uint8), "label": torch.tensor(label),
+                "index": torch.tensor(index), "valid": torch.tensor(False), "template": torch.tensor(0),
+                "error": error}
+
+    def __getitem__(self, i: int) -> dict:
+        if i < 0:
+            return self._empty(-1, 0, "")
+        item = self.items[i]
+        template = 0
+        try:
+            if self.train:
+                rng = np.random.default_rng([self.seed, self.epoch, i])
+                clips, _ = decode_clips(item.path, self.sampling, item.num_frames, rng=rng)
+                video = augment_clip(clips[0], self.transform, [self.seed, self.epoch, i, 1])  # (T, 3, S, S)
+                if self.num_templates:
+                    template = int(rng.integers(self.num_templates))
+            else:
+                clips, _ = decode_clips(item.path, self.sampling, item.num_frames)
+                video = eval_views(clips, self.size, self.sampling.crops)  # (V, T, 3, S, S)
+        except VideoDecodeError as exc:
+            return self._empty(i, item.label, str(exc))
+        except Exception as exc:  # a decoder crash on one file must not stop the run
+            return self._empty(i, item.label, f"decode error: {exc.__class__.__name__}: {str(exc)[:160]}")
+        return {"video": video, "label": torch.tensor(item.label), "index": torch.tensor(i),
+                "valid": torch.tensor(True), "template": torch.tensor(template), "error": ""}
+
+
+def collate_clips(items: list[dict]) -> dict:
+    return {k: torch.stack([it[k] for it in items]) if isinstance(items[0][k], torch.Tensor)
+            else [it[k] for it in items] for k in items[0]}
+
+
+# ----------------------------------------------------------------------------- model
+class FinetuneModel(nn.Module):
+    """The whole open_clip model (its visual tower, and for ActionCLIP its text tower, train)
+    plus the stage-two head that turns frame embeddings into a video embedding / logits."""
+
+    def __init__(self, clip: nn.Module, head: nn.Module, paradigm: str):
+        super().__init__()
+        self.clip, self.head, self.paradigm = clip, head, paradigm
+
+    def encode_frames(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3, S, S) normalised -> (B, T, E) frame embeddings."""
+        B, T = video.shape[:2]
+        return self.clip.encode_image(video.flatten(0, 1)).view(B, T, -1)  # (B*T, 3, S, S) -> (B*T, E) -> (B, T, E)
+
+    def forward(self, video: torch.Tensor, tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        frame_emb = self.encode_frames(video)
+        if self.paradigm == "text4vis":
+            return self.head({"frame_emb": frame_emb})  # logits (B, K), video_emb (B, E)
+        out = {"video_emb": self.head.prompt(frame_emb.float())}  # (B, E)
+        if tokens is not None:
+            out["text_emb"] = self.clip.encode_text(tokens)  # (B, E)
+        return out
+
+
+def _text_param_names(clip: nn.Module) -> list[str]:
+    return [n for n, _ in clip.named_parameters()
+            if not n.startswith("visual.") and n not in ("logit_scale", "logit_bias")]
+
+
+def _device(name: str, dist_ctx: DistContext) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda" and dist_ctx.enabled and dev.index is None:
+        dev = torch.device("cuda", dist_ctx.local_rank)
+    return dev
+
+
+def _normalize_chw(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(..., 3, S, S) uint8 -> float normalised with the model's mean/std."""
+    return (x.float().div_(255.0) - mean) / std
+
+
+class Finetuner:
+    """Everything a stage-three run holds: model, optimiser, schedule, data; one step at a time."""
+
+    def __init__(self, spec, cfg: FinetuneCfg, head_overrides: dict | None = None, aug: AugmentCfg | None = None,
+                 dist_ctx: DistContext | None = None, log=print):
+        import open_clip
+
+        cfg.validate()
+        self.spec, self.cfg, self.log = spec, cfg, log
+        self.aug = aug or AugmentCfg()
+        self.aug.validate()
+        self.dist = dist_ctx or DistContext.from_env()
+        for split in (cfg.train_split, cfg.eval_split):
+            if split not in spec.splits or not spec.splits[split]:
+                raise DatasetError(f"dataset '{spec.name}' has no '{split}' videos (splits: {', '.join(spec.splits)})")
+        self.device = _device(cfg.device, self.dist)
+        self.amp_dtype = _amp_dtype(cfg, self.device)
+        self.dist.start(self.device)
+
+        self.arch = resolve_model_name(cfg.model)
+        self.info = BackboneInfo.from_config(model_config(cfg.model))
+        clip = load_clip(cfg.model, cfg.pretrained or None, device="cpu", seed=cfg.init_seed)
+        if not cfg.pretrained:
+            log(f"no pretrained weights given: {self.arch} starts from a seeded random init (seed {cfg.init_seed})")
+        pp = getattr(clip.visual, "preprocess_cfg", {}) or {}
+        self.mean = torch.tensor(pp.get("mean", (0.48145466, 0.4578275, 0.40821073)), device=self.device).view(3, 1, 1)
+        self.std = torch.tensor(pp.get("std", (0.26862954, 0.26130258, 0.27577711)), device=self.device).view(3, 1, 1)
+        self.tokenizer = open_clip.get_tokenizer(self.arch)
+        classes = list(spec.classes)
+        K = len(classes)
+
+        values = {"num_classes": K, "embed_dim": self.info.embed_dim, "frames": cfg.frames}
+        if cfg.paradigm == "actionclip":
+            values["num_templates"] = len(TEMPLATE_SETS["actionclip"])
+        values.update(head_overrides or {})
+        torch.manual_seed(cfg.seed)  # the head's initial weights depend on the seed alone
+        head = get_head_entry(cfg.paradigm).head_cls(make_cfg(cfg.paradigm, values))
+        self.head_overrides = dict(head_overrides or {})
+
+        clip.visual.requires_grad_(True)
+        if cfg.paradigm == "text4vis":
+            # W: the frozen text tower's embeddings of "a video of a person {class}.", once.
+            w = clip_text_embeddings(clip, self.tokenizer, classes, [TEXT4VIS_TEMPLATE])[:, 0]  # (K, 1, E) -> (K, E)
+            head.set_classifier(torch.from_numpy(w))
+            self.tokens = None
+        else:
+            templates = TEMPLATE_SETS["actionclip"]
+            if head.cfg.num_templates != len(templates):
+                raise ConfigError(f"actionclip fine-tuning uses the {len(templates)} ActionCLIP templates; "
+                                  f"num_templates must be {len(templates)}")
+            prompts = [t.format(c) for c in classes for t in templates]
+            self.tokens = self.tokenizer(prompts).view(K, len(templates), -1).to(self.device)  # (K, M, ctx)
+            names = set(_text_param_names(clip))
+            for n, p in clip.named_parameters():
+                if n in names:
+                    p.requires_grad_(True)
+        if cfg.grad_checkpointing:
+            clip.set_grad_checkpointing(True)
+        self.model = FinetuneModel(clip, head, cfg.paradigm).to(self.device)
+        self.model.train()
+        self.trainable = {"visual": sum(p.numel() for p in clip.visual.parameters() if p.requires_grad),
+                          "text": sum(p.numel() for n, p in clip.named_parameters()
+                                      if p.requires_grad and not n.startswith("visual.")),
+                          "head": head.num_trainable()}
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        else:
+            self.ddp = self.model
+
+        # Optimiser: encoders at lr * backbone_ratio, the head at lr; no decay on gains and biases.
+        groups = []
+        for name, module, lr in (("visual", clip.visual, cfg.lr * cfg.backbone_ratio),
+                                 ("head", head, cfg.lr)):
+            groups += self._param_groups(name, list(module.named_parameters()), lr, cfg.weight_decay)
+        if cfg.paradigm == "actionclip":
+            names = set(_text_param_names(clip))
+            groups += self._param_groups("text", [(n, p) for n, p in clip.named_parameters() if n in names],
+                                         cfg.lr * cfg.backbone_ratio, cfg.weight_decay)
+        self.opt = torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+        self.sampling_train = SamplingCfg(cfg.frames, cfg.sampling, cfg.stride, 1, 1)
+        clips_n, crops_n = parse_views(cfg.views)
+        self.sampling_eval = SamplingCfg(cfg.frames, cfg.sampling, cfg.stride, clips_n, crops_n)
+        size = self.info.image_size
+        M = len(TEMPLATE_SETS["actionclip"]) if cfg.paradigm == "actionclip" else 0
+        self.train_data = VideoClips(spec.splits[cfg.train_split], self.sampling_train, size, train=True,
+                                     seed=cfg.seed, aug=self.aug, num_templates=M)
+        self.eval_data = VideoClips(spec.splits[cfg.eval_split], self.sampling_eval, size, train=False, seed=cfg.seed)
+        self.epochs = cfg.resolved_epochs()
+        self.steps_per_epoch = max(1, math.ceil(len(self.train_data) / cfg.batch_size))
+        total = self.steps_per_epoch * max(self.epochs, 1)
+        warmup = int(round(cfg.warmup_epochs * self.steps_per_epoch))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: _lr_factor(s, total, warmup))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        auto_workers = max(1, min(8, (os.cpu_count() or 2) // (2 * self.dist.local_world)))
+        self.workers = cfg.workers if cfg.workers >= 0 else auto_workers
+        self.failures: dict[int, dict] = {}
+
+    @staticmethod
+    def _param_groups(name: str, named: list, lr: float, wd: float) -> list[dict]:
+        decay = [p for _, p in named if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for _, p in named if p.requires_grad and p.dim() < 2]
+        out = []
+        if decay:
+            out.append({"params": decay, "lr": lr, "name": f"{name}", "weight_decay": wd})
+        if no_decay:
+            out.append({"params": no_decay, "lr": lr, "name": f"{name}.no_decay", "weight_decay": 0.0})
+        return out
+
+    # ------------------------------------------------------------------ data
+    def loader(self, data: VideoClips, epoch: int, shuffle: bool, batch_size: int) -> DataLoader:
+        data.set_epoch(epoch)
+        batches = rank_batches(len(data), batch_size, self.dist.world, self.dist.rank, self.cfg.seed, epoch, shuffle)
+        return DataLoader(data, batch_sampler=batches, collate_fn=collate_clips, num_workers=self.workers,
+                          pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.workers else None)
+
+    def _record_failures(self, batch: dict) -> None:
+        for idx, err in zip(batch["index"].tolist(), batch["error"]):
+            if err and idx >= 0:
+                self.failures[idx] = {"path": self.train_data.items[idx].path, "reason": err}
+
+    # ------------------------------------------------------------------ one step
+    def step(self, batch: dict) -> float | None:
+        """Forward, backward and AdamW on one (per-rank slice of a global) batch; the global loss."""
+        cfg = self.cfg
+        self._record_failures(batch)
+        valid = batch["valid"].to(self.device, torch.float32)
+        n_valid = int(self.dist.all_sum(valid.sum()).item())
+        if n_valid == 0:  # nothing decodable in this global batch: skip it everywhere
+            self.sched.step()
+            return None
+        video = batch["video"].to(self.device, non_blocking=True)  # (B, T, 3, S, S) uint8
+        video = _normalize_chw(video, self.mean, self.std)
+        labels = batch["label"].to(self.device)
+        tokens = None
+        if self.tokens is not None:
+            tokens = self.tokens[labels, batch["template"].to(self.device)]  # (B, ctx)
+        with _autocast(self.device, self.amp_dtype):
+            out = self.ddp(video, tokens)
+        if cfg.paradigm == "text4vis":
+            per = F.cross_entropy(out["logits"].float(), labels, reduction="none", label_smoothing=cfg.label_smoothing)
+            local = (per * valid).sum()
+            loss_for_grad = local / n_valid * self.dist.world
+            value = float(self.dist.all_sum(local.detach()).item()) / n_valid
+        else:
+            keep = self.dist.all_cat(valid).bool()
+            video_g = self.dist.all_cat_with_grad(out["video_emb"].float())[keep]  # (B_global, E)
+            text_g = self.dist.all_cat_with_grad(out["text_emb"].float())[keep]
+            labels_g = self.dist.all_cat(labels)[keep]
+            loss = video_text_kl_loss(video_g, text_g, labels_g, self.model.head.cfg.logit_scale, cfg.label_smoothing)
+            loss_for_grad = loss * self.dist.world
+            value = float(loss.item())
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss_for_grad).backward()
+        if cfg.grad_clip > 0:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], cfg.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        return value
+
+    def train_epoch(self, epoch: int, progress: bool = False) -> dict:
+        from tqdm import tqdm
+
+        torch.manual_seed(self.cfg.seed * 1000 + epoch)  # dropout etc.: the same stream resumed or not
+        self.model.train()
+        loader = self.loader(self.train_data, epoch, shuffle=True, batch_size=self.cfg.batch_size)
+        losses = []
+        bar = tqdm(loader, desc=f"{self.cfg.paradigm} epoch {epoch + 1}/{self.epochs}",
+                   disable=not (progress and self.dist.main), leave=False)
+        for batch in bar:
+            value = self.step(batch)
+            if value is not None:
+                losses.append(value)
+                bar.set_postfix(loss=f"{value:.3f}")
+        return {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else None,
+                "first_loss": losses[0] if losses else None, "steps": len(losses),
+                "lr": self.sched.get_last_lr()[0]}
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def eval_embeddings(self) -> tuple[list[dict], list[dict]]:
+        """Frame embeddings of every evaluation video and view: [{"frame_emb": (V, T, E), "label"}]."""
+        self.model.eval()
+        bs = self.cfg.eval_batch_size or self.cfg.batch_size
+        per_video: list[dict] = []
+        failed: list[dict] = []
+        for batch in self.loader(self.eval_data, 0, shuffle=False, batch_size=bs):
+            x = batch["video"].to(self.device, non_blocking=True)  # (B, V, T, 3, S, S)
+            B, V = x.shape[:2]
+            with _autocast(self.device, self.amp_dtype):
+                emb = self.model.encode_frames(_normalize_chw(x.flatten(0, 1), self.mean, self.std))  # (B*V, T, E)
+            emb = emb.float().view(B, V, *emb.shape[1:])  # (B, V, T, E)
+            emb, labels = self.dist.all_cat(emb).cpu(), self.dist.all_cat(batch["label"].to(self.device)).cpu()
+            index = self.dist.all_cat(batch["index"].to(self.device)).cpu()
+            valid = self.dist.all_cat(batch["valid"].to(self.device, torch.uint8)).cpu().bool()
+            errors = [e for errs in self.dist.all_objects(batch["error"]) for e in errs]
+            for j in range(len(index)):
+                if valid[j]:  # held in fp16, as a cache holds them (heads compute in float32)
+                    per_video.append({"frame_emb": emb[j].half(), "label": labels[j]})
+                elif index[j] >= 0:
+                    failed.append({"path": self.eval_data.items[int(index[j])].path, "reason": errors[j]})
+        return per_video, failed
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Top-1 / top-5 / mean-class with stage two's evaluate_head on fine-tuned frame embeddings."""
+        self.model.eval()
+        data, failed = self.eval_embeddings()
+        if not data:
+            raise DatasetError(f"no '{self.cfg.eval_split}' video could be decoded")
+        head = self.model.head
+        if self.cfg.paradigm == "actionclip":
+            # the 16 templates of every class through the (fine-tuned) text encoder
+            text = clip_text_embeddings(self.model.clip, self.tokenizer, list(self.spec.classes),
+                                        TEMPLATE_SETS["actionclip"], device=str(self.device))  # (K, M, E)
+            head.set_classifier(torch.from_numpy(text))
+        average = self.cfg.eval_average or ("embeddings" if self.cfg.paradigm == "text4vis" else "scores")
+        metrics = evaluate_head(head, data, self.device, batch_size=64, average=average, amp_dtype=self.amp_dtype)
+        self.model.train()
+        metrics["failed"] = len(failed)
+        self.eval_failures = failed
+        return metrics
+
+    # ------------------------------------------------------------------ state
+    def state(self, epoch: int, history: list, resolved: dict) -> dict:
+        return {"format": CKPT_FORMAT, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(), "epoch": epoch,
+                "history": history, "config": resolved}
+
+    def load_state(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+
+
+# ----------------------------------------------------------------------------- the run
+def _resolved(spec, cfg: FinetuneCfg, aug: AugmentCfg, tuner: Finetuner | None, head_overrides: dict) -> dict:
+    return {
+        "stage": "finetune",
+        "finetune": asdict(cfg),
+        "augment": asdict(aug),
+        "head": {"name": cfg.paradigm, **(asdict(tuner.model.head.cfg) if tuner else head_overrides)},
+        "backbone": {"arch": resolve_model_name(cfg.model), "pretrained": cfg.pretrained,
+                     "weights": weights_id(cfg.pretrained, cfg.init_seed)},
+        "dataset": {"name": spec.name, "classes": list(spec.classes), "video_root": str(spec.video_root),
+                    "sources": dict(getattr(spec, "sources", {})),
+                    "videos": {s: len(v) for s, v in spec.splits.items()}},
+    }
+
+
+def _run_id(spec, cfg: FinetuneCfg, aug: AugmentCfg, head_overrides: dict) -> str:
+    ident = _resolved(spec, cfg, aug, None, head_overrides)
+    ident["finetune"] = {k: v for k, v in ident["finetune"].items()
+                         if k not in ("device", "workers", "eval_batch_size")}
+    ident["lists"] = {s: [(it.path, it.label) for it in items] for s, items in spec.splits.items()}
+    blob = json.dumps(ident, sort_keys=True, default=str)
+    return f"finetune-{cfg.paradigm}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def finetune(spec, cfg: FinetuneCfg, head_overrides: dict | None = None, aug: AugmentCfg | None = None,
+             run_dir: str | Path | None = None, runs_root: str | Path | None = None, resume: bool = False,
+             progress: bool = True, log=print) -> dict:
+    """Fine-tune ``cfg.paradigm`` end to end on ``spec`` (a DatasetSpec), evaluate, write the run folder.
+
+    Under torchrun every rank calls this; rank 0 writes the folder, the others wait for it.
+    """
+    aug = aug or AugmentCfg()
+    head_overrides = dict(head_overrides or {})
+    dist_ctx = DistContext.from_env()
+    t0 = time.perf_counter()
+    if run_dir is None:
+        root = Path(runs_root) if runs_root else Path(os.environ.get("CLIPCACHE_ROOT", "artifacts")) / "runs"
+        run_dir = root / _run_id(spec, cfg, aug, head_overrides)
+    run_dir = Path(run_dir)
+    say = log if dist_ctx.main else (lambda *a, **k: None)
+    try:
+        tuner = Finetuner(spec, cfg, head_overrides, aug, dist_ctx, log=say)
+        resolved = _resolved(spec, cfg, aug, tuner, head_overrides)
+        resolved["world_size"] = dist_ctx.world
+        ckpt_path = run_dir / "last.pt"
+        if dist_ctx.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=1))
+        start_epoch, history = 0, []
+        if resume and ckpt_path.exists():
+            ckpt = torch.load(ckpt_path, map_location=tuner.device, weights_only=False)
+            if ckpt.get("format") != CKPT_FORMAT:
+                raise ConfigError(f"{ckpt_path} is not a stage-three checkpoint")
+            _check_same_run(ckpt["config"], resolved, ckpt_path)
+            tuner.load_state(ckpt)
+            start_epoch, history = int(ckpt["epoch"]), list(ckpt["history"])
+            say(f"resuming {run_dir} from epoch {start_epoch}")
+        elif resume:
+            say(f"no checkpoint in {run_dir} yet: starting from epoch 0")
+        E = tuner.epochs
+        metrics = next((h["val"] for h in reversed(history) if "val" in h), {})
+        if E == 0:
+            metrics = tuner.evaluate()
+            history.append({"epoch": 0, "train_loss": None, "val": metrics})
+        for epoch in range(start_epoch, E):
+            entry = tuner.train_epoch(epoch, progress)
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == E:
+                metrics = tuner.evaluate()
+                entry["val"] = metrics
+            history.append(entry)
+            # one line per epoch (fine-tuning epochs are long), with the loss of the epoch's first step
+            first = f" (first step {entry['first_loss']:.6f})" if entry["first_loss"] is not None else ""
+            loss = f"{entry['train_loss']:.4f}" if entry["train_loss"] is not None else "n/a"
+            val = f", val top1 {metrics['top1']:.1f}%" if "val" in entry else ""
+            say(f"epoch {epoch + 1}/{E}: loss {loss}{first}{val}")
+            if dist_ctx.main:
+                _atomic_save(tuner.state(epoch + 1, history, resolved), ckpt_path)
+            dist_ctx.barrier()
+        train_failed = [f for part in dist_ctx.all_objects(tuner.failures) for f in part.values()]
+        result = {"paradigm": cfg.paradigm, "final": metrics, "history": history,
+                  "first_step_loss": next((h["first_loss"] for h in history if h.get("first_loss") is not None), None),
+                  "train_videos": len(tuner.train_data), "eval_videos": len(tuner.eval_data),
+                  "failures": {"train": sorted(train_failed, key=lambda f: f["path"]),
+                               "eval": getattr(tuner, "eval_failures", [])},
+                  "trainable_params": tuner.trainable, "world_size": dist_ctx.world, "rank": dist_ctx.rank, "epochs": E,
+                  "seconds": time.perf_counter() - t0, "run_dir": str(run_dir)}
+        if dist_ctx.main:
+            atomic_write_text(run_dir / "metrics.json", json.dumps(result, indent=1))
+            _plot_curves(history, run_dir / "curves.png", f"finetune {cfg.paradigm}")
+        dist_ctx.barrier()
+        return result
+    finally:
+        dist_ctx.stop()
+
+
+def _check_same_run(old: dict, new: dict, path: Path) -> None:
+    keep = ("device", "workers", "eval_batch_size", "eval_every")
+    a = {k: v for k, v in old["finetune"].items() if k not in keep}
+    b = {k: v for k, v in new["finetune"].items() if k not in keep}
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if diff or old["head"] != new["head"] or old["augment"] != new["augment"]:
+        what = ", ".join(diff) or "head/augmentation options"
+        raise ConfigError(f"{path} was written by a run with other options ({what}); "
+                          "use another --run-dir or drop --resume")
+
+
+# ----------------------------------------------------------------------------- using a fine-tuned run
+def _read_run(run_dir: str | Path) -> dict:
+    ckpt_path = Path(run_dir) / "last.pt"
+    if not ckpt_path.exists():
+        raise ConfigError(f"no stage-three checkpoint in {run_dir} (expected {ckpt_path.name})")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise ConfigError(f"{ckpt_path} is not a stage-three (finetune) checkpoint")
+    return ckpt
+
+
+def load_finetuned(run_dir: str | Path) -> tuple[nn.Module, nn.Module, dict]:
+    """(open_clip model, stage-two head, resolved config) of a fine-tuned run, on CPU, eval mode."""
+    ckpt = _read_run(run_dir)
+    resolved = ckpt["config"]
+    ft = resolved["finetune"]
+    clip = load_clip(ft["model"], None, device="cpu", seed=ft["init_seed"])
+    head_cfg = {k: v for k, v in resolved["head"].items() if k != "name"}
+    head = get_head_entry(resolved["head"]["name"]).head_cls(make_cfg(resolved["head"]["name"], head_cfg))
+    model = FinetuneModel(clip, head, ft["paradigm"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0][:160]
+        raise ModelError(f"checkpoint in {run_dir} does not fit {ft['model']}: {first}") from None
+    return clip.eval(), head.eval(), resolved
+
+
+def export_finetuned(run_dir: str | Path, out: str | Path) -> Path:
+    """Write the fine-tuned CLIP as a plain open_clip state dict (``--pretrained`` of stage one)."""
+    clip, _head, _resolved_cfg = load_finetuned(run_dir)
+    out = Path(out)
+    if out.suffix not in (".pt", ".pth", ".bin"):
+        raise ConfigError(f"--out must end in .pt, .pth or .bin (a torch state dict), got '{out.name}'")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu()
+             for k, v in clip.state_dict().items()}
+    _atomic_save(state, out)
+    return out
+
