@@ -63,7 +63,7 @@ from cache.store import atomic_write_text
 from stages.augment import AugmentCfg, augment_clip, build_train_transform, eval_views
 from stages.backbone import BackboneInfo, load_clip, model_config, resolve_model_name, weights_id
 from stages.heads import get_head_entry, make_cfg
-from stages.heads.common import cosine_logits
+from stages.heads.actionclip import video_text_kl_loss
 from stages.text import TEMPLATE_SETS, clip_text_embeddings
 from stages.train import (
     _amp_dtype,
@@ -188,25 +188,6 @@ def split_finetune_overrides(pairs: list[str], paradigm: str) -> tuple[dict, dic
 
 
 # ----------------------------------------------------------------------------- the loss
-def video_text_kl_loss(video: torch.Tensor, text: torch.Tensor, labels: torch.Tensor, scale: float,
-                       label_smoothing: float = 0.0) -> torch.Tensor:
-    """ActionCLIP's matching loss over a batch of (video i, text of sample j) pairs.
-
-    The rule of ``ActionClipHead.loss`` (see stages/heads/actionclip.py), with the text given per
-    sample because here it comes from the trainable text encoder, not from the head's fixed
-    table: KL(gt || softmax(scale * sim)) for video->text and text->video, batchmean, averaged;
-    gt is the row-normalised same-label matrix. tests/test_finetune.py checks that both agree.
-    """
-    sim = cosine_logits(video.float(), text.float(), scale)  # (B videos, B texts)
-    same = (labels[:, None] == labels[None, :]).float()
-    target = same / same.sum(dim=1, keepdim=True)
-    if label_smoothing:
-        target = (1.0 - label_smoothing) * target + label_smoothing / video.shape[0]
-    v2t = F.kl_div(F.log_softmax(sim, dim=1), target, reduction="batchmean")
-    t2v = F.kl_div(F.log_softmax(sim.t(), dim=1), target, reduction="batchmean")
-    return 0.5 * (v2t + t2v)
-
-
 # ----------------------------------------------------------------------------- distributed
 class DistContext:
     """torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and the few collectives used here."""

@@ -67,7 +67,7 @@ from stages.heads.common import (
 )
 from stages.heads.registry import DataKeys, Head, Reference, register_head
 
-__all__ = ["ActionClipCfg", "ClsTokenAggregator", "VisualPrompt", "ActionClipHead"]
+__all__ = ["ActionClipCfg", "ClsTokenAggregator", "VisualPrompt", "ActionClipHead", "video_text_kl_loss"]
 
 PROMPTS = ("meanp", "conv1d", "lstm", "transf", "transf_cls")
 TEMPLATE_AVERAGES = ("embedding", "score")
@@ -90,6 +90,24 @@ class ActionClipCfg:
     conv_init: str = "shift"  # conv1d init: "shift" (reference) | "smooth" | "identity"
     cls_dropout: float = 0.1  # dropout inside the transf_cls encoder layers (torch default)
     seed: int = -1  # random template choice: -1 = the global torch RNG, else a seeded generator
+
+
+def video_text_kl_loss(video: torch.Tensor, text: torch.Tensor, labels: torch.Tensor, scale: float,
+                       label_smoothing: float = 0.0) -> torch.Tensor:
+    """ActionCLIP's matching loss over (video i, text of sample j) pairs, text given per sample.
+
+    KL(gt || softmax(scale * sim)) video->text and text->video, batchmean, averaged; gt is the
+    row-normalised same-label matrix. Shared with stage three, whose text comes from a
+    trainable text encoder rather than this head's fixed table.
+    """
+    sim = cosine_logits(video.float(), text.float(), scale)  # (B videos, B texts)
+    same = (labels[:, None] == labels[None, :]).float()  # symmetric
+    target = same / same.sum(dim=1, keepdim=True)  # row-normalised; the same for both directions
+    if label_smoothing:
+        target = (1.0 - label_smoothing) * target + label_smoothing / video.shape[0]
+    v2t = F.kl_div(F.log_softmax(sim, dim=1), target, reduction="batchmean")
+    t2v = F.kl_div(F.log_softmax(sim.t(), dim=1), target, reduction="batchmean")
+    return 0.5 * (v2t + t2v)
 
 
 class ClsTokenAggregator(nn.Module):
@@ -250,11 +268,4 @@ class ActionClipHead(Head):
             text = self.text[labels, self._draw_templates(B, labels.device)]  # (B, E), one template each
         else:
             text = self.class_embedding()[labels]  # (B, E)
-        sim = cosine_logits(video, text.float(), self.cfg.logit_scale)  # (B videos, B texts)
-        same = (labels[:, None] == labels[None, :]).float()  # symmetric
-        target = same / same.sum(dim=1, keepdim=True)  # row-normalised; the same for both directions
-        if label_smoothing:
-            target = (1.0 - label_smoothing) * target + label_smoothing / B
-        v2t = F.kl_div(F.log_softmax(sim, dim=1), target, reduction="batchmean")
-        t2v = F.kl_div(F.log_softmax(sim.t(), dim=1), target, reduction="batchmean")
-        return 0.5 * (v2t + t2v)
+        return video_text_kl_loss(video, text, labels, self.cfg.logit_scale, label_smoothing)
