@@ -86,7 +86,7 @@ def run_demo(root: Path = Path("artifacts/demo"), data: Path = Path("data/demo")
     for name, opts in heads.items():
         tcfg = TrainCfg(head=name, epochs=opts.get("epochs", 1), lr=opts.get("lr", 1e-3), batch_size=16,
                         warmup_epochs=1, seed=0)
-        res = train_head(cache, tcfg, opts["head"], runs_root=root / "runs", progress=False, log=_say)
+        res = train_head(cache, tcfg, opts["head"], runs_root=root / "runs", progress=False, log=_say, reuse=True)
         fin = res["final"]
         rows.append((name, fin["top1"], fin["top5"], fin["mean_class"], res["trainable_params"], res["seconds"],
                      res["run_dir"]))
@@ -95,16 +95,17 @@ def run_demo(root: Path = Path("artifacts/demo"), data: Path = Path("data/demo")
     _say("[5/6] zero-shot with the demo CLIP's text classifier")
     K = len(spec.classes)
     zs = train_head(cache, TrainCfg(head="text4vis", epochs=0, seed=0),
-                    {"temporal": "tap"}, runs_root=root / "runs", progress=False)
+                    {"temporal": "tap"}, runs_root=root / "runs", progress=False, reuse=True)
     half = ",".join(str(c) for c in range(K // 2))
     other = ",".join(str(c) for c in range(K // 2, K))
     zs_split = train_head(cache, TrainCfg(head="text4vis", epochs=2 if quick else 20, batch_size=16, seed=0,
                                           train_classes=half, test_classes=other),
-                          DEMO_HEADS["text4vis"]["head"], runs_root=root / "runs", progress=False)
+                          DEMO_HEADS["text4vis"]["head"], runs_root=root / "runs", progress=False, reuse=True)
 
     _say("[6/6] compare-init: classifier initialisations in few-shot")
     ci = compare_init(cache, head="text4vis", seeds=seeds if not quick else (0,), shots=(1, 2, 0),
-                      frozen=(True,), epochs=2 if quick else 20, head_overrides={"temporal": "tap"},
+                      frozen=(True,), epochs=2 if quick else 20,
+                      head_overrides={"temporal": "ttrans", "layers": 1, "pos_rows": 16},
                       out_dir=root / "compare-init", progress=False, log=_say)
 
     table = Table(title=f"clipcache demo: {K} classes, {len(spec.splits['train'])} train / "
