@@ -75,7 +75,7 @@ class PretrainCfg:
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.1
-    warmup_steps: int = 50
+    warmup_steps: int = 50     # at most 10% of the budget (steps or time)
     seed: int = 0
     image_size: int = 64       # the model's input size: frames are resized to it (short side) and cropped
     amp: str = "auto"          # "bf16" | "none" | "auto" (bf16 where the CPU/GPU runs it natively)
@@ -367,10 +367,9 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
 class _Schedule:
     """Linear warmup, then cosine to 0 over what is left of the budget.
 
-    With a step budget, warmup is ``warmup_steps`` and the cosine runs over the remaining steps.
-    With a time budget (steps unknown in advance), warmup ends after ``warmup_steps`` or 10% of
-    the time, whichever comes first, and the cosine runs over the remaining time; with both,
-    whichever budget is further along sets the pace.
+    Warmup ends after ``warmup_steps`` or 10% of the budget (of the steps, or of the time),
+    whichever comes first; the cosine then runs over what is left of the steps or of the time
+    (with both budgets, whichever is further along sets the pace).
     """
 
     def __init__(self, cfg: PretrainCfg):
@@ -384,6 +383,8 @@ class _Schedule:
         cfg = self.cfg
         if self.warm_end is None:
             done = (step + 1) / cfg.warmup_steps
+            if cfg.max_steps > 0:
+                done = max(done, (step + 1) / max(1.0, 0.1 * cfg.max_steps))
             if self.budget_s > 0:
                 done = max(done, elapsed / (0.1 * self.budget_s))
             if done < 1.0:
@@ -399,29 +400,46 @@ class _Schedule:
 
 
 class _ThreadChooser:
-    """Times steps 1..6 alternately with ``n`` intra-op threads and with 1, then keeps the faster."""
+    """Picks the intra-op thread count by timing steps, and watches it.
+
+    Steps 1..6 run alternately with ``n`` threads and with 1; the faster is kept (1 unless ``n``
+    is clearly faster). While more than one thread is in use, steps that become twice as slow as
+    when the choice was made (other jobs now compete for the cores, where several threads stall
+    one another) start the timing again.
+    """
 
     TRIALS = 3
 
-    def __init__(self, n: int):
-        self.options = (n, 1)
-        self.times: dict[int, list[float]] = {n: [], 1: []}
-        self.done = n <= 1
+    def __init__(self, n: int, log: Callable[[str], None]):
+        self.n, self.log = n, log
+        self.active = n > 1
+        self.trial: dict[int, list[float]] | None = {n: [], 1: []} if self.active else None
+        self.order = [n, 1] * self.TRIALS
+        self.ref = 0.0
+        self.recent: list[float] = []
 
     def before(self, step: int) -> None:
-        if 1 <= step <= 2 * self.TRIALS:
-            torch.set_num_threads(self.options[(step - 1) % 2])
+        if self.active and self.trial is not None and step >= 1:
+            torch.set_num_threads(self.order[sum(map(len, self.trial.values()))])
 
-    def after(self, step: int, seconds: float, log: Callable[[str], None]) -> None:
-        if step < 1:
+    def after(self, step: int, seconds: float) -> None:
+        if not self.active or step < 1:
             return
-        self.times[torch.get_num_threads()].append(seconds)
-        if step == 2 * self.TRIALS:
-            med = {n: float(np.median(t)) for n, t in self.times.items()}
-            best = min(med, key=med.get)
-            torch.set_num_threads(best)
-            log(f"  threads: {best} ({', '.join(f'{n} thread(s) {t:.2f} s/step' for n, t in med.items())})")
-            self.done = True
+        if self.trial is not None:
+            self.trial[torch.get_num_threads()].append(seconds)
+            if sum(map(len, self.trial.values())) == len(self.order):
+                med = {k: float(np.median(v)) for k, v in self.trial.items()}
+                best = self.n if med[self.n] < 0.8 * med[1] else 1
+                torch.set_num_threads(best)
+                self.ref, self.recent, self.trial = med[best], [], None
+                self.log(f"  threads: {best} ({', '.join(f'{k} thread(s) {t:.2f} s/step' for k, t in med.items())})")
+            return
+        if torch.get_num_threads() == 1:
+            return
+        self.recent = (self.recent + [seconds])[-5:]
+        if len(self.recent) == 5 and float(np.median(self.recent)) > 2.0 * self.ref:
+            self.log(f"  steps slowed from {self.ref:.2f} to {float(np.median(self.recent)):.2f} s: timing threads again")
+            self.trial = {self.n: [], 1: []}
 
 
 def _sha256(path: Path) -> str:
@@ -548,7 +566,7 @@ def _train(out_path: Path, meta_path: Path, render: Render, eval_prompts: EvalGr
     losses: list[float] = []
     curve: list[list[float]] = []
     schedule = _Schedule(cfg)
-    chooser = _ThreadChooser(torch.get_num_threads()) if auto_threads and dev.type == "cpu" else None
+    chooser = _ThreadChooser(torch.get_num_threads(), log) if auto_threads and dev.type == "cpu" else None
     step, last_log = 0, time.perf_counter()
     step_seconds = 0.0
     while True:
@@ -579,9 +597,7 @@ def _train(out_path: Path, meta_path: Path, render: Render, eval_prompts: EvalGr
             model.logit_scale.clamp_(0, math.log(100))
         step_seconds += time.perf_counter() - ts
         if chooser is not None:
-            chooser.after(step, time.perf_counter() - ts, log)
-            if chooser.done:
-                chooser = None
+            chooser.after(step, time.perf_counter() - ts)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise ConfigError(f"pretraining diverged at step {step} (loss {value}); lower the lr (now {cfg.lr:g})")

@@ -9,7 +9,7 @@ import torch
 
 from cache.errors import ConfigError
 from stages.backbone import load_clip
-from stages.pretrain_demo import PretrainCfg, caption_labels, pretrain_demo_clip
+from stages.pretrain_demo import PretrainCfg, _ThreadChooser, caption_labels, pretrain_demo_clip
 
 
 def _world():
@@ -32,7 +32,7 @@ def _groups():
     }
 
 
-TINY = PretrainCfg(model="tiny", image_size=32, minutes=0, max_steps=30, batch_size=32, lr=2e-3, warmup_steps=5,
+TINY = PretrainCfg(model="tiny", image_size=32, minutes=0, max_steps=60, batch_size=32, lr=2e-3, warmup_steps=5,
                    pool_size=256, fresh_per_step=8, eval_frames=128, amp="none")
 
 
@@ -47,9 +47,9 @@ def tiny_run(tmp_path_factory):
 
 def test_loss_falls_and_json_has_accuracies(tiny_run):
     out, meta, lines = tiny_run
-    assert meta["steps"] == 30 and meta["samples"] == 30 * 32
+    assert meta["steps"] == 60 and meta["samples"] == 60 * 32
     curve = [loss for _, loss in meta["loss_curve"]]
-    assert meta["final_loss"] < meta["first_loss"] - 0.2, curve
+    assert meta["final_loss"] < meta["first_loss"] - 0.5, curve
     assert curve[-1] < curve[0]
     on_disk = json.loads(out.with_name(out.name + ".json").read_text())
     assert on_disk == meta
@@ -136,6 +136,28 @@ def test_caption_labels():
     assert caption_labels(["red", "circle"], ["a red circle"]).tolist() == [-1]
     with pytest.raises(ConfigError):
         caption_labels(["a red circle", "a red circle"], caps)
+
+
+def test_thread_choice_follows_the_step_times():
+    """threads="auto": keep the faster count; when other jobs slow the multi-thread steps, re-time."""
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        lines: list[str] = []
+        chooser = _ThreadChooser(2, lines.append)
+        cost = {2: 0.3, 1: 0.5}
+        for step in range(7):  # step 0 is never timed; 1..6 alternate 2 and 1 threads
+            chooser.before(step)
+            chooser.after(step, cost[torch.get_num_threads()])
+        assert torch.get_num_threads() == 2 and len(lines) == 1
+        cost = {2: 3.0, 1: 0.6}  # the machine got busy: two threads now stall each other
+        for step in range(7, 20):
+            chooser.before(step)
+            chooser.after(step, cost[torch.get_num_threads()])
+        assert torch.get_num_threads() == 1
+        assert any("timing threads again" in line for line in lines)
+    finally:
+        torch.set_num_threads(old)
 
 
 def test_bad_cfg_is_one_clear_error(tmp_path):
