@@ -615,6 +615,7 @@ def _encode_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
             stream.pix_fmt = "yuv420p"
             # one thread: x264 output is then the same on every machine and run
             stream.options = {"crf": "17", "preset": "veryfast", "threads": "1"}
+            stream.codec_context.thread_count = 1  # PyAV's own default (auto) must not override it
             tb = Fraction(1, fps)
             for i in range(T):
                 vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="rgb24")
