@@ -14,7 +14,7 @@ from cache.errors import CacheMismatchError, DatasetError
 from cache.store import DONE, FeatureStore
 from stages.heads import DataKeys, resolve_layers
 
-__all__ = ["HeadInputs", "CacheSplit", "check_cache_for_head", "select_videos", "extraction_hint"]
+__all__ = ["HeadInputs", "CacheSplit", "pixel_stats", "check_cache_for_head", "select_videos", "extraction_hint"]
 
 IN_MEMORY_LIMIT = 2 << 30  # bytes of one array above which it is read per video instead
 
@@ -42,6 +42,20 @@ class HeadInputs:
         if keys.frames and "frames" not in has:
             missing.append("uint8 input frames")
         self.missing = missing
+
+    def array_names(self) -> list[str]:
+        """The cached arrays this head reads, in a fixed order."""
+        names = ["frame_emb"] if self.keys.frame_emb else []
+        names += ["cls"] * bool(self.cls_layers) + ["patch"] * bool(self.patch_layers)
+        return names + (["frames"] if self.keys.frames else [])
+
+
+def pixel_stats(meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's pixel mean and std recorded in the cache, shaped (3, 1, 1)."""
+    pre = meta.get("preprocess", {})
+    mean = torch.tensor(pre.get("mean", (0.48145466, 0.4578275, 0.40821073))).view(3, 1, 1)
+    std = torch.tensor(pre.get("std", (0.26862954, 0.26130258, 0.27577711))).view(3, 1, 1)
+    return mean, std
 
 
 def extraction_hint(store: FeatureStore, keys: DataKeys) -> str:
@@ -117,17 +131,7 @@ class CacheSplit(Dataset):
         self.labels = np.array([label_map[int(x)] for x in labels] if label_map else labels, dtype=np.int64)
         self.memory: dict[str, np.ndarray] = {}
         specs = store.specs(split)
-        keys = inputs.keys
-        wanted = []
-        if keys.frame_emb:
-            wanted.append("frame_emb")
-        if inputs.cls_layers:
-            wanted.append("cls")
-        if inputs.patch_layers:
-            wanted.append("patch")
-        if keys.frames:
-            wanted.append("frames")
-        self.wanted = wanted
+        self.wanted = wanted = inputs.array_names()
         for name in wanted:
             spec = specs[name]
             per_video = 4 * int(np.prod(spec.shape))  # held as float32
@@ -136,9 +140,7 @@ class CacheSplit(Dataset):
                 per_video = per_video * len(picked) // spec.shape[2]  # only the head's layers
             if per_video * len(self.indices) <= IN_MEMORY_LIMIT:
                 self.memory[name] = self._read(name, self.indices)
-        pre = store.meta.get("preprocess", {})
-        self.mean = torch.tensor(pre.get("mean", (0.48145466, 0.4578275, 0.40821073))).view(3, 1, 1)
-        self.std = torch.tensor(pre.get("std", (0.26862954, 0.26130258, 0.27577711))).view(3, 1, 1)
+        self.mean, self.std = pixel_stats(store.meta)
         self.views = specs[wanted[0]].shape[0] if wanted else 1
         self.epoch_seed = 0
 

@@ -29,6 +29,7 @@ from torch.utils.data import IterableDataset
 
 from cache.errors import CacheMismatchError
 from cache.wds import WdsCache, expand_shards, header_for, member_names, sample_array, sample_info
+from stages.cache_data import pixel_stats
 
 __all__ = ["WdsSource", "WdsSplit", "open_wds_source", "node_info"]
 
@@ -106,22 +107,10 @@ class WdsSplit(IterableDataset):
         self.label_map = label_map
         self.shuffle, self.resample, self.split_nodes = int(shuffle), bool(resample), bool(split_nodes)
         specs = source.specs(self.split)
-        keys = inputs.keys
-        wanted = []
-        if keys.frame_emb:
-            wanted.append("frame_emb")
-        if inputs.cls_layers:
-            wanted.append("cls")
-        if inputs.patch_layers:
-            wanted.append("patch")
-        if keys.frames:
-            wanted.append("frames")
-        self.wanted = wanted
+        self.wanted = wanted = inputs.array_names()
         self.stored = {n: specs[n].dtype for n in wanted}
         self.members = {"json"} | {m for n in wanted for m in member_names(n, specs[n].dtype)}
-        pre = source.meta.get("preprocess", {})
-        self.mean = torch.tensor(pre.get("mean", (0.48145466, 0.4578275, 0.40821073))).view(3, 1, 1)
-        self.std = torch.tensor(pre.get("std", (0.26862954, 0.26130258, 0.27577711))).view(3, 1, 1)
+        self.mean, self.std = pixel_stats(source.meta)
         self.views = specs[wanted[0]].shape[0] if wanted else 1
         self.epoch_seed = 0
         # only shards holding a selected video, in index order
