@@ -14,7 +14,7 @@ from cache.errors import CacheMismatchError, DatasetError
 from cache.store import DONE, FeatureStore
 from stages.heads import DataKeys, resolve_layers
 
-__all__ = ["HeadInputs", "CacheSplit", "pixel_stats", "check_cache_for_head", "select_videos", "extraction_hint"]
+__all__ = ["HeadInputs", "CacheSplit", "pixel_stats", "view_tensor", "check_cache_for_head", "select_videos", "extraction_hint"]
 
 IN_MEMORY_LIMIT = 2 << 30  # bytes of one array above which it is read per video instead
 
@@ -163,11 +163,15 @@ class CacheSplit(Dataset):
             pick = slice(None)
         for name in self.wanted:
             arr = self.memory[name][i] if name in self.memory else self._read(name, int(self.indices[i]))
-            arr = arr[pick]  # (V or 1, T, ...)
-            t = torch.from_numpy(np.ascontiguousarray(arr))
-            if name == "frames":
-                t = (t.movedim(-1, -3).float() / 255.0 - self.mean) / self.std  # (V, T, 3, H, W)
-            if self.train:
-                t = t[0]
-            item[name] = t
+            item[name] = view_tensor(name, arr, pick, self.train, self.mean, self.std)
         return item
+
+
+def view_tensor(name: str, arr: np.ndarray, pick: slice, train: bool, mean: torch.Tensor,
+                std: torch.Tensor) -> torch.Tensor:
+    """One video's array (V, T, ...) -> the tensor a head gets: the picked views (training: the
+    single drawn view, no V axis); uint8 frames normalised to (.., T, 3, H, W) floats."""
+    t = torch.from_numpy(np.ascontiguousarray(arr[pick]))  # (V or 1, T, ...)
+    if name == "frames":
+        t = (t.movedim(-1, -3).float() / 255.0 - mean) / std  # (V, T, 3, H, W)
+    return t[0] if train else t

@@ -29,7 +29,7 @@ from torch.utils.data import IterableDataset
 
 from cache.errors import CacheMismatchError
 from cache.wds import WdsCache, expand_shards, header_for, member_names, sample_array, sample_info
-from stages.cache_data import pixel_stats
+from stages.cache_data import pixel_stats, view_tensor
 
 __all__ = ["WdsSource", "WdsSplit", "open_wds_source", "node_info"]
 
@@ -207,13 +207,7 @@ class WdsSplit(IterableDataset):
                 arr = arr[..., self.inputs.cls_pos, :]  # (V, T, L, D)
             elif name == "patch":
                 arr = arr[..., self.inputs.patch_pos, :, :]  # (V, T, L, P, D)
-            arr = arr[pick]  # (V or 1, T, ...)
-            t = torch.from_numpy(np.ascontiguousarray(arr))
-            if name == "frames":
-                t = (t.movedim(-1, -3).float() / 255.0 - self.mean) / self.std  # (V, T, 3, H, W)
-            if self.train:
-                t = t[0]
-            item[name] = t
+            item[name] = view_tensor(name, arr, pick, self.train, self.mean, self.std)
         return item
 
 
