@@ -258,6 +258,8 @@ def train(
     path = _wds_source(wds, wds_header, wds_eval, wds_shuffle, wds_resample, cfg, cache) if wds else \
         _resolve_cache(cache, dataset, cache_root)
     res = train_head(path, cfg, head_over, run_dir=run_dir, resume=resume, progress=progress)
+    if res.get("rank", 0):  # under torchrun, rank 0 reports
+        return
     fin = res["final"]
     typer.echo(f"{head}: top1 {fin['top1']:.1f}%  top5 {fin['top5']:.1f}%  mean-class {fin['mean_class']:.1f}%  "
                f"({res['train_videos']} train / {res['eval_videos']} eval videos, "

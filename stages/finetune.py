@@ -62,6 +62,7 @@ from cache.errors import ConfigError, DatasetError, ModelError, VideoDecodeError
 from cache.store import atomic_write_text
 from stages.augment import AugmentCfg, augment_clip, build_train_transform, eval_views
 from stages.backbone import BackboneInfo, load_clip, model_config, resolve_model_name, weights_id
+from stages.dist import DistContext, dist_device, rank_batches
 from stages.heads import get_head_entry, make_cfg
 from stages.heads.actionclip import video_text_kl_loss
 from stages.text import TEMPLATE_SETS, clip_text_embeddings
@@ -187,102 +188,6 @@ def split_finetune_overrides(pairs: list[str], paradigm: str) -> tuple[dict, dic
     return ft, aug, head
 
 
-# ----------------------------------------------------------------------------- the loss
-# ----------------------------------------------------------------------------- distributed
-class DistContext:
-    """torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and the few collectives used here."""
-
-    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, local_world: int = 1):
-        self.rank, self.world, self.local_rank, self.local_world = rank, world, local_rank, local_world
-        self.started = False
-
-    @classmethod
-    def from_env(cls) -> "DistContext":
-        env = os.environ
-        world = int(env.get("WORLD_SIZE", "1"))
-        return cls(int(env.get("RANK", "0")), world, int(env.get("LOCAL_RANK", "0")),
-                   int(env.get("LOCAL_WORLD_SIZE", str(world))))
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def start(self, device: torch.device) -> None:
-        import torch.distributed as dist
-
-        if self.enabled and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            self.started = True
-
-    def stop(self) -> None:
-        import torch.distributed as dist
-
-        if self.started and dist.is_initialized():
-            dist.destroy_process_group()
-            self.started = False
-
-    def barrier(self) -> None:
-        if self.enabled:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            import torch.distributed as dist
-
-            x = x.clone()
-            dist.all_reduce(x)
-        return x
-
-    def all_cat(self, x: torch.Tensor) -> torch.Tensor:
-        """Concatenate equal-shaped tensors of all ranks in rank order (no gradient)."""
-        if not self.enabled:
-            return x
-        import torch.distributed as dist
-
-        parts = [torch.empty_like(x) for _ in range(self.world)]
-        dist.all_gather(parts, x.detach().contiguous())
-        return torch.cat(parts)
-
-    def all_cat_with_grad(self, x: torch.Tensor) -> torch.Tensor:
-        """As ``all_cat``, with this rank's slice still attached to its graph."""
-        if not self.enabled:
-            return x
-        import torch.distributed as dist
-
-        parts = [torch.empty_like(x) for _ in range(self.world)]
-        dist.all_gather(parts, x.detach().contiguous())
-        parts[self.rank] = x
-        return torch.cat(parts)
-
-    def all_objects(self, obj) -> list:
-        if not self.enabled:
-            return [obj]
-        import torch.distributed as dist
-
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-
-def rank_batches(n: int, batch_size: int, world: int, rank: int, seed: int, epoch: int,
-                 shuffle: bool) -> list[list[int]]:
-    """This rank's slice of every global batch; -1 marks padding (masked out)."""
-    order = np.random.default_rng([seed, epoch, 7]).permutation(n) if shuffle else np.arange(n)
-    out = []
-    for start in range(0, n, batch_size):
-        chunk = [int(i) for i in order[start:start + batch_size]]
-        per = -(-len(chunk) // world)
-        chunk += [-1] * (per * world - len(chunk))
-        out.append(chunk[rank * per:(rank + 1) * per])
-    return out
-
-
 # ----------------------------------------------------------------------------- data
 class VideoClips(Dataset):
     """Videos as uint8 clips; item -1 is padding.
@@ -370,15 +275,6 @@ def _text_param_names(clip: nn.Module) -> list[str]:
             if not n.startswith("visual.") and n not in ("logit_scale", "logit_bias")]
 
 
-def _device(name: str, dist_ctx: DistContext) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
-    if dev.type == "cuda" and dist_ctx.enabled and dev.index is None:
-        dev = torch.device("cuda", dist_ctx.local_rank)
-    return dev
-
-
 def _normalize_chw(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """(..., 3, S, S) uint8 -> float normalised with the model's mean/std."""
     return (x.float().div_(255.0) - mean) / std
@@ -399,7 +295,7 @@ class Finetuner:
         for split in (cfg.train_split, cfg.eval_split):
             if split not in spec.splits or not spec.splits[split]:
                 raise DatasetError(f"dataset '{spec.name}' has no '{split}' videos (splits: {', '.join(spec.splits)})")
-        self.device = _device(cfg.device, self.dist)
+        self.device = dist_device(cfg.device, self.dist)
         self.amp_dtype = _amp_dtype(cfg, self.device)
         self.dist.start(self.device)
 

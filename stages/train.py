@@ -4,6 +4,18 @@ Run folder: config.json (resolved), last.pt (atomic, every epoch; `resume` conti
 metrics.json (history + final), curves.png. Deterministic on CPU for a given seed: the
 shuffle order and the RNG state of each epoch derive from (seed, epoch), so a run killed
 after epoch k and resumed ends with the metrics of an uninterrupted run.
+
+Under torchrun (one process per GPU; gloo on CPU) training is data parallel (DDP): the batch
+size is the *global* batch; every rank walks the same seeded sequence of global batches and
+takes its slice (stages.dist.rank_batches, padding masked out); the head's outputs are
+all-gathered (this rank's slice keeps its gradient) so that every rank computes the loss of the
+whole global batch, which the backward pass scales by the world size: DDP's gradient average is
+then the gradient of the one-process loss, and a run on n processes follows a run on one up to
+float summation order (tests/test_train_ddp.py). BatchNorm (Side4Video) becomes SyncBatchNorm
+on GPUs. Evaluation splits the videos across ranks and gathers every score, so the metrics are
+those of the whole set on every rank. Rank 0 writes the run folder; the others wait for it.
+From WebDataset shards each rank streams its own shards and an epoch is a fixed number of
+global batches (the shortest stream wraps around), the usual multi-node recipe.
 """
 
 from __future__ import annotations
@@ -21,11 +33,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, IterableDataset
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from cache.errors import CacheMismatchError, ConfigError, DatasetError
 from cache.store import FeatureStore, atomic_write_text, open_store
 from stages.cache_data import CacheSplit, check_cache_for_head, select_videos
+from stages.dist import DistContext, dist_device, rank_batches
 from stages.heads import DIM_FIELDS, Head, get_head_entry, make_cfg
 
 __all__ = ["TrainCfg", "parse_class_spec", "split_overrides", "build_head", "classifier_matrix",
@@ -46,7 +60,7 @@ class TrainCfg:
     grad_clip: float = 0.0            # max grad norm; 0 = off
     seed: int = 0
     device: str = "auto"
-    amp: str = "auto"                 # auto (bf16/fp16 on GPU, off on CPU) | none | bf16 | fp16
+    amp: str = "auto"                 # auto (bf16 on GPUs that have it, else fp16; off on CPU) | none | bf16 | fp16
     train_split: str = "train"
     eval_split: str = "val"
     shots: int = 0                    # K videos per class (0 = all)
@@ -217,18 +231,25 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 @torch.no_grad()
 def evaluate_head(head: Head, data: CacheSplit, device: torch.device, batch_size: int = 64,
                   average: str = "scores", classifier: torch.Tensor | None = None,
-                  amp_dtype=None) -> dict[str, float]:
+                  amp_dtype=None, dist_ctx: DistContext | None = None) -> dict[str, float]:
     """Multi-view evaluation: run each view, average scores (or embeddings, Text4Vis style).
 
     ``classifier`` (K', E) given: logits come from cosine similarity of the head's video
-    embedding with it (zero-shot on other classes, cross-dataset evaluation).
+    embedding with it (zero-shot on other classes, cross-dataset evaluation). Under torchrun
+    (``dist_ctx`` with several ranks) each rank scores every world-th video and the scores are
+    gathered: every rank returns the metrics of the whole set.
     """
     head.eval()
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=_collate)
-    all_scores, all_labels = [], []
+    ctx = dist_ctx or DistContext()
     use_emb = classifier is not None or average == "embeddings"
     if use_emb and not hasattr(head, "video_embedding"):
         raise ConfigError(f"head '{head.name}' has no video embedding: it cannot average embeddings or swap classes")
+    if ctx.enabled:
+        data = data.rank_subset(ctx.rank, ctx.world) if isinstance(data, IterableDataset) else \
+            Subset(data, range(ctx.rank, len(data), ctx.world))
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=_collate,
+                        pin_memory=device.type == "cuda")
+    all_scores, all_labels = [], []
     for batch in loader:
         batch = _to(batch, device)
         labels = batch.pop("label")
@@ -250,7 +271,12 @@ def evaluate_head(head: Head, data: CacheSplit, device: torch.device, batch_size
             scores = stacked.softmax(-1).mean(0)
         all_scores.append(scores.float().cpu())
         all_labels.append(labels.cpu())
-    return accuracy_metrics(torch.cat(all_scores), torch.cat(all_labels))
+    parts = ctx.all_objects((all_scores, all_labels))  # [(scores, labels)] of every rank
+    scores = [x for p in parts for x in p[0]]
+    labels = [x for p in parts for x in p[1]]
+    if not scores:
+        raise DatasetError("no videos to evaluate")
+    return accuracy_metrics(torch.cat(scores), torch.cat(labels))
 
 
 def _head_w(head: Head) -> torch.Tensor:
@@ -291,14 +317,17 @@ def _atomic_save(obj, path: Path) -> None:
         raise
 
 
-def _device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+AMP_CHOICES = ("auto", "none", "bf16", "fp16")
 
 
-def _amp_dtype(cfg: TrainCfg, device: torch.device):
+def _amp_dtype(cfg, device: torch.device):
+    """Autocast dtype: "auto" is off on CPU, bf16 on GPUs that support it, fp16 (with a
+    GradScaler in the trainers) on older ones."""
+    if cfg.amp not in AMP_CHOICES:
+        raise ConfigError(f"amp must be one of {', '.join(AMP_CHOICES)}, got '{cfg.amp}'")
     if cfg.amp == "none" or (cfg.amp == "auto" and device.type != "cuda"):
         return None
-    if cfg.amp == "fp16":
+    if cfg.amp == "fp16" or (cfg.amp == "auto" and not torch.cuda.is_bf16_supported()):
         return torch.float16
     return torch.bfloat16
 
@@ -310,9 +339,24 @@ def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: 
     """Train (or fit) ``cfg.head`` on a cache and evaluate it; returns the metrics dict.
 
     ``reuse``: a finished run of the same resolved config in ``run_dir`` is returned as is.
+    Under torchrun every rank calls this (module docstring); rank 0 writes the run folder.
     """
     store = open_store(cache) if isinstance(cache, (str, Path)) else cache  # FeatureStore or stages.wds_data.WdsSource
-    head_overrides = dict(head_overrides or {})
+    ctx = DistContext.from_env()
+    device = dist_device(cfg.device, ctx)
+    amp_dtype = _amp_dtype(cfg, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    ctx.start(device)
+    try:
+        return _train_head(store, cfg, dict(head_overrides or {}), run_dir, runs_root, resume, progress and ctx.main,
+                           log if ctx.main else (lambda *a, **k: None), init_weight, reuse, ctx, device, amp_dtype)
+    finally:
+        ctx.stop()
+
+
+def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, resume: bool, progress: bool, log,
+                init_weight, reuse: bool, ctx: DistContext, device: torch.device, amp_dtype) -> dict:
     K_all = int(store.meta["dims"]["num_classes"])
     train_classes = parse_class_spec(cfg.train_classes, K_all)
     test_classes = parse_class_spec(cfg.test_classes, K_all)
@@ -329,18 +373,18 @@ def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: 
     eval_idx = select_videos(store, cfg.eval_split, classes=eval_classes, seed=cfg.seed)
     train_map = {c: i for i, c in enumerate(train_classes)} if train_classes is not None else None
     eval_map = {c: i for i, c in enumerate(eval_classes)} if eval_classes is not None else None
-    device = _device(cfg.device)
-    amp_dtype = _amp_dtype(cfg, device)
 
     run_dir = Path(run_dir) if run_dir else Path(runs_root or Path(os.environ.get("CLIPCACHE_ROOT", "artifacts")) / "runs") \
         / _run_id(cfg, head_overrides, store)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = {"train": asdict(cfg), "head": {"name": cfg.head, **asdict(head.cfg)}, "cache": str(store.path),
                 "cache_key": store.key, "train_videos": int(len(train_idx)), "eval_videos": int(len(eval_idx))}
-    if reuse and (run_dir / "metrics.json").exists() and (run_dir / "config.json").exists():
-        if json.loads((run_dir / "config.json").read_text()) == json.loads(json.dumps(resolved)):
-            return json.loads((run_dir / "metrics.json").read_text())
-    atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=1))
+    done = reuse and (run_dir / "metrics.json").exists() and (run_dir / "config.json").exists() and \
+        json.loads((run_dir / "config.json").read_text()) == json.loads(json.dumps(resolved))
+    if ctx.all_objects(done)[0]:  # rank 0 decides, before anyone writes
+        return json.loads((run_dir / "metrics.json").read_text())
+    if ctx.main:
+        atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=1))
 
     if getattr(head, "set_backbone_weights", None) and keys.backbone_weights:
         head.set_backbone_weights(_backbone_weights(store, keys, head))
@@ -364,21 +408,25 @@ def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: 
     if head.uses_sklearn:
         full = _collate(_all_items(train_data))
         head.fit(full)
-        metrics = evaluate_head(head, eval_data, device, average="scores", amp_dtype=amp_dtype)
+        metrics = evaluate_head(head, eval_data, device, average="scores", amp_dtype=amp_dtype, dist_ctx=ctx)
         history.append({"epoch": 1, "train_loss": None, **{f"val_{k}": v for k, v in metrics.items()}})
-        _atomic_save({"head": head.state_dict(), "config": resolved, "epoch": 1}, run_dir / "last.pt")
+        if ctx.main:
+            _atomic_save({"head": head.state_dict(), "config": resolved, "epoch": 1}, run_dir / "last.pt")
     elif cfg.epochs == 0:  # evaluation only: zero-shot with the installed classifier
         metrics = evaluate_head(head, eval_data, device, average=cfg.eval_average, classifier=eval_classifier,
-                                amp_dtype=amp_dtype)
+                                amp_dtype=amp_dtype, dist_ctx=ctx)
         history.append({"epoch": 0, "train_loss": None, "val": metrics})
     else:
         metrics, history = _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resolved,
-                                    resume, progress, log, eval_classifier)
+                                    resume, progress, log, eval_classifier, ctx, len(train_idx))
     result = {"head": cfg.head, "final": metrics, "history": history, "train_videos": int(len(train_idx)),
               "eval_videos": int(len(eval_idx)), "trainable_params": head.num_trainable(),
-              "seconds": time.perf_counter() - t0, "run_dir": str(run_dir)}
-    atomic_write_text(run_dir / "metrics.json", json.dumps(result, indent=1))
-    _plot_curves(history, run_dir / "curves.png", cfg.head)
+              "seconds": time.perf_counter() - t0, "world_size": ctx.world, "rank": ctx.rank,
+              "run_dir": str(run_dir)}
+    if ctx.main:
+        atomic_write_text(run_dir / "metrics.json", json.dumps(result, indent=1))
+        _plot_curves(history, run_dir / "curves.png", cfg.head)
+    ctx.barrier()
     return result
 
 
@@ -415,13 +463,81 @@ def _backbone_weights(store: FeatureStore, keys, head) -> dict[int, dict[str, to
     return out
 
 
+class _Masked(Dataset):
+    """A map-style split indexed by ``rank_batches`` entries: -1 (padding) repeats the first
+    video and is flagged ``valid = False``, so the global loss leaves it out."""
+
+    def __init__(self, data: Dataset):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = self.data[max(i, 0)]
+        item["valid"] = torch.tensor(i >= 0)
+        return item
+
+
+def _epoch_batches(data, cfg: TrainCfg, ctx: DistContext, epoch: int, steps: int, device: torch.device):
+    """This rank's batches of one epoch (``data.set_epoch`` already called)."""
+    pin = device.type == "cuda"
+    if not isinstance(data, IterableDataset):
+        batches = rank_batches(len(data), cfg.batch_size, ctx.world, ctx.rank, cfg.seed, epoch, shuffle=True)
+        return DataLoader(_Masked(data), batch_sampler=batches, collate_fn=_collate, num_workers=cfg.workers,
+                          pin_memory=pin)
+    # a stream shuffles itself (a buffer seeded by set_epoch)
+    if not ctx.enabled:
+        return DataLoader(data, batch_size=cfg.batch_size, collate_fn=_collate, num_workers=cfg.workers,
+                          pin_memory=pin)
+    per = -(-cfg.batch_size // ctx.world)
+    loader = DataLoader(data, batch_size=per, collate_fn=_collate, num_workers=cfg.workers, pin_memory=pin,
+                        drop_last=True)
+    return _wrap_around(loader, steps, per, ctx.rank)
+
+
+def _wrap_around(loader: DataLoader, steps: int, per: int, rank: int):
+    """Exactly ``steps`` batches from a rank's stream, restarting it when it runs out: ranks of a
+    DDP job must take the same number of steps, and shards rarely split evenly across ranks."""
+    done = 0
+    while done < steps:
+        before = done
+        for batch in loader:
+            yield batch
+            done += 1
+            if done == steps:
+                return
+        if done == before:
+            raise DatasetError(f"rank {rank} streams fewer than {per} training videos from its shards: "
+                               "export smaller shards, use fewer ranks, or pass --wds-resample")
+
+
+def _global_batch(out: dict[str, torch.Tensor], labels: torch.Tensor, valid: torch.Tensor | None, ctx: DistContext):
+    """The head's outputs and labels of the whole global batch, padding removed; this rank's
+    slice keeps its graph, so the loss of the gathered batch back-propagates into it."""
+    B = labels.shape[0]
+    keep = torch.ones(B, dtype=torch.uint8, device=labels.device) if valid is None else valid.to(torch.uint8)
+    keep = ctx.all_cat(keep).bool()
+    gathered = {k: ctx.all_cat_with_grad(v)[keep] for k, v in out.items()
+                if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == B}
+    return gathered, ctx.all_cat(labels)[keep]
+
+
 def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resolved, resume, progress, log,
-             eval_classifier):
+             eval_classifier, ctx: DistContext, n_train: int):
     from tqdm import tqdm
 
     params = [p for p in head.parameters() if p.requires_grad]
     if not params:
         raise ConfigError(f"head '{cfg.head}' has nothing to train with these options")
+    model = head
+    if ctx.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if device.type == "cuda":  # batch statistics over the global batch (CPU has no SyncBatchNorm)
+            head = nn.SyncBatchNorm.convert_sync_batchnorm(head)
+        model = DistributedDataParallel(head, device_ids=[device.index] if device.type == "cuda" else None,
+                                        forward_sync_buffers=False)
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -429,7 +545,13 @@ def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resol
         opt = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
     except (RuntimeError, TypeError):
         opt = torch.optim.AdamW(groups, lr=cfg.lr)
-    steps_per_epoch = max(1, math.ceil(len(train_data) / cfg.batch_size))
+    steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size))
+    if ctx.enabled and isinstance(train_data, IterableDataset):  # every rank must fill its slice of a batch
+        per, counts = -(-cfg.batch_size // ctx.world), ctx.all_objects(len(train_data))
+        if min(counts) < per:
+            raise DatasetError(f"rank {counts.index(min(counts))} streams {min(counts)} training videos from its "
+                               f"shards, fewer than its {per} per batch: export smaller shards, use fewer ranks, "
+                               "or pass --wds-resample")
     total = steps_per_epoch * cfg.epochs
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, warmup))
@@ -447,21 +569,22 @@ def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resol
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: same stream whether resumed or not
         train_data.set_epoch(epoch, cfg.seed)
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        streaming = isinstance(train_data, IterableDataset)  # shuffles itself (buffer seeded by set_epoch)
-        loader = DataLoader(train_data, batch_size=cfg.batch_size, shuffle=not streaming, generator=gen,
-                            collate_fn=_collate, num_workers=cfg.workers, drop_last=False)
-        head.train()
+        batches = _epoch_batches(train_data, cfg, ctx, epoch, steps_per_epoch, device)
+        model.train()
         losses = []
-        bar = tqdm(loader, desc=f"{cfg.head} epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        bar = tqdm(batches, desc=f"{cfg.head} epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False,
+                   total=steps_per_epoch)
         for batch in bar:
             batch = _to(batch, device)
             labels = batch["label"]
+            valid = batch.pop("valid", None)
             with _autocast(device, amp_dtype):
-                out = head(batch)
+                out = model(batch)
+                if ctx.enabled:  # every rank: the loss of the whole global batch
+                    out, labels = _global_batch(out, labels, valid, ctx)
                 loss = head.loss(out, labels, cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(loss * ctx.world if ctx.enabled else loss).backward()  # DDP averages over ranks
             if cfg.grad_clip > 0:
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -473,14 +596,16 @@ def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resol
         entry = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0]}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             metrics = evaluate_head(head, eval_data, device, average=cfg.eval_average, classifier=eval_classifier,
-                                    amp_dtype=amp_dtype)
+                                    amp_dtype=amp_dtype, dist_ctx=ctx)
             entry["val"] = metrics
         history.append(entry)
         if progress:
             log(f"epoch {epoch + 1}/{cfg.epochs}: loss {entry['train_loss']:.4f}"
                 + (f", val top1 {metrics['top1']:.1f}%" if "val" in entry else ""))
-        _atomic_save({"head": head.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                      "epoch": epoch + 1, "history": history, "config": resolved}, ckpt_path)
+        if ctx.main:
+            _atomic_save({"head": head.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                          "epoch": epoch + 1, "history": history, "config": resolved}, ckpt_path)
+        ctx.barrier()
     if not metrics:
         raise DatasetError("no evaluation ran")
     return metrics, history

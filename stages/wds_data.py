@@ -19,6 +19,7 @@ shards do not divide evenly.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from typing import Any, Iterator
@@ -113,6 +114,7 @@ class WdsSplit(IterableDataset):
         self.mean, self.std = pixel_stats(source.meta)
         self.views = specs[wanted[0]].shape[0] if wanted else 1
         self.epoch_seed = 0
+        self.part = (0, 1)  # (rank, world): keep videos at positions rank, rank + world, ... (evaluation)
         # only shards holding a selected video, in index order
         entries = source.shard_entries(self.split)
         sel = np.sort(self.indices)
@@ -170,6 +172,13 @@ class WdsSplit(IterableDataset):
                 break
             yield self._item(sample)
 
+    def rank_subset(self, rank: int, world: int) -> "WdsSplit":
+        """A copy that yields only the videos at positions rank, rank + world, ... of the selection
+        (evaluation split across ranks; every rank still reads the shards' headers)."""
+        other = copy.copy(self)
+        other.part = (rank, world)
+        return other
+
     def ordered(self) -> Iterator[dict[str, torch.Tensor]]:
         """Every selected video once, in index order (closed-form heads fit on the whole set)."""
         for sample in self._samples(self.urls):
@@ -180,13 +189,15 @@ class WdsSplit(IterableDataset):
         from webdataset.tariterators import tarfile_samples
 
         members = self.members
+        rank, world = self.part
         select = lambda fname: fname.rsplit("/", 1)[-1].split(".", 1)[-1] in members  # noqa: E731
         for sample in tarfile_samples(({"url": u} for u in urls), select_files=select):
             info = sample_info(sample)
             if info["split"] != self.split:
                 raise CacheMismatchError(f"{sample.get('__url__')}: sample of split '{info['split']}' "
                                          f"in shards given for '{self.split}'")
-            if info["index"] in self.pos:
+            pos = self.pos.get(info["index"])
+            if pos is not None and pos % world == rank:
                 sample["__info__"] = info
                 yield sample
 
