@@ -635,11 +635,21 @@ def _plot_curves(history: list[dict], path: Path, title: str) -> None:
     os.replace(tmp, path)
 
 
+def _open_source(path: str | Path):
+    """A Zarr cache folder, or a WebDataset export's header (NAME-header.json: path or URL)."""
+    if str(path).endswith(".json"):
+        from stages.wds_data import open_wds_source
+
+        return open_wds_source(str(path), shuffle=0)
+    return open_store(path)
+
+
 def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, split: str = "val",
                  text_set: str = "", eval_average: str = "scores") -> dict:
     """Evaluate a trained run, on its own cache or on another one (cross-dataset zero-shot).
 
-    On another dataset's cache the head's classifier is swapped for that cache's class text
+    A cache is a Zarr folder or a WebDataset export's header: a run trained from shards is
+    re-evaluated from its shards. On another dataset's cache the head's classifier is swapped for that cache's class text
     embeddings (cosine similarity with the head's video embedding), so the other cache must
     come from the same backbone weights and sampling.
     """
@@ -648,9 +658,12 @@ def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, split: st
     if not ckpt_path.exists():
         raise ConfigError(f"no checkpoint in run folder {run_dir}")
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "head" not in ckpt or "cache" not in ckpt.get("config", {}):
+        raise ConfigError(f"{run_dir} is not a stage-two run (a stage-three run keeps its evaluation in "
+                          "metrics.json; `pipeline finetune-export` turns its backbone into a checkpoint to extract with)")
     resolved = ckpt["config"]
-    own = open_store(resolved["cache"])
-    target = open_store(cache) if cache else own
+    own = _open_source(resolved["cache"])
+    target = _open_source(cache) if cache else own
     head_cfg = {k: v for k, v in resolved["head"].items() if k != "name"}
     name = resolved["head"]["name"]
     head = get_head_entry(name).head_cls(make_cfg(name, head_cfg))
@@ -666,7 +679,7 @@ def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, split: st
             raise ConfigError(f"head '{name}' has no text classifier: it cannot be evaluated on other classes")
     inputs = check_cache_for_head(target, head.data_keys(), name, [split])
     idx = select_videos(target, split)
-    data = CacheSplit(target, inputs[split], idx, train=False)
+    data = _split_data(target, inputs[split], idx, train=False, label_map=None)
     classifier = None
     if swap:
         tset = text_set or ("clip_actionclip" if len(head.classifier_shape()) == 3 else

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from cache.errors import ConfigError
 from conftest import ROOT, popen_cli, run_cli
 
 # Small but real: 4 frames, 1-layer temporal module / prompt, global batch 4 (3 steps an epoch), no warmup.
@@ -176,6 +177,10 @@ def test_both_paradigms_run_end_to_end_from_the_cli(request, which):
     assert (run / "curves.png").stat().st_size > 1000 and (run / "config.json").exists()
     ckpt = torch.load(run / "last.pt", weights_only=False)
     assert ckpt["epoch"] == len(m["history"]) and ckpt["config"]["head"]["name"] == which
+    from stages.train import evaluate_run  # stage two's re-evaluation names what to do instead
+
+    with pytest.raises(ConfigError, match="not a stage-two run.*finetune-export"):
+        evaluate_run(run)
 
 
 def test_export_builds_a_stage_one_cache_of_the_finetuned_model(text4vis_run, demo_small, tmp_path):

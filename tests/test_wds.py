@@ -16,7 +16,7 @@ from cache.wds import WdsCache, export_wds, iter_tar_samples, load_npy, parse_by
 from conftest import run_cli
 from stages.cache_data import CacheSplit, HeadInputs, select_videos
 from stages.heads import DataKeys
-from stages.train import TrainCfg, train_head
+from stages.train import TrainCfg, evaluate_run, train_head
 from stages.wds_data import WdsSplit, open_wds_source
 
 
@@ -271,6 +271,9 @@ def test_cli_export_then_train_from_a_shard_pattern(medium, int8_cache, tmp_path
     ref = train_head(st, TrainCfg(head="lda"), run_dir=tmp_path / "ref", progress=False)
     got = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert got["final"] == ref["final"] and got["train_videos"] == 48 and "lda: top1" in proc.stdout
+    # a run trained from shards is re-evaluated from its shards
+    again = evaluate_run(tmp_path / "run")
+    assert {k: again[k] for k in got["final"]} == got["final"] and again["cache"].endswith("m-header.json")
     # user errors: one line, exit 2 (in this process: the CLI's error path, without interpreter start-ups)
     from pipeline.cli import main
 
