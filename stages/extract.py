@@ -297,8 +297,15 @@ def torchrun_shard() -> tuple[int, int]:
     return 0, 1
 
 
-def _auto_workers() -> int:
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
+def _auto_workers(cuda: bool = False) -> int:
+    """Decode workers when --workers is not given. CPU: half the cores (at most 8), the rest
+    encode (bench_extract.py). GPU: every core of this rank's share of the node but one (the
+    main process feeds the GPU); decoding, not the encoder, is what a GPU waits for."""
+    cores = os.cpu_count() or 2
+    if cuda:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        return max(1, cores // max(1, local) - 1)
+    return max(1, min(8, cores // 2))
 
 
 def _init_store(plan: ExtractPlan, model, frozen: FrozenCLIP, device: str):
@@ -395,7 +402,7 @@ def _encode_jobs(store, plan, frozen, jobs, sampling, todo, items, device, progr
     from tqdm import tqdm
 
     cfg = plan.cfg
-    workers = cfg.workers if cfg.workers >= 0 else _auto_workers()
+    workers = cfg.workers if cfg.workers >= 0 else _auto_workers(device.startswith("cuda"))
     if not device.startswith("cuda"):
         # On CPU the decode workers and the writer share the cores with the encoder; measured on
         # 2 cores (bench/bench_extract.py), an encoder with every core's thread lost 1.6-2x CPU
@@ -411,6 +418,7 @@ def _encode_jobs(store, plan, frozen, jobs, sampling, todo, items, device, progr
     t0 = time.perf_counter()
     queue: list[tuple[str, int, np.ndarray]] = []
     queued_frames = 0
+    staging = [None] if device.startswith("cuda") else None  # pinned uint8 frames, grown on demand
 
     def shard_of(split: str, index: int) -> tuple[str, int]:
         return split, index // store.shard_size
@@ -435,8 +443,16 @@ def _encode_jobs(store, plan, frozen, jobs, sampling, todo, items, device, progr
         nonlocal queue, queued_frames
         if not queue:
             return
-        x = torch.cat([torch.from_numpy(v).reshape(-1, *v.shape[2:]) for _, _, v in queue])  # (F, S, S, 3)
-        x = normalize(x.to(device, non_blocking=True), frozen.mean, frozen.std)  # (F, 3, S, S)
+        parts = [torch.from_numpy(v).reshape(-1, *v.shape[2:]) for _, _, v in queue]  # (F_i, S, S, 3) uint8
+        if staging is None:
+            x = torch.cat(parts)
+        else:  # GPU: gather into page-locked memory so the copy runs by DMA, without a bounce buffer
+            n = sum(p.shape[0] for p in parts)
+            if staging[0] is None or staging[0].shape[0] < n:
+                staging[0] = torch.empty((max(n, cfg.batch_frames), *parts[0].shape[1:]), dtype=torch.uint8,
+                                         pin_memory=True)
+            x = torch.cat(parts, out=staging[0][:n])  # reused next call: the encoder below syncs first
+        x = normalize(x.to(device, non_blocking=True), frozen.mean, frozen.std)  # (F, 3, S, S), uint8 on the bus
         te = time.perf_counter()
         outs = frozen(x)
         if device.startswith("cuda"):
