@@ -98,7 +98,7 @@ def main() -> None:
     per_class, epochs, repeats = (8, 2, 1) if args.quick else (24, 3, 2)
     repeats = args.repeats or repeats
     n = max(2, args.ranks)
-    console = Console()
+    console = Console(width=150)
     t0 = time.perf_counter()
     cache = make_cache(workdir, per_class)
     console.print(f"cache {cache} ({8 * per_class} train / 32 val videos, demo backbone, all blocks + patch tokens), "
