@@ -160,3 +160,33 @@ def test_cli_under_torchrun_reports_once(ddp_job, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("tap: top1") == 1  # rank 0 reports
     assert _metrics(tmp_path / "run")["history"] == _metrics(runs / "tap")["history"]
+
+
+def test_a_run_stopped_on_one_process_resumes_on_two_ranks(ddp_job, tmp_path, monkeypatch):
+    import stages.train as T
+
+    store, runs, _ = ddp_job
+    train, _ = RUNS["tap"]
+    saves = []
+
+    def crash_after_first_checkpoint(obj, path):
+        if saves:
+            raise KeyboardInterrupt("stopped after epoch 1")
+        saves.append(path)
+        real_save(obj, path)
+
+    real_save = T._atomic_save
+    monkeypatch.setattr(T, "_atomic_save", crash_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train_head(store, TrainCfg(**train), run_dir=tmp_path / "run", progress=False)
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["epoch"] == 1
+    sets = [x for k, v in train.items() if k != "head" for x in ("--set", f"{k}={v}")]
+    proc = _torchrun("-m", "pipeline.cli", "train", "--head", "tap", "--cache", store.path, *sets,
+                     "--run-dir", tmp_path / "run", "--resume", "--no-progress", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "from epoch 1" in proc.stdout
+    got, ref = _metrics(tmp_path / "run"), _metrics(runs / "tap")  # ref: 2 ranks, uninterrupted
+    assert [h["train_loss"] for h in got["history"]] == pytest.approx([h["train_loss"] for h in ref["history"]],
+                                                                       rel=1e-4)
+    assert abs(got["final"]["top1"] - ref["final"]["top1"]) <= 100 / 8 + 1e-9 and got["world_size"] == 2
