@@ -113,7 +113,9 @@ def extract(
     fps = res.frames / res.seconds if res.seconds else 0.0
     typer.echo(f"cache {res.path}: {res.videos} videos encoded, {res.failed} failed, "
                f"{res.frames} frames in {res.seconds:.1f}s ({fps:.0f} frames/s, "
-               f"encoder busy {100 * res.encoder_seconds / max(res.seconds, 1e-9):.0f}%)")
+               f"encoder busy {100 * res.encoder_busy:.0f}% of the encode phase)")
+    if res.waiting_hint():
+        typer.echo(res.waiting_hint())
     for split, fails in res.summary.get("failures", {}).items():
         for f in fails:
             typer.echo(f"  failed [{split}] {f['path']}: {f['reason']}")

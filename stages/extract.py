@@ -275,8 +275,24 @@ class ExtractResult:
     frames: int = 0
     failed: int = 0
     seconds: float = 0.0
-    encoder_seconds: float = 0.0
+    encode_seconds: float = 0.0       # wall time of the decode + encode + write phase
+    encoder_seconds: float = 0.0      # of which the encoder ran (GPU: synchronised)
+    device: str = "cpu"
+    workers: int = 0
     summary: dict = field(default_factory=dict)
+
+    @property
+    def encoder_busy(self) -> float:
+        """Encoder utilisation: time in the encoder / wall time of the encode phase."""
+        return self.encoder_seconds / self.encode_seconds if self.encode_seconds > 0 else 0.0
+
+    def waiting_hint(self) -> str:
+        """One line when a GPU encoder sat waiting for decoded videos; '' otherwise. (On CPU the
+        decode workers and the encoder share the cores, so a low figure there is not a hint.)"""
+        if not self.device.startswith("cuda") or self.videos < 32 or self.encoder_busy >= 0.8:
+            return ""
+        return (f"the GPU encoder was busy {100 * self.encoder_busy:.0f}% of the time with {self.workers} decode "
+                "worker(s): decoding is the bottleneck; give it more --workers (up to one per free core)")
 
 
 def _device(name: str) -> str:
@@ -403,6 +419,7 @@ def _encode_jobs(store, plan, frozen, jobs, sampling, todo, items, device, progr
 
     cfg = plan.cfg
     workers = cfg.workers if cfg.workers >= 0 else _auto_workers(device.startswith("cuda"))
+    result.device, result.workers = device, workers
     if not device.startswith("cuda"):
         # On CPU the decode workers and the writer share the cores with the encoder; measured on
         # 2 cores (bench/bench_extract.py), an encoder with every core's thread lost 1.6-2x CPU
@@ -486,6 +503,7 @@ def _encode_jobs(store, plan, frozen, jobs, sampling, todo, items, device, progr
         flush()
         for fut in pending_writes:
             fut.result()
+        result.encode_seconds = time.perf_counter() - t0
     finally:
         bar.close()
         writer.shutdown(wait=True)

@@ -242,3 +242,25 @@ def test_cache_cli_ls_info_verify(reference, tmp_path):
     shutil.rmtree(broken / "val" / "cls" / "c")  # data gone, status still says done
     proc = run_cli("cache", "verify", broken)
     assert proc.returncode == 2 and "failed verification" in proc.stderr
+
+
+def test_encoder_utilisation_is_measured_and_a_waiting_gpu_is_named(demo_small, tmp_path):
+    import dataclasses
+
+    from pipeline.datasets import load_dataset
+    from stages.extract import ExtractCfg, plan_extraction, run_extraction
+
+    threads = torch.get_num_threads()
+    try:
+        plan = plan_extraction(load_dataset("demo", data_root=demo_small.root),
+                               ExtractCfg(model="tiny", workers=1, text="none"), out=tmp_path / "cache")
+        res = run_extraction(plan, shard=(0, 1), progress=False, log=lambda *a, **k: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert res.videos == 20 and res.device == "cpu" and res.workers == 1
+    assert 0 < res.encoder_seconds < res.encode_seconds < res.seconds and 0 < res.encoder_busy < 1
+    assert res.waiting_hint() == ""  # on CPU decoding and encoding share the cores: no advice
+    gpu = dataclasses.replace(res, device="cuda:0", videos=1000, encode_seconds=10.0, encoder_seconds=4.0, workers=3)
+    hint = gpu.waiting_hint()
+    assert "busy 40%" in hint and "3 decode worker(s)" in hint and "--workers" in hint
+    assert dataclasses.replace(gpu, encoder_seconds=9.0).waiting_hint() == ""
