@@ -121,6 +121,10 @@ class FeatureStore:
             raise CacheError(f"not a clipcache store (no metadata): {self.path}")
         self.meta: dict[str, Any] = meta
         self._manifest: dict | None = None
+        # opened arrays and parsed specs: neither changes while a store is open, and opening a
+        # zarr array reads its zarr.json (~0.4 ms), which per-video reads would pay every time
+        self._arrays: dict[str, Any] = {}
+        self._specs: dict[str, dict[str, ArraySpec]] = {}
 
     # ----------------------------------------------------------------- structure
     @property
@@ -136,7 +140,15 @@ class FeatureStore:
         return int(self.meta["shard_size"])
 
     def specs(self, split: str) -> dict[str, ArraySpec]:
-        return {d["name"]: ArraySpec.from_json(d) for d in self.meta["splits"][split]["arrays"]}
+        if split not in self._specs:
+            self._specs[split] = {d["name"]: ArraySpec.from_json(d) for d in self.meta["splits"][split]["arrays"]}
+        return dict(self._specs[split])
+
+    def _array(self, key: str):
+        arr = self._arrays.get(key)
+        if arr is None:
+            arr = self._arrays[key] = self.root[key]
+        return arr
 
     def num_videos(self, split: str) -> int:
         return int(self.meta["splits"][split]["num_videos"])
@@ -161,11 +173,11 @@ class FeatureStore:
         return [tuple(x) for x in self.manifest["splits"][split]]
 
     def labels(self, split: str) -> np.ndarray:
-        return np.asarray(self.root[f"{split}/label"][:], dtype=np.int64)
+        return np.asarray(self._array(f"{split}/label")[:], dtype=np.int64)
 
     # ----------------------------------------------------------------- status
     def status(self, split: str) -> np.ndarray:
-        return np.asarray(self.root[f"{split}/status"][:], dtype=np.int8)
+        return np.asarray(self._array(f"{split}/status")[:], dtype=np.int8)
 
     def pending_shards(self, split: str) -> list[int]:
         st = self.status(split)
@@ -204,13 +216,13 @@ class FeatureStore:
             if spec.dtype == "int8":
                 parts = quantize_int8(data, outliers=int(self.meta.get("int8_outliers", 4)))
                 for suffix in QUANT_SUFFIXES:
-                    self.root[f"{split}/{name}/{suffix}"][start:stop] = parts[suffix]
+                    self._array(f"{split}/{name}/{suffix}")[start:stop] = parts[suffix]
             else:
-                self.root[f"{split}/{name}"][start:stop] = data.astype(spec.dtype, copy=False)
+                self._array(f"{split}/{name}")[start:stop] = data.astype(spec.dtype, copy=False)
         folder = self.path / split / "failures"
         folder.mkdir(exist_ok=True)
         atomic_write_text(folder / f"shard-{shard:06d}.json", json.dumps(failures, indent=0))
-        self.root[f"{split}/status"][start:stop] = status.astype(np.int8)
+        self._array(f"{split}/status")[start:stop] = status.astype(np.int8)
 
     def write_text(self, name: str, array: np.ndarray) -> None:
         self.root.create_array(f"text/{name}", data=np.asarray(array, dtype=np.float32), overwrite=True)
@@ -254,7 +266,7 @@ class FeatureStore:
         return data if spec.dtype == "uint8" else data.astype(dtype, copy=False)
 
     def _get(self, key: str, sel: tuple) -> np.ndarray:
-        arr = self.root[key]
+        arr = self._array(key)
         if any(isinstance(x, list) for x in sel):
             return arr.oindex[sel]
         return arr[sel]
@@ -313,18 +325,18 @@ class FeatureStore:
                     rows = done[(done >= start) & (done < stop)]
                     if rows.size == 0:
                         continue
-                    data = self.read(split, name, slice(start, stop))[rows - start]
-                    if spec.dtype == "uint8":
+                    if spec.dtype == "uint8":  # 0 is a valid pixel: check that the shard was written
                         if not self._shard_written(split, name, shard):
                             problems.append(f"{split}/{name} shard {shard}: marked done but no data written")
                         continue
+                    data = self.read(split, name, slice(start, stop))[rows - start]
                     bad = ~np.isfinite(data.reshape(len(rows), -1)).all(axis=1)
                     for i in rows[bad]:
                         problems.append(f"{split}/{name}[{i}]: marked done but holds NaN/inf (missing or corrupt data)")
         return problems
 
     def _shard_written(self, split: str, name: str, shard: int) -> bool:
-        arr = self.root[f"{split}/{name}"]
+        arr = self._array(f"{split}/{name}")
         coords = (shard,) + (0,) * (arr.ndim - 1)
         key = arr.metadata.encode_chunk_key(coords)
         return (self.path / split / name / key).exists()

@@ -203,6 +203,9 @@ def export_wds(store: FeatureStore, out: str | Path, name: str | None = None, sh
         if old.get("key") != store.key:
             raise CacheMismatchError(f"{out} already holds an export named '{name}' of another cache "
                                      f"(key {old.get('key')}); choose another --name or --out")
+        # the shards are about to be replaced one by one: without its header the old export is no
+        # export, so a re-export killed half-way cannot leave a header describing other shards
+        header_path.unlink()
     for stale in out.glob(f".{name}-*.tmp-*"):
         stale.unlink(missing_ok=True)
 
@@ -530,20 +533,21 @@ class WdsCache:
             raise CacheMismatchError(f"export {self.path} has no '{name}' for split '{split}'")
         wanted = np.arange(self.num_videos(split))[index]
         scalar = np.ndim(wanted) == 0
-        wanted = np.atleast_1d(wanted)
-        pos = {int(v): i for i, v in enumerate(wanted)}
-        out = np.full((len(wanted), *spec.shape), np.nan if spec.dtype != "uint8" else 0,
+        uniq, inverse = np.unique(np.atleast_1d(wanted), return_inverse=True)  # a video may be asked twice
+        pos = {int(v): i for i, v in enumerate(uniq)}
+        out = np.full((len(uniq), *spec.shape), np.nan if spec.dtype != "uint8" else 0,
                       dtype=np.uint8 if spec.dtype == "uint8" else dtype)
+        seen = np.zeros(len(uniq), dtype=bool)
         names = set(member_names(name, spec.dtype)) | {"json"}
-        found = 0
         for sample in self.iter_samples(split, select=names.__contains__):
-            i = sample_info(sample)["index"]
-            if i in pos:
-                out[pos[i]] = sample_array(sample, name, spec.dtype, dtype)
-                found += 1
-        if found < len(pos):
-            raise CacheMismatchError(f"export {self.path}: {len(pos) - found} requested '{split}' video(s) "
+            j = pos.get(sample_info(sample)["index"])
+            if j is not None and not seen[j]:
+                out[j] = sample_array(sample, name, spec.dtype, dtype)
+                seen[j] = True
+        if not seen.all():
+            raise CacheMismatchError(f"export {self.path}: {int((~seen).sum())} requested '{split}' video(s) "
                                      "are not in its shards (failed, or in shards not given)")
+        out = out[inverse.reshape(-1)]
         return out[0] if scalar else out
 
 

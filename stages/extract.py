@@ -329,18 +329,16 @@ def _init_store(plan: ExtractPlan, model, frozen: FrozenCLIP, device: str):
     import open_clip
 
     def init(folder: Path) -> None:
-        import zarr
-
-        root = zarr.open_group(str(folder), mode="r+")
+        st = FeatureStore(folder)
         sets = plan.meta["text_sets"]
         if sets:
             tok = open_clip.get_tokenizer(plan.arch)
             model.to(device)
             for name, arr in compute_text_sets(sets, model, tok, list(plan.dataset.classes), device).items():
-                root.create_array(f"text/{name}", data=np.asarray(arr, dtype=np.float32))
+                st.write_text(name, arr)
         for block in plan.layers:
             for pname, tensor in frozen.block_weights(block).items():
-                root.create_array(f"aux/block{block}.{pname}", data=tensor.detach().float().cpu().numpy())
+                st.write_aux(f"block{block}.{pname}", tensor.detach().float().cpu().numpy())
 
     return init
 
@@ -382,7 +380,7 @@ def run_extraction(plan: ExtractPlan, shard: tuple[int, int] | None = None, prog
     lo, hi = (len(all_shards) * rank) // world, (len(all_shards) * (rank + 1)) // world
     mine = set(all_shards[lo:hi])
     todo = [(s, k) for s in store.splits for k in store.pending_shards(s) if (s, k) in mine]
-    done_before = sum(1 for s, k in mine if (s, k) not in set(todo))
+    done_before = len(mine) - len(todo)
     if done_before:
         log(f"resuming {plan.path}: {done_before} shard(s) already done, {len(todo)} to go")
     items = {s: plan.dataset.splits[s] for s in store.splits}
@@ -396,7 +394,7 @@ def run_extraction(plan: ExtractPlan, shard: tuple[int, int] | None = None, prog
         sampling[s] = SamplingCfg(cfg.frames, cfg.sampling, cfg.stride, v["clips"], v["crops"])
     result = ExtractResult(plan.path, reused=False)
     if jobs:
-        _encode_jobs(store, plan, frozen, jobs, sampling, todo, items, device, progress, result)
+        _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, result)
     result.seconds = time.perf_counter() - t_start
     if store.is_complete():
         result.summary = store.write_summary()
@@ -414,7 +412,7 @@ def _mark_latest(plan: ExtractPlan) -> None:
         pass
 
 
-def _encode_jobs(store, plan, frozen, jobs, sampling, todo, items, device, progress, result) -> None:
+def _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, result) -> None:
     from tqdm import tqdm
 
     cfg = plan.cfg
@@ -428,7 +426,11 @@ def _encode_jobs(store, plan, frozen, jobs, sampling, todo, items, device, progr
     loader = DataLoader(_DecodeJobs(jobs, sampling, plan.info.image_size), batch_size=1, shuffle=False,
                         num_workers=workers, collate_fn=_first, prefetch_factor=4 if workers else None,
                         persistent_workers=False)
-    buffers = {key: _ShardBuffer(store, *key) for key in todo}
+    # a shard's buffer is made when its first video arrives and handed to the writer when its last
+    # does; jobs come in shard order, so only the shard being filled (and the ones waiting for
+    # the disk) are held in memory, never the whole cache
+    buffers: dict[tuple[str, int], _ShardBuffer] = {}
+    keeps_frames = {s for s in store.splits if "frames" in store.specs(s)}
     writer = ThreadPoolExecutor(max_workers=1)
     pending_writes: list[Future] = []
     bar = tqdm(total=len(jobs), unit="video", disable=not progress, file=sys.stderr, dynamic_ncols=True)
@@ -442,7 +444,9 @@ def _encode_jobs(store, plan, frozen, jobs, sampling, todo, items, device, progr
 
     def finish(split: str, index: int, outputs, reason) -> None:
         key = shard_of(split, index)
-        buf = buffers[key]
+        buf = buffers.get(key)
+        if buf is None:
+            buf = buffers[key] = _ShardBuffer(store, *key)
         buf.put(index, outputs, reason, items[split][index].path)
         if reason is not None:
             result.failed += 1
@@ -481,7 +485,7 @@ def _encode_jobs(store, plan, frozen, jobs, sampling, todo, items, device, progr
             V, T = views.shape[:2]
             n = V * T
             per = {k: v[pos:pos + n].reshape(V, T, *v.shape[1:]) for k, v in outs.items()}  # (V, T, ...)
-            if "frames" in buffers[shard_of(split, index)].arrays:
+            if split in keeps_frames:
                 per["frames"] = views
             result.frames += n
             finish(split, index, per, None)

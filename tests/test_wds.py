@@ -12,6 +12,7 @@ import torch
 
 from cache.quant import QUANT_SUFFIXES
 from cache.store import DONE, FAILED, open_store
+import cache.wds as _wds_module
 from cache.wds import WdsCache, export_wds, iter_tar_samples, load_npy, parse_bytes
 from conftest import run_cli
 from stages.cache_data import CacheSplit, HeadInputs, select_videos
@@ -132,6 +133,25 @@ def test_export_round_trips_every_done_video(mixed_cache, tmp_path):
         assert wc.failures(split) == st.failures(split)
     done = np.flatnonzero(st.status("train") == DONE)
     np.testing.assert_array_equal(wc.read("train", "cls", done), st.read("train", "cls", done))
+    twice = done[[2, 0, 2, 1]]  # out of order, one video twice
+    np.testing.assert_array_equal(wc.read("train", "cls", twice), st.read("train", "cls", twice))
+    # exporting again over a finished export: the old header goes first, so a killed re-export
+    # never leaves a header describing shards that are being replaced
+    real_add = _wds_module._add
+
+    def killed_while_writing(tar, member, data):
+        raise KeyboardInterrupt("killed")
+
+    _wds_module._add = killed_while_writing
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            export_wds(st, tmp_path, name="mix", shard_bytes=limit // 2)
+    finally:
+        _wds_module._add = real_add
+    assert not (tmp_path / "mix-header.json").exists()
+    again = export_wds(st, tmp_path, name="mix", shard_bytes=limit)
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in header.items() if k != "seconds"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
     with tarfile.open(tmp_path / "mix-extra.tar") as tar:
         assert all(m.name.endswith(".npy") for m in tar.getmembers())
 
