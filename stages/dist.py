@@ -41,8 +41,12 @@ class DistContext:
         return self.rank == 0
 
     def start(self, device: torch.device) -> None:
+        """Make ``device`` this process's current GPU (pinning threads, NCCL and autocast queries
+        use the current one, cuda:0 otherwise), then join the process group under torchrun."""
         import torch.distributed as dist
 
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         if self.enabled and not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
             self.started = True
@@ -88,6 +92,15 @@ class DistContext:
         dist.all_gather(parts, x.detach().contiguous())
         parts[self.rank] = x
         return torch.cat(parts)
+
+    def sync_buffers(self, module: torch.nn.Module) -> None:
+        """Rank 0's buffers everywhere (BatchNorm statistics drift apart on CPU ranks, where there
+        is no SyncBatchNorm): evaluation and checkpoints then use one model."""
+        if self.enabled:
+            import torch.distributed as dist
+
+            for buf in module.buffers():
+                dist.broadcast(buf, 0)
 
     def all_objects(self, obj) -> list:
         if not self.enabled:

@@ -73,6 +73,7 @@ from stages.train import (
     _coerce_train,
     _lr_factor,
     _plot_curves,
+    check_resumable,
     evaluate_head,
 )
 from stages.video import SamplingCfg, decode_clips, parse_views
@@ -296,8 +297,8 @@ class Finetuner:
             if split not in spec.splits or not spec.splits[split]:
                 raise DatasetError(f"dataset '{spec.name}' has no '{split}' videos (splits: {', '.join(spec.splits)})")
         self.device = dist_device(cfg.device, self.dist)
-        self.amp_dtype = _amp_dtype(cfg, self.device)
         self.dist.start(self.device)
+        self.amp_dtype = _amp_dtype(cfg, self.device)
 
         self.arch = resolve_model_name(cfg.model)
         self.info = BackboneInfo.from_config(model_config(cfg.model))
@@ -565,20 +566,21 @@ def finetune(spec, cfg: FinetuneCfg, head_overrides: dict | None = None, aug: Au
         resolved = _resolved(spec, cfg, aug, tuner, head_overrides)
         resolved["world_size"] = dist_ctx.world
         ckpt_path = run_dir / "last.pt"
-        if dist_ctx.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=1))
         start_epoch, history = 0, []
         if resume and ckpt_path.exists():
             ckpt = torch.load(ckpt_path, map_location=tuner.device, weights_only=False)
             if ckpt.get("format") != CKPT_FORMAT:
                 raise ConfigError(f"{ckpt_path} is not a stage-three checkpoint")
-            _check_same_run(ckpt["config"], resolved, ckpt_path)
+            sections = ("finetune", "head", "augment")
+            check_resumable({k: ckpt["config"][k] for k in sections}, {k: resolved[k] for k in sections}, ckpt_path)
             tuner.load_state(ckpt)
             start_epoch, history = int(ckpt["epoch"]), list(ckpt["history"])
             say(f"resuming {run_dir} from epoch {start_epoch}")
         elif resume:
             say(f"no checkpoint in {run_dir} yet: starting from epoch 0")
+        if dist_ctx.main:  # after the resume check: config.json always describes last.pt
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=1))
         E = tuner.epochs
         metrics = next((h["val"] for h in reversed(history) if "val" in h), {})
         if E == 0:
@@ -613,17 +615,6 @@ def finetune(spec, cfg: FinetuneCfg, head_overrides: dict | None = None, aug: Au
         return result
     finally:
         dist_ctx.stop()
-
-
-def _check_same_run(old: dict, new: dict, path: Path) -> None:
-    keep = ("device", "workers", "eval_batch_size", "eval_every")
-    a = {k: v for k, v in old["finetune"].items() if k not in keep}
-    b = {k: v for k, v in new["finetune"].items() if k not in keep}
-    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    if diff or old["head"] != new["head"] or old["augment"] != new["augment"]:
-        what = ", ".join(diff) or "head/augmentation options"
-        raise ConfigError(f"{path} was written by a run with other options ({what}); "
-                          "use another --run-dir or drop --resume")
 
 
 # ----------------------------------------------------------------------------- using a fine-tuned run

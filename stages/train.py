@@ -43,7 +43,7 @@ from stages.dist import DistContext, dist_device, rank_batches
 from stages.heads import DIM_FIELDS, Head, get_head_entry, make_cfg
 
 __all__ = ["TrainCfg", "parse_class_spec", "split_overrides", "build_head", "classifier_matrix",
-           "train_head", "evaluate_head", "evaluate_run", "accuracy_metrics", "CLASSIFIER_INITS"]
+           "train_head", "evaluate_head", "evaluate_run", "accuracy_metrics", "text_classifier", "CLASSIFIER_INITS"]
 
 CLASSIFIER_INITS = ("clip_text", "random_normal", "orthogonal", "lda", "minilm")
 
@@ -208,6 +208,18 @@ def classifier_matrix(init: str, store: FeatureStore, head: Head, classes: list[
     return w.float()
 
 
+def text_classifier(store, head: Head, text_set: str = "", classes: list[int] | None = None) -> torch.Tensor:
+    """Class text embeddings (K', E) that a head's video embedding is scored against on classes
+    it was not trained on (zero-shot, cross-dataset): ``text_set``, or the head's default
+    (per-template for a 3-D classifier), templates averaged after normalising. Any number of
+    classes: unlike ``classifier_matrix``, not tied to the head's training classes."""
+    name = text_set or ("clip_actionclip" if len(head.classifier_shape()) == 3 else "clip_single")
+    w = torch.from_numpy(store.text(name))
+    if classes is not None:
+        w = w[classes]
+    return F.normalize(w, dim=-1).mean(1) if w.dim() == 3 else w
+
+
 # ----------------------------------------------------------------------------- metrics
 def accuracy_metrics(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """top-1, top-5 and mean-class accuracy (percent)."""
@@ -301,6 +313,23 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+RESUME_FREE = {"device", "workers", "eval_batch_size", "eval_every", "cache"}  # a resumed run may change these
+
+
+def check_resumable(old: dict, new: dict, path: Path) -> None:
+    """Refuse to resume a checkpoint written with other options (RESUME_FREE aside), one line."""
+    diff = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section), new.get(section)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if k not in RESUME_FREE and a.get(k) != b.get(k)]
+        elif section not in RESUME_FREE and a != b:
+            diff.append(section)
+    if diff:
+        raise ConfigError(f"{path} was written by a run with other options ({', '.join(diff)}); "
+                          "use another --run-dir or drop --resume")
+
+
 def _run_id(cfg: TrainCfg, head_overrides: dict, store: FeatureStore) -> str:
     blob = json.dumps({"train": asdict(cfg), "head": head_overrides, "cache": store.key}, sort_keys=True, default=str)
     return f"{cfg.head}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
@@ -344,11 +373,9 @@ def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: 
     store = open_store(cache) if isinstance(cache, (str, Path)) else cache  # FeatureStore or stages.wds_data.WdsSource
     ctx = DistContext.from_env()
     device = dist_device(cfg.device, ctx)
-    amp_dtype = _amp_dtype(cfg, device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     ctx.start(device)
     try:
+        amp_dtype = _amp_dtype(cfg, device)
         return _train_head(store, cfg, dict(head_overrides or {}), run_dir, runs_root, resume, progress and ctx.main,
                            log if ctx.main else (lambda *a, **k: None), init_weight, reuse, ctx, device, amp_dtype)
     finally:
@@ -379,6 +406,9 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = {"train": asdict(cfg), "head": {"name": cfg.head, **asdict(head.cfg)}, "cache": str(store.path),
                 "cache_key": store.key, "train_videos": int(len(train_idx)), "eval_videos": int(len(eval_idx))}
+    if resume and (run_dir / "last.pt").exists() and (run_dir / "config.json").exists():
+        check_resumable(json.loads((run_dir / "config.json").read_text()), json.loads(json.dumps(resolved)),
+                        run_dir / "last.pt")
     done = reuse and (run_dir / "metrics.json").exists() and (run_dir / "config.json").exists() and \
         json.loads((run_dir / "config.json").read_text()) == json.loads(json.dumps(resolved))
     if ctx.all_objects(done)[0]:  # rank 0 decides, before anyone writes
@@ -399,9 +429,7 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
     if test_classes is not None:
         if not head.has_classifier:
             raise ConfigError(f"--test-classes needs a head with a text classifier; '{cfg.head}' has none")
-        eval_classifier = classifier_matrix("clip_text", store, head, test_classes, cfg).to(device)
-        if eval_classifier.dim() == 3:
-            eval_classifier = F.normalize(eval_classifier, dim=-1).mean(1)
+        eval_classifier = text_classifier(store, head, cfg.text_set, test_classes).to(device)
 
     history: list[dict] = []
     t0 = time.perf_counter()
@@ -563,9 +591,11 @@ def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resol
         head.load_state_dict(ckpt["head"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
+        if "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
         start_epoch, history = ckpt["epoch"], ckpt["history"]
         log(f"resuming {run_dir} from epoch {start_epoch}")
-    metrics = history[-1]["val"] if history else {}
+    metrics = next((h["val"] for h in reversed(history) if "val" in h), {})  # eval_every > 1: not every epoch
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: same stream whether resumed or not
         train_data.set_epoch(epoch, cfg.seed)
@@ -593,6 +623,7 @@ def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resol
             sched.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        ctx.sync_buffers(head)
         entry = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0]}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             metrics = evaluate_head(head, eval_data, device, average=cfg.eval_average, classifier=eval_classifier,
@@ -604,7 +635,8 @@ def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resol
                 + (f", val top1 {metrics['top1']:.1f}%" if "val" in entry else ""))
         if ctx.main:
             _atomic_save({"head": head.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                          "epoch": epoch + 1, "history": history, "config": resolved}, ckpt_path)
+                          "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history,
+                          "config": resolved}, ckpt_path)
         ctx.barrier()
     if not metrics:
         raise DatasetError("no evaluation ran")
@@ -682,10 +714,6 @@ def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, split: st
     data = _split_data(target, inputs[split], idx, train=False, label_map=None)
     classifier = None
     if swap:
-        tset = text_set or ("clip_actionclip" if len(head.classifier_shape()) == 3 else
-                            resolved["train"].get("text_set") or "clip_single")
-        classifier = torch.from_numpy(target.text(tset))
-        if classifier.dim() == 3:
-            classifier = F.normalize(classifier, dim=-1).mean(1)
+        classifier = text_classifier(target, head, text_set or resolved["train"].get("text_set", ""))
     metrics = evaluate_head(head, data, torch.device("cpu"), average=eval_average, classifier=classifier)
     return {"run": str(run_dir), "cache": str(target.path), "split": split, "swapped_classifier": swap, **metrics}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import time
@@ -9,6 +10,7 @@ import time
 import pytest
 import torch
 
+from cache.errors import ConfigError
 from cache.store import open_store
 from conftest import demo_args, popen_cli, run_cli
 from stages.train import TrainCfg, classifier_matrix, build_head, select_videos, train_head
@@ -122,6 +124,46 @@ def test_zero_shot_class_split_swaps_the_text_classifier(full_cache, tmp_path):
     res = train_head(full_cache, cfg, {"layers": 1, "pos_rows": 8}, run_dir=tmp_path / "zs", progress=False)
     assert res["eval_videos"] == 4 and res["train_videos"] == 6
     assert res["final"]["n"] == 4
+    # any number of test classes, and the per-template head too (its video embedding is scored
+    # against the other classes' averaged template embeddings)
+    for head in ("text4vis", "actionclip"):
+        cfg = TrainCfg(head=head, epochs=1, batch_size=4, train_classes="0-2", test_classes="2-3")
+        res = train_head(full_cache, cfg, {"layers": 1, "pos_rows": 8}, run_dir=tmp_path / head, progress=False)
+        assert res["train_videos"] == 9 and res["final"]["n"] == 4 and 0 <= res["final"]["top1"] <= 100, head
+    res = train_head(full_cache, TrainCfg(head="actionclip", epochs=1, batch_size=4, eval_average="embeddings"),
+                     {"layers": 1, "pos_rows": 8}, run_dir=tmp_path / "emb", progress=False)
+    assert res["final"]["n"] == 8
+
+
+def test_a_stopped_run_resumes_exactly_and_other_options_are_refused(full_cache, tmp_path, monkeypatch):
+    import stages.train as T
+
+    # actionclip: its template draws must continue across the resume; eval_every=2: the epoch
+    # of the checkpoint did not evaluate
+    cfg = TrainCfg(head="actionclip", epochs=3, batch_size=4, lr=1e-2, eval_every=2)
+    over = {"layers": 1, "pos_rows": 8}
+    ref = train_head(full_cache, cfg, over, run_dir=tmp_path / "ref", progress=False)
+    real_save, saves = T._atomic_save, []
+
+    def stop_after_first_checkpoint(obj, path):
+        if saves:
+            raise KeyboardInterrupt("stopped")
+        saves.append(path)
+        real_save(obj, path)
+
+    monkeypatch.setattr(T, "_atomic_save", stop_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train_head(full_cache, cfg, over, run_dir=tmp_path / "run", progress=False)
+    monkeypatch.undo()
+    config = (tmp_path / "run" / "config.json").read_text()
+    with pytest.raises(ConfigError, match=r"other options \(train.lr\)"):
+        train_head(full_cache, dataclasses.replace(cfg, lr=5e-3), over, run_dir=tmp_path / "run", resume=True,
+                   progress=False)
+    assert (tmp_path / "run" / "config.json").read_text() == config  # still describes last.pt
+    got = train_head(full_cache, cfg, over, run_dir=tmp_path / "run", resume=True, progress=False)
+    assert [h["train_loss"] for h in got["history"]] == pytest.approx([h["train_loss"] for h in ref["history"]],
+                                                                      rel=1e-6)
+    assert got["final"] == ref["final"]
 
 
 def test_classifier_inits_have_the_right_structure(full_cache):

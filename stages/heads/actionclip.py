@@ -240,18 +240,33 @@ class ActionClipHead(Head):
         if not self.classifier_ready:
             raise ConfigError("actionclip needs the class text embeddings: call set_classifier(text) first")
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def video_embedding(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T, E) frame embeddings -> (B, E) through the visual prompt, before normalisation."""
+        return self.prompt(batch["frame_emb"].float())
+
+    def logits_from_embedding(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, E) (e.g. averaged over views) -> (B, K) by the head's template-averaging rule."""
         self._check_ready()
-        video = self.prompt(batch["frame_emb"].float())
         scale = self.cfg.logit_scale
         if self.cfg.template_average == "embedding":
-            logits = cosine_logits(video, self.class_embedding(), scale)
-        else:
-            K, M, E = self.text.shape
-            per_template = cosine_logits(video, self.text.reshape(K * M, E), scale)  # (B, K*M)
-            per_template = per_template.reshape(-1, K, M).softmax(dim=1)  # over classes, per template
-            logits = per_template.mean(dim=2).clamp_min(1e-30).log()  # (B, K)
-        return {"logits": logits, "video_emb": video}
+            return cosine_logits(video, self.class_embedding(), scale)
+        K, M, E = self.text.shape
+        per_template = cosine_logits(video, self.text.reshape(K * M, E), scale)  # (B, K*M)
+        per_template = per_template.reshape(-1, K, M).softmax(dim=1)  # over classes, per template
+        return per_template.mean(dim=2).clamp_min(1e-30).log()  # (B, K)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self._check_ready()
+        video = self.video_embedding(batch)
+        return {"logits": self.logits_from_embedding(video), "video_emb": video}
+
+    # the template draws continue across a resume: the generator state travels in the state dict
+    def get_extra_state(self) -> dict:
+        return {"template_rng": self._generator.get_state()} if self._generator is not None else {}
+
+    def set_extra_state(self, state: dict) -> None:
+        if self._generator is not None and state.get("template_rng") is not None:
+            self._generator.set_state(state["template_rng"])
 
     def _draw_templates(self, n: int, device: torch.device) -> torch.Tensor:
         M = self.cfg.num_templates
