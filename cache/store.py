@@ -59,6 +59,37 @@ FORMAT_VERSION = 1
 META_KEY = "clipcache"
 
 
+def default_cache_root() -> Path:
+    """Where keyed caches go, for every command: $CLIPCACHE_ROOT/caches (artifacts/caches)."""
+    return Path(os.environ.get("CLIPCACHE_ROOT", "artifacts")) / "caches"
+
+
+def latest_cache(cache_root: Path, dataset: str) -> Path | None:
+    """The cache last completed for ``dataset`` under ``cache_root`` (None if none or gone)."""
+    marker = Path(cache_root) / f".latest-{dataset}"
+    if marker.exists():
+        path = Path(marker.read_text().strip())
+        if path.exists():
+            return path
+    return None
+
+
+def mark_latest(store_path: Path, dataset: str) -> None:
+    """Record ``store_path`` as the latest complete cache of ``dataset`` (beside it; best effort)."""
+    try:
+        (Path(store_path).parent / f".latest-{dataset}").write_text(str(Path(store_path).resolve()))
+    except OSError:
+        pass
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a file so that readers see the old content or the new one, never half of it."""
     path = Path(path)

@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from cache.errors import ConfigError, PipelineError
+from cache.errors import CacheError, ConfigError, PipelineError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="clipcache: cache frozen CLIP features of videos once, train heads from the cache many times.")
@@ -84,8 +84,8 @@ def extract(
     shard_size: int = typer.Option(0, help="Videos per shard (0: auto)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     out: Optional[Path] = typer.Option(None, help="Cache folder (default: a keyed folder under the cache root)."),
-    cache_root: Optional[Path] = typer.Option(None, envvar="CLIPCACHE_ROOT_CACHES",
-                                              help="Where keyed caches go (default artifacts/caches, or $CLIPCACHE_ROOT/caches)."),
+    cache_root: Optional[Path] = typer.Option(None, help="Where keyed caches go (default artifacts/caches, "
+                                                          "or $CLIPCACHE_ROOT/caches)."),
     shard: str = typer.Option("", help="Process i of n: take the i-th of n disjoint shard ranges "
                                        "(default: RANK/WORLD_SIZE under torchrun, else 0/1)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be extracted and its size, then stop."),
@@ -130,8 +130,7 @@ def cache_ls(root: Optional[Path] = typer.Argument(None, help="Cache root (defau
     from rich.console import Console
     from rich.table import Table
 
-    from cache.store import list_stores
-    from stages.extract import default_cache_root
+    from cache.store import default_cache_root, human_bytes, list_stores
 
     stores = list_stores(root or default_cache_root())
     table = Table("cache", "dataset", "model", "layers", "dtype", "done", "failed", "pending", "size")
@@ -142,7 +141,7 @@ def cache_ls(root: Optional[Path] = typer.Argument(None, help="Cache root (defau
             c = st.counts(s)
             done, failed, pending = done + c["done"], failed + c["failed"], pending + c["pending"]
         table.add_row(st.path.name, meta["dataset"]["name"], meta["backbone"]["arch"], str(meta["layers"]),
-                      meta["dtype"], str(done), str(failed), str(pending), _human(st.size_bytes()))
+                      meta["dtype"], str(done), str(failed), str(pending), human_bytes(st.size_bytes()))
     Console().print(table)
     if not stores:
         typer.echo(f"no caches under {root or default_cache_root()}")
@@ -152,7 +151,7 @@ def cache_ls(root: Optional[Path] = typer.Argument(None, help="Cache root (defau
 def cache_info(path: Path = typer.Argument(..., help="Cache folder."),
                as_json: bool = typer.Option(False, "--json", help="Print the metadata as JSON.")):
     """Size, videos done/failed/pending, layers, dtype and how the cache was made."""
-    from cache.store import open_store
+    from cache.store import human_bytes, open_store
 
     st = open_store(path)
     meta = st.meta
@@ -162,7 +161,7 @@ def cache_info(path: Path = typer.Argument(..., help="Cache folder."),
     cfg = meta["config"]
     typer.echo(f"cache     {st.path}")
     typer.echo(f"key       {st.key}")
-    typer.echo(f"size      {_human(st.size_bytes())}")
+    typer.echo(f"size      {human_bytes(st.size_bytes())}")
     typer.echo(f"dataset   {meta['dataset']['name']} ({meta['dims']['num_classes']} classes)")
     typer.echo(f"model     {meta['backbone']['arch']}  weights {meta['backbone']['weights']}")
     typer.echo(f"layers    {meta['layers']}  patch tokens: {'yes' if cfg['patch'] else 'no'}  "
@@ -193,23 +192,13 @@ def cache_verify(path: Path = typer.Argument(..., help="Cache folder.")):
     if problems:
         for p in problems[:50]:
             typer.echo(f"problem: {p}")
-        raise PipelineErrorExit(f"cache {path} failed verification: {len(problems)} problem(s)")
+        raise CacheError(f"cache {path} failed verification: {len(problems)} problem(s)")
     typer.echo("ok: status and data agree, no NaN/inf in done videos")
-
-
-class PipelineErrorExit(PipelineError):
-    pass
-
-
-def _human(n: float) -> str:
-    from stages.extract import _human as h
-
-    return h(n)
 
 
 # ----------------------------------------------------------------------------- stage two
 def _resolve_cache(cache: Optional[Path], dataset: str, cache_root: Optional[Path]) -> Path:
-    from stages.extract import default_cache_root, latest_cache
+    from cache.store import default_cache_root, latest_cache
 
     if cache is not None:
         return cache
@@ -446,7 +435,7 @@ def cache_export(
     partial: bool = typer.Option(False, "--partial", help="Export the done videos of an incomplete cache."),
 ):
     """Export the done videos as WebDataset shards NAME-<split>-000000.tar, plus NAME-header.json."""
-    from cache.store import open_store
+    from cache.store import human_bytes, open_store
     from cache.wds import export_wds
 
     if format_ != "wds":
@@ -460,15 +449,15 @@ def cache_export(
         typer.echo(f"{s}: {info['samples']} videos in {len(info['shards'])} shard(s)"
                    + (f" ({c['failed']} failed, {c['pending']} pending: not exported)" if c["failed"] or c["pending"]
                       else ""))
-    typer.echo(f"export {dest}: {_bytes(res['bytes'])} (cache {_bytes(st.size_bytes())}) in {res['seconds']:.1f}s")
+    typer.echo(f"export {dest}: {human_bytes(res['bytes'])} (cache {human_bytes(st.size_bytes())}) "
+               f"in {res['seconds']:.1f}s")
     typer.echo(f"header {dest / (res['name'] + '-header.json')}")
 
 
 @cache_app.command("finalize")
 def cache_finalize(path: Path = typer.Argument(..., help="Cache folder written by several ranks or nodes.")):
     """After a multi-node extraction: check every video is done or failed, write summary.json."""
-    from cache.errors import CacheError
-    from cache.store import open_store
+    from cache.store import human_bytes, mark_latest, open_store
 
     st = open_store(path)
     pending = {s: st.pending_shards(s) for s in st.splits}
@@ -488,20 +477,8 @@ def cache_finalize(path: Path = typer.Argument(..., help="Cache folder written b
         typer.echo(f"{s}: done {c['done']}, failed {c['failed']}, pending 0")
         for f in summary["failures"][s]:
             typer.echo(f"  failed [{s}] {f['path']}: {f['reason']}")
-    try:
-        (st.path.parent / f".latest-{st.meta['dataset']['name']}").write_text(str(st.path.resolve()))
-    except OSError:
-        pass
-    typer.echo(f"cache {st.path} complete ({_bytes(summary['bytes'])}); summary {st.path / 'summary.json'}")
-
-
-def _bytes(n: float) -> str:
-    """Like _human, without importing stages/ (and torch) for the cache commands."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
+    mark_latest(st.path, st.meta["dataset"]["name"])
+    typer.echo(f"cache {st.path} complete ({human_bytes(summary['bytes'])}); summary {st.path / 'summary.json'}")
 
 
 def _wds_source(wds: str, header: str, eval_shards: str, shuffle: int, resample: bool, cfg, cache: Optional[Path]):
@@ -526,8 +503,6 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         _echo_err("interrupted")
         sys.exit(130)
-    except SystemExit:
-        raise
     except Exception as exc:
         import click
 

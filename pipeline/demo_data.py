@@ -728,7 +728,10 @@ def generate_demo(out_dir: str | Path, cfg: DemoCfg | None = None, progress: boo
         for p in (ds.train_list, ds.val_list, ds.classes_file, ds.captions_file):
             if p.exists():
                 p.unlink()
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, no permission
+        raise DatasetError(f"cannot create the demo folder {root}: {exc.strerror}") from None
     _write_text_atomic(partial_path, json.dumps(_manifest_body(cfg, classes), indent=2) + "\n")
 
     world = WORLDS[cfg.world]

@@ -24,7 +24,19 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cache.errors import CacheError, ConfigError, VideoDecodeError
-from cache.store import DONE, FAILED, FORMAT_VERSION, ArraySpec, FeatureStore, create_store, open_store
+from cache.store import (
+    DONE,
+    FAILED,
+    FORMAT_VERSION,
+    ArraySpec,
+    FeatureStore,
+    create_store,
+    default_cache_root,
+    human_bytes,
+    latest_cache,
+    mark_latest,
+    open_store,
+)
 from stages.backbone import BackboneInfo, FrozenCLIP, load_clip, model_config, parse_layers, resolve_model_name, weights_id
 from stages.text import TEXT_SETS, compute_text_sets
 from stages.video import SamplingCfg, decode_clips, make_views, normalize, parse_views
@@ -85,19 +97,6 @@ class ExtractPlan:
 
     def total_bytes(self) -> int:
         return sum(self.bytes_per_video[s] * len(self.dataset.splits[s]) for s in self.split_arrays)
-
-
-def default_cache_root() -> Path:
-    return Path(os.environ.get("CLIPCACHE_ROOT", "artifacts")) / "caches"
-
-
-def latest_cache(cache_root: Path, dataset: str) -> Path | None:
-    marker = Path(cache_root) / f".latest-{dataset}"
-    if marker.exists():
-        path = Path(marker.read_text().strip())
-        if path.exists():
-            return path
-    return None
 
 
 def _sha(obj) -> str:
@@ -361,7 +360,7 @@ def run_extraction(plan: ExtractPlan, shard: tuple[int, int] | None = None, prog
                              "choose another --out or remove it")
         if store.is_complete():
             log(f"reusing cache {plan.path} (key {plan.key}): complete, nothing to do")
-            _mark_latest(plan)
+            mark_latest(plan.path, plan.dataset.name)
             return ExtractResult(plan.path, reused=True, summary=store.summary())
     device = _device(cfg.device)
     if device.startswith("cuda:"):
@@ -398,18 +397,10 @@ def run_extraction(plan: ExtractPlan, shard: tuple[int, int] | None = None, prog
     result.seconds = time.perf_counter() - t_start
     if store.is_complete():
         result.summary = store.write_summary()
-        _mark_latest(plan)
+        mark_latest(plan.path, plan.dataset.name)
     else:
         result.summary = store.summary()
     return result
-
-
-def _mark_latest(plan: ExtractPlan) -> None:
-    root = plan.path.parent
-    try:
-        (root / f".latest-{plan.dataset.name}").write_text(str(plan.path.resolve()))
-    except OSError:
-        pass
 
 
 def _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, result) -> None:
@@ -527,19 +518,10 @@ def describe_plan(plan: ExtractPlan) -> list[str]:
              f"layers {list(plan.layers) or 'none'}  dtype {plan.cfg.dtype}"]
     for split, arrays in plan.split_arrays.items():
         n = len(plan.dataset.splits[split])
-        parts = ", ".join(f"{a.name}{list(a.shape)} {_human(a.nbytes())}" for a in arrays)
-        lines.append(f"{split:<6} {n} videos x {_human(plan.bytes_per_video[split])}/video  [{parts}]")
+        parts = ", ".join(f"{a.name}{list(a.shape)} {human_bytes(a.nbytes())}" for a in arrays)
+        lines.append(f"{split:<6} {n} videos x {human_bytes(plan.bytes_per_video[split])}/video  [{parts}]")
     total = plan.total_bytes()
     free = free_bytes(plan.path.parent)
-    lines.append(f"total  {_human(total)} needed, {_human(free)} free on {plan.path.parent}"
+    lines.append(f"total  {human_bytes(total)} needed, {human_bytes(free)} free on {plan.path.parent}"
                  + ("" if total < free else "  NOT ENOUGH SPACE"))
     return lines
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-

@@ -291,3 +291,8 @@ def test_bad_configs_are_clear_errors(tmp_path):
     with pytest.raises(DatasetError):
         generate_demo(foreign, SMALL, progress=False)
     assert (foreign / "videos" / "mine.mp4").exists()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    with pytest.raises(DatasetError, match="cannot create the demo folder"):
+        generate_demo(a_file, SMALL, progress=False)
+    assert a_file.read_text() == "not a folder"

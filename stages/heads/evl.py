@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cache.errors import CacheMismatchError, ConfigError
+from stages.heads.common import QuickGELU
 from stages.heads.registry import DataKeys, Head, Reference, register_head
 
 __all__ = ["BACKBONE_WEIGHT_KEYS", "EVLCfg", "FrozenQK", "TemporalCrossAttention", "DecoderLayer", "EVLHead"]
@@ -66,11 +67,6 @@ class EVLCfg:
     use_temporal_conv: bool = True
     use_temporal_pos: bool = True
     use_tca: bool = True
-
-
-class QuickGELU(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
 
 
 class FrozenQK(nn.Module):

@@ -31,8 +31,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.covariance import ledoit_wolf, shrunk_covariance
-from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
 from cache.errors import ConfigError, DatasetError
 from stages.heads.common import ClosedFormHead, full_class_weights, validate_choice
@@ -77,6 +75,8 @@ def _pooled_lda(x: np.ndarray, y: np.ndarray, shrinkage: str | float | None) -> 
     np.add.at(means, index, x)
     means /= counts[:, None]
     priors = counts / counts.sum()
+    from sklearn.covariance import ledoit_wolf, shrunk_covariance  # here: sklearn takes ~1 s to import
+
     shared = counts[index] > 1  # rows whose class has a second video
     residual = (x - means[index])[shared]  # (N', E)
     dof = residual.shape[0] - int(np.sum(counts > 1))
@@ -116,6 +116,8 @@ def fit_lda(x: np.ndarray, y: np.ndarray, num_classes: int, method: str = "poole
             f"scikit-learn's LDA needs more samples ({len(y)}) than classes ({len(np.unique(y))}); "
             "use method=pooled"
         )
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
     model = LinearDiscriminantAnalysis(solver=solver, shrinkage=None if solver == "svd" else alpha)
     model.fit(x, y)
     return full_class_weights(model.coef_, model.intercept_, model.classes_, num_classes)

@@ -17,8 +17,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 
 from cache.errors import ConfigError
 from stages.heads.common import ClosedFormHead, full_class_weights
@@ -50,6 +48,9 @@ class LinearProbeHead(ClosedFormHead):
         cfg = self.cfg
         if cfg.c <= 0:
             raise ConfigError(f"option 'c' must be positive, got {cfg.c}")
+        from sklearn.exceptions import ConvergenceWarning  # here: sklearn takes ~1 s to import
+        from sklearn.linear_model import LogisticRegression
+
         probe = LogisticRegression(C=cfg.c, max_iter=cfg.max_iter, random_state=cfg.seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)

@@ -66,18 +66,6 @@ class DataKeys:
     frames: bool = False
     backbone_weights: tuple[str, ...] = ()
 
-    def describe(self) -> str:
-        parts = []
-        if self.frame_emb:
-            parts.append("frame_emb")
-        if self.cls_layers:
-            parts.append(f"cls{list(self.cls_layers)}")
-        if self.patch_layers:
-            parts.append(f"patch{list(self.patch_layers)}")
-        if self.frames:
-            parts.append("frames")
-        return ", ".join(parts) or "nothing"
-
 
 def resolve_layers(layers: tuple[int, ...], depth: int) -> tuple[int, ...]:
     """Turn relative (negative) block numbers into absolute 1-based ones."""
@@ -196,8 +184,6 @@ def _coerce(cfg_cls: type, key: str, value: Any) -> Any:
                 return float(raw)
             if ftype.startswith("tuple"):
                 return tuple(int(x) for x in raw.split(",") if x.strip())
-            if ftype in ("str", "str|None", "Optional[str]"):
-                return raw
         except ValueError:
             raise ConfigError(f"option '{key}' expects {ftype}, got '{raw}'") from None
         return raw

@@ -189,7 +189,8 @@ class Side4Video(Head):
         self.tap_norms = nn.ModuleList(nn.LayerNorm(cfg.width) for _ in self.taps)
         self.tap_projs = nn.ModuleList(nn.Linear(cfg.width, d) for _ in self.taps)
         self.pos_embed = nn.Parameter(torch.randn(cfg.num_patches, d) * 0.01)
-        rates = torch.linspace(0, cfg.drop_path, cfg.num_blocks).tolist()
+        n = cfg.num_blocks
+        rates = [cfg.drop_path * i / max(1, n - 1) for i in range(n)]  # stochastic depth, 0 -> drop_path
         self.blocks = nn.ModuleList(
             SideBlock(d, cfg.side_heads, cfg.mlp_ratio, rate, cfg.num_blocks) for rate in rates)
         self.out_bn = nn.BatchNorm3d(d)
