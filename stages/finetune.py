@@ -466,7 +466,8 @@ class Finetuner:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def eval_embeddings(self) -> tuple[list[dict], list[dict]]:
-        """Frame embeddings of every evaluation video and view: [{"frame_emb": (V, T, E), "label"}]."""
+        """Frame embeddings of this rank's evaluation videos, every view: [{"frame_emb": (V, T, E),
+        "label"}], and the undecodable videos of all ranks."""
         self.model.eval()
         bs = self.cfg.eval_batch_size or self.cfg.batch_size
         per_video: list[dict] = []
@@ -476,24 +477,20 @@ class Finetuner:
             B, V = x.shape[:2]
             with _autocast(self.device, self.amp_dtype):
                 emb = self.model.encode_frames(_normalize_chw(x.flatten(0, 1), self.mean, self.std))  # (B*V, T, E)
-            emb = emb.float().view(B, V, *emb.shape[1:])  # (B, V, T, E)
-            emb, labels = self.dist.all_cat(emb).cpu(), self.dist.all_cat(batch["label"].to(self.device)).cpu()
-            index = self.dist.all_cat(batch["index"].to(self.device)).cpu()
-            valid = self.dist.all_cat(batch["valid"].to(self.device, torch.uint8)).cpu().bool()
-            errors = [e for errs in self.dist.all_objects(batch["error"]) for e in errs]
-            for j in range(len(index)):
-                if valid[j]:  # held in fp16, as a cache holds them (heads compute in float32)
-                    per_video.append({"frame_emb": emb[j].half(), "label": labels[j]})
-                elif index[j] >= 0:
-                    failed.append({"path": self.eval_data.items[int(index[j])].path, "reason": errors[j]})
-        return per_video, failed
+            emb = emb.float().view(B, V, *emb.shape[1:]).cpu()  # (B, V, T, E)
+            for j, index in enumerate(batch["index"].tolist()):
+                if batch["valid"][j]:  # held in fp16, as a cache holds them (heads compute in float32)
+                    per_video.append({"frame_emb": emb[j].half(), "label": batch["label"][j]})
+                elif index >= 0:
+                    failed.append({"path": self.eval_data.items[index].path, "reason": batch["error"][j]})
+        return per_video, sorted((f for part in self.dist.all_objects(failed) for f in part), key=lambda f: f["path"])
 
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Top-1 / top-5 / mean-class with stage two's evaluate_head on fine-tuned frame embeddings."""
         self.model.eval()
         data, failed = self.eval_embeddings()
-        if not data:
+        if not sum(self.dist.all_objects(len(data))):
             raise DatasetError(f"no '{self.cfg.eval_split}' video could be decoded")
         head = self.model.head
         if self.cfg.paradigm == "actionclip":
@@ -502,7 +499,8 @@ class Finetuner:
                                         TEMPLATE_SETS["actionclip"], device=str(self.device))  # (K, M, E)
             head.set_classifier(torch.from_numpy(text))
         average = self.cfg.eval_average or ("embeddings" if self.cfg.paradigm == "text4vis" else "scores")
-        metrics = evaluate_head(head, data, self.device, batch_size=64, average=average, amp_dtype=self.amp_dtype)
+        metrics = evaluate_head(head, data, self.device, batch_size=64, average=average, amp_dtype=self.amp_dtype,
+                                dist_ctx=self.dist, split=False)  # each rank scores its own videos
         self.model.train()
         metrics["failed"] = len(failed)
         self.eval_failures = failed

@@ -243,20 +243,21 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 @torch.no_grad()
 def evaluate_head(head: Head, data: CacheSplit, device: torch.device, batch_size: int = 64,
                   average: str = "scores", classifier: torch.Tensor | None = None,
-                  amp_dtype=None, dist_ctx: DistContext | None = None) -> dict[str, float]:
+                  amp_dtype=None, dist_ctx: DistContext | None = None, split: bool = True) -> dict[str, float]:
     """Multi-view evaluation: run each view, average scores (or embeddings, Text4Vis style).
 
     ``classifier`` (K', E) given: logits come from cosine similarity of the head's video
     embedding with it (zero-shot on other classes, cross-dataset evaluation). Under torchrun
     (``dist_ctx`` with several ranks) each rank scores every world-th video and the scores are
-    gathered: every rank returns the metrics of the whole set.
+    gathered: every rank returns the metrics of the whole set (``split=False``: each rank's
+    ``data`` is already its own share).
     """
     head.eval()
     ctx = dist_ctx or DistContext()
     use_emb = classifier is not None or average == "embeddings"
     if use_emb and not hasattr(head, "video_embedding"):
         raise ConfigError(f"head '{head.name}' has no video embedding: it cannot average embeddings or swap classes")
-    if ctx.enabled:
+    if ctx.enabled and split:
         data = data.rank_subset(ctx.rank, ctx.world) if isinstance(data, IterableDataset) else \
             Subset(data, range(ctx.rank, len(data), ctx.world))
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=_collate,

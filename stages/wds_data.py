@@ -114,7 +114,6 @@ class WdsSplit(IterableDataset):
         self.mean, self.std = pixel_stats(source.meta)
         self.views = specs[wanted[0]].shape[0] if wanted else 1
         self.epoch_seed = 0
-        self.part = (0, 1)  # (rank, world): keep videos at positions rank, rank + world, ... (evaluation)
         # only shards holding a selected video, in index order
         entries = source.shard_entries(self.split)
         sel = np.sort(self.indices)
@@ -173,10 +172,10 @@ class WdsSplit(IterableDataset):
             yield self._item(sample)
 
     def rank_subset(self, rank: int, world: int) -> "WdsSplit":
-        """A copy that yields only the videos at positions rank, rank + world, ... of the selection
-        (evaluation split across ranks; every rank still reads the shards' headers)."""
+        """A copy that streams only shards rank, rank + world, ... (evaluation split across ranks:
+        each shard is read by one rank; the scores are gathered, so the split need not be even)."""
         other = copy.copy(self)
-        other.part = (rank, world)
+        other.urls = self.urls[rank::world]
         return other
 
     def ordered(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -189,15 +188,13 @@ class WdsSplit(IterableDataset):
         from webdataset.tariterators import tarfile_samples
 
         members = self.members
-        rank, world = self.part
         select = lambda fname: fname.rsplit("/", 1)[-1].split(".", 1)[-1] in members  # noqa: E731
         for sample in tarfile_samples(({"url": u} for u in urls), select_files=select):
             info = sample_info(sample)
             if info["split"] != self.split:
                 raise CacheMismatchError(f"{sample.get('__url__')}: sample of split '{info['split']}' "
                                          f"in shards given for '{self.split}'")
-            pos = self.pos.get(info["index"])
-            if pos is not None and pos % world == rank:
+            if info["index"] in self.pos:
                 sample["__info__"] = info
                 yield sample
 
