@@ -371,8 +371,7 @@ def _index_videos(video_root: Path) -> tuple[dict[str, str], dict[str, str]]:
     return by_name, by_stem
 
 
-def _k400_items(path, what, video_root, index, to_label) -> list[VideoItem]:
-    rows, _ = _read_k400_csv(path, what)
+def _k400_items(path, what, rows, video_root, index, to_label) -> list[VideoItem]:
     by_name, by_stem = index
     items = []
     for n, label, stem in rows:
@@ -399,10 +398,15 @@ def _load_k400(data_root, video_root, train_list, val_list, test_list, classes) 
     train = train_list if train_list is not None else find(csv_names("train"))
     val = val_list if val_list is not None else find(csv_names("validate", "val"))
     test = test_list
+    csv_rows: dict[str, list] = {}  # each official CSV parsed once (the K400 train CSV: 240k rows)
     if test is None:
         auto = find(csv_names("test"))
-        if auto is not None and _read_k400_csv(auto, "test list", need_label=False)[1]:
-            test = auto  # the original test.csv has no labels: nothing to evaluate on
+        if auto is not None:
+            rows, labelled = _read_k400_csv(auto, "test list", need_label=False)
+            if labelled:  # the original test.csv has no labels: nothing to evaluate on
+                test = auto
+                if all(lab for _, lab, _ in rows):
+                    csv_rows["test"] = rows
     if train is None:
         raise DatasetError(
             "k400 needs a train list: train.csv in data_root"
@@ -414,15 +418,16 @@ def _load_k400(data_root, video_root, train_list, val_list, test_list, classes) 
         raise DatasetError("k400 needs video_root (the folder holding the videos) or data_root")
     vroot = _need_dir(vroot, "k400 video root")
 
-    if str(train).lower().endswith(".txt"):
-        return _generic("k400", vroot, train, val, test, classes, default_classes="k400", check_folders=True)
+    if str(train).lower().endswith(".txt"):  # `path label` lists: only the lists given (not the official CSVs)
+        return _generic("k400", vroot, train, val_list, test_list, classes, default_classes="k400",
+                        check_folders=True)
 
     if classes is not None:
         names, cls_src = _classes_arg(classes, None)
         lookup = {_norm(c): i for i, c in enumerate(names)}
         to_label = lambda lab: lookup.get(_norm(lab))  # noqa: E731
     else:
-        rows, _ = _read_k400_csv(train, "train list")
+        rows = csv_rows["train"] = _read_k400_csv(train, "train list")[0]
         raw = sorted({lab for _, lab, _ in rows})  # official ids: sorted raw labels
         names = [_k400_name(lab) for lab in raw]
         shipped = builtin_classnames("k400")
@@ -443,7 +448,8 @@ def _load_k400(data_root, video_root, train_list, val_list, test_list, classes) 
         if str(lst).lower().endswith(".txt"):
             splits[split] = read_video_list(lst, vroot, len(names), split=split, classes=names)
         else:
-            splits[split] = _k400_items(lst, f"{split} list", str(vroot), index, to_label)
+            rows = csv_rows.get(split) or _read_k400_csv(lst, f"{split} list")[0]
+            splits[split] = _k400_items(lst, f"{split} list", rows, str(vroot), index, to_label)
         sources[split] = _abs(lst)
     return DatasetSpec("k400", list(names), splits, _abs(vroot), sources)
 
@@ -737,8 +743,9 @@ def _load_ssv2(data_root, video_root, train_list, val_list, test_list, classes) 
     if vroot is None:
         raise DatasetError("ssv2 needs video_root (the folder of <id>.webm files) or data_root")
     vroot = _need_dir(vroot, "ssv2 video root")
-    if str(train).lower().endswith(".txt"):
-        return _generic("ssv2", vroot, train, val, test_list, classes, default_classes="ssv2", check_folders=False)
+    if str(train).lower().endswith(".txt"):  # `path label` lists: only the lists given (not the official JSON)
+        return _generic("ssv2", vroot, train, val_list, test_list, classes, default_classes="ssv2",
+                        check_folders=False)
 
     if classes is not None and str(classes).lower().endswith(".json"):
         names, cls_src = _read_ssv2_labels(classes), _abs(classes)

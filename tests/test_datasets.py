@@ -283,6 +283,10 @@ def test_k400_generic_txt_lists(tmp_path):
     spec = load_dataset("k400", video_root=tmp_path, train_list=tmp_path / "train.txt")
     assert spec.classes == builtin_classnames("k400")
     assert [i.label for i in spec.splits["train"]] == [0, 399]
+    # a .txt train list with --data-root holding the official CSVs: those are not `path label` lists
+    write(tmp_path / "validate.csv", "label,youtube_id,time_start,time_end\nzumba,x,0,10\n")
+    spec = load_dataset("k400", data_root=tmp_path, video_root=tmp_path, train_list=tmp_path / "train.txt")
+    assert list(spec.splits) == ["train"]
 
 
 # ---------------------------------------------------------------------------------------------
