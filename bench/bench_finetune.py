@@ -45,6 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.memprobe import reset_peak_rss, vm_status  # noqa: E402
+
 MODES = {
     "actionclip": ("actionclip", False),
     "actionclip+ckpt": ("actionclip", True),
@@ -62,14 +64,6 @@ LABELS = {
 
 
 # ----------------------------------------------------------------------------- memory probes
-def vm_status(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def release_free_memory() -> None:
     """Hand freed heap back to the OS, so that the resident set is the live set."""
     try:
@@ -78,15 +72,6 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
 
 
 class SavedTensors:

@@ -89,6 +89,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.memprobe import reset_peak_rss, vm_status  # noqa: E402
+
 now = time.perf_counter
 MB = 1 << 20
 # zarr 3.1 reads an integer-array index over N (what CacheSplit's in-memory preload passes to
@@ -188,22 +190,6 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def vm_status(key: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1024 or unit == "GB":
@@ -242,7 +228,7 @@ def make_head(store, run: HeadRun, seed: int = 0):
     head = build_head(run.name, store, dict(run.overrides), num_classes=K)
     keys = head.data_keys()
     if getattr(head, "set_backbone_weights", None) and keys.backbone_weights:
-        head.set_backbone_weights(_backbone_weights(store, keys, head))
+        head.set_backbone_weights(_backbone_weights(store, keys))
     if head.has_classifier:
         head.set_classifier(classifier_matrix(cfg.classifier_init, store, head, None, cfg))
     return head, cfg

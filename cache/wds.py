@@ -229,7 +229,6 @@ def export_wds(store: FeatureStore, out: str | Path, name: str | None = None, sh
             _add(tar, member, data)
     os.replace(tmp, out / header["extra"])
     atomic_write_text(header_path, json.dumps(header, indent=1))
-    os.chmod(header_path, 0o644)  # readable like the shards (the temporary file was private)
     # shards of an earlier, larger export under the same name would be picked up by a glob: drop them
     keep = {s["file"] for info in header["splits"].values() for s in info["shards"]}
     series = re.compile(rf"{re.escape(name)}-({'|'.join(map(re.escape, splits))})-\d{{6}}\.tar")

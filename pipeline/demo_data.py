@@ -43,6 +43,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from cache.errors import ConfigError, DatasetError
+from cache.store import atomic_write_text
 
 __all__ = [
     "DemoCfg",
@@ -593,15 +594,6 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = _tmp_path(path)
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _encode_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
     """h264 (libx264, yuv420p, crf 17) mp4 of (T, H, W, 3) uint8 RGB frames, atomically."""
     import av
@@ -732,7 +724,7 @@ def generate_demo(out_dir: str | Path, cfg: DemoCfg | None = None, progress: boo
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a file in the way, no permission
         raise DatasetError(f"cannot create the demo folder {root}: {exc.strerror}") from None
-    _write_text_atomic(partial_path, json.dumps(_manifest_body(cfg, classes), indent=2) + "\n")
+    atomic_write_text(partial_path, json.dumps(_manifest_body(cfg, classes), indent=2) + "\n")
 
     world = WORLDS[cfg.world]
     h, w = frame_dims(cfg.size)
@@ -759,10 +751,10 @@ def generate_demo(out_dir: str | Path, cfg: DemoCfg | None = None, progress: boo
 
     for split, list_path in (("train", ds.train_list), ("val", ds.val_list)):
         lines = [f"{it.rel} {it.label}\n" for it in items if it.split == split]
-        _write_text_atomic(list_path, "".join(lines))
-    _write_text_atomic(ds.classes_file, "".join(f"{c}\n" for c in classes))
-    _write_text_atomic(ds.captions_file, "".join(json.dumps(r) + "\n" for r in records))
+        atomic_write_text(list_path, "".join(lines))
+    atomic_write_text(ds.classes_file, "".join(f"{c}\n" for c in classes))
+    atomic_write_text(ds.captions_file, "".join(json.dumps(r) + "\n" for r in records))
     # the manifest last: its presence (with a matching cfg) means "finished"
-    _write_text_atomic(manifest_path, json.dumps(_manifest_body(cfg, classes), indent=2) + "\n")
+    atomic_write_text(manifest_path, json.dumps(_manifest_body(cfg, classes), indent=2) + "\n")
     partial_path.unlink(missing_ok=True)
     return ds

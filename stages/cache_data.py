@@ -14,7 +14,8 @@ from cache.errors import CacheMismatchError, DatasetError
 from cache.store import DONE, FeatureStore
 from stages.heads import DataKeys, resolve_layers
 
-__all__ = ["HeadInputs", "CacheSplit", "pixel_stats", "view_tensor", "check_cache_for_head", "select_videos", "extraction_hint"]
+__all__ = ["HeadInputs", "CacheSplit", "pixel_stats", "epoch_seed", "view_pick", "view_tensor", "check_cache_for_head",
+           "select_videos", "extraction_hint"]
 
 IN_MEMORY_LIMIT = 2 << 30  # bytes of one array above which it is read per video instead
 
@@ -149,22 +150,32 @@ class CacheSplit(Dataset):
         return self.store.read(self.inputs.split, name, rows, dtype=np.float32, layers=layers)
 
     def set_epoch(self, epoch: int, seed: int) -> None:
-        self.epoch_seed = seed * 100003 + epoch
+        self.epoch_seed = epoch_seed(epoch, seed)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         item: dict[str, torch.Tensor] = {"label": torch.tensor(self.labels[i])}
-        if self.train and self.views > 1:
-            view = int(np.random.default_rng((self.epoch_seed, i)).integers(self.views))
-            pick = slice(view, view + 1)
-        else:
-            pick = slice(None)
+        pick = view_pick(self.epoch_seed, i, self.views, self.train)
         for name in self.wanted:
             arr = self.memory[name][i] if name in self.memory else self._read(name, int(self.indices[i]))
             item[name] = view_tensor(name, arr, pick, self.train, self.mean, self.std)
         return item
+
+
+def epoch_seed(epoch: int, seed: int) -> int:
+    """The seed of one epoch's random view draws (the same for the Zarr and the streamed data)."""
+    return seed * 100003 + epoch
+
+
+def view_pick(epoch_seed: int, position: int, views: int, train: bool) -> slice:
+    """Which cached views a sample yields: in training one view drawn from (epoch, position in
+    the selection), so that the Zarr cache and the shards draw the same; in evaluation all."""
+    if train and views > 1:
+        view = int(np.random.default_rng((epoch_seed, position)).integers(views))
+        return slice(view, view + 1)
+    return slice(None)
 
 
 def view_tensor(name: str, arr: np.ndarray, pick: slice, train: bool, mean: torch.Tensor,

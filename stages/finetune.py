@@ -67,6 +67,7 @@ from stages.heads import get_head_entry, make_cfg
 from stages.heads.actionclip import video_text_kl_loss
 from stages.text import TEMPLATE_SETS, clip_text_embeddings
 from stages.train import (
+    AMP_CHOICES,
     _amp_dtype,
     _atomic_save,
     _autocast,
@@ -140,8 +141,8 @@ class FinetuneCfg:
             raise ConfigError(f"sampling must be segment or dense, got '{self.sampling}'")
         if self.frames < 1 or self.batch_size < 1 or self.stride < 1:
             raise ConfigError("frames, batch_size and stride must be at least 1")
-        if self.amp not in ("auto", "none", "bf16", "fp16"):
-            raise ConfigError(f"amp must be auto, none, bf16 or fp16, got '{self.amp}'")
+        if self.amp not in AMP_CHOICES:
+            raise ConfigError(f"amp must be one of {', '.join(AMP_CHOICES)}, got '{self.amp}'")
         if self.eval_average not in ("", "scores", "embeddings"):
             raise ConfigError(f"eval_average must be scores or embeddings, got '{self.eval_average}'")
         if self.lr <= 0 or self.backbone_ratio < 0 or self.weight_decay < 0:
@@ -318,7 +319,6 @@ class Finetuner:
         values.update(head_overrides or {})
         torch.manual_seed(cfg.seed)  # the head's initial weights depend on the seed alone
         head = get_head_entry(cfg.paradigm).head_cls(make_cfg(cfg.paradigm, values))
-        self.head_overrides = dict(head_overrides or {})
 
         clip.visual.requires_grad_(True)
         if cfg.paradigm == "text4vis":

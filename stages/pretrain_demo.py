@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from cache.errors import ConfigError
+from cache.store import atomic_write_text
 from stages.backbone import load_clip, resolve_model_name
 
 __all__ = ["PretrainCfg", "pretrain_demo_clip", "zero_shot_eval", "caption_labels", "FORMAT"]
@@ -458,15 +459,6 @@ def _read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(data, indent=2, allow_nan=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _save_atomic(state: dict, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -526,7 +518,7 @@ def pretrain_demo_clip(out_path: str | os.PathLike, render: Render, eval_prompts
                                                device=dev, log=log)
             meta["eval_prompts"] = _eval_spec(eval_prompts)
             meta.setdefault("seconds", {})["eval"] = round(time.perf_counter() - t, 2)
-            _write_json_atomic(meta_path, meta)
+            atomic_write_text(meta_path, json.dumps(meta, indent=2, allow_nan=True) + "\n")
             return meta
         return _train(out_path, meta_path, render, eval_prompts, cfg, want, progress, log, dev, threads == "auto")
     finally:
@@ -657,6 +649,6 @@ def _train(out_path: Path, meta_path: Path, render: Render, eval_prompts: EvalGr
         "torch": torch.__version__,
         "open_clip": open_clip.__version__,
     }
-    _write_json_atomic(meta_path, meta)
+    atomic_write_text(meta_path, json.dumps(meta, indent=2, allow_nan=True) + "\n")
     log(f"saved {out_path} (+ {meta_path.name})")
     return meta

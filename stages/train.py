@@ -418,7 +418,7 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
         atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=1))
 
     if getattr(head, "set_backbone_weights", None) and keys.backbone_weights:
-        head.set_backbone_weights(_backbone_weights(store, keys, head))
+        head.set_backbone_weights(_backbone_weights(store, keys))
     if head.has_classifier:
         w = init_weight if init_weight is not None else classifier_matrix(cfg.classifier_init, store, head,
                                                                           train_classes, cfg, train_idx)
@@ -477,7 +477,7 @@ def _all_items(data) -> list[dict]:
     return [data[i] for i in range(len(data))]
 
 
-def _backbone_weights(store: FeatureStore, keys, head) -> dict[int, dict[str, torch.Tensor]]:
+def _backbone_weights(store: FeatureStore, keys) -> dict[int, dict[str, torch.Tensor]]:
     from stages.heads import resolve_layers
 
     depth = int(store.meta["dims"]["depth"])

@@ -30,7 +30,7 @@ from torch.utils.data import IterableDataset
 
 from cache.errors import CacheMismatchError
 from cache.wds import WdsCache, expand_shards, header_for, member_names, sample_array, sample_info
-from stages.cache_data import pixel_stats, view_tensor
+from stages.cache_data import epoch_seed, pixel_stats, view_pick, view_tensor
 
 __all__ = ["WdsSource", "WdsSplit", "open_wds_source", "node_info"]
 
@@ -130,7 +130,7 @@ class WdsSplit(IterableDataset):
 
     # ----------------------------------------------------------------- CacheSplit API
     def set_epoch(self, epoch: int, seed: int) -> None:
-        self.epoch_seed = seed * 100003 + epoch
+        self.epoch_seed = epoch_seed(epoch, seed)
 
     def _node(self) -> tuple[int, int]:
         return node_info() if self.split_nodes else (0, 1)
@@ -204,11 +204,7 @@ class WdsSplit(IterableDataset):
         if self.label_map:
             label = self.label_map[label]
         item: dict[str, torch.Tensor] = {"label": torch.tensor(label, dtype=torch.int64)}
-        if self.train and self.views > 1:
-            view = int(np.random.default_rng((self.epoch_seed, self.pos[info["index"]])).integers(self.views))
-            pick = slice(view, view + 1)
-        else:
-            pick = slice(None)
+        pick = view_pick(self.epoch_seed, self.pos[info["index"]], self.views, self.train)
         for name in self.wanted:
             arr = sample_array(sample, name, self.stored[name], np.float32)
             if name == "cls":
