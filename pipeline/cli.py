@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -53,21 +53,36 @@ def demo_data(
     typer.echo(f"demo data in {ds.root}: {len(ds.classes)} classes; lists {ds.train_list.name}, {ds.val_list.name}")
 
 
+# ----------------------------------------------------------------------------- shared options
+# The options of every command that reads a dataset's videos (extract, finetune), declared once.
+DatasetName = Annotated[str, typer.Option(help="demo | k400 | ucf101 | hmdb51 | ssv2 | custom")]
+DataRoot = Annotated[Optional[Path], typer.Option(help="Dataset folder (official layout or demo folder).")]
+VideoRoot = Annotated[Optional[Path], typer.Option(help="Folder the list paths are relative to.")]
+TrainList = Annotated[Optional[Path], typer.Option(help="Train list: 'path label' lines.")]
+ValList = Annotated[Optional[Path], typer.Option(help="Val list.")]
+TestList = Annotated[Optional[Path], typer.Option(help="Test list.")]
+ClassesFile = Annotated[Optional[Path], typer.Option(help="Class names: one per line, or CSV id,name.")]
+SplitId = Annotated[int, typer.Option(help="Official split number (UCF-101, HMDB-51).")]
+Pretrained = Annotated[str, typer.Option(help="open_clip pretrained tag or a local checkpoint path.")]
+InitSeed = Annotated[int, typer.Option(help="Seed of the random init when no --pretrained is given.")]
+Frames = Annotated[int, typer.Option(help="Frames per clip (T).")]
+
+
 # ----------------------------------------------------------------------------- extract
 @app.command()
 def extract(
-    dataset: str = typer.Option("demo", help="demo | k400 | ucf101 | hmdb51 | ssv2 | custom"),
-    data_root: Optional[Path] = typer.Option(None, help="Dataset folder (official layout or demo folder)."),
-    video_root: Optional[Path] = typer.Option(None, help="Folder the list paths are relative to."),
-    train_list: Optional[Path] = typer.Option(None, help="Train list: 'path label' lines."),
-    val_list: Optional[Path] = typer.Option(None, help="Val list."),
-    test_list: Optional[Path] = typer.Option(None, help="Test list."),
-    classes: Optional[Path] = typer.Option(None, help="Class names: one per line, or CSV id,name."),
-    split_id: int = typer.Option(1, help="Official split number (UCF-101, HMDB-51)."),
+    dataset: DatasetName = "demo",
+    data_root: DataRoot = None,
+    video_root: VideoRoot = None,
+    train_list: TrainList = None,
+    val_list: ValList = None,
+    test_list: TestList = None,
+    classes: ClassesFile = None,
+    split_id: SplitId = 1,
     model: str = typer.Option("tiny", help="open_clip model name (ViT-B-16, ...), or tiny / demo (built in)."),
-    pretrained: str = typer.Option("", help="open_clip pretrained tag or a local checkpoint path."),
-    init_seed: int = typer.Option(0, help="Seed of the random init when no --pretrained is given."),
-    frames: int = typer.Option(8, help="Frames per clip (T)."),
+    pretrained: Pretrained = "",
+    init_seed: InitSeed = 0,
+    frames: Frames = 8,
     sampling: str = typer.Option("segment", help="segment (TSN) | dense"),
     stride: int = typer.Option(8, help="Frame stride for dense sampling."),
     layers: str = typer.Option("last4", help="Blocks to tap: lastK | all | none | 8,10,12 (1-based)."),
@@ -350,18 +365,18 @@ def heads(
 @app.command()
 def finetune(
     paradigm: str = typer.Option(..., help="text4vis | actionclip"),
-    dataset: str = typer.Option("demo", help="demo | k400 | ucf101 | hmdb51 | ssv2 | custom"),
-    data_root: Optional[Path] = typer.Option(None, help="Dataset folder (official layout or demo folder)."),
-    video_root: Optional[Path] = typer.Option(None, help="Folder the list paths are relative to."),
-    train_list: Optional[Path] = typer.Option(None, help="Train list: 'path label' lines."),
-    val_list: Optional[Path] = typer.Option(None, help="Val list."),
-    test_list: Optional[Path] = typer.Option(None, help="Test list."),
-    classes: Optional[Path] = typer.Option(None, help="Class names: one per line, or CSV id,name."),
-    split_id: int = typer.Option(1, help="Official split number (UCF-101, HMDB-51)."),
+    dataset: DatasetName = "demo",
+    data_root: DataRoot = None,
+    video_root: VideoRoot = None,
+    train_list: TrainList = None,
+    val_list: ValList = None,
+    test_list: TestList = None,
+    classes: ClassesFile = None,
+    split_id: SplitId = 1,
     model: str = typer.Option("ViT-B-16", help="open_clip model name, or tiny / demo (built in)."),
-    pretrained: str = typer.Option("", help="open_clip pretrained tag or a local checkpoint path."),
-    init_seed: int = typer.Option(0, help="Seed of the random init when no --pretrained is given."),
-    frames: int = typer.Option(8, help="Frames per clip (T)."),
+    pretrained: Pretrained = "",
+    init_seed: InitSeed = 0,
+    frames: Frames = 8,
     views: str = typer.Option("1x1", help="CxS evaluation views (temporal clips x spatial crops)."),
     epochs: Optional[int] = typer.Option(None, help="Epochs (default: Text4Vis 30, ActionCLIP 50; 0: evaluate only)."),
     set_: list[str] = typer.Option([], "--set", help="Override: key=value (fine-tuning option such as lr, "
