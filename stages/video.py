@@ -97,10 +97,11 @@ def _decode_decord(path: str, pick: Callable[[int], list[list[int]]]) -> list[np
     return [frames[[pos[i] for i in clip]] for clip in clips]
 
 
-def _decode_pyav(path: str, pick: Callable[[int], list[list[int]]]) -> list[np.ndarray]:
+def _pyav_frames(path: str):
+    """Every decodable frame of the first video stream, in decode order; corrupt packets are
+    skipped (one bad packet must not lose the rest of the video)."""
     import av
 
-    decoded = []
     with av.open(path) as container:
         if not container.streams.video:
             raise VideoDecodeError("no video stream")
@@ -108,20 +109,37 @@ def _decode_pyav(path: str, pick: Callable[[int], list[list[int]]]) -> list[np.n
         stream.thread_type = "AUTO"
         for packet in container.demux(stream):
             try:
-                decoded.extend(packet.decode())
+                frames = packet.decode()
             except (av.error.InvalidDataError, av.error.ValueError):
-                continue  # one corrupt packet must not lose the rest of the video
-    if not decoded:
+                continue
+            yield from frames
+
+
+def _decode_pyav(path: str, pick: Callable[[int], list[list[int]]]) -> list[np.ndarray]:
+    """Two passes: count the decodable frames, then decode again keeping only the sampled
+    ones. Memory stays at the sampled frames, whatever the video's length (one pass holding
+    every frame needed 3 MB per 1080p frame: 56 GB for a 10-minute video). Files reach this
+    only when decord failed, so the second decode is a cost paid rarely."""
+    n = sum(1 for _ in _pyav_frames(path))
+    if n == 0:
         raise VideoDecodeError("no decodable frames")
-    clips = pick(len(decoded))
-    cache: dict[int, np.ndarray] = {}
-    out = []
-    for clip in clips:
-        for i in clip:
-            if i not in cache:
-                cache[i] = decoded[i].to_ndarray(format="rgb24")
-        out.append(np.stack([cache[i] for i in clip]))
-    return out
+    clips = pick(n)
+    wanted = {i for clip in clips for i in clip}
+    last = max(wanted)
+    got: dict[int, np.ndarray] = {}
+    frames = _pyav_frames(path)
+    try:
+        for i, frame in enumerate(frames):
+            if i in wanted:
+                got[i] = frame.to_ndarray(format="rgb24")
+            if i == last:
+                break
+    finally:
+        frames.close()
+    if len(got) != len(wanted):
+        raise VideoDecodeError(f"PyAV's second pass decoded {len(got)} of the {len(wanted)} sampled frames "
+                               f"of the {n} its first pass counted")
+    return [np.stack([got[i] for i in clip]) for clip in clips]
 
 
 def _decode_folder(path: str, num_frames: int | None, pick: Callable[[int], list[list[int]]]) -> list[np.ndarray]:

@@ -75,6 +75,31 @@ def test_pyav_fallback_for_av1(tmp_path):
     assert all(abs(x - 2 * i) <= 2 for x, i in zip(xs, [3, 9, 15, 21])), xs
 
 
+def test_pyav_fallback_holds_only_the_sampled_frames(tmp_path):
+    """The PyAV path counts first and then keeps just the sampled frames, so a long video that
+    decord cannot read does not fill the memory; the frames equal a plain full decode."""
+    import gc
+
+    from stages import video
+
+    path = str(_write(tmp_path / "long_av1.mp4", codec="libsvtav1", n=60))
+    live_at_pick = []
+
+    def pick(n):
+        gc.collect()
+        live_at_pick.append(sum(isinstance(o, av.VideoFrame) for o in gc.get_objects()))
+        return clip_indices(n, SamplingCfg(frames=4, clips=2))
+
+    clips = video._decode_pyav(path, pick)
+    assert live_at_pick == [0]  # nothing decoded is held when the sample is chosen
+    with av.open(path) as c:
+        every = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    want = clip_indices(len(every), SamplingCfg(frames=4, clips=2))
+    assert [c.shape for c in clips] == [(4, 48, 64, 3)] * 2
+    for clip, idx in zip(clips, want):
+        assert all(np.array_equal(f, every[i]) for f, i in zip(clip, idx))
+
+
 @pytest.mark.parametrize("kind", ["missing", "empty", "text", "truncated"])
 def test_undecodable_files_raise_with_a_reason(tmp_path, kind):
     path = tmp_path / "bad.mp4"
