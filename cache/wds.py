@@ -92,8 +92,20 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
 
 
 def load_npy(data: bytes) -> np.ndarray:
-    """Decode one .npy member; object arrays (which would need unpickling) are refused."""
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    """One .npy member as a read-only view of its bytes (no copy; index it, then convert only
+    what is used). Object arrays, which would need unpickling, are refused."""
+    buf = io.BytesIO(data)
+    version = np.lib.format.read_magic(buf)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+    if read_header is None:
+        raise ValueError(f"unsupported .npy format version {version}")
+    shape, fortran, dtype = read_header(buf)
+    if dtype.hasobject:
+        raise ValueError("object arrays cannot be loaded when allow_pickle=False")
+    count = int(np.prod(shape, dtype=np.int64))
+    arr = np.frombuffer(data, dtype=dtype, count=count, offset=buf.tell())
+    return arr.reshape(shape, order="F" if fortran else "C")
 
 
 def member_names(spec_name: str, dtype: str) -> list[str]:
@@ -388,12 +400,20 @@ def sample_info(sample: dict[str, Any]) -> dict:
     return json.loads(sample["json"])
 
 
-def sample_array(sample: dict[str, Any], name: str, dtype_stored: str, dtype=np.float32) -> np.ndarray:
-    """One cache array of a sample, as FeatureStore.read would return it (int8 dequantised)."""
+def sample_array(sample: dict[str, Any], name: str, dtype_stored: str, dtype=np.float32,
+                 index: tuple = ()) -> np.ndarray:
+    """One cache array of a sample, as FeatureStore.read would return it (int8 dequantised).
+
+    ``index`` selects along the leading axes (view, frame, layer, ...) before anything is
+    converted, so a head that wants one view and two of twelve cached layers converts just those.
+    """
     if dtype_stored == "int8":
-        return dequantize_int8({s: load_npy(sample[f"{name}.{s}.npy"]) for s in QUANT_SUFFIXES}, dtype=dtype)
-    arr = load_npy(sample[f"{name}.npy"])
-    return arr if dtype_stored == "uint8" else arr.astype(dtype, copy=False)
+        parts = {s: load_npy(sample[f"{name}.{s}.npy"])[index] for s in QUANT_SUFFIXES}
+        return dequantize_int8(parts, dtype=dtype)
+    arr = load_npy(sample[f"{name}.npy"])[index]
+    if dtype_stored == "uint8":
+        return np.array(arr)  # a writable copy of just the selection
+    return arr.astype(dtype)
 
 
 class WdsCache:
@@ -422,7 +442,7 @@ class WdsCache:
         self._arrays: dict[str, np.ndarray] = {}
         with opener(_sibling(header, self.header["extra"])) as fh:
             for sample_name, data in _iter_members(fh):
-                self._arrays[sample_name] = load_npy(data)
+                self._arrays[sample_name] = np.array(load_npy(data))  # writable, own memory
         self._shards: dict[str, list[str]] = {}
         for split, info in self.header["splits"].items():
             self._shards[split] = [_sibling(header, s["file"]) for s in info["shards"]]
