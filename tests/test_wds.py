@@ -233,6 +233,26 @@ def test_streamed_items_equal_cache_split_items(mixed_cache, tmp_path, monkeypat
     assert len(list(res)) == len(idx)
 
 
+def test_streamed_int8_items_equal_cache_split_items(int8_cache, tmp_path):
+    """int8 parts are selected (layers, in any order) before dequantisation: still the same
+    tensors as the Zarr cache gives."""
+    st = int8_cache
+    export_wds(st, tmp_path, name="q", shard_bytes="100KB")
+    src = open_wds_source(str(tmp_path / "q-header.json"))
+    keys = DataKeys(cls_layers=(-1, 1), patch_layers=(1, -1))
+    for split, train in (("train", True), ("val", False)):
+        idx = select_videos(st, split)
+        ref = CacheSplit(st, HeadInputs(st, keys, split), idx, train=train)
+        got = src.split_dataset(HeadInputs(src, keys, split), idx, train=train)
+        for ds in (ref, got):
+            ds.set_epoch(1, seed=0)
+        ordered = list(got.ordered())
+        assert len(ordered) == len(ref) > 0
+        for i, item in enumerate(ordered):
+            for k, want in ref[i].items():
+                assert item[k].shape == want.shape and torch.equal(item[k], want), (split, k)
+
+
 def test_a_subset_of_shards_narrows_the_selection(medium):
     st, folder = medium
     header = json.loads((folder / "med-header.json").read_text())
