@@ -28,6 +28,7 @@ import io
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -112,6 +113,18 @@ def _need_dir(path, what: str) -> Path:
     if not p.is_dir():
         raise DatasetError(f"{what} {p} is not a folder" if p.exists() else f"{what} {p} does not exist")
     return p
+
+
+def _video_root(name: str, video_root, root: Path | None, subfolders: Sequence[str], holds: str) -> Path:
+    """The folder of an official layout's videos: ``video_root`` if given, else the first of
+    ``subfolders`` that exists under ``root``, else ``root`` itself; it must be a folder."""
+    if video_root is not None:
+        vroot = Path(video_root)
+    elif root is not None:
+        vroot = _first_existing([root / sub for sub in subfolders]) or root
+    else:
+        raise DatasetError(f"{name} needs video_root ({holds}) or data_root")
+    return _need_dir(vroot, f"{name} video root")
 
 
 def _abs(path) -> str:
@@ -413,10 +426,7 @@ def _load_k400(data_root, video_root, train_list, val_list, test_list, classes) 
             + (f" ({root})" if root is not None else "")
             + " or train_list (official CSV, or a `path label` .txt list)"
         )
-    vroot = Path(video_root) if video_root is not None else _first_existing([root / "videos"] if root else []) or root
-    if vroot is None:
-        raise DatasetError("k400 needs video_root (the folder holding the videos) or data_root")
-    vroot = _need_dir(vroot, "k400 video root")
+    vroot = _video_root("k400", video_root, root, ["videos"], "the folder holding the videos")
 
     if str(train).lower().endswith(".txt"):  # `path label` lists: only the lists given (not the official CSVs)
         return _generic("k400", vroot, train, val_list, test_list, classes, default_classes="k400",
@@ -529,10 +539,7 @@ def _load_ucf101(data_root, video_root, train_list, val_list, test_list, classes
     if train_list is None and ann is None:
         where = f" in {root} or {root / 'ucfTrainTestlist'}" if root is not None else ""
         raise DatasetError(f"ucf101 needs classInd.txt and trainlist0{split_id}.txt{where} (give data_root), or train_list")
-    vroot = video_root if video_root is not None else (_first_existing([root / "UCF-101"]) or root if root else None)
-    if vroot is None:
-        raise DatasetError("ucf101 needs video_root (the UCF-101 folder) or data_root")
-    vroot = _need_dir(vroot, "ucf101 video root")
+    vroot = _video_root("ucf101", video_root, root, ["UCF-101"], "the UCF-101 folder")
 
     if classes is not None:
         names, cls_src = _classes_arg(classes, None)
@@ -567,12 +574,7 @@ def _load_hmdb51(data_root, video_root, train_list, val_list, test_list, classes
     root = Path(data_root) if data_root is not None else None
     if root is not None:
         _need_dir(root, "hmdb51 data root")
-    vroot = video_root if video_root is not None else (
-        _first_existing([root / "hmdb51_org", root / "videos"]) or root if root else None
-    )
-    if vroot is None:
-        raise DatasetError("hmdb51 needs video_root (the folder of class folders) or data_root")
-    vroot = _need_dir(vroot, "hmdb51 video root")
+    vroot = _video_root("hmdb51", video_root, root, ["hmdb51_org", "videos"], "the folder of class folders")
     if train_list is not None:
         return _generic("hmdb51", vroot, train_list, val_list, test_list, classes, default_classes="hmdb51", check_folders=True)
     if root is None:
@@ -737,12 +739,8 @@ def _load_ssv2(data_root, video_root, train_list, val_list, test_list, classes) 
         raise DatasetError(
             "ssv2 needs something-something-v2-train.json in data_root (or its labels/ folder), or train_list"
         )
-    vroot = video_root if video_root is not None else (
-        _first_existing([root / "20bn-something-something-v2", root / "videos"]) or root if root else None
-    )
-    if vroot is None:
-        raise DatasetError("ssv2 needs video_root (the folder of <id>.webm files) or data_root")
-    vroot = _need_dir(vroot, "ssv2 video root")
+    vroot = _video_root("ssv2", video_root, root, ["20bn-something-something-v2", "videos"],
+                        "the folder of <id>.webm files")
     if str(train).lower().endswith(".txt"):  # `path label` lists: only the lists given (not the official JSON)
         return _generic("ssv2", vroot, train, val_list, test_list, classes, default_classes="ssv2",
                         check_folders=False)

@@ -87,7 +87,7 @@ def test_pyav_fallback_holds_only_the_sampled_frames(tmp_path):
 
     def pick(n):
         gc.collect()
-        live_at_pick.append(sum(isinstance(o, av.VideoFrame) for o in gc.get_objects()))
+        live_at_pick.append(sum(type(o) is av.VideoFrame for o in gc.get_objects()))
         return clip_indices(n, SamplingCfg(frames=4, clips=2))
 
     clips = video._decode_pyav(path, pick)
