@@ -459,6 +459,12 @@ class WdsCache:
     def splits(self) -> list[str]:
         return list(self.header["splits"])
 
+    @property
+    def source_id(self) -> str:
+        """The shards in use, by file name per split (where they are read from does not matter)."""
+        return "wds:" + json.dumps({split: sorted(_basename(u) for u in urls)
+                                    for split, urls in sorted(self._shards.items())})
+
     def specs(self, split: str):
         from cache.store import ArraySpec
 

@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,6 +47,8 @@ __all__ = ["TrainCfg", "parse_class_spec", "split_overrides", "build_head", "cla
            "train_head", "evaluate_head", "evaluate_run", "accuracy_metrics", "text_classifier", "CLASSIFIER_INITS"]
 
 CLASSIFIER_INITS = ("clip_text", "random_normal", "orthogonal", "lda", "minilm")
+EVAL_AVERAGES = ("scores", "embeddings")
+AMP_CHOICES = ("auto", "none", "bf16", "fp16")
 
 
 @dataclass
@@ -74,6 +77,29 @@ class TrainCfg:
     eval_every: int = 1
     workers: int = 0
 
+    def validate(self) -> None:
+        """One clear ConfigError for a value no run can use (before anything is written)."""
+        checks = (
+            ("epochs", self.epochs >= 0, "an integer >= 0"),
+            ("batch_size", self.batch_size >= 1, "an integer >= 1"),
+            ("lr", self.lr >= 0, ">= 0"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
+            ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
+            ("grad_clip", self.grad_clip >= 0, ">= 0 (0 = off)"),
+            ("shots", self.shots >= 0, "an integer >= 0 (0 = all videos)"),
+            ("fraction", 0 < self.fraction <= 1, "in (0, 1]"),
+            ("lda_per_class", self.lda_per_class >= 1, "an integer >= 1"),
+            ("eval_every", self.eval_every >= 1, "an integer >= 1"),
+            ("workers", self.workers >= 0, "an integer >= 0"),
+            ("eval_average", self.eval_average in EVAL_AVERAGES, f"one of {', '.join(EVAL_AVERAGES)}"),
+            ("classifier_init", self.classifier_init in CLASSIFIER_INITS, f"one of {', '.join(CLASSIFIER_INITS)}"),
+            ("amp", self.amp in AMP_CHOICES, f"one of {', '.join(AMP_CHOICES)}"),
+        )
+        for name, ok, need in checks:
+            if not ok:
+                raise ConfigError(f"{name} must be {need}, got {getattr(self, name)!r}")
+
 
 def parse_class_spec(spec: str, num_classes: int) -> list[int] | None:
     """'0-5,8' -> [0, 1, 2, 3, 4, 5, 8]; '' -> None (all)."""
@@ -85,9 +111,13 @@ def parse_class_spec(spec: str, num_classes: int) -> list[int] | None:
             part = part.strip()
             if "-" in part:
                 a, b = (int(x) for x in part.split("-"))
+                if a > b:
+                    raise ConfigError(f"bad class range '{part}' in '{spec}': write it low-high, e.g. {b}-{a}")
                 out.update(range(a, b + 1))
             elif part:
                 out.add(int(part))
+    except ConfigError:
+        raise
     except ValueError:
         raise ConfigError(f"bad class list '{spec}': use e.g. 0-5,8") from None
     bad = [c for c in out if not 0 <= c < num_classes]
@@ -204,6 +234,9 @@ def classifier_matrix(init: str, store: FeatureStore, head: Head, classes: list[
     if len(shape) == 3 and w.dim() == 2:
         w = w.unsqueeze(1).expand(K, shape[1], E).contiguous()
     if tuple(w.shape) != tuple(shape):
+        if init == "clip_text" and w.shape[-1] != E:
+            raise ConfigError(f"text set '{name}' is {w.shape[-1]}-d but the head's classifier is {E}-d: clip_text "
+                              "needs a text set of the backbone's own text encoder (MiniLM: --init minilm)")
         raise ConfigError(f"classifier '{init}' has shape {tuple(w.shape)}, the head needs {tuple(shape)}")
     return w.float()
 
@@ -215,6 +248,10 @@ def text_classifier(store, head: Head, text_set: str = "", classes: list[int] | 
     classes: unlike ``classifier_matrix``, not tied to the head's training classes."""
     name = text_set or ("clip_actionclip" if len(head.classifier_shape()) == 3 else "clip_single")
     w = torch.from_numpy(store.text(name))
+    E = head.classifier_shape()[-1]
+    if w.shape[-1] != E:
+        raise ConfigError(f"text set '{name}' is {w.shape[-1]}-d but the head's video embedding is {E}-d: "
+                          "choose a text set of the backbone's own text encoder")
     if classes is not None:
         w = w[classes]
     return F.normalize(w, dim=-1).mean(1) if w.dim() == 3 else w
@@ -331,8 +368,24 @@ def check_resumable(old: dict, new: dict, path: Path) -> None:
                           "use another --run-dir or drop --resume")
 
 
-def _run_id(cfg: TrainCfg, head_overrides: dict, store: FeatureStore) -> str:
-    blob = json.dumps({"train": asdict(cfg), "head": head_overrides, "cache": store.key}, sort_keys=True, default=str)
+def _data_source(store) -> str:
+    """What the videos are read from: "zarr", or the WebDataset shards in use (by file name)."""
+    return getattr(store, "source_id", "zarr")
+
+
+def _remove_unstarted(run_dir: Path) -> None:
+    """A run folder this call created and that holds nothing to resume or keep (no checkpoint,
+    no metrics) is removed when the run fails, so a refused run leaves no folder behind."""
+    if not any((run_dir / name).exists() for name in ("last.pt", "metrics.json")):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _run_id(cfg: TrainCfg, head: Head, store: FeatureStore) -> str:
+    """Hash of the resolved settings (an option set to its default names the same run) and the
+    data: the cache key and the source, so training from a subset of shards never lands in the
+    folder of a run on the whole Zarr cache."""
+    blob = json.dumps({"train": asdict(cfg), "head": asdict(head.cfg), "cache": store.key,
+                       "source": _data_source(store)}, sort_keys=True, default=str)
     return f"{cfg.head}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
@@ -346,8 +399,6 @@ def _atomic_save(obj, path: Path) -> None:
             tmp.unlink()
         raise
 
-
-AMP_CHOICES = ("auto", "none", "bf16", "fp16")
 
 
 def _amp_dtype(cfg, device: torch.device):
@@ -371,6 +422,7 @@ def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: 
     ``reuse``: a finished run of the same resolved config in ``run_dir`` is returned as is.
     Under torchrun every rank calls this (module docstring); rank 0 writes the run folder.
     """
+    cfg.validate()
     store = open_store(cache) if isinstance(cache, (str, Path)) else cache  # FeatureStore or stages.wds_data.WdsSource
     ctx = DistContext.from_env()
     device = dist_device(cfg.device, ctx)
@@ -393,6 +445,8 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
     K = len(train_classes) if train_classes is not None else K_all
     torch.manual_seed(cfg.seed)  # the head's initial weights depend on the seed alone
     head = build_head(cfg.head, store, head_overrides, num_classes=K)
+    if test_classes is not None and not head.has_classifier:
+        raise ConfigError(f"--test-classes needs a head with a text classifier; '{cfg.head}' has none")
     keys = head.data_keys()
     inputs = check_cache_for_head(store, keys, cfg.head, [cfg.train_split, cfg.eval_split])
     train_idx = select_videos(store, cfg.train_split, shots=cfg.shots, fraction=cfg.fraction,
@@ -402,61 +456,76 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
     train_map = {c: i for i, c in enumerate(train_classes)} if train_classes is not None else None
     eval_map = {c: i for i, c in enumerate(eval_classes)} if eval_classes is not None else None
 
-    run_dir = Path(run_dir) if run_dir else Path(runs_root or Path(os.environ.get("CLIPCACHE_ROOT", "artifacts")) / "runs") \
-        / _run_id(cfg, head_overrides, store)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = {"train": asdict(cfg), "head": {"name": cfg.head, **asdict(head.cfg)}, "cache": str(store.path),
-                "cache_key": store.key, "train_videos": int(len(train_idx)), "eval_videos": int(len(eval_idx))}
-    if resume and (run_dir / "last.pt").exists() and (run_dir / "config.json").exists():
-        check_resumable(json.loads((run_dir / "config.json").read_text()), json.loads(json.dumps(resolved)),
-                        run_dir / "last.pt")
-    done = reuse and (run_dir / "metrics.json").exists() and (run_dir / "config.json").exists() and \
-        json.loads((run_dir / "config.json").read_text()) == json.loads(json.dumps(resolved))
-    if ctx.all_objects(done)[0]:  # rank 0 decides, before anyone writes
-        return json.loads((run_dir / "metrics.json").read_text())
-    if ctx.main:
-        atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=1))
-
-    if getattr(head, "set_backbone_weights", None) and keys.backbone_weights:
-        head.set_backbone_weights(_backbone_weights(store, keys))
-    if head.has_classifier:
-        w = init_weight if init_weight is not None else classifier_matrix(cfg.classifier_init, store, head,
-                                                                          train_classes, cfg, train_idx)
-        head.set_classifier(w)
-    head.to(device)
     train_data = _split_data(store, inputs[cfg.train_split], train_idx, train=True, label_map=train_map)
     eval_data = _split_data(store, inputs[cfg.eval_split], eval_idx, train=False, label_map=eval_map)
-    eval_classifier = None
-    if test_classes is not None:
-        if not head.has_classifier:
-            raise ConfigError(f"--test-classes needs a head with a text classifier; '{cfg.head}' has none")
-        eval_classifier = text_classifier(store, head, cfg.text_set, test_classes).to(device)
+    if ctx.enabled and isinstance(train_data, IterableDataset) and cfg.epochs > 0 and not head.uses_sklearn:
+        # every rank must fill its slice of each global batch; checked by all ranks together before
+        # anything is written or DDP exists, so every rank stops with the same line
+        per, counts = -(-cfg.batch_size // ctx.world), ctx.all_objects(len(train_data))
+        if min(counts) < per:
+            raise DatasetError(f"rank {counts.index(min(counts))} streams {min(counts)} training videos from its "
+                               f"shards, fewer than its {per} per batch: export smaller shards, use fewer ranks, "
+                               "or pass --wds-resample")
 
-    history: list[dict] = []
-    t0 = time.perf_counter()
-    if head.uses_sklearn:
-        full = _collate(_all_items(train_data))
-        head.fit(full)
-        metrics = evaluate_head(head, eval_data, device, average="scores", amp_dtype=amp_dtype, dist_ctx=ctx)
-        history.append({"epoch": 1, "train_loss": None, **{f"val_{k}": v for k, v in metrics.items()}})
-        if ctx.main:
-            _atomic_save({"head": head.state_dict(), "config": resolved, "epoch": 1}, run_dir / "last.pt")
-    elif cfg.epochs == 0:  # evaluation only: zero-shot with the installed classifier
-        metrics = evaluate_head(head, eval_data, device, average=cfg.eval_average, classifier=eval_classifier,
-                                amp_dtype=amp_dtype, dist_ctx=ctx)
-        history.append({"epoch": 0, "train_loss": None, "val": metrics})
-    else:
-        metrics, history = _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resolved,
-                                    resume, progress, log, eval_classifier, ctx, len(train_idx))
-    result = {"head": cfg.head, "final": metrics, "history": history, "train_videos": int(len(train_idx)),
-              "eval_videos": int(len(eval_idx)), "trainable_params": head.num_trainable(),
-              "seconds": time.perf_counter() - t0, "world_size": ctx.world, "rank": ctx.rank,
-              "run_dir": str(run_dir)}
+    run_dir = Path(run_dir) if run_dir else Path(runs_root or Path(os.environ.get("CLIPCACHE_ROOT", "artifacts")) / "runs") \
+        / _run_id(cfg, head, store)
+    created = ctx.main and not run_dir.exists()  # rank 0 makes (and may remove) the run folder
     if ctx.main:
-        atomic_write_text(run_dir / "metrics.json", json.dumps(result, indent=1))
-        _plot_curves(history, run_dir / "curves.png", cfg.head)
-    ctx.barrier()
-    return result
+        run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        resolved = {"train": asdict(cfg), "head": {"name": cfg.head, **asdict(head.cfg)}, "cache": str(store.path),
+                    "cache_key": store.key, "source": _data_source(store), "train_videos": int(len(train_idx)),
+                    "eval_videos": int(len(eval_idx))}
+        if resume and (run_dir / "last.pt").exists() and (run_dir / "config.json").exists():
+            check_resumable(json.loads((run_dir / "config.json").read_text()), json.loads(json.dumps(resolved)),
+                            run_dir / "last.pt")
+        done = reuse and (run_dir / "metrics.json").exists() and (run_dir / "config.json").exists() and \
+            json.loads((run_dir / "config.json").read_text()) == json.loads(json.dumps(resolved))
+        if ctx.all_objects(done)[0]:  # rank 0 decides, before anyone writes
+            return json.loads((run_dir / "metrics.json").read_text())
+        if ctx.main:
+            atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=1))
+
+        if getattr(head, "set_backbone_weights", None) and keys.backbone_weights:
+            head.set_backbone_weights(_backbone_weights(store, keys))
+        if head.has_classifier:
+            w = init_weight if init_weight is not None else classifier_matrix(cfg.classifier_init, store, head,
+                                                                              train_classes, cfg, train_idx)
+            head.set_classifier(w)
+        head.to(device)
+        eval_classifier = None
+        if test_classes is not None:
+            eval_classifier = text_classifier(store, head, cfg.text_set, test_classes).to(device)
+
+        history: list[dict] = []
+        t0 = time.perf_counter()
+        if head.uses_sklearn:
+            full = _collate(_all_items(train_data))
+            head.fit(full)
+            metrics = evaluate_head(head, eval_data, device, average="scores", amp_dtype=amp_dtype, dist_ctx=ctx)
+            history.append({"epoch": 1, "train_loss": None, **{f"val_{k}": v for k, v in metrics.items()}})
+            if ctx.main:
+                _atomic_save({"head": head.state_dict(), "config": resolved, "epoch": 1}, run_dir / "last.pt")
+        elif cfg.epochs == 0:  # evaluation only: zero-shot with the installed classifier
+            metrics = evaluate_head(head, eval_data, device, average=cfg.eval_average, classifier=eval_classifier,
+                                    amp_dtype=amp_dtype, dist_ctx=ctx)
+            history.append({"epoch": 0, "train_loss": None, "val": metrics})
+        else:
+            metrics, history = _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resolved,
+                                        resume, progress, log, eval_classifier, ctx, len(train_idx))
+        result = {"head": cfg.head, "final": metrics, "history": history, "train_videos": int(len(train_idx)),
+                  "eval_videos": int(len(eval_idx)), "trainable_params": head.num_trainable(),
+                  "seconds": time.perf_counter() - t0, "world_size": ctx.world, "rank": ctx.rank,
+                  "run_dir": str(run_dir)}
+        if ctx.main:
+            atomic_write_text(run_dir / "metrics.json", json.dumps(result, indent=1))
+            _plot_curves(history, run_dir / "curves.png", cfg.head)
+        ctx.barrier()
+        return result
+    except BaseException:
+        if created:
+            _remove_unstarted(run_dir)
+        raise
 
 
 # ----------------------------------------------------------------------------- streaming sources
@@ -575,12 +644,6 @@ def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resol
     except (RuntimeError, TypeError):
         opt = torch.optim.AdamW(groups, lr=cfg.lr)
     steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size))
-    if ctx.enabled and isinstance(train_data, IterableDataset):  # every rank must fill its slice of a batch
-        per, counts = -(-cfg.batch_size // ctx.world), ctx.all_objects(len(train_data))
-        if min(counts) < per:
-            raise DatasetError(f"rank {counts.index(min(counts))} streams {min(counts)} training videos from its "
-                               f"shards, fewer than its {per} per batch: export smaller shards, use fewer ranks, "
-                               "or pass --wds-resample")
     total = steps_per_epoch * cfg.epochs
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, warmup))
@@ -668,12 +731,13 @@ def _plot_curves(history: list[dict], path: Path, title: str) -> None:
     os.replace(tmp, path)
 
 
-def _open_source(path: str | Path):
-    """A Zarr cache folder, or a WebDataset export's header (NAME-header.json: path or URL)."""
-    if str(path).endswith(".json"):
-        from stages.wds_data import open_wds_source
+def _open_source(path: str | Path, source: str = ""):
+    """A Zarr cache folder, or a WebDataset export's header (NAME-header.json: a path, a URL or a
+    ``pipe:`` command; ``source`` says so for a run's own data, whatever the spelling)."""
+    if source.startswith("wds:") or str(path).endswith(".json"):
+        from stages.wds_data import WdsSource
 
-        return open_wds_source(str(path), shuffle=0)
+        return WdsSource(str(path), shuffle=0)
     return open_store(path)
 
 
@@ -694,8 +758,10 @@ def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, split: st
     if not isinstance(ckpt, dict) or "head" not in ckpt or "cache" not in ckpt.get("config", {}):
         raise ConfigError(f"{run_dir} is not a stage-two run (a stage-three run keeps its evaluation in "
                           "metrics.json; `pipeline finetune-export` turns its backbone into a checkpoint to extract with)")
+    if eval_average not in EVAL_AVERAGES:
+        raise ConfigError(f"average must be one of {', '.join(EVAL_AVERAGES)}, got {eval_average!r}")
     resolved = ckpt["config"]
-    own = _open_source(resolved["cache"])
+    own = _open_source(resolved["cache"], resolved.get("source", ""))
     target = _open_source(cache) if cache else own
     head_cfg = {k: v for k, v in resolved["head"].items() if k != "name"}
     name = resolved["head"]["name"]
@@ -710,6 +776,9 @@ def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, split: st
                                      f"({target.meta['backbone']['weights'][:24]}...) than the run's cache")
         if not head.has_classifier:
             raise ConfigError(f"head '{name}' has no text classifier: it cannot be evaluated on other classes")
+    elif text_set:
+        raise ConfigError("a text set applies only when evaluating on another dataset's cache (--cache); "
+                          "on its own cache a run keeps the classifier it was trained with")
     inputs = check_cache_for_head(target, head.data_keys(), name, [split])
     idx = select_videos(target, split)
     data = _split_data(target, inputs[split], idx, train=False, label_map=None)

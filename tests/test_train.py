@@ -13,7 +13,7 @@ import torch
 from cache.errors import ConfigError
 from cache.store import open_store
 from conftest import demo_args, popen_cli, run_cli
-from stages.train import TrainCfg, classifier_matrix, build_head, select_videos, train_head
+from stages.train import TrainCfg, build_head, classifier_matrix, select_videos, text_classifier, train_head
 
 TINY_HEAD_SETS = {
     "tap": [],
@@ -83,7 +83,8 @@ def test_sigkill_and_resume_match_an_uninterrupted_run(full_cache, tmp_path):
     assert a["final"] == b["final"]
 
 
-@pytest.mark.parametrize("case", ["head", "set_key", "set_type", "layers", "shots", "init"])
+@pytest.mark.parametrize("case", ["head", "set_key", "set_type", "layers", "shots", "init", "batch", "lr",
+                                  "negative_shots", "reversed_range", "test_classes", "text_dims", "average"])
 def test_bad_input_is_one_line_exit_2(full_cache, demo_small, tmp_path, case):
     cache = full_cache.path
     args = ["train", "--head", "tap", "--cache", cache, "--no-progress", "--run-dir", tmp_path / "r"]
@@ -101,12 +102,30 @@ def test_bad_input_is_one_line_exit_2(full_cache, demo_small, tmp_path, case):
         args += ["--shots", "50"]
     elif case == "init":
         args = ["train", "--head", "text4vis", "--cache", cache, "--init", "magic", "--no-progress"]
+    elif case == "batch":
+        args += ["--set", "batch_size=0"]
+    elif case == "lr":
+        args += ["--set", "lr=-1"]
+    elif case == "negative_shots":
+        args += ["--shots", "-1"]
+    elif case == "reversed_range":
+        args += ["--train-classes", "3-1"]
+    elif case == "test_classes":
+        args += ["--train-classes", "0-1", "--test-classes", "2-3"]
+    elif case == "text_dims":  # fails after the run folder was made: it must be removed again
+        args[2] = "text4vis"
+        args += ["--set", "layers=1", "--set", "pos_rows=8", "--set", "text_set=minilm"]
+    elif case == "average":
+        args += ["--set", "eval_average=median"]
     proc = run_cli(*args)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
     expect = {"head": "transformer9000", "set_key": "depthh", "set_type": "many", "layers": "pipeline extract",
-              "shots": "--shots 50", "init": "magic"}[case]
+              "shots": "--shots 50", "init": "magic", "batch": "batch_size", "lr": "lr must be",
+              "negative_shots": "shots must be", "reversed_range": "1-3", "test_classes": "text classifier",
+              "text_dims": "text set 'minilm' is 384-d", "average": "eval_average"}[case]
     assert expect in lines[0]
+    assert not (tmp_path / "r").exists()  # a refused run leaves no folder
 
 
 def test_shots_fraction_and_class_subsets(full_cache):
@@ -206,3 +225,11 @@ def test_cross_dataset_evaluation_swaps_in_the_other_class_names(full_cache, tmp
             "--out", foreign, "--text", "clip_single", "--no-progress", check=True)
     bad = run_cli("evaluate", "--run", run, "--cache", foreign)
     assert bad.returncode == 2 and "other backbone weights" in bad.stderr
+    # a text set only means something on another dataset's classes, and must match the embedding
+    for args, expect in ((["--text-set", "clip_single"], "only when evaluating on another"),
+                         (["--average", "median"], "average must be")):
+        bad = run_cli("evaluate", "--run", run, *args)
+        assert bad.returncode == 2 and expect in bad.stderr and "Traceback" not in bad.stderr
+    head = build_head("text4vis", full_cache, {"layers": 1, "pos_rows": 8})
+    with pytest.raises(ConfigError, match="384-d"):
+        text_classifier(full_cache, head, "minilm")

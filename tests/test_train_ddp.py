@@ -148,6 +148,7 @@ def test_streaming_from_shards_on_two_ranks(ddp_job):
     # one shard cannot feed two ranks: a clear error on every rank (no hang), unless shards are resampled
     err = (runs / "wds_one_shard.err").read_text()
     assert "rank 1 streams 0 training videos" in err and "--wds-resample" in err
+    assert not (runs / "wds_one_shard").exists()  # refused before anything was written
     assert _metrics(runs / "wds_one_shard_resampled")["final"]["n"] == 8
 
 

@@ -314,6 +314,16 @@ def test_cli_export_then_train_from_a_shard_pattern(medium, int8_cache, tmp_path
     # a run trained from shards is re-evaluated from its shards
     again = evaluate_run(tmp_path / "run")
     assert {k: again[k] for k in got["final"]} == got["final"] and again["cache"].endswith("m-header.json")
+    # ... also when the shards came through a pipe: command, and a subset of shards is its own run
+    piped = f"pipe:cat {out}/m-train-{{000000..{n - 2:06d}}}.tar"
+    sub = train_head(open_wds_source(piped, header=f"pipe:cat {out}/m-header.json"), TrainCfg(head="lda"),
+                     runs_root=tmp_path / "runs", progress=False)
+    assert 0 < sub["train_videos"] < 48
+    assert Path(sub["run_dir"]).parent == tmp_path / "runs"
+    whole = train_head(st, TrainCfg(head="lda"), runs_root=tmp_path / "runs", progress=False)
+    assert whole["run_dir"] != sub["run_dir"]  # the same settings on other data: another run folder
+    again = evaluate_run(sub["run_dir"])
+    assert {k: again[k] for k in sub["final"]} == sub["final"]
     # user errors: one line, exit 2 (in this process: the CLI's error path, without interpreter start-ups)
     from pipeline.cli import main
 
