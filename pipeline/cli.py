@@ -342,8 +342,8 @@ def evaluate(
 @app.command()
 def heads(
     backbone: str = typer.Option("ViT-B-16", help="open_clip model name whose dims the heads are built for."),
-    classes: int = typer.Option(400, help="Number of classes."),
-    frames: int = typer.Option(8, help="Frames per clip."),
+    classes: Optional[int] = typer.Option(None, help="Number of classes (default: each paper setting's, 400)."),
+    frames: Optional[int] = typer.Option(None, help="Frames per clip (default: each paper setting's)."),
 ):
     """Print each head configuration and its trainable parameter count (from the real modules)."""
     from rich.console import Console
@@ -351,13 +351,19 @@ def heads(
 
     from stages.heads.counts import reference_rows
 
-    table = Table("head", "configuration", "trainable params", "paper", "diff")
+    table = Table("head", "configuration", "trainable params", "paper", "diff",
+                  title=f"built for {backbone}"
+                        + (f", {classes} classes" if classes is not None else "")
+                        + (f", {frames} frames" if frames is not None else "")
+                        + " (paper figures only where that is the paper's setting)")
     for row in reference_rows(backbone, classes, frames):
-        exp = row["expected"]
-        diff = "" if exp is None else (f"{100 * (row['count'] - exp) / exp:+.2f}%" if exp else
-                                       ("exact" if row["count"] == 0 else "differs"))
-        table.add_row(row["head"], row["label"], f"{row['count']:,}",
-                      "" if row["expected"] is None else f"{row['expected']:,}", diff)
+        exp, count = row["expected"], row["count"]
+        if count is None:
+            table.add_row(row["head"], row["label"], f"n/a: {row['note']}", "", "")
+            continue
+        diff = "" if exp is None else (f"{100 * (count - exp) / exp:+.2f}%" if exp else
+                                       ("exact" if count == 0 else "differs"))
+        table.add_row(row["head"], row["label"], f"{count:,}", "" if exp is None else f"{exp:,}", diff)
     Console(width=140).print(table)
 
 

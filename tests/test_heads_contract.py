@@ -62,3 +62,24 @@ def test_every_trainable_parameter_gets_a_gradient_and_loss_falls(name):
     with torch.no_grad():
         end = head.loss(head(batch), batch["label"]).item()
     assert end < start - 1e-3, f"loss did not fall: {start:.4f} -> {end:.4f}"
+
+
+def test_reference_rows_match_every_paper_figure_and_follow_the_backbone():
+    """`pipeline heads`: every paper count is met at its own setting; another backbone or frame
+    count changes the counts (and hides the paper column); what a backbone cannot hold says why."""
+    from stages.heads.counts import reference_rows
+
+    rows = reference_rows()
+    papers = [r for r in rows if r["expected"] is not None]
+    assert len(papers) >= 12 and all(r["count"] == r["expected"] for r in papers), papers
+    tiny = reference_rows("tiny", classes=12, frames=16)
+    assert [(r["head"], r["label"]) for r in tiny] == [(r["head"], r["label"]) for r in rows]
+    assert all(r["expected"] is None for r in tiny)
+    by = {(r["head"], r["label"]): r for r in tiny}
+    tap = next(r for r in tiny if r["head"] == "tap")
+    assert tap["count"] == 12 * 32 + 12  # a linear layer on the tiny model's 32-d embedding
+    assert any(r["count"] is None and "blocks" in r["note"] for r in by.values())
+    frames32 = reference_rows(frames=32)
+    evl = [r for r in frames32 if r["head"] == "evl"]
+    assert all(r["count"] is not None for r in evl)
+    assert sum(r["expected"] is not None for r in evl) == 1  # only the paper's 32-frame row keeps its figure

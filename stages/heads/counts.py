@@ -31,25 +31,37 @@ def count_trainable(name: str, overrides: dict) -> int:
     return sum(p.numel() for p in head.parameters() if p.requires_grad)
 
 
-def reference_rows(backbone: str = "ViT-B-16", classes: int = 400, frames: int = 8) -> list[dict]:
+def reference_rows(backbone: str = "ViT-B-16", classes: int | None = None, frames: int | None = None) -> list[dict]:
     """One row per registered paper configuration (plus each head's defaults when it has none).
 
-    A reference's own dims (frames, classes) win over the arguments: the paper figure is for
-    that setting; rows without an expected figure use the arguments.
+    Each row keeps the reference's options (prompt, preset, widths, and its frames and classes
+    unless ``frames`` / ``classes`` are given) and takes the backbone's dims from ``backbone``.
+    The paper's figure is shown only where that is still the paper's own setting. A
+    configuration the backbone cannot hold (e.g. more decoder layers than blocks) has count None
+    and the reason in ``note``.
     """
-    dims = backbone_dims(backbone, classes, frames)
+    from cache.errors import ConfigError
+
+    dims = backbone_dims(backbone, 400 if classes is None else classes, 8 if frames is None else frames)
+    asked_dims = {k: v for k, v in dims.items()
+                  if not (k == "num_classes" and classes is None) and not (k == "frames" and frames is None)}
     rows = []
     for name in list_heads():
         entry = get_head_entry(name)
         fields = {f.name for f in dataclasses.fields(entry.cfg_cls)}
         base = {k: v for k, v in dims.items() if k in fields}
         refs = entry.references or ()
-        if not refs:
-            rows.append({"head": name, "label": "default", "count": count_trainable(name, base), "expected": None})
+        configs = [("default", base, None, base)] if not refs else []
         for ref in refs:
-            over = {**base, **{k: v for k, v in ref.overrides.items() if k in fields}}
-            if ref.expected is None:
-                over.update({k: v for k, v in base.items() if k in ("num_classes", "frames")})
-            rows.append({"head": name, "label": ref.label, "count": count_trainable(name, over),
-                         "expected": ref.expected if backbone == "ViT-B-16" else None})
+            paper = {**base, **{k: v for k, v in ref.overrides.items() if k in fields}}
+            asked = {**paper, **{k: v for k, v in asked_dims.items() if k in fields}}
+            configs.append((ref.label, asked, ref.expected, paper))
+        for label, cfg, expected, paper in configs:
+            row = {"head": name, "label": label, "count": None, "note": "",
+                   "expected": expected if cfg == paper else None}
+            try:
+                row["count"] = count_trainable(name, cfg)
+            except ConfigError as exc:
+                row["note"] = str(exc)
+            rows.append(row)
     return rows
