@@ -58,7 +58,8 @@ def demo_data(
 DatasetName = Annotated[str, typer.Option(help="demo | k400 | ucf101 | hmdb51 | ssv2 | custom")]
 DataRoot = Annotated[Optional[Path], typer.Option(help="Dataset folder (official layout or demo folder).")]
 VideoRoot = Annotated[Optional[Path], typer.Option(help="Folder the list paths are relative to.")]
-TrainList = Annotated[Optional[Path], typer.Option(help="Train list: 'path label' lines.")]
+TrainList = Annotated[Optional[Path], typer.Option(
+    help="Train list: 'path label' lines (videos), or 'folder num_frames label' lines (frame folders).")]
 ValList = Annotated[Optional[Path], typer.Option(help="Val list.")]
 TestList = Annotated[Optional[Path], typer.Option(help="Test list.")]
 ClassesFile = Annotated[Optional[Path], typer.Option(help="Class names: one per line, or CSV id,name.")]
@@ -147,6 +148,8 @@ def cache_ls(root: Optional[Path] = typer.Argument(None, help="Cache root (defau
 
     from cache.store import default_cache_root, human_bytes, list_stores
 
+    if root is not None and not root.is_dir():
+        raise CacheError(f"cache root {root} " + ("is not a folder" if root.exists() else "does not exist"))
     stores = list_stores(root or default_cache_root())
     table = Table("cache", "dataset", "model", "layers", "dtype", "done", "failed", "pending", "size")
     for st in stores:
@@ -157,7 +160,7 @@ def cache_ls(root: Optional[Path] = typer.Argument(None, help="Cache root (defau
             done, failed, pending = done + c["done"], failed + c["failed"], pending + c["pending"]
         table.add_row(st.path.name, meta["dataset"]["name"], meta["backbone"]["arch"], str(meta["layers"]),
                       meta["dtype"], str(done), str(failed), str(pending), human_bytes(st.size_bytes()))
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)  # piped: whole cache names, not 80 columns
     if not stores:
         typer.echo(f"no caches under {root or default_cache_root()}")
 

@@ -235,7 +235,9 @@ def test_cache_cli_ls_info_verify(reference, tmp_path):
     info = run_cli("cache", "info", reference.path, check=True).stdout
     assert "done 12, failed 0, pending 0" in info and "layers    [1, 2]" in info
     ls = run_cli("cache", "ls", reference.path.parent, check=True).stdout
-    assert reference.path.name in ls
+    assert reference.path.name in ls  # whole, though piped (rich cut names at 80 columns)
+    missing = run_cli("cache", "ls", tmp_path / "nowhere")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
     assert "ok" in run_cli("cache", "verify", reference.path, check=True).stdout
     broken = tmp_path / "broken"
     shutil.copytree(reference.path, broken)
