@@ -159,6 +159,8 @@ class FeatureStore:
         self._specs: dict[str, dict[str, ArraySpec]] = {}
 
     # ----------------------------------------------------------------- structure
+    source_id = "zarr"  # what the videos are read from (WdsCache: the shards in use); part of run ids
+
     @property
     def key(self) -> str:
         return self.meta["key"]

@@ -44,6 +44,11 @@ class HeadInputs:
             missing.append("uint8 input frames")
         self.missing = missing
 
+    def layer_pos(self, name: str) -> list[int] | None:
+        """Positions, in the cache's layer axis, of the layers the head reads from array
+        ``name`` (cls or patch); None for arrays without a layer axis."""
+        return {"cls": self.cls_pos, "patch": self.patch_pos}.get(name)
+
     def array_names(self) -> list[str]:
         """The cached arrays this head reads, in a fixed order."""
         names = ["frame_emb"] if self.keys.frame_emb else []
@@ -136,7 +141,7 @@ class CacheSplit(Dataset):
         for name in wanted:
             spec = specs[name]
             per_video = 4 * int(np.prod(spec.shape))  # held as float32
-            picked = {"cls": inputs.cls_pos, "patch": inputs.patch_pos}.get(name)
+            picked = inputs.layer_pos(name)
             if picked is not None:
                 per_video = per_video * len(picked) // spec.shape[2]  # only the head's layers
             if per_video * len(self.indices) <= IN_MEMORY_LIMIT:
@@ -146,8 +151,7 @@ class CacheSplit(Dataset):
         self.epoch_seed = 0
 
     def _read(self, name: str, rows) -> np.ndarray:
-        layers = {"cls": self.inputs.cls_pos, "patch": self.inputs.patch_pos}.get(name)
-        return self.store.read(self.inputs.split, name, rows, dtype=np.float32, layers=layers)
+        return self.store.read(self.inputs.split, name, rows, dtype=np.float32, layers=self.inputs.layer_pos(name))
 
     def set_epoch(self, epoch: int, seed: int) -> None:
         self.epoch_seed = epoch_seed(epoch, seed)

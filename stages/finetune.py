@@ -64,6 +64,7 @@ from stages.augment import AugmentCfg, augment_clip, build_train_transform, eval
 from stages.backbone import BackboneInfo, load_clip, model_config, resolve_model_name, weights_id
 from stages.dist import DistContext, dist_device, rank_batches
 from stages.heads import get_head_entry, make_cfg
+from stages.heads.common import validate_choice
 from stages.heads.actionclip import video_text_kl_loss
 from stages.text import TEMPLATE_SETS, clip_text_embeddings
 from stages.train import (
@@ -141,8 +142,7 @@ class FinetuneCfg:
             raise ConfigError(f"sampling must be segment or dense, got '{self.sampling}'")
         if self.frames < 1 or self.batch_size < 1 or self.stride < 1:
             raise ConfigError("frames, batch_size and stride must be at least 1")
-        if self.amp not in AMP_CHOICES:
-            raise ConfigError(f"amp must be one of {', '.join(AMP_CHOICES)}, got '{self.amp}'")
+        validate_choice("amp", self.amp, AMP_CHOICES)
         if self.eval_average not in ("", "scores", "embeddings"):
             raise ConfigError(f"eval_average must be scores or embeddings, got '{self.eval_average}'")
         if self.lr <= 0 or self.backbone_ratio < 0 or self.weight_decay < 0:

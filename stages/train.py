@@ -42,6 +42,7 @@ from cache.store import FeatureStore, atomic_write_text, open_store
 from stages.cache_data import CacheSplit, check_cache_for_head, select_videos
 from stages.dist import DistContext, dist_device, rank_batches
 from stages.heads import DIM_FIELDS, Head, get_head_entry, make_cfg
+from stages.heads.common import validate_choice
 
 __all__ = ["TrainCfg", "parse_class_spec", "split_overrides", "build_head", "classifier_matrix",
            "train_head", "evaluate_head", "evaluate_run", "accuracy_metrics", "text_classifier", "CLASSIFIER_INITS"]
@@ -92,13 +93,13 @@ class TrainCfg:
             ("lda_per_class", self.lda_per_class >= 1, "an integer >= 1"),
             ("eval_every", self.eval_every >= 1, "an integer >= 1"),
             ("workers", self.workers >= 0, "an integer >= 0"),
-            ("eval_average", self.eval_average in EVAL_AVERAGES, f"one of {', '.join(EVAL_AVERAGES)}"),
-            ("classifier_init", self.classifier_init in CLASSIFIER_INITS, f"one of {', '.join(CLASSIFIER_INITS)}"),
-            ("amp", self.amp in AMP_CHOICES, f"one of {', '.join(AMP_CHOICES)}"),
         )
         for name, ok, need in checks:
             if not ok:
                 raise ConfigError(f"{name} must be {need}, got {getattr(self, name)!r}")
+        validate_choice("eval_average", self.eval_average, EVAL_AVERAGES)
+        validate_choice("classifier_init", self.classifier_init, CLASSIFIER_INITS)
+        validate_choice("amp", self.amp, AMP_CHOICES)
 
 
 def parse_class_spec(spec: str, num_classes: int) -> list[int] | None:
@@ -194,6 +195,18 @@ def _project(w: np.ndarray, dim: int, seed: int) -> np.ndarray:
     return w @ proj
 
 
+def _text_set(store, head: Head, text_set: str = "") -> torch.Tensor:
+    """A cache text set (K, E) or (K, M, E) for a head's classifier: ``text_set``, or the head's
+    default (per template for a 3-D classifier); its width must be the head's embedding's."""
+    shape = head.classifier_shape()
+    name = text_set or ("clip_actionclip" if len(shape) == 3 else "clip_single")
+    w = torch.from_numpy(store.text(name))
+    if w.shape[-1] != shape[-1]:
+        raise ConfigError(f"text set '{name}' is {w.shape[-1]}-d but the head's classifier is {shape[-1]}-d: "
+                          "use a text set of the backbone's own text encoder (MiniLM: --init minilm)")
+    return w
+
+
 def classifier_matrix(init: str, store: FeatureStore, head: Head, classes: list[int] | None, cfg: TrainCfg,
                       train_idx: np.ndarray | None = None) -> torch.Tensor:
     """The classifier matrix W for ``head`` under one initialisation (Text4Vis Table 4)."""
@@ -202,8 +215,7 @@ def classifier_matrix(init: str, store: FeatureStore, head: Head, classes: list[
     g = torch.Generator().manual_seed(cfg.seed + 17)
     sel = classes if classes is not None else list(range(int(store.meta["dims"]["num_classes"])))
     if init == "clip_text":
-        name = cfg.text_set or ("clip_actionclip" if len(shape) == 3 else "clip_single")
-        w = torch.from_numpy(store.text(name))[sel]
+        w = _text_set(store, head, cfg.text_set)[sel]
     elif init == "random_normal":
         w = torch.randn(*shape, generator=g)
     elif init == "orthogonal":
@@ -234,9 +246,6 @@ def classifier_matrix(init: str, store: FeatureStore, head: Head, classes: list[
     if len(shape) == 3 and w.dim() == 2:
         w = w.unsqueeze(1).expand(K, shape[1], E).contiguous()
     if tuple(w.shape) != tuple(shape):
-        if init == "clip_text" and w.shape[-1] != E:
-            raise ConfigError(f"text set '{name}' is {w.shape[-1]}-d but the head's classifier is {E}-d: clip_text "
-                              "needs a text set of the backbone's own text encoder (MiniLM: --init minilm)")
         raise ConfigError(f"classifier '{init}' has shape {tuple(w.shape)}, the head needs {tuple(shape)}")
     return w.float()
 
@@ -246,12 +255,7 @@ def text_classifier(store, head: Head, text_set: str = "", classes: list[int] | 
     it was not trained on (zero-shot, cross-dataset): ``text_set``, or the head's default
     (per-template for a 3-D classifier), templates averaged after normalising. Any number of
     classes: unlike ``classifier_matrix``, not tied to the head's training classes."""
-    name = text_set or ("clip_actionclip" if len(head.classifier_shape()) == 3 else "clip_single")
-    w = torch.from_numpy(store.text(name))
-    E = head.classifier_shape()[-1]
-    if w.shape[-1] != E:
-        raise ConfigError(f"text set '{name}' is {w.shape[-1]}-d but the head's video embedding is {E}-d: "
-                          "choose a text set of the backbone's own text encoder")
+    w = _text_set(store, head, text_set)
     if classes is not None:
         w = w[classes]
     return F.normalize(w, dim=-1).mean(1) if w.dim() == 3 else w
@@ -368,11 +372,6 @@ def check_resumable(old: dict, new: dict, path: Path) -> None:
                           "use another --run-dir or drop --resume")
 
 
-def _data_source(store) -> str:
-    """What the videos are read from: "zarr", or the WebDataset shards in use (by file name)."""
-    return getattr(store, "source_id", "zarr")
-
-
 def _remove_unstarted(run_dir: Path) -> None:
     """A run folder this call created and that holds nothing to resume or keep (no checkpoint,
     no metrics) is removed when the run fails, so a refused run leaves no folder behind."""
@@ -385,7 +384,7 @@ def _run_id(cfg: TrainCfg, head: Head, store: FeatureStore) -> str:
     data: the cache key and the source, so training from a subset of shards never lands in the
     folder of a run on the whole Zarr cache."""
     blob = json.dumps({"train": asdict(cfg), "head": asdict(head.cfg), "cache": store.key,
-                       "source": _data_source(store)}, sort_keys=True, default=str)
+                       "source": store.source_id}, sort_keys=True, default=str)
     return f"{cfg.head}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
@@ -404,8 +403,7 @@ def _atomic_save(obj, path: Path) -> None:
 def _amp_dtype(cfg, device: torch.device):
     """Autocast dtype: "auto" is off on CPU, bf16 on GPUs that support it, fp16 (with a
     GradScaler in the trainers) on older ones."""
-    if cfg.amp not in AMP_CHOICES:
-        raise ConfigError(f"amp must be one of {', '.join(AMP_CHOICES)}, got '{cfg.amp}'")
+    validate_choice("amp", cfg.amp, AMP_CHOICES)
     if cfg.amp == "none" or (cfg.amp == "auto" and device.type != "cuda"):
         return None
     if cfg.amp == "fp16" or (cfg.amp == "auto" and not torch.cuda.is_bf16_supported()):
@@ -474,7 +472,7 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
         run_dir.mkdir(parents=True, exist_ok=True)
     try:
         resolved = {"train": asdict(cfg), "head": {"name": cfg.head, **asdict(head.cfg)}, "cache": str(store.path),
-                    "cache_key": store.key, "source": _data_source(store), "train_videos": int(len(train_idx)),
+                    "cache_key": store.key, "source": store.source_id, "train_videos": int(len(train_idx)),
                     "eval_videos": int(len(eval_idx))}
         if resume and (run_dir / "last.pt").exists() and (run_dir / "config.json").exists():
             check_resumable(json.loads((run_dir / "config.json").read_text()), json.loads(json.dumps(resolved)),
@@ -758,8 +756,7 @@ def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, split: st
     if not isinstance(ckpt, dict) or "head" not in ckpt or "cache" not in ckpt.get("config", {}):
         raise ConfigError(f"{run_dir} is not a stage-two run (a stage-three run keeps its evaluation in "
                           "metrics.json; `pipeline finetune-export` turns its backbone into a checkpoint to extract with)")
-    if eval_average not in EVAL_AVERAGES:
-        raise ConfigError(f"average must be one of {', '.join(EVAL_AVERAGES)}, got {eval_average!r}")
+    validate_choice("average", eval_average, EVAL_AVERAGES)
     resolved = ckpt["config"]
     own = _open_source(resolved["cache"], resolved.get("source", ""))
     target = _open_source(cache) if cache else own

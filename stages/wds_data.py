@@ -206,9 +206,9 @@ class WdsSplit(IterableDataset):
         item: dict[str, torch.Tensor] = {"label": torch.tensor(label, dtype=torch.int64)}
         pick = view_pick(self.epoch_seed, self.pos[info["index"]], self.views, self.train)
         for name in self.wanted:
-            # select the view and the head's layers first; only they are converted
-            index = {"cls": (pick, slice(None), self.inputs.cls_pos),  # (V, T, L, D)
-                     "patch": (pick, slice(None), self.inputs.patch_pos)}.get(name, (pick,))  # (V, T, L, P, D)
+            # select the view and the head's layers (axis 2 of (V, T, L, ...)) first; only they are converted
+            layers = self.inputs.layer_pos(name)
+            index = (pick,) if layers is None else (pick, slice(None), layers)
             arr = sample_array(sample, name, self.stored[name], np.float32, index)
             item[name] = view_tensor(name, arr, slice(None), self.train, self.mean, self.std)
         return item

@@ -227,7 +227,7 @@ def test_cross_dataset_evaluation_swaps_in_the_other_class_names(full_cache, tmp
     assert bad.returncode == 2 and "other backbone weights" in bad.stderr
     # a text set only means something on another dataset's classes, and must match the embedding
     for args, expect in ((["--text-set", "clip_single"], "only when evaluating on another"),
-                         (["--average", "median"], "average must be")):
+                         (["--average", "median"], "option 'average' must be one of scores, embeddings")):
         bad = run_cli("evaluate", "--run", run, *args)
         assert bad.returncode == 2 and expect in bad.stderr and "Traceback" not in bad.stderr
     head = build_head("text4vis", full_cache, {"layers": 1, "pos_rows": 8})
