@@ -1,10 +1,13 @@
-"""Video decoding (decord, PyAV fallback, frame folders), frame sampling and CLIP-style views.
+"""Video decoding (decord where exact, PyAV otherwise, frame folders), frame sampling and CLIP-style views.
 
-Frames are always addressed by decode index (0..n-1 in decoding order), never by timestamp,
-so variable frame rates and broken timestamps cannot shift the sample. A file decord cannot
-open or read (seen: AV1, VP9 webm without a duration, an mp4 with one corrupt packet) is
-decoded again with PyAV, skipping packets that fail; a file neither can read raises
-VideoDecodeError with both reasons, and the caller records it. Nothing is ever substituted.
+Frames are always addressed by decode index (0..n-1 in output order), never by timestamp, so
+variable frame rates and broken timestamps cannot shift the sample. Each file is probed first
+(FFmpeg's best video stream, its packets, display rotation); decord's random access reads it
+only where that was measured exact (see _choose), PyAV decodes everything else in order,
+applies the display rotation and skips packets the decoder rejects (av.error.FFmpegError),
+reporting them as warnings. A file no reader can decode raises VideoDecodeError with the
+reasons, and the caller records it. Nothing is ever substituted. Verified with PyAV 12.3,
+16.1 and 18.1 (tests/test_codecs.py files).
 """
 
 from __future__ import annotations
@@ -198,6 +201,16 @@ def _upright(frame) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(img, k)) if k else img
 
 
+def _best_video(container):
+    """FFmpeg's best video stream (av_find_best_stream, PyAV >= 13); older PyAV: the first
+    default-disposition video stream that is not a cover picture, else the first such stream."""
+    if hasattr(container.streams, "best"):
+        return container.streams.best("video")
+    cands = [s for s in container.streams.video if not int(getattr(s, "disposition", 0)) & 0x400]  # attached_pic
+    default = [s for s in cands if int(getattr(s, "disposition", 0)) & 0x1]
+    return (default or cands or [None])[0]
+
+
 def _probe(path: str) -> _Probe:
     """Read the container's packets (no decoding but the first frame): best stream, packet count,
     whether random access can be trusted, display rotation."""
@@ -206,7 +219,7 @@ def _probe(path: str) -> _Probe:
     logs: list[str] = []
     try:
         with _av_logs(logs), av.open(path) as container:
-            stream = container.streams.best("video")
+            stream = _best_video(container)
             if stream is None:
                 raise VideoDecodeError("no video stream")
             probe = _Probe(stream.index, len(container.streams.video), stream.codec_context.name,
