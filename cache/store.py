@@ -11,6 +11,7 @@ Layout of a cache folder (one Zarr group)::
     <split>/patch      (N, V, T, L, P, D) chunked per video and layer (large; optional)
     <split>/frames     (N, V, T, H, W, 3) uint8 preprocessed input frames (optional)
     <split>/failures/shard-000007.json  [{"index", "path", "reason"}] of that shard
+    <split>/videos/shard-000007.json    [{"index", "decoder", "warnings"}] of its decoded videos
     text/<name>        (K, E) or (K, M, E) float32 class text embeddings
     aux/<name>         float32 frozen backbone tensors a head needs (e.g. EVL's ln_1, in_proj)
     summary.json       written by whoever completes the cache
@@ -225,6 +226,15 @@ class FeatureStore:
                 out.extend(json.loads(f.read_text()))
         return out
 
+    def video_records(self, split: str) -> list[dict]:
+        """Which reader decoded each video and what it warned of: [{"index", "decoder", "warnings"}]."""
+        folder = self.path / split / "videos"
+        out: list[dict] = []
+        if folder.is_dir():
+            for f in sorted(folder.glob("shard-*.json")):
+                out.extend(json.loads(f.read_text()))
+        return out
+
     def counts(self, split: str) -> dict[str, int]:
         st = self.status(split)
         return {"done": int((st == DONE).sum()), "failed": int((st == FAILED).sum()), "pending": int((st == PENDING).sum())}
@@ -234,8 +244,8 @@ class FeatureStore:
 
     # ----------------------------------------------------------------- writing
     def write_shard(self, split: str, shard: int, arrays: dict[str, np.ndarray], status: np.ndarray,
-                    failures: list[dict]) -> None:
-        """Write one whole shard: data, then failures, then status (the commit mark)."""
+                    failures: list[dict], videos: list[dict] | None = None) -> None:
+        """Write one whole shard: data, then failures and video records, then status (the commit mark)."""
         start, stop = self.shard_range(split, shard)
         n = stop - start
         if status.shape != (n,):
@@ -256,6 +266,10 @@ class FeatureStore:
         folder = self.path / split / "failures"
         folder.mkdir(exist_ok=True)
         atomic_write_text(folder / f"shard-{shard:06d}.json", json.dumps(failures, indent=0))
+        if videos is not None:
+            folder = self.path / split / "videos"
+            folder.mkdir(exist_ok=True)
+            atomic_write_text(folder / f"shard-{shard:06d}.json", json.dumps(videos, indent=0))
         self._array(f"{split}/status")[start:stop] = status.astype(np.int8)
 
     def write_text(self, name: str, array: np.ndarray) -> None:

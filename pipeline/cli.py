@@ -191,6 +191,16 @@ def cache_info(path: Path = typer.Argument(..., help="Cache folder."),
         typer.echo(f"{s:<9} {st.num_videos(s)} videos: done {c['done']}, failed {c['failed']}, pending {c['pending']}")
         for f in st.failures(s):
             typer.echo(f"          failed {f['path']}: {f['reason']}")
+        records = st.video_records(s)
+        if records:
+            per = {}
+            for r in records:
+                per[r["decoder"]] = per.get(r["decoder"], 0) + 1
+            typer.echo(f"          decoded by {', '.join(f'{k} {v}' for k, v in sorted(per.items()))}")
+            paths = st.items(s)
+            for r in records:
+                if r["warnings"]:
+                    typer.echo(f"          warning {paths[r['index']][0]}: {'; '.join(r['warnings'])}")
     flags = {"patch": "--patch", "store_frames": "--frames-uint8"}
     args = " ".join(flags[k] if k in flags else f"--{k.replace('_', '-')} {v}"
                     for k, v in cfg.items() if v not in ("", None, False) and k != "device")

@@ -39,12 +39,13 @@ from cache.store import (
 )
 from stages.backbone import BackboneInfo, FrozenCLIP, load_clip, model_config, parse_layers, resolve_model_name, weights_id
 from stages.text import TEXT_SETS, compute_text_sets
-from stages.video import SamplingCfg, decode_clips, make_views, normalize, parse_views
+from stages.video import SamplingCfg, decode_video, make_views, normalize, parse_views
 
 __all__ = ["ExtractCfg", "ExtractPlan", "plan_extraction", "run_extraction", "default_cache_root", "latest_cache"]
 
 # Bump when decoding/sampling/cropping changes what lands in a cache (part of the cache key).
-PREPROCESS_VERSION = 1
+# 2: frame-exact decoding (decord's random access only where exact; rotation; best stream).
+PREPROCESS_VERSION = 2
 
 
 @dataclass
@@ -213,7 +214,8 @@ def _versions() -> dict:
 
 # ----------------------------------------------------------------------------- decoding workers
 class _DecodeJobs(Dataset):
-    """Item i -> (split, index, views uint8 (V, T, S, S, 3) | None, failure reason | None)."""
+    """Item i -> (split, index, views uint8 (V, T, S, S, 3) | None, failure reason | None,
+    {"decoder", "warnings"} of a decoded video | None)."""
 
     def __init__(self, jobs: list[tuple[str, int, str, int | None]], sampling: dict[str, SamplingCfg], size: int):
         self.jobs, self.sampling, self.size = jobs, sampling, size
@@ -225,12 +227,13 @@ class _DecodeJobs(Dataset):
         split, index, path, num_frames = self.jobs[i]
         samp = self.sampling[split]
         try:
-            clips, _backend = decode_clips(path, samp, num_frames)
-            return split, index, make_views(clips, self.size, samp.crops), None
+            out = decode_video(path, samp, num_frames)
+            record = {"decoder": out.decoder, "warnings": list(out.warnings)}
+            return split, index, make_views(out.clips, self.size, samp.crops), None, record
         except VideoDecodeError as exc:
-            return split, index, None, str(exc)
+            return split, index, None, str(exc), None
         except Exception as exc:  # a decoder crash on one file must not stop the run
-            return split, index, None, f"decode error: {exc.__class__.__name__}: {str(exc)[:160]}"
+            return split, index, None, f"decode error: {exc.__class__.__name__}: {str(exc)[:160]}", None
 
 
 def _first(batch):
@@ -251,10 +254,14 @@ class _ShardBuffer:
             self.arrays[name] = np.full((n, *spec.shape), fill, dtype=dtype)
         self.status = np.zeros(n, dtype=np.int8)
         self.failures: list[dict] = []
+        self.videos: list[dict] = []   # {"index", "decoder", "warnings"} per decoded video
         self.remaining = n
 
-    def put(self, index: int, outputs: dict[str, np.ndarray] | None, reason: str | None, path: str) -> None:
+    def put(self, index: int, outputs: dict[str, np.ndarray] | None, reason: str | None, path: str,
+            record: dict | None = None) -> None:
         j = index - self.start
+        if record is not None:
+            self.videos.append({"index": index, **record})
         if outputs is None:
             self.status[j] = FAILED
             self.failures.append({"index": index, "path": path, "reason": reason})
@@ -427,6 +434,7 @@ def _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, r
     bar = tqdm(total=len(jobs), unit="video", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     t0 = time.perf_counter()
     queue: list[tuple[str, int, np.ndarray]] = []
+    records: dict[tuple[str, int], dict] = {}  # decoder and warnings of videos waiting in the queue
     queued_frames = 0
     staging = [None] if device.startswith("cuda") else None  # pinned uint8 frames, grown on demand
 
@@ -438,7 +446,7 @@ def _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, r
         buf = buffers.get(key)
         if buf is None:
             buf = buffers[key] = _ShardBuffer(store, *key)
-        buf.put(index, outputs, reason, items[split][index].path)
+        buf.put(index, outputs, reason, items[split][index].path, records.pop((split, index), None))
         if reason is not None:
             result.failed += 1
         else:
@@ -449,7 +457,7 @@ def _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, r
             while len(pending_writes) >= 2:  # bound memory held by shards waiting for the disk
                 pending_writes.pop(0).result()
             pending_writes.append(writer.submit(store.write_shard, buf.split, buf.shard, buf.arrays,
-                                                buf.status, buf.failures))
+                                                buf.status, buf.failures, buf.videos))
 
     def flush() -> None:
         nonlocal queue, queued_frames
@@ -484,7 +492,9 @@ def _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, r
         queue, queued_frames = [], 0
 
     try:
-        for split, index, views, reason in loader:
+        for split, index, views, reason, record in loader:
+            if record is not None:
+                records[(split, index)] = record
             if views is None:
                 finish(split, index, None, reason)
             else:

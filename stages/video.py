@@ -1,15 +1,23 @@
-"""Video decoding (decord, PyAV fallback, frame folders), frame sampling and CLIP-style views.
+"""Video decoding (decord where exact, PyAV otherwise, frame folders), frame sampling and CLIP-style views.
 
-Frames are always addressed by decode index (0..n-1 in decoding order), never by timestamp,
-so variable frame rates and broken timestamps cannot shift the sample. A file decord cannot
-open or read (seen: AV1, VP9 webm without a duration, an mp4 with one corrupt packet) is
-decoded again with PyAV, skipping packets that fail; a file neither can read raises
-VideoDecodeError with both reasons, and the caller records it. Nothing is ever substituted.
+Frames are always addressed by decode index (0..n-1 in output order), never by timestamp, so
+variable frame rates and broken timestamps cannot shift the sample. Each file is probed first
+(FFmpeg's best video stream, its packets, display rotation); decord's random access reads it
+only where that was measured exact (see _choose), PyAV decodes everything else in order,
+applies the display rotation and skips packets the decoder rejects (av.error.FFmpegError),
+reporting them as warnings. A file no reader can decode raises VideoDecodeError with the
+reasons, and the caller records it. Nothing is ever substituted. Verified with PyAV 12.3,
+16.1 and 18.1 (tests/test_codecs.py files).
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+import re
+import sys
+import tempfile
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -23,6 +31,8 @@ __all__ = [
     "SamplingCfg",
     "parse_views",
     "clip_indices",
+    "Decoded",
+    "decode_video",
     "decode_clips",
     "resize_short_side",
     "spatial_crops",
@@ -83,62 +93,295 @@ def clip_indices(num_frames: int, cfg: SamplingCfg, rng: np.random.Generator | N
 
 
 # ----------------------------------------------------------------------------- decoding
-def _decode_decord(path: str, pick: Callable[[int], list[list[int]]]) -> list[np.ndarray]:
+# Which reader is exact, measured on files with the frame index drawn into every frame
+# (tests/test_codecs.py; figures in the module docstring):
+# - decord's random access (get_batch) seeks to the keyframe before a frame and counts frames
+#   from there. It returns wrong frames when frames that follow a keyframe in decode order are
+#   shown before it (open GOPs: x265's default, x264 open_gop, MPEG-4 Part 2 with B-frames),
+#   and in AVI (no presentation timestamps to seek by), whatever the codec. On mp4/mov/mkv/webm
+#   files without such leading frames it was exact on h264 (B-frames, B-pyramid), HEVC, VP8 and
+#   VP9 (alt-ref frames included).
+# - decord reading forward (next/skip_frames) was exact on all of those files.
+# - decord's FFmpeg (4.1) cannot open AV1, reads no display matrix from Matroska, and takes no
+#   stream choice; PyAV decodes everything here, with the rotation in frame.rotation.
+_DECORD_CODECS = {"h264", "hevc", "vp8", "vp9", "mpeg4"}
+_SEEKABLE_FORMATS = ("mov", "mp4", "matroska", "webm")   # names in FFmpeg's demuxer list
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """The sampled clips of one video (C x (T, H, W, 3) uint8, upright), the reader that decoded
+    them ("decord" random access, "decord-seq" forward reading, "pyav", "frames" for an image
+    folder) and what went wrong without stopping it (skipped corrupt packets, decoder errors)."""
+
+    clips: list[np.ndarray]
+    decoder: str
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass
+class _Probe:
+    stream: int          # index of FFmpeg's best video stream (av_find_best_stream)
+    video_streams: int
+    codec: str
+    format: str
+    width: int
+    height: int
+    packets: int         # non-empty packets of the best stream
+    leading: bool        # a frame after a keyframe in decode order is shown before it
+    no_pts: bool
+    discard: bool        # packets the demuxer marks to drop (edit lists)
+    rotation: int | None  # display rotation of the first decoded frame (None: none decoded)
+    damaged: str = ""    # what the demuxer or decoder complained of (a cut or corrupt file)
+
+
+def _first_line(text: str, limit: int = 160) -> str:
+    """The useful part of a decoder message: decord prefixes '[hh:mm:ss] src/file.cc:123: '."""
+    lines = [ln for ln in str(text).splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    line = re.sub(r"(\[\d\d:\d\d:\d\d\] \S+:\d+: )+", "", lines[-1] if "Check failed" in text else lines[0])
+    return line.strip()[:limit]
+
+
+@contextlib.contextmanager
+def _capture_stderr(out: list[str]):
+    """Route file descriptor 2 to a temporary file while decord runs (its FFmpeg prints decoder
+    errors there): the terminal stays clean and the text becomes part of the reason/warnings."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            out.append(tmp.read().decode("utf-8", "replace"))
+
+
+@contextlib.contextmanager
+def _av_logs(out: list[str]):
+    """Capture FFmpeg's error messages of PyAV calls (PyAV keeps them silent by default)."""
+    import av.logging
+
+    old = av.logging.get_level()
+    av.logging.set_level(av.logging.ERROR)
+    try:
+        with av.logging.Capture(local=False) as logs:  # decoder threads log too
+            yield
+    finally:
+        av.logging.set_level(old)
+        out.extend(f"[{name}] {msg.strip()}" for level, name, msg in logs if level <= av.logging.ERROR)
+
+
+def _rotation(frame) -> int:
+    """Counterclockwise display rotation of a decoded frame, in degrees (0 when none)."""
+    rot = getattr(frame, "rotation", None)   # PyAV >= 14
+    if rot is not None:
+        return int(round(rot))
+    try:  # older PyAV: the display matrix side data, 3x3 int32 in 16.16 fixed point
+        sd = frame.side_data.get("DISPLAYMATRIX")
+    except Exception:
+        sd = None
+    if sd is None:
+        return 0
+    m = np.frombuffer(bytes(sd), dtype=np.int32)[:9].astype(np.float64) / 65536.0
+    return int(round(-math.degrees(math.atan2(m[1] / math.hypot(m[1], m[4]), m[0] / math.hypot(m[0], m[3])))))
+
+
+def _upright(frame) -> np.ndarray:
+    img = frame.to_ndarray(format="rgb24")
+    k = round(_rotation(frame) / 90) % 4
+    return np.ascontiguousarray(np.rot90(img, k)) if k else img
+
+
+def _best_video(container):
+    """FFmpeg's best video stream (av_find_best_stream, PyAV >= 13); older PyAV: the first
+    default-disposition video stream that is not a cover picture, else the first such stream."""
+    if hasattr(container.streams, "best"):
+        return container.streams.best("video")
+    cands = [s for s in container.streams.video if not int(getattr(s, "disposition", 0)) & 0x400]  # attached_pic
+    default = [s for s in cands if int(getattr(s, "disposition", 0)) & 0x1]
+    return (default or cands or [None])[0]
+
+
+def _probe(path: str) -> _Probe:
+    """Read the container's packets (no decoding but the first frame): best stream, packet count,
+    whether random access can be trusted, display rotation."""
+    import av
+
+    logs: list[str] = []
+    try:
+        with _av_logs(logs), av.open(path) as container:
+            stream = _best_video(container)
+            if stream is None:
+                raise VideoDecodeError("no video stream")
+            probe = _Probe(stream.index, len(container.streams.video), stream.codec_context.name,
+                           container.format.name, stream.codec_context.width, stream.codec_context.height,
+                           0, False, False, False, None)
+            key_pts = end = None
+            try:
+                for packet in container.demux(stream):
+                    if packet.size == 0:
+                        continue
+                    probe.packets += 1
+                    if packet.pts is not None:
+                        stop = packet.pts + (packet.duration or 0)
+                        end = stop if end is None else max(end, stop)
+                    if packet.is_discard:
+                        probe.discard = True
+                    if packet.pts is None:
+                        probe.no_pts = True
+                    elif packet.is_keyframe:
+                        key_pts = packet.pts if key_pts is None else max(key_pts, packet.pts)
+                    elif key_pts is not None and packet.pts < key_pts:
+                        probe.leading = True
+                    if probe.rotation is None and probe.packets <= 64:
+                        try:
+                            frames = packet.decode()
+                        except av.error.FFmpegError:
+                            frames = []
+                        if frames:
+                            probe.rotation = _rotation(frames[0])
+            except av.error.FFmpegError as exc:  # a cut file: the decode pass reads what is there
+                probe.damaged = f"file ends early ({_first_line(str(exc)) or exc.__class__.__name__})"
+            if not probe.damaged and end is not None:
+                probe.damaged = _short_of_header(stream, float(end * stream.time_base))
+    except VideoDecodeError:
+        raise
+    except Exception as exc:
+        detail = _first_line(str(exc)) or exc.__class__.__name__
+        raise VideoDecodeError(f"cannot open: {detail}") from None
+    if probe.packets == 0:
+        raise VideoDecodeError("no video packets" + (f" ({logs[0]})" if logs else ""))
+    if logs and not probe.damaged:
+        probe.damaged = f"FFmpeg reported: {logs[0][:160]}"
+    return probe
+
+
+def _short_of_header(stream, end_s: float) -> str:
+    """'' unless the stream's duration in the header is well past its last packet (a cut file)."""
+    dur = None
+    if stream.duration:
+        dur = float(stream.duration * stream.time_base)
+    else:  # Matroska: a per-stream DURATION tag, HH:MM:SS.fraction
+        tag = next((v for k, v in stream.metadata.items() if k.upper() == "DURATION"), None)
+        m = re.fullmatch(r"(\d+):(\d+):(\d+(?:\.\d+)?)", tag.strip()) if tag else None
+        if m:
+            dur = int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3])
+    if dur is not None and dur - end_s > max(0.5, 0.05 * dur):
+        return f"file ends early: the header says {dur:.2f} s, the packets end at {end_s:.2f} s"
+    return ""
+
+
+def _choose(probe: _Probe) -> str:
+    """Reader for this file, from what was measured (see the table above)."""
+    if (probe.codec not in _DECORD_CODECS or probe.video_streams != 1 or probe.discard
+            or probe.rotation != 0 or probe.damaged):
+        # decord cannot choose a stream, ignores Matroska rotation, drops no frames, and on a cut
+        # file returned a wrong last frame; PyAV counts the frames that really decode
+        return "pyav"
+    seekable = any(name in _SEEKABLE_FORMATS for name in probe.format.split(","))
+    if seekable and not probe.leading and not probe.no_pts:
+        return "decord"
+    return "pyav"   # decord reading forward is exact here too, but slower than PyAV (and skip_frames seeks)
+
+
+class _NotExact(Exception):
+    """decord's view of the file disagrees with the probe: read it with PyAV instead."""
+
+
+def _decode_decord(path: str, probe: _Probe, pick: Callable[[int], list[list[int]]],
+                   messages: list[str]) -> list[np.ndarray]:
     import decord
 
-    vr = decord.VideoReader(path, num_threads=1)
-    n = len(vr)
-    clips = pick(n)
-    flat = sorted({i for clip in clips for i in clip})
-    frames = vr.get_batch(flat).asnumpy()  # (F, H, W, 3) uint8
-    if frames.shape[0] != len(flat):
-        raise VideoDecodeError(f"decord returned {frames.shape[0]} of {len(flat)} frames")
+    with _capture_stderr(messages):
+        vr = decord.VideoReader(path, num_threads=1)
+        n = len(vr)
+        if n != probe.packets:
+            raise _NotExact(f"decord counts {n} frames, the container holds {probe.packets} packets")
+        clips = pick(n)
+        flat = sorted({i for clip in clips for i in clip})
+        frames = vr.get_batch(flat).asnumpy()  # (F, H, W, 3) uint8
+    if frames.shape[:3] != (len(flat), probe.height, probe.width):
+        raise _NotExact(f"decord returned frames of shape {frames.shape}, expected "
+                        f"{(len(flat), probe.height, probe.width)}")
     pos = {i: k for k, i in enumerate(flat)}
     return [frames[[pos[i] for i in clip]] for clip in clips]
 
 
-def _pyav_frames(path: str):
-    """Every decodable frame of the first video stream, in decode order; corrupt packets are
-    skipped (one bad packet must not lose the rest of the video)."""
+def _pyav_read(path: str, stream_index: int, keep: set[int], logs: list[str]) -> tuple[int, dict[int, np.ndarray], int, str]:
+    """Decode every frame of one stream in order, skipping packets the decoder rejects.
+    Returns (frames decoded, {index: upright rgb frame} for indices in ``keep``, packets
+    skipped, why reading stopped early or '')."""
     import av
 
-    with av.open(path) as container:
-        if not container.streams.video:
-            raise VideoDecodeError("no video stream")
-        stream = container.streams.video[0]
+    got: dict[int, np.ndarray] = {}
+    n = skipped = 0
+    stopped = ""
+    with _av_logs(logs), av.open(path) as container:
+        stream = container.streams[stream_index]
         stream.thread_type = "AUTO"
-        for packet in container.demux(stream):
+        packets = container.demux(stream)
+        while True:
+            try:
+                packet = next(packets)
+            except StopIteration:
+                break
+            except av.error.FFmpegError as exc:  # the file ends in the middle of a packet
+                stopped = _first_line(str(exc)) or exc.__class__.__name__
+                break
             try:
                 frames = packet.decode()
-            except (av.error.InvalidDataError, av.error.ValueError):
+            except av.error.FFmpegError:  # InvalidDataError and its kin: skip this packet
+                skipped += 1
                 continue
-            yield from frames
+            for frame in frames:
+                if n in keep:
+                    got[n] = _upright(frame)
+                n += 1
+        if stopped:  # drain what the decoder still holds
+            with contextlib.suppress(av.error.FFmpegError):
+                for frame in stream.codec_context.decode(None):
+                    if n in keep:
+                        got[n] = _upright(frame)
+                    n += 1
+    return n, got, skipped, stopped
 
 
-def _decode_pyav(path: str, pick: Callable[[int], list[list[int]]]) -> list[np.ndarray]:
-    """Two passes: count the decodable frames, then decode again keeping only the sampled
-    ones. Memory stays at the sampled frames, whatever the video's length (one pass holding
-    every frame needed 3 MB per 1080p frame: 56 GB for a 10-minute video). Files reach this
-    only when decord failed, so the second decode is a cost paid rarely."""
-    n = sum(1 for _ in _pyav_frames(path))
+def _decode_pyav(path: str, probe: _Probe, pick: Callable[[int], list[list[int]]],
+                 warnings: list[str]) -> list[np.ndarray]:
+    """One pass when every packet gives a frame (sampled from the probe's packet count, only the
+    sampled frames held); when some do not (corrupt packets, a cut file), a second pass samples
+    from the frames that really decode. Memory stays at the sampled frames either way."""
+    logs: list[str] = []
+    clips = pick(probe.packets)
+    n, got, skipped, stopped = _pyav_read(path, probe.stream, {i for c in clips for i in c}, logs)
     if n == 0:
-        raise VideoDecodeError("no decodable frames")
-    clips = pick(n)
-    wanted = {i for clip in clips for i in clip}
-    last = max(wanted)
-    got: dict[int, np.ndarray] = {}
-    frames = _pyav_frames(path)
-    try:
-        for i, frame in enumerate(frames):
-            if i in wanted:
-                got[i] = frame.to_ndarray(format="rgb24")
-            if i == last:
-                break
-    finally:
-        frames.close()
-    if len(got) != len(wanted):
-        raise VideoDecodeError(f"PyAV's second pass decoded {len(got)} of the {len(wanted)} sampled frames "
-                               f"of the {n} its first pass counted")
+        raise VideoDecodeError("no decodable frames" + (f" ({logs[0]})" if logs else f" ({stopped})" if stopped else ""))
+    if n != probe.packets:
+        clips = pick(n)
+        n2, got, _, _ = _pyav_read(path, probe.stream, {i for c in clips for i in c}, [])
+        if n2 != n:
+            raise VideoDecodeError(f"PyAV decoded {n} frames, then {n2} from the same file")
+        warnings.append(f"{n} frames decoded from {probe.packets} packets; sampled from the {n} that decoded")
+    if skipped:
+        warnings.append(f"skipped {skipped} corrupt packet(s) of {probe.packets}")
+    if stopped:
+        warnings.append(f"file ends early: {stopped}")
+    elif probe.damaged:
+        warnings.append(probe.damaged)
+    if logs:
+        warnings.append(f"decoder reported {len(logs)} error(s), first: {logs[0][:160]}")
+    missing = {i for c in clips for i in c} - set(got)
+    if missing:
+        raise VideoDecodeError(f"PyAV did not return sampled frame(s) {sorted(missing)[:5]}")
     return [np.stack([got[i] for i in clip]) for clip in clips]
 
 
@@ -161,28 +404,58 @@ def _decode_folder(path: str, num_frames: int | None, pick: Callable[[int], list
     return out
 
 
-def decode_clips(path: str, cfg: SamplingCfg, num_frames: int | None = None,
-                 rng: np.random.Generator | None = None) -> tuple[list[np.ndarray], str]:
-    """Decode the C sampled clips of a video: list of (T, H, W, 3) uint8, and the backend used."""
+def decode_video(path: str, cfg: SamplingCfg, num_frames: int | None = None,
+                 rng: np.random.Generator | None = None) -> Decoded:
+    """Decode the C sampled clips of a video, frame-exact whatever the codec and container.
+
+    The container is probed first (FFmpeg's best video stream, packets, rotation); decord reads
+    the file where its random access (or forward reading) was measured exact for such a file,
+    PyAV otherwise or when decord fails. Frames are upright (display rotation applied).
+    Raises VideoDecodeError with the reason when no reader can decode the file.
+    """
+
+    state = rng.bit_generator.state if rng is not None else None
 
     def pick(n: int) -> list[list[int]]:
+        if state is not None:  # a reader that retries draws the same sample, not the next one
+            rng.bit_generator.state = state
         return clip_indices(n, cfg, rng)
 
     if os.path.isdir(path):
-        return _decode_folder(path, num_frames, pick), "frames"
+        return Decoded(_decode_folder(path, num_frames, pick), "frames")
     if not os.path.exists(path):
         raise VideoDecodeError("file not found")
     if os.path.getsize(path) == 0:
         raise VideoDecodeError("empty file (0 bytes)")
+    probe = _probe(path)
+    how = _choose(probe)
+    first_reason = ""
+    if how != "pyav":
+        messages: list[str] = []
+        try:
+            clips = _decode_decord(path, probe, pick, messages)
+            said = "".join(messages).strip()
+            if said:  # decord's FFmpeg complained: its frame count and seeks are not to be trusted
+                raise _NotExact(said)
+            return Decoded(clips, how)
+        except Exception as exc:  # decord raises its own and generic errors: PyAV reads it instead
+            first_reason = _first_line(str(exc)) or exc.__class__.__name__
+    warnings: list[str] = []
     try:
-        return _decode_decord(path, pick), "decord"
-    except Exception as first:  # decord raises its own and generic errors
-        first_reason = f"{first.__class__.__name__}: {str(first).splitlines()[0][:120] if str(first) else ''}"
-    try:
-        return _decode_pyav(path, pick), "pyav"
-    except Exception as second:
-        reason = str(second).splitlines()[0][:160] if str(second) else second.__class__.__name__
-        raise VideoDecodeError(f"undecodable (decord: {first_reason}; pyav: {reason})") from None
+        clips = _decode_pyav(path, probe, pick, warnings)
+    except VideoDecodeError as exc:
+        raise VideoDecodeError(f"{exc}" + (f" (decord: {first_reason})" if first_reason else "")) from None
+    except Exception as exc:
+        reason = _first_line(str(exc)) or exc.__class__.__name__
+        raise VideoDecodeError(f"undecodable (pyav: {reason}" + (f"; decord: {first_reason})" if first_reason else ")")) from None
+    return Decoded(clips, "pyav", tuple(warnings))
+
+
+def decode_clips(path: str, cfg: SamplingCfg, num_frames: int | None = None,
+                 rng: np.random.Generator | None = None) -> tuple[list[np.ndarray], str]:
+    """Decode the C sampled clips of a video: list of (T, H, W, 3) uint8, and the reader used."""
+    out = decode_video(path, cfg, num_frames, rng)
+    return out.clips, out.decoder
 
 
 # ----------------------------------------------------------------------------- views

@@ -266,3 +266,37 @@ def test_encoder_utilisation_is_measured_and_a_waiting_gpu_is_named(demo_small, 
     hint = gpu.waiting_hint()
     assert "busy 40%" in hint and "3 decode worker(s)" in hint and "--workers" in hint
     assert dataclasses.replace(gpu, encoder_seconds=9.0).waiting_hint() == ""
+
+
+def test_cache_records_the_decoder_and_warnings_of_each_video(demo_small, tmp_path):
+    """A video with one corrupt packet is done, and the cache says which reader decoded each
+    video and what it warned of; `cache info` shows both."""
+    import av
+
+    import framecode as fc
+
+    src = fc.write_video(tmp_path / "src.mp4", "h264", n=50)
+    with av.open(str(src)) as c:
+        pos, size = [(p.pos, p.size) for p in c.demux(video=0) if p.size][25]
+    data = bytearray(src.read_bytes())
+    data[pos + size // 4:pos + size] = np.random.default_rng(0).integers(0, 256, size - size // 4, np.uint8).tobytes()
+    bad = tmp_path / "one_bad_packet.mp4"
+    bad.write_bytes(bytes(data))
+    root = Path(demo_small.video_root)
+    good = demo_small.val_list.read_text().splitlines()[:2]
+    lst = tmp_path / "list.txt"
+    lst.write_text("\n".join([good[0], f"{bad} 1", good[1]]) + "\n")
+    out = tmp_path / "cache"
+    run_cli("extract", "--dataset", "custom", "--video-root", root, "--train-list", lst,
+            "--classes", demo_small.classes_file, "--model", "tiny", "--out", out, "--no-progress",
+            "--text", "none", "--shard-size", "2", check=True)
+    st = open_store(out)
+    assert st.status("train").tolist() == [DONE, DONE, DONE]
+    recs = {r["index"]: r for r in st.video_records("train")}
+    assert sorted(recs) == [0, 1, 2]
+    assert recs[1]["decoder"] == "pyav" and any("corrupt packet" in w for w in recs[1]["warnings"])
+    assert recs[0]["decoder"] in ("decord", "pyav") and recs[0]["warnings"] == []
+    assert sorted(p.name for p in (out / "train" / "videos").iterdir()) == ["shard-000000.json", "shard-000001.json"]
+    info = run_cli("cache", "info", out, check=True).stdout
+    assert "decoded by" in info and "pyav" in info
+    assert f"warning {bad}" in info and "corrupt packet" in info

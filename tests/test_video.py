@@ -76,8 +76,8 @@ def test_pyav_fallback_for_av1(tmp_path):
 
 
 def test_pyav_fallback_holds_only_the_sampled_frames(tmp_path):
-    """The PyAV path counts first and then keeps just the sampled frames, so a long video that
-    decord cannot read does not fill the memory; the frames equal a plain full decode."""
+    """The PyAV path counts the packets first and then keeps just the sampled frames, so a long
+    video that decord cannot read does not fill the memory; the frames equal a plain full decode."""
     import gc
 
     from stages import video
@@ -90,7 +90,9 @@ def test_pyav_fallback_holds_only_the_sampled_frames(tmp_path):
         live_at_pick.append(sum(type(o) is av.VideoFrame for o in gc.get_objects()))
         return clip_indices(n, SamplingCfg(frames=4, clips=2))
 
-    clips = video._decode_pyav(path, pick)
+    warnings = []
+    clips = video._decode_pyav(path, video._probe(path), pick, warnings)
+    assert warnings == []
     assert live_at_pick == [0]  # nothing decoded is held when the sample is chosen
     with av.open(path) as c:
         every = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
