@@ -5,8 +5,10 @@ PY         := $(VENV)/bin/python
 PIPELINE   := $(VENV)/bin/pipeline
 DATASET    ?= demo
 DATA_ROOT  ?= data/$(DATASET)
-MODEL      ?= tiny
-PRETRAINED ?=
+# The demo runs on a small built-in model (random init, 12 blocks, so every head fits); a real
+# dataset defaults to OpenAI's ViT-B/16 (QuickGELU), as the papers use.
+MODEL      ?= $(if $(filter demo,$(DATASET)),small,ViT-B-16)
+PRETRAINED ?= $(if $(filter demo,$(DATASET)),,openai)
 FRAMES     ?= 8
 LAYERS     ?= last4
 HEAD       ?= tap
@@ -29,12 +31,19 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(PY) -m pipeline.demo_run
 
-extract: setup
+# extract holds what HEAD reads (its blocks, patch tokens, frames); train extracts first, so
+# `make train HEAD=evl` after `make extract` adds what EVL needs (or reuses a cache that has it).
+extract: setup $(if $(filter demo,$(DATASET)),$(DATA_ROOT)/classes.txt,)
 	$(PIPELINE) extract --dataset $(DATASET) --data-root $(DATA_ROOT) --model $(MODEL) \
-	  $(if $(PRETRAINED),--pretrained $(PRETRAINED),) --frames $(FRAMES) --layers $(LAYERS) $(EXTRACT_ARGS)
+	  $(if $(PRETRAINED),--pretrained $(PRETRAINED),) --frames $(FRAMES) --layers $(LAYERS) \
+	  --for-head $(HEAD) $(EXTRACT_ARGS)
 
-train: setup
+train: extract
 	$(PIPELINE) train --head $(HEAD) --dataset $(DATASET) $(foreach s,$(SET),--set $(s)) $(TRAIN_ARGS)
+
+# the demo's videos, when `make extract DATASET=demo` finds none
+$(DATA_ROOT)/classes.txt: | setup
+	$(PIPELINE) demo-data --out $(DATA_ROOT)
 
 finetune: setup
 	$(PIPELINE) finetune --paradigm $(PARADIGM) --dataset $(DATASET) --data-root $(DATA_ROOT) --model $(MODEL) \

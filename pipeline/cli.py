@@ -13,11 +13,13 @@ from typing import Annotated, Optional
 import typer
 
 from cache.errors import CacheError, ConfigError, PipelineError
+from pipeline.cli_runs import runs_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="clipcache: cache frozen CLIP features of videos once, train heads from the cache many times.")
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect feature caches.")
 app.add_typer(cache_app, name="cache")
+app.add_typer(runs_app, name="runs")
 
 
 def _echo_err(msg: str) -> None:
@@ -80,7 +82,7 @@ def extract(
     test_list: TestList = None,
     classes: ClassesFile = None,
     split_id: SplitId = 1,
-    model: str = typer.Option("tiny", help="open_clip model name (ViT-B-16, ...), or tiny / demo (built in)."),
+    model: str = typer.Option("tiny", help="open_clip model name (ViT-B-16, ...), or tiny / small / demo (built in)."),
     pretrained: Pretrained = "",
     init_seed: InitSeed = 0,
     frames: Frames = 8,
@@ -106,10 +108,12 @@ def extract(
                                        "(default: RANK/WORLD_SIZE under torchrun, else 0/1)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be extracted and its size, then stop."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    for_head: str = typer.Option("", help="Comma list of heads (e.g. evl,side4video): add the blocks, patch "
+                                          "tokens and uint8 frames they read with their default options."),
 ):
     """Stage one: decode videos, run the frozen CLIP once, write the feature cache."""
     from pipeline.datasets import load_dataset
-    from stages.extract import ExtractCfg, describe_plan, plan_extraction, run_extraction
+    from stages.extract import ExtractCfg, add_head_needs, describe_plan, plan_extraction, run_extraction
 
     rank_world = _parse_shard(shard) if shard else None  # None: torchrun's RANK/WORLD_SIZE, or 0/1
     spec = load_dataset(dataset, data_root=data_root, video_root=video_root, train_list=train_list,
@@ -118,6 +122,11 @@ def extract(
                      stride=stride, layers=layers, patch=patch, store_frames=store_frames, views=views,
                      train_views=train_views, dtype=dtype, text=text, batch_frames=batch_frames, workers=workers,
                      shard_size=shard_size, device=device)
+    heads = [h.strip() for h in for_head.split(",") if h.strip()]
+    if heads:
+        cfg = add_head_needs(cfg, heads, len(spec.classes))
+        typer.echo(f"for {', '.join(heads)}: layers {cfg.layers}, patch tokens {'yes' if cfg.patch else 'no'}, "
+                   f"uint8 frames {'yes' if cfg.store_frames else 'no'}")
     plan = plan_extraction(spec, cfg, out=out, cache_root=cache_root)
     if dry_run:
         for line in describe_plan(plan):
@@ -169,6 +178,7 @@ def cache_ls(root: Optional[Path] = typer.Argument(None, help="Cache root (defau
 def cache_info(path: Path = typer.Argument(..., help="Cache folder."),
                as_json: bool = typer.Option(False, "--json", help="Print the metadata as JSON.")):
     """Size, videos done/failed/pending, layers, dtype and how the cache was made."""
+    from cache.meta import extract_command
     from cache.store import human_bytes, open_store
 
     st = open_store(path)
@@ -201,10 +211,7 @@ def cache_info(path: Path = typer.Argument(..., help="Cache folder."),
             for r in records:
                 if r["warnings"]:
                     typer.echo(f"          warning {paths[r['index']][0]}: {'; '.join(r['warnings'])}")
-    flags = {"patch": "--patch", "store_frames": "--frames-uint8"}
-    args = " ".join(flags[k] if k in flags else f"--{k.replace('_', '-')} {v}"
-                    for k, v in cfg.items() if v not in ("", None, False) and k != "device")
-    typer.echo(f"made by   pipeline extract --dataset {meta['dataset']['name']} {args}")
+    typer.echo(f"made by   {extract_command(meta, out=str(st.path))}")
 
 
 @cache_app.command("verify")
@@ -232,8 +239,10 @@ def _resolve_cache(cache: Optional[Path], dataset: str, cache_root: Optional[Pat
         return cache
     found = latest_cache(cache_root or default_cache_root(), dataset)
     if found is None:
-        raise ConfigError(f"no cache given and none extracted yet for dataset '{dataset}': "
-                          f"run `pipeline extract --dataset {dataset} ...` first, or pass --cache PATH")
+        raise ConfigError(f"no cache given and none extracted yet for dataset '{dataset}' under "
+                          f"{cache_root or default_cache_root()}: run `pipeline extract --dataset {dataset} "
+                          "--data-root DIR` first, or pass --cache PATH")
+    typer.echo(f"cache: {found} (the last one extracted for dataset '{dataset}'; --cache PATH picks another)")
     return found
 
 
@@ -392,7 +401,7 @@ def finetune(
     test_list: TestList = None,
     classes: ClassesFile = None,
     split_id: SplitId = 1,
-    model: str = typer.Option("ViT-B-16", help="open_clip model name, or tiny / demo (built in)."),
+    model: str = typer.Option("ViT-B-16", help="open_clip model name, or tiny / small / demo (built in)."),
     pretrained: Pretrained = "",
     init_seed: InitSeed = 0,
     frames: Frames = 8,

@@ -29,7 +29,7 @@ import json
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -66,6 +66,8 @@ class DatasetSpec:
     splits: dict[str, list[VideoItem]]  # keys among "train", "val", "test"; order = list order
     video_root: str
     sources: dict[str, str]  # what files it was built from (paths), for the cache metadata / key
+    # the load_dataset arguments it was built with (absolute paths): what rebuilds it exactly
+    args: dict = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -830,14 +832,25 @@ def load_dataset(
     """
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    if name != "custom" and data_root is None and train_list is None:
+        data_root = Path("data") / name  # the default layout location, recorded as such
+    given = {"data_root": data_root, "video_root": video_root, "train_list": train_list, "val_list": val_list,
+             "test_list": test_list, "classes": classes}
+    spec = _load_dataset(name, data_root, video_root, train_list, val_list, test_list, classes, split_id)
+    spec.args = {k: (str(Path(v).resolve()) if k != "classes" or Path(v).exists() else str(v))
+                 for k, v in given.items() if v is not None}
+    if name in ("ucf101", "hmdb51"):
+        spec.args["split_id"] = split_id
+    return spec
+
+
+def _load_dataset(name, data_root, video_root, train_list, val_list, test_list, classes, split_id) -> DatasetSpec:
     if name in ("ucf101", "hmdb51") and split_id not in (1, 2, 3):
         raise DatasetError(f"{name} split_id must be 1, 2 or 3, got {split_id!r}")
     if name == "demo":
         return _load_demo(data_root, video_root, train_list, val_list, test_list, classes)
     if name == "custom":
         return _load_custom(video_root, train_list, val_list, test_list, classes)
-    if data_root is None and train_list is None:
-        data_root = Path("data") / name
     if name == "k400":
         return _load_k400(data_root, video_root, train_list, val_list, test_list, classes)
     if name == "ucf101":

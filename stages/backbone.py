@@ -32,7 +32,7 @@ __all__ = [
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 # Short names for the architectures the project ships (built in-process, never downloaded).
-BUILTIN_MODELS = {"tiny": "clipcache-tiny", "demo": "clipcache-demo"}
+BUILTIN_MODELS = {"tiny": "clipcache-tiny", "small": "clipcache-small", "demo": "clipcache-demo"}
 
 
 def _register_configs() -> None:

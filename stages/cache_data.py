@@ -11,11 +11,12 @@ import torch
 from torch.utils.data import Dataset
 
 from cache.errors import CacheMismatchError, DatasetError
+from cache.meta import extract_command
 from cache.store import DONE, FeatureStore
 from stages.heads import DataKeys, resolve_layers
 
 __all__ = ["HeadInputs", "CacheSplit", "pixel_stats", "epoch_seed", "view_pick", "view_tensor", "check_cache_for_head",
-           "select_videos", "extraction_hint"]
+           "select_videos", "extraction_hint", "head_data_keys"]
 
 IN_MEMORY_LIMIT = 2 << 30  # bytes of one array above which it is read per video instead
 
@@ -70,15 +71,32 @@ def extraction_hint(store: FeatureStore, keys: DataKeys) -> str:
     layers = sorted(set(store.meta["layers"]) | set(resolve_layers(keys.cls_layers, depth))
                     | set(resolve_layers(keys.patch_layers, depth)))
     cfg = store.meta["config"]
-    parts = [f"pipeline extract --dataset {store.meta['dataset']['name']} --model {cfg['model']}"]
-    if cfg.get("pretrained"):
-        parts.append(f"--pretrained {cfg['pretrained']}")
-    parts.append(f"--frames {cfg['frames']} --layers {','.join(map(str, layers)) or 'none'}")
-    if keys.patch_layers or cfg.get("patch"):
-        parts.append("--patch")
-    if keys.frames or cfg.get("store_frames"):
-        parts.append("--frames-uint8")
-    return " ".join(parts)
+    return extract_command(store.meta, layers=layers, patch=bool(keys.patch_layers or cfg.get("patch")),
+                           frames_uint8=bool(keys.frames or cfg.get("store_frames")))
+
+
+def head_data_keys(name: str, dims: dict, overrides: dict | None = None) -> DataKeys:
+    """What head ``name`` (its defaults plus ``overrides``) reads from a cache of backbone
+    ``dims`` (the DIM_FIELDS of a cache's metadata), with absolute block numbers: what stage
+    one must extract for it (`pipeline extract --for-head`). A head the backbone cannot hold
+    is a ConfigError that says so."""
+    import dataclasses
+
+    from cache.errors import ConfigError
+    from stages.heads import DIM_FIELDS, get_head_entry, make_cfg
+
+    entry = get_head_entry(name)
+    fields = {f.name for f in dataclasses.fields(entry.cfg_cls)}
+    values = {k: v for k, v in dims.items() if k in fields and k in DIM_FIELDS}
+    values.update(overrides or {})
+    try:
+        keys = entry.head_cls(make_cfg(name, values)).data_keys()
+    except ConfigError as exc:
+        raise ConfigError(f"head '{name}' does not fit this backbone ({dims.get('depth')} blocks, width "
+                          f"{dims.get('width')}): {exc}; pick a deeper --model (make: MODEL=...)") from None
+    depth = int(dims["depth"])
+    return dataclasses.replace(keys, cls_layers=resolve_layers(keys.cls_layers, depth),
+                               patch_layers=resolve_layers(keys.patch_layers, depth))
 
 
 def check_cache_for_head(store: FeatureStore, keys: DataKeys, head_name: str, splits: list[str]) -> dict[str, HeadInputs]:

@@ -100,6 +100,26 @@ class ExtractPlan:
         return sum(self.bytes_per_video[s] * len(self.dataset.splits[s]) for s in self.split_arrays)
 
 
+def add_head_needs(cfg: ExtractCfg, heads: list[str], num_classes: int) -> ExtractCfg:
+    """``cfg`` widened to hold what each head in ``heads`` reads with its default options:
+    their blocks added to --layers, patch tokens and uint8 frames switched on where needed."""
+    from dataclasses import replace
+
+    from stages.cache_data import head_data_keys
+
+    info = BackboneInfo.from_config(model_config(cfg.model))
+    dims = {"num_classes": num_classes, "embed_dim": info.embed_dim, "width": info.width, "frames": cfg.frames,
+            "num_patches": info.num_patches, "depth": info.depth, "backbone_heads": info.backbone_heads,
+            "image_size": info.image_size, "patch_size": info.patch_size}
+    layers, patch, frames = set(parse_layers(cfg.layers, info.depth)), cfg.patch, cfg.store_frames
+    for name in heads:
+        keys = head_data_keys(name, dims)
+        layers |= set(keys.cls_layers) | set(keys.patch_layers)
+        patch = patch or bool(keys.patch_layers)
+        frames = frames or keys.frames
+    return replace(cfg, layers=",".join(map(str, sorted(layers))) or "none", patch=patch, store_frames=frames)
+
+
 def _sha(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
@@ -179,6 +199,7 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
         "content": content,
         "config": asdict(cfg),
         "dataset": {"name": dataset.name, "video_root": video_root, "sources": dict(getattr(dataset, "sources", {})),
+                    "args": dict(getattr(dataset, "args", {})),
                     "classes": list(dataset.classes)},
         "backbone": {"arch": arch, "pretrained": cfg.pretrained, "weights": wid, **asdict(info),
                      "num_patches": info.num_patches},
@@ -360,6 +381,8 @@ def run_extraction(plan: ExtractPlan, shard: tuple[int, int] | None = None, prog
     if shard is None:
         shard = torchrun_shard()
     t_start = time.perf_counter()
+    if plan.path.is_dir() and not any(plan.path.iterdir()):
+        plan.path.rmdir()  # an empty --out folder made by the user: the cache goes there
     if plan.path.exists():
         store = open_store(plan.path)
         if store.key != plan.key:

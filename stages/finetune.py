@@ -66,6 +66,7 @@ from stages.dist import DistContext, dist_device, rank_batches
 from stages.heads import get_head_entry, make_cfg
 from stages.heads.common import validate_choice
 from stages.heads.actionclip import video_text_kl_loss
+from stages.runs import RunLog
 from stages.text import TEMPLATE_SETS, clip_text_embeddings
 from stages.train import (
     AMP_CHOICES,
@@ -103,7 +104,7 @@ CKPT_FORMAT = "clipcache-finetune/1"
 @dataclass
 class FinetuneCfg:
     paradigm: str = "text4vis"        # text4vis | actionclip
-    model: str = "ViT-B-16"           # open_clip name, or tiny / demo (built in)
+    model: str = "ViT-B-16"           # open_clip name, or tiny / small / demo (built in)
     pretrained: str = ""              # open_clip tag or a checkpoint path ("" = seeded random init)
     init_seed: int = 0                # the random init when no pretrained weights are given
     frames: int = 8                   # T
@@ -559,6 +560,7 @@ def finetune(spec, cfg: FinetuneCfg, head_overrides: dict | None = None, aug: Au
         run_dir = root / _run_id(spec, cfg, aug, head_overrides)
     run_dir = Path(run_dir)
     say = log if dist_ctx.main else (lambda *a, **k: None)
+    runlog = RunLog(run_dir, enabled=dist_ctx.main)  # status.json + TensorBoard events
     try:
         tuner = Finetuner(spec, cfg, head_overrides, aug, dist_ctx, log=say)
         resolved = _resolved(spec, cfg, aug, tuner, head_overrides)
@@ -579,6 +581,7 @@ def finetune(spec, cfg: FinetuneCfg, head_overrides: dict | None = None, aug: Au
         if dist_ctx.main:  # after the resume check: config.json always describes last.pt
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=1))
+            runlog.start(resolved, epochs=tuner.epochs, start_epoch=start_epoch)
         E = tuner.epochs
         metrics = next((h["val"] for h in reversed(history) if "val" in h), {})
         if E == 0:
@@ -590,6 +593,7 @@ def finetune(spec, cfg: FinetuneCfg, head_overrides: dict | None = None, aug: Au
                 metrics = tuner.evaluate()
                 entry["val"] = metrics
             history.append(entry)
+            runlog.epoch(entry)
             # one line per epoch (fine-tuning epochs are long), with the loss of the epoch's first step
             first = f" (first step {entry['first_loss']:.6f})" if entry["first_loss"] is not None else ""
             loss = f"{entry['train_loss']:.4f}" if entry["train_loss"] is not None else "n/a"
@@ -609,8 +613,12 @@ def finetune(spec, cfg: FinetuneCfg, head_overrides: dict | None = None, aug: Au
         if dist_ctx.main:
             atomic_write_text(run_dir / "metrics.json", json.dumps(result, indent=1))
             _plot_curves(history, run_dir / "curves.png", f"finetune {cfg.paradigm}")
+            runlog.finish()
         dist_ctx.barrier()
         return result
+    except BaseException as exc:
+        runlog.fail(exc)
+        raise
     finally:
         dist_ctx.stop()
 

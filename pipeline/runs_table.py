@@ -1,0 +1,205 @@
+"""`pipeline runs ls | show | compare`: every experiment on a cache in one table.
+
+A row per run folder (stages.runs.read_run): the head, the options that differ from that
+head's defaults (so dozens of runs of one head read as what was varied), the cache and data
+source, epochs, best and last top-1 / top-5 / mean-class, time and status. Output as a rich
+table on a terminal, or csv / json / md for papers and scripts.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from cache.errors import ConfigError
+from stages.runs import RunRecord, list_runs, read_run
+
+__all__ = ["RUN_COLUMNS", "SORT_KEYS", "changed_options", "run_row", "select_runs", "render", "resolve_run",
+           "compare_rows", "plot_curves", "cell_text", "FORMATS"]
+
+RUN_COLUMNS = ("run", "head", "options", "cache", "source", "epochs", "best_top1", "last_top1", "last_top5",
+               "last_mean_class", "seconds", "status")
+SORT_KEYS = ("run", "head", "best_top1", "last_top1", "seconds", "status", "started")
+FORMATS = ("table", "csv", "json", "md")
+# settings that say where or how fast a run ran, not what it is
+_NOT_OPTIONS = {"head", "device", "workers", "eval_batch_size", "paradigm"}
+
+
+def _defaults(rec: RunRecord) -> tuple[dict, dict]:
+    """(stage options, head options) at their defaults, for the run's stage and head."""
+    from stages.heads import DIM_FIELDS, get_head_entry
+
+    if rec.stage == "finetune":
+        from stages.finetune import FinetuneCfg
+
+        stage = asdict(FinetuneCfg())
+        head_name = rec.config.get("finetune", {}).get("paradigm", "")
+    else:
+        from stages.train import TrainCfg
+
+        stage = asdict(TrainCfg())
+        head_name = rec.head
+    try:
+        head = {k: v for k, v in asdict(get_head_entry(head_name).cfg_cls()).items() if k not in DIM_FIELDS}
+    except Exception:  # a head this version no longer has: show all its options
+        head = {}
+    return stage, head
+
+
+def changed_options(rec: RunRecord) -> dict[str, object]:
+    """Options of the run that differ from its head's and stage's defaults (dims from the cache excluded)."""
+    if not rec.config:
+        return {}
+    stage_defaults, head_defaults = _defaults(rec)
+    section = rec.config.get("finetune" if rec.stage == "finetune" else "train") or {}
+    out: dict[str, object] = {}
+    for k, v in section.items():
+        if k not in _NOT_OPTIONS and k in stage_defaults and stage_defaults[k] != v:
+            out[k] = v
+    for k, v in (rec.config.get("head") or {}).items():
+        if k == "name" or k not in head_defaults:
+            continue
+        if head_defaults[k] != v and not (isinstance(v, list) and list(head_defaults[k] or []) == v):
+            out[f"head.{k}"] = v
+    return out
+
+
+def _fmt_opts(opts: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(opts.items())) or "(defaults)"
+
+
+def run_row(rec: RunRecord) -> dict:
+    total = rec.epochs_total
+    return {
+        "run": rec.name,
+        "head": rec.head if rec.config else "?",
+        "options": _fmt_opts(changed_options(rec)),
+        "cache": Path(rec.cache).name if rec.cache else "",
+        "source": rec.source,
+        "epochs": f"{rec.epochs_done}/{total}" if total is not None else str(rec.epochs_done),
+        "best_top1": rec.best("top1"),
+        "last_top1": rec.last("top1"),
+        "last_top5": rec.last("top5"),
+        "last_mean_class": rec.last("mean_class"),
+        "seconds": round(rec.seconds, 1) if rec.seconds is not None else None,
+        "status": rec.state + (f" ({rec.problems[0]})" if rec.problems else "")
+        + (f": {rec.status['reason']}" if rec.state == "failed" and rec.status.get("reason") else ""),
+        "path": str(rec.path),
+    }
+
+
+def select_runs(root: Path, cache: Path | None = None, head: str = "", status: str = "",
+                sort: str = "started", reverse: bool = False) -> list[RunRecord]:
+    """The runs under ``root``, filtered by cache (a cache folder: its key), head and status."""
+    if not root.is_dir():
+        raise ConfigError(f"no runs folder {root} (train a head first, or pass --root)")
+    runs = list_runs(root)
+    if cache is not None:
+        from cache.store import open_store
+
+        key = open_store(cache).key
+        runs = [r for r in runs if r.cache_key == key]
+    if head:
+        runs = [r for r in runs if r.head == head]
+    if status:
+        runs = [r for r in runs if r.state == status]
+    if sort not in SORT_KEYS:
+        raise ConfigError(f"--sort must be one of {', '.join(SORT_KEYS)}, got '{sort}'")
+
+    def key_of(r: RunRecord):
+        if sort == "started":
+            return float(r.status.get("started") or r.path.stat().st_mtime)
+        if sort in ("best_top1", "last_top1"):
+            v = r.best("top1") if sort == "best_top1" else r.last("top1")
+            return -1.0 if v is None else v
+        if sort == "seconds":
+            return r.seconds or 0.0
+        return str(run_row(r)[sort]) if sort != "status" else r.state
+
+    return sorted(runs, key=key_of, reverse=reverse)
+
+
+def cell_text(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.1f}"
+    return str(v)
+
+
+def render(rows: list[dict], fmt: str, columns: tuple[str, ...] = RUN_COLUMNS) -> str:
+    """Rows as csv, json or a markdown table (the terminal table is drawn by the CLI with rich)."""
+    if fmt == "json":
+        return json.dumps(rows, indent=1)
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: "" if r.get(c) is None else r.get(c) for c in columns})
+        return buf.getvalue().rstrip("\n")
+    if fmt == "md":
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(cell_text(r.get(c)).replace("|", "\\|") for c in columns) + " |" for r in rows]
+        return "\n".join(lines)
+    raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
+
+
+def resolve_run(name: str, root: Path) -> RunRecord:
+    """A run by folder path, by name under ``root``, or by a unique prefix of its name."""
+    path = Path(name)
+    if path.is_dir():
+        return read_run(path)
+    if (root / name).is_dir():
+        return read_run(root / name)
+    matches = sorted(p for p in root.glob(f"{name}*") if p.is_dir()) if root.is_dir() else []
+    if len(matches) == 1:
+        return read_run(matches[0])
+    if len(matches) > 1:
+        raise ConfigError(f"run '{name}' is ambiguous under {root}: " + ", ".join(p.name for p in matches[:6]))
+    raise ConfigError(f"no run '{name}' under {root} (see `pipeline runs ls`)")
+
+
+def compare_rows(runs: list[RunRecord]) -> tuple[list[str], list[dict]]:
+    """Side by side: one row per option that differs between the runs (or from defaults), then metrics."""
+    opts = [changed_options(r) for r in runs]
+    keys = sorted({k for o in opts for k in o})
+    rows = [{"field": "head", **{r.name: r.head for r in runs}}]
+    rows += [{"field": k, **{r.name: o.get(k, "(default)") for r, o in zip(runs, opts)}} for k in keys]
+    for label, fn in (("cache", lambda r: Path(r.cache).name), ("epochs", lambda r: run_row(r)["epochs"]),
+                      ("best top1", lambda r: r.best("top1")), ("last top1", lambda r: r.last("top1")),
+                      ("last top5", lambda r: r.last("top5")), ("last mean-class", lambda r: r.last("mean_class")),
+                      ("seconds", lambda r: r.seconds), ("status", lambda r: r.state)):
+        rows.append({"field": label, **{r.name: fn(r) for r in runs}})
+    return ["field", *[r.name for r in runs]], rows
+
+
+def plot_curves(runs: list[RunRecord], path: Path) -> Path:
+    """Train loss and val top-1 per epoch of every run, one figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    for r in runs:
+        loss = [(h["epoch"], h["train_loss"]) for h in r.history if h.get("train_loss") is not None]
+        if loss:
+            ax[0].plot(*zip(*loss), marker="o", label=r.name)
+        acc = r.val_series("top1")
+        if acc:
+            ax[1].plot(*zip(*acc), marker="o", label=r.name)
+    ax[0].set(title="train loss", xlabel="epoch")
+    ax[1].set(title="val top-1 (%)", xlabel="epoch")
+    ax[1].legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
