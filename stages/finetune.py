@@ -15,13 +15,15 @@ For the paradigms whose backbone must train, so that no cache can stand in for i
 The temporal module / visual prompt *is* the stage-two head (``create_head``), fed by frame
 embeddings the trainable encoder computes on the fly, so a head's definition lives in one place.
 
-Optimiser (SPEC section 4): AdamW, betas (0.9, 0.98), eps 1e-8, weight decay 0.2 (on weights
-of dim >= 2, as stage two groups them), learning rate ``lr`` (5e-5) for the head and
-``lr * backbone_ratio`` (5e-6) for the encoders, linear warmup (5 epochs) then cosine per step
-(stage two's ``_lr_factor``); 30 epochs for Text4Vis, 50 for ActionCLIP. Differences from the
-reference code, on purpose: CLIP's ``logit_scale`` stays frozen and the head's fixed scale (100,
-what pretrained CLIP's clamped scale is) is used. SPEC gives betas (0.9, 0.98) for ActionCLIP;
-they are the default for Text4Vis too (``--set beta2=0.999`` for torch's default).
+Optimiser: AdamW, the head at ``lr`` and the encoders at ``lr * backbone_ratio``, linear warmup
+then cosine per step (stage two's ``_lr_factor``). The values come from a recipe
+(stages/recipes.py; ``pipeline finetune --recipe paper`` is each paper's, SPEC section 7:
+Text4Vis 5e-5 / 5e-6, decay 0.2 on all parameters, betas (0.9, 0.999), 30 epochs, batch 256;
+ActionCLIP 5e-5 / 5e-6, decay 0.2 on all parameters, betas (0.9, 0.98), 50 epochs, batch 128,
+CLIP's ``logit_scale`` trainable and scaling the training loss, clamped at 100). The dataclass
+defaults below are the ``quick`` values (no decay on gains and biases, frozen logit scale with
+the head's fixed 100). ``global_batch`` > ``batch_size`` x ranks is reached by gradient
+accumulation (``Finetuner.step`` takes a list of micro-batches).
 
 Data: decode (stages.video, decord then PyAV) in DataLoader workers, random TSN offsets and the
 clip-level augmentation of stages.augment in training, stage one's fixed sampling and CxS views

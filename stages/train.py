@@ -5,6 +5,10 @@ metrics.json (history + final), curves.png. Deterministic on CPU for a given see
 shuffle order and the RNG state of each epoch derive from (seed, epoch), so a run killed
 after epoch k and resumed ends with the metrics of an uninterrupted run.
 
+Batch: ``global_batch`` videos per optimiser step, reached by gradient accumulation over
+micro-batches of ``batch_size`` per process (stages/recipes.py has the papers' recipes); with
+``global_batch`` 0 the batch size is the global batch of one step, as below.
+
 Under torchrun (one process per GPU; gloo on CPU) training is data parallel (DDP): the batch
 size is the *global* batch; every rank walks the same seeded sequence of global batches and
 takes its slice (stages.dist.rank_batches, padding masked out); the head's outputs are
