@@ -85,15 +85,20 @@ def extract(
     model: str = typer.Option("tiny", help="open_clip model name (ViT-B-16, ...), or tiny / small / demo (built in)."),
     pretrained: Pretrained = "",
     init_seed: InitSeed = 0,
-    frames: Frames = 8,
-    sampling: str = typer.Option("segment", help="segment (TSN) | dense"),
-    stride: int = typer.Option(8, help="Frame stride for dense sampling."),
+    frames: Optional[int] = typer.Option(None, help="Frames per clip (T); default 8, or the protocol's."),
+    sampling: Optional[str] = typer.Option(None, help="segment (TSN) | dense; default segment, or the protocol's."),
+    stride: Optional[int] = typer.Option(None, help="Frame stride for dense sampling (default 8, or the protocol's)."),
     layers: str = typer.Option("last4", help="Blocks to tap: lastK | all | none | 8,10,12 (1-based)."),
     patch: bool = typer.Option(False, "--patch/--no-patch", help="Also store patch tokens of the tapped blocks."),
     store_frames: bool = typer.Option(False, "--frames-uint8/--no-frames-uint8",
                                       help="Also store the preprocessed uint8 input frames."),
-    views: str = typer.Option("1x1", help="CxS views (temporal clips x spatial crops) for val/test."),
+    views: Optional[str] = typer.Option(None, help="CxS views (temporal clips x spatial crops) for val/test "
+                                                   "(default 1x1, or the protocol's)."),
     train_views: str = typer.Option("1x1", help="CxS views for the train split."),
+    protocol: str = typer.Option("", help="A paper's test protocol: evl | text4vis | side4video | actionclip "
+                                          "(frames, sampling, views, resize, view averaging); flags override it."),
+    resize_ratio: Optional[float] = typer.Option(None, help="Short side = input size x this before cropping "
+                                                            "(1: EVL/CLIP; 1.142857: scale 256 for 224)."),
     dtype: str = typer.Option("fp16", help="fp16 | int8 (per-token int8 for CLS/patch tokens)."),
     text: str = typer.Option("all", help="Text sets to store: all | none | comma list of clip_single, "
                                          "clip_text4vis, clip_actionclip, clip_classname, minilm."),
@@ -114,14 +119,20 @@ def extract(
     """Stage one: decode videos, run the frozen CLIP once, write the feature cache."""
     from pipeline.datasets import load_dataset
     from stages.extract import ExtractCfg, add_head_needs, describe_plan, plan_extraction, run_extraction
+    from stages.recipes import resolve_protocol
 
     rank_world = _parse_shard(shard) if shard else None  # None: torchrun's RANK/WORLD_SIZE, or 0/1
+    given = {"frames": frames, "sampling": sampling, "stride": stride, "views": views, "resize_ratio": resize_ratio}
+    sample, _record, proto_lines = resolve_protocol(protocol, {k: v for k, v in given.items() if v is not None},
+                                                    {k: getattr(ExtractCfg(), k) for k in given})
     spec = load_dataset(dataset, data_root=data_root, video_root=video_root, train_list=train_list,
                         val_list=val_list, test_list=test_list, classes=classes, split_id=split_id)
-    cfg = ExtractCfg(model=model, pretrained=pretrained, init_seed=init_seed, frames=frames, sampling=sampling,
-                     stride=stride, layers=layers, patch=patch, store_frames=store_frames, views=views,
-                     train_views=train_views, dtype=dtype, text=text, batch_frames=batch_frames, workers=workers,
-                     shard_size=shard_size, device=device)
+    cfg = ExtractCfg(model=model, pretrained=pretrained, init_seed=init_seed, layers=layers, patch=patch,
+                     store_frames=store_frames, train_views=train_views, dtype=dtype, text=text,
+                     batch_frames=batch_frames, workers=workers, shard_size=shard_size, device=device,
+                     protocol=protocol, **sample)
+    for line in proto_lines if _main_rank() else ():
+        typer.echo(line)
     heads = [h.strip() for h in for_head.split(",") if h.strip()]
     if heads:
         cfg = add_head_needs(cfg, heads, len(spec.classes))
@@ -269,6 +280,12 @@ def train(
     wds_shuffle: int = typer.Option(1000, help="Shuffle buffer in samples when training from shards (0: off)."),
     wds_resample: bool = typer.Option(False, "--wds-resample/--no-wds-resample",
                                       help="Draw shards with replacement (multi-node streaming)."),
+    recipe: str = typer.Option("paper", help="paper (the head's published recipe, SPEC section 7) | quick "
+                                             "(small data: lr 1e-3, batch 32, 10 epochs). Options override it."),
+    batch: Optional[int] = typer.Option(None, help="Videos per step and process (the global batch is reached "
+                                                   "by gradient accumulation)."),
+    global_batch: Optional[int] = typer.Option(None, help="Videos per optimiser step (default: the recipe's); "
+                                                          "the recipe's lr is scaled linearly unless lr is set."),
 ):
     """Stage two: train a head from a cache and evaluate it."""
     import dataclasses as dc
@@ -276,7 +293,7 @@ def train(
     from stages.train import TrainCfg, split_overrides, train_head
 
     train_over, head_over = split_overrides(set_)
-    cfg = TrainCfg(head=head, **train_over)
+    cfg, head_over = _train_recipe(head, recipe, train_over, head_over, batch, global_batch)
     flag_values = {"shots": shots, "fraction": fraction, "train_classes": train_classes, "test_classes": test_classes,
                    "classifier_init": init}
     defaults = TrainCfg()
@@ -285,6 +302,7 @@ def train(
             cfg = dc.replace(cfg, **{key: value})
     path = _wds_source(wds, wds_header, wds_eval, wds_shuffle, wds_resample, cfg, cache) if wds else \
         _resolve_cache(cache, dataset, cache_root)
+    cfg, head_over = _protocol_eval(path, cfg, head_over, train_over)
     res = train_head(path, cfg, head_over, run_dir=run_dir, resume=resume, progress=progress)
     if res.get("rank", 0):  # under torchrun, rank 0 reports
         return
@@ -293,6 +311,61 @@ def train(
                f"({res['train_videos']} train / {res['eval_videos']} eval videos, "
                f"{res['trainable_params']:,} trainable params, {res['seconds']:.1f}s)")
     typer.echo(f"run folder: {res['run_dir']}")
+
+
+def _main_rank() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _train_recipe(head: str, recipe: str, train_over: dict, head_over: dict, batch, global_batch):
+    """TrainCfg from the head's preset (stages/recipes.py), then --set / --batch / --global-batch; printed."""
+    import dataclasses as dc
+    import os
+
+    import torch
+
+    from stages.recipes import resolve_recipe, stage_two_recipe
+    from stages.train import TrainCfg
+
+    explicit = dict(train_over)
+    if batch is not None:
+        explicit["batch_size"] = batch
+    if global_batch is not None:
+        explicit["global_batch"] = global_batch
+    device = str(explicit.get("device", "auto"))
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    rec = stage_two_recipe(head, recipe, cuda=cuda)
+    defaults = {f.name: getattr(TrainCfg(), f.name) for f in dc.fields(TrainCfg)}
+    values, lines = resolve_recipe(rec, explicit, defaults, world=int(os.environ.get("WORLD_SIZE", "1")))
+    values.update(head=head, recipe=recipe)
+    cfg = TrainCfg(**values)
+    cfg.validate()
+    if _main_rank():
+        for line in lines:
+            typer.echo(line)
+    return cfg, {**rec.head, **head_over}
+
+
+def _protocol_eval(path, cfg, head_over: dict, train_over: dict):
+    """A cache extracted with --protocol evaluates by that paper's view-averaging rule unless told otherwise."""
+    import dataclasses as dc
+
+    from stages.recipes import protocol_eval_overrides
+
+    if not isinstance(path, Path) or not (path / "zarr.json").exists():
+        return cfg, head_over
+    from cache.store import open_store
+
+    meta = open_store(path).meta
+    train_p, head_p = protocol_eval_overrides(meta, cfg.head)
+    train_p = {k: v for k, v in train_p.items() if k not in train_over}
+    head_p = {k: v for k, v in head_p.items() if k not in head_over}
+    if (train_p or head_p) and _main_rank():
+        typer.echo(f"protocol {meta['protocol']['name']} of the cache: evaluate with "
+                   + ", ".join(f"{k}={v}" for k, v in {**train_p, **head_p}.items()))
+    return dc.replace(cfg, **train_p), {**head_over, **head_p}
 
 
 @app.command("compare-init")
@@ -416,22 +489,43 @@ def finetune(
                                                       "artifacts/runs/finetune-<paradigm>-<hash>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    recipe: str = typer.Option("paper", help="paper (the paradigm's published recipe and augmentation, SPEC "
+                                             "section 7) | quick (generic, small data). Options override it."),
+    batch: Optional[int] = typer.Option(None, help="Videos per step and process (the global batch is reached "
+                                                   "by gradient accumulation)."),
+    global_batch: Optional[int] = typer.Option(None, help="Videos per optimiser step (default: the recipe's); "
+                                                          "the recipe's lr is scaled linearly unless lr is set."),
 ):
     """Stage three: fine-tune CLIP end to end from raw video (Text4Vis or ActionCLIP). Runs under torchrun too."""
     import dataclasses as dc
+    import os
 
     from pipeline.datasets import load_dataset
     from stages.augment import AugmentCfg
     from stages.finetune import FinetuneCfg, finetune as run_finetune, split_finetune_overrides
+    from stages.recipes import resolve_recipe, stage_three_recipe
 
     ft_over, aug_over, head_over = split_finetune_overrides(set_, paradigm)
-    cfg = FinetuneCfg(paradigm=paradigm, model=model, pretrained=pretrained, init_seed=init_seed, frames=frames,
-                      views=views)
-    cfg = dc.replace(cfg, **ft_over)
     if epochs is not None:
         if epochs < 0:
             raise ConfigError(f"--epochs must be 0 or more, got {epochs}")
-        cfg = dc.replace(cfg, epochs=epochs)
+        ft_over["epochs"] = epochs
+    if batch is not None:
+        ft_over["batch_size"] = batch
+    if global_batch is not None:
+        ft_over["global_batch"] = global_batch
+    rec = stage_three_recipe(paradigm, recipe)
+    base = FinetuneCfg(paradigm=paradigm, model=model, pretrained=pretrained, init_seed=init_seed, frames=frames,
+                       views=views)
+    values, lines = resolve_recipe(rec, ft_over, dc.asdict(base), world=int(os.environ.get("WORLD_SIZE", "1")))
+    cfg = FinetuneCfg(**{**values, "recipe": recipe})
+    aug_over = {**rec.augment, **aug_over}
+    head_over = {**rec.head, **head_over}
+    lines.append("  augmentation: " + (", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                 for k, v in aug_over.items()) or "generic (AugmentCfg defaults)"))
+    if _main_rank():
+        for line in lines:
+            typer.echo(line)
     if grad_checkpointing:
         cfg = dc.replace(cfg, grad_checkpointing=True)
     cfg.validate()

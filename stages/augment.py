@@ -5,9 +5,14 @@ clip is one ``tv_tensors.Video`` (T, C, H, W) and torchvision.transforms.v2 draw
 parameters once per call, then applies them to all leading dimensions (checked in
 tests/test_finetune.py: a clip of T identical frames stays T identical frames).
 
-Training: random resized crop (area 0.08-1, aspect ratio 3/4-4/3) straight to the model's
-input size, horizontal flip, colour jitter (p=0.8) and grayscale (p=0.2) as in the
-SimCLR/CLIP-finetuning recipes Text4Vis and ActionCLIP follow, optionally RandAugment.
+Training (the defaults, the ``quick`` recipe's): random resized crop (area 0.08-1, aspect ratio
+3/4-4/3) straight to the model's input size, horizontal flip, colour jitter (p=0.8) and
+grayscale (p=0.2), optionally RandAugment. The ``paper`` recipes (stages/recipes.py, SPEC
+section 7) set each paradigm's own: Text4Vis scales the short side to 256 (for a 224 input),
+random resized crop, flip, grayscale, no colour jitter; ActionCLIP scales to 256, takes a
+multi-scale crop (side = the short side x one of 1, .875, .75, .66 for width and height, at most
+one step apart, at one of 13 fixed positions) resized to the input, flip, colour jitter (0.4,
+0.4, 0.2, 0.1), grayscale and RandAugment N2 M9.
 Evaluation: the deterministic views of stage one (resize the short side, C clips x S crops),
 so a fine-tuned model is evaluated on exactly what a stage-one cache of it would hold.
 
@@ -26,11 +31,18 @@ import torch
 from cache.errors import ConfigError
 from stages.video import make_views
 
-__all__ = ["AugmentCfg", "build_train_transform", "augment_clip", "eval_views"]
+__all__ = ["AugmentCfg", "MultiScaleCrop", "build_train_transform", "augment_clip", "eval_views"]
+
+
+CROPS = ("random_resized", "multiscale")
 
 
 @dataclass
 class AugmentCfg:
+    resize_ratio: float = 0.0         # first scale the short side to round(input size x ratio) (256/224: "scale 256"); 0 = no
+    crop: str = "random_resized"      # random_resized | multiscale (TSN's multi-scale crop, ActionCLIP)
+    ms_scales: str = "1,0.875,0.75,0.66"  # multi-scale crop: side fractions of the short side
+    ms_max_distort: int = 1           # multi-scale crop: width and height scales at most this many steps apart
     scale_min: float = 0.08           # random resized crop: area fraction range
     scale_max: float = 1.0
     ratio_min: float = 3 / 4          # and aspect ratio range
@@ -47,6 +59,11 @@ class AugmentCfg:
     ra_magnitude: int = 9
 
     def validate(self) -> None:
+        if self.crop not in CROPS:
+            raise ConfigError(f"augmentation crop must be one of {', '.join(CROPS)}, got '{self.crop}'")
+        if self.resize_ratio < 0:
+            raise ConfigError(f"resize_ratio must be >= 0 (0 = no resize), got {self.resize_ratio}")
+        self.scales()
         if not 0 < self.scale_min <= self.scale_max <= 1:
             raise ConfigError("crop area range must satisfy 0 < min <= max <= 1, "
                               f"got {self.scale_min}-{self.scale_max}")
@@ -56,6 +73,45 @@ class AugmentCfg:
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"augmentation probability '{name}' must be in [0, 1], got {getattr(self, name)}")
 
+    def scales(self) -> list[float]:
+        try:
+            out = [float(x) for x in self.ms_scales.split(",") if x.strip()]
+        except ValueError:
+            out = []
+        if not out or not all(0 < x <= 1 for x in out):
+            raise ConfigError(f"ms_scales must be a comma list of fractions in (0, 1], got '{self.ms_scales}'")
+        return out
+
+
+class MultiScaleCrop:
+    """TSN-style multi-scale crop of a whole clip, then a resize to ``size`` (bilinear).
+
+    The crop's width and height are the short side times one of ``scales`` each (indices at most
+    ``max_distort`` apart), placed at one of 13 fixed positions (corners, centre, edge midpoints,
+    quarter points) of the free room; one draw per clip from the torch RNG (``augment_clip``
+    seeds it)."""
+
+    _GRID = ((0, 0), (4, 0), (0, 4), (4, 4), (2, 2), (0, 2), (4, 2), (2, 4), (2, 0), (1, 1), (3, 1), (1, 3), (3, 3))
+
+    def __init__(self, size: int, scales: list[float], max_distort: int = 1):
+        self.size, self.scales, self.max_distort = size, list(scales), max_distort
+
+    def params(self, height: int, width: int) -> tuple[int, int, int, int]:
+        base = min(height, width)
+        sides = [max(1, int(base * s)) for s in self.scales]
+        pairs = [(w, h) for i, h in enumerate(sides) for j, w in enumerate(sides) if abs(i - j) <= self.max_distort]
+        cw, ch = pairs[int(torch.randint(len(pairs), ()).item())]
+        gx, gy = self._GRID[int(torch.randint(len(self._GRID), ()).item())]
+        return gy * (height - ch) // 4, gx * (width - cw) // 4, ch, cw
+
+    def __call__(self, clip):
+        from torchvision.transforms import v2
+
+        H, W = clip.shape[-2:]
+        top, left, h, w = self.params(H, W)
+        return v2.functional.resized_crop(clip, top, left, h, w, [self.size, self.size],
+                                          interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+
 
 def build_train_transform(size: int, cfg: AugmentCfg | None = None):
     """The v2 pipeline for one clip: (T, 3, H, W) uint8 Video -> (T, 3, size, size) uint8 Video."""
@@ -63,13 +119,21 @@ def build_train_transform(size: int, cfg: AugmentCfg | None = None):
 
     cfg = cfg or AugmentCfg()
     cfg.validate()
-    ops = [
-        v2.RandomResizedCrop(size, scale=(cfg.scale_min, cfg.scale_max), ratio=(cfg.ratio_min, cfg.ratio_max),
-                             interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.RandomHorizontalFlip(cfg.flip),
-        v2.RandomApply([v2.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)], p=cfg.jitter),
-        v2.RandomGrayscale(cfg.grayscale),
-    ]
+    ops = []
+    if cfg.resize_ratio:
+        ops.append(v2.Resize(round(size * cfg.resize_ratio), interpolation=v2.InterpolationMode.BICUBIC,
+                             antialias=True))
+    if cfg.crop == "multiscale":
+        ops.append(MultiScaleCrop(size, cfg.scales(), cfg.ms_max_distort))
+    else:
+        ops.append(v2.RandomResizedCrop(size, scale=(cfg.scale_min, cfg.scale_max),
+                                        ratio=(cfg.ratio_min, cfg.ratio_max),
+                                        interpolation=v2.InterpolationMode.BICUBIC, antialias=True))
+    ops.append(v2.RandomHorizontalFlip(cfg.flip))
+    if cfg.jitter:
+        ops.append(v2.RandomApply([v2.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)],
+                                  p=cfg.jitter))
+    ops.append(v2.RandomGrayscale(cfg.grayscale))
     if cfg.randaugment:
         ops.append(v2.RandAugment(num_ops=cfg.ra_ops, magnitude=cfg.ra_magnitude))
     return v2.Compose(ops)

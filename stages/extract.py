@@ -39,6 +39,7 @@ from cache.store import (
 )
 from stages.backbone import BackboneInfo, FrozenCLIP, load_clip, model_config, parse_layers, resolve_model_name, weights_id
 from stages.text import TEXT_SETS, compute_text_sets
+from stages.recipes import protocol_record, resize_side
 from stages.video import SamplingCfg, decode_video, make_views, normalize, parse_views
 
 __all__ = ["ExtractCfg", "ExtractPlan", "plan_extraction", "run_extraction", "default_cache_root", "latest_cache"]
@@ -67,6 +68,8 @@ class ExtractCfg:
     workers: int = -1                # decode workers; -1 = auto
     shard_size: int = 0              # videos per shard; 0 = auto (about 64 MB of the largest array)
     device: str = "auto"
+    resize_ratio: float = 1.0        # short side = round(input size x ratio) before the crops (256/224: "scale 256")
+    protocol: str = ""               # a paper's test protocol these settings came from (stages/recipes.py)
 
     def text_sets(self) -> list[str]:
         if self.text == "all":
@@ -133,6 +136,9 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
         raise ConfigError("--frames must be at least 1")
     if cfg.sampling not in ("segment", "dense"):
         raise ConfigError(f"--sampling must be segment or dense, got '{cfg.sampling}'")
+    if cfg.resize_ratio < 1.0:
+        raise ConfigError(f"--resize-ratio must be >= 1 (the short side is never below the crop), got {cfg.resize_ratio}")
+    protocol = protocol_record(cfg.protocol, asdict(cfg))  # an unknown name is refused here
     arch = resolve_model_name(cfg.model)
     info = BackboneInfo.from_config(model_config(cfg.model))
     layers = parse_layers(cfg.layers, info.depth)
@@ -188,6 +194,8 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
         "dtype": cfg.dtype,
         "text": sorted(text_sets),
     }
+    if cfg.resize_ratio != 1.0:  # only then: the keys of existing caches stay what they were
+        content["resize_short_side"] = resize_side(S_img, cfg.resize_ratio)
     key = _sha(content)[:16]
     if out:
         path = Path(out)
@@ -212,6 +220,8 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
         "int8_outliers": 4,
         "text_sets": text_sets,
         "versions": _versions(),
+        "resize_short_side": resize_side(S_img, cfg.resize_ratio),
+        "protocol": protocol,
     }
     _check_writable(path.parent)
     return ExtractPlan(cfg, dataset, arch, info, layers, key, path, meta, split_arrays, shard_size, bytes_per_video)
@@ -238,8 +248,9 @@ class _DecodeJobs(Dataset):
     """Item i -> (split, index, views uint8 (V, T, S, S, 3) | None, failure reason | None,
     {"decoder", "warnings"} of a decoded video | None)."""
 
-    def __init__(self, jobs: list[tuple[str, int, str, int | None]], sampling: dict[str, SamplingCfg], size: int):
-        self.jobs, self.sampling, self.size = jobs, sampling, size
+    def __init__(self, jobs: list[tuple[str, int, str, int | None]], sampling: dict[str, SamplingCfg], size: int,
+                 resize: int | None = None):
+        self.jobs, self.sampling, self.size, self.resize = jobs, sampling, size, resize
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -250,7 +261,7 @@ class _DecodeJobs(Dataset):
         try:
             out = decode_video(path, samp, num_frames)
             record = {"decoder": out.decoder, "warnings": list(out.warnings)}
-            return split, index, make_views(out.clips, self.size, samp.crops), None, record
+            return split, index, make_views(out.clips, self.size, samp.crops, self.resize), None, record
         except VideoDecodeError as exc:
             return split, index, None, str(exc), None
         except Exception as exc:  # a decoder crash on one file must not stop the run
@@ -444,7 +455,8 @@ def _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, r
         # 2 cores (bench/bench_extract.py), an encoder with every core's thread lost 1.6-2x CPU
         # per frame to contention, so leave the workers their cores.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
-    loader = DataLoader(_DecodeJobs(jobs, sampling, plan.info.image_size), batch_size=1, shuffle=False,
+    resize = resize_side(plan.info.image_size, plan.cfg.resize_ratio)
+    loader = DataLoader(_DecodeJobs(jobs, sampling, plan.info.image_size, resize), batch_size=1, shuffle=False,
                         num_workers=workers, collate_fn=_first, prefetch_factor=4 if workers else None,
                         persistent_workers=False)
     # a shard's buffer is made when its first video arrives and handed to the writer when its last

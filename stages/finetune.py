@@ -15,13 +15,15 @@ For the paradigms whose backbone must train, so that no cache can stand in for i
 The temporal module / visual prompt *is* the stage-two head (``create_head``), fed by frame
 embeddings the trainable encoder computes on the fly, so a head's definition lives in one place.
 
-Optimiser (SPEC section 4): AdamW, betas (0.9, 0.98), eps 1e-8, weight decay 0.2 (on weights
-of dim >= 2, as stage two groups them), learning rate ``lr`` (5e-5) for the head and
-``lr * backbone_ratio`` (5e-6) for the encoders, linear warmup (5 epochs) then cosine per step
-(stage two's ``_lr_factor``); 30 epochs for Text4Vis, 50 for ActionCLIP. Differences from the
-reference code, on purpose: CLIP's ``logit_scale`` stays frozen and the head's fixed scale (100,
-what pretrained CLIP's clamped scale is) is used. SPEC gives betas (0.9, 0.98) for ActionCLIP;
-they are the default for Text4Vis too (``--set beta2=0.999`` for torch's default).
+Optimiser: AdamW, the head at ``lr`` and the encoders at ``lr * backbone_ratio``, linear warmup
+then cosine per step (stage two's ``_lr_factor``). The values come from a recipe
+(stages/recipes.py; ``pipeline finetune --recipe paper`` is each paper's, SPEC section 7:
+Text4Vis 5e-5 / 5e-6, decay 0.2 on all parameters, betas (0.9, 0.999), 30 epochs, batch 256;
+ActionCLIP 5e-5 / 5e-6, decay 0.2 on all parameters, betas (0.9, 0.98), 50 epochs, batch 128,
+CLIP's ``logit_scale`` trainable and scaling the training loss, clamped at 100). The dataclass
+defaults below are the ``quick`` values (no decay on gains and biases, frozen logit scale with
+the head's fixed 100). ``global_batch`` > ``batch_size`` x ranks is reached by gradient
+accumulation (``Finetuner.step`` takes a list of micro-batches).
 
 Data: decode (stages.video, decord then PyAV) in DataLoader workers, random TSN offsets and the
 clip-level augmentation of stages.augment in training, stage one's fixed sampling and CxS views
@@ -43,6 +45,7 @@ open_clip state dict, which ``pipeline extract --pretrained PATH`` loads like an
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -66,6 +69,7 @@ from stages.dist import DistContext, dist_device, rank_batches
 from stages.heads import get_head_entry, make_cfg
 from stages.heads.common import validate_choice
 from stages.heads.actionclip import video_text_kl_loss
+from stages.recipes import accumulation_steps, param_groups
 from stages.runs import RunLog
 from stages.text import TEMPLATE_SETS, clip_text_embeddings
 from stages.train import (
@@ -113,10 +117,13 @@ class FinetuneCfg:
     views: str = "1x1"                # CxS evaluation views (as stage one)
     epochs: int = -1                  # -1: paradigm default (Text4Vis 30, ActionCLIP 50); 0: evaluate only
     warmup_epochs: float = 5.0
-    batch_size: int = 32              # global batch, split over DDP ranks
+    batch_size: int = 32              # per step: the global batch split over DDP ranks, or (global_batch > 0) per process
+    global_batch: int = 0             # videos per optimiser step, by gradient accumulation; 0 = batch_size
     lr: float = 5e-5                  # temporal module / visual prompt
     backbone_ratio: float = 0.1       # encoders train at lr * backbone_ratio (5e-6)
     weight_decay: float = 0.2
+    decay_all: bool = False           # decay on every parameter (biases, norms), as the papers' recipes
+    train_logit_scale: bool = False   # ActionCLIP: CLIP's logit_scale trains (encoder lr) and scales the loss
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-8
@@ -132,6 +139,7 @@ class FinetuneCfg:
     eval_every: int = 1
     eval_average: str = ""            # multi-view: scores | embeddings; "" = Text4Vis embeddings, ActionCLIP scores
     eval_batch_size: int = 0          # videos per evaluation batch (0 = batch_size)
+    recipe: str = ""                  # the preset these values came from (stages/recipes.py); a record only
 
     def resolved_epochs(self) -> int:
         return DEFAULT_EPOCHS[self.paradigm] if self.epochs < 0 else self.epochs
@@ -143,6 +151,10 @@ class FinetuneCfg:
             raise ConfigError(f"sampling must be segment or dense, got '{self.sampling}'")
         if self.frames < 1 or self.batch_size < 1 or self.stride < 1:
             raise ConfigError("frames, batch_size and stride must be at least 1")
+        if self.global_batch < 0:
+            raise ConfigError(f"global_batch must be >= 0 (0 = batch_size), got {self.global_batch}")
+        if self.train_logit_scale and self.paradigm != "actionclip":
+            raise ConfigError("train_logit_scale applies to actionclip only (Text4Vis keeps a fixed scale)")
         validate_choice("amp", self.amp, AMP_CHOICES)
         if self.eval_average not in ("", "scores", "embeddings"):
             raise ConfigError(f"eval_average must be scores or embeddings, got '{self.eval_average}'")
@@ -270,6 +282,8 @@ class FinetuneModel(nn.Module):
         out = {"video_emb": self.head.prompt(frame_emb.float())}  # (B, E)
         if tokens is not None:
             out["text_emb"] = self.clip.encode_text(tokens)  # (B, E)
+            if self.clip.logit_scale.requires_grad:  # trainable (ActionCLIP): clamped at 100 as CLIP does
+                out["logit_scale"] = self.clip.logit_scale.exp().clamp(max=100.0)
         return out
 
 
@@ -338,6 +352,7 @@ class Finetuner:
             for n, p in clip.named_parameters():
                 if n in names:
                     p.requires_grad_(True)
+            clip.logit_scale.requires_grad_(bool(cfg.train_logit_scale))
         if cfg.grad_checkpointing:
             clip.set_grad_checkpointing(True)
         self.model = FinetuneModel(clip, head, cfg.paradigm).to(self.device)
@@ -353,15 +368,19 @@ class Finetuner:
         else:
             self.ddp = self.model
 
-        # Optimiser: encoders at lr * backbone_ratio, the head at lr; no decay on gains and biases.
+        # Optimiser: encoders at lr * backbone_ratio, the head at lr; decay on every parameter
+        # (decay_all, the papers' recipes) or none on gains and biases.
         groups = []
         for name, module, lr in (("visual", clip.visual, cfg.lr * cfg.backbone_ratio),
                                  ("head", head, cfg.lr)):
-            groups += self._param_groups(name, list(module.named_parameters()), lr, cfg.weight_decay)
+            groups += param_groups(list(module.named_parameters()), lr, cfg.weight_decay, cfg.decay_all, name)
         if cfg.paradigm == "actionclip":
             names = set(_text_param_names(clip))
-            groups += self._param_groups("text", [(n, p) for n, p in clip.named_parameters() if n in names],
-                                         cfg.lr * cfg.backbone_ratio, cfg.weight_decay)
+            groups += param_groups([(n, p) for n, p in clip.named_parameters() if n in names],
+                                   cfg.lr * cfg.backbone_ratio, cfg.weight_decay, cfg.decay_all, "text")
+        if cfg.train_logit_scale:  # CLIP's own parameter, at the encoders' lr (ActionCLIP trains it with the model)
+            groups += param_groups([("logit_scale", clip.logit_scale)], cfg.lr * cfg.backbone_ratio,
+                                   cfg.weight_decay, cfg.decay_all, "logit_scale")
         self.opt = torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
         self.sampling_train = SamplingCfg(cfg.frames, cfg.sampling, cfg.stride, 1, 1)
@@ -373,7 +392,9 @@ class Finetuner:
                                      seed=cfg.seed, aug=self.aug, num_templates=M)
         self.eval_data = VideoClips(spec.splits[cfg.eval_split], self.sampling_eval, size, train=False, seed=cfg.seed)
         self.epochs = cfg.resolved_epochs()
-        self.steps_per_epoch = max(1, math.ceil(len(self.train_data) / cfg.batch_size))
+        self.global_batch = cfg.global_batch or cfg.batch_size  # videos per optimiser step
+        self.accum = accumulation_steps(cfg.batch_size, cfg.global_batch, self.dist.world)
+        self.steps_per_epoch = max(1, math.ceil(len(self.train_data) / self.global_batch))
         total = self.steps_per_epoch * max(self.epochs, 1)
         warmup = int(round(cfg.warmup_epochs * self.steps_per_epoch))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: _lr_factor(s, total, warmup))
@@ -381,17 +402,6 @@ class Finetuner:
         auto_workers = max(1, min(8, (os.cpu_count() or 2) // (2 * self.dist.local_world)))
         self.workers = cfg.workers if cfg.workers >= 0 else auto_workers
         self.failures: dict[int, dict] = {}
-
-    @staticmethod
-    def _param_groups(name: str, named: list, lr: float, wd: float) -> list[dict]:
-        decay = [p for _, p in named if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for _, p in named if p.requires_grad and p.dim() < 2]
-        out = []
-        if decay:
-            out.append({"params": decay, "lr": lr, "name": f"{name}", "weight_decay": wd})
-        if no_decay:
-            out.append({"params": no_decay, "lr": lr, "name": f"{name}.no_decay", "weight_decay": 0.0})
-        return out
 
     # ------------------------------------------------------------------ data
     def loader(self, data: VideoClips, epoch: int, shuffle: bool, batch_size: int) -> DataLoader:
@@ -406,38 +416,60 @@ class Finetuner:
                 self.failures[idx] = {"path": self.train_data.items[idx].path, "reason": err}
 
     # ------------------------------------------------------------------ one step
-    def step(self, batch: dict) -> float | None:
-        """Forward, backward and AdamW on one (per-rank slice of a global) batch; the global loss."""
+    def step(self, batch: dict | list[dict]) -> float | None:
+        """Forward, backward and AdamW on one global batch (this rank's slice of it), given whole or
+        as micro-batches (gradient accumulation); returns the global batch's loss.
+
+        Text4Vis (cross-entropy): every micro-batch adds its summed loss / the global batch's valid
+        count, so accumulated gradients equal the whole batch's. ActionCLIP: the contrastive loss
+        of each micro-batch (over its world-wide videos) weighted by its share of the global batch;
+        its in-batch negatives are the micro-batch's, not the whole global batch's."""
         cfg = self.cfg
-        self._record_failures(batch)
-        valid = batch["valid"].to(self.device, torch.float32)
-        n_valid = int(self.dist.all_sum(valid.sum()).item())
+        group = batch if isinstance(batch, list) else [batch]
+        for b in group:
+            self._record_failures(b)
+        counts = self.dist.all_sum(torch.stack([b["valid"].to(torch.float32).sum() for b in group]).to(self.device))
+        counts = [int(c) for c in counts.tolist()]
+        n_valid = sum(counts)
         if n_valid == 0:  # nothing decodable in this global batch: skip it everywhere
             self.sched.step()
             return None
-        video = batch["video"].to(self.device, non_blocking=True)  # (B, T, 3, S, S) uint8
-        video = _normalize_chw(video, self.mean, self.std)
-        labels = batch["label"].to(self.device)
-        tokens = None
-        if self.tokens is not None:
-            tokens = self.tokens[labels, batch["template"].to(self.device)]  # (B, ctx)
-        with _autocast(self.device, self.amp_dtype):
-            out = self.ddp(video, tokens)
-        if cfg.paradigm == "text4vis":
-            per = F.cross_entropy(out["logits"].float(), labels, reduction="none", label_smoothing=cfg.label_smoothing)
-            local = (per * valid).sum()
-            loss_for_grad = local / n_valid * self.dist.world
-            value = float(self.dist.all_sum(local.detach()).item()) / n_valid
-        else:
-            keep = self.dist.all_cat(valid).bool()
-            video_g = self.dist.all_cat_with_grad(out["video_emb"].float())[keep]  # (B_global, E)
-            text_g = self.dist.all_cat_with_grad(out["text_emb"].float())[keep]
-            labels_g = self.dist.all_cat(labels)[keep]
-            loss = video_text_kl_loss(video_g, text_g, labels_g, self.model.head.cfg.logit_scale, cfg.label_smoothing)
-            loss_for_grad = loss * self.dist.world
-            value = float(loss.item())
+        last = max(j for j, c in enumerate(counts) if c)
         self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss_for_grad).backward()
+        value = 0.0
+        for j, b in enumerate(group):
+            if not counts[j]:
+                continue
+            sync = self.ddp.no_sync() if self.dist.enabled and j < last else contextlib.nullcontext()
+            with sync:
+                valid = b["valid"].to(self.device, torch.float32)
+                video = b["video"].to(self.device, non_blocking=True)  # (B, T, 3, S, S) uint8
+                video = _normalize_chw(video, self.mean, self.std)
+                labels = b["label"].to(self.device)
+                tokens = None
+                if self.tokens is not None:
+                    tokens = self.tokens[labels, b["template"].to(self.device)]  # (B, ctx)
+                with _autocast(self.device, self.amp_dtype):
+                    out = self.ddp(video, tokens)
+                if cfg.paradigm == "text4vis":
+                    per = F.cross_entropy(out["logits"].float(), labels, reduction="none",
+                                          label_smoothing=cfg.label_smoothing)
+                    local = (per * valid).sum()
+                    loss_for_grad = local / n_valid * self.dist.world
+                    value += float(self.dist.all_sum(local.detach()).item()) / n_valid
+                else:
+                    keep = self.dist.all_cat(valid).bool()
+                    video_g = self.dist.all_cat_with_grad(out["video_emb"].float())[keep]  # (B_global, E)
+                    text_g = self.dist.all_cat_with_grad(out["text_emb"].float())[keep]
+                    labels_g = self.dist.all_cat(labels)[keep]
+                    scale = out["logit_scale"].float() if "logit_scale" in out else self.model.head.cfg.logit_scale
+                    loss = video_text_kl_loss(video_g, text_g, labels_g, scale, cfg.label_smoothing)
+                    share = counts[j] / n_valid  # 1.0 without accumulation
+                    if share != 1.0:
+                        loss = loss * share
+                    loss_for_grad = loss * self.dist.world
+                    value += float(loss.item())
+                self.scaler.scale(loss_for_grad).backward()
         if cfg.grad_clip > 0:
             self.scaler.unscale_(self.opt)
             torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], cfg.grad_clip)
@@ -446,15 +478,34 @@ class Finetuner:
         self.sched.step()
         return value
 
+    def train_batches(self, epoch: int):
+        """This rank's training batches of one epoch: one per optimiser step, or (accumulation) a
+        list of micro-batches of ``batch_size`` per optimiser step of ``global_batch`` videos, cut
+        from the same seeded global batches."""
+        if self.accum == 1:
+            yield from self.loader(self.train_data, epoch, shuffle=True, batch_size=self.global_batch)
+            return
+        self.train_data.set_epoch(epoch)
+        sizes, micro = [], []
+        for part in rank_batches(len(self.train_data), self.global_batch, self.dist.world, self.dist.rank,
+                                 self.cfg.seed, epoch, shuffle=True):
+            chunks = [part[i:i + self.cfg.batch_size] for i in range(0, len(part), self.cfg.batch_size)]
+            sizes.append(len(chunks))
+            micro += chunks
+        loader = iter(DataLoader(self.train_data, batch_sampler=micro, collate_fn=collate_clips,
+                                 num_workers=self.workers, pin_memory=self.device.type == "cuda",
+                                 prefetch_factor=4 if self.workers else None))
+        for k in sizes:
+            yield [next(loader) for _ in range(k)]
+
     def train_epoch(self, epoch: int, progress: bool = False) -> dict:
         from tqdm import tqdm
 
         torch.manual_seed(self.cfg.seed * 1000 + epoch)  # dropout etc.: the same stream resumed or not
         self.model.train()
-        loader = self.loader(self.train_data, epoch, shuffle=True, batch_size=self.cfg.batch_size)
         losses = []
-        bar = tqdm(loader, desc=f"{self.cfg.paradigm} epoch {epoch + 1}/{self.epochs}",
-                   disable=not (progress and self.dist.main), leave=False)
+        bar = tqdm(self.train_batches(epoch), desc=f"{self.cfg.paradigm} epoch {epoch + 1}/{self.epochs}",
+                   disable=not (progress and self.dist.main), leave=False, total=self.steps_per_epoch)
         for batch in bar:
             value = self.step(batch)
             if value is not None:

@@ -5,6 +5,10 @@ metrics.json (history + final), curves.png. Deterministic on CPU for a given see
 shuffle order and the RNG state of each epoch derive from (seed, epoch), so a run killed
 after epoch k and resumed ends with the metrics of an uninterrupted run.
 
+Batch: ``global_batch`` videos per optimiser step, reached by gradient accumulation over
+micro-batches of ``batch_size`` per process (stages/recipes.py has the papers' recipes); with
+``global_batch`` 0 the batch size is the global batch of one step, as below.
+
 Under torchrun (one process per GPU; gloo on CPU) training is data parallel (DDP): the batch
 size is the *global* batch; every rank walks the same seeded sequence of global batches and
 takes its slice (stages.dist.rank_batches, padding masked out); the head's outputs are
@@ -44,8 +48,9 @@ from stages.dist import DistContext, dist_device, rank_batches
 from stages.runs import RunLog
 from stages.heads import DIM_FIELDS, Head, get_head_entry, make_cfg
 from stages.heads.common import validate_choice
+from stages.recipes import accumulation_steps
 
-__all__ = ["TrainCfg", "parse_class_spec", "split_overrides", "build_head", "classifier_matrix",
+__all__ = ["TrainCfg", "parse_class_spec", "split_overrides", "build_head", "build_optimizer", "classifier_matrix",
            "train_head", "evaluate_head", "evaluate_run", "accuracy_metrics", "text_classifier", "CLASSIFIER_INITS"]
 
 CLASSIFIER_INITS = ("clip_text", "random_normal", "orthogonal", "lda", "minilm")
@@ -57,9 +62,13 @@ AMP_CHOICES = ("auto", "none", "bf16", "fp16")
 class TrainCfg:
     head: str = "tap"
     epochs: int = 10
-    batch_size: int = 32
+    batch_size: int = 32              # per step (per process when global_batch > 0, else the global batch)
+    global_batch: int = 0             # videos per optimiser step, by gradient accumulation; 0 = batch_size
     lr: float = 1e-3
     weight_decay: float = 0.05
+    decay_all: bool = False           # weight decay on every parameter (biases, norms), as the papers' recipes
+    beta1: float = 0.9
+    beta2: float = 0.999
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
     grad_clip: float = 0.0            # max grad norm; 0 = off
@@ -78,12 +87,16 @@ class TrainCfg:
     eval_average: str = "scores"      # multi-view test: average "scores" or "embeddings" (Text4Vis)
     eval_every: int = 1
     workers: int = 0
+    recipe: str = ""                  # the preset these values came from (stages/recipes.py); a record only
 
     def validate(self) -> None:
         """One clear ConfigError for a value no run can use (before anything is written)."""
         checks = (
             ("epochs", self.epochs >= 0, "an integer >= 0"),
             ("batch_size", self.batch_size >= 1, "an integer >= 1"),
+            ("global_batch", self.global_batch >= 0, "an integer >= 0 (0 = the per-step batch)"),
+            ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"),
+            ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),
             ("lr", self.lr >= 0, ">= 0"),
             ("weight_decay", self.weight_decay >= 0, ">= 0"),
             ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
@@ -626,6 +639,92 @@ def _global_batch(out: dict[str, torch.Tensor], labels: torch.Tensor, valid: tor
     return gathered, ctx.all_cat(labels)[keep]
 
 
+def build_optimizer(head: nn.Module, cfg: TrainCfg) -> torch.optim.Optimizer:
+    """AdamW over the head's trainable parameters: decay on all of them (``decay_all``, the papers'
+    recipes) or on weights of dim >= 2 only; betas (beta1, beta2); lr ``cfg.lr``."""
+    params = [p for p in head.parameters() if p.requires_grad]
+    if cfg.decay_all:
+        groups = [{"params": params, "weight_decay": cfg.weight_decay}]
+    else:
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    try:  # the fused kernel: 3.2x faster steps for T-Trans on CPU (bench_train.py)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def _accumulation_groups(data, cfg: TrainCfg, ctx: DistContext, epoch: int, steps: int, device: torch.device,
+                         accum: int):
+    """This rank's micro-batches of ``cfg.batch_size``, grouped per optimiser step of ``cfg.global_batch``
+    videos: the same seeded global batches as a run with batch_size = global_batch, each rank's
+    slice cut into micro-batches (every rank gets the same number, padding masked out)."""
+    pin = device.type == "cuda"
+    if not isinstance(data, IterableDataset):
+        sizes, micro = [], []
+        for part in rank_batches(len(data), cfg.global_batch, ctx.world, ctx.rank, cfg.seed, epoch, shuffle=True):
+            chunks = [part[i:i + cfg.batch_size] for i in range(0, len(part), cfg.batch_size)]
+            sizes.append(len(chunks))
+            micro += chunks
+        loader = iter(DataLoader(_Masked(data), batch_sampler=micro, collate_fn=_collate, num_workers=cfg.workers,
+                                 pin_memory=pin))
+        for k in sizes:
+            yield [next(loader) for _ in range(k)]
+        return
+    loader = DataLoader(data, batch_size=cfg.batch_size, collate_fn=_collate, num_workers=cfg.workers,
+                        pin_memory=pin, drop_last=ctx.enabled)
+    if ctx.enabled:
+        loader = _wrap_around(loader, steps * accum, cfg.batch_size, ctx.rank)
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == accum:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _accumulate(model, head, group: list[dict], cfg: TrainCfg, ctx: DistContext, device, amp_dtype, scaler,
+                params) -> float:
+    """Backward of one global batch given as micro-batches: each micro-batch's mean loss (over the
+    whole world's share of it) weighted by its size, the gradients divided by the global batch's
+    size, so the update equals one step on the whole batch for per-sample losses (cross-entropy)
+    up to float summation order. BatchNorm statistics and ActionCLIP's in-batch contrast see one
+    micro-batch at a time. Returns the global batch's mean loss."""
+    total, n_total = 0.0, 0
+    for j, batch in enumerate(group):
+        batch = _to(batch, device)
+        labels = batch["label"]
+        valid = batch.pop("valid", None)
+        sync = contextlib.nullcontext() if not ctx.enabled or j == len(group) - 1 else model.no_sync()
+        with sync:
+            with _autocast(device, amp_dtype):
+                out = model(batch)
+                if ctx.enabled:
+                    out, labels = _global_batch(out, labels, valid, ctx)
+                n = int(labels.shape[0])
+                loss = head.loss(out, labels, cfg.label_smoothing) * n if n else None
+            if loss is None:  # padding only, on every rank: nothing to add
+                continue
+            scaler.scale(loss * ctx.world if ctx.enabled else loss).backward()
+        total += float(loss.item())
+        n_total += n
+    for p in params:
+        if p.grad is not None:
+            p.grad.div_(max(n_total, 1))
+    return total / max(n_total, 1)
+
+
+def _optimizer_step(opt, scaler, sched, cfg: TrainCfg, params) -> None:
+    if cfg.grad_clip > 0:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+
+
 def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resolved, resume, progress, log,
              eval_classifier, ctx: DistContext, n_train: int, runlog: RunLog | None = None):
     from tqdm import tqdm
@@ -641,18 +740,17 @@ def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resol
             head = nn.SyncBatchNorm.convert_sync_batchnorm(head)
         model = DistributedDataParallel(head, device_ids=[device.index] if device.type == "cuda" else None,
                                         forward_sync_buffers=False)
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    try:  # the fused kernel: 3.2x faster steps for T-Trans on CPU (bench_train.py)
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
-    except (RuntimeError, TypeError):
-        opt = torch.optim.AdamW(groups, lr=cfg.lr)
-    steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size))
+    opt = build_optimizer(head, cfg)
+    accum = accumulation_steps(cfg.batch_size, cfg.global_batch, ctx.world)
+    step_cfg = dataclasses.replace(cfg, batch_size=cfg.global_batch or cfg.batch_size)  # batches of one step
+    steps_per_epoch = max(1, math.ceil(n_train / step_cfg.batch_size))
     total = steps_per_epoch * cfg.epochs
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, warmup))
     scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
+    if step_cfg.batch_size > n_train:
+        log(f"{n_train} training videos, fewer than the global batch {step_cfg.batch_size}: one optimiser step an "
+            "epoch (--recipe quick suits small data)")
     start_epoch, history = 0, []
     ckpt_path = run_dir / "last.pt"
     if resume and ckpt_path.exists():
@@ -668,12 +766,19 @@ def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resol
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: same stream whether resumed or not
         train_data.set_epoch(epoch, cfg.seed)
-        batches = _epoch_batches(train_data, cfg, ctx, epoch, steps_per_epoch, device)
+        batches = _epoch_batches(train_data, step_cfg, ctx, epoch, steps_per_epoch, device) if accum == 1 else \
+            _accumulation_groups(train_data, cfg, ctx, epoch, steps_per_epoch, device, accum)
         model.train()
         losses = []
         bar = tqdm(batches, desc=f"{cfg.head} epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False,
                    total=steps_per_epoch)
         for batch in bar:
+            if isinstance(batch, list):  # micro-batches of one optimiser step (gradient accumulation)
+                opt.zero_grad(set_to_none=True)
+                losses.append(_accumulate(model, head, batch, cfg, ctx, device, amp_dtype, scaler, params))
+                _optimizer_step(opt, scaler, sched, cfg, params)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                continue
             batch = _to(batch, device)
             labels = batch["label"]
             valid = batch.pop("valid", None)

@@ -481,11 +481,12 @@ def spatial_crops(frames: torch.Tensor, size: int, crops: int) -> list[torch.Ten
     return [frames[:, y:y + size, x:x + size] for y, x in starts]
 
 
-def make_views(clips: Sequence[np.ndarray], size: int, crops: int) -> np.ndarray:
-    """C clips of (T, H, W, 3) -> (V = C*S, T, size, size, 3) uint8, clip-major."""
+def make_views(clips: Sequence[np.ndarray], size: int, crops: int, resize: int | None = None) -> np.ndarray:
+    """C clips of (T, H, W, 3) -> (V = C*S, T, size, size, 3) uint8, clip-major. The short side is
+    first resized to ``resize`` (default ``size``; e.g. 256 for 224 crops)."""
     views = []
     for clip in clips:
-        resized = resize_short_side(torch.from_numpy(np.ascontiguousarray(clip)), size)
+        resized = resize_short_side(torch.from_numpy(np.ascontiguousarray(clip)), resize or size)
         views.extend(v.contiguous() for v in spatial_crops(resized, size, crops))
     return torch.stack(views).numpy()
 

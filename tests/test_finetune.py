@@ -21,8 +21,8 @@ from cache.errors import ConfigError
 from conftest import ROOT, popen_cli, run_cli
 
 # Small but real: 4 frames, 1-layer temporal module / prompt, global batch 4 (3 steps an epoch), no warmup.
-COMMON = ["--model", "tiny", "--frames", "4", "--no-progress", "--set", "batch_size=4", "--set", "layers=1",
-          "--set", "pos_rows=8", "--set", "warmup_epochs=0", "--set", "workers=0"]
+COMMON = ["--model", "tiny", "--frames", "4", "--no-progress", "--recipe", "quick", "--set", "batch_size=4",
+          "--set", "layers=1", "--set", "pos_rows=8", "--set", "warmup_epochs=0", "--set", "workers=0"]
 
 
 def _ft_args(ds, paradigm, run_dir, epochs, *extra):

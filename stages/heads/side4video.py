@@ -65,7 +65,7 @@ class Side4VideoCfg:
     image_size: int = 224
     patch_size: int = 16
     # Side network. num_blocks / side_width of 0 take the preset's value.
-    preset: str = "light"  # "light" (6 x 192) | "base" (12 x 320) | "custom"
+    preset: str = "base"  # "base" (12 x 320, the released network) | "light" (6 x 192) | "custom"
     num_blocks: int = 0
     side_width: int = 0
     placement: str = "interval"  # "interval" | "top"
@@ -85,6 +85,9 @@ class Side4VideoCfg:
         if self.placement not in ("interval", "top"):
             raise ConfigError(f"side4video placement '{self.placement}' unknown; use interval or top")
         if self.num_blocks > self.depth:
+            if self.preset != "custom":
+                raise ConfigError(f"side4video preset '{self.preset}' has {self.num_blocks} blocks but the backbone has "
+                                  f"{self.depth}: pass --set preset=custom --set num_blocks=N --set side_width=W")
             raise ConfigError(f"side4video num_blocks={self.num_blocks} exceeds the backbone depth {self.depth}")
         grid = self.image_size // self.patch_size
         if self.image_size % self.patch_size or grid * grid != self.num_patches:

@@ -1,0 +1,315 @@
+"""The papers' training recipes (stages two and three) and test protocols (stage one) as named presets.
+
+SPEC section 7 lists what the official code and configs of EVL, Side4Video, Text4Vis and
+ActionCLIP train and test with. Here each is a preset:
+
+- ``--recipe paper`` (the default of ``pipeline train`` and ``pipeline finetune``): the published
+  optimiser, weight-decay set, schedule, warm-up, label smoothing and *global* batch of the head
+  or paradigm. Heads without a published recipe of their own say what ``paper`` means for them
+  (``RECIPE_NOTES``).
+- ``--recipe quick``: the generic small-data recipe the project used before (stage two: lr 1e-3,
+  batch 32, 10 epochs, 1 warm-up epoch; stage three: the former stage-three defaults with 10
+  epochs and 1 warm-up epoch). It has no fixed global batch: the per-step batch is the global
+  batch, as before.
+
+Batch and learning rate. ``batch_size`` is what one process computes per step; ``global_batch``
+the number of videos per optimiser step. A global batch larger than ``batch_size x world size``
+is reached by gradient accumulation, ceil(global / (per-step x world)) micro-steps per optimiser
+step (``accumulation_steps``). When the user changes the global batch of a recipe and does not
+give a learning rate, the learning rate follows the linear scaling rule, lr x new / reference
+(Goyal et al. 2017), and the printed recipe says so; an explicit lr is never rescaled.
+
+Explicit options (flags, ``--set``) override every preset value; the resolved values are printed
+and saved in the run's config.json (``TrainCfg`` / ``FinetuneCfg`` hold them, ``recipe`` the name).
+
+Test protocols (``pipeline extract --protocol NAME``): frames, sampling, val/test views, the
+resize rule and the paper's rule for averaging over views, recorded in the cache metadata
+(``meta["protocol"]``); stage two evaluates with that averaging rule unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from cache.errors import ConfigError
+
+__all__ = ["RECIPES", "PROTOCOLS", "Recipe", "Protocol", "stage_two_recipe", "stage_three_recipe",
+           "resolve_recipe", "accumulation_steps", "effective_global_batch", "get_protocol", "resolve_protocol",
+           "protocol_record", "protocol_eval_overrides", "resize_side", "param_groups", "describe_recipe"]
+
+RECIPES = ("paper", "quick")
+PROTOCOLS = ("evl", "text4vis", "side4video", "actionclip")
+SCALE_256 = 256 / 224  # "scale 256, crop 224": the short side at 256/224 of the input size
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str                       # paper | quick
+    target: str                     # the head (stage two) or paradigm (stage three) it is for
+    source: str                     # what it reproduces, one line
+    values: dict                    # TrainCfg / FinetuneCfg values
+    ref_batch: int                  # global batch the lr is tuned for (the linear-scaling reference)
+    head: dict = field(default_factory=dict)     # head options
+    augment: dict = field(default_factory=dict)  # AugmentCfg values (stage three)
+    note: str = ""
+
+
+# ----------------------------------------------------------------------------- stage two
+_QUICK_TWO = {"epochs": 10, "batch_size": 32, "global_batch": 0, "lr": 1e-3, "weight_decay": 0.05,
+              "decay_all": False, "beta1": 0.9, "beta2": 0.999, "warmup_epochs": 1.0, "label_smoothing": 0.0}
+_PER_STEP = 32  # default per-step batch of the paper recipes (memory); the global batch comes by accumulation
+
+_PAPER_TWO = {
+    "evl": ("EVL (K400, ViT-B/16, 8 frames): AdamW lr 4e-4, weight decay 0.05 on all parameters, cosine, "
+            "no warm-up, 50k steps at batch 256 (~53 epochs), fp16 on GPU",
+            {"epochs": 53, "global_batch": 256, "lr": 4e-4, "weight_decay": 0.05, "decay_all": True,
+             "beta1": 0.9, "beta2": 0.999, "warmup_epochs": 0.0, "label_smoothing": 0.0}, 256, {}),
+    "side4video": ("Side4Video (K400, ViT-B/16): AdamW lr 1e-3, weight decay 0.15 on all parameters, betas "
+                   "(0.9, 0.999), 30 epochs, 4 warm-up, label smoothing 0.1, batch 32 x 8 = 256",
+                   {"epochs": 30, "global_batch": 256, "lr": 1e-3, "weight_decay": 0.15, "decay_all": True,
+                    "beta1": 0.9, "beta2": 0.999, "warmup_epochs": 4.0, "label_smoothing": 0.1}, 256, {}),
+    "text4vis": ("Text4Vis head values (its stage-three recipe's temporal-module part): AdamW lr 5e-5, weight "
+                 "decay 0.2 on all parameters, betas (0.9, 0.999), 30 epochs, 5 warm-up, batch 256",
+                 {"epochs": 30, "global_batch": 256, "lr": 5e-5, "weight_decay": 0.2, "decay_all": True,
+                  "beta1": 0.9, "beta2": 0.999, "warmup_epochs": 5.0, "label_smoothing": 0.0}, 256, {}),
+    "actionclip": ("ActionCLIP prompt values (its stage-three recipe's visual-prompt part): AdamW lr 5e-5, betas "
+                   "(0.9, 0.98), weight decay 0.2 on all parameters, 50 epochs, 5 warm-up, batch 128; test: "
+                   "per-template softmax, then mean",
+                   {"epochs": 50, "global_batch": 128, "lr": 5e-5, "weight_decay": 0.2, "decay_all": True,
+                    "beta1": 0.9, "beta2": 0.98, "warmup_epochs": 5.0, "label_smoothing": 0.0}, 128,
+                   {"template_average": "score"}),
+}
+
+RECIPE_NOTES = {
+    "text4vis": "Text4Vis publishes no recipe for a head over frozen features: `paper` is the temporal "
+                "module's values of its end-to-end recipe",
+    "actionclip": "ActionCLIP publishes no recipe over frozen features: `paper` is the visual prompt's values "
+                  "of its end-to-end recipe",
+}
+_NO_PAPER = "no published recipe for this head: `paper` means the quick recipe"
+
+
+def stage_two_recipe(head: str, name: str = "paper", cuda: bool = False) -> Recipe:
+    """The preset ``name`` for stage-two head ``head`` (``cuda``: EVL's fp16 applies on a GPU)."""
+    _check_name(name)
+    if name == "paper" and head in _PAPER_TWO:
+        source, values, ref, head_opts = _PAPER_TWO[head]
+        values = {"batch_size": _PER_STEP, **values}
+        if head == "evl" and cuda:
+            values["amp"] = "fp16"
+        return Recipe("paper", head, source, values, ref, dict(head_opts), note=RECIPE_NOTES.get(head, ""))
+    note = _NO_PAPER if name == "paper" else ""
+    return Recipe(name, head, "quick: generic small-data recipe (lr 1e-3, batch 32, 10 epochs, 1 warm-up)",
+                  dict(_QUICK_TWO), 32, note=note)
+
+
+# ----------------------------------------------------------------------------- stage three
+_QUICK_THREE = {"epochs": 10, "warmup_epochs": 1.0, "batch_size": 32, "global_batch": 0, "lr": 5e-5,
+                "backbone_ratio": 0.1, "weight_decay": 0.2, "decay_all": False, "beta1": 0.9, "beta2": 0.98,
+                "label_smoothing": 0.0, "train_logit_scale": False}
+
+_AUG_TEXT4VIS = {"resize_ratio": SCALE_256, "crop": "random_resized", "scale_min": 0.08, "scale_max": 1.0,
+                 "flip": 0.5, "jitter": 0.0, "grayscale": 0.2, "randaugment": False}
+_AUG_ACTIONCLIP = {"resize_ratio": SCALE_256, "crop": "multiscale", "ms_scales": "1,0.875,0.75,0.66",
+                   "flip": 0.5, "jitter": 0.8, "brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1,
+                   "grayscale": 0.2, "randaugment": True, "ra_ops": 2, "ra_magnitude": 9}
+
+_PAPER_THREE = {
+    "text4vis": ("Text4Vis end to end: AdamW, head lr 5e-5, backbone 5e-6, weight decay 0.2 on all parameters, "
+                 "betas (0.9, 0.999), 30 epochs, 5 warm-up, batch 32 x 8 = 256; scale 256, random resized crop, "
+                 "flip, grayscale (no colour jitter)",
+                 {"epochs": 30, "warmup_epochs": 5.0, "global_batch": 256, "lr": 5e-5, "backbone_ratio": 0.1,
+                  "weight_decay": 0.2, "decay_all": True, "beta1": 0.9, "beta2": 0.999, "label_smoothing": 0.0,
+                  "train_logit_scale": False}, 256, {}, _AUG_TEXT4VIS),
+    "actionclip": ("ActionCLIP end to end: AdamW betas (0.9, 0.98), weight decay 0.2 on all parameters, lr 5e-6 "
+                   "both towers, 5e-5 prompt, 50 epochs, 5 warm-up, trainable logit scale, batch 128; multi-scale "
+                   "crop (1-0.66), flip, colour jitter (0.4, 0.4, 0.2, 0.1), grayscale, RandAugment N2 M9",
+                   {"epochs": 50, "warmup_epochs": 5.0, "global_batch": 128, "lr": 5e-5, "backbone_ratio": 0.1,
+                    "weight_decay": 0.2, "decay_all": True, "beta1": 0.9, "beta2": 0.98, "label_smoothing": 0.0,
+                    "train_logit_scale": True}, 128, {"template_average": "score"}, _AUG_ACTIONCLIP),
+}
+
+
+def stage_three_recipe(paradigm: str, name: str = "paper") -> Recipe:
+    """The preset ``name`` for stage-three paradigm ``paradigm`` (text4vis | actionclip)."""
+    _check_name(name)
+    if name == "paper" and paradigm in _PAPER_THREE:
+        source, values, ref, head_opts, aug = _PAPER_THREE[paradigm]
+        return Recipe("paper", paradigm, source, {"batch_size": _PER_STEP, **values}, ref, dict(head_opts), dict(aug))
+    return Recipe(name, paradigm, "quick: the generic fine-tuning defaults (head lr 5e-5, encoders 5e-6, weight "
+                                  "decay 0.2 on weights, betas (0.9, 0.98), batch 32, 10 epochs, 1 warm-up; generic "
+                                  "augmentation)", dict(_QUICK_THREE), 32,
+                  note="" if name == "quick" else "no published recipe: `paper` is the quick recipe")
+
+
+def _check_name(name: str) -> None:
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe '{name}'; choose one of {', '.join(RECIPES)}")
+
+
+# ----------------------------------------------------------------------------- resolution
+def effective_global_batch(batch_size: int, global_batch: int, world: int = 1) -> int:
+    """Videos per optimiser step: ``global_batch``, or (0) the per-step batch as the global batch."""
+    return global_batch if global_batch > 0 else batch_size
+
+
+def accumulation_steps(batch_size: int, global_batch: int, world: int = 1) -> int:
+    """Micro-steps per optimiser step: ceil(global / (per-step x world)); 1 without a global batch."""
+    if global_batch <= 0:
+        return 1
+    return max(1, math.ceil(global_batch / (batch_size * max(1, world))))
+
+
+def resolve_recipe(recipe: Recipe, explicit: dict, defaults: dict, world: int = 1) -> tuple[dict, list[str]]:
+    """Preset values, then the user's explicit ones; the linear lr rule when the global batch changed.
+
+    ``defaults``: the config class's own defaults for keys the recipe does not set. Returns the
+    values for the config and the lines that describe the resolved recipe.
+    """
+    values = {**defaults, **recipe.values, **explicit}
+    lines = [f"recipe {recipe.name} for {recipe.target}: {recipe.source}"]
+    if recipe.note:
+        lines.append(f"  ({recipe.note})")
+    G = int(values.get("global_batch", 0))
+    if "global_batch" in explicit and G > 0 and G != recipe.ref_batch and "lr" not in explicit:
+        old = recipe.values["lr"]
+        values["lr"] = old * G / recipe.ref_batch
+        lines.append(f"  global batch {G} instead of the recipe's {recipe.ref_batch}: lr scaled linearly, "
+                     f"{old:g} x {G}/{recipe.ref_batch} = {values['lr']:g}")
+    elif "global_batch" in explicit and "lr" in explicit:
+        lines.append(f"  global batch {G} with the lr given ({values['lr']:g}): not rescaled")
+    b = int(values["batch_size"])
+    a = accumulation_steps(b, G, world)
+    if G > 0:
+        lines.append(f"  global batch {G} = {b} per step x {world} process(es) x {a} accumulation step(s)"
+                     + ("" if a * b * world == G else f" (the last micro-step of each global batch is smaller)"))
+    else:
+        lines.append(f"  batch {b} per optimiser step (no accumulation)")
+    keys = [k for k in ("epochs", "lr", "backbone_ratio", "weight_decay", "decay_all", "beta1", "beta2",
+                        "warmup_epochs", "label_smoothing", "train_logit_scale", "amp") if k in values]
+    lines.append("  " + ", ".join(f"{k} {values[k]:g}" if isinstance(values[k], float) else f"{k} {values[k]}"
+                                  for k in keys))
+    if explicit:
+        lines.append("  overridden by you: " + ", ".join(f"{k}={v}" for k, v in sorted(explicit.items())))
+    return values, lines
+
+
+def describe_recipe(recipe: Recipe) -> str:
+    return f"{recipe.name} ({recipe.target}): {recipe.source}"
+
+
+def param_groups(named: list, lr: float, weight_decay: float, decay_all: bool, name: str = "params") -> list[dict]:
+    """AdamW parameter groups: decay on every trainable tensor (``decay_all``: the papers' recipes,
+    biases and norms included), or on tensors of dim >= 2 only with a no-decay group for the rest."""
+    trainable = [p for _, p in named if p.requires_grad]
+    if decay_all:
+        return [{"params": trainable, "lr": lr, "weight_decay": weight_decay, "name": name}] if trainable else []
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    out = []
+    if decay:
+        out.append({"params": decay, "lr": lr, "weight_decay": weight_decay, "name": name})
+    if no_decay:
+        out.append({"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": f"{name}.no_decay"})
+    return out
+
+
+# ----------------------------------------------------------------------------- test protocols
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    frames: int
+    sampling: str                   # segment | dense
+    stride: int                     # dense stride
+    views: str                      # CxS of the val/test splits
+    resize_ratio: float             # short side = round(input size x ratio), then crop the input size
+    eval_average: str               # stage two's multi-view rule: scores (softmax averaged) | embeddings
+    template_average: str = ""      # ActionCLIP: "score" = per-template softmax, then mean
+    paper: str = ""                 # the paper's protocol, as published
+    differs: str = ""               # what the project does differently, and why
+
+
+_PROTOCOLS = {
+    "evl": Protocol("evl", 8, "dense", 16, "3x1", 1.0, "scores",
+                    paper="dense 8 x 16, 3 temporal x 1 spatial views, softmax averaged, short side 224",
+                    differs="the 3 clips start at 1/6, 1/2, 5/6 of the slack (the paper: 0, 1/2, 1)"),
+    "side4video": Protocol("side4video", 8, "segment", 8, "4x3", SCALE_256, "scores",
+                           paper="8 frames x 3 clips x 4 crops, softmax averaged, scale 256 then crop 224",
+                           differs="12 views as 4 clips x 3 crops (spatial crops here are 1 or 3, not 4)"),
+    "text4vis": Protocol("text4vis", 8, "segment", 8, "4x3", SCALE_256, "embeddings",
+                         paper="4 clips x 3 crops, video embeddings averaged over views then normalised, "
+                               "scale 256 then crop 224"),
+    "actionclip": Protocol("actionclip", 8, "segment", 8, "1x1", SCALE_256, "scores", template_average="score",
+                           paper="8 frames, one view, scale 256 then crop 224; per-template softmax over the 16 "
+                                 "templates, then the mean"),
+}
+
+
+def get_protocol(name: str) -> Protocol:
+    if name not in _PROTOCOLS:
+        raise ConfigError(f"unknown protocol '{name}'; choose one of {', '.join(PROTOCOLS)}")
+    return _PROTOCOLS[name]
+
+
+_PROTO_KEYS = ("frames", "sampling", "stride", "views", "resize_ratio")
+
+
+def resolve_protocol(name: str, explicit: dict, defaults: dict) -> tuple[dict, dict | None, list[str]]:
+    """Extraction settings: the protocol's (when ``name``), then the user's explicit flags.
+
+    Returns (ExtractCfg values for frames, sampling, stride, views, resize_ratio), the metadata
+    record of the protocol (None without one) and lines describing it.
+    """
+    if not name:
+        return {**{k: defaults[k] for k in _PROTO_KEYS}, **explicit}, None, []
+    p = get_protocol(name)
+    values = {k: getattr(p, k) for k in _PROTO_KEYS}
+    values.update(explicit)
+    over = {k: v for k, v in explicit.items() if v != getattr(p, k)}
+    record = protocol_record(name, values)
+    short = "short side = input size" if values["resize_ratio"] == 1.0 else \
+        f"short side = {values['resize_ratio']:.4g} x input size (256 for 224)"
+    lines = [f"protocol {p.name}: {values['frames']} frames, {values['sampling']} sampling"
+             + (f" (stride {values['stride']})" if values["sampling"] == "dense" else "")
+             + f", {values['views']} views, {short}, then centre/3-crop; eval averages "
+             + ("per-template softmax, then " if p.template_average else "")
+             + ("softmax scores" if p.eval_average == "scores" else "embeddings (then normalised)"),
+             f"  paper: {p.paper}"]
+    if p.differs:
+        lines.append(f"  differs: {p.differs}")
+    if over:
+        lines.append("  overridden by you: " + ", ".join(f"{k}={v}" for k, v in sorted(over.items())))
+    return values, record, lines
+
+
+def resize_side(size: int, ratio: float) -> int:
+    """The short side before cropping ``size``: 224 x 256/224 = 256."""
+    return int(round(size * ratio))
+
+
+def protocol_record(name: str, cfg: dict) -> dict | None:
+    """What a cache's metadata says about its protocol (None without one): the paper's view-averaging
+    rule, the paper's protocol as published, what differs here, and which settings the user overrode."""
+    if not name:
+        return None
+    p = get_protocol(name)
+    over = sorted(k for k in _PROTO_KEYS if k in cfg and cfg[k] != getattr(p, k))
+    return {"name": p.name, "eval_average": p.eval_average, "template_average": p.template_average,
+            "paper": p.paper, "differs": p.differs, "overridden": over}
+
+
+def protocol_eval_overrides(meta: dict | None, head: str) -> tuple[dict, dict]:
+    """(TrainCfg, head) values a cache's protocol implies for evaluation: its view-averaging rule and,
+    for ActionCLIP, the per-template softmax."""
+    proto = (meta or {}).get("protocol") or {}
+    if not proto:
+        return {}, {}
+    from stages.heads import get_head_entry
+
+    can_average_embeddings = hasattr(get_head_entry(head).head_cls, "video_embedding")
+    train = {"eval_average": proto["eval_average"]} if proto["eval_average"] == "scores" or \
+        can_average_embeddings else {}
+    head_opts = {"template_average": proto["template_average"]} if head == "actionclip" and \
+        proto.get("template_average") else {}
+    return train, head_opts
