@@ -66,6 +66,9 @@ ClassesFile = Annotated[Optional[Path], typer.Option(help="Class names: one per 
 SplitId = Annotated[int, typer.Option(help="Official split number (UCF-101, HMDB-51).")]
 Pretrained = Annotated[str, typer.Option(help="open_clip pretrained tag or a local checkpoint path.")]
 InitSeed = Annotated[int, typer.Option(help="Seed of the random init when no --pretrained is given.")]
+Activation = Annotated[str, typer.Option(
+    help="MLP activation the weights were trained with: auto (from the tag, the checkpoint or the model name; "
+         "a checkpoint that cannot say is refused) | gelu | quick_gelu (OpenAI-trained weights).")]
 Frames = Annotated[int, typer.Option(help="Frames per clip (T).")]
 
 
@@ -83,6 +86,7 @@ def extract(
     model: str = typer.Option("tiny", help="open_clip model name (ViT-B-16, ...), or tiny / demo (built in)."),
     pretrained: Pretrained = "",
     init_seed: InitSeed = 0,
+    activation: Activation = "auto",
     frames: Frames = 8,
     sampling: str = typer.Option("segment", help="segment (TSN) | dense"),
     stride: int = typer.Option(8, help="Frame stride for dense sampling."),
@@ -117,7 +121,7 @@ def extract(
     cfg = ExtractCfg(model=model, pretrained=pretrained, init_seed=init_seed, frames=frames, sampling=sampling,
                      stride=stride, layers=layers, patch=patch, store_frames=store_frames, views=views,
                      train_views=train_views, dtype=dtype, text=text, batch_frames=batch_frames, workers=workers,
-                     shard_size=shard_size, device=device)
+                     shard_size=shard_size, device=device, activation=activation)
     plan = plan_extraction(spec, cfg, out=out, cache_root=cache_root)
     if dry_run:
         for line in describe_plan(plan):
@@ -385,6 +389,7 @@ def finetune(
     model: str = typer.Option("ViT-B-16", help="open_clip model name, or tiny / demo (built in)."),
     pretrained: Pretrained = "",
     init_seed: InitSeed = 0,
+    activation: Activation = "auto",
     frames: Frames = 8,
     views: str = typer.Option("1x1", help="CxS evaluation views (temporal clips x spatial crops)."),
     epochs: Optional[int] = typer.Option(None, help="Epochs (default: Text4Vis 30, ActionCLIP 50; 0: evaluate only)."),
@@ -406,8 +411,8 @@ def finetune(
     from stages.finetune import FinetuneCfg, finetune as run_finetune, split_finetune_overrides
 
     ft_over, aug_over, head_over = split_finetune_overrides(set_, paradigm)
-    cfg = FinetuneCfg(paradigm=paradigm, model=model, pretrained=pretrained, init_seed=init_seed, frames=frames,
-                      views=views)
+    cfg = FinetuneCfg(paradigm=paradigm, model=model, pretrained=pretrained, init_seed=init_seed, activation=activation,
+                      frames=frames, views=views)
     cfg = dc.replace(cfg, **ft_over)
     if epochs is not None:
         if epochs < 0:
