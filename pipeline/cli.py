@@ -68,6 +68,9 @@ ClassesFile = Annotated[Optional[Path], typer.Option(help="Class names: one per 
 SplitId = Annotated[int, typer.Option(help="Official split number (UCF-101, HMDB-51).")]
 Pretrained = Annotated[str, typer.Option(help="open_clip pretrained tag or a local checkpoint path.")]
 InitSeed = Annotated[int, typer.Option(help="Seed of the random init when no --pretrained is given.")]
+Activation = Annotated[str, typer.Option(
+    help="MLP activation the weights were trained with: auto (from the tag, the checkpoint or the model name; "
+         "a checkpoint that cannot say is refused) | gelu | quick_gelu (OpenAI-trained weights).")]
 Frames = Annotated[int, typer.Option(help="Frames per clip (T).")]
 
 
@@ -85,6 +88,7 @@ def extract(
     model: str = typer.Option("tiny", help="open_clip model name (ViT-B-16, ...), or tiny / small / demo (built in)."),
     pretrained: Pretrained = "",
     init_seed: InitSeed = 0,
+    activation: Activation = "auto",
     frames: Optional[int] = typer.Option(None, help="Frames per clip (T); default 8, or the protocol's."),
     sampling: Optional[str] = typer.Option(None, help="segment (TSN) | dense; default segment, or the protocol's."),
     stride: Optional[int] = typer.Option(None, help="Frame stride for dense sampling (default 8, or the protocol's)."),
@@ -130,7 +134,7 @@ def extract(
     cfg = ExtractCfg(model=model, pretrained=pretrained, init_seed=init_seed, layers=layers, patch=patch,
                      store_frames=store_frames, train_views=train_views, dtype=dtype, text=text,
                      batch_frames=batch_frames, workers=workers, shard_size=shard_size, device=device,
-                     protocol=protocol, **sample)
+                     protocol=protocol, activation=activation, **sample)
     for line in proto_lines if _main_rank() else ():
         typer.echo(line)
     heads = [h.strip() for h in for_head.split(",") if h.strip()]
@@ -477,6 +481,7 @@ def finetune(
     model: str = typer.Option("ViT-B-16", help="open_clip model name, or tiny / small / demo (built in)."),
     pretrained: Pretrained = "",
     init_seed: InitSeed = 0,
+    activation: Activation = "auto",
     frames: Frames = 8,
     views: str = typer.Option("1x1", help="CxS evaluation views (temporal clips x spatial crops)."),
     epochs: Optional[int] = typer.Option(None, help="Epochs (default: Text4Vis 30, ActionCLIP 50; 0: evaluate only)."),
@@ -516,7 +521,7 @@ def finetune(
         ft_over["global_batch"] = global_batch
     rec = stage_three_recipe(paradigm, recipe)
     base = FinetuneCfg(paradigm=paradigm, model=model, pretrained=pretrained, init_seed=init_seed, frames=frames,
-                       views=views)
+                       views=views, activation=activation)
     values, lines = resolve_recipe(rec, ft_over, dc.asdict(base), world=int(os.environ.get("WORLD_SIZE", "1")))
     cfg = FinetuneCfg(**{**values, "recipe": recipe})
     aug_over = {**rec.augment, **aug_over}

@@ -319,8 +319,11 @@ def _check_folder(where: str, rel: str, label: int, classes, folder_class: dict[
 
 
 def _k400_name(label: str) -> str:
-    """Official CSV label -> class name as in kinetics_400_labels.csv (parentheses dropped)."""
-    return " ".join(label.replace("(", " ").replace(")", " ").split())
+    """Official CSV label -> class name as in kinetics_400_labels.csv: the shipped spelling when the
+    label matches a shipped name loosely (a mirror's `passing American football in game` ->
+    `passing American football (in game)`), else the label as written."""
+    shipped = {_norm(c): c for c in builtin_classnames("k400")}
+    return shipped.get(_norm(label)) or " ".join(label.split())
 
 
 def _read_k400_csv(path, what: str, *, need_label: bool = True):
@@ -606,10 +609,13 @@ def _load_hmdb51(data_root, video_root, train_list, val_list, test_list, classes
                 raise DatasetError(f"hmdb51 split file {f}: class {cls!r} is not in class file {cls_src}")
         label_of = {cls: lookup[_norm(cls)] for cls in split_files}
     else:
-        names = sorted(split_files)
-        label_of = {cls: i for i, cls in enumerate(names)}
+        folders = sorted(split_files)  # ids: the sorted folder names (`brush_hair`, ...)
+        label_of = {cls: i for i, cls in enumerate(folders)}
+        # class names as the official list spells them (`brush hair`): the folders use underscores
+        spelled = {_norm(c): c for c in builtin_classnames("hmdb51")}
+        names = [spelled.get(_norm(f)) or " ".join(f.replace("_", " ").split()) for f in folders]
         shipped = builtin_classnames("hmdb51")
-        cls_src = str(CLASSNAMES_DIR / "hmdb51.txt") if names == shipped else str(split_files[names[0]].parent)
+        cls_src = str(CLASSNAMES_DIR / "hmdb51.txt") if names == shipped else str(split_files[folders[0]].parent)
 
     train: list[VideoItem] = []
     val: list[VideoItem] = []
@@ -633,7 +639,7 @@ def _load_hmdb51(data_root, video_root, train_list, val_list, test_list, classes
             elif tag == 2:
                 val.append(item)
     if not train:
-        raise DatasetError(f"hmdb51: the split {split_id} files in {split_files[names[0]].parent} mark no video as train (1)")
+        raise DatasetError(f"hmdb51: the split {split_id} files in {next(iter(split_files.values())).parent} mark no video as train (1)")
     splits = {"train": train}
     if val:
         splits["val"] = val

@@ -11,6 +11,8 @@ import contextlib
 import hashlib
 import logging
 import os
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,8 @@ from torch import nn
 from cache.errors import ConfigError, ModelError
 
 __all__ = [
+    "ACTIVATIONS",
+    "ACTIVATION_KEY",
     "BUILTIN_MODELS",
     "BackboneInfo",
     "FrozenCLIP",
@@ -28,6 +32,10 @@ __all__ = [
     "parse_layers",
     "load_clip",
     "weights_id",
+    "resolve_activation",
+    "checkpoint_activation",
+    "model_activation",
+    "clip_identity",
 ]
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -124,10 +132,207 @@ def weights_id(pretrained: str | None, seed: int) -> str:
     return f"tag:{pretrained}"
 
 
-def load_clip(name: str, pretrained: str | None = None, device: str = "cpu", seed: int = 0) -> nn.Module:
+# ----------------------------------------------------------------------------- activation
+# The MLP activation a CLIP's weights were trained with. OpenAI's CLIP (and MetaCLIP, DFN, ...)
+# uses QuickGELU, x * sigmoid(1.702 x); open_clip builds nn.GELU unless the config says
+# quick_gelu, even for pretrained='openai' (it only warns). The same weights through the other
+# activation compute something else (SPEC section 8), so the activation is resolved from what
+# the weights say, and a disagreement is an error.
+ACTIVATIONS = ("gelu", "quick_gelu")
+ACTIVATION_CHOICES = ("auto", *ACTIVATIONS)
+# The entry naming the activation in the checkpoints this project writes (pretrain-demo,
+# finetune-export): a string beside the tensors, dropped before the weights are loaded.
+ACTIVATION_KEY = "clipcache_activation"
+# Entries only OpenAI's checkpoints carry: the TorchScript archive's state dict, and dicts saved from it.
+_OPENAI_KEYS = ("input_resolution", "context_length", "vocab_size")
+# What stages.video does to every frame before the encoder (recorded with the cache, not a choice):
+# the short side resized to the input size, then square crops of the input size (1 crop: the
+# centre; 3: both ends and the centre of the long side); bicubic interpolation with antialiasing.
+RESIZE_RULE = "short_side_then_square_crop"
+INTERPOLATION = "bicubic_antialias"
+
+
+def _act_of(quick_gelu) -> str:
+    return "quick_gelu" if quick_gelu else "gelu"
+
+
+def _is_torchscript(path: str) -> bool:
+    """A TorchScript archive (the format of OpenAI's released CLIP .pt files), not a torch.save zip."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
+def _torch_load(path: str, mmap: bool = False):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except RuntimeError:
+        if mmap:  # mmap needs the zip format; a legacy file is read whole
+            return _torch_load(path, mmap=False)
+        raise
+
+
+def _unwrap(obj) -> dict:
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj:
+        raise ModelError("the checkpoint holds no state dict")
+    if all(isinstance(k, str) and k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def _checkpoint_error(path: str, exc: Exception) -> ModelError:
+    msg = str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__
+    return ModelError(f"could not read checkpoint {path}: {msg}")
+
+
+def checkpoint_activation(path: str | os.PathLike) -> tuple[str | None, str]:
+    """(activation or None, what the file is), from a checkpoint file's own records, without its weights.
+
+    A TorchScript archive or a state dict with OpenAI's extra entries is OpenAI's format: QuickGELU.
+    A dict with ACTIVATION_KEY names its activation. Anything else does not say (None).
+    """
+    path = str(path)
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, "pt") as f:
+                meta, keys = f.metadata() or {}, set(f.keys())
+            named = meta.get(ACTIVATION_KEY)
+        elif _is_torchscript(path):
+            return "quick_gelu", "an OpenAI TorchScript checkpoint"
+        else:
+            sd = _unwrap(_torch_load(path, mmap=True))
+            keys, named = set(sd), sd.get(ACTIVATION_KEY)
+    except ModelError as exc:
+        raise ModelError(f"could not read checkpoint {path}: {exc}") from None
+    except Exception as exc:  # corrupt, truncated, not a checkpoint: the user's file, one line
+        raise _checkpoint_error(path, exc) from None
+    if named is not None:
+        if named not in ACTIVATIONS:
+            raise ModelError(f"checkpoint {path}: {ACTIVATION_KEY} is {named!r}, not one of {', '.join(ACTIVATIONS)}")
+        return str(named), "the checkpoint's own record"
+    if all(k in keys for k in _OPENAI_KEYS):
+        return "quick_gelu", "an OpenAI-format state dict"
+    return None, "a state dict"
+
+
+def resolve_activation(name: str, pretrained: str | None = None, activation: str = "auto") -> tuple[str, str]:
+    """(activation, how it is known) for the weights of ``name`` + ``pretrained``.
+
+    What can speak: the weights (an open_clip tag's registry entry, ``quick_gelu`` in its
+    pretrained cfg; a file's own record, see ``checkpoint_activation``), the architecture's config
+    when it names one (``-quickgelu`` names; the built-in tiny and demo), and ``activation``
+    unless "auto". Any two that disagree are a ModelError. A checkpoint file that no one speaks
+    for is refused; a random init takes ``activation``, else the config's (GELU by default).
+    """
+    import open_clip
+
+    if activation not in ACTIVATION_CHOICES:
+        raise ConfigError(f"--activation must be one of {', '.join(ACTIVATION_CHOICES)}, got '{activation}'")
+    arch = resolve_model_name(name)
+    cfg = open_clip.get_model_config(arch) or {}
+    claims: list[tuple[str, str, str]] = []  # (activation, source, how to change it)
+    if "quick_gelu" in cfg:
+        other = arch[: -len("-quickgelu")] if arch.endswith("-quickgelu") else f"{arch}-quickgelu"
+        claims.append((_act_of(cfg["quick_gelu"]), f"the model config {arch}",
+                       f"use --model {other}" if other in open_clip.list_models() else "use another --model"))
+    if activation != "auto":
+        claims.append((activation, f"--activation {activation}", "use --activation auto"))
+    weights = None  # (activation, which weights, how it is known)
+    if pretrained and os.path.isfile(pretrained):
+        act, what = checkpoint_activation(pretrained)
+        if act is not None:
+            weights = (act, pretrained, what)
+        elif not claims:
+            raise ModelError(
+                f"cannot tell which activation the weights in {pretrained} were trained with ({what}, neither "
+                "OpenAI's format nor a clipcache checkpoint): name it with --activation quick_gelu (OpenAI-trained "
+                "weights) or --activation gelu, or a -quickgelu model name")
+    elif pretrained:
+        pcfg = open_clip.get_pretrained_cfg(arch, pretrained)
+        if pcfg:
+            weights = (_act_of(pcfg.get("quick_gelu", False)), f"{arch} '{pretrained}'", "open_clip's registry entry")
+    if weights is not None:
+        for act, source, fix in claims:
+            if act != weights[0]:
+                raise ModelError(f"{source} builds {act}, but the weights {weights[1]} were trained with "
+                                 f"{weights[0]} ({weights[2]}): {fix}")
+        return weights[0], f"{weights[2]} of {weights[1]}"
+    if len({c[0] for c in claims}) > 1:
+        (a1, s1, _), (a2, s2, fix) = claims[0], claims[1]
+        raise ModelError(f"{s1} builds {a1}, but {s2} asks for {a2}: {fix}")
+    if claims:
+        return claims[0][0], claims[0][1]
+    return _act_of(cfg.get("quick_gelu", False)), "open_clip's default for a random init"
+
+
+def model_activation(model: nn.Module) -> str | None:
+    """The activation the built model's transformer MLPs use ('gelu', 'quick_gelu'; None if neither)."""
+    from open_clip.transformer import QuickGELU
+
+    kinds = set()
+    for m in model.modules():
+        if isinstance(m, QuickGELU):
+            kinds.add("quick_gelu")
+        elif isinstance(m, nn.GELU):
+            kinds.add("gelu" if m.approximate == "none" else f"gelu_{m.approximate}")
+    return "+".join(sorted(kinds)) or None
+
+
+def clip_identity(name: str, pretrained: str | None = None, activation: str = "auto") -> dict:
+    """What the cache's frame computation is, beyond the weights: the activation the model is
+    built with (and how it is known), the resize rule and the interpolation of stages.video."""
+    act, source = resolve_activation(name, pretrained or None, activation)
+    return {"activation": act, "activation_from": source, "resize": RESIZE_RULE, "interpolation": INTERPOLATION}
+
+
+def _read_state_dict(path: str) -> dict:
+    """The tensors of a checkpoint file, without this project's record or OpenAI's extra entries."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            sd = load_file(path, device="cpu")
+        elif _is_torchscript(path):
+            sd = dict(torch.jit.load(path, map_location="cpu").state_dict())
+        else:
+            sd = dict(_unwrap(_torch_load(path)))
+    except ModelError as exc:
+        raise ModelError(f"could not read checkpoint {path}: {exc}") from None
+    except Exception as exc:
+        raise _checkpoint_error(path, exc) from None
+    for k in (ACTIVATION_KEY, *_OPENAI_KEYS):
+        sd.pop(k, None)
+    return sd
+
+
+def _load_state(model: nn.Module, sd: dict) -> None:
+    """open_clip's checkpoint conversions (other layouts, position-embedding size), then a strict load."""
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
+
+    sd = convert_state_dict(model, sd)
+    if "positional_embedding" in sd and not hasattr(model, "positional_embedding"):
+        sd = convert_to_custom_text_state_dict(sd)
+    if "logit_scale" in sd and sd["logit_scale"].ndim != model.logit_scale.ndim:
+        sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
+    resize_pos_embed(sd, model)
+    resize_text_pos_embed(sd, model)
+    model.load_state_dict(sd, strict=True)
+
+
+def load_clip(name: str, pretrained: str | None = None, device: str = "cpu", seed: int = 0,
+              activation: str = "auto") -> nn.Module:
     """Build an open_clip model; ``pretrained`` is a tag (downloaded by open_clip) or a file path.
 
-    With no ``pretrained`` the weights are a seeded random init (tests, the tiny model).
+    The model is built with the activation its weights were trained with (``resolve_activation``:
+    QuickGELU for OpenAI's); ``activation`` names it when the weights cannot say. With no
+    ``pretrained`` the weights are a seeded random init (tests, the tiny model).
     """
     import open_clip
 
@@ -139,16 +344,31 @@ def load_clip(name: str, pretrained: str | None = None, device: str = "cpu", see
         tags = open_clip.list_pretrained_tags_by_model(arch)
         if tags and pretrained not in tags:
             raise ModelError(f"'{pretrained}' is neither a file nor a pretrained tag of {arch} (tags: {', '.join(tags)})")
-    with torch.random.fork_rng(devices=[]):
+    act, source = resolve_activation(name, pretrained or None, activation)
+    is_file = bool(pretrained) and os.path.isfile(pretrained)
+    state = _read_state_dict(pretrained) if is_file else None
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         torch.manual_seed(seed)
         try:
             with _quiet_open_clip():
-                model = open_clip.create_model(arch, pretrained=pretrained or None, device=device,
-                                               pretrained_text=False)
+                model = open_clip.create_model(arch, pretrained=(pretrained or None) if not is_file else None,
+                                               device="cpu", pretrained_text=False,
+                                               force_quick_gelu=act == "quick_gelu")
+                if state is not None:
+                    _load_state(model, state)
         except (RuntimeError, KeyError, OSError, ValueError) as exc:
             msg = str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__
             raise ModelError(f"could not load {arch} weights '{pretrained}': {msg}") from None
-    model.eval().requires_grad_(False)
+    for w in caught:
+        if "quickgelu" in str(w.message).lower().replace("_", ""):  # open_clip's mismatch warning: never silenced
+            raise ModelError(f"{arch} '{pretrained}': open_clip reports an activation mismatch ({w.message})")
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    built = model_activation(model)
+    if built is not None and built != act:
+        raise ModelError(f"{arch} was built with {built}, but its weights need {act} ({source}); "
+                         "this architecture cannot run them as trained")
+    model.to(device).eval().requires_grad_(False)
     return model
 
 

@@ -37,7 +37,8 @@ from cache.store import (
     mark_latest,
     open_store,
 )
-from stages.backbone import BackboneInfo, FrozenCLIP, load_clip, model_config, parse_layers, resolve_model_name, weights_id
+from stages.backbone import (BackboneInfo, FrozenCLIP, clip_identity, load_clip, model_config, parse_layers,
+                             resolve_model_name, weights_id)
 from stages.text import TEXT_SETS, compute_text_sets
 from stages.recipes import protocol_record, resize_side
 from stages.video import SamplingCfg, decode_video, make_views, normalize, parse_views
@@ -54,6 +55,7 @@ class ExtractCfg:
     model: str = "tiny"
     pretrained: str = ""
     init_seed: int = 0               # weights when no `pretrained` (random-init models)
+    activation: str = "auto"         # auto (what the weights say) | gelu | quick_gelu (a file that cannot say)
     frames: int = 8
     sampling: str = "segment"        # segment (TSN) | dense
     stride: int = 8                  # dense sampling stride
@@ -149,6 +151,7 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
     if cfg.pretrained and os.sep in cfg.pretrained and not os.path.isfile(cfg.pretrained):
         raise ConfigError(f"checkpoint not found: {cfg.pretrained}")
     wid = weights_id(cfg.pretrained, cfg.init_seed)
+    ident = clip_identity(cfg.model, cfg.pretrained, cfg.activation)  # refuses weights whose activation is unknown
 
     feat = "int8" if cfg.dtype == "int8" else "float16"
     T, L, D, P, S_img = cfg.frames, len(layers), info.width, info.num_patches, info.image_size
@@ -185,6 +188,7 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
                   for s, items in dataset.splits.items()},
         "model": arch,
         "weights": wid,
+        "clip": {k: v for k, v in ident.items() if k != "activation_from"},  # activation, resize, interpolation
         "layers": list(layers),
         "patch": cfg.patch,
         "frames_stored": cfg.store_frames,
@@ -210,7 +214,7 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
                     "args": dict(getattr(dataset, "args", {})),
                     "classes": list(dataset.classes)},
         "backbone": {"arch": arch, "pretrained": cfg.pretrained, "weights": wid, **asdict(info),
-                     "num_patches": info.num_patches},
+                     "num_patches": info.num_patches, **ident},
         "dims": {"num_classes": len(dataset.classes), "embed_dim": info.embed_dim, "width": info.width,
                  "frames": T, "num_patches": P, "depth": info.depth, "backbone_heads": info.backbone_heads,
                  "image_size": S_img, "patch_size": info.patch_size},
@@ -406,7 +410,7 @@ def run_extraction(plan: ExtractPlan, shard: tuple[int, int] | None = None, prog
     device = _device(cfg.device)
     if device.startswith("cuda:"):
         torch.cuda.set_device(device)
-    model = load_clip(cfg.model, cfg.pretrained or None, device="cpu", seed=cfg.init_seed)
+    model = load_clip(cfg.model, cfg.pretrained or None, device="cpu", seed=cfg.init_seed, activation=cfg.activation)
     frozen = FrozenCLIP(model, plan.layers, cfg.patch, plan.info, device=device)
     plan.meta["preprocess"] = {"mean": list(frozen.mean), "std": list(frozen.std), "image_size": plan.info.image_size}
     store = create_store(plan.path, plan.meta, {
@@ -560,6 +564,7 @@ def describe_plan(plan: ExtractPlan) -> list[str]:
     """Lines for --dry-run: what will be extracted and what it will take."""
     lines = [f"cache  {plan.path}  (key {plan.key})",
              f"model  {plan.arch}  weights {plan.meta['backbone']['weights'][:40]}  "
+             f"activation {plan.meta['backbone']['activation']}  "
              f"layers {list(plan.layers) or 'none'}  dtype {plan.cfg.dtype}"]
     for split, arrays in plan.split_arrays.items():
         n = len(plan.dataset.splits[split])

@@ -64,7 +64,8 @@ from torch.utils.data import DataLoader, Dataset
 from cache.errors import ConfigError, DatasetError, ModelError, VideoDecodeError
 from cache.store import atomic_write_text
 from stages.augment import AugmentCfg, augment_clip, build_train_transform, eval_views
-from stages.backbone import BackboneInfo, load_clip, model_config, resolve_model_name, weights_id
+from stages.backbone import (ACTIVATION_CHOICES, ACTIVATION_KEY, BackboneInfo, load_clip, model_activation,
+                             model_config, resolve_activation, resolve_model_name, weights_id)
 from stages.dist import DistContext, dist_device, rank_batches
 from stages.heads import get_head_entry, make_cfg
 from stages.heads.common import validate_choice
@@ -111,6 +112,7 @@ class FinetuneCfg:
     model: str = "ViT-B-16"           # open_clip name, or tiny / small / demo (built in)
     pretrained: str = ""              # open_clip tag or a checkpoint path ("" = seeded random init)
     init_seed: int = 0                # the random init when no pretrained weights are given
+    activation: str = "auto"          # auto (what the weights say) | gelu | quick_gelu (a file that cannot say)
     frames: int = 8                   # T
     sampling: str = "segment"         # segment (TSN: random offsets in training) | dense
     stride: int = 8                   # dense sampling stride
@@ -156,6 +158,7 @@ class FinetuneCfg:
         if self.train_logit_scale and self.paradigm != "actionclip":
             raise ConfigError("train_logit_scale applies to actionclip only (Text4Vis keeps a fixed scale)")
         validate_choice("amp", self.amp, AMP_CHOICES)
+        validate_choice("activation", self.activation, ACTIVATION_CHOICES)
         if self.eval_average not in ("", "scores", "embeddings"):
             raise ConfigError(f"eval_average must be scores or embeddings, got '{self.eval_average}'")
         if self.lr <= 0 or self.backbone_ratio < 0 or self.weight_decay < 0:
@@ -318,7 +321,7 @@ class Finetuner:
 
         self.arch = resolve_model_name(cfg.model)
         self.info = BackboneInfo.from_config(model_config(cfg.model))
-        clip = load_clip(cfg.model, cfg.pretrained or None, device="cpu", seed=cfg.init_seed)
+        clip = load_clip(cfg.model, cfg.pretrained or None, device="cpu", seed=cfg.init_seed, activation=cfg.activation)
         if not cfg.pretrained:
             log(f"no pretrained weights given: {self.arch} starts from a seeded random init (seed {cfg.init_seed})")
         pp = getattr(clip.visual, "preprocess_cfg", {}) or {}
@@ -579,7 +582,8 @@ def _resolved(spec, cfg: FinetuneCfg, aug: AugmentCfg, tuner: Finetuner | None, 
         "augment": asdict(aug),
         "head": {"name": cfg.paradigm, **(asdict(tuner.model.head.cfg) if tuner else head_overrides)},
         "backbone": {"arch": resolve_model_name(cfg.model), "pretrained": cfg.pretrained,
-                     "weights": weights_id(cfg.pretrained, cfg.init_seed)},
+                     "weights": weights_id(cfg.pretrained, cfg.init_seed),
+                     "activation": resolve_activation(cfg.model, cfg.pretrained or None, cfg.activation)[0]},
         "dataset": {"name": spec.name, "classes": list(spec.classes), "video_root": str(spec.video_root),
                     "sources": dict(getattr(spec, "sources", {})),
                     "videos": {s: len(v) for s, v in spec.splits.items()}},
@@ -690,7 +694,10 @@ def load_finetuned(run_dir: str | Path) -> tuple[nn.Module, nn.Module, dict]:
     ckpt = _read_run(run_dir)
     resolved = ckpt["config"]
     ft = resolved["finetune"]
-    clip = load_clip(ft["model"], None, device="cpu", seed=ft["init_seed"])
+    # the architecture the run trained: the activation its weights were resolved to (runs from before
+    # the activation was recorded: the model's default)
+    act = resolved.get("backbone", {}).get("activation", "auto")
+    clip = load_clip(ft["model"], None, device="cpu", seed=ft["init_seed"], activation=act)
     head_cfg = {k: v for k, v in resolved["head"].items() if k != "name"}
     head = get_head_entry(resolved["head"]["name"]).head_cls(make_cfg(resolved["head"]["name"], head_cfg))
     model = FinetuneModel(clip, head, ft["paradigm"])
@@ -703,7 +710,8 @@ def load_finetuned(run_dir: str | Path) -> tuple[nn.Module, nn.Module, dict]:
 
 
 def export_finetuned(run_dir: str | Path, out: str | Path) -> Path:
-    """Write the fine-tuned CLIP as a plain open_clip state dict (``--pretrained`` of stage one)."""
+    """Write the fine-tuned CLIP as a plain open_clip state dict (``--pretrained`` of stage one), with
+    its activation recorded (ACTIVATION_KEY) so that stage one builds the architecture it trained."""
     clip, _head, _resolved_cfg = load_finetuned(run_dir)
     out = Path(out)
     if out.suffix not in (".pt", ".pth", ".bin"):
@@ -711,6 +719,7 @@ def export_finetuned(run_dir: str | Path, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu()
              for k, v in clip.state_dict().items()}
+    state[ACTIVATION_KEY] = model_activation(clip)  # what the fine-tuned weights ran with
     _atomic_save(state, out)
     return out
 

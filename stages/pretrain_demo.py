@@ -4,8 +4,9 @@ No weights can be downloaded on the project's machines, so the demo makes its ow
 ordinary open_clip architecture (by default the built-in ``demo`` one, 7.8M parameters), trained
 from a seeded random init with the usual symmetric InfoNCE loss (learnable logit scale, open_clip's
 ``ClipLoss``), AdamW and a cosine schedule with linear warmup, on still frames and their captions.
-The result is a plain ``state_dict`` that ``stages.backbone.load_clip(name, PATH)`` (the normal
-``--pretrained PATH`` code) loads like any other checkpoint.
+The result is a plain ``state_dict`` (plus the ``ACTIVATION_KEY`` entry naming the MLP activation it
+trained with) that ``stages.backbone.load_clip(name, PATH)`` (the normal ``--pretrained PATH`` code)
+loads like any other checkpoint.
 
 This stage knows nothing about the world it learns: the caller passes
 
@@ -57,7 +58,7 @@ import torch.nn.functional as F
 
 from cache.errors import ConfigError
 from cache.store import atomic_write_text
-from stages.backbone import load_clip, resolve_model_name
+from stages.backbone import ACTIVATION_KEY, load_clip, model_activation, resolve_model_name
 
 __all__ = ["PretrainCfg", "pretrain_demo_clip", "zero_shot_eval", "caption_labels", "FORMAT"]
 
@@ -624,6 +625,7 @@ def _train(out_path: Path, meta_path: Path, render: Render, eval_prompts: EvalGr
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    state[ACTIVATION_KEY] = model_activation(model)  # so `--pretrained PATH` builds the architecture it trained
     _save_atomic(state, out_path)
     meta = {
         **want,

@@ -45,11 +45,11 @@ def test_shipped_class_order_matches_official_ids():
     k400 = builtin_classnames("k400")
     assert k400[0] == "abseiling" and k400[399] == "zumba"
     # kinetics_400_labels.csv order: the raw labels sorted, "(not slalom ...)" before "crosscountry"
-    assert k400[308:311] == ["skiing not slalom or crosscountry", "skiing crosscountry", "skiing slalom"]
+    assert k400[308:311] == ["skiing (not slalom or crosscountry)", "skiing crosscountry", "skiing slalom"]
     ucf = builtin_classnames("ucf101")
     assert ucf[0] == "ApplyEyeMakeup" and ucf[36] == "HandstandPushups" and ucf[100] == "YoYo"
     hmdb = builtin_classnames("hmdb51")
-    assert hmdb == sorted(hmdb) and hmdb[0] == "brush_hair" and hmdb[-1] == "wave"
+    assert hmdb == sorted(hmdb) and hmdb[0] == "brush hair" and hmdb[-1] == "wave"
     ssv2 = builtin_classnames("ssv2")
     assert ssv2[0] == "Approaching something with your camera"
     assert ssv2[173] == "Wiping something off of something"
@@ -237,7 +237,7 @@ def test_k400_official_csv(tmp_path):
     flat = touch(vids / "def_000000_000005.mp4")
     touch(vids / "val" / "mno_000007_000017.mp4")
     spec = load_dataset("k400", data_root=root)
-    assert spec.classes == ["skiing not slalom or crosscountry", "skiing crosscountry", "skiing slalom"]
+    assert spec.classes == ["skiing (not slalom or crosscountry)", "skiing crosscountry", "skiing slalom"]
     tr = spec.splits["train"]
     assert tr[0] == VideoItem(str(per_class), 2)
     assert tr[1] == VideoItem(str(flat), 0)
@@ -254,7 +254,7 @@ def test_k400_full_csv_uses_official_ids(tmp_path):
     random.Random(0).shuffle(rows)
     write(tmp_path / "train.csv", "label,youtube_id,time_start,time_end,split\n" + "\n".join(rows) + "\n")
     spec = load_dataset("k400", data_root=tmp_path, video_root=tmp_path)
-    # sorting these unbracketed names would swap "skiing crosscountry" and "skiing not slalom ..."
+    # sorting these names without their brackets would swap "skiing crosscountry" and "skiing not slalom ..."
     assert spec.classes == shipped
     by_path = {os.path.basename(i.path): i.label for i in spec.splits["train"]}
     assert by_path["vid309_000000_000010.mp4"] == 309
@@ -356,7 +356,7 @@ def test_hmdb51_split_files(tmp_path):
     vroot = tmp_path / "hmdb51_org"
     vroot.mkdir()
     spec = load_dataset("hmdb51", data_root=tmp_path)
-    assert spec.classes == ["brush_hair", "wave"]
+    assert spec.classes == ["brush hair", "wave"]  # folders keep their underscores
     assert spec.splits["train"] == [VideoItem(str(vroot / "brush_hair" / "b2.avi"), 0),
                                     VideoItem(str(vroot / "wave" / "w1.avi"), 1)]
     assert spec.splits["val"] == [VideoItem(str(vroot / "brush_hair" / "b1.avi"), 0),

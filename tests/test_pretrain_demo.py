@@ -69,6 +69,7 @@ def test_loss_falls_and_json_has_accuracies(tiny_run):
 def test_checkpoint_round_trips_through_load_clip(tiny_run):
     out, meta, _ = tiny_run
     saved = torch.load(out, map_location="cpu", weights_only=True)
+    assert saved.pop("clipcache_activation") == "gelu"  # the architecture it trained, beside the tensors
     model = load_clip("tiny", str(out))  # the normal --pretrained PATH code
     loaded = model.state_dict()
     assert set(loaded) == set(saved)
