@@ -421,6 +421,9 @@ def _shards_to_redo(store: FeatureStore, plan: ExtractPlan, refresh: bool, retry
     ``retry_failed``, for failed videos."""
     redo: dict[str, set] = {}
     changed = changed_sources(store, plan.dataset.splits, plan.cfg.hash_sources)
+    if retry_failed:  # a failed video is retried whatever its source did
+        status = {s: store.status(s) for s in store.splits}
+        changed = [c for c in changed if status[c[0]][c[1]] != FAILED]
     if changed and not refresh:
         lines = [f"  {s}[{i}] {p}: {why}" for s, i, p, why in changed[:MAX_LISTED]]
         if len(changed) > MAX_LISTED:

@@ -263,3 +263,39 @@ def test_replaced_source_is_refused_by_name_and_refresh_redoes_it(reference, dem
     assert st.verify() == []
     np.testing.assert_allclose(st.read("train", "cls", 2), reference.read("train", "cls", 7), rtol=2e-3, atol=2e-3)
     assert _extract(root, out).reused  # and now it is current
+
+
+def test_a_missing_video_added_later_is_named_and_retry_failed_takes_it(demo_small, tmp_path):
+    from pipeline.datasets import load_dataset
+    from stages.extract import ExtractCfg, SourcesChangedError, plan_extraction, run_extraction
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    good = [ln.split() for ln in demo_small.val_list.read_text().splitlines()[:3]]
+    for rel, _ in good:
+        shutil.copyfile(Path(demo_small.video_root) / rel, videos / Path(rel).name)
+    (tmp_path / "list.txt").write_text("".join(f"{Path(rel).name} {lab}\n" for rel, lab in good))
+    late = videos / Path(good[1][0]).name
+    late.rename(tmp_path / "later.mp4")  # missing at extraction time
+
+    def extract(**kw):
+        ds = load_dataset("custom", video_root=videos, train_list=tmp_path / "list.txt",
+                          classes=demo_small.classes_file)
+        plan = plan_extraction(ds, ExtractCfg(model="tiny", layers="all", shard_size=2, text="none", workers=0),
+                               out=tmp_path / "cache")
+        threads = torch.get_num_threads()
+        try:
+            return run_extraction(plan, shard=(0, 1), progress=False, log=lambda *a, **k: None, **kw)
+        finally:
+            torch.set_num_threads(threads)
+
+    extract()
+    assert open_store(tmp_path / "cache").status("train").tolist() == [DONE, 2, DONE]
+    assert extract().reused
+    (tmp_path / "later.mp4").rename(late)
+    with pytest.raises(SourcesChangedError, match="was missing when extracted, exists now"):
+        extract()
+    res = extract(retry_failed=True)
+    assert res.videos == 2 and res.failed == 0  # the failed video's shard, nothing else
+    st = open_store(tmp_path / "cache")
+    assert st.status("train").tolist() == [DONE, DONE, DONE] and st.verify() == []
