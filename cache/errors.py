@@ -13,6 +13,7 @@ __all__ = [
     "CacheMismatchError",
     "ModelError",
     "VideoDecodeError",
+    "TrainingError",
 ]
 
 
@@ -42,3 +43,7 @@ class ModelError(PipelineError, ValueError):
 
 class VideoDecodeError(PipelineError, RuntimeError):
     """Neither decoder could produce the frames of a video (recorded as a failure)."""
+
+
+class TrainingError(PipelineError, RuntimeError):
+    """A run that cannot go on (e.g. a non-finite loss)."""

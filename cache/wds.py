@@ -204,6 +204,7 @@ def export_wds(store: FeatureStore, out: str | Path, name: str | None = None, sh
             raise CacheError(f"cache {store.path} is not complete ({pending} pending video(s) in '{split}'): "
                              "finish the extraction (`pipeline cache finalize` names what is missing), "
                              "or pass --partial to export only the done videos")
+    store.require_sound({s: list(store.specs(s)) for s in splits}, allow_partial=partial)  # checksums, once
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -119,6 +119,12 @@ def extract(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     for_head: str = typer.Option("", help="Comma list of heads (e.g. evl,side4video): add the blocks, patch "
                                           "tokens and uint8 frames they read with their default options."),
+    refresh: bool = typer.Option(False, "--refresh", help="Redo the shards whose source videos changed (or "
+                                                          "appeared) since they were extracted."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Redo the shards that hold failed videos."),
+    hash_sources: bool = typer.Option(False, "--hash-sources", help="Also record each source video's sha256: a "
+                                                                    "touched or copied file with the same content "
+                                                                    "is then not taken as changed."),
 ):
     """Stage one: decode videos, run the frozen CLIP once, write the feature cache."""
     from pipeline.datasets import load_dataset
@@ -134,7 +140,8 @@ def extract(
     cfg = ExtractCfg(model=model, pretrained=pretrained, init_seed=init_seed, layers=layers, patch=patch,
                      store_frames=store_frames, train_views=train_views, dtype=dtype, text=text,
                      batch_frames=batch_frames, workers=workers, shard_size=shard_size, device=device,
-                     protocol=protocol, activation=activation, **sample)
+                     protocol=protocol, activation=activation, hash_sources=hash_sources,
+                     **sample)
     for line in proto_lines if _main_rank() else ():
         typer.echo(line)
     heads = [h.strip() for h in for_head.split(",") if h.strip()]
@@ -147,7 +154,11 @@ def extract(
         for line in describe_plan(plan):
             typer.echo(line)
         return
-    res = run_extraction(plan, shard=rank_world, progress=progress)
+    res = run_extraction(plan, shard=rank_world, progress=progress, refresh=refresh, retry_failed=retry_failed)
+    _report_extraction(res)
+
+
+def _report_extraction(res) -> None:
     if res.reused:
         return
     fps = res.frames / res.seconds if res.seconds else 0.0
@@ -231,7 +242,8 @@ def cache_info(path: Path = typer.Argument(..., help="Cache folder."),
 
 @cache_app.command("verify")
 def cache_verify(path: Path = typer.Argument(..., help="Cache folder.")):
-    """Check status against data (done videos hold finite data; failures have reasons)."""
+    """Check a cache: the files it was built with and every committed shard against their checksums, labels
+    against the manifest, status against the shard records, done videos hold finite data, failures have reasons."""
     from cache.store import open_store
 
     st = open_store(path)
@@ -242,8 +254,60 @@ def cache_verify(path: Path = typer.Argument(..., help="Cache folder.")):
     if problems:
         for p in problems[:50]:
             typer.echo(f"problem: {p}")
-        raise CacheError(f"cache {path} failed verification: {len(problems)} problem(s)")
-    typer.echo("ok: status and data agree, no NaN/inf in done videos")
+        if len(problems) > 50:
+            typer.echo(f"problem: ... and {len(problems) - 50} more")
+        raise CacheError(f"cache {path} failed verification: {len(problems)} problem(s); "
+                         f"repair it with `pipeline cache repair {path}`")
+    typer.echo("ok: status and data agree, no NaN/inf in done videos"
+               + (", every file matches its checksum" if st.has_checksums else
+                  " (made before checksums: files not checked)"))
+
+
+@cache_app.command("repair")
+def cache_repair(path: Path = typer.Argument(..., help="Cache folder."),
+                 progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")):
+    """Repair (and finish) a cache in place: rebuild its damaged files, redo its damaged or pending shards with the
+    extraction recorded in its metadata, then verify it."""
+    import dataclasses
+
+    from cache.meta import extract_command
+    from cache.store import open_store
+    from stages.extract import ExtractCfg, plan_extraction, run_extraction
+
+    st = open_store(path)
+    problems = st.verify(finite=False)
+    if not problems and st.is_complete():
+        typer.echo(f"ok: cache {path} is complete and verified, nothing to repair")
+        return
+    meta = st.meta
+    spec = _dataset_from_cache(st)
+    known = {f.name for f in dataclasses.fields(ExtractCfg)}
+    cfg = ExtractCfg(**{k: v for k, v in meta["config"].items() if k in known})
+    plan = plan_extraction(spec, cfg, out=st.path) if spec is not None else None
+    if plan is None or plan.key != st.key:
+        raise CacheError(f"cannot rebuild the request of cache {path} from its metadata "
+                         f"({'manifest damaged' if spec is None else 'the videos or lists changed'}); "
+                         f"rerun the command that made it: {extract_command(meta, out=str(path))}")
+    _report_extraction(run_extraction(plan, shard=(0, 1), progress=progress))
+    typer.echo(f"ok: cache {path} repaired and verified")
+
+
+def _dataset_from_cache(st):
+    """The DatasetSpec a cache was extracted from, rebuilt from its manifest and metadata (None
+    when the manifest is unreadable)."""
+    from pipeline.datasets import DatasetSpec, VideoItem
+
+    try:
+        manifest = st.manifest
+    except CacheError:
+        return None
+    ds = st.meta["dataset"]
+    counts = manifest.get("num_frames", {})
+    splits = {}
+    for split in st.splits:
+        frames = counts.get(split) or [None] * len(manifest["splits"][split])
+        splits[split] = [VideoItem(p, int(lab), n) for (p, lab), n in zip(manifest["splits"][split], frames)]
+    return DatasetSpec(ds["name"], list(ds["classes"]), splits, ds["video_root"], dict(ds.get("sources", {})))
 
 
 # ----------------------------------------------------------------------------- stage two
@@ -290,6 +354,8 @@ def train(
                                                    "by gradient accumulation)."),
     global_batch: Optional[int] = typer.Option(None, help="Videos per optimiser step (default: the recipe's); "
                                                           "the recipe's lr is scaled linearly unless lr is set."),
+    allow_partial: bool = typer.Option(False, "--allow-partial",
+                                       help="Train on the done videos of an unfinished cache (said loudly)."),
 ):
     """Stage two: train a head from a cache and evaluate it."""
     import dataclasses as dc
@@ -307,7 +373,8 @@ def train(
     path = _wds_source(wds, wds_header, wds_eval, wds_shuffle, wds_resample, cfg, cache) if wds else \
         _resolve_cache(cache, dataset, cache_root)
     cfg, head_over = _protocol_eval(path, cfg, head_over, train_over)
-    res = train_head(path, cfg, head_over, run_dir=run_dir, resume=resume, progress=progress)
+    res = train_head(path, cfg, head_over, run_dir=run_dir, resume=resume, progress=progress,
+                     allow_partial=allow_partial)
     if res.get("rank", 0):  # under torchrun, rank 0 reports
         return
     fin = res["final"]
@@ -428,11 +495,13 @@ def evaluate(
     split: str = typer.Option("val", help="Split to evaluate."),
     text_set: str = typer.Option("", help="Text set of the other cache to classify with."),
     average: str = typer.Option("scores", help="Multi-view: average scores or embeddings."),
+    allow_partial: bool = typer.Option(False, "--allow-partial",
+                                       help="Evaluate on the done videos of an unfinished cache (said loudly)."),
 ):
     """Evaluate a trained run on its cache or on another dataset's cache."""
     from stages.train import evaluate_run
 
-    res = evaluate_run(run, cache, split=split, text_set=text_set, eval_average=average)
+    res = evaluate_run(run, cache, split=split, text_set=text_set, eval_average=average, allow_partial=allow_partial)
     typer.echo(f"{res['cache']} [{split}]: top1 {res['top1']:.1f}%  top5 {res['top5']:.1f}%  "
                f"mean-class {res['mean_class']:.1f}%  ({res['n']} videos"
                + (", classifier swapped to this cache's classes)" if res["swapped_classifier"] else ")"))

@@ -28,6 +28,7 @@ from cache.store import (
     DONE,
     FAILED,
     FORMAT_VERSION,
+    PENDING,
     ArraySpec,
     FeatureStore,
     create_store,
@@ -36,6 +37,7 @@ from cache.store import (
     latest_cache,
     mark_latest,
     open_store,
+    repair_static,
 )
 from stages.backbone import (BackboneInfo, FrozenCLIP, clip_identity, load_clip, model_config, parse_layers,
                              resolve_model_name, weights_id)
@@ -72,6 +74,7 @@ class ExtractCfg:
     device: str = "auto"
     resize_ratio: float = 1.0        # short side = round(input size x ratio) before the crops (256/224: "scale 256")
     protocol: str = ""               # a paper's test protocol these settings came from (stages/recipes.py)
+    hash_sources: bool = False       # also record each source video's sha256 (not only size + mtime)
 
     def text_sets(self) -> list[str]:
         if self.text == "all":
@@ -248,13 +251,46 @@ def _versions() -> dict:
 
 
 # ----------------------------------------------------------------------------- decoding workers
+def source_info(path: str, content_hash: bool = False) -> dict:
+    """What identifies the version of a source video: size and mtime_ns (and its sha256 when
+    asked); {} when it cannot be read (a missing file). A frame folder: its listing's."""
+    try:
+        st = os.stat(path)
+        if os.path.isdir(path):
+            files = sorted(os.scandir(path), key=lambda e: e.name)
+            stats = [e.stat() for e in files if e.is_file()]
+            info = {"size": sum(x.st_size for x in stats), "mtime_ns": max([st.st_mtime_ns] + [x.st_mtime_ns for x in stats])}
+            if content_hash:
+                h = hashlib.sha256()
+                for e in files:
+                    if e.is_file():
+                        h.update(e.name.encode() + b"\0" + _file_sha256(e.path).encode())
+                info["sha256"] = h.hexdigest()
+            return info
+        info = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        if content_hash:
+            info["sha256"] = _file_sha256(path)
+        return info
+    except OSError:
+        return {}
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(8 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 class _DecodeJobs(Dataset):
-    """Item i -> (split, index, views uint8 (V, T, S, S, 3) | None, failure reason | None,
-    {"decoder", "warnings"} of a decoded video | None)."""
+    """Item i -> (split, index, views uint8 (V, T, S, S, 3) | None, failure reason | None, the video's
+    record: source size / mtime_ns (sha256), and for a decoded video the decoder and its warnings)."""
 
     def __init__(self, jobs: list[tuple[str, int, str, int | None]], sampling: dict[str, SamplingCfg], size: int,
-                 resize: int | None = None):
+                 resize: int | None = None, hash_sources: bool = False):
         self.jobs, self.sampling, self.size, self.resize = jobs, sampling, size, resize
+        self.hash_sources = hash_sources
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -262,14 +298,15 @@ class _DecodeJobs(Dataset):
     def __getitem__(self, i: int):
         split, index, path, num_frames = self.jobs[i]
         samp = self.sampling[split]
+        info = source_info(path, self.hash_sources)  # before decoding: the version that was read
         try:
             out = decode_video(path, samp, num_frames)
-            record = {"decoder": out.decoder, "warnings": list(out.warnings)}
-            return split, index, make_views(out.clips, self.size, samp.crops, self.resize), None, record
+            info.update(decoder=out.decoder, warnings=list(out.warnings))
+            return split, index, make_views(out.clips, self.size, samp.crops, self.resize), None, info
         except VideoDecodeError as exc:
-            return split, index, None, str(exc), None
+            return split, index, None, str(exc), info
         except Exception as exc:  # a decoder crash on one file must not stop the run
-            return split, index, None, f"decode error: {exc.__class__.__name__}: {str(exc)[:160]}", None
+            return split, index, None, f"decode error: {exc.__class__.__name__}: {str(exc)[:160]}", info
 
 
 def _first(batch):
@@ -290,14 +327,13 @@ class _ShardBuffer:
             self.arrays[name] = np.full((n, *spec.shape), fill, dtype=dtype)
         self.status = np.zeros(n, dtype=np.int8)
         self.failures: list[dict] = []
-        self.videos: list[dict] = []   # {"index", "decoder", "warnings"} per decoded video
+        self.videos: list[dict] = []  # per video: index, path, source size / mtime_ns (sha256)
         self.remaining = n
 
     def put(self, index: int, outputs: dict[str, np.ndarray] | None, reason: str | None, path: str,
-            record: dict | None = None) -> None:
+            info: dict | None = None) -> None:
         j = index - self.start
-        if record is not None:
-            self.videos.append({"index": index, **record})
+        self.videos.append({"index": index, "path": path, **(info or {})})
         if outputs is None:
             self.status[j] = FAILED
             self.failures.append({"index": index, "path": path, "reason": reason})
@@ -385,12 +421,74 @@ def _init_store(plan: ExtractPlan, model, frozen: FrozenCLIP, device: str):
     return init
 
 
+class SourcesChangedError(CacheError):
+    """Source videos changed (or appeared) since their shards were extracted."""
+
+
+MAX_LISTED = 20  # changed sources named one per line in the refusal
+
+
+def changed_sources(store: FeatureStore, items: dict[str, list], content_hash: bool = False) -> list[tuple]:
+    """(split, index, path, why) of every video of a committed shard whose source now differs
+    from the version extracted (size or mtime_ns; the sha256 decides when one was recorded),
+    or which was missing when extracted and exists now. A source deleted since is not a change
+    (a cache outlives its videos)."""
+    out = []
+    for split in store.splits:
+        for rec in store.records(split).values():
+            for v in rec.get("videos", []):
+                i = v.get("index")
+                if not isinstance(i, int) or not 0 <= i < len(items.get(split, [])):
+                    continue
+                path = items[split][i].path
+                if "size" not in v:
+                    if os.path.exists(path):
+                        out.append((split, i, path, "was missing when extracted, exists now"))
+                    continue
+                now = source_info(path)
+                if not now or (now["size"], now["mtime_ns"]) == (v["size"], v["mtime_ns"]):
+                    continue
+                if "sha256" in v and source_info(path, True).get("sha256") == v["sha256"]:
+                    continue  # touched or copied, same content
+                why = f"size {v['size']} -> {now['size']}" if now["size"] != v["size"] else "modified since extracted"
+                out.append((split, i, path, why))
+    return out
+
+
+def _shards_to_redo(store: FeatureStore, plan: ExtractPlan, refresh: bool, retry_failed: bool) -> dict[str, set]:
+    """Committed shards to redo for changed sources (refused without ``refresh``) and, with
+    ``retry_failed``, for failed videos."""
+    redo: dict[str, set] = {}
+    changed = changed_sources(store, plan.dataset.splits, plan.cfg.hash_sources)
+    if retry_failed:  # a failed video is retried whatever its source did
+        status = {s: store.status(s) for s in store.splits}
+        changed = [c for c in changed if status[c[0]][c[1]] != FAILED]
+    if changed and not refresh:
+        lines = [f"  {s}[{i}] {p}: {why}" for s, i, p, why in changed[:MAX_LISTED]]
+        if len(changed) > MAX_LISTED:
+            lines.append(f"  ... and {len(changed) - MAX_LISTED} more")
+        raise SourcesChangedError(f"{len(changed)} source video(s) changed since cache {plan.path} was extracted; "
+                                  "rerun with --refresh to redo the shards that hold them:\n" + "\n".join(lines))
+    for s, i, _, _ in changed:
+        redo.setdefault(s, set()).add(i // store.shard_size)
+    if retry_failed:
+        for s in store.splits:
+            st = store.status(s)
+            for k in range(store.num_shards(s)):
+                if (st[slice(*store.shard_range(s, k))] == FAILED).any():
+                    redo.setdefault(s, set()).add(k)
+    return redo
+
+
 def run_extraction(plan: ExtractPlan, shard: tuple[int, int] | None = None, progress: bool = True,
-                   log=print) -> ExtractResult:
-    """Run (or resume, or reuse) the extraction described by ``plan``.
+                   log=print, refresh: bool = False, retry_failed: bool = False) -> ExtractResult:
+    """Run (or resume, or reuse, or repair) the extraction described by ``plan``.
 
     ``shard=(i, n)``: this process takes the i-th of n shard ranges; None: torchrun's
-    (RANK, WORLD_SIZE) when set, else everything.
+    (RANK, WORLD_SIZE) when set, else everything. An existing cache is verified first: damaged
+    files it was built with are rebuilt, damaged shards redone, then it is verified again.
+    Sources changed since extraction are refused unless ``refresh`` (their shards are redone);
+    ``retry_failed`` redoes the shards that hold failed videos.
     """
     cfg = plan.cfg
     if shard is None:
@@ -398,13 +496,16 @@ def run_extraction(plan: ExtractPlan, shard: tuple[int, int] | None = None, prog
     t_start = time.perf_counter()
     if plan.path.is_dir() and not any(plan.path.iterdir()):
         plan.path.rmdir()  # an empty --out folder made by the user: the cache goes there
+    problems, redo = [], {}
     if plan.path.exists():
         store = open_store(plan.path)
         if store.key != plan.key:
             raise CacheError(f"{plan.path} already holds a different cache (key {store.key}); "
                              "choose another --out or remove it")
-        if store.is_complete():
-            log(f"reusing cache {plan.path} (key {plan.key}): complete, nothing to do")
+        problems = store.verify(finite=False)
+        redo = _shards_to_redo(store, plan, refresh, retry_failed)
+        if not problems and not redo and store.is_complete():
+            log(f"reusing cache {plan.path} (key {plan.key}): complete and verified, nothing to do")
             mark_latest(plan.path, plan.dataset.name)
             return ExtractResult(plan.path, reused=True, summary=store.summary())
     device = _device(cfg.device)
@@ -413,9 +514,17 @@ def run_extraction(plan: ExtractPlan, shard: tuple[int, int] | None = None, prog
     model = load_clip(cfg.model, cfg.pretrained or None, device="cpu", seed=cfg.init_seed, activation=cfg.activation)
     frozen = FrozenCLIP(model, plan.layers, cfg.patch, plan.info, device=device)
     plan.meta["preprocess"] = {"mean": list(frozen.mean), "std": list(frozen.std), "image_size": plan.info.image_size}
-    store = create_store(plan.path, plan.meta, {
-        s: {"items": [(it.path, it.label) for it in plan.dataset.splits[s]], "arrays": arrs}
-        for s, arrs in plan.split_arrays.items()}, plan.shard_size, init=_init_store(plan, model, frozen, device))
+    splits = {s: {"items": [(it.path, it.label) for it in plan.dataset.splits[s]], "arrays": arrs,
+                  "num_frames": [it.num_frames for it in plan.dataset.splits[s]]}
+              for s, arrs in plan.split_arrays.items()}
+    init = _init_store(plan, model, frozen, device)
+    store = create_store(plan.path, plan.meta, splits, plan.shard_size, init=init)
+    static = [p for p in problems if p.shard is None]
+    if static:
+        log(f"repairing {plan.path}: " + "; ".join(static[:5]) + (" ..." if len(static) > 5 else ""))
+        fixed = repair_static(plan.path, splits, store.shard_size, plan.meta, init)
+        log(f"restored {len(fixed)} file(s): {', '.join(fixed[:10])}{' ...' if len(fixed) > 10 else ''}")
+        store = open_store(plan.path)
     del model.transformer  # the text tower is no longer needed
     # This process's shards: a fixed contiguous range of the full shard list, so ranges stay
     # disjoint across ranks and across reruns; then only those still pending.
@@ -423,6 +532,17 @@ def run_extraction(plan: ExtractPlan, shard: tuple[int, int] | None = None, prog
     all_shards = [(s, k) for s in store.splits for k in range(store.num_shards(s))]
     lo, hi = (len(all_shards) * rank) // world, (len(all_shards) * (rank + 1)) // world
     mine = set(all_shards[lo:hi])
+    bad: dict[str, set] = {s: set(ks) for s, ks in redo.items()}
+    for p in problems:
+        if p.shard is not None:
+            bad.setdefault(p.split, set()).add(p.shard)
+    for s, ks in bad.items():
+        ks = sorted(k for k in ks if (s, k) in mine)
+        if ks:
+            why = [p for p in problems if p.split == s and p.shard in ks]
+            log(f"redoing {len(ks)} shard(s) of '{s}' ({', '.join(map(str, ks[:20]))}"
+                f"{' ...' if len(ks) > 20 else ''})" + (f": {why[0]}" + (" ..." if len(why) > 1 else "") if why else ""))
+            store.reset_shards(s, ks)
     todo = [(s, k) for s in store.splits for k in store.pending_shards(s) if (s, k) in mine]
     done_before = len(mine) - len(todo)
     if done_before:
@@ -440,6 +560,12 @@ def run_extraction(plan: ExtractPlan, shard: tuple[int, int] | None = None, prog
     if jobs:
         _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, result)
     result.seconds = time.perf_counter() - t_start
+    if problems or redo:
+        left = [p for p in store.verify(finite=False) if p.shard is None or (p.split, p.shard) in mine]
+        if left:
+            raise CacheError(f"cache {plan.path} still fails verification after repair: {left[0]}"
+                             + (f" (and {len(left) - 1} more)" if len(left) > 1 else "")
+                             + f"; remove {plan.path} and extract again")
     if store.is_complete():
         result.summary = store.write_summary()
         mark_latest(plan.path, plan.dataset.name)
@@ -460,8 +586,8 @@ def _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, r
         # per frame to contention, so leave the workers their cores.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
     resize = resize_side(plan.info.image_size, plan.cfg.resize_ratio)
-    loader = DataLoader(_DecodeJobs(jobs, sampling, plan.info.image_size, resize), batch_size=1, shuffle=False,
-                        num_workers=workers, collate_fn=_first, prefetch_factor=4 if workers else None,
+    loader = DataLoader(_DecodeJobs(jobs, sampling, plan.info.image_size, resize, cfg.hash_sources), batch_size=1,
+                        shuffle=False, num_workers=workers, collate_fn=_first, prefetch_factor=4 if workers else None,
                         persistent_workers=False)
     # a shard's buffer is made when its first video arrives and handed to the writer when its last
     # does; jobs come in shard order, so only the shard being filled (and the ones waiting for
@@ -472,20 +598,19 @@ def _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, r
     pending_writes: list[Future] = []
     bar = tqdm(total=len(jobs), unit="video", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     t0 = time.perf_counter()
-    queue: list[tuple[str, int, np.ndarray]] = []
-    records: dict[tuple[str, int], dict] = {}  # decoder and warnings of videos waiting in the queue
+    queue: list[tuple[str, int, np.ndarray, dict]] = []
     queued_frames = 0
     staging = [None] if device.startswith("cuda") else None  # pinned uint8 frames, grown on demand
 
     def shard_of(split: str, index: int) -> tuple[str, int]:
         return split, index // store.shard_size
 
-    def finish(split: str, index: int, outputs, reason) -> None:
+    def finish(split: str, index: int, outputs, reason, info=None) -> None:
         key = shard_of(split, index)
         buf = buffers.get(key)
         if buf is None:
             buf = buffers[key] = _ShardBuffer(store, *key)
-        buf.put(index, outputs, reason, items[split][index].path, records.pop((split, index), None))
+        buf.put(index, outputs, reason, items[split][index].path, info)
         if reason is not None:
             result.failed += 1
         else:
@@ -496,13 +621,13 @@ def _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, r
             while len(pending_writes) >= 2:  # bound memory held by shards waiting for the disk
                 pending_writes.pop(0).result()
             pending_writes.append(writer.submit(store.write_shard, buf.split, buf.shard, buf.arrays,
-                                                buf.status, buf.failures, buf.videos))
+                                                buf.status, buf.failures, sorted(buf.videos, key=lambda v: v["index"])))
 
     def flush() -> None:
         nonlocal queue, queued_frames
         if not queue:
             return
-        parts = [torch.from_numpy(v).reshape(-1, *v.shape[2:]) for _, _, v in queue]  # (F_i, S, S, 3) uint8
+        parts = [torch.from_numpy(v).reshape(-1, *v.shape[2:]) for _, _, v, _ in queue]  # (F_i, S, S, 3) uint8
         if staging is None:
             x = torch.cat(parts)
         else:  # GPU: gather into page-locked memory so the copy runs by DMA, without a bounce buffer
@@ -519,25 +644,23 @@ def _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, r
         result.encoder_seconds += time.perf_counter() - te
         outs = {k: v.half().cpu().numpy() for k, v in outs.items()}  # fp16 is what the shard holds: half the copy
         pos = 0
-        for split, index, views in queue:
+        for split, index, views, info in queue:
             V, T = views.shape[:2]
             n = V * T
             per = {k: v[pos:pos + n].reshape(V, T, *v.shape[1:]) for k, v in outs.items()}  # (V, T, ...)
             if split in keeps_frames:
                 per["frames"] = views
             result.frames += n
-            finish(split, index, per, None)
+            finish(split, index, per, None, info)
             pos += n
         queue, queued_frames = [], 0
 
     try:
-        for split, index, views, reason, record in loader:
-            if record is not None:
-                records[(split, index)] = record
+        for split, index, views, reason, info in loader:
             if views is None:
-                finish(split, index, None, reason)
+                finish(split, index, None, reason, info)
             else:
-                queue.append((split, index, views))
+                queue.append((split, index, views, info))
                 queued_frames += views.shape[0] * views.shape[1]
                 if queued_frames >= cfg.batch_frames:
                     flush()

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from cache.errors import CacheMismatchError, ConfigError, DatasetError
-from cache.store import FeatureStore, atomic_write_text, open_store
+from cache.errors import CacheMismatchError, ConfigError, DatasetError, TrainingError
+from cache.store import PENDING, FeatureStore, atomic_write_text, open_store
 from stages.cache_data import CacheSplit, check_cache_for_head, select_videos
 from stages.dist import DistContext, dist_device, rank_batches
 from stages.runs import RunLog
@@ -393,12 +393,14 @@ def _remove_unstarted(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _run_id(cfg: TrainCfg, head: Head, store: FeatureStore) -> str:
+def _run_id(cfg: TrainCfg, head: Head, store: FeatureStore, partial: str = "") -> str:
     """Hash of the resolved settings (an option set to its default names the same run) and the
     data: the cache key and the source, so training from a subset of shards never lands in the
-    folder of a run on the whole Zarr cache."""
-    blob = json.dumps({"train": asdict(cfg), "head": asdict(head.cfg), "cache": store.key,
-                       "source": store.source_id}, sort_keys=True, default=str)
+    folder of a run on the whole Zarr cache (``partial``: which videos of an unfinished cache)."""
+    data = {"train": asdict(cfg), "head": asdict(head.cfg), "cache": store.key, "source": store.source_id}
+    if partial:
+        data["partial"] = partial
+    blob = json.dumps(data, sort_keys=True, default=str)
     return f"{cfg.head}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
@@ -428,10 +430,12 @@ def _amp_dtype(cfg, device: torch.device):
 def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: dict | None = None,
                run_dir: str | Path | None = None, runs_root: str | Path | None = None, resume: bool = False,
                progress: bool = True, log=print, init_weight: torch.Tensor | None = None,
-               reuse: bool = False) -> dict:
+               reuse: bool = False, allow_partial: bool = False) -> dict:
     """Train (or fit) ``cfg.head`` on a cache and evaluate it; returns the metrics dict.
 
     ``reuse``: a finished run of the same resolved config in ``run_dir`` is returned as is.
+    A Zarr cache must be finished and sound in what the run reads (checked once, before any run
+    folder exists); ``allow_partial``: train on the done videos of an unfinished one.
     Under torchrun every rank calls this (module docstring); rank 0 writes the run folder.
     """
     cfg.validate()
@@ -442,13 +446,15 @@ def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: 
     try:
         amp_dtype = _amp_dtype(cfg, device)
         return _train_head(store, cfg, dict(head_overrides or {}), run_dir, runs_root, resume, progress and ctx.main,
-                           log if ctx.main else (lambda *a, **k: None), init_weight, reuse, ctx, device, amp_dtype)
+                           log if ctx.main else (lambda *a, **k: None), init_weight, reuse, ctx, device, amp_dtype,
+                           allow_partial)
     finally:
         ctx.stop()
 
 
 def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, resume: bool, progress: bool, log,
-                init_weight, reuse: bool, ctx: DistContext, device: torch.device, amp_dtype) -> dict:
+                init_weight, reuse: bool, ctx: DistContext, device: torch.device, amp_dtype,
+                allow_partial: bool = False) -> dict:
     K_all = int(store.meta["dims"]["num_classes"])
     train_classes = parse_class_spec(cfg.train_classes, K_all)
     test_classes = parse_class_spec(cfg.test_classes, K_all)
@@ -461,6 +467,13 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
         raise ConfigError(f"--test-classes needs a head with a text classifier; '{cfg.head}' has none")
     keys = head.data_keys()
     inputs = check_cache_for_head(store, keys, cfg.head, [cfg.train_split, cfg.eval_split])
+    partial = ""
+    if isinstance(store, FeatureStore):
+        reads = {cfg.eval_split: inputs[cfg.eval_split].array_names()}
+        reads[cfg.train_split] = inputs[cfg.train_split].array_names() + (["frame_emb"] * (
+            head.has_classifier and cfg.classifier_init == "lda" and init_weight is None))
+        if any(store.require_sound(reads, allow_partial, log).values()):  # unfinished: name which videos
+            partial = hashlib.sha256(b"".join((store.status(s) == PENDING).tobytes() for s in sorted(reads))).hexdigest()
     train_idx = select_videos(store, cfg.train_split, shots=cfg.shots, fraction=cfg.fraction,
                               classes=train_classes, seed=cfg.seed)
     eval_classes = test_classes if test_classes is not None else train_classes
@@ -480,7 +493,7 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
                                "or pass --wds-resample")
 
     run_dir = Path(run_dir) if run_dir else Path(runs_root or Path(os.environ.get("CLIPCACHE_ROOT", "artifacts")) / "runs") \
-        / _run_id(cfg, head, store)
+        / _run_id(cfg, head, store, partial)
     created = ctx.main and not run_dir.exists()  # rank 0 makes (and may remove) the run folder
     if ctx.main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -787,6 +800,10 @@ def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resol
                 if ctx.enabled:  # every rank: the loss of the whole global batch
                     out, labels = _global_batch(out, labels, valid, ctx)
                 loss = head.loss(out, labels, cfg.label_smoothing)
+            if not torch.isfinite(loss.detach()):  # every rank sees the same global loss: all stop here
+                raise TrainingError(f"training stopped: the loss is {loss.item()} at epoch {epoch + 1}, step "
+                                    f"{len(losses) + 1}; check the cache (`pipeline cache verify`) or lower the "
+                                    "learning rate (--set lr=...)")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss * ctx.world if ctx.enabled else loss).backward()  # DDP averages over ranks
             if cfg.grad_clip > 0:
@@ -854,7 +871,7 @@ def _open_source(path: str | Path, source: str = ""):
 
 
 def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, split: str = "val",
-                 text_set: str = "", eval_average: str = "scores") -> dict:
+                 text_set: str = "", eval_average: str = "scores", allow_partial: bool = False) -> dict:
     """Evaluate a trained run, on its own cache or on another one (cross-dataset zero-shot).
 
     A cache is a Zarr folder or a WebDataset export's header: a run trained from shards is
@@ -891,6 +908,8 @@ def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, split: st
         raise ConfigError("a text set applies only when evaluating on another dataset's cache (--cache); "
                           "on its own cache a run keeps the classifier it was trained with")
     inputs = check_cache_for_head(target, head.data_keys(), name, [split])
+    if isinstance(target, FeatureStore):
+        target.require_sound({split: inputs[split].array_names()}, allow_partial, log=print)
     idx = select_videos(target, split)
     data = _split_data(target, inputs[split], idx, train=False, label_map=None)
     classifier = None

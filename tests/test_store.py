@@ -83,13 +83,13 @@ def test_verify_finds_done_rows_without_data(tmp_path):
     data = _shard_data(st, 0)
     st.write_shard("train", 0, data, np.array([DONE, DONE], np.int8), [])
     assert st.verify() == []
-    # corrupt: mark a never-written row done behind the store's back
+    # corrupt: mark a never-written row done behind the store's back (no record commits it)
     st.root["train/status"][4:5] = np.array([DONE], np.int8)
     problems = st.verify()
-    assert any("[4]" in p for p in problems)
-    # a failed row without a recorded reason is a problem too
-    st.root["train/status"][2:3] = np.array([FAILED], np.int8)
-    assert any("without a recorded reason" in p for p in st.verify())
+    assert [(p.split, p.shard) for p in problems] == [("train", 2)] and "record" in problems[0]
+    # a row turned failed: the status chunk no longer matches the status its record committed
+    st.root["train/status"][0:1] = np.array([FAILED], np.int8)
+    assert any(p.shard == 0 and "does not match" in p for p in st.verify())
 
 
 def test_not_a_store(tmp_path):
