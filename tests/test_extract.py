@@ -296,7 +296,9 @@ def test_cache_records_the_decoder_and_warnings_of_each_video(demo_small, tmp_pa
     assert sorted(recs) == [0, 1, 2]
     assert recs[1]["decoder"] == "pyav" and any("corrupt packet" in w for w in recs[1]["warnings"])
     assert recs[0]["decoder"] in ("decord", "pyav") and recs[0]["warnings"] == []
-    assert sorted(p.name for p in (out / "train" / "videos").iterdir()) == ["shard-000000.json", "shard-000001.json"]
+    # the records live in each shard's commit record (checksummed, written before the status chunk)
+    assert sorted(p.name for p in (out / "train" / "records").iterdir()) == ["shard-000000.json", "shard-000001.json"]
+    assert not st.verify()
     info = run_cli("cache", "info", out, check=True).stdout
     assert "decoded by" in info and "pyav" in info
     assert f"warning {bad}" in info and "corrupt packet" in info
