@@ -72,6 +72,10 @@ Activation = Annotated[str, typer.Option(
     help="MLP activation the weights were trained with: auto (from the tag, the checkpoint or the model name; "
          "a checkpoint that cannot say is refused) | gelu | quick_gelu (OpenAI-trained weights).")]
 Frames = Annotated[int, typer.Option(help="Frames per clip (T).")]
+PerStepBatch = Annotated[Optional[int], typer.Option(
+    help="Videos per step and process (the global batch is reached by gradient accumulation).")]
+GlobalBatch = Annotated[Optional[int], typer.Option(
+    help="Videos per optimiser step (default: the recipe's); the recipe's lr is scaled linearly unless lr is set.")]
 
 
 # ----------------------------------------------------------------------------- extract
@@ -350,10 +354,8 @@ def train(
                                       help="Draw shards with replacement (multi-node streaming)."),
     recipe: str = typer.Option("paper", help="paper (the head's published recipe, SPEC section 7) | quick "
                                              "(small data: lr 1e-3, batch 32, 10 epochs). Options override it."),
-    batch: Optional[int] = typer.Option(None, help="Videos per step and process (the global batch is reached "
-                                                   "by gradient accumulation)."),
-    global_batch: Optional[int] = typer.Option(None, help="Videos per optimiser step (default: the recipe's); "
-                                                          "the recipe's lr is scaled linearly unless lr is set."),
+    batch: PerStepBatch = None,
+    global_batch: GlobalBatch = None,
     allow_partial: bool = typer.Option(False, "--allow-partial",
                                        help="Train on the done videos of an unfinished cache (said loudly)."),
 ):
@@ -565,10 +567,8 @@ def finetune(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     recipe: str = typer.Option("paper", help="paper (the paradigm's published recipe and augmentation, SPEC "
                                              "section 7) | quick (generic, small data). Options override it."),
-    batch: Optional[int] = typer.Option(None, help="Videos per step and process (the global batch is reached "
-                                                   "by gradient accumulation)."),
-    global_batch: Optional[int] = typer.Option(None, help="Videos per optimiser step (default: the recipe's); "
-                                                          "the recipe's lr is scaled linearly unless lr is set."),
+    batch: PerStepBatch = None,
+    global_batch: GlobalBatch = None,
 ):
     """Stage three: fine-tune CLIP end to end from raw video (Text4Vis or ActionCLIP). Runs under torchrun too."""
     import dataclasses as dc

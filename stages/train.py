@@ -806,12 +806,7 @@ def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resol
                                     "learning rate (--set lr=...)")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss * ctx.world if ctx.enabled else loss).backward()  # DDP averages over ranks
-            if cfg.grad_clip > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
+            _optimizer_step(opt, scaler, sched, cfg, params)
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         ctx.sync_buffers(head)
