@@ -37,14 +37,10 @@ def run_cli(*args: str, check: bool = False, timeout: float = 300, env: dict | N
     return proc
 
 
-def popen_cli(*args: str, nice: int = 0) -> subprocess.Popen:
-    """``pipeline ...`` started in the background. ``nice`` > 0 lowers its CPU priority, so that on
-    a busy machine the test process polling it is scheduled first (kill tests: the kill lands
-    while the run is still going)."""
+def popen_cli(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT),
-                            preexec_fn=(lambda: os.nice(nice)) if nice else None)
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
 
 
 def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float = 120,
