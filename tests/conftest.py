@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -37,6 +41,86 @@ def popen_cli(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
+
+
+def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float = 120,
+              poll: float = 0.002) -> bool:
+    """SIGKILL ``proc`` as soon as ``ready()`` holds; True when it was killed that way, False when
+    it ended first (or ``timeout`` passed, when it is killed anyway). Output is drained so a
+    full pipe never stalls the run."""
+    deadline = time.time() + timeout
+    fired = False
+    while time.time() < deadline and proc.poll() is None:
+        if ready():
+            fired = True
+            break
+        time.sleep(poll)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    return fired and proc.returncode == -signal.SIGKILL
+
+
+def kill_mid_run(start: Callable[[], subprocess.Popen], ready: Callable[[], bool], mid_run: Callable[[], bool],
+                 reset: Callable[[], None], attempts: int = 4, timeout: float = 120) -> int:
+    """Start a run, SIGKILL it once ``ready()`` (e.g. a first checkpoint or shard is committed)
+    and check with ``mid_run()`` that it was really stopped part-way. A run that got to its end
+    before the kill landed (a loaded machine can deschedule the poller) is not a failure of the
+    code under test: ``reset()`` puts the folder back to its starting state and it starts over,
+    at most ``attempts`` times. Returns the attempt (1-based) that was killed mid-run."""
+    for attempt in range(1, attempts + 1):
+        reset()
+        if kill_when(start(), ready, timeout) and mid_run():
+            return attempt
+    raise AssertionError(f"could not kill the run mid-way in {attempts} attempts")
+
+
+def committed(path: Path) -> dict[str, list[int]] | None:
+    """The shards the store at ``path`` has committed, per split ({split: [shard, ...]}), read
+    through the store's own API (its status array), never by listing chunk files: a writer's
+    temporary ``*.partial`` file in a chunk folder is not a committed shard. None while there is
+    no store yet (it appears atomically, by a rename, with everything but the shards)."""
+    from cache.errors import CacheError
+    from cache.store import PENDING, open_store
+
+    if not path.exists():
+        return None
+    try:
+        st = open_store(path)
+    except CacheError:
+        return None
+    out = {}
+    for split in st.splits:
+        status = st.status(split)
+        out[split] = [k for k in range(st.num_shards(split))
+                      if (status[slice(*st.shard_range(split, k))] != PENDING).all()]
+    return out
+
+
+def n_committed(path: Path) -> int:
+    done = committed(path)
+    return sum(map(len, done.values())) if done else 0
+
+
+def torchrun(*args, nproc: int = 2, timeout: float = 600, env: dict | None = None,
+             attempts: int = 3) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node N ARGS`` (a Python file or ``-m module``).
+
+    No port is picked here: ``--standalone`` has torchrun's agent bind its rendezvous store to
+    ``localhost:0`` (the kernel picks a free port while the socket is bound, so nobody can take it
+    in between) and the ranks join that same store as clients. A test that binds a port, closes
+    it and passes its number can lose it to another process before torchrun binds it. Should a
+    rank still report an address in use (a gloo pair), the job is started again, at most
+    ``attempts`` times."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    exe = Path(sys.executable).with_name("torchrun")
+    cmd = [str(exe) if exe.exists() else shutil.which("torchrun") or "torchrun", "--standalone",
+           "--nproc_per_node", str(nproc), *map(str, args)]
+    for attempt in range(attempts):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=str(ROOT))
+        if proc.returncode == 0 or "address already in use" not in proc.stderr.lower():
+            return proc
+    return proc
 
 
 def demo_args(ds, out, *extra: str) -> list[str]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +10,7 @@ import pytest
 import torch
 
 from cache.store import DONE, FAILED, open_store
-from conftest import demo_args, popen_cli, run_cli
+from conftest import committed, demo_args, kill_mid_run, n_committed, popen_cli, run_cli
 
 
 def _assert_same_features(a, b, splits=None, rows=None):
@@ -85,28 +83,22 @@ def test_sigkill_then_rerun_finishes_without_redoing_done_shards(demo_small, ref
     out = tmp_path / "cache"
     args = demo_args(demo_small, out, "--layers", "all", "--patch", "--shard-size", "2", "--batch-frames", "8",
                      "--workers", "0", "--text", "clip_single,clip_actionclip")
-    status_dir = out / "train" / "status" / "c"
-    killed_with_done = None
-    for delay in (0.0, 0.05, 0.2):
-        shutil.rmtree(out, ignore_errors=True)
-        proc = popen_cli(*args)
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            if status_dir.exists() and len(list(status_dir.iterdir())) >= 1:
-                time.sleep(delay)
-                break
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        if proc.returncode == -signal.SIGKILL and out.exists():
-            st = open_store(out)
-            if not st.is_complete():
-                killed_with_done = {s: st.status(s).copy() for s in st.splits}
-                break
-    assert killed_with_done is not None, "could not kill the extraction mid-run"
-    done_files = {p: p.stat().st_mtime_ns for p in status_dir.iterdir()}
+    # killed once the store's status says a shard is committed (not when a chunk file shows up:
+    # zarr writes a temporary *.partial file first), and only counted when some were still pending
+    kill_mid_run(lambda: popen_cli(*args), lambda: n_committed(out) >= 1,
+                 lambda: not open_store(out).is_complete(), lambda: shutil.rmtree(out, ignore_errors=True))
+    before = committed(out)
+    n_before = sum(map(len, before.values()))
+    assert n_before >= 1, "no shard was committed before the kill"
+    st = open_store(out)
+    for split, shards in before.items():  # what the status calls done really is there
+        for k in shards:
+            assert (st.status(split)[slice(*st.shard_range(split, k))] == DONE).all()
+    # the status chunk of each committed shard (chunks of the status array are shards)
+    done_files = {out / split / "status" / "c" / str(k): None for split, shards in before.items() for k in shards}
+    done_files = {p: p.stat().st_mtime_ns for p in done_files}
     rerun = run_cli(*args, check=True)
-    assert "resuming" in rerun.stdout
+    assert "resuming" in rerun.stdout and f"{n_before} shard(s) already done" in rerun.stdout, rerun.stdout
     st = open_store(out)
     assert st.is_complete()
     for s in st.splits:

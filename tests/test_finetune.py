@@ -5,12 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +13,7 @@ import pytest
 import torch
 
 from cache.errors import ConfigError
-from conftest import ROOT, popen_cli, run_cli
+from conftest import kill_mid_run, popen_cli, run_cli, torchrun
 
 # Small but real: 4 frames, 1-layer temporal module / prompt, global batch 4 (3 steps an epoch), no warmup.
 COMMON = ["--model", "tiny", "--frames", "4", "--no-progress", "--recipe", "quick", "--set", "batch_size=4",
@@ -215,15 +210,9 @@ def test_export_builds_a_stage_one_cache_of_the_finetuned_model(text4vis_run, de
 
 def test_torchrun_two_processes_match_one_process(actionclip_run, demo_small, tmp_path):
     run1, _ = actionclip_run
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     run2 = tmp_path / "ddp"
     args = _ft_args(demo_small, "actionclip", run2, 2, "--set", "lr=1e-4", "--views", "2x3")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(port), "-m", "pipeline.cli",
-                           *args], capture_output=True, text=True, timeout=300, env=env, cwd=str(ROOT))
+    proc = torchrun("-m", "pipeline.cli", *args, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = _metrics(run1), _metrics(run2)
     assert two["world_size"] == 2 and one["world_size"] == 1
@@ -238,18 +227,11 @@ def test_sigkill_and_resume_continue_from_the_last_checkpoint(text4vis_run, demo
     run = tmp_path / "run"
     args = _ft_args(demo_small, "text4vis", run, 2, "--set", "lr=5e-4")
     ckpt = run / "last.pt"
-    for _ in range(3):
-        p = popen_cli(*args)
-        deadline = time.time() + 120
-        while time.time() < deadline and p.poll() is None:
-            if ckpt.exists():
-                p.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.002)
-        p.wait()
-        if p.returncode == -signal.SIGKILL and not (run / "metrics.json").exists():
-            break
-    assert p.returncode == -signal.SIGKILL and not (run / "metrics.json").exists(), "could not kill mid-run"
+    # killed once the first epoch's checkpoint is on disk; a run that finished before the kill
+    # landed is started over from a clean folder (a bounded number of times)
+    kill_mid_run(lambda: popen_cli(*args), ckpt.exists,
+                 lambda: not (run / "metrics.json").exists() and torch.load(ckpt, weights_only=False)["epoch"] == 1,
+                 lambda: shutil.rmtree(run, ignore_errors=True))
     epoch_at_kill = torch.load(ckpt, weights_only=False)["epoch"]
     assert epoch_at_kill == 1
     assert not list(run.glob(".*tmp*")), "a partial checkpoint was left behind"

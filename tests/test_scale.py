@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
+import shutil
 
 import numpy as np
 import pytest
@@ -15,7 +10,7 @@ import torch
 
 from cache.errors import ConfigError
 from cache.store import DONE, open_store
-from conftest import ROOT, demo_args, popen_cli, run_cli
+from conftest import demo_args, kill_mid_run, n_committed, popen_cli, run_cli, torchrun
 
 OPTS = ("--layers", "all", "--patch", "--shard-size", "2", "--text", "clip_single", "--workers", "0")
 
@@ -68,11 +63,7 @@ def _finalize(path, capsys=None):
 
 def test_torchrun_ranks_take_their_shards_and_equal_one_process(demo_small, reference, tmp_path):
     out = tmp_path / "cache"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "pipeline.cli",
-                           *demo_args(demo_small, out, *OPTS)], capture_output=True, text=True, timeout=300,
-                          env=env, cwd=str(ROOT))
+    proc = torchrun("-m", "pipeline.cli", *demo_args(demo_small, out, *OPTS), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # 10 shards (6 train + 4 val of 2 videos): rank 0 takes the first 5, rank 1 the last 5, without --shard
     assert proc.stdout.count(": 10 videos encoded, 0 failed") == 2, proc.stdout
@@ -93,29 +84,28 @@ def test_a_killed_rank_is_rerun_alone_and_finalize_reports_what_is_missing(demo_
     assert not (out / "summary.json").exists()
 
     args = demo_args(demo_small, out, *OPTS, "--shard", "1/2")
-    status_dirs = [out / "train" / "status" / "c", out / "val" / "status" / "c"]
-    before = sum(len(list(d.iterdir())) for d in status_dirs if d.exists())
-    killed = False
-    for _ in range(3):
-        proc = popen_cli(*args)
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            if sum(len(list(d.iterdir())) for d in status_dirs if d.exists()) > before:
-                break  # rank 1 committed a shard: kill it mid-run
-            time.sleep(0.003)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        if proc.returncode == -signal.SIGKILL and not open_store(out).is_complete():
-            killed = True
-            break
-        if open_store(out).is_complete():  # finished before the kill: start rank 1 over
-            pytest.skip("rank 1 finished before it could be killed")
-    assert killed, "could not kill rank 1 mid-run"
+    # rank 0's finished state, to start rank 1 over from should it finish before the kill lands
+    saved = tmp_path / "rank0-only"
+    shutil.copytree(out, saved)
+    before = n_committed(out)
+    assert before == 5
+
+    def reset():
+        shutil.rmtree(out)
+        shutil.copytree(saved, out)
+
+    # rank 1 is killed once the store's status (not a chunk file, which may be zarr's temporary
+    # *.partial) says it committed a shard, and only counted when it left some pending
+    kill_mid_run(lambda: popen_cli(*args), lambda: n_committed(out) > before,
+                 lambda: not open_store(out).is_complete(), reset)
+    n_rank1 = n_committed(out) - before
+    assert 1 <= n_rank1 < 5, "rank 1 committed no shard before the kill"
     code, _, err = _finalize(out, capsys)
     assert code == 2 and "pending" in err[0]
 
     rerun = run_cli(*args, check=True)  # the same command, alone
-    assert "resuming" in rerun.stdout and "10 videos" not in rerun.stdout  # only what rank 1 had left
+    assert "resuming" in rerun.stdout and f"{n_rank1} shard(s) already done" in rerun.stdout, rerun.stdout
+    assert "10 videos" not in rerun.stdout  # only what rank 1 had left
     st = open_store(out)
     assert st.is_complete() and st.verify() == []
     _assert_same_cache(st, reference)

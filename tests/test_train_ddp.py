@@ -10,10 +10,6 @@ rank draws masks for its own slice.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +17,7 @@ import torch
 
 from cache.store import open_store
 from cache.wds import export_wds
-from conftest import ROOT
+from conftest import ROOT, torchrun
 from stages.train import TrainCfg, train_head
 
 RUNS = {  # name -> (train options, head options)
@@ -36,19 +32,6 @@ RUNS = {  # name -> (train options, head options)
     "lda": ({"head": "lda"}, {}),
     "zero_shot": ({"head": "text4vis", "epochs": 0}, {"temporal": "tap"}),
 }
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun(*args, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    torchrun = Path(sys.executable).with_name("torchrun")
-    return subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(_port()), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=str(ROOT))
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +63,7 @@ def ddp_job(demo_small, tmp_path_factory):
     ]
     job = tmp / "job.json"
     job.write_text(json.dumps({"cache": str(store.path), "out": str(tmp / "runs"), "runs": runs}))
-    proc = _torchrun(ROOT / "tests" / "_ddp_worker.py", job)
+    proc = torchrun(ROOT / "tests" / "_ddp_worker.py", job)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return store, tmp / "runs", tmp
 
@@ -156,7 +139,7 @@ def test_cli_under_torchrun_reports_once(ddp_job, tmp_path):
     store, runs, _ = ddp_job
     train, _ = RUNS["tap"]
     sets = [x for k, v in train.items() if k != "head" for x in ("--set", f"{k}={v}")]
-    proc = _torchrun("-m", "pipeline.cli", "train", "--head", "tap", "--cache", store.path, *sets,
+    proc = torchrun("-m", "pipeline.cli", "train", "--head", "tap", "--cache", store.path, *sets,
                      "--run-dir", tmp_path / "run", "--no-progress", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("tap: top1") == 1  # rank 0 reports
@@ -183,7 +166,7 @@ def test_a_run_stopped_on_one_process_resumes_on_two_ranks(ddp_job, tmp_path, mo
     monkeypatch.undo()
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["epoch"] == 1
     sets = [x for k, v in train.items() if k != "head" for x in ("--set", f"{k}={v}")]
-    proc = _torchrun("-m", "pipeline.cli", "train", "--head", "tap", "--cache", store.path, *sets,
+    proc = torchrun("-m", "pipeline.cli", "train", "--head", "tap", "--cache", store.path, *sets,
                      "--run-dir", tmp_path / "run", "--resume", "--no-progress", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "from epoch 1" in proc.stdout
