@@ -73,7 +73,7 @@ def test_sigkill_and_resume_match_an_uninterrupted_run(full_cache, tmp_path):
         if code == -signal.SIGKILL and not (run / "metrics.json").exists():
             break
     assert code == -signal.SIGKILL and not (run / "metrics.json").exists(), "could not kill training mid-run"
-    epoch_at_kill = torch.load(run / "last.pt", weights_only=False)["epoch"]
+    epoch_at_kill = torch.load(run / "last.pt", weights_only=True)["epoch"]
     assert epoch_at_kill < 12
     proc = run_cli(*args, "--resume", check=True)
     assert f"from epoch {epoch_at_kill}" in proc.stdout
