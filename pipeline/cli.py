@@ -5,6 +5,11 @@ Every error a user can cause is a PipelineError: one line on stderr, exit status
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m pipeline.cli`: handle SIGINT/SIGTERM before the imports below
+    from pipeline import signals as _signals
+
+    _signals.install()
+
 import json
 import sys
 from pathlib import Path
