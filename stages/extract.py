@@ -37,8 +37,8 @@ from cache.store import (
     mark_latest,
     open_store,
 )
-from stages.dist import check_device
 from stages.backbone import BackboneInfo, FrozenCLIP, load_clip, model_config, parse_layers, resolve_model_name, weights_id
+from stages.dist import check_device
 from stages.text import TEXT_SETS, compute_text_sets
 from stages.video import SamplingCfg, decode_clips, make_views, normalize, parse_views
 
