@@ -2,12 +2,13 @@
 
 They live on the lowest floor (cache/) so that cache, stages and pipeline can all raise
 them without importing upwards. The CLI turns any PipelineError into one line on stderr
-and exit status 2; anything else is a bug and keeps its traceback.
+and its exit status (2; 1 for RunFailedError); anything else is a bug and keeps its traceback.
 """
 
 __all__ = [
     "PipelineError",
     "ConfigError",
+    "RunFailedError",
     "DatasetError",
     "CacheError",
     "CacheMismatchError",
@@ -18,7 +19,15 @@ __all__ = [
 
 
 class PipelineError(Exception):
-    """Base class for every error a user can cause."""
+    """Base class for every error a user can cause (the CLI exits with ``exit_code``)."""
+
+    exit_code = 2
+
+
+class RunFailedError(PipelineError, RuntimeError):
+    """A run that could not do its work (every video failed, the disk is full): exit status 1."""
+
+    exit_code = 1
 
 
 class ConfigError(PipelineError, ValueError):

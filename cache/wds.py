@@ -441,9 +441,18 @@ class WdsCache:
             raise CacheError(f"{header} is not a clipcache WebDataset header")
         self.meta: dict[str, Any] = self.header["meta"]
         self._arrays: dict[str, np.ndarray] = {}
-        with opener(_sibling(header, self.header["extra"])) as fh:
-            for sample_name, data in _iter_members(fh):
-                self._arrays[sample_name] = np.array(load_npy(data))  # writable, own memory
+        extra = _sibling(header, self.header["extra"])
+        try:
+            with opener(extra) as fh:
+                for sample_name, data in _iter_members(fh):
+                    self._arrays[sample_name] = np.array(load_npy(data))  # writable, own memory
+        except (tarfile.TarError, EOFError, ValueError) as exc:
+            raise CacheError(f"WebDataset file {extra} is truncated or damaged ({str(exc)[:120]}): copy it again, "
+                             "or re-export the cache (pipeline cache export)") from None
+        for split in self.header["splits"]:
+            if f"split/{split}/status.npy" not in self._arrays:
+                raise CacheError(f"WebDataset file {extra} lacks the status of split '{split}' (truncated?): copy "
+                                 "it again, or re-export the cache (pipeline cache export)")
         self._shards: dict[str, list[str]] = {}
         for split, info in self.header["splits"].items():
             self._shards[split] = [_sibling(header, s["file"]) for s in info["shards"]]
@@ -550,7 +559,16 @@ class WdsCache:
                      select: Callable[[str], bool] | None = None) -> Iterator[dict[str, Any]]:
         for url in (self.shard_urls(split) if urls is None else urls):
             with self.opener(url) as fh:
-                yield from iter_tar_samples(fh, select)
+                samples = iter_tar_samples(fh, select)
+                while True:
+                    try:
+                        sample = next(samples)
+                    except StopIteration:
+                        break
+                    except (tarfile.TarError, EOFError) as exc:
+                        raise CacheError(f"WebDataset shard {url} is truncated or damaged ({str(exc)[:120]}): copy "
+                                         "it again, or re-export the cache (pipeline cache export)") from None
+                    yield sample
 
     def read(self, split: str, name: str, index: Any = slice(None), dtype=np.float32) -> np.ndarray:
         """Rows of one array by video index, like FeatureStore.read (one pass over the split's shards)."""

@@ -5,6 +5,11 @@ Every error a user can cause is a PipelineError: one line on stderr, exit status
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m pipeline.cli`: handle SIGINT/SIGTERM before the imports below
+    from pipeline import signals as _signals
+
+    _signals.install()
+
 import json
 import sys
 from pathlib import Path
@@ -129,12 +134,16 @@ def extract(
     hash_sources: bool = typer.Option(False, "--hash-sources", help="Also record each source video's sha256: a "
                                                                     "touched or copied file with the same content "
                                                                     "is then not taken as changed."),
+    max_failed: float = typer.Option(1.0, help="Exit 1 when more than this fraction of the videos failed "
+                                               "(a run where every video failed always exits 1)."),
 ):
     """Stage one: decode videos, run the frozen CLIP once, write the feature cache."""
     from pipeline.datasets import load_dataset
     from stages.extract import ExtractCfg, add_head_needs, describe_plan, plan_extraction, run_extraction
     from stages.recipes import resolve_protocol
 
+    if not 0 <= max_failed <= 1:
+        raise ConfigError(f"--max-failed must be a fraction in [0, 1], got {max_failed}")
     rank_world = _parse_shard(shard) if shard else None  # None: torchrun's RANK/WORLD_SIZE, or 0/1
     given = {"frames": frames, "sampling": sampling, "stride": stride, "views": views, "resize_ratio": resize_ratio}
     sample, _record, proto_lines = resolve_protocol(protocol, {k: v for k, v in given.items() if v is not None},
@@ -164,6 +173,7 @@ def extract(
 
 def _report_extraction(res) -> None:
     if res.reused:
+        _check_failures(res.summary, max_failed)
         return
     fps = res.frames / res.seconds if res.seconds else 0.0
     typer.echo(f"cache {res.path}: {res.videos} videos encoded, {res.failed} failed, "
@@ -176,6 +186,17 @@ def _report_extraction(res) -> None:
             typer.echo(f"  failed [{split}] {f['path']}: {f['reason']}")
     if not res.summary.get("complete", False):
         typer.echo("cache not complete yet (other shard ranges pending); run the remaining ranks, or rerun without --shard")
+    _check_failures(res.summary, max_failed)
+
+
+def _check_failures(summary: dict, max_failed: float) -> None:
+    """After the summary: exit 1 when every video (or more than --max-failed of them) failed."""
+    from cache.errors import RunFailedError
+    from stages.extract import failure_verdict
+
+    verdict = failure_verdict(summary, max_failed)
+    if verdict:
+        raise RunFailedError(f"extraction failed: {verdict}")
 
 
 # ----------------------------------------------------------------------------- cache ls/info/verify
@@ -344,6 +365,7 @@ def train(
     init: str = typer.Option("", help="Classifier init: clip_text | random_normal | orthogonal | lda | minilm."),
     run_dir: Optional[Path] = typer.Option(None, help="Run folder (default: artifacts/runs/<head>-<config hash>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Start over in a run folder that already holds a run."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     wds: str = typer.Option("", help="Train from WebDataset shards instead: the export's NAME-header.json, or a "
                                      "train shard pattern DIR/NAME-train-{000000..000003}.tar (path or URL)."),
@@ -376,7 +398,7 @@ def train(
         _resolve_cache(cache, dataset, cache_root)
     cfg, head_over = _protocol_eval(path, cfg, head_over, train_over)
     res = train_head(path, cfg, head_over, run_dir=run_dir, resume=resume, progress=progress,
-                     allow_partial=allow_partial)
+                     allow_partial=allow_partial, force=force)
     if res.get("rank", 0):  # under torchrun, rank 0 reports
         return
     fin = res["final"]
@@ -472,8 +494,14 @@ def compare_init_cmd(
             raise ConfigError(f"{flag} expects a comma list of integers, got '{text}'") from None
         if not values:
             raise ConfigError(f"{flag} is empty")
+        if min(values) < 0:
+            raise ConfigError(f"{flag} must hold integers >= 0, got {min(values)}")
         return values
 
+    if epochs is not None and epochs < 0:
+        raise ConfigError(f"--epochs must be 0 or more, got {epochs}")
+    if corr_classes < 0:
+        raise ConfigError(f"--corr-classes must be 0 or more (0: no maps), got {corr_classes}")
     modes = {"both": (True, False), "frozen": (True,), "tuned": (False,)}
     if frozen not in modes:
         raise ConfigError(f"--frozen must be one of {', '.join(modes)}, got '{frozen}'")
@@ -564,6 +592,7 @@ def finetune(
     run_dir: Optional[Path] = typer.Option(None, help="Run folder (default: "
                                                       "artifacts/runs/finetune-<paradigm>-<hash>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Start over in a run folder that already holds a run."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     recipe: str = typer.Option("paper", help="paper (the paradigm's published recipe and augmentation, SPEC "
                                              "section 7) | quick (generic, small data). Options override it."),
@@ -606,7 +635,7 @@ def finetune(
     spec = load_dataset(dataset, data_root=data_root, video_root=video_root, train_list=train_list,
                         val_list=val_list, test_list=test_list, classes=classes, split_id=split_id)
     res = run_finetune(spec, cfg, head_over, AugmentCfg(**aug_over), run_dir=run_dir, resume=resume,
-                       progress=progress, log=typer.echo)
+                       progress=progress, log=typer.echo, force=force)
     if res["rank"] != 0:
         return
     fin = res["final"]
@@ -706,23 +735,40 @@ def _wds_source(wds: str, header: str, eval_shards: str, shuffle: int, resample:
 
 # ----------------------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> None:
+    import errno
+
+    from pipeline import signals
+
+    previous = signals.install()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+    except signals.Interrupted as exc:
+        _echo_err(signals.LINE)
+        sys.exit(exc.exit_code)
     except PipelineError as exc:
         _echo_err(f"error: {exc}")
-        sys.exit(2)
-    except KeyboardInterrupt:
-        _echo_err("interrupted")
-        sys.exit(130)
+        sys.exit(exc.exit_code)
     except Exception as exc:
         import click
 
+        if signals.received():  # a failure caused by the stop (e.g. a DataLoader worker killed with us)
+            _echo_err(signals.LINE)
+            sys.exit(signals.exit_code())
         if isinstance(exc, click.exceptions.ClickException):
             exc.show()
             sys.exit(exc.exit_code)
         if isinstance(exc, click.exceptions.Abort):
             sys.exit(130)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" writing {exc.filename}" if exc.filename else ""
+            _echo_err(f"error: disk full{where} ({exc.strerror}): free some space, then rerun the same command "
+                      "to resume")
+            sys.exit(1)
         raise
+    finally:
+        signals.restore(previous)
+    if isinstance(code, int) and code:  # typer returns (not raises) Exit codes under standalone_mode=False
+        sys.exit(code)
 
 
 if __name__ == "__main__":

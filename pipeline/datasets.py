@@ -248,6 +248,7 @@ def read_video_list(path, video_root, num_classes, *, split: str | None = None, 
     root = _abs(video_root) if video_root is not None else os.path.dirname(_abs(path))
     folder_class = _folder_class_map(classes) if classes else {}
     items: list[VideoItem] = []
+    seen: dict[str, tuple[int, int]] = {}  # full path -> (label, line): one video, one label
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -287,7 +288,12 @@ def read_video_list(path, video_root, num_classes, *, split: str | None = None, 
             )
         if folder_class:
             _check_folder(where, rel, label, classes, folder_class)
-        items.append(VideoItem(os.path.normpath(os.path.join(root, rel)), label, num_frames))
+        full = os.path.normpath(os.path.join(root, rel))
+        if full in seen and seen[full][0] != label:
+            raise DatasetError(f"{where}: {rel!r} is listed again with label {label}, but line {seen[full][1]} gives it "
+                               f"label {seen[full][0]}; a video has one label: remove or fix one of the two lines")
+        seen.setdefault(full, (label, n))
+        items.append(VideoItem(full, label, num_frames))
     if not items:
         raise DatasetError(f"{what} {path}: no videos listed (the file is empty or holds only blank and comment lines)")
     return items
@@ -392,11 +398,16 @@ def _index_videos(video_root: Path) -> tuple[dict[str, str], dict[str, str]]:
 def _k400_items(path, what, rows, video_root, index, to_label) -> list[VideoItem]:
     by_name, by_stem = index
     items = []
+    seen: dict[str, tuple[int, int]] = {}
     for n, label, stem in rows:
         idx = to_label(label)
         if idx is None:
             raise DatasetError(f"{what} {path} line {n}: label {label!r} is not one of the classes")
         found = by_name.get(stem + ".mp4") or by_stem.get(stem) or os.path.join(video_root, stem + ".mp4")
+        if stem in seen and seen[stem][0] != idx:
+            raise DatasetError(f"{what} {path} line {n}: video {stem!r} is listed again with label {label!r}, but "
+                               f"line {seen[stem][1]} gives it another label; a video has one label: fix one line")
+        seen.setdefault(stem, (idx, n))
         items.append(VideoItem(_abs(found), idx))
     return items
 

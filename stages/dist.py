@@ -15,7 +15,7 @@ import os
 import numpy as np
 import torch
 
-__all__ = ["DistContext", "rank_batches", "dist_device"]
+__all__ = ["DistContext", "rank_batches", "dist_device", "check_device"]
 
 
 class DistContext:
@@ -125,8 +125,28 @@ def rank_batches(n: int, batch_size: int, world: int, rank: int, seed: int, epoc
     return out
 
 
+def check_device(name: str) -> None:
+    """One ConfigError for a device this machine does not have (or a misspelt one), before any work."""
+    import re
+
+    from cache.errors import ConfigError
+
+    m = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if name in ("auto", "cpu"):
+        return
+    if m is None:
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got '{name}'")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' asked for, but torch sees no CUDA GPU on this machine "
+                          f"(torch {torch.__version__}); use device cpu (or auto) instead")
+    if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+        raise ConfigError(f"device '{name}' does not exist: this machine has {torch.cuda.device_count()} GPU(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+
+
 def dist_device(name: str, dist_ctx: DistContext) -> torch.device:
     """The device of this process: "auto" is CUDA when present; under torchrun, cuda:LOCAL_RANK."""
+    check_device(name)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cache.errors import CacheError, ConfigError, VideoDecodeError
+from cache.errors import CacheError, ConfigError, RunFailedError, VideoDecodeError
 from cache.store import (
     DONE,
     FAILED,
@@ -41,6 +41,7 @@ from cache.store import (
 )
 from stages.backbone import (BackboneInfo, FrozenCLIP, clip_identity, load_clip, model_config, parse_layers,
                              resolve_model_name, weights_id)
+from stages.dist import check_device
 from stages.text import TEXT_SETS, compute_text_sets
 from stages.recipes import protocol_record, resize_side
 from stages.video import SamplingCfg, decode_video, make_views, normalize, parse_views
@@ -75,6 +76,21 @@ class ExtractCfg:
     resize_ratio: float = 1.0        # short side = round(input size x ratio) before the crops (256/224: "scale 256")
     protocol: str = ""               # a paper's test protocol these settings came from (stages/recipes.py)
     hash_sources: bool = False       # also record each source video's sha256 (not only size + mtime)
+
+    def validate(self) -> None:
+        """Every numeric option range-checked: one ConfigError naming the flag (nothing written yet)."""
+        checks = (
+            ("--frames", self.frames >= 1, "at least 1"),
+            ("--stride", self.stride >= 1, "at least 1 (1 = consecutive frames)"),
+            ("--batch-frames", self.batch_frames >= 1, "at least 1"),
+            ("--workers", self.workers >= -1, "0 or more (-1: auto)"),
+            ("--shard-size", self.shard_size >= 0, "0 or more (0: auto)"),
+            ("--init-seed", self.init_seed >= 0, "0 or more"),
+        )
+        for flag, ok, need in checks:
+            if not ok:
+                raise ConfigError(f"{flag} must be {need}, got {getattr(self, flag[2:].replace('-', '_'))}")
+        check_device(self.device)
 
     def text_sets(self) -> list[str]:
         if self.text == "all":
@@ -137,8 +153,7 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
     """Validate the request and work out the cache key, path and layout (no model weights loaded)."""
     if cfg.dtype not in ("fp16", "int8"):
         raise ConfigError(f"--dtype must be fp16 or int8, got '{cfg.dtype}'")
-    if cfg.frames < 1:
-        raise ConfigError("--frames must be at least 1")
+    cfg.validate()
     if cfg.sampling not in ("segment", "dense"):
         raise ConfigError(f"--sampling must be segment or dense, got '{cfg.sampling}'")
     if cfg.resize_ratio < 1.0:
@@ -374,6 +389,7 @@ class ExtractResult:
 
 
 def _device(name: str) -> str:
+    check_device(name)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per local rank
@@ -508,6 +524,7 @@ def run_extraction(plan: ExtractPlan, shard: tuple[int, int] | None = None, prog
             log(f"reusing cache {plan.path} (key {plan.key}): complete and verified, nothing to do")
             mark_latest(plan.path, plan.dataset.name)
             return ExtractResult(plan.path, reused=True, summary=store.summary())
+    check_free_space(plan)
     device = _device(cfg.device)
     if device.startswith("cuda:"):
         torch.cuda.set_device(device)
@@ -655,8 +672,9 @@ def _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, r
             pos += n
         queue, queued_frames = [], 0
 
+    batches = iter(loader)
     try:
-        for split, index, views, reason, info in loader:
+        for split, index, views, reason, info in batches:
             if views is None:
                 finish(split, index, None, reason, info)
             else:
@@ -672,6 +690,14 @@ def _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, r
             fut.result()
         result.encode_seconds = time.perf_counter() - t0
     finally:
+        # A stop (Interrupted, an error) lands here too: shut the decode workers down now (the
+        # traceback would otherwise keep the iterator and its workers alive), then let the writer
+        # finish the shards it was handed; a shard is committed by its status chunk alone, so one
+        # cut short is simply pending for the rerun.
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        del batches
         bar.close()
         writer.shutdown(wait=True)
 
@@ -681,6 +707,38 @@ def free_bytes(path: Path) -> int:
     while not probe.exists():
         probe = probe.parent
     return shutil.disk_usage(probe).free
+
+
+def pending_bytes(plan: ExtractPlan) -> int:
+    """Bytes the extraction still has to write: every video of a new cache, the pending videos of
+    a partly done one."""
+    if not plan.path.exists():
+        return plan.total_bytes()
+    store = open_store(plan.path)
+    return sum(plan.bytes_per_video[s] * store.counts(s)["pending"] for s in store.splits if s in plan.bytes_per_video)
+
+
+def check_free_space(plan: ExtractPlan) -> None:
+    """Refuse, before anything is written, an extraction the disk cannot hold (the --dry-run estimate)."""
+    need, free = pending_bytes(plan), free_bytes(plan.path.parent)
+    if need > free:
+        raise RunFailedError(f"not enough disk space for {plan.path}: {human_bytes(need)} needed, {human_bytes(free)} "
+                             f"free on {plan.path.parent}; free some space or choose another --out / --cache-root")
+
+
+def failure_verdict(summary: dict, max_failed: float = 1.0) -> str:
+    """'' when a run's failures are acceptable, else the one line saying why it failed: every
+    video failed, or more than ``max_failed`` (a fraction) of the finished ones."""
+    done = sum(c["done"] for c in summary.get("splits", {}).values())
+    failed = sum(c["failed"] for c in summary.get("splits", {}).values())
+    if not failed:
+        return ""
+    if not done:
+        return f"every video failed ({failed}); see the reasons above (`pipeline cache info` lists them)"
+    if failed / (done + failed) > max_failed:
+        return (f"{failed} of {done + failed} videos failed ({100 * failed / (done + failed):.1f}%, more than "
+                f"--max-failed {max_failed:g}); see the reasons above")
+    return ""
 
 
 def describe_plan(plan: ExtractPlan) -> list[str]:

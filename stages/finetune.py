@@ -66,6 +66,7 @@ from cache.store import atomic_write_text
 from stages.augment import AugmentCfg, augment_clip, build_train_transform, eval_views
 from stages.backbone import (ACTIVATION_CHOICES, ACTIVATION_KEY, BackboneInfo, load_clip, model_activation,
                              model_config, resolve_activation, resolve_model_name, weights_id)
+from stages.checkpoint import load_checkpoint
 from stages.dist import DistContext, dist_device, rank_batches
 from stages.heads import get_head_entry, make_cfg
 from stages.heads.common import validate_choice
@@ -165,6 +166,21 @@ class FinetuneCfg:
             raise ConfigError("lr must be positive, backbone_ratio and weight_decay non-negative")
         if self.eval_every < 1:
             raise ConfigError("eval_every must be at least 1")
+        checks = (
+            ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
+            ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"),
+            ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),
+            ("eps", self.eps > 0, "> 0"),
+            ("label_smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
+            ("grad_clip", self.grad_clip >= 0, ">= 0 (0 = off)"),
+            ("workers", self.workers >= -1, "0 or more (-1: auto)"),
+            ("eval_batch_size", self.eval_batch_size >= 0, "0 or more (0 = batch_size)"),
+            ("seed", self.seed >= 0, "an integer >= 0"),
+            ("init_seed", self.init_seed >= 0, "an integer >= 0"),
+        )
+        for name, ok, need in checks:
+            if not ok:
+                raise ConfigError(f"{name} must be {need}, got {getattr(self, name)!r}")
         parse_views(self.views)
 
 
@@ -599,10 +615,40 @@ def _run_id(spec, cfg: FinetuneCfg, aug: AugmentCfg, head_overrides: dict) -> st
     return f"finetune-{cfg.paradigm}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
+def _existing_finetune(run_dir: Path, resolved: dict, resume: bool, force: bool) -> tuple[str, str]:
+    """As stage two's ``existing_run``; a stage-three resume compares the fine-tuning, head and
+    augmentation settings (the process count and paths may change)."""
+    ckpt, metrics = run_dir / "last.pt", run_dir / "metrics.json"
+    if force:
+        if resume:
+            return "error", "--resume continues a run and --force starts it again: give one of them"
+        return "fresh", ""
+    if not (ckpt.exists() or metrics.exists()):
+        if resume:
+            return "error", f"--resume: no checkpoint in {run_dir} to continue from; drop --resume to start the run"
+        return "fresh", ""
+    try:
+        old = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return "error", (f"run folder {run_dir} holds a run whose config.json is missing or unreadable; "
+                         "use another --run-dir, or --force to replace it")
+    sections = ("finetune", "head", "augment")
+    new = json.loads(json.dumps(resolved))
+    check_resumable({k: old.get(k) for k in sections}, {k: new[k] for k in sections}, ckpt if ckpt.exists() else metrics,
+                    "drop --resume or use another --run-dir" if resume else
+                    "use another --run-dir, or --force to replace it")
+    if metrics.exists() and old == new:
+        return "reuse", ""
+    return ("resume", "") if ckpt.exists() else ("fresh", "")
+
+
 def finetune(spec, cfg: FinetuneCfg, head_overrides: dict | None = None, aug: AugmentCfg | None = None,
              run_dir: str | Path | None = None, runs_root: str | Path | None = None, resume: bool = False,
-             progress: bool = True, log=print) -> dict:
+             progress: bool = True, log=print, force: bool = False) -> dict:
     """Fine-tune ``cfg.paradigm`` end to end on ``spec`` (a DatasetSpec), evaluate, write the run folder.
+
+    A run folder that already holds a run: as stage two (``_existing_finetune``), rerunning the
+    same command continues an unfinished run and reuses a finished one; ``force`` starts over.
 
     Under torchrun every rank calls this; rank 0 writes the folder, the others wait for it.
     """
@@ -622,19 +668,32 @@ def finetune(spec, cfg: FinetuneCfg, head_overrides: dict | None = None, aug: Au
         resolved["world_size"] = dist_ctx.world
         ckpt_path = run_dir / "last.pt"
         start_epoch, history = 0, []
-        if resume and ckpt_path.exists():
-            ckpt = torch.load(ckpt_path, map_location=tuner.device, weights_only=False)
+        # What the run folder holds decides (rank 0, before anyone writes): an unfinished run of
+        # these settings continues, a finished one is reused, anything else needs --force.
+        decision = ("fresh", "")
+        if dist_ctx.main:
+            try:
+                decision = _existing_finetune(run_dir, resolved, resume, force)
+            except ConfigError as exc:
+                decision = ("error", str(exc))
+        action, message = dist_ctx.all_objects(decision)[0]
+        if action == "error":
+            raise ConfigError(message)
+        if action == "reuse":
+            say(f"run folder {run_dir} already holds this finished run: its results are reused "
+                "(--force trains it again)")
+            return {**json.loads((run_dir / "metrics.json").read_text()), "rank": dist_ctx.rank}
+        if action == "resume":
+            ckpt = load_checkpoint(ckpt_path, map_location=tuner.device)
             if ckpt.get("format") != CKPT_FORMAT:
                 raise ConfigError(f"{ckpt_path} is not a stage-three checkpoint")
-            sections = ("finetune", "head", "augment")
-            check_resumable({k: ckpt["config"][k] for k in sections}, {k: resolved[k] for k in sections}, ckpt_path)
             tuner.load_state(ckpt)
             start_epoch, history = int(ckpt["epoch"]), list(ckpt["history"])
             say(f"resuming {run_dir} from epoch {start_epoch}")
-        elif resume:
-            say(f"no checkpoint in {run_dir} yet: starting from epoch 0")
         if dist_ctx.main:  # after the resume check: config.json always describes last.pt
             run_dir.mkdir(parents=True, exist_ok=True)
+            for stale in ("last.pt", "metrics.json", "curves.png") if action == "fresh" else ():
+                (run_dir / stale).unlink(missing_ok=True)  # --force: the old run goes before the new one starts
             atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=1))
             runlog.start(resolved, epochs=tuner.epochs, start_epoch=start_epoch)
         E = tuner.epochs
@@ -683,7 +742,7 @@ def _read_run(run_dir: str | Path) -> dict:
     ckpt_path = Path(run_dir) / "last.pt"
     if not ckpt_path.exists():
         raise ConfigError(f"no stage-three checkpoint in {run_dir} (expected {ckpt_path.name})")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(ckpt_path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise ConfigError(f"{ckpt_path} is not a stage-three (finetune) checkpoint")
     return ckpt

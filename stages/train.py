@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from cache.errors import CacheMismatchError, ConfigError, DatasetError, TrainingError
 from cache.store import PENDING, FeatureStore, atomic_write_text, open_store
 from stages.cache_data import CacheSplit, check_cache_for_head, select_videos
+from stages.checkpoint import load_checkpoint, save_checkpoint
 from stages.dist import DistContext, dist_device, rank_batches
 from stages.runs import RunLog
 from stages.heads import DIM_FIELDS, Head, get_head_entry, make_cfg
@@ -107,6 +108,7 @@ class TrainCfg:
             ("lda_per_class", self.lda_per_class >= 1, "an integer >= 1"),
             ("eval_every", self.eval_every >= 1, "an integer >= 1"),
             ("workers", self.workers >= 0, "an integer >= 0"),
+            ("seed", self.seed >= 0, "an integer >= 0"),
         )
         for name, ok, need in checks:
             if not ok:
@@ -372,7 +374,7 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 RESUME_FREE = {"device", "workers", "eval_batch_size", "eval_every", "cache"}  # a resumed run may change these
 
 
-def check_resumable(old: dict, new: dict, path: Path) -> None:
+def check_resumable(old: dict, new: dict, path: Path, fix: str = "use another --run-dir or drop --resume") -> None:
     """Refuse to resume a checkpoint written with other options (RESUME_FREE aside), one line."""
     diff = []
     for section in sorted(set(old) | set(new)):
@@ -382,8 +384,38 @@ def check_resumable(old: dict, new: dict, path: Path) -> None:
         elif section not in RESUME_FREE and a != b:
             diff.append(section)
     if diff:
-        raise ConfigError(f"{path} was written by a run with other options ({', '.join(diff)}); "
-                          "use another --run-dir or drop --resume")
+        raise ConfigError(f"{path} was written by a run with other options ({', '.join(diff)}); {fix}")
+
+
+def existing_run(run_dir: Path, resolved: dict, resume: bool, force: bool) -> tuple[str, str]:
+    """What to do with what ``run_dir`` already holds: ("fresh" | "resume" | "reuse" | "error", message).
+
+    Rerunning the same command continues an unfinished run of the same settings from its last
+    checkpoint (so an interrupted run resumes) and reuses a finished one (its results are kept,
+    not silently retrained); a run of other settings is never overwritten without ``force``;
+    ``resume`` with nothing to resume is refused. ``resolved`` as written to config.json.
+    """
+    ckpt, metrics, config = run_dir / "last.pt", run_dir / "metrics.json", run_dir / "config.json"
+    if force:
+        if resume:
+            return "error", "--resume continues a run and --force starts it again: give one of them"
+        return "fresh", ""
+    if not (ckpt.exists() or metrics.exists()):
+        if resume:
+            return "error", f"--resume: no checkpoint in {run_dir} to continue from; drop --resume to start the run"
+        return "fresh", ""
+    try:
+        old = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return "error", (f"run folder {run_dir} holds a run whose config.json is missing or unreadable; "
+                         "use another --run-dir, or --force to replace it")
+    new = json.loads(json.dumps(resolved))
+    if metrics.exists() and old == new:
+        return "reuse", ""
+    check_resumable(old, new, ckpt if ckpt.exists() else metrics,
+                    "drop --resume or use another --run-dir" if resume else
+                    "use another --run-dir, or --force to replace it")
+    return ("resume", "") if ckpt.exists() else ("fresh", "")
 
 
 def _remove_unstarted(run_dir: Path) -> None:
@@ -405,14 +437,7 @@ def _run_id(cfg: TrainCfg, head: Head, store: FeatureStore, partial: str = "") -
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+    save_checkpoint(obj, path)  # data only (config and history as JSON): loads with weights_only=True
 
 
 
@@ -430,10 +455,13 @@ def _amp_dtype(cfg, device: torch.device):
 def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: dict | None = None,
                run_dir: str | Path | None = None, runs_root: str | Path | None = None, resume: bool = False,
                progress: bool = True, log=print, init_weight: torch.Tensor | None = None,
-               reuse: bool = False, allow_partial: bool = False) -> dict:
+               reuse: bool = True, force: bool = False, allow_partial: bool = False) -> dict:
     """Train (or fit) ``cfg.head`` on a cache and evaluate it; returns the metrics dict.
 
-    ``reuse``: a finished run of the same resolved config in ``run_dir`` is returned as is.
+    What the run folder already holds decides the rest (``existing_run``): an unfinished run of
+    the same settings continues from its last checkpoint, a finished one is returned as is
+    (``reuse``, always on: kept for callers that pass it), another run is refused unless
+    ``force`` (which starts over); ``resume`` insists on a checkpoint.
     A Zarr cache must be finished and sound in what the run reads (checked once, before any run
     folder exists); ``allow_partial``: train on the done videos of an unfinished one.
     Under torchrun every rank calls this (module docstring); rank 0 writes the run folder.
@@ -446,14 +474,14 @@ def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: 
     try:
         amp_dtype = _amp_dtype(cfg, device)
         return _train_head(store, cfg, dict(head_overrides or {}), run_dir, runs_root, resume, progress and ctx.main,
-                           log if ctx.main else (lambda *a, **k: None), init_weight, reuse, ctx, device, amp_dtype,
+                           log if ctx.main else (lambda *a, **k: None), init_weight, force, ctx, device, amp_dtype,
                            allow_partial)
     finally:
         ctx.stop()
 
 
 def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, resume: bool, progress: bool, log,
-                init_weight, reuse: bool, ctx: DistContext, device: torch.device, amp_dtype,
+                init_weight, force: bool, ctx: DistContext, device: torch.device, amp_dtype,
                 allow_partial: bool = False) -> dict:
     K_all = int(store.meta["dims"]["num_classes"])
     train_classes = parse_class_spec(cfg.train_classes, K_all)
@@ -502,14 +530,23 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
         resolved = {"train": asdict(cfg), "head": {"name": cfg.head, **asdict(head.cfg)}, "cache": str(store.path),
                     "cache_key": store.key, "source": store.source_id, "train_videos": int(len(train_idx)),
                     "eval_videos": int(len(eval_idx))}
-        if resume and (run_dir / "last.pt").exists() and (run_dir / "config.json").exists():
-            check_resumable(json.loads((run_dir / "config.json").read_text()), json.loads(json.dumps(resolved)),
-                            run_dir / "last.pt")
-        done = reuse and (run_dir / "metrics.json").exists() and (run_dir / "config.json").exists() and \
-            json.loads((run_dir / "config.json").read_text()) == json.loads(json.dumps(resolved))
-        if ctx.all_objects(done)[0]:  # rank 0 decides, before anyone writes
-            return json.loads((run_dir / "metrics.json").read_text())
+        decision = ("fresh", "")
         if ctx.main:
+            try:
+                decision = existing_run(run_dir, resolved, resume, force)
+            except ConfigError as exc:
+                decision = ("error", str(exc))
+        action, message = ctx.all_objects(decision)[0]  # rank 0 decides, before anyone writes
+        if action == "error":
+            raise ConfigError(message)
+        if action == "reuse":
+            log(f"run folder {run_dir} already holds this finished run: its results are reused "
+                "(--force trains it again)")
+            return json.loads((run_dir / "metrics.json").read_text())
+        resume = action == "resume"
+        if ctx.main:
+            for stale in ("last.pt", "metrics.json", "curves.png") if action == "fresh" else ():
+                (run_dir / stale).unlink(missing_ok=True)  # --force: the old run goes before the new one starts
             atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=1))
             runlog.start(resolved, epochs=cfg.epochs)
 
@@ -767,7 +804,7 @@ def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resol
     start_epoch, history = 0, []
     ckpt_path = run_dir / "last.pt"
     if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
         head.load_state_dict(ckpt["head"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
@@ -878,7 +915,7 @@ def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, split: st
     ckpt_path = run_dir / "last.pt"
     if not ckpt_path.exists():
         raise ConfigError(f"no checkpoint in run folder {run_dir}")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(ckpt_path)
     if not isinstance(ckpt, dict) or "head" not in ckpt or "cache" not in ckpt.get("config", {}):
         raise ConfigError(f"{run_dir} is not a stage-two run (a stage-three run keeps its evaluation in "
                           "metrics.json; `pipeline finetune-export` turns its backbone into a checkpoint to extract with)")

@@ -22,13 +22,15 @@ from __future__ import annotations
 import copy
 import math
 import random
+import tarfile
+import zlib
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from cache.errors import CacheMismatchError
+from cache.errors import CacheError, CacheMismatchError
 from cache.wds import WdsCache, expand_shards, header_for, member_names, sample_array, sample_info
 from stages.cache_data import epoch_seed, pixel_stats, view_pick, view_tensor
 
@@ -185,18 +187,40 @@ class WdsSplit(IterableDataset):
 
     # ----------------------------------------------------------------- internals
     def _samples(self, urls) -> Iterator[dict[str, Any]]:
+        """The selected samples of ``urls``, shard by shard. A shard must hold, whole, the samples
+        its header entry counts: tar stops quietly at a cut-off header, so a truncated shard
+        would otherwise just be shorter (a silently smaller training set); a damaged one is one
+        CacheError naming it, never a traceback."""
         from webdataset.tariterators import tarfile_samples
 
         members = self.members
         select = lambda fname: fname.rsplit("/", 1)[-1].split(".", 1)[-1] in members  # noqa: E731
-        for sample in tarfile_samples(({"url": u} for u in urls), select_files=select):
-            info = sample_info(sample)
-            if info["split"] != self.split:
-                raise CacheMismatchError(f"{sample.get('__url__')}: sample of split '{info['split']}' "
-                                         f"in shards given for '{self.split}'")
-            if info["index"] in self.pos:
-                sample["__info__"] = info
-                yield sample
+        entries = self.source.shard_entries(self.split)
+        for url in urls:
+            expected = entries[url]["samples"] if url in entries else None
+            seen = 0
+            stream = tarfile_samples([{"url": url}], select_files=select)
+            while True:
+                try:
+                    sample = next(stream)
+                    info = sample_info(sample)
+                except StopIteration:
+                    break
+                except (tarfile.TarError, EOFError, ValueError, KeyError, zlib.error) as exc:
+                    text = str(exc.args[0] if exc.args else exc).split(" @ ")[0].lstrip("(\"' ")  # webdataset appends the url
+                    raise _damaged(url, f"{exc.__class__.__name__}: {text[:120]}") from None
+                seen += 1
+                missing = sorted(members - set(sample))
+                if missing:
+                    raise _damaged(url, f"sample {sample.get('__key__')} lacks {', '.join(missing[:3])}")
+                if info["split"] != self.split:
+                    raise CacheMismatchError(f"{url}: sample of split '{info['split']}' "
+                                             f"in shards given for '{self.split}'")
+                if info["index"] in self.pos:
+                    sample["__info__"] = info
+                    yield sample
+            if expected is not None and seen != expected:
+                raise _damaged(url, f"{seen} of its {expected} samples could be read")
 
     def _item(self, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
         info = sample["__info__"]
@@ -212,6 +236,11 @@ class WdsSplit(IterableDataset):
             arr = sample_array(sample, name, self.stored[name], np.float32, index)
             item[name] = view_tensor(name, arr, slice(None), self.train, self.mean, self.std)
         return item
+
+
+def _damaged(url: str, what: str) -> CacheError:
+    return CacheError(f"WebDataset shard {url} is truncated or damaged ({what}): copy it again, or re-export "
+                      "the cache (pipeline cache export)")
 
 
 def _shuffled(samples, bufsize: int, rng: random.Random):

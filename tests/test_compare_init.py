@@ -88,8 +88,8 @@ def test_frozen_runs_keep_w_as_initialised_and_tuned_runs_move_it(ablation, cach
             for k in GRID["shots"]:
                 cfg = TrainCfg(head="text4vis", epochs=2, seed=seed, shots=k, classifier_init=init)
                 w0 = classifier_matrix(init, store, head, None, cfg, select_videos(store, "train", shots=k, seed=seed))
-                frozen = torch.load(out / "runs" / run_name(init, seed, k, True) / "last.pt", weights_only=False)
-                tuned = torch.load(out / "runs" / run_name(init, seed, k, False) / "last.pt", weights_only=False)
+                frozen = torch.load(out / "runs" / run_name(init, seed, k, True) / "last.pt", weights_only=True)
+                tuned = torch.load(out / "runs" / run_name(init, seed, k, False) / "last.pt", weights_only=True)
                 assert torch.equal(frozen["head"]["classifier"], w0)
                 assert not torch.allclose(tuned["head"]["classifier"], w0)
 

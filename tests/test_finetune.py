@@ -170,7 +170,9 @@ def test_both_paradigms_run_end_to_end_from_the_cli(request, which):
     assert views == ("2x3" if which == "actionclip" else "1x1")
     assert all("val" in h and h["train_loss"] > 0 for h in m["history"]) and m["first_step_loss"] > 0
     assert (run / "curves.png").stat().st_size > 1000 and (run / "config.json").exists()
-    ckpt = torch.load(run / "last.pt", weights_only=False)
+    from stages.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(run / "last.pt")  # data only: weights_only=True, the config as JSON
     assert ckpt["epoch"] == len(m["history"]) and ckpt["config"]["head"]["name"] == which
     from stages.train import evaluate_run  # stage two's re-evaluation names what to do instead
 
@@ -230,9 +232,9 @@ def test_sigkill_and_resume_continue_from_the_last_checkpoint(text4vis_run, demo
     # killed once the first epoch's checkpoint is on disk; a run that finished before the kill
     # landed is started over from a clean folder (a bounded number of times)
     kill_mid_run(lambda: popen_cli(*args), ckpt.exists,
-                 lambda: not (run / "metrics.json").exists() and torch.load(ckpt, weights_only=False)["epoch"] == 1,
+                 lambda: not (run / "metrics.json").exists() and torch.load(ckpt, weights_only=True)["epoch"] == 1,
                  lambda: shutil.rmtree(run, ignore_errors=True))
-    epoch_at_kill = torch.load(ckpt, weights_only=False)["epoch"]
+    epoch_at_kill = torch.load(ckpt, weights_only=True)["epoch"]
     assert epoch_at_kill == 1
     assert not list(run.glob(".*tmp*")), "a partial checkpoint was left behind"
     proc = run_cli(*args, "--resume", check=True)

@@ -107,7 +107,7 @@ def _frozen_w(store, tmp_path, name: str, **train) -> torch.Tensor:
     cfg = TrainCfg(head="text4vis", epochs=2, batch_size=4, lr=1e-2, **train)
     res = train_head(store, cfg, HEAD, run_dir=tmp_path / name, progress=False, log=lambda *a, **k: None)
     assert res["history"][-1]["train_loss"] > 0  # it trained
-    ckpt = torch.load(tmp_path / name / "last.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(tmp_path / name / "last.pt", map_location="cpu", weights_only=True)
     return ckpt["head"]["classifier"]
 
 
@@ -133,5 +133,5 @@ def test_frozen_w_after_training_is_the_init_computed_here(store, tmp_path):
     cfg = TrainCfg(head="text4vis", epochs=2, batch_size=4, lr=1e-2, classifier_init="orthogonal", seed=4)
     train_head(store, cfg, {**HEAD, "trainable_classifier": True}, run_dir=tmp_path / "tuned", progress=False,
                log=lambda *a, **k: None)
-    tuned = torch.load(tmp_path / "tuned" / "last.pt", map_location="cpu", weights_only=False)["head"]["classifier"]
+    tuned = torch.load(tmp_path / "tuned" / "last.pt", map_location="cpu", weights_only=True)["head"]["classifier"]
     assert (tuned - a).abs().max() > 1e-4

@@ -188,7 +188,7 @@ def test_stage_two_accumulation_equals_one_big_batch(proto_cache, tmp_path):
     for name, opts in runs.items():
         res[name] = train_head(proto_cache, TrainCfg(**common, **opts), run_dir=tmp_path / name, progress=False,
                                log=lambda *a: None)
-        state[name] = torch.load(tmp_path / name / "last.pt", weights_only=False)["head"]
+        state[name] = torch.load(tmp_path / name / "last.pt", weights_only=True)["head"]
     for key, value in state["big"].items():
         torch.testing.assert_close(state["accum"][key], value, rtol=1e-5, atol=1e-6)
     assert [h["train_loss"] for h in res["accum"]["history"]] == \

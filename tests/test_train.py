@@ -58,9 +58,9 @@ def test_sigkill_and_resume_match_an_uninterrupted_run(full_cache, tmp_path):
     # killed once its first checkpoint is on disk; a run that finished before the kill landed is
     # started over from a clean folder (a bounded number of times)
     kill_mid_run(lambda: popen_cli(*args), lambda: (run / "last.pt").exists(),
-                 lambda: torch.load(run / "last.pt", weights_only=False)["epoch"] < 12,
+                 lambda: torch.load(run / "last.pt", weights_only=True)["epoch"] < 12,
                  lambda: shutil.rmtree(run, ignore_errors=True))
-    epoch_at_kill = torch.load(run / "last.pt", weights_only=False)["epoch"]
+    epoch_at_kill = torch.load(run / "last.pt", weights_only=True)["epoch"]
     assert epoch_at_kill < 12
     proc = run_cli(*args, "--resume", check=True)
     assert f"from epoch {epoch_at_kill}" in proc.stdout

@@ -84,8 +84,8 @@ def test_two_ranks_follow_one_process(ddp_job, tmp_path, name):
     losses2 = [h["train_loss"] for h in two["history"]]
     assert losses2 == pytest.approx(losses1, rel=1e-4), name
     assert losses1[-1] < losses1[0], "the comparison is empty if nothing was learned"
-    w1 = torch.load(tmp_path / "one" / "last.pt", weights_only=False)["head"]
-    w2 = torch.load(runs / name / "last.pt", weights_only=False)["head"]
+    w1 = torch.load(tmp_path / "one" / "last.pt", weights_only=True)["head"]
+    w2 = torch.load(runs / name / "last.pt", weights_only=True)["head"]
     assert w1.keys() == w2.keys()
     for key in w1:
         a, b = w1[key], w2[key]
@@ -164,7 +164,7 @@ def test_a_run_stopped_on_one_process_resumes_on_two_ranks(ddp_job, tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         train_head(store, TrainCfg(**train), run_dir=tmp_path / "run", progress=False)
     monkeypatch.undo()
-    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 1
     sets = [x for k, v in train.items() if k != "head" for x in ("--set", f"{k}={v}")]
     proc = torchrun("-m", "pipeline.cli", "train", "--head", "tap", "--cache", store.path, *sets,
                      "--run-dir", tmp_path / "run", "--resume", "--no-progress", timeout=300)

@@ -271,8 +271,9 @@ def test_training_from_shards_equals_training_from_zarr(medium, tmp_path):
 
     def both(**sets):
         cfg = TrainCfg(**sets)
-        a = train_head(st, cfg, run_dir=tmp_path / "zarr", progress=False)
-        b = train_head(open_wds_source(header, shuffle=16), cfg, run_dir=tmp_path / "wds", progress=False)
+        # force: each call replaces the previous run of other settings in these folders
+        a = train_head(st, cfg, run_dir=tmp_path / "zarr", progress=False, force=True)
+        b = train_head(open_wds_source(header, shuffle=16), cfg, run_dir=tmp_path / "wds", progress=False, force=True)
         assert a["train_videos"] == b["train_videos"] == 48 and a["eval_videos"] == b["eval_videos"] == 36
         return a, b
 
