@@ -97,7 +97,7 @@ class RunLog:
     def fail(self, exc: BaseException) -> None:
         if not self.enabled or not self._status:
             return
-        if isinstance(exc, KeyboardInterrupt) or isinstance(exc, SystemExit):
+        if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit, pipeline.signals.Interrupted
             self._write(state="interrupted", reason="interrupted (rerun with --resume to continue)")
         else:
             text = str(exc).splitlines()[0][:300] if str(exc) else ""
