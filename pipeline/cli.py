@@ -168,10 +168,10 @@ def extract(
             typer.echo(line)
         return
     res = run_extraction(plan, shard=rank_world, progress=progress, refresh=refresh, retry_failed=retry_failed)
-    _report_extraction(res)
+    _report_extraction(res, max_failed)
 
 
-def _report_extraction(res) -> None:
+def _report_extraction(res, max_failed: float = 1.0) -> None:
     if res.reused:
         _check_failures(res.summary, max_failed)
         return
