@@ -135,12 +135,15 @@ class _Probe:
     damaged: str = ""    # what the demuxer or decoder complained of (a cut or corrupt file)
 
 
-def _first_line(text: str, limit: int = 160) -> str:
-    """The useful part of a decoder message: decord prefixes '[hh:mm:ss] src/file.cc:123: '."""
+def _first_line(text: str, limit: int = 240) -> str:
+    """The useful part of a decoder message: decord prefixes '[hh:mm:ss] src/file.cc:123: ', and
+    PyAV repeats the file's path (the failure row names it already), which would crowd out the
+    reason FFmpeg gave."""
     lines = [ln for ln in str(text).splitlines() if ln.strip()]
     if not lines:
         return ""
     line = re.sub(r"(\[\d\d:\d\d:\d\d\] \S+:\d+: )+", "", lines[-1] if "Check failed" in text else lines[0])
+    line = re.sub(r":\s*'[^']*/[^']*'", "", line)  # ": '/path/to/file.mp4'"
     return line.strip()[:limit]
 
 
