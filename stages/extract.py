@@ -575,7 +575,7 @@ def run_extraction(plan: ExtractPlan, shard: tuple[int, int] | None = None, prog
         sampling[s] = SamplingCfg(cfg.frames, cfg.sampling, cfg.stride, v["clips"], v["crops"])
     result = ExtractResult(plan.path, reused=False)
     if jobs:
-        _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, result)
+        _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, result, log)
     result.seconds = time.perf_counter() - t_start
     if problems or redo:
         left = [p for p in store.verify(finite=False) if p.shard is None or (p.split, p.shard) in mine]
@@ -591,12 +591,16 @@ def run_extraction(plan: ExtractPlan, shard: tuple[int, int] | None = None, prog
     return result
 
 
-def _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, result) -> None:
+def _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, result, log=print) -> None:
     from tqdm import tqdm
 
     cfg = plan.cfg
     workers = cfg.workers if cfg.workers >= 0 else _auto_workers(device.startswith("cuda"))
     result.device, result.workers = device, workers
+    where = f"{workers} worker process{'es' if workers > 1 else ''}" if workers else "the main process"
+    log(f"encoding {len(jobs)} video(s) on {device} ({cfg.batch_frames} frames per encoder call); decoding in "
+        f"{where}: decord where its random access is exact for the file, PyAV otherwise (`cache info` says "
+        "which read each video)")
     if not device.startswith("cuda"):
         # On CPU the decode workers and the writer share the cores with the encoder; measured on
         # 2 cores (bench/bench_extract.py), an encoder with every core's thread lost 1.6-2x CPU
@@ -672,6 +676,13 @@ def _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, r
             pos += n
         queue, queued_frames = [], 0
 
+    def show_rates(refresh: bool = False) -> None:
+        """Videos/s and frames/s as they are encoded (frames count once the encoder returned them)."""
+        elapsed = max(time.perf_counter() - t0, 1e-9)
+        fps = f"{result.frames / elapsed:.0f} f/s" if result.frames else "first encoder batch pending"
+        bar.set_postfix_str(f"{(result.videos + result.failed) / elapsed:.1f} v/s, {fps}, failed {result.failed}",
+                            refresh=refresh)
+
     batches = iter(loader)
     try:
         for split, index, views, reason, info in batches:
@@ -682,10 +693,9 @@ def _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, r
                 queued_frames += views.shape[0] * views.shape[1]
                 if queued_frames >= cfg.batch_frames:
                     flush()
-            elapsed = max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix_str(f"{(result.videos + result.failed) / elapsed:.1f} v/s, "
-                                f"{result.frames / elapsed:.0f} f/s, failed {result.failed}", refresh=False)
+            show_rates()
         flush()
+        show_rates(refresh=True)
         for fut in pending_writes:
             fut.result()
         result.encode_seconds = time.perf_counter() - t0
