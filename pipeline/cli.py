@@ -19,6 +19,7 @@ import typer
 
 from cache.errors import CacheError, ConfigError, PipelineError
 from pipeline.cli_runs import runs_app
+from pipeline.datasets import list_datasets
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="clipcache: cache frozen CLIP features of videos once, train heads from the cache many times.")
@@ -62,7 +63,7 @@ def demo_data(
 
 # ----------------------------------------------------------------------------- shared options
 # The options of every command that reads a dataset's videos (extract, finetune), declared once.
-DatasetName = Annotated[str, typer.Option(help="demo | k400 | ucf101 | hmdb51 | ssv2 | custom")]
+DatasetName = Annotated[str, typer.Option(help=" | ".join(list_datasets()))]
 DataRoot = Annotated[Optional[Path], typer.Option(help="Dataset folder (official layout or demo folder).")]
 VideoRoot = Annotated[Optional[Path], typer.Option(help="Folder the list paths are relative to.")]
 TrainList = Annotated[Optional[Path], typer.Option(

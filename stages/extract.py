@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cache.datasets import DatasetSpec
 from cache.errors import CacheError, ConfigError, RunFailedError, VideoDecodeError
 from cache.store import (
     DONE,
@@ -109,7 +110,7 @@ class ExtractPlan:
     """Everything resolved before any work: where the cache goes and what it will hold."""
 
     cfg: ExtractCfg
-    dataset: object                  # pipeline.datasets.DatasetSpec (duck-typed: no upward import)
+    dataset: DatasetSpec
     arch: str
     info: BackboneInfo
     layers: tuple[int, ...]

@@ -1,0 +1,192 @@
+"""Kinetics-400: the official CSVs (`label,youtube_id,time_start,time_end,...`) with videos named
+`<youtube_id>_<start:06d>_<end:06d>.mp4` anywhere under the video root (flat or per class)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+
+from cache.errors import DatasetError
+from pipeline.datasets.core import (
+    CLASSNAMES_DIR,
+    VIDEO_EXTENSIONS,
+    DatasetArgs,
+    DatasetSpec,
+    LabelOnce,
+    VideoItem,
+    abs_path,
+    builtin_classnames,
+    find_video_root,
+    first_existing,
+    need_dir,
+    norm_name,
+    read_text,
+    register_dataset,
+    resolve_classes,
+)
+from pipeline.datasets.lists import read_video_list, spec_from_lists
+
+__all__ = ["load_k400"]
+
+
+def _k400_name(label: str) -> str:
+    """Official CSV label -> class name as in kinetics_400_labels.csv: the shipped spelling when the
+    label matches a shipped name loosely (a mirror's `passing American football in game` ->
+    `passing American football (in game)`), else the label as written."""
+    shipped = {norm_name(c): c for c in builtin_classnames("k400")}
+    return shipped.get(norm_name(label)) or " ".join(label.split())
+
+
+def _read_k400_csv(path, what: str, *, need_label: bool = True):
+    """Rows of an official Kinetics CSV as (line, label or None, file stem)."""
+    text = read_text(path, what)
+    reader = csv.reader(io.StringIO(text))
+    header = None
+    rows = []
+    for row in reader:
+        n = reader.line_num
+        if not any(c.strip() for c in row):
+            continue
+        if header is None:
+            header = [h.strip().lower() for h in row]
+            need = ["youtube_id", "time_start", "time_end"] + (["label"] if need_label else [])
+            missing = [c for c in need if c not in header]
+            if missing:
+                raise DatasetError(
+                    f"{what} {path} line {n}: header lacks column(s) {', '.join(missing)} "
+                    f"(expected label,youtube_id,time_start,time_end,split; got {','.join(header)})"
+                )
+            col = {c: header.index(c) for c in header}
+            continue
+        where = f"{what} {path} line {n}"
+        if len(row) != len(header):
+            raise DatasetError(f"{where}: expected {len(header)} comma-separated fields, got {len(row)}")
+        times = []
+        for c in ("time_start", "time_end"):
+            tok = row[col[c]].strip()
+            try:
+                t = float(tok)
+            except ValueError:
+                t = None
+            if t is None or t != int(t) or t < 0:
+                raise DatasetError(f"{where}: {c} {tok!r} is not a whole number of seconds")
+            times.append(int(t))
+        yid = row[col["youtube_id"]].strip()
+        if not yid:
+            raise DatasetError(f"{where}: empty youtube_id")
+        label = row[col["label"]].strip() if "label" in col else None
+        if need_label and not label:
+            raise DatasetError(f"{where}: empty label")
+        rows.append((n, label, f"{yid}_{times[0]:06d}_{times[1]:06d}"))
+    if header is None:
+        raise DatasetError(f"{what} {path}: the file is empty")
+    if not rows:
+        raise DatasetError(f"{what} {path}: a header but no videos")
+    return rows, "label" in header
+
+
+def _index_videos(video_root: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """One walk of the video root: file name -> path and stem -> path (flat or per-class layout)."""
+    by_name: dict[str, str] = {}
+    by_stem: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(video_root, followlinks=True):
+        dirnames.sort()
+        for f in sorted(filenames):
+            full = os.path.join(dirpath, f)
+            by_name.setdefault(f, full)
+            stem, ext = os.path.splitext(f)
+            if ext.lower() in VIDEO_EXTENSIONS:
+                by_stem.setdefault(stem, full)
+    return by_name, by_stem
+
+
+def _k400_items(path, what, rows, video_root, index, to_label) -> list[VideoItem]:
+    by_name, by_stem = index
+    items = []
+    once = LabelOnce()
+    for n, label, stem in rows:
+        idx = to_label(label)
+        if idx is None:
+            raise DatasetError(f"{what} {path} line {n}: label {label!r} is not one of the classes")
+        found = by_name.get(stem + ".mp4") or by_stem.get(stem) or os.path.join(video_root, stem + ".mp4")
+        first = once.clash(stem, idx, n)
+        if first is not None:
+            raise DatasetError(f"{what} {path} line {n}: video {stem!r} is listed again with label {label!r}, but "
+                               f"line {first[1]} gives it another label; a video has one label: fix one line")
+        items.append(VideoItem(abs_path(found), idx))
+    return items
+
+
+def load_k400(args: DatasetArgs) -> DatasetSpec:
+    data_root, video_root, classes = args.data_root, args.video_root, args.classes
+    train_list, val_list, test_list = args.train_list, args.val_list, args.test_list
+    root = Path(data_root) if data_root is not None else None
+    if root is not None:
+        need_dir(root, "k400 data root")
+    search = [root, root / "annotations"] if root is not None else []
+
+    def find(names):
+        return first_existing(d / n for d in search for n in names)
+
+    def csv_names(*stems):
+        return [f"{pre}{st}.csv" for st in stems for pre in ("", "kinetics_", "kinetics-400_", "kinetics400_")]
+
+    train = train_list if train_list is not None else find(csv_names("train"))
+    val = val_list if val_list is not None else find(csv_names("validate", "val"))
+    test = test_list
+    csv_rows: dict[str, list] = {}  # each official CSV parsed once (the K400 train CSV: 240k rows)
+    if test is None:
+        auto = find(csv_names("test"))
+        if auto is not None:
+            rows, labelled = _read_k400_csv(auto, "test list", need_label=False)
+            if labelled:  # the original test.csv has no labels: nothing to evaluate on
+                test = auto
+                if all(lab for _, lab, _ in rows):
+                    csv_rows["test"] = rows
+    if train is None:
+        raise DatasetError(
+            "k400 needs a train list: train.csv in data_root"
+            + (f" ({root})" if root is not None else "")
+            + " or train_list (official CSV, or a `path label` .txt list)"
+        )
+    vroot = find_video_root("k400", video_root, root, ["videos"], "the folder holding the videos")
+
+    if str(train).lower().endswith(".txt"):  # `path label` lists: only the lists given (not the official CSVs)
+        return spec_from_lists("k400", vroot, train, val_list, test_list, classes, default_classes="k400",
+                        check_folders=True)
+
+    if classes is not None:
+        names, cls_src = resolve_classes(classes, None)
+        lookup = {norm_name(c): i for i, c in enumerate(names)}
+        to_label = lambda lab: lookup.get(norm_name(lab))  # noqa: E731
+    else:
+        rows = csv_rows["train"] = _read_k400_csv(train, "train list")[0]
+        raw = sorted({lab for _, lab, _ in rows})  # official ids: sorted raw labels
+        names = [_k400_name(lab) for lab in raw]
+        shipped = builtin_classnames("k400")
+        if set(names) == set(shipped):
+            names = shipped  # the full 400: official ids even if the CSV spells them differently
+            cls_src = str(CLASSNAMES_DIR / "k400.txt")
+        else:
+            cls_src = abs_path(train)
+        lookup = {norm_name(c): i for i, c in enumerate(names)}
+        to_label = lambda lab: lookup.get(norm_name(lab))  # noqa: E731
+
+    index = _index_videos(vroot)
+    splits: dict[str, list[VideoItem]] = {}
+    sources = {"classes": cls_src}
+    for split, lst in (("train", train), ("val", val), ("test", test)):
+        if lst is None:
+            continue
+        if str(lst).lower().endswith(".txt"):
+            splits[split] = read_video_list(lst, vroot, len(names), split=split, classes=names)
+        else:
+            rows = csv_rows.get(split) or _read_k400_csv(lst, f"{split} list")[0]
+            splits[split] = _k400_items(lst, f"{split} list", rows, str(vroot), index, to_label)
+        sources[split] = abs_path(lst)
+    return DatasetSpec("k400", list(names), splits, abs_path(vroot), sources)
+
+
+register_dataset("k400", load_k400, help="Kinetics-400: the official CSVs, videos <youtube_id>_<start>_<end>.mp4")
