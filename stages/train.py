@@ -371,7 +371,8 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-RESUME_FREE = {"device", "workers", "eval_batch_size", "eval_every", "cache"}  # a resumed run may change these
+# a resumed run may change these ("recipe" only names the preset the values came from: the values are compared)
+RESUME_FREE = {"device", "workers", "eval_batch_size", "eval_every", "cache", "recipe"}
 
 
 def check_resumable(old: dict, new: dict, path: Path, fix: str = "use another --run-dir or drop --resume") -> None:
@@ -429,7 +430,8 @@ def _run_id(cfg: TrainCfg, head: Head, store: FeatureStore, partial: str = "") -
     """Hash of the resolved settings (an option set to its default names the same run) and the
     data: the cache key and the source, so training from a subset of shards never lands in the
     folder of a run on the whole Zarr cache (``partial``: which videos of an unfinished cache)."""
-    data = {"train": asdict(cfg), "head": asdict(head.cfg), "cache": store.key, "source": store.source_id}
+    train = {k: v for k, v in asdict(cfg).items() if k != "recipe"}  # the same values name the same run
+    data = {"train": train, "head": asdict(head.cfg), "cache": store.key, "source": store.source_id}
     if partial:
         data["partial"] = partial
     blob = json.dumps(data, sort_keys=True, default=str)
@@ -798,7 +800,7 @@ def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resol
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, warmup))
     scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
-    if step_cfg.batch_size > n_train:
+    if step_cfg.batch_size > n_train and cfg.recipe == "paper":
         log(f"{n_train} training videos, fewer than the global batch {step_cfg.batch_size}: one optimiser step an "
             "epoch (--recipe quick suits small data)")
     start_epoch, history = 0, []

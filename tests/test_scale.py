@@ -129,6 +129,7 @@ def test_torchrun_environment_picks_shard_and_device(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert X.torchrun_shard() == (3, 4)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # a 2-GPU node (the device check asks)
     assert X._device("auto") == "cuda:1" and X._device("cuda") == "cuda:1" and X._device("cuda:0") == "cuda:0"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert X._device("auto") == "cpu"

@@ -107,7 +107,12 @@ def test_closed_form_and_eval_only_runs_give_the_whole_set_metrics(ddp_job, tmp_
         one = train_head(store, TrainCfg(**train), head, run_dir=tmp_path / name, progress=False)
         assert _metrics(runs / name)["final"] == one["final"], name  # eval split by rank, then gathered
     # rank 0 alone wrote the run folder, with nothing left half-written
-    assert sorted(p.name for p in (runs / "tap").iterdir()) == ["config.json", "curves.png", "last.pt", "metrics.json"]
+    names = sorted(p.name for p in (runs / "tap").iterdir())
+    events = [n for n in names if n.startswith("events.out.tfevents.")]
+    assert len(events) == 1  # one TensorBoard writer: rank 0's
+    assert [n for n in names if n not in events] == ["config.json", "curves.png", "last.pt", "metrics.json",
+                                                     "status.json"]
+    assert json.loads((runs / "tap" / "status.json").read_text())["state"] == "finished"
 
 
 def test_batchnorm_head_trains_on_two_cpu_ranks(ddp_job):
