@@ -92,6 +92,10 @@ def extract(
                                       help="Also store the preprocessed uint8 input frames."),
     views: str = typer.Option("1x1", help="CxS views (temporal clips x spatial crops) for val/test."),
     train_views: str = typer.Option("1x1", help="CxS views for the train split."),
+    train_aug: Optional[int] = typer.Option(None, help="View bank: K augmented views per train video (random "
+                                                      "clip, random resized crop, flip), drawn once, seeded."),
+    aug_seed: int = typer.Option(0, help="Seed of the view bank (with each video's split and index)."),
+    aug_area: float = typer.Option(0.4, help="Smallest area fraction of the view bank's random resized crop."),
     dtype: str = typer.Option("fp16", help="fp16 | int8 (per-token int8 for CLS/patch tokens)."),
     text: str = typer.Option("all", help="Text sets to store: all | none | comma list of clip_single, "
                                          "clip_text4vis, clip_actionclip, clip_classname, minilm."),
@@ -117,7 +121,7 @@ def extract(
     cfg = ExtractCfg(model=model, pretrained=pretrained, init_seed=init_seed, frames=frames, sampling=sampling,
                      stride=stride, layers=layers, patch=patch, store_frames=store_frames, views=views,
                      train_views=train_views, dtype=dtype, text=text, batch_frames=batch_frames, workers=workers,
-                     shard_size=shard_size, device=device)
+                     shard_size=shard_size, device=device, train_aug=train_aug, aug_seed=aug_seed, aug_area=aug_area)
     plan = plan_extraction(spec, cfg, out=out, cache_root=cache_root)
     if dry_run:
         for line in describe_plan(plan):

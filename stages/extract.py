@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import time
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +40,8 @@ from cache.store import (
 )
 from stages.backbone import BackboneInfo, FrozenCLIP, load_clip, model_config, parse_layers, resolve_model_name, weights_id
 from stages.text import TEXT_SETS, compute_text_sets
-from stages.video import SamplingCfg, decode_video, make_views, normalize, parse_views
+from stages.video import (VIEW_PARAM_COLUMNS, AugViewCfg, SamplingCfg, augmented_views, decode_video, make_views,
+                          normalize, parse_views)
 
 __all__ = ["ExtractCfg", "ExtractPlan", "plan_extraction", "run_extraction", "default_cache_root", "latest_cache"]
 
@@ -61,12 +63,18 @@ class ExtractCfg:
     store_frames: bool = False       # store the preprocessed uint8 input frames
     views: str = "1x1"               # CxS for val/test splits
     train_views: str = "1x1"         # CxS for the train split
+    train_aug: int | None = None     # view bank: K augmented views per train video (None: the fixed views above)
+    aug_seed: int = 0                # seed of the view bank's draws (with the split and video index)
+    aug_area: float = 0.4            # smallest area fraction of the view bank's random resized crop (largest 1)
     dtype: str = "fp16"              # fp16 | int8 (per-token, for cls/patch)
     text: str = "all"                # comma list of TEXT_SETS, all, or none
     batch_frames: int = 128          # frames per encoder call
     workers: int = -1                # decode workers; -1 = auto
     shard_size: int = 0              # videos per shard; 0 = auto (about 64 MB of the largest array)
     device: str = "auto"
+
+    def aug_views(self) -> AugViewCfg:
+        return AugViewCfg(area=(float(self.aug_area), 1.0))
 
     def text_sets(self) -> list[str]:
         if self.text == "all":
@@ -120,6 +128,9 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
         raise ConfigError("--patch needs tapped layers (--layers)")
     text_sets = cfg.text_sets()
     views = {s: parse_views(cfg.train_views if s == "train" else cfg.views) for s in dataset.splits}
+    bank = _view_bank(cfg)
+    if bank and "train" in views:
+        views["train"] = (bank["views"], 1)  # K random clips, one random crop each
     if cfg.pretrained and os.sep in cfg.pretrained and not os.path.isfile(cfg.pretrained):
         raise ConfigError(f"checkpoint not found: {cfg.pretrained}")
     wid = weights_id(cfg.pretrained, cfg.init_seed)
@@ -137,6 +148,8 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
             arrays.append(ArraySpec("patch", (V, T, L, P, D), feat, layer_axis=2))
         if cfg.store_frames:
             arrays.append(ArraySpec("frames", (V, T, S_img, S_img, 3), "uint8"))
+        if bank and split == "train":
+            arrays.append(ArraySpec("view_params", (V, len(VIEW_PARAM_COLUMNS) + T), "float32"))
         split_arrays[split] = arrays
         bytes_per_video[split] = sum(a.nbytes() for a in arrays)
     if cfg.shard_size > 0:
@@ -168,6 +181,8 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
         "dtype": cfg.dtype,
         "text": sorted(text_sets),
     }
+    if bank:  # only then: a cache without a view bank keeps the key it always had
+        content["view_bank"] = bank
     key = _sha(content)[:16]
     if out:
         path = Path(out)
@@ -187,6 +202,8 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
                  "image_size": S_img, "patch_size": info.patch_size},
         "layers": list(layers),
         "views": {s: {"clips": v[0], "crops": v[1]} for s, v in views.items()},
+        **({"view_bank": {**bank, "split": "train", "param_columns": [*VIEW_PARAM_COLUMNS, f"index_0..{T - 1}"]}}
+           if bank else {}),
         "dtype": cfg.dtype,
         "int8_outliers": 4,
         "text_sets": text_sets,
@@ -194,6 +211,30 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
     }
     _check_writable(path.parent)
     return ExtractPlan(cfg, dataset, arch, info, layers, key, path, meta, split_arrays, shard_size, bytes_per_video)
+
+
+def _view_bank(cfg: ExtractCfg) -> dict | None:
+    """What the view bank draws (part of the cache key), or None when --train-aug is not given."""
+    if cfg.train_aug is None:
+        return None
+    if isinstance(cfg.train_aug, bool) or not isinstance(cfg.train_aug, int) or cfg.train_aug < 1:
+        raise ConfigError(f"--train-aug must be a number of views of at least 1, got {cfg.train_aug!r}")
+    if cfg.train_views != "1x1":
+        raise ConfigError(f"--train-aug draws its own clips and crops; leave --train-views at 1x1 "
+                          f"(got {cfg.train_views})")
+    if not 0 < cfg.aug_area <= 1:
+        raise ConfigError(f"--aug-area must be in (0, 1], got {cfg.aug_area}")
+    aug = cfg.aug_views()
+    return {"views": cfg.train_aug, "seed": int(cfg.aug_seed), "area": list(aug.area), "ratio": list(aug.ratio),
+            "flip": aug.flip}
+
+
+def view_rngs(seed: int, split: str, index: int) -> tuple[np.random.Generator, np.random.Generator]:
+    """The two generators of one video's view bank (its clips, then its crops and flips): a
+    function of (cache seed, split, index) alone, so reruns, resumes and any number of workers
+    or ranks draw the same views."""
+    temporal, spatial = np.random.SeedSequence([int(seed), zlib.crc32(split.encode()), int(index)]).spawn(2)
+    return np.random.default_rng(temporal), np.random.default_rng(spatial)
 
 
 def _check_writable(folder: Path) -> None:
@@ -215,10 +256,14 @@ def _versions() -> dict:
 # ----------------------------------------------------------------------------- decoding workers
 class _DecodeJobs(Dataset):
     """Item i -> (split, index, views uint8 (V, T, S, S, 3) | None, failure reason | None,
-    {"decoder", "warnings"} of a decoded video | None)."""
+    {"decoder", "warnings"} of a decoded video | None; with "view_params" (V, P) in a view bank's split).
 
-    def __init__(self, jobs: list[tuple[str, int, str, int | None]], sampling: dict[str, SamplingCfg], size: int):
-        self.jobs, self.sampling, self.size = jobs, sampling, size
+    ``banks[split] = (seed, AugViewCfg)``: that split's V views are random clips with a random
+    resized crop and flip each, drawn from view_rngs(seed, split, index)."""
+
+    def __init__(self, jobs: list[tuple[str, int, str, int | None]], sampling: dict[str, SamplingCfg], size: int,
+                 banks: dict[str, tuple[int, AugViewCfg]] | None = None):
+        self.jobs, self.sampling, self.size, self.banks = jobs, sampling, size, banks or {}
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -227,6 +272,13 @@ class _DecodeJobs(Dataset):
         split, index, path, num_frames = self.jobs[i]
         samp = self.sampling[split]
         try:
+            if split in self.banks:
+                seed, aug = self.banks[split]
+                temporal, spatial = view_rngs(seed, split, index)
+                out = decode_video(path, samp, num_frames, rng=temporal)
+                views, params = augmented_views(out, self.size, aug, spatial)
+                record = {"decoder": out.decoder, "warnings": list(out.warnings), "view_params": params}
+                return split, index, views, None, record
             out = decode_video(path, samp, num_frames)
             record = {"decoder": out.decoder, "warnings": list(out.warnings)}
             return split, index, make_views(out.clips, self.size, samp.crops), None, record
@@ -250,7 +302,7 @@ class _ShardBuffer:
         for name, spec in store.specs(split).items():
             fill = 0 if spec.dtype == "uint8" else np.nan
             # fp16 in memory: what the store keeps (int8 is quantised from it per token)
-            dtype = np.uint8 if spec.dtype == "uint8" else np.float16
+            dtype = np.uint8 if spec.dtype == "uint8" else np.float32 if spec.dtype == "float32" else np.float16
             self.arrays[name] = np.full((n, *spec.shape), fill, dtype=dtype)
         self.status = np.zeros(n, dtype=np.int8)
         self.failures: list[dict] = []
@@ -398,9 +450,11 @@ def run_extraction(plan: ExtractPlan, shard: tuple[int, int] | None = None, prog
     for s in store.splits:
         v = plan.meta["views"][s]
         sampling[s] = SamplingCfg(cfg.frames, cfg.sampling, cfg.stride, v["clips"], v["crops"])
+    bank = plan.meta.get("view_bank")
+    banks = {bank["split"]: (bank["seed"], cfg.aug_views())} if bank and bank["split"] in store.splits else {}
     result = ExtractResult(plan.path, reused=False)
     if jobs:
-        _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, result)
+        _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, result, banks)
     result.seconds = time.perf_counter() - t_start
     if store.is_complete():
         result.summary = store.write_summary()
@@ -410,7 +464,7 @@ def run_extraction(plan: ExtractPlan, shard: tuple[int, int] | None = None, prog
     return result
 
 
-def _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, result) -> None:
+def _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, result, banks=None) -> None:
     from tqdm import tqdm
 
     cfg = plan.cfg
@@ -421,7 +475,7 @@ def _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, r
         # 2 cores (bench/bench_extract.py), an encoder with every core's thread lost 1.6-2x CPU
         # per frame to contention, so leave the workers their cores.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
-    loader = DataLoader(_DecodeJobs(jobs, sampling, plan.info.image_size), batch_size=1, shuffle=False,
+    loader = DataLoader(_DecodeJobs(jobs, sampling, plan.info.image_size, banks), batch_size=1, shuffle=False,
                         num_workers=workers, collate_fn=_first, prefetch_factor=4 if workers else None,
                         persistent_workers=False)
     # a shard's buffer is made when its first video arrives and handed to the writer when its last
@@ -435,6 +489,7 @@ def _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, r
     t0 = time.perf_counter()
     queue: list[tuple[str, int, np.ndarray]] = []
     records: dict[tuple[str, int], dict] = {}  # decoder and warnings of videos waiting in the queue
+    params: dict[tuple[str, int], np.ndarray] = {}  # view bank parameters of videos waiting in the queue
     queued_frames = 0
     staging = [None] if device.startswith("cuda") else None  # pinned uint8 frames, grown on demand
 
@@ -486,6 +541,8 @@ def _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, r
             per = {k: v[pos:pos + n].reshape(V, T, *v.shape[1:]) for k, v in outs.items()}  # (V, T, ...)
             if split in keeps_frames:
                 per["frames"] = views
+            if (split, index) in params:
+                per["view_params"] = params.pop((split, index))
             result.frames += n
             finish(split, index, per, None)
             pos += n
@@ -494,6 +551,8 @@ def _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, r
     try:
         for split, index, views, reason, record in loader:
             if record is not None:
+                if "view_params" in record:
+                    params[(split, index)] = record.pop("view_params")
                 records[(split, index)] = record
             if views is None:
                 finish(split, index, None, reason)
@@ -530,6 +589,16 @@ def describe_plan(plan: ExtractPlan) -> list[str]:
         n = len(plan.dataset.splits[split])
         parts = ", ".join(f"{a.name}{list(a.shape)} {human_bytes(a.nbytes())}" for a in arrays)
         lines.append(f"{split:<6} {n} videos x {human_bytes(plan.bytes_per_video[split])}/video  [{parts}]")
+    bank = plan.meta.get("view_bank")
+    if bank and bank["split"] in plan.split_arrays:
+        split, K = bank["split"], bank["views"]
+        n = len(plan.dataset.splits[split])
+        # per video: K views of every array but the parameters, which one plain view does not have
+        one = sum(a.nbytes() // K for a in plan.split_arrays[split] if a.name != "view_params")
+        bank_bytes = plan.bytes_per_video[split] * n
+        lines.append(f"views  {split}: a bank of {K} augmented view(s) per video (seed {bank['seed']}, crop area "
+                     f"{bank['area'][0]:g}-{bank['area'][1]:g}, flip {bank['flip']:g}): {human_bytes(bank_bytes)}, "
+                     f"{human_bytes(bank_bytes - one * n)} more than one view")
     total = plan.total_bytes()
     free = free_bytes(plan.path.parent)
     lines.append(f"total  {human_bytes(total)} needed, {human_bytes(free)} free on {plan.path.parent}"
