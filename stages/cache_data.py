@@ -78,6 +78,9 @@ def extraction_hint(store: FeatureStore, keys: DataKeys) -> str:
         parts.append("--patch")
     if keys.frames or cfg.get("store_frames"):
         parts.append("--frames-uint8")
+    if cfg.get("train_aug"):  # keep the cache's view bank
+        parts.append(f"--train-aug {cfg['train_aug']} --aug-seed {cfg.get('aug_seed', 0)} "
+                     f"--aug-area {cfg.get('aug_area', 0.4):g}")
     return " ".join(parts)
 
 
