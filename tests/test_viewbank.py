@@ -246,3 +246,12 @@ def test_dry_run_prints_the_cost_of_the_bank(demo_small, tmp_path):
     assert "frames[4, 8, 32, 32, 3]" in train and "view_params[4, 16]" in train
     assert "bank of 4 augmented view(s)" in bank and "more than one view" in bank
     assert not out.exists()
+
+
+def test_refusal_hint_keeps_the_bank_or_recommends_the_heads(plain, bank):
+    from stages.cache_data import extraction_hint, recommended_train_aug
+
+    need = DataKeys(patch_layers=(-1,), frames=True)  # neither cache has patch tokens
+    assert f"--train-aug {K} --aug-seed 0 --aug-area 0.4" in extraction_hint(bank, need, "evl")
+    assert "--train-aug" not in extraction_hint(plain, need, "evl") and recommended_train_aug("evl") is None
+    assert f"--train-aug {recommended_train_aug('side4video')}" in extraction_hint(plain, need, "side4video")
