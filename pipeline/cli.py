@@ -113,6 +113,10 @@ def extract(
                                           "(frames, sampling, views, resize, view averaging); flags override it."),
     resize_ratio: Optional[float] = typer.Option(None, help="Short side = input size x this before cropping "
                                                             "(1: EVL/CLIP; 1.142857: scale 256 for 224)."),
+    train_aug: Optional[int] = typer.Option(None, help="View bank: K augmented views per train video (random "
+                                                      "clip, random resized crop, flip), drawn once, seeded."),
+    aug_seed: int = typer.Option(0, help="Seed of the view bank (with each video's split and index)."),
+    aug_area: float = typer.Option(0.4, help="Smallest area fraction of the view bank's random resized crop."),
     dtype: str = typer.Option("fp16", help="fp16 | int8 (per-token int8 for CLS/patch tokens)."),
     text: str = typer.Option("all", help="Text sets to store: all | none | comma list of clip_single, "
                                          "clip_text4vis, clip_actionclip, clip_classname, minilm."),
@@ -155,7 +159,7 @@ def extract(
                      store_frames=store_frames, train_views=train_views, dtype=dtype, text=text,
                      batch_frames=batch_frames, workers=workers, shard_size=shard_size, device=device,
                      protocol=protocol, activation=activation, hash_sources=hash_sources,
-                     **sample)
+                     train_aug=train_aug, aug_seed=aug_seed, aug_area=aug_area, **sample)
     for line in proto_lines if _main_rank() else ():
         typer.echo(line)
     heads = [h.strip() for h in for_head.split(",") if h.strip()]

@@ -16,9 +16,20 @@ from cache.store import DONE, FeatureStore
 from stages.heads import DataKeys, resolve_layers
 
 __all__ = ["HeadInputs", "CacheSplit", "pixel_stats", "epoch_seed", "view_pick", "view_tensor", "check_cache_for_head",
-           "select_videos", "extraction_hint", "head_data_keys"]
+           "select_videos", "extraction_hint", "head_data_keys", "VIEW_BANK_DEFAULTS", "recommended_train_aug"]
 
 IN_MEMORY_LIMIT = 2 << 30  # bytes of one array above which it is read per video instead
+
+# `extract --train-aug K` per head, from bench/bench_viewbank.py (README, stage two): on the demo
+# world no K beat the plain cache beyond the spread over seeds; Side4Video's mean was highest
+# with banks and one augmented view costs no more bytes than the plain view, EVL's was highest
+# on the plain cache. Heads not named here: no view bank.
+VIEW_BANK_DEFAULTS: dict[str, int] = {"side4video": 1}
+
+
+def recommended_train_aug(head: str) -> int | None:
+    """The view bank (K augmented train views) measured best for ``head``; None: the plain cache."""
+    return VIEW_BANK_DEFAULTS.get(head)
 
 
 class HeadInputs:
@@ -65,14 +76,18 @@ def pixel_stats(meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, std
 
 
-def extraction_hint(store: FeatureStore, keys: DataKeys) -> str:
-    """The extraction command that would produce a cache holding what ``keys`` needs."""
+def extraction_hint(store: FeatureStore, keys: DataKeys, head: str = "") -> str:
+    """The extraction command that would produce a cache holding what ``keys`` needs (with the
+    cache's view bank, or ``head``'s recommended one when the cache has none)."""
     depth = int(store.meta["dims"]["depth"])
     layers = sorted(set(store.meta["layers"]) | set(resolve_layers(keys.cls_layers, depth))
                     | set(resolve_layers(keys.patch_layers, depth)))
     cfg = store.meta["config"]
-    return extract_command(store.meta, layers=layers, patch=bool(keys.patch_layers or cfg.get("patch")),
-                           frames_uint8=bool(keys.frames or cfg.get("store_frames")))
+    command = extract_command(store.meta, layers=layers, patch=bool(keys.patch_layers or cfg.get("patch")),
+                              frames_uint8=bool(keys.frames or cfg.get("store_frames")))
+    if not cfg.get("train_aug") and recommended_train_aug(head):  # the cache's own bank is in the command
+        command += f" --train-aug {recommended_train_aug(head)}"
+    return command
 
 
 def head_data_keys(name: str, dims: dict, overrides: dict | None = None) -> DataKeys:
@@ -108,7 +123,7 @@ def check_cache_for_head(store: FeatureStore, keys: DataKeys, head_name: str, sp
         if inputs.missing:
             raise CacheMismatchError(
                 f"head '{head_name}' needs {', '.join(inputs.missing)}, which cache {store.path.name} lacks; "
-                f"extract them with: {extraction_hint(store, keys)}")
+                f"extract them with: {extraction_hint(store, keys, head_name)}")
         out[split] = inputs
     return out
 

@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import time
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,7 +46,8 @@ from stages.backbone import (BackboneInfo, FrozenCLIP, clip_identity, load_clip,
 from stages.dist import check_device
 from stages.text import TEXT_SETS, compute_text_sets
 from stages.recipes import protocol_record, resize_side
-from stages.video import SamplingCfg, decode_video, make_views, normalize, parse_views
+from stages.video import (VIEW_PARAM_COLUMNS, AugViewCfg, SamplingCfg, augmented_views, decode_video, make_views,
+                          normalize, parse_views)
 
 __all__ = ["ExtractCfg", "ExtractPlan", "plan_extraction", "run_extraction", "default_cache_root", "latest_cache"]
 
@@ -68,6 +70,9 @@ class ExtractCfg:
     store_frames: bool = False       # store the preprocessed uint8 input frames
     views: str = "1x1"               # CxS for val/test splits
     train_views: str = "1x1"         # CxS for the train split
+    train_aug: int | None = None     # view bank: K augmented views per train video (None: the fixed views above)
+    aug_seed: int = 0                # seed of the view bank's draws (with the split and video index)
+    aug_area: float = 0.4            # smallest area fraction of the view bank's random resized crop (largest 1)
     dtype: str = "fp16"              # fp16 | int8 (per-token, for cls/patch)
     text: str = "all"                # comma list of TEXT_SETS, all, or none
     batch_frames: int = 128          # frames per encoder call
@@ -92,6 +97,9 @@ class ExtractCfg:
             if not ok:
                 raise ConfigError(f"{flag} must be {need}, got {getattr(self, flag[2:].replace('-', '_'))}")
         check_device(self.device)
+
+    def aug_views(self) -> AugViewCfg:
+        return AugViewCfg(area=(float(self.aug_area), 1.0))
 
     def text_sets(self) -> list[str]:
         if self.text == "all":
@@ -167,6 +175,9 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
         raise ConfigError("--patch needs tapped layers (--layers)")
     text_sets = cfg.text_sets()
     views = {s: parse_views(cfg.train_views if s == "train" else cfg.views) for s in dataset.splits}
+    bank = _view_bank(cfg)
+    if bank and "train" in views:
+        views["train"] = (bank["views"], 1)  # K random clips, one random crop each
     if cfg.pretrained and os.sep in cfg.pretrained and not os.path.isfile(cfg.pretrained):
         raise ConfigError(f"checkpoint not found: {cfg.pretrained}")
     wid = weights_id(cfg.pretrained, cfg.init_seed)
@@ -185,6 +196,8 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
             arrays.append(ArraySpec("patch", (V, T, L, P, D), feat, layer_axis=2))
         if cfg.store_frames:
             arrays.append(ArraySpec("frames", (V, T, S_img, S_img, 3), "uint8"))
+        if bank and split == "train":
+            arrays.append(ArraySpec("view_params", (V, len(VIEW_PARAM_COLUMNS) + T), "float32"))
         split_arrays[split] = arrays
         bytes_per_video[split] = sum(a.nbytes() for a in arrays)
     if cfg.shard_size > 0:
@@ -219,6 +232,8 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
     }
     if cfg.resize_ratio != 1.0:  # only then: the keys of existing caches stay what they were
         content["resize_short_side"] = resize_side(S_img, cfg.resize_ratio)
+    if bank:  # only then: a cache without a view bank keeps the key it always had
+        content["view_bank"] = bank
     key = _sha(content)[:16]
     if out:
         path = Path(out)
@@ -239,6 +254,8 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
                  "image_size": S_img, "patch_size": info.patch_size},
         "layers": list(layers),
         "views": {s: {"clips": v[0], "crops": v[1]} for s, v in views.items()},
+        **({"view_bank": {**bank, "split": "train", "param_columns": [*VIEW_PARAM_COLUMNS, f"index_0..{T - 1}"]}}
+           if bank else {}),
         "dtype": cfg.dtype,
         "int8_outliers": 4,
         "text_sets": text_sets,
@@ -248,6 +265,30 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
     }
     _check_writable(path.parent)
     return ExtractPlan(cfg, dataset, arch, info, layers, key, path, meta, split_arrays, shard_size, bytes_per_video)
+
+
+def _view_bank(cfg: ExtractCfg) -> dict | None:
+    """What the view bank draws (part of the cache key), or None when --train-aug is not given."""
+    if cfg.train_aug is None:
+        return None
+    if isinstance(cfg.train_aug, bool) or not isinstance(cfg.train_aug, int) or cfg.train_aug < 1:
+        raise ConfigError(f"--train-aug must be a number of views of at least 1, got {cfg.train_aug!r}")
+    if cfg.train_views != "1x1":
+        raise ConfigError(f"--train-aug draws its own clips and crops; leave --train-views at 1x1 "
+                          f"(got {cfg.train_views})")
+    if not 0 < cfg.aug_area <= 1:
+        raise ConfigError(f"--aug-area must be in (0, 1], got {cfg.aug_area}")
+    aug = cfg.aug_views()
+    return {"views": cfg.train_aug, "seed": int(cfg.aug_seed), "area": list(aug.area), "ratio": list(aug.ratio),
+            "flip": aug.flip}
+
+
+def view_rngs(seed: int, split: str, index: int) -> tuple[np.random.Generator, np.random.Generator]:
+    """The two generators of one video's view bank (its clips, then its crops and flips): a
+    function of (cache seed, split, index) alone, so reruns, resumes and any number of workers
+    or ranks draw the same views."""
+    temporal, spatial = np.random.SeedSequence([int(seed), zlib.crc32(split.encode()), int(index)]).spawn(2)
+    return np.random.default_rng(temporal), np.random.default_rng(spatial)
 
 
 def _check_writable(folder: Path) -> None:
@@ -301,12 +342,17 @@ def _file_sha256(path: str) -> str:
 
 class _DecodeJobs(Dataset):
     """Item i -> (split, index, views uint8 (V, T, S, S, 3) | None, failure reason | None, the video's
-    record: source size / mtime_ns (sha256), and for a decoded video the decoder and its warnings)."""
+    record: source size / mtime_ns (sha256), and for a decoded video the decoder and its warnings;
+    with "view_params" (V, P) in a view bank's split).
+
+    ``banks[split] = (seed, AugViewCfg)``: that split's V views are random clips with a random
+    resized crop and flip each, drawn from view_rngs(seed, split, index)."""
 
     def __init__(self, jobs: list[tuple[str, int, str, int | None]], sampling: dict[str, SamplingCfg], size: int,
-                 resize: int | None = None, hash_sources: bool = False):
+                 resize: int | None = None, hash_sources: bool = False,
+                 banks: dict[str, tuple[int, AugViewCfg]] | None = None):
         self.jobs, self.sampling, self.size, self.resize = jobs, sampling, size, resize
-        self.hash_sources = hash_sources
+        self.hash_sources, self.banks = hash_sources, banks or {}
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -316,6 +362,13 @@ class _DecodeJobs(Dataset):
         samp = self.sampling[split]
         info = source_info(path, self.hash_sources)  # before decoding: the version that was read
         try:
+            if split in self.banks:
+                seed, aug = self.banks[split]
+                temporal, spatial = view_rngs(seed, split, index)
+                out = decode_video(path, samp, num_frames, rng=temporal)
+                views, params = augmented_views(out, self.size, aug, spatial)
+                info.update(decoder=out.decoder, warnings=list(out.warnings), view_params=params)
+                return split, index, views, None, info
             out = decode_video(path, samp, num_frames)
             info.update(decoder=out.decoder, warnings=list(out.warnings))
             return split, index, make_views(out.clips, self.size, samp.crops, self.resize), None, info
@@ -339,7 +392,7 @@ class _ShardBuffer:
         for name, spec in store.specs(split).items():
             fill = 0 if spec.dtype == "uint8" else np.nan
             # fp16 in memory: what the store keeps (int8 is quantised from it per token)
-            dtype = np.uint8 if spec.dtype == "uint8" else np.float16
+            dtype = np.uint8 if spec.dtype == "uint8" else np.float32 if spec.dtype == "float32" else np.float16
             self.arrays[name] = np.full((n, *spec.shape), fill, dtype=dtype)
         self.status = np.zeros(n, dtype=np.int8)
         self.failures: list[dict] = []
@@ -574,9 +627,11 @@ def run_extraction(plan: ExtractPlan, shard: tuple[int, int] | None = None, prog
     for s in store.splits:
         v = plan.meta["views"][s]
         sampling[s] = SamplingCfg(cfg.frames, cfg.sampling, cfg.stride, v["clips"], v["crops"])
+    bank = plan.meta.get("view_bank")
+    banks = {bank["split"]: (bank["seed"], cfg.aug_views())} if bank and bank["split"] in store.splits else {}
     result = ExtractResult(plan.path, reused=False)
     if jobs:
-        _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, result, log)
+        _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, result, log, banks)
     result.seconds = time.perf_counter() - t_start
     if problems or redo:
         left = [p for p in store.verify(finite=False) if p.shard is None or (p.split, p.shard) in mine]
@@ -592,7 +647,8 @@ def run_extraction(plan: ExtractPlan, shard: tuple[int, int] | None = None, prog
     return result
 
 
-def _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, result, log=print) -> None:
+def _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, result, log=print,
+                 banks=None) -> None:
     from tqdm import tqdm
 
     cfg = plan.cfg
@@ -608,8 +664,9 @@ def _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, r
         # per frame to contention, so leave the workers their cores.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
     resize = resize_side(plan.info.image_size, plan.cfg.resize_ratio)
-    loader = DataLoader(_DecodeJobs(jobs, sampling, plan.info.image_size, resize, cfg.hash_sources), batch_size=1,
-                        shuffle=False, num_workers=workers, collate_fn=_first, prefetch_factor=4 if workers else None,
+    loader = DataLoader(_DecodeJobs(jobs, sampling, plan.info.image_size, resize, cfg.hash_sources, banks),
+                        batch_size=1, shuffle=False, num_workers=workers, collate_fn=_first,
+                        prefetch_factor=4 if workers else None,
                         persistent_workers=False)
     # a shard's buffer is made when its first video arrives and handed to the writer when its last
     # does; jobs come in shard order, so only the shard being filled (and the ones waiting for
@@ -621,6 +678,7 @@ def _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, r
     bar = tqdm(total=len(jobs), unit="video", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     t0 = time.perf_counter()
     queue: list[tuple[str, int, np.ndarray, dict]] = []
+    params: dict[tuple[str, int], np.ndarray] = {}  # view bank parameters of videos waiting in the queue
     queued_frames = 0
     staging = [None] if device.startswith("cuda") else None  # pinned uint8 frames, grown on demand
 
@@ -672,6 +730,8 @@ def _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, r
             per = {k: v[pos:pos + n].reshape(V, T, *v.shape[1:]) for k, v in outs.items()}  # (V, T, ...)
             if split in keeps_frames:
                 per["frames"] = views
+            if (split, index) in params:
+                per["view_params"] = params.pop((split, index))
             result.frames += n
             finish(split, index, per, None, info)
             pos += n
@@ -687,6 +747,8 @@ def _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, r
     batches = iter(loader)
     try:
         for split, index, views, reason, info in batches:
+            if info is not None and "view_params" in info:
+                params[(split, index)] = info.pop("view_params")
             if views is None:
                 finish(split, index, None, reason, info)
             else:
@@ -762,6 +824,16 @@ def describe_plan(plan: ExtractPlan) -> list[str]:
         n = len(plan.dataset.splits[split])
         parts = ", ".join(f"{a.name}{list(a.shape)} {human_bytes(a.nbytes())}" for a in arrays)
         lines.append(f"{split:<6} {n} videos x {human_bytes(plan.bytes_per_video[split])}/video  [{parts}]")
+    bank = plan.meta.get("view_bank")
+    if bank and bank["split"] in plan.split_arrays:
+        split, K = bank["split"], bank["views"]
+        n = len(plan.dataset.splits[split])
+        # per video: K views of every array but the parameters, which one plain view does not have
+        one = sum(a.nbytes() // K for a in plan.split_arrays[split] if a.name != "view_params")
+        bank_bytes = plan.bytes_per_video[split] * n
+        lines.append(f"views  {split}: a bank of {K} augmented view(s) per video (seed {bank['seed']}, crop area "
+                     f"{bank['area'][0]:g}-{bank['area'][1]:g}, flip {bank['flip']:g}): {human_bytes(bank_bytes)}, "
+                     f"{human_bytes(bank_bytes - one * n)} more than one view")
     total = plan.total_bytes()
     free = free_bytes(plan.path.parent)
     lines.append(f"total  {human_bytes(total)} needed, {human_bytes(free)} free on {plan.path.parent}"

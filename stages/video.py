@@ -37,6 +37,11 @@ __all__ = [
     "resize_short_side",
     "spatial_crops",
     "make_views",
+    "VIEW_PARAM_COLUMNS",
+    "AugViewCfg",
+    "draw_resized_crop",
+    "resized_crop_view",
+    "augmented_views",
     "normalize",
 ]
 
@@ -117,6 +122,8 @@ class Decoded:
     clips: list[np.ndarray]
     decoder: str
     warnings: tuple[str, ...] = ()
+    indices: tuple[tuple[int, ...], ...] = ()   # decode index of every sampled frame, per clip
+    num_frames: int = 0                         # frames the indices were drawn from
 
 
 @dataclass
@@ -418,12 +425,20 @@ def decode_video(path: str, cfg: SamplingCfg, num_frames: int | None = None,
     """
 
     state = rng.bit_generator.state if rng is not None else None
+    picked: list = [(), 0]  # the indices of the last pick and the frame count they came from
 
     def pick(n: int) -> list[list[int]]:
         if state is not None:  # a reader that retries draws the same sample, not the next one
             rng.bit_generator.state = state
-        return clip_indices(n, cfg, rng)
+        clips = clip_indices(n, cfg, rng)
+        picked[:] = [tuple(tuple(c) for c in clips), n]
+        return clips
 
+    out = _decode_any(path, num_frames, pick)
+    return Decoded(out.clips, out.decoder, out.warnings, *picked)
+
+
+def _decode_any(path: str, num_frames: int | None, pick: Callable[[int], list[list[int]]]) -> Decoded:
     if os.path.isdir(path):
         return Decoded(_decode_folder(path, num_frames, pick), "frames")
     if not os.path.exists(path):
@@ -500,3 +515,73 @@ def normalize(frames: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(3, 1, 1)
     return (x - m) / s
+
+
+# ----------------------------------------------------------------------------- augmented views (view bank)
+# Columns of one recorded augmented view (a row of <split>/view_params, float32; every value is
+# an integer, exact in float32): the mirror flag, the crop box in pixels of the upright decoded
+# frame, that frame's size, the video's frame count and the T decode indices of the clip.
+VIEW_PARAM_COLUMNS = ("flip", "crop_y", "crop_x", "crop_h", "crop_w", "frame_h", "frame_w", "num_frames")
+
+
+@dataclass(frozen=True)
+class AugViewCfg:
+    """Random resized crop (area fraction and aspect ratio ranges, one box for every frame of a
+    clip) and a horizontal flip with probability ``flip``; drawn once per view at extraction."""
+
+    area: tuple[float, float] = (0.4, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: float = 0.5
+
+
+def draw_resized_crop(rng: np.random.Generator, height: int, width: int, area: tuple[float, float],
+                      ratio: tuple[float, float], tries: int = 10) -> tuple[int, int, int, int]:
+    """A crop box (y, x, h, w) of an (height, width) frame covering an area fraction drawn
+    uniformly from ``area``, its aspect ratio w/h log-uniformly from ``ratio``. After ``tries``
+    boxes that do not fit: the largest centred box whose ratio lies in the range."""
+    total = height * width
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(tries):
+        target = total * rng.uniform(area[0], area[1])
+        r = math.exp(rng.uniform(lo, hi))
+        w = int(round(math.sqrt(target * r)))
+        h = int(round(math.sqrt(target / r)))
+        if 0 < w <= width and 0 < h <= height:
+            y = int(rng.integers(0, height - h + 1))
+            x = int(rng.integers(0, width - w + 1))
+            return y, x, h, w
+    r = width / height
+    if r < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif r > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        h, w = height, width
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def resized_crop_view(clip: np.ndarray, box: tuple[int, int, int, int], flip: bool, size: int) -> np.ndarray:
+    """(T, H, W, 3) uint8 -> (T, size, size, 3) uint8: the box (y, x, h, w) of every frame,
+    resized to size x size (bicubic, antialiased, as resize_short_side) and mirrored if ``flip``."""
+    y, x, h, w = box
+    crop = torch.from_numpy(np.ascontiguousarray(clip[:, y:y + h, x:x + w])).permute(0, 3, 1, 2).float()  # (T, 3, h, w)
+    out = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    out = out.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)  # (T, size, size, 3)
+    if flip:
+        out = out.flip(2)
+    return out.contiguous().numpy()
+
+
+def augmented_views(decoded: Decoded, size: int, cfg: AugViewCfg,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The K clips of ``decoded`` (K random clips, see clip_indices with an rng) as K augmented
+    views: (K, T, size, size, 3) uint8, and their parameters (K, 8 + T) float32 laid out as
+    VIEW_PARAM_COLUMNS followed by the T frame indices."""
+    views, params = [], []
+    for clip, idx in zip(decoded.clips, decoded.indices):
+        H, W = clip.shape[1:3]
+        box = draw_resized_crop(rng, H, W, cfg.area, cfg.ratio)
+        flip = bool(rng.random() < cfg.flip)
+        views.append(resized_crop_view(clip, box, flip, size))
+        params.append([float(flip), *box, H, W, decoded.num_frames, *idx])
+    return np.stack(views), np.asarray(params, dtype=np.float32)
