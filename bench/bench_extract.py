@@ -61,6 +61,7 @@ from rich.table import Table  # noqa: E402
 
 import stages.extract as X  # noqa: E402
 from cache.store import ArraySpec, FeatureStore, open_store  # noqa: E402
+from cache.store import human_bytes as human  # noqa: E402
 from pipeline.datasets import DatasetSpec, load_dataset  # noqa: E402
 from pipeline.demo_data import DemoCfg, generate_demo  # noqa: E402
 from stages.backbone import BackboneInfo, FrozenCLIP, load_clip, model_config, parse_layers  # noqa: E402
@@ -118,14 +119,6 @@ def cpu_self() -> float:
 def cpu_children() -> float:
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 def fps(frames: int, seconds: float) -> str:
