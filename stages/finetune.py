@@ -61,11 +61,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from cache.errors import ConfigError, DatasetError, ModelError, VideoDecodeError
+from cache.errors import ConfigError, DatasetError, ModelError, decode_failure_reason
 from cache.store import atomic_write_text
 from stages.augment import AugmentCfg, augment_clip, build_train_transform, eval_views
 from stages.backbone import (ACTIVATION_CHOICES, ACTIVATION_KEY, BackboneInfo, load_clip, model_activation,
-                             model_config, resolve_activation, resolve_model_name, weights_id)
+                             model_config, pixel_stats, resolve_activation, resolve_model_name, weights_id)
 from stages.checkpoint import load_checkpoint, save_checkpoint
 from stages.dist import DistContext, dist_device, rank_batches
 from stages.heads import get_head_entry, make_cfg
@@ -259,10 +259,8 @@ class VideoClips(Dataset):
             else:
                 clips, _ = decode_clips(item.path, self.sampling, item.num_frames)
                 video = eval_views(clips, self.size, self.sampling.crops)  # (V, T, 3, S, S)
-        except VideoDecodeError as exc:
-            return self._empty(i, item.label, str(exc))
-        except Exception as exc:  # a decoder crash on one file must not stop the run
-            return self._empty(i, item.label, f"decode error: {exc.__class__.__name__}: {str(exc)[:160]}")
+        except Exception as exc:  # a video that does not decode (or crashes its decoder) must not stop the run
+            return self._empty(i, item.label, decode_failure_reason(exc))
         return {"video": video, "label": torch.tensor(item.label), "index": torch.tensor(i),
                 "valid": torch.tensor(True), "template": torch.tensor(template), "error": ""}
 
@@ -332,9 +330,9 @@ class Finetuner:
         clip = load_clip(cfg.model, cfg.pretrained or None, device="cpu", seed=cfg.init_seed, activation=cfg.activation)
         if not cfg.pretrained:
             log(f"no pretrained weights given: {self.arch} starts from a seeded random init (seed {cfg.init_seed})")
-        pp = getattr(clip.visual, "preprocess_cfg", {}) or {}
-        self.mean = torch.tensor(pp.get("mean", (0.48145466, 0.4578275, 0.40821073)), device=self.device).view(3, 1, 1)
-        self.std = torch.tensor(pp.get("std", (0.26862954, 0.26130258, 0.27577711)), device=self.device).view(3, 1, 1)
+        mean, std = pixel_stats(clip.visual)
+        self.mean = torch.tensor(mean, device=self.device).view(3, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(3, 1, 1)
         self.tokenizer = open_clip.get_tokenizer(self.arch)
         classes = list(spec.classes)
         K = len(classes)
