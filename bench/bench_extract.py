@@ -24,12 +24,12 @@ naive loop     one video at a time in the main process: decode_clips -> make_vie
                -> encoder (batch = that video's frames) -> numpy array in memory (no disk).
 pipelined      ``plan_extraction`` + ``run_extraction(progress=False)`` into a fresh cache folder,
                text="none". Timed: the encode phase only, i.e. the call of
-               ``stages.extract._encode_jobs`` (DataLoader worker start-up, decode, encoder,
+               ``stages.extract.encode_jobs`` (DataLoader worker start-up, decode, encoder,
                shard writes, waiting for the writer) -- model build and store creation are
                excluded. The whole run_extraction rate (with model build) is shown too.
 
 The pipelined runs are instrumented from this process by wrapping, never by editing the
-extractor: ``_encode_jobs`` (phase wall time), the ``DataLoader`` the extractor builds (time the
+extractor: ``encode_jobs`` (phase wall time), the ``DataLoader`` the extractor builds (time the
 main thread waits for the next decoded video, worker start-up included), ``normalize`` (uint8 ->
 float in the main thread), ``FeatureStore.write_shard`` (writer-thread time), ``FrozenCLIP.forward``
 (process CPU seconds while the encoder runs), and getrusage (CPU seconds of the main process and
@@ -61,6 +61,7 @@ from rich.table import Table  # noqa: E402
 
 import stages.extract as X  # noqa: E402
 from cache.store import ArraySpec, FeatureStore, open_store  # noqa: E402
+from cache.store import human_bytes as human  # noqa: E402
 from pipeline.datasets import DatasetSpec, load_dataset  # noqa: E402
 from pipeline.demo_data import DemoCfg, generate_demo  # noqa: E402
 from stages.backbone import BackboneInfo, FrozenCLIP, load_clip, model_config, parse_layers  # noqa: E402
@@ -118,14 +119,6 @@ def cpu_self() -> float:
 def cpu_children() -> float:
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 def fps(frames: int, seconds: float) -> str:
@@ -264,7 +257,7 @@ def naive(model: Model, items, samp: SamplingCfg) -> Run:
 @contextlib.contextmanager
 def instrument(stats: dict):
     """Wrap the extractor's pieces (module globals / class attribute) for this process only."""
-    orig_encode, orig_loader, orig_norm, orig_write = X._encode_jobs, X.DataLoader, X.normalize, FeatureStore.write_shard
+    orig_encode, orig_loader, orig_norm, orig_write = X.encode_jobs, X.DataLoader, X.normalize, FeatureStore.write_shard
     orig_fwd = FrozenCLIP.forward
 
     def forward(self, x):
@@ -311,12 +304,12 @@ def instrument(stats: dict):
         finally:
             stats["writer"] += now() - t
 
-    X._encode_jobs, X.DataLoader, X.normalize, FeatureStore.write_shard = encode_jobs, TimedLoader, norm, write_shard
+    X.encode_jobs, X.DataLoader, X.normalize, FeatureStore.write_shard = encode_jobs, TimedLoader, norm, write_shard
     FrozenCLIP.forward = forward
     try:
         yield
     finally:
-        X._encode_jobs, X.DataLoader, X.normalize, FeatureStore.write_shard = orig_encode, orig_loader, orig_norm, orig_write
+        X.encode_jobs, X.DataLoader, X.normalize, FeatureStore.write_shard = orig_encode, orig_loader, orig_norm, orig_write
         FrozenCLIP.forward = orig_fwd
 
 

@@ -121,7 +121,8 @@ def child(args) -> None:
 
         from cache.store import open_store
         from stages.cache_data import CacheSplit, check_cache_for_head, select_videos
-        from stages.train import TrainCfg, _collate, _lr_factor, build_head, classifier_matrix
+        from stages.runs import lr_factor, param_groups
+        from stages.train import TrainCfg, build_head, classifier_matrix, collate_items
 
         store = open_store(args.cache)
         cfg = TrainCfg(head="text4vis", batch_size=args.batch, lr=5e-5, weight_decay=0.2, seed=0)
@@ -132,10 +133,9 @@ def child(args) -> None:
         head.set_classifier(classifier_matrix("clip_text", store, head, None, cfg))
         head.to(device).train()
         data = CacheSplit(store, inputs["train"], idx, train=True)
-        params = [p for p in head.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                                 {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=cfg.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, 1000, 0))
+        opt = torch.optim.AdamW(param_groups(list(head.named_parameters()), None, cfg.weight_decay, False,
+                                             keep_empty=True), lr=cfg.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 1000, 0))
         trainable = head.num_trainable()
 
         def batches():
@@ -143,7 +143,7 @@ def child(args) -> None:
             while True:
                 data.set_epoch(epoch, 0)
                 gen = torch.Generator().manual_seed(epoch)
-                yield from DataLoader(data, batch_size=args.batch, shuffle=True, generator=gen, collate_fn=_collate,
+                yield from DataLoader(data, batch_size=args.batch, shuffle=True, generator=gen, collate_fn=collate_items,
                                       num_workers=args.workers, drop_last=True)
                 epoch += 1
 
@@ -227,13 +227,9 @@ def child(args) -> None:
 
 # ----------------------------------------------------------------------------- parent
 def human(n) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
+    from cache.store import human_bytes
+
+    return "-" if n is None else human_bytes(n)
 
 
 def secs(s: float) -> str:

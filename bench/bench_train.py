@@ -90,6 +90,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.memprobe import reset_peak_rss, vm_status  # noqa: E402
+from cache.store import artifacts_root, human_bytes as human  # noqa: E402
 
 now = time.perf_counter
 MB = 1 << 20
@@ -190,14 +191,6 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}" if unit != "GB" else f"{n:.2f} GB"
-        n /= 1024
-    return f"{n:.2f} GB"
-
-
 def mbps(x: float) -> str:
     x /= MB
     return f"{x:,.0f}" if x >= 100 else f"{x:.1f}" if x >= 1 else f"{x:.2f}"
@@ -212,15 +205,15 @@ def ratio(x: float) -> str:
 
 
 def collate(items: list[dict]) -> dict[str, torch.Tensor]:
-    from stages.train import _collate  # the collate stage two uses
+    from stages.train import collate_items  # the collate stage two uses
 
-    return _collate(items)
+    return collate_items(items)
 
 
 # ----------------------------------------------------------------------------- the head, as train_head builds it
 def make_head(store, run: HeadRun, seed: int = 0):
     """Build, fill frozen weights / classifier, exactly like train_head (same seed -> same init)."""
-    from stages.train import TrainCfg, _backbone_weights, build_head, classifier_matrix
+    from stages.train import TrainCfg, build_head, cached_backbone_weights, classifier_matrix
 
     cfg = TrainCfg(head=run.name, seed=seed)
     K = int(store.meta["dims"]["num_classes"])
@@ -228,7 +221,7 @@ def make_head(store, run: HeadRun, seed: int = 0):
     head = build_head(run.name, store, dict(run.overrides), num_classes=K)
     keys = head.data_keys()
     if getattr(head, "set_backbone_weights", None) and keys.backbone_weights:
-        head.set_backbone_weights(_backbone_weights(store, keys))
+        head.set_backbone_weights(cached_backbone_weights(store, keys))
     if head.has_classifier:
         head.set_classifier(classifier_matrix(cfg.classifier_init, store, head, None, cfg))
     return head, cfg
@@ -236,16 +229,13 @@ def make_head(store, run: HeadRun, seed: int = 0):
 
 def make_optimizer(head, cfg, steps_per_epoch: int, epochs: int):
     """AdamW + warmup/cosine LambdaLR, grouped as _fit_sgd groups them."""
-    from stages.train import _lr_factor
+    from stages.runs import lr_factor, param_groups
 
-    params = [p for p in head.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    opt = torch.optim.AdamW(param_groups(list(head.named_parameters()), None, cfg.weight_decay, False,
+                                         keep_empty=True), lr=cfg.lr)
     total = steps_per_epoch * epochs
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
     return opt, sched
 
 
@@ -459,13 +449,13 @@ def child(spec: dict) -> dict:
 
 def checkpoint_cost(head, opt, sched, folder: Path) -> dict:
     """What _fit_sgd writes after every epoch (head + optimizer + scheduler, atomic)."""
-    from stages.train import _atomic_save
+    from stages.checkpoint import save_checkpoint
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"ckpt-{os.getpid()}.pt"
     t0 = now()
-    _atomic_save({"head": head.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                  "epoch": 1, "history": [], "config": {}}, path)
+    save_checkpoint({"head": head.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "epoch": 1, "history": [], "config": {}}, path)
     dt = now() - t0
     size = path.stat().st_size
     path.unlink()
@@ -700,7 +690,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help='the built-in "demo" backbone (about 1-2 minutes)')
-    ap.add_argument("--workdir", default=os.path.join(os.environ.get("CLIPCACHE_ROOT", "artifacts"), "bench_train"),
+    ap.add_argument("--workdir", default=str(artifacts_root() / "bench_train"),
                     help="data, cache and scratch folder (default: artifacts/bench_train)")
     ap.add_argument("--per-class", type=int, default=0, help="train videos per class (4 classes)")
     ap.add_argument("--batch", type=int, default=0, help="videos per step")

@@ -23,7 +23,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from cache.quant import QUANT_SUFFIXES, dequantize_int8, quantize_int8  # noqa: E402
-from cache.wds import _npy_bytes, sample_array  # noqa: E402
+from cache.wds import npy_bytes, sample_array  # noqa: E402
 
 CASES = [
     # name, member, stored dtype, shape (V, T, L, ...), the head's layer positions
@@ -38,8 +38,8 @@ def _sample(name: str, dtype: str, shape: tuple, rng: np.random.Generator) -> di
     x = rng.standard_normal(shape, dtype=np.float32)
     if dtype == "int8":
         parts = quantize_int8(x)
-        return {f"{name}.{s}.npy": _npy_bytes(parts[s]) for s in QUANT_SUFFIXES}
-    return {f"{name}.npy": _npy_bytes(x.astype(dtype))}
+        return {f"{name}.{s}.npy": npy_bytes(parts[s]) for s in QUANT_SUFFIXES}
+    return {f"{name}.npy": npy_bytes(x.astype(dtype))}
 
 
 def _convert_then_select(sample: dict, name: str, dtype: str, layers: list[int]) -> np.ndarray:

@@ -56,3 +56,12 @@ class VideoDecodeError(PipelineError, RuntimeError):
 
 class TrainingError(PipelineError, RuntimeError):
     """A run that cannot go on (e.g. a non-finite loss)."""
+
+
+def decode_failure_reason(exc: Exception) -> str:
+    """The policy for a video that does not decode, in extraction and fine-tuning alike: the run
+    goes on and records this one line as the video's failure. A VideoDecodeError says why in its
+    own words; any other exception is a decoder crash on that file, named with its class."""
+    if isinstance(exc, VideoDecodeError):
+        return str(exc)
+    return f"decode error: {exc.__class__.__name__}: {str(exc)[:160]}"

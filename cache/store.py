@@ -152,9 +152,14 @@ def _read_json(path: Path):
         return None
 
 
+def artifacts_root() -> Path:
+    """The one folder every default location is under: $CLIPCACHE_ROOT (artifacts)."""
+    return Path(os.environ.get("CLIPCACHE_ROOT", "artifacts"))
+
+
 def default_cache_root() -> Path:
     """Where keyed caches go, for every command: $CLIPCACHE_ROOT/caches (artifacts/caches)."""
-    return Path(os.environ.get("CLIPCACHE_ROOT", "artifacts")) / "caches"
+    return artifacts_root() / "caches"
 
 
 def latest_cache(cache_root: Path, dataset: str) -> Path | None:
@@ -176,8 +181,9 @@ def mark_latest(store_path: Path, dataset: str) -> None:
 
 
 def human_bytes(n: float) -> str:
+    """A byte count (or a difference of two, negative) in B, KB, MB, GB or TB (1024-based)."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
+        if abs(n) < 1024 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TB"

@@ -85,7 +85,8 @@ def parse_bytes(text: str | int) -> int:
     return int(value)
 
 
-def _npy_bytes(arr: np.ndarray) -> bytes:
+def npy_bytes(arr: np.ndarray) -> bytes:
+    """One array as the bytes of a .npy file (no pickles): a shard member."""
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
     return buf.getvalue()
@@ -228,13 +229,13 @@ def export_wds(store: FeatureStore, out: str | Path, name: str | None = None, sh
     }
     extra: list[tuple[str, bytes]] = []
     for tname in store.text_names():
-        extra.append((f"text/{tname}.npy", _npy_bytes(store.text(tname))))
+        extra.append((f"text/{tname}.npy", npy_bytes(store.text(tname))))
     for aname in store.aux_names():
-        extra.append((f"aux/{aname}.npy", _npy_bytes(store.aux(aname))))
+        extra.append((f"aux/{aname}.npy", npy_bytes(store.aux(aname))))
     for split in splits:
         info = _export_split(store, split, out, name, limit, log)
-        extra.append((f"split/{split}/label.npy", _npy_bytes(store.labels(split).astype(np.int64))))
-        extra.append((f"split/{split}/status.npy", _npy_bytes(store.status(split))))
+        extra.append((f"split/{split}/label.npy", npy_bytes(store.labels(split).astype(np.int64))))
+        extra.append((f"split/{split}/status.npy", npy_bytes(store.status(split))))
         header["splits"][split] = info
     tmp = out / f".{name}-extra.tar.tmp-{os.getpid()}"
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
@@ -281,9 +282,9 @@ def _export_split(store: FeatureStore, split: str, out: Path, name: str, limit: 
                 members = [(f"{key}.json", json.dumps(meta).encode())]
                 for aname, spec in specs.items():
                     if spec.dtype == "int8":
-                        members += [(f"{key}.{aname}.{s}.npy", _npy_bytes(raw[aname][s][r])) for s in QUANT_SUFFIXES]
+                        members += [(f"{key}.{aname}.{s}.npy", npy_bytes(raw[aname][s][r])) for s in QUANT_SUFFIXES]
                     else:
-                        members.append((f"{key}.{aname}.npy", _npy_bytes(raw[aname][r])))
+                        members.append((f"{key}.{aname}.npy", npy_bytes(raw[aname][r])))
                 series.add(index, members)
         series.close()
     except BaseException:

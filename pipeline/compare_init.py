@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from cache.errors import ConfigError
-from cache.store import FeatureStore, atomic_write_text, open_store
+from cache.store import FeatureStore, artifacts_root, atomic_write_text, open_store
 from stages.cache_data import select_videos
 from stages.heads import get_head_entry, list_heads
 from stages.train import CLASSIFIER_INITS, TrainCfg, build_head, classifier_matrix, parse_class_spec, train_head
@@ -158,7 +158,7 @@ def compare_init(cache_path, *, head: str = "text4vis", inits=CLASSIFIER_INITS, 
                     "train": {k: v for k, v in dataclasses.asdict(base).items() if k not in _GRID_TRAIN_KEYS}}
     digest = hashlib.sha256(json.dumps(run_settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
     if out_dir is None:
-        out_dir = Path(os.environ.get("CLIPCACHE_ROOT", "artifacts")) / "compare-init" / f"{store.path.name}-{digest}"
+        out_dir = artifacts_root() / "compare-init" / f"{store.path.name}-{digest}"
     out_dir = Path(out_dir)
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
 

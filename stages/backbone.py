@@ -36,6 +36,9 @@ __all__ = [
     "checkpoint_activation",
     "model_activation",
     "clip_identity",
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "pixel_stats",
 ]
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -150,6 +153,15 @@ _OPENAI_KEYS = ("input_resolution", "context_length", "vocab_size")
 # centre; 3: both ends and the centre of the long side); bicubic interpolation with antialiasing.
 RESIZE_RULE = "short_side_then_square_crop"
 INTERPOLATION = "bicubic_antialias"
+# CLIP's pixel normalisation, for a model whose preprocess_cfg does not say its own
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def pixel_stats(visual) -> tuple[tuple, tuple]:
+    """(mean, std) a vision tower's pixels are normalised with: its preprocess_cfg's, else CLIP's."""
+    pp = getattr(visual, "preprocess_cfg", {}) or {}
+    return tuple(pp.get("mean", CLIP_MEAN)), tuple(pp.get("std", CLIP_STD))
 
 
 def _act_of(quick_gelu) -> str:
@@ -394,9 +406,7 @@ class FrozenCLIP(nn.Module):
         self.want_patch = want_patch and bool(self.layers)
         self.info = info
         self.device = torch.device(device)
-        pp = getattr(self.visual, "preprocess_cfg", {}) or {}
-        self.mean = tuple(pp.get("mean", (0.48145466, 0.4578275, 0.40821073)))
-        self.std = tuple(pp.get("std", (0.26862954, 0.26130258, 0.27577711)))
+        self.mean, self.std = pixel_stats(self.visual)
         if amp == "auto":
             amp = "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else (
                 "fp16" if self.device.type == "cuda" else "none")

@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 
 from cache.errors import CacheMismatchError, DatasetError
 from cache.meta import extract_command
+from stages.backbone import CLIP_MEAN, CLIP_STD
 from cache.store import DONE, FeatureStore
 from stages.heads import DataKeys, resolve_layers
 
@@ -71,8 +72,8 @@ class HeadInputs:
 def pixel_stats(meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's pixel mean and std recorded in the cache, shaped (3, 1, 1)."""
     pre = meta.get("preprocess", {})
-    mean = torch.tensor(pre.get("mean", (0.48145466, 0.4578275, 0.40821073))).view(3, 1, 1)
-    std = torch.tensor(pre.get("std", (0.26862954, 0.26130258, 0.27577711))).view(3, 1, 1)
+    mean = torch.tensor(pre.get("mean", CLIP_MEAN)).view(3, 1, 1)
+    std = torch.tensor(pre.get("std", CLIP_STD)).view(3, 1, 1)
     return mean, std
 
 

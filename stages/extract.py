@@ -25,12 +25,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cache.datasets import DatasetSpec
-from cache.errors import CacheError, ConfigError, RunFailedError, VideoDecodeError
+from cache.errors import CacheError, ConfigError, RunFailedError, decode_failure_reason
 from cache.store import (
     DONE,
     FAILED,
     FORMAT_VERSION,
-    PENDING,
     ArraySpec,
     FeatureStore,
     create_store,
@@ -372,10 +371,8 @@ class _DecodeJobs(Dataset):
             out = decode_video(path, samp, num_frames)
             info.update(decoder=out.decoder, warnings=list(out.warnings))
             return split, index, make_views(out.clips, self.size, samp.crops, self.resize), None, info
-        except VideoDecodeError as exc:
-            return split, index, None, str(exc), info
-        except Exception as exc:  # a decoder crash on one file must not stop the run
-            return split, index, None, f"decode error: {exc.__class__.__name__}: {str(exc)[:160]}", info
+        except Exception as exc:  # the run goes on; a decoder crash on one file must not stop it
+            return split, index, None, decode_failure_reason(exc), info
 
 
 def _first(batch):
@@ -631,7 +628,7 @@ def run_extraction(plan: ExtractPlan, shard: tuple[int, int] | None = None, prog
     banks = {bank["split"]: (bank["seed"], cfg.aug_views())} if bank and bank["split"] in store.splits else {}
     result = ExtractResult(plan.path, reused=False)
     if jobs:
-        _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, result, log, banks)
+        encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, result, log, banks)
     result.seconds = time.perf_counter() - t_start
     if problems or redo:
         left = [p for p in store.verify(finite=False) if p.shard is None or (p.split, p.shard) in mine]
@@ -647,7 +644,7 @@ def run_extraction(plan: ExtractPlan, shard: tuple[int, int] | None = None, prog
     return result
 
 
-def _encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, result, log=print,
+def encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, result, log=print,
                  banks=None) -> None:
     from tqdm import tqdm
 

@@ -16,7 +16,7 @@ The temporal module / visual prompt *is* the stage-two head (``create_head``), f
 embeddings the trainable encoder computes on the fly, so a head's definition lives in one place.
 
 Optimiser: AdamW, the head at ``lr`` and the encoders at ``lr * backbone_ratio``, linear warmup
-then cosine per step (stage two's ``_lr_factor``). The values come from a recipe
+then cosine per step (``stages.runs.lr_factor``, as stage two). The values come from a recipe
 (stages/recipes.py; ``pipeline finetune --recipe paper`` is each paper's, SPEC section 7:
 Text4Vis 5e-5 / 5e-6, decay 0.2 on all parameters, betas (0.9, 0.999), 30 epochs, batch 256;
 ActionCLIP 5e-5 / 5e-6, decay 0.2 on all parameters, betas (0.9, 0.98), 50 epochs, batch 128,
@@ -61,30 +61,22 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from cache.errors import ConfigError, DatasetError, ModelError, VideoDecodeError
+from cache.errors import ConfigError, DatasetError, ModelError, decode_failure_reason
 from cache.store import atomic_write_text
 from stages.augment import AugmentCfg, augment_clip, build_train_transform, eval_views
 from stages.backbone import (ACTIVATION_CHOICES, ACTIVATION_KEY, BackboneInfo, load_clip, model_activation,
-                             model_config, resolve_activation, resolve_model_name, weights_id)
-from stages.checkpoint import load_checkpoint
+                             model_config, pixel_stats, resolve_activation, resolve_model_name, weights_id)
+from stages.checkpoint import load_checkpoint, save_checkpoint
 from stages.dist import DistContext, dist_device, rank_batches
 from stages.heads import get_head_entry, make_cfg
 from stages.heads.common import validate_choice
 from stages.heads.actionclip import video_text_kl_loss
-from stages.recipes import accumulation_steps, param_groups
-from stages.runs import RunLog
+from stages.config import coerce_option
+from stages.recipes import accumulation_steps
+from stages.runs import (AMP_CHOICES, RunLog, autocast, autocast_dtype, default_runs_root, existing_run, lr_factor,
+                         param_groups, plot_curves)
 from stages.text import TEMPLATE_SETS, clip_text_embeddings
-from stages.train import (
-    AMP_CHOICES,
-    _amp_dtype,
-    _atomic_save,
-    _autocast,
-    _coerce_train,
-    _lr_factor,
-    _plot_curves,
-    check_resumable,
-    evaluate_head,
-)
+from stages.train import evaluate_head
 from stages.video import SamplingCfg, decode_clips, parse_views
 
 __all__ = [
@@ -204,7 +196,7 @@ def split_finetune_overrides(pairs: list[str], paradigm: str) -> tuple[dict, dic
             name = key[4:]
             if name not in aug_fields:
                 raise ConfigError(f"unknown augmentation option '{name}'; valid: {', '.join(sorted(aug_fields))}")
-            aug[name] = _coerce_train(aug_fields[name], key, value)
+            aug[name] = coerce_option(aug_fields[name], key, value)
         elif key.startswith("head.") or (key not in ft_fields and key in head_fields):
             name = key[5:] if key.startswith("head.") else key
             if name not in head_fields:
@@ -213,7 +205,7 @@ def split_finetune_overrides(pairs: list[str], paradigm: str) -> tuple[dict, dic
         elif key in ft_fields:
             if key == "paradigm":
                 raise ConfigError("choose the paradigm with --paradigm, not --set")
-            ft[key] = _coerce_train(ft_fields[key], key, value)
+            ft[key] = coerce_option(ft_fields[key], key, value)
         else:
             raise ConfigError(f"unknown option '{key}'; fine-tuning options: {', '.join(sorted(ft_fields))}; "
                               f"head options: {', '.join(sorted(head_fields))}; augmentation: aug.<"
@@ -267,10 +259,8 @@ class VideoClips(Dataset):
             else:
                 clips, _ = decode_clips(item.path, self.sampling, item.num_frames)
                 video = eval_views(clips, self.size, self.sampling.crops)  # (V, T, 3, S, S)
-        except VideoDecodeError as exc:
-            return self._empty(i, item.label, str(exc))
-        except Exception as exc:  # a decoder crash on one file must not stop the run
-            return self._empty(i, item.label, f"decode error: {exc.__class__.__name__}: {str(exc)[:160]}")
+        except Exception as exc:  # a video that does not decode (or crashes its decoder) must not stop the run
+            return self._empty(i, item.label, decode_failure_reason(exc))
         return {"video": video, "label": torch.tensor(item.label), "index": torch.tensor(i),
                 "valid": torch.tensor(True), "template": torch.tensor(template), "error": ""}
 
@@ -333,16 +323,16 @@ class Finetuner:
                 raise DatasetError(f"dataset '{spec.name}' has no '{split}' videos (splits: {', '.join(spec.splits)})")
         self.device = dist_device(cfg.device, self.dist)
         self.dist.start(self.device)
-        self.amp_dtype = _amp_dtype(cfg, self.device)
+        self.amp_dtype = autocast_dtype(cfg, self.device)
 
         self.arch = resolve_model_name(cfg.model)
         self.info = BackboneInfo.from_config(model_config(cfg.model))
         clip = load_clip(cfg.model, cfg.pretrained or None, device="cpu", seed=cfg.init_seed, activation=cfg.activation)
         if not cfg.pretrained:
             log(f"no pretrained weights given: {self.arch} starts from a seeded random init (seed {cfg.init_seed})")
-        pp = getattr(clip.visual, "preprocess_cfg", {}) or {}
-        self.mean = torch.tensor(pp.get("mean", (0.48145466, 0.4578275, 0.40821073)), device=self.device).view(3, 1, 1)
-        self.std = torch.tensor(pp.get("std", (0.26862954, 0.26130258, 0.27577711)), device=self.device).view(3, 1, 1)
+        mean, std = pixel_stats(clip.visual)
+        self.mean = torch.tensor(mean, device=self.device).view(3, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(3, 1, 1)
         self.tokenizer = open_clip.get_tokenizer(self.arch)
         classes = list(spec.classes)
         K = len(classes)
@@ -416,7 +406,7 @@ class Finetuner:
         self.steps_per_epoch = max(1, math.ceil(len(self.train_data) / self.global_batch))
         total = self.steps_per_epoch * max(self.epochs, 1)
         warmup = int(round(cfg.warmup_epochs * self.steps_per_epoch))
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: _lr_factor(s, total, warmup))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, total, warmup))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         auto_workers = max(1, min(8, (os.cpu_count() or 2) // (2 * self.dist.local_world)))
         self.workers = cfg.workers if cfg.workers >= 0 else auto_workers
@@ -468,7 +458,7 @@ class Finetuner:
                 tokens = None
                 if self.tokens is not None:
                     tokens = self.tokens[labels, b["template"].to(self.device)]  # (B, ctx)
-                with _autocast(self.device, self.amp_dtype):
+                with autocast(self.device, self.amp_dtype):
                     out = self.ddp(video, tokens)
                 if cfg.paradigm == "text4vis":
                     per = F.cross_entropy(out["logits"].float(), labels, reduction="none",
@@ -546,7 +536,7 @@ class Finetuner:
         for batch in self.loader(self.eval_data, 0, shuffle=False, batch_size=bs):
             x = batch["video"].to(self.device, non_blocking=True)  # (B, V, T, 3, S, S)
             B, V = x.shape[:2]
-            with _autocast(self.device, self.amp_dtype):
+            with autocast(self.device, self.amp_dtype):
                 emb = self.model.encode_frames(_normalize_chw(x.flatten(0, 1), self.mean, self.std))  # (B*V, T, E)
             emb = emb.float().view(B, V, *emb.shape[1:]).cpu()  # (B, V, T, E)
             for j, index in enumerate(batch["index"].tolist()):
@@ -615,39 +605,12 @@ def _run_id(spec, cfg: FinetuneCfg, aug: AugmentCfg, head_overrides: dict) -> st
     return f"finetune-{cfg.paradigm}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
-def _existing_finetune(run_dir: Path, resolved: dict, resume: bool, force: bool) -> tuple[str, str]:
-    """As stage two's ``existing_run``; a stage-three resume compares the fine-tuning, head and
-    augmentation settings (the process count and paths may change)."""
-    ckpt, metrics = run_dir / "last.pt", run_dir / "metrics.json"
-    if force:
-        if resume:
-            return "error", "--resume continues a run and --force starts it again: give one of them"
-        return "fresh", ""
-    if not (ckpt.exists() or metrics.exists()):
-        if resume:
-            return "error", f"--resume: no checkpoint in {run_dir} to continue from; drop --resume to start the run"
-        return "fresh", ""
-    try:
-        old = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return "error", (f"run folder {run_dir} holds a run whose config.json is missing or unreadable; "
-                         "use another --run-dir, or --force to replace it")
-    sections = ("finetune", "head", "augment")
-    new = json.loads(json.dumps(resolved))
-    check_resumable({k: old.get(k) for k in sections}, {k: new[k] for k in sections}, ckpt if ckpt.exists() else metrics,
-                    "drop --resume or use another --run-dir" if resume else
-                    "use another --run-dir, or --force to replace it")
-    if metrics.exists() and old == new:
-        return "reuse", ""
-    return ("resume", "") if ckpt.exists() else ("fresh", "")
-
-
 def finetune(spec, cfg: FinetuneCfg, head_overrides: dict | None = None, aug: AugmentCfg | None = None,
              run_dir: str | Path | None = None, runs_root: str | Path | None = None, resume: bool = False,
              progress: bool = True, log=print, force: bool = False) -> dict:
     """Fine-tune ``cfg.paradigm`` end to end on ``spec`` (a DatasetSpec), evaluate, write the run folder.
 
-    A run folder that already holds a run: as stage two (``_existing_finetune``), rerunning the
+    A run folder that already holds a run: as stage two (``stages.runs.existing_run``), rerunning the
     same command continues an unfinished run and reuses a finished one; ``force`` starts over.
 
     Under torchrun every rank calls this; rank 0 writes the folder, the others wait for it.
@@ -657,7 +620,7 @@ def finetune(spec, cfg: FinetuneCfg, head_overrides: dict | None = None, aug: Au
     dist_ctx = DistContext.from_env()
     t0 = time.perf_counter()
     if run_dir is None:
-        root = Path(runs_root) if runs_root else Path(os.environ.get("CLIPCACHE_ROOT", "artifacts")) / "runs"
+        root = Path(runs_root) if runs_root else default_runs_root()
         run_dir = root / _run_id(spec, cfg, aug, head_overrides)
     run_dir = Path(run_dir)
     say = log if dist_ctx.main else (lambda *a, **k: None)
@@ -673,7 +636,7 @@ def finetune(spec, cfg: FinetuneCfg, head_overrides: dict | None = None, aug: Au
         decision = ("fresh", "")
         if dist_ctx.main:
             try:
-                decision = _existing_finetune(run_dir, resolved, resume, force)
+                decision = existing_run(run_dir, resolved, resume, force, sections=("finetune", "head", "augment"))
             except ConfigError as exc:
                 decision = ("error", str(exc))
         action, message = dist_ctx.all_objects(decision)[0]
@@ -714,7 +677,7 @@ def finetune(spec, cfg: FinetuneCfg, head_overrides: dict | None = None, aug: Au
             val = f", val top1 {metrics['top1']:.1f}%" if "val" in entry else ""
             say(f"epoch {epoch + 1}/{E}: loss {loss}{first}{val}")
             if dist_ctx.main:
-                _atomic_save(tuner.state(epoch + 1, history, resolved), ckpt_path)
+                save_checkpoint(tuner.state(epoch + 1, history, resolved), ckpt_path)
             dist_ctx.barrier()
         train_failed = [f for part in dist_ctx.all_objects(tuner.failures) for f in part.values()]
         result = {"paradigm": cfg.paradigm, "final": metrics, "history": history,
@@ -726,7 +689,7 @@ def finetune(spec, cfg: FinetuneCfg, head_overrides: dict | None = None, aug: Au
                   "seconds": time.perf_counter() - t0, "run_dir": str(run_dir)}
         if dist_ctx.main:
             atomic_write_text(run_dir / "metrics.json", json.dumps(result, indent=1))
-            _plot_curves(history, run_dir / "curves.png", f"finetune {cfg.paradigm}")
+            plot_curves(history, run_dir / "curves.png", f"finetune {cfg.paradigm}")
             runlog.finish()
         dist_ctx.barrier()
         return result
@@ -779,6 +742,6 @@ def export_finetuned(run_dir: str | Path, out: str | Path) -> Path:
     state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu()
              for k, v in clip.state_dict().items()}
     state[ACTIVATION_KEY] = model_activation(clip)  # what the fine-tuned weights ran with
-    _atomic_save(state, out)
+    save_checkpoint(state, out)
     return out
 

@@ -58,7 +58,8 @@ import torch.nn.functional as F
 
 from cache.errors import ConfigError
 from cache.store import atomic_write_text
-from stages.backbone import ACTIVATION_KEY, load_clip, model_activation, resolve_model_name
+from stages.backbone import ACTIVATION_KEY, load_clip, model_activation, pixel_stats, resolve_model_name
+from stages.runs import param_groups
 
 __all__ = ["PretrainCfg", "pretrain_demo_clip", "zero_shot_eval", "caption_labels", "FORMAT"]
 
@@ -302,8 +303,7 @@ def zero_shot_eval(model, render: Render, eval_prompts: EvalGroups | None, *, ar
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    pp = getattr(model.visual, "preprocess_cfg", {}) or {}
-    norm = _Normalise(pp.get("mean", open_clip.OPENAI_DATASET_MEAN), pp.get("std", open_clip.OPENAI_DATASET_STD), device)
+    norm = _Normalise(*pixel_stats(model.visual), device)
     tokens = _Tokens(open_clip.get_tokenizer(resolve_model_name(arch)))
     results: dict[str, dict] = {}
     shared: tuple[torch.Tensor, list[str]] | None = None
@@ -354,16 +354,9 @@ def zero_shot_eval(model, render: Render, eval_prompts: EvalGroups | None, *, ar
 # --------------------------------------------------------------------------------------------
 
 
-def _param_groups(model, weight_decay: float) -> list[dict]:
+def _no_decay(n: str, p: torch.Tensor) -> bool:
     # open_clip's rule: no decay on gains, biases, embeddings of size 1 and the logit scale
-    def exclude(n: str, p: torch.Tensor) -> bool:
-        return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
-
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [
-        {"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
-        {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": weight_decay},
-    ]
+    return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
 
 
 class _Schedule:
@@ -539,10 +532,11 @@ def _train(out_path: Path, meta_path: Path, render: Render, eval_prompts: EvalGr
     model.train().requires_grad_(True)
     n_params = sum(p.numel() for p in model.parameters())
     amp = _resolve_amp(cfg.amp, dev)
-    pp = getattr(model.visual, "preprocess_cfg", {}) or {}
-    norm = _Normalise(pp.get("mean", open_clip.OPENAI_DATASET_MEAN), pp.get("std", open_clip.OPENAI_DATASET_STD), dev)
+    norm = _Normalise(*pixel_stats(model.visual), dev)
     tokens = _Tokens(open_clip.get_tokenizer(arch))
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    groups = param_groups(list(model.named_parameters()), None, cfg.weight_decay, False, "clip", no_decay=_no_decay,
+                          keep_empty=True)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     loss_fn = open_clip.ClipLoss()
     budget_s = cfg.minutes * 60.0
     budget = " and ".join(x for x in ((f"{cfg.minutes:g} min" if cfg.minutes > 0 else ""),

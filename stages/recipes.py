@@ -36,7 +36,7 @@ from cache.errors import ConfigError
 
 __all__ = ["RECIPES", "PROTOCOLS", "Recipe", "Protocol", "stage_two_recipe", "stage_three_recipe",
            "resolve_recipe", "accumulation_steps", "effective_global_batch", "get_protocol", "resolve_protocol",
-           "protocol_record", "protocol_eval_overrides", "resize_side", "param_groups", "describe_recipe"]
+           "protocol_record", "protocol_eval_overrides", "resize_side", "describe_recipe"]
 
 RECIPES = ("paper", "quick")
 PROTOCOLS = ("evl", "text4vis", "side4video", "actionclip")
@@ -197,22 +197,6 @@ def resolve_recipe(recipe: Recipe, explicit: dict, defaults: dict, world: int = 
 
 def describe_recipe(recipe: Recipe) -> str:
     return f"{recipe.name} ({recipe.target}): {recipe.source}"
-
-
-def param_groups(named: list, lr: float, weight_decay: float, decay_all: bool, name: str = "params") -> list[dict]:
-    """AdamW parameter groups: decay on every trainable tensor (``decay_all``: the papers' recipes,
-    biases and norms included), or on tensors of dim >= 2 only with a no-decay group for the rest."""
-    trainable = [p for _, p in named if p.requires_grad]
-    if decay_all:
-        return [{"params": trainable, "lr": lr, "weight_decay": weight_decay, "name": name}] if trainable else []
-    decay = [p for p in trainable if p.dim() >= 2]
-    no_decay = [p for p in trainable if p.dim() < 2]
-    out = []
-    if decay:
-        out.append({"params": decay, "lr": lr, "weight_decay": weight_decay, "name": name})
-    if no_decay:
-        out.append({"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": f"{name}.no_decay"})
-    return out
 
 
 # ----------------------------------------------------------------------------- test protocols

@@ -1,7 +1,12 @@
 """Run folders as records: a status file, TensorBoard events, and reading a folder back.
 
 Every run folder (stage two and stage three) holds config.json, last.pt, metrics.json and
-curves.png; this module adds what a table of many runs needs:
+curves.png. This module is the bookkeeping both stages share, beside each other rather than one on
+the other: where run folders go (``default_runs_root``), what a folder already holding a run
+means (``existing_run``, ``check_resumable``, ``remove_unstarted``), the optimiser parts
+(``param_groups``, ``lr_factor``), mixed precision (``autocast_dtype``, ``autocast``) and the curves
+(``plot_curves``); checkpoints themselves are stages/checkpoint.py. It also adds what a table of
+many runs needs:
 
     status.json        {"state": running | finished | failed | interrupted, "pid", "host",
                         "started", "updated", "epoch", "epochs", "reason"?}
@@ -15,17 +20,22 @@ existed are read from what they hold (metrics.json: finished; a checkpoint only:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cache.errors import ConfigError
-from cache.store import atomic_write_text
+from cache.store import artifacts_root, atomic_write_text
 
-__all__ = ["RunLog", "RunRecord", "read_run", "list_runs", "default_runs_root", "entry_metrics", "RUN_STATES"]
+__all__ = ["RunLog", "RunRecord", "read_run", "list_runs", "default_runs_root", "entry_metrics", "RUN_STATES",
+           "RESUME_FREE", "check_resumable", "existing_run", "remove_unstarted", "AMP_CHOICES", "autocast_dtype",
+           "autocast", "lr_factor", "param_groups", "plot_curves"]
 
 RUN_STATES = ("running", "finished", "failed", "interrupted", "stopped", "corrupt")
 
@@ -39,7 +49,159 @@ def entry_metrics(entry: dict) -> dict:
 
 def default_runs_root() -> Path:
     """Where run folders go by default: $CLIPCACHE_ROOT/runs (artifacts/runs)."""
-    return Path(os.environ.get("CLIPCACHE_ROOT", "artifacts")) / "runs"
+    return artifacts_root() / "runs"
+
+
+# --------------------------------------------------------------------------- a run folder's fate
+# a resumed run may change these ("recipe" only names the preset the values came from: the values are compared)
+RESUME_FREE = {"device", "workers", "eval_batch_size", "eval_every", "cache", "recipe"}
+
+
+def check_resumable(old: dict, new: dict, path: Path, fix: str = "use another --run-dir or drop --resume") -> None:
+    """Refuse to resume a checkpoint written with other options (RESUME_FREE aside), one line."""
+    diff = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section), new.get(section)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if k not in RESUME_FREE and a.get(k) != b.get(k)]
+        elif section not in RESUME_FREE and a != b:
+            diff.append(section)
+    if diff:
+        raise ConfigError(f"{path} was written by a run with other options ({', '.join(diff)}); {fix}")
+
+
+def existing_run(run_dir: Path, resolved: dict, resume: bool, force: bool,
+                 sections: tuple[str, ...] | None = None) -> tuple[str, str]:
+    """What to do with what ``run_dir`` already holds: ("fresh" | "resume" | "reuse" | "error", message).
+
+    Rerunning the same command continues an unfinished run of the same settings from its last
+    checkpoint (so an interrupted run resumes) and reuses a finished one (its results are kept,
+    not silently retrained); a run of other settings is never overwritten without ``force``;
+    ``resume`` with nothing to resume is refused. ``resolved`` as written to config.json;
+    ``sections``: only these sections of it must match to resume (stage three: the process
+    count and paths may change), all of them when None.
+    """
+    ckpt, metrics, config = run_dir / "last.pt", run_dir / "metrics.json", run_dir / "config.json"
+    if force:
+        if resume:
+            return "error", "--resume continues a run and --force starts it again: give one of them"
+        return "fresh", ""
+    if not (ckpt.exists() or metrics.exists()):
+        if resume:
+            return "error", f"--resume: no checkpoint in {run_dir} to continue from; drop --resume to start the run"
+        return "fresh", ""
+    try:
+        old = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return "error", (f"run folder {run_dir} holds a run whose config.json is missing or unreadable; "
+                         "use another --run-dir, or --force to replace it")
+    new = json.loads(json.dumps(resolved))
+    if metrics.exists() and old == new:
+        return "reuse", ""
+    if sections is not None:
+        old, new = {k: old.get(k) for k in sections}, {k: new[k] for k in sections}
+    check_resumable(old, new, ckpt if ckpt.exists() else metrics,
+                    "drop --resume or use another --run-dir" if resume else
+                    "use another --run-dir, or --force to replace it")
+    return ("resume", "") if ckpt.exists() else ("fresh", "")
+
+
+def remove_unstarted(run_dir: Path) -> None:
+    """A run folder this call created and that holds nothing to resume or keep (no checkpoint,
+    no metrics) is removed when the run fails, so a refused run leaves no folder behind."""
+    if not any((run_dir / name).exists() for name in ("last.pt", "metrics.json")):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- optimiser and precision
+AMP_CHOICES = ("auto", "none", "bf16", "fp16")
+
+
+def autocast_dtype(cfg, device):
+    """Autocast dtype of ``cfg.amp`` on ``device``: "auto" is off on CPU, bf16 on GPUs that support
+    it, fp16 (with a GradScaler in the trainers) on older ones; None means no autocast."""
+    import torch
+
+    from stages.heads.common import validate_choice
+
+    validate_choice("amp", cfg.amp, AMP_CHOICES)
+    if cfg.amp == "none" or (cfg.amp == "auto" and device.type != "cuda"):
+        return None
+    if cfg.amp == "fp16" or (cfg.amp == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+@contextlib.contextmanager
+def autocast(device, dtype):
+    """torch.autocast on ``device`` with ``dtype``; nothing when ``dtype`` is None."""
+    if dtype is None:
+        yield
+    else:
+        import torch
+
+        with torch.autocast(device.type, dtype=dtype):
+            yield
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """The lr schedule of both stages, per optimiser step: linear warmup over ``warmup`` steps,
+    then cosine from 1 to 0 over the rest of ``total``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _no_decay_by_dim(name: str, p) -> bool:
+    return p.dim() < 2
+
+
+def param_groups(named: list, lr: float | None, weight_decay: float, decay_all: bool, name: str = "params",
+                 no_decay=_no_decay_by_dim, keep_empty: bool = False) -> list[dict]:
+    """AdamW parameter groups of the trainable tensors of ``named`` ((name, tensor) pairs): decay on
+    every one (``decay_all``: the papers' recipes, biases and norms included), or a decay group and
+    a no-decay group for those ``no_decay(name, tensor)`` picks (default: tensors of dim < 2).
+    ``lr`` None leaves the optimiser's own lr to the groups; empty groups are left out unless
+    ``keep_empty`` (stage two's optimiser state always holds both groups)."""
+    trainable = [(n, p) for n, p in named if p.requires_grad]
+    extra = {} if lr is None else {"lr": lr}
+    if decay_all:
+        return [{"params": [p for _, p in trainable], **extra, "weight_decay": weight_decay, "name": name}] \
+            if trainable or keep_empty else []
+    decay = [p for n, p in trainable if not no_decay(n, p)]
+    rest = [p for n, p in trainable if no_decay(n, p)]
+    out = []
+    if decay or keep_empty:
+        out.append({"params": decay, **extra, "weight_decay": weight_decay, "name": name})
+    if rest or keep_empty:
+        out.append({"params": rest, **extra, "weight_decay": 0.0, "name": f"{name}.no_decay"})
+    return out
+
+
+def plot_curves(history: list[dict], path: Path, title: str) -> None:
+    """curves.png of a run: train loss and val top-1 per epoch, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    losses = [h.get("train_loss") for h in history]
+    if any(v is not None for v in losses):
+        ax[0].plot(epochs, [v if v is not None else float("nan") for v in losses], marker="o")
+    ax[0].set(title=f"{title}: train loss", xlabel="epoch")
+    acc = [(h["epoch"], (h.get("val") or {}).get("top1", h.get("val_top1"))) for h in history]
+    acc = [(e, a) for e, a in acc if a is not None]
+    if acc:
+        ax[1].plot(*zip(*acc), marker="o", color="tab:green")
+    ax[1].set(title=f"{title}: val top-1 (%)", xlabel="epoch")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 class RunLog:

@@ -29,8 +29,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,8 +43,10 @@ from cache.errors import CacheMismatchError, ConfigError, DatasetError, Training
 from cache.store import PENDING, FeatureStore, atomic_write_text, open_store
 from stages.cache_data import CacheSplit, check_cache_for_head, select_videos
 from stages.checkpoint import load_checkpoint, save_checkpoint
+from stages.config import coerce_option
 from stages.dist import DistContext, dist_device, rank_batches
-from stages.runs import RunLog
+from stages.runs import (AMP_CHOICES, RunLog, autocast, autocast_dtype, default_runs_root, existing_run, lr_factor,
+                         param_groups, plot_curves, remove_unstarted)
 from stages.heads import DIM_FIELDS, Head, get_head_entry, make_cfg
 from stages.heads.common import validate_choice
 from stages.recipes import accumulation_steps
@@ -56,7 +56,6 @@ __all__ = ["TrainCfg", "parse_class_spec", "split_overrides", "build_head", "bui
 
 CLASSIFIER_INITS = ("clip_text", "random_normal", "orthogonal", "lda", "minilm")
 EVAL_AVERAGES = ("scores", "embeddings")
-AMP_CHOICES = ("auto", "none", "bf16", "fp16")
 
 
 @dataclass
@@ -155,26 +154,10 @@ def split_overrides(pairs: list[str]) -> tuple[dict, dict]:
         if key.startswith("head."):
             head[key[5:]] = value
         elif key in train_fields:
-            train[key] = _coerce_train(train_fields[key], key, value)
+            train[key] = coerce_option(train_fields[key], key, value)
         else:
             head[key] = value
     return train, head
-
-
-def _coerce_train(field, key, value):
-    kind = field.type if isinstance(field.type, str) else field.type.__name__
-    try:
-        if kind == "int":
-            return int(value)
-        if kind == "float":
-            return float(value)
-        if kind == "bool":
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return value.lower() in ("true", "1")
-    except ValueError:
-        raise ConfigError(f"option '{key}' expects {kind}, got '{value}'") from None
-    return value
 
 
 # ----------------------------------------------------------------------------- head + classifier
@@ -289,7 +272,8 @@ def accuracy_metrics(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, fl
             "mean_class": 100 * float(np.mean(per_class)), "n": int(len(labels))}
 
 
-def _collate(items: list[dict]) -> dict[str, torch.Tensor]:
+def collate_items(items: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack a list of per-video tensor dicts into one batch dict (the collate of stage two)."""
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
 
@@ -317,7 +301,7 @@ def evaluate_head(head: Head, data: CacheSplit, device: torch.device, batch_size
     if ctx.enabled and split:
         data = data.rank_subset(ctx.rank, ctx.world) if isinstance(data, IterableDataset) else \
             Subset(data, range(ctx.rank, len(data), ctx.world))
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=_collate,
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_items,
                         pin_memory=device.type == "cuda")
     all_scores, all_labels = [], []
     for batch in loader:
@@ -327,7 +311,7 @@ def evaluate_head(head: Head, data: CacheSplit, device: torch.device, batch_size
         per_view = []
         for v in range(V):
             view = {k: t[:, v] for k, t in batch.items()}
-            with _autocast(device, amp_dtype):
+            with autocast(device, amp_dtype):
                 per_view.append(head.video_embedding(view).float() if use_emb else head(view)["logits"].float())
         stacked = torch.stack(per_view)  # (V, B, K) or (V, B, E)
         if use_emb:
@@ -354,78 +338,7 @@ def _head_w(head: Head) -> torch.Tensor:
     return w.mean(1) if w.dim() == 3 else w
 
 
-@contextlib.contextmanager
-def _autocast(device: torch.device, dtype):
-    if dtype is None:
-        yield
-    else:
-        with torch.autocast(device.type, dtype=dtype):
-            yield
-
-
 # ----------------------------------------------------------------------------- training
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-# a resumed run may change these ("recipe" only names the preset the values came from: the values are compared)
-RESUME_FREE = {"device", "workers", "eval_batch_size", "eval_every", "cache", "recipe"}
-
-
-def check_resumable(old: dict, new: dict, path: Path, fix: str = "use another --run-dir or drop --resume") -> None:
-    """Refuse to resume a checkpoint written with other options (RESUME_FREE aside), one line."""
-    diff = []
-    for section in sorted(set(old) | set(new)):
-        a, b = old.get(section), new.get(section)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diff += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if k not in RESUME_FREE and a.get(k) != b.get(k)]
-        elif section not in RESUME_FREE and a != b:
-            diff.append(section)
-    if diff:
-        raise ConfigError(f"{path} was written by a run with other options ({', '.join(diff)}); {fix}")
-
-
-def existing_run(run_dir: Path, resolved: dict, resume: bool, force: bool) -> tuple[str, str]:
-    """What to do with what ``run_dir`` already holds: ("fresh" | "resume" | "reuse" | "error", message).
-
-    Rerunning the same command continues an unfinished run of the same settings from its last
-    checkpoint (so an interrupted run resumes) and reuses a finished one (its results are kept,
-    not silently retrained); a run of other settings is never overwritten without ``force``;
-    ``resume`` with nothing to resume is refused. ``resolved`` as written to config.json.
-    """
-    ckpt, metrics, config = run_dir / "last.pt", run_dir / "metrics.json", run_dir / "config.json"
-    if force:
-        if resume:
-            return "error", "--resume continues a run and --force starts it again: give one of them"
-        return "fresh", ""
-    if not (ckpt.exists() or metrics.exists()):
-        if resume:
-            return "error", f"--resume: no checkpoint in {run_dir} to continue from; drop --resume to start the run"
-        return "fresh", ""
-    try:
-        old = json.loads(config.read_text())
-    except (OSError, ValueError):
-        return "error", (f"run folder {run_dir} holds a run whose config.json is missing or unreadable; "
-                         "use another --run-dir, or --force to replace it")
-    new = json.loads(json.dumps(resolved))
-    if metrics.exists() and old == new:
-        return "reuse", ""
-    check_resumable(old, new, ckpt if ckpt.exists() else metrics,
-                    "drop --resume or use another --run-dir" if resume else
-                    "use another --run-dir, or --force to replace it")
-    return ("resume", "") if ckpt.exists() else ("fresh", "")
-
-
-def _remove_unstarted(run_dir: Path) -> None:
-    """A run folder this call created and that holds nothing to resume or keep (no checkpoint,
-    no metrics) is removed when the run fails, so a refused run leaves no folder behind."""
-    if not any((run_dir / name).exists() for name in ("last.pt", "metrics.json")):
-        shutil.rmtree(run_dir, ignore_errors=True)
-
-
 def _run_id(cfg: TrainCfg, head: Head, store: FeatureStore, partial: str = "") -> str:
     """Hash of the resolved settings (an option set to its default names the same run) and the
     data: the cache key and the source, so training from a subset of shards never lands in the
@@ -436,22 +349,6 @@ def _run_id(cfg: TrainCfg, head: Head, store: FeatureStore, partial: str = "") -
         data["partial"] = partial
     blob = json.dumps(data, sort_keys=True, default=str)
     return f"{cfg.head}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
-
-
-def _atomic_save(obj, path: Path) -> None:
-    save_checkpoint(obj, path)  # data only (config and history as JSON): loads with weights_only=True
-
-
-
-def _amp_dtype(cfg, device: torch.device):
-    """Autocast dtype: "auto" is off on CPU, bf16 on GPUs that support it, fp16 (with a
-    GradScaler in the trainers) on older ones."""
-    validate_choice("amp", cfg.amp, AMP_CHOICES)
-    if cfg.amp == "none" or (cfg.amp == "auto" and device.type != "cuda"):
-        return None
-    if cfg.amp == "fp16" or (cfg.amp == "auto" and not torch.cuda.is_bf16_supported()):
-        return torch.float16
-    return torch.bfloat16
 
 
 def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: dict | None = None,
@@ -474,7 +371,7 @@ def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: 
     device = dist_device(cfg.device, ctx)
     ctx.start(device)
     try:
-        amp_dtype = _amp_dtype(cfg, device)
+        amp_dtype = autocast_dtype(cfg, device)
         return _train_head(store, cfg, dict(head_overrides or {}), run_dir, runs_root, resume, progress and ctx.main,
                            log if ctx.main else (lambda *a, **k: None), init_weight, force, ctx, device, amp_dtype,
                            allow_partial)
@@ -522,7 +419,7 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
                                f"shards, fewer than its {per} per batch: export smaller shards, use fewer ranks, "
                                "or pass --wds-resample")
 
-    run_dir = Path(run_dir) if run_dir else Path(runs_root or Path(os.environ.get("CLIPCACHE_ROOT", "artifacts")) / "runs") \
+    run_dir = Path(run_dir) if run_dir else Path(runs_root or default_runs_root()) \
         / _run_id(cfg, head, store, partial)
     created = ctx.main and not run_dir.exists()  # rank 0 makes (and may remove) the run folder
     if ctx.main:
@@ -553,7 +450,7 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
             runlog.start(resolved, epochs=cfg.epochs)
 
         if getattr(head, "set_backbone_weights", None) and keys.backbone_weights:
-            head.set_backbone_weights(_backbone_weights(store, keys))
+            head.set_backbone_weights(cached_backbone_weights(store, keys))
         if head.has_classifier:
             w = init_weight if init_weight is not None else classifier_matrix(cfg.classifier_init, store, head,
                                                                               train_classes, cfg, train_idx)
@@ -566,12 +463,12 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
         history: list[dict] = []
         t0 = time.perf_counter()
         if head.uses_sklearn:
-            full = _collate(_all_items(train_data))
+            full = collate_items(_all_items(train_data))
             head.fit(full)
             metrics = evaluate_head(head, eval_data, device, average="scores", amp_dtype=amp_dtype, dist_ctx=ctx)
             history.append({"epoch": 1, "train_loss": None, **{f"val_{k}": v for k, v in metrics.items()}})
             if ctx.main:
-                _atomic_save({"head": head.state_dict(), "config": resolved, "epoch": 1}, run_dir / "last.pt")
+                save_checkpoint({"head": head.state_dict(), "config": resolved, "epoch": 1}, run_dir / "last.pt")
         elif cfg.epochs == 0:  # evaluation only: zero-shot with the installed classifier
             metrics = evaluate_head(head, eval_data, device, average=cfg.eval_average, classifier=eval_classifier,
                                     amp_dtype=amp_dtype, dist_ctx=ctx)
@@ -587,14 +484,14 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
                   "run_dir": str(run_dir)}
         if ctx.main:
             atomic_write_text(run_dir / "metrics.json", json.dumps(result, indent=1))
-            _plot_curves(history, run_dir / "curves.png", cfg.head)
+            plot_curves(history, run_dir / "curves.png", cfg.head)
             runlog.finish()
         ctx.barrier()
         return result
     except BaseException as exc:
         runlog.fail(exc)
         if created:
-            _remove_unstarted(run_dir)
+            remove_unstarted(run_dir)
         raise
 
 
@@ -616,7 +513,8 @@ def _all_items(data) -> list[dict]:
     return [data[i] for i in range(len(data))]
 
 
-def _backbone_weights(store: FeatureStore, keys) -> dict[int, dict[str, torch.Tensor]]:
+def cached_backbone_weights(store: FeatureStore, keys) -> dict[int, dict[str, torch.Tensor]]:
+    """The frozen backbone blocks a head reads (``keys.backbone_weights``), from the cache's aux arrays."""
     from stages.heads import resolve_layers
 
     depth = int(store.meta["dims"]["depth"])
@@ -652,14 +550,14 @@ def _epoch_batches(data, cfg: TrainCfg, ctx: DistContext, epoch: int, steps: int
     pin = device.type == "cuda"
     if not isinstance(data, IterableDataset):
         batches = rank_batches(len(data), cfg.batch_size, ctx.world, ctx.rank, cfg.seed, epoch, shuffle=True)
-        return DataLoader(_Masked(data), batch_sampler=batches, collate_fn=_collate, num_workers=cfg.workers,
+        return DataLoader(_Masked(data), batch_sampler=batches, collate_fn=collate_items, num_workers=cfg.workers,
                           pin_memory=pin)
     # a stream shuffles itself (a buffer seeded by set_epoch)
     if not ctx.enabled:
-        return DataLoader(data, batch_size=cfg.batch_size, collate_fn=_collate, num_workers=cfg.workers,
+        return DataLoader(data, batch_size=cfg.batch_size, collate_fn=collate_items, num_workers=cfg.workers,
                           pin_memory=pin)
     per = -(-cfg.batch_size // ctx.world)
-    loader = DataLoader(data, batch_size=per, collate_fn=_collate, num_workers=cfg.workers, pin_memory=pin,
+    loader = DataLoader(data, batch_size=per, collate_fn=collate_items, num_workers=cfg.workers, pin_memory=pin,
                         drop_last=True)
     return _wrap_around(loader, steps, per, ctx.rank)
 
@@ -694,12 +592,7 @@ def _global_batch(out: dict[str, torch.Tensor], labels: torch.Tensor, valid: tor
 def build_optimizer(head: nn.Module, cfg: TrainCfg) -> torch.optim.Optimizer:
     """AdamW over the head's trainable parameters: decay on all of them (``decay_all``, the papers'
     recipes) or on weights of dim >= 2 only; betas (beta1, beta2); lr ``cfg.lr``."""
-    params = [p for p in head.parameters() if p.requires_grad]
-    if cfg.decay_all:
-        groups = [{"params": params, "weight_decay": cfg.weight_decay}]
-    else:
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = param_groups(list(head.named_parameters()), None, cfg.weight_decay, cfg.decay_all, "head", keep_empty=True)
     try:  # the fused kernel: 3.2x faster steps for T-Trans on CPU (bench_train.py)
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
     except (RuntimeError, TypeError):
@@ -718,12 +611,12 @@ def _accumulation_groups(data, cfg: TrainCfg, ctx: DistContext, epoch: int, step
             chunks = [part[i:i + cfg.batch_size] for i in range(0, len(part), cfg.batch_size)]
             sizes.append(len(chunks))
             micro += chunks
-        loader = iter(DataLoader(_Masked(data), batch_sampler=micro, collate_fn=_collate, num_workers=cfg.workers,
+        loader = iter(DataLoader(_Masked(data), batch_sampler=micro, collate_fn=collate_items, num_workers=cfg.workers,
                                  pin_memory=pin))
         for k in sizes:
             yield [next(loader) for _ in range(k)]
         return
-    loader = DataLoader(data, batch_size=cfg.batch_size, collate_fn=_collate, num_workers=cfg.workers,
+    loader = DataLoader(data, batch_size=cfg.batch_size, collate_fn=collate_items, num_workers=cfg.workers,
                         pin_memory=pin, drop_last=ctx.enabled)
     if ctx.enabled:
         loader = _wrap_around(loader, steps * accum, cfg.batch_size, ctx.rank)
@@ -751,7 +644,7 @@ def _accumulate(model, head, group: list[dict], cfg: TrainCfg, ctx: DistContext,
         valid = batch.pop("valid", None)
         sync = contextlib.nullcontext() if not ctx.enabled or j == len(group) - 1 else model.no_sync()
         with sync:
-            with _autocast(device, amp_dtype):
+            with autocast(device, amp_dtype):
                 out = model(batch)
                 if ctx.enabled:
                     out, labels = _global_batch(out, labels, valid, ctx)
@@ -798,7 +691,7 @@ def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resol
     steps_per_epoch = max(1, math.ceil(n_train / step_cfg.batch_size))
     total = steps_per_epoch * cfg.epochs
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
     scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
     if step_cfg.batch_size > n_train and cfg.recipe == "paper":
         log(f"{n_train} training videos, fewer than the global batch {step_cfg.batch_size}: one optimiser step an "
@@ -834,7 +727,7 @@ def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resol
             batch = _to(batch, device)
             labels = batch["label"]
             valid = batch.pop("valid", None)
-            with _autocast(device, amp_dtype):
+            with autocast(device, amp_dtype):
                 out = model(batch)
                 if ctx.enabled:  # every rank: the loss of the whole global batch
                     out, labels = _global_batch(out, labels, valid, ctx)
@@ -861,37 +754,13 @@ def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resol
             log(f"epoch {epoch + 1}/{cfg.epochs}: loss {entry['train_loss']:.4f}"
                 + (f", val top1 {metrics['top1']:.1f}%" if "val" in entry else ""))
         if ctx.main:
-            _atomic_save({"head": head.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            save_checkpoint({"head": head.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                           "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history,
                           "config": resolved}, ckpt_path)
         ctx.barrier()
     if not metrics:
         raise DatasetError("no evaluation ran")
     return metrics, history
-
-
-def _plot_curves(history: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
-    losses = [h.get("train_loss") for h in history]
-    if any(v is not None for v in losses):
-        ax[0].plot(epochs, [v if v is not None else np.nan for v in losses], marker="o")
-    ax[0].set(title=f"{title}: train loss", xlabel="epoch")
-    acc = [(h["epoch"], (h.get("val") or {}).get("top1", h.get("val_top1"))) for h in history]
-    acc = [(e, a) for e, a in acc if a is not None]
-    if acc:
-        ax[1].plot(*zip(*acc), marker="o", color="tab:green")
-    ax[1].set(title=f"{title}: val top-1 (%)", xlabel="epoch")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _open_source(path: str | Path, source: str = ""):

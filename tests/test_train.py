@@ -149,7 +149,7 @@ def test_a_stopped_run_resumes_exactly_and_other_options_are_refused(full_cache,
     cfg = TrainCfg(head="actionclip", epochs=3, batch_size=4, lr=1e-2, eval_every=2)
     over = {"layers": 1, "pos_rows": 8}
     ref = train_head(full_cache, cfg, over, run_dir=tmp_path / "ref", progress=False)
-    real_save, saves = T._atomic_save, []
+    real_save, saves = T.save_checkpoint, []
 
     def stop_after_first_checkpoint(obj, path):
         if saves:
@@ -157,7 +157,7 @@ def test_a_stopped_run_resumes_exactly_and_other_options_are_refused(full_cache,
         saves.append(path)
         real_save(obj, path)
 
-    monkeypatch.setattr(T, "_atomic_save", stop_after_first_checkpoint)
+    monkeypatch.setattr(T, "save_checkpoint", stop_after_first_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         train_head(full_cache, cfg, over, run_dir=tmp_path / "run", progress=False)
     monkeypatch.undo()

@@ -164,8 +164,8 @@ def test_a_run_stopped_on_one_process_resumes_on_two_ranks(ddp_job, tmp_path, mo
         saves.append(path)
         real_save(obj, path)
 
-    real_save = T._atomic_save
-    monkeypatch.setattr(T, "_atomic_save", crash_after_first_checkpoint)
+    real_save = T.save_checkpoint
+    monkeypatch.setattr(T, "save_checkpoint", crash_after_first_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         train_head(store, TrainCfg(**train), run_dir=tmp_path / "run", progress=False)
     monkeypatch.undo()
