@@ -72,11 +72,11 @@ from stages.heads import get_head_entry, make_cfg
 from stages.heads.common import validate_choice
 from stages.heads.actionclip import video_text_kl_loss
 from stages.config import coerce_option
+from stages.evaluate import evaluate_head
 from stages.recipes import accumulation_steps
 from stages.runs import (AMP_CHOICES, RunLog, autocast, autocast_dtype, default_runs_root, existing_run, lr_factor,
                          param_groups, plot_curves)
 from stages.text import TEMPLATE_SETS, clip_text_embeddings
-from stages.train import evaluate_head
 from stages.video import SamplingCfg, decode_clips, parse_views
 
 __all__ = [
