@@ -221,7 +221,7 @@ def make_head(store, run: HeadRun, seed: int = 0):
     torch.manual_seed(cfg.seed)
     head = build_head(run.name, store, dict(run.overrides), num_classes=K)
     keys = head.data_keys()
-    if getattr(head, "set_backbone_weights", None) and keys.backbone_weights:
+    if head.supports("set_backbone_weights") and keys.backbone_weights:
         head.set_backbone_weights(cached_backbone_weights(store, keys))
     if head.has_classifier:
         head.set_classifier(classifier_matrix(cfg.classifier_init, store, head, None, **classifier_options(cfg)))

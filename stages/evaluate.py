@@ -69,7 +69,7 @@ def evaluate_head(head: Head, data: CacheSplit, device: torch.device, batch_size
     head.eval()
     ctx = dist_ctx or DistContext()
     use_emb = classifier is not None or average == "embeddings"
-    if use_emb and not hasattr(head, "video_embedding"):
+    if use_emb and not head.supports("video_embedding"):
         raise ConfigError(f"head '{head.name}' has no video embedding: it cannot average embeddings or swap classes")
     if ctx.enabled and split:
         data = data.rank_subset(ctx.rank, ctx.world) if isinstance(data, IterableDataset) else \
@@ -90,8 +90,7 @@ def evaluate_head(head: Head, data: CacheSplit, device: torch.device, batch_size
         if use_emb:
             emb = F.normalize(stacked, dim=-1).mean(0)
             if classifier is None:
-                scores = head.logits_from_embedding(emb) if hasattr(head, "logits_from_embedding") else \
-                    F.normalize(emb, dim=-1) @ F.normalize(_head_w(head), dim=-1).T
+                scores = head.logits_from_embedding(emb)
             else:
                 scores = F.normalize(emb, dim=-1) @ F.normalize(classifier.to(emb), dim=-1).T
         else:
@@ -104,11 +103,6 @@ def evaluate_head(head: Head, data: CacheSplit, device: torch.device, batch_size
     if not scores:
         raise DatasetError("no videos to evaluate")
     return accuracy_metrics(torch.cat(scores), torch.cat(labels))
-
-
-def _head_w(head: Head) -> torch.Tensor:
-    w = head.classifier
-    return w.mean(1) if w.dim() == 3 else w
 
 
 # ----------------------------------------------------------------------------- streaming sources

@@ -291,7 +291,7 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
             atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=1))
             runlog.start(resolved, epochs=cfg.epochs)
 
-        if getattr(head, "set_backbone_weights", None) and keys.backbone_weights:
+        if head.supports("set_backbone_weights") and keys.backbone_weights:
             head.set_backbone_weights(cached_backbone_weights(store, keys))
         if head.has_classifier:
             w = init_weight if init_weight is not None else classifier_matrix(cfg.classifier_init, store, head,
