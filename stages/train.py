@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from cache.errors import ConfigError, DatasetError, TrainingError
-from cache.store import PENDING, FeatureStore, atomic_write_text, open_store
+from cache.store import PENDING, FeatureStore, open_store
 from stages.cache_data import check_cache_for_head, select_videos
 from stages.checkpoint import load_checkpoint, save_checkpoint
 from stages.classifiers import CLASSIFIER_INITS, classifier_matrix, text_classifier
@@ -47,8 +47,8 @@ from stages.config import coerce_option
 from stages.dist import DistContext, dist_device, rank_batches
 from stages.evaluate import EVAL_AVERAGES, collate_items, evaluate_head, split_data
 from stages.evaluate import to_device as _to  # the loop's short name for it
-from stages.runs import (AMP_CHOICES, RunLog, autocast, autocast_dtype, default_runs_root, existing_run, lr_factor,
-                         param_groups, plot_curves, remove_unstarted)
+from stages.runs import (AMP_CHOICES, RunLog, autocast, autocast_dtype, default_runs_root, lr_factor, param_groups,
+                         remove_unstarted, settle_run)
 from stages.heads import DIM_FIELDS, Head, get_head_entry, make_cfg
 from stages.heads.common import validate_choice
 from stages.recipes import accumulation_steps
@@ -271,25 +271,11 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
         resolved = {"train": asdict(cfg), "head": {"name": cfg.head, **asdict(head.cfg)}, "cache": str(store.path),
                     "cache_key": store.key, "source": store.source_id, "train_videos": int(len(train_idx)),
                     "eval_videos": int(len(eval_idx))}
-        decision = ("fresh", "")
-        if ctx.main:
-            try:
-                decision = existing_run(run_dir, resolved, resume, force)
-            except ConfigError as exc:
-                decision = ("error", str(exc))
-        action, message = ctx.all_objects(decision)[0]  # rank 0 decides, before anyone writes
-        if action == "error":
-            raise ConfigError(message)
+        action, reused = settle_run(run_dir, resolved, resume, force, ctx, log)  # rank 0 decides, before anyone writes
         if action == "reuse":
-            log(f"run folder {run_dir} already holds this finished run: its results are reused "
-                "(--force trains it again)")
-            return json.loads((run_dir / "metrics.json").read_text())
+            return reused
         resume = action == "resume"
-        if ctx.main:
-            for stale in ("last.pt", "metrics.json", "curves.png") if action == "fresh" else ():
-                (run_dir / stale).unlink(missing_ok=True)  # --force: the old run goes before the new one starts
-            atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=1))
-            runlog.start(resolved, epochs=cfg.epochs)
+        runlog.begin(resolved, fresh=action == "fresh", epochs=cfg.epochs)
 
         if head.supports("set_backbone_weights") and keys.backbone_weights:
             head.set_backbone_weights(cached_backbone_weights(store, keys))
@@ -325,10 +311,7 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
                   "eval_videos": int(len(eval_idx)), "trainable_params": head.num_trainable(),
                   "seconds": time.perf_counter() - t0, "world_size": ctx.world, "rank": ctx.rank,
                   "run_dir": str(run_dir)}
-        if ctx.main:
-            atomic_write_text(run_dir / "metrics.json", json.dumps(result, indent=1))
-            plot_curves(history, run_dir / "curves.png", cfg.head)
-            runlog.finish()
+        runlog.complete(result, cfg.head)  # rank 0 only
         ctx.barrier()
         return result
     except BaseException as exc:
