@@ -547,7 +547,7 @@ class Finetuner:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Top-1 / top-5 / mean-class with stage two's evaluate_head on fine-tuned frame embeddings."""
+        """Top-1 / top-5 / mean-class with the shared evaluate_head (stages/evaluate.py) on fine-tuned frame embeddings."""
         self.model.eval()
         data, failed = self.eval_embeddings()
         if not sum(self.dist.all_objects(len(data))):
