@@ -121,7 +121,8 @@ def floor_breaks(module: str, path: Path) -> list[str]:
 
 def test_the_walk_sees_the_whole_project():
     modules = project_modules()
-    assert {"stages.train", "stages.finetune", "stages.runs", "cache.store", "pipeline.cli",
+    assert {"stages.train", "stages.finetune", "stages.runs", "stages.evaluate", "stages.classifiers", "cache.store",
+            "pipeline.cli",
             "stages.heads.registry", "bench.bench_train"} <= set(modules)
     assert len(modules) > 40
 
