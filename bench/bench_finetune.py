@@ -122,7 +122,9 @@ def child(args) -> None:
         from cache.store import open_store
         from stages.cache_data import CacheSplit, check_cache_for_head, select_videos
         from stages.runs import lr_factor, param_groups
-        from stages.train import TrainCfg, build_head, classifier_matrix, collate_items
+        from stages.classifiers import classifier_matrix
+        from stages.evaluate import collate_items
+        from stages.train import TrainCfg, build_head
 
         store = open_store(args.cache)
         cfg = TrainCfg(head="text4vis", batch_size=args.batch, lr=5e-5, weight_decay=0.2, seed=0)
@@ -130,7 +132,7 @@ def child(args) -> None:
         head = build_head("text4vis", store, {"temporal": "ttrans", **head_over})
         inputs = check_cache_for_head(store, head.data_keys(), "text4vis", ["train"])
         idx = select_videos(store, "train", seed=0)
-        head.set_classifier(classifier_matrix("clip_text", store, head, None, cfg))
+        head.set_classifier(classifier_matrix("clip_text", store, head, None, seed=cfg.seed))
         head.to(device).train()
         data = CacheSplit(store, inputs["train"], idx, train=True)
         opt = torch.optim.AdamW(param_groups(list(head.named_parameters()), None, cfg.weight_decay, False,

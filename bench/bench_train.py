@@ -205,7 +205,7 @@ def ratio(x: float) -> str:
 
 
 def collate(items: list[dict]) -> dict[str, torch.Tensor]:
-    from stages.train import collate_items  # the collate stage two uses
+    from stages.evaluate import collate_items  # the collate stage two uses
 
     return collate_items(items)
 
@@ -213,17 +213,18 @@ def collate(items: list[dict]) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- the head, as train_head builds it
 def make_head(store, run: HeadRun, seed: int = 0):
     """Build, fill frozen weights / classifier, exactly like train_head (same seed -> same init)."""
-    from stages.train import TrainCfg, build_head, cached_backbone_weights, classifier_matrix
+    from stages.classifiers import classifier_matrix
+    from stages.train import TrainCfg, build_head, cached_backbone_weights, classifier_options
 
     cfg = TrainCfg(head=run.name, seed=seed)
     K = int(store.meta["dims"]["num_classes"])
     torch.manual_seed(cfg.seed)
     head = build_head(run.name, store, dict(run.overrides), num_classes=K)
     keys = head.data_keys()
-    if getattr(head, "set_backbone_weights", None) and keys.backbone_weights:
+    if head.supports("set_backbone_weights") and keys.backbone_weights:
         head.set_backbone_weights(cached_backbone_weights(store, keys))
     if head.has_classifier:
-        head.set_classifier(classifier_matrix(cfg.classifier_init, store, head, None, cfg))
+        head.set_classifier(classifier_matrix(cfg.classifier_init, store, head, None, **classifier_options(cfg)))
     return head, cfg
 
 

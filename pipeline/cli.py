@@ -490,7 +490,8 @@ def compare_init_cmd(
     from rich.console import Console
 
     from pipeline.compare_init import compare_init, summary_table
-    from stages.train import CLASSIFIER_INITS, split_overrides
+    from stages.classifiers import CLASSIFIER_INITS
+    from stages.train import split_overrides
 
     def int_list(text: str, flag: str) -> list[int]:
         try:
@@ -534,7 +535,7 @@ def evaluate(
                                        help="Evaluate on the done videos of an unfinished cache (said loudly)."),
 ):
     """Evaluate a trained run on its cache or on another dataset's cache."""
-    from stages.train import evaluate_run
+    from stages.evaluate import evaluate_run
 
     res = evaluate_run(run, cache, split=split, text_set=text_set, eval_average=average, allow_partial=allow_partial)
     typer.echo(f"{res['cache']} [{split}]: top1 {res['top1']:.1f}%  top5 {res['top5']:.1f}%  "

@@ -34,7 +34,8 @@ from cache.errors import ConfigError
 from cache.store import FeatureStore, artifacts_root, atomic_write_text, open_store
 from stages.cache_data import select_videos
 from stages.heads import get_head_entry, list_heads
-from stages.train import CLASSIFIER_INITS, TrainCfg, build_head, classifier_matrix, parse_class_spec, train_head
+from stages.classifiers import CLASSIFIER_INITS, classifier_matrix
+from stages.train import TrainCfg, build_head, classifier_options, parse_class_spec, train_head
 
 __all__ = ["compare_init", "classifier_heads", "correlation_matrix", "summary_table", "run_name"]
 
@@ -203,8 +204,8 @@ def compare_init(cache_path, *, head: str = "text4vis", inits=CLASSIFIER_INITS, 
         class_ids = train_classes if train_classes is not None else list(range(len(names_all)))
         pick = np.unique(np.linspace(0, K - 1, min(corr_classes, K)).round().astype(int))
         for init in inits:
-            w = classifier_matrix(init, store, heads_by_w[frozen[0]], train_classes,
-                                  dataclasses.replace(cfg0, classifier_init=init), train_idx).numpy()
+            w = classifier_matrix(init, store, heads_by_w[frozen[0]], train_classes, train_idx,
+                                  **classifier_options(cfg0)).numpy()
             c = correlation_matrix(w)
             off = c[~np.eye(K, dtype=bool)]
             corr[init] = {"matrix": c[np.ix_(pick, pick)], "classes": [names_all[class_ids[i]] for i in pick],

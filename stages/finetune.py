@@ -62,7 +62,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cache.errors import ConfigError, DatasetError, ModelError, decode_failure_reason
-from cache.store import atomic_write_text
 from stages.augment import AugmentCfg, augment_clip, build_train_transform, eval_views
 from stages.backbone import (ACTIVATION_CHOICES, ACTIVATION_KEY, BackboneInfo, load_clip, model_activation,
                              model_config, pixel_stats, resolve_activation, resolve_model_name, weights_id)
@@ -72,11 +71,11 @@ from stages.heads import get_head_entry, make_cfg
 from stages.heads.common import validate_choice
 from stages.heads.actionclip import video_text_kl_loss
 from stages.config import coerce_option
+from stages.evaluate import evaluate_head
 from stages.recipes import accumulation_steps
-from stages.runs import (AMP_CHOICES, RunLog, autocast, autocast_dtype, default_runs_root, existing_run, lr_factor,
-                         param_groups, plot_curves)
+from stages.runs import (AMP_CHOICES, RunLog, autocast, autocast_dtype, default_runs_root, lr_factor, param_groups,
+                         settle_run)
 from stages.text import TEMPLATE_SETS, clip_text_embeddings
-from stages.train import evaluate_head
 from stages.video import SamplingCfg, decode_clips, parse_views
 
 __all__ = [
@@ -548,7 +547,7 @@ class Finetuner:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Top-1 / top-5 / mean-class with stage two's evaluate_head on fine-tuned frame embeddings."""
+        """Top-1 / top-5 / mean-class with the shared evaluate_head (stages/evaluate.py) on fine-tuned frame embeddings."""
         self.model.eval()
         data, failed = self.eval_embeddings()
         if not sum(self.dist.all_objects(len(data))):
@@ -633,19 +632,10 @@ def finetune(spec, cfg: FinetuneCfg, head_overrides: dict | None = None, aug: Au
         start_epoch, history = 0, []
         # What the run folder holds decides (rank 0, before anyone writes): an unfinished run of
         # these settings continues, a finished one is reused, anything else needs --force.
-        decision = ("fresh", "")
-        if dist_ctx.main:
-            try:
-                decision = existing_run(run_dir, resolved, resume, force, sections=("finetune", "head", "augment"))
-            except ConfigError as exc:
-                decision = ("error", str(exc))
-        action, message = dist_ctx.all_objects(decision)[0]
-        if action == "error":
-            raise ConfigError(message)
+        action, reused = settle_run(run_dir, resolved, resume, force, dist_ctx, say,
+                                    sections=("finetune", "head", "augment"))
         if action == "reuse":
-            say(f"run folder {run_dir} already holds this finished run: its results are reused "
-                "(--force trains it again)")
-            return {**json.loads((run_dir / "metrics.json").read_text()), "rank": dist_ctx.rank}
+            return {**reused, "rank": dist_ctx.rank}
         if action == "resume":
             ckpt = load_checkpoint(ckpt_path, map_location=tuner.device)
             if ckpt.get("format") != CKPT_FORMAT:
@@ -653,12 +643,8 @@ def finetune(spec, cfg: FinetuneCfg, head_overrides: dict | None = None, aug: Au
             tuner.load_state(ckpt)
             start_epoch, history = int(ckpt["epoch"]), list(ckpt["history"])
             say(f"resuming {run_dir} from epoch {start_epoch}")
-        if dist_ctx.main:  # after the resume check: config.json always describes last.pt
-            run_dir.mkdir(parents=True, exist_ok=True)
-            for stale in ("last.pt", "metrics.json", "curves.png") if action == "fresh" else ():
-                (run_dir / stale).unlink(missing_ok=True)  # --force: the old run goes before the new one starts
-            atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=1))
-            runlog.start(resolved, epochs=tuner.epochs, start_epoch=start_epoch)
+        # after the resume check: config.json always describes last.pt (rank 0 only)
+        runlog.begin(resolved, fresh=action == "fresh", epochs=tuner.epochs, start_epoch=start_epoch)
         E = tuner.epochs
         metrics = next((h["val"] for h in reversed(history) if "val" in h), {})
         if E == 0:
@@ -687,10 +673,7 @@ def finetune(spec, cfg: FinetuneCfg, head_overrides: dict | None = None, aug: Au
                                "eval": getattr(tuner, "eval_failures", [])},
                   "trainable_params": tuner.trainable, "world_size": dist_ctx.world, "rank": dist_ctx.rank, "epochs": E,
                   "seconds": time.perf_counter() - t0, "run_dir": str(run_dir)}
-        if dist_ctx.main:
-            atomic_write_text(run_dir / "metrics.json", json.dumps(result, indent=1))
-            plot_curves(history, run_dir / "curves.png", f"finetune {cfg.paradigm}")
-            runlog.finish()
+        runlog.complete(result, f"finetune {cfg.paradigm}")  # rank 0 only
         dist_ctx.barrier()
         return result
     except BaseException as exc:

@@ -291,7 +291,7 @@ def protocol_eval_overrides(meta: dict | None, head: str) -> tuple[dict, dict]:
         return {}, {}
     from stages.heads import get_head_entry
 
-    can_average_embeddings = hasattr(get_head_entry(head).head_cls, "video_embedding")
+    can_average_embeddings = get_head_entry(head).head_cls.supports("video_embedding")
     train = {"eval_average": proto["eval_average"]} if proto["eval_average"] == "scores" or \
         can_average_embeddings else {}
     head_opts = {"template_average": proto["template_average"]} if head == "actionclip" and \

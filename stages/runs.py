@@ -35,7 +35,7 @@ from cache.store import artifacts_root, atomic_write_text
 
 __all__ = ["RunLog", "RunRecord", "read_run", "list_runs", "default_runs_root", "entry_metrics", "RUN_STATES",
            "RESUME_FREE", "check_resumable", "existing_run", "remove_unstarted", "AMP_CHOICES", "autocast_dtype",
-           "autocast", "lr_factor", "param_groups", "plot_curves"]
+           "autocast", "lr_factor", "param_groups", "plot_curves", "settle_run"]
 
 RUN_STATES = ("running", "finished", "failed", "interrupted", "stopped", "corrupt")
 
@@ -104,6 +104,28 @@ def existing_run(run_dir: Path, resolved: dict, resume: bool, force: bool,
                     "drop --resume or use another --run-dir" if resume else
                     "use another --run-dir, or --force to replace it")
     return ("resume", "") if ckpt.exists() else ("fresh", "")
+
+
+def settle_run(run_dir: Path, resolved: dict, resume: bool, force: bool, ctx, log,
+               sections: tuple[str, ...] | None = None) -> tuple[str, dict | None]:
+    """``existing_run`` for every rank of a job: rank 0 decides before anyone writes and the
+    others follow (``ctx``: a stages.dist.DistContext). Returns ("fresh" | "resume", None), or
+    ("reuse", the finished run's metrics.json) after saying so; a refusal is one ConfigError on
+    every rank."""
+    decision = ("fresh", "")
+    if ctx.main:
+        try:
+            decision = existing_run(run_dir, resolved, resume, force, sections)
+        except ConfigError as exc:
+            decision = ("error", str(exc))
+    action, message = ctx.all_objects(decision)[0]
+    if action == "error":
+        raise ConfigError(message)
+    if action == "reuse":
+        log(f"run folder {run_dir} already holds this finished run: its results are reused "
+            "(--force trains it again)")
+        return action, json.loads((run_dir / "metrics.json").read_text())
+    return action, None
 
 
 def remove_unstarted(run_dir: Path) -> None:
@@ -250,6 +272,25 @@ class RunLog:
                     writer.add_scalar(f"val/{k}", float(v), step)
             writer.flush()
         self._write(epoch=step)
+
+    def begin(self, resolved: dict, fresh: bool, epochs: int | None = None, start_epoch: int = 0) -> None:
+        """Open the run folder for this run: a fresh run first drops an old run's files (--force),
+        then config.json (it always describes last.pt) and status.json / TensorBoard start."""
+        if not self.enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ("last.pt", "metrics.json", "curves.png") if fresh else ():
+            (self.run_dir / stale).unlink(missing_ok=True)  # --force: the old run goes before the new one starts
+        atomic_write_text(self.run_dir / "config.json", json.dumps(resolved, indent=1))
+        self.start(resolved, epochs=epochs, start_epoch=start_epoch)
+
+    def complete(self, result: dict, title: str) -> None:
+        """Close the run folder of a finished run: metrics.json, curves.png, status "finished"."""
+        if not self.enabled:
+            return
+        atomic_write_text(self.run_dir / "metrics.json", json.dumps(result, indent=1))
+        plot_curves(result["history"], self.run_dir / "curves.png", title)
+        self.finish()
 
     def finish(self) -> None:
         if self.enabled:

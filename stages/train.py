@@ -35,27 +35,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from cache.errors import CacheMismatchError, ConfigError, DatasetError, TrainingError
-from cache.store import PENDING, FeatureStore, atomic_write_text, open_store
-from stages.cache_data import CacheSplit, check_cache_for_head, select_videos
+from cache.errors import ConfigError, DatasetError, TrainingError
+from cache.store import PENDING, FeatureStore, open_store
+from stages.cache_data import check_cache_for_head, select_videos
 from stages.checkpoint import load_checkpoint, save_checkpoint
+from stages.classifiers import CLASSIFIER_INITS, classifier_matrix, text_classifier
 from stages.config import coerce_option
 from stages.dist import DistContext, dist_device, rank_batches
-from stages.runs import (AMP_CHOICES, RunLog, autocast, autocast_dtype, default_runs_root, existing_run, lr_factor,
-                         param_groups, plot_curves, remove_unstarted)
+from stages.evaluate import EVAL_AVERAGES, collate_items, evaluate_head, split_data
+from stages.evaluate import to_device as _to  # the loop's short name for it
+from stages.runs import (AMP_CHOICES, RunLog, autocast, autocast_dtype, default_runs_root, lr_factor, param_groups,
+                         remove_unstarted, settle_run)
 from stages.heads import DIM_FIELDS, Head, get_head_entry, make_cfg
 from stages.heads.common import validate_choice
 from stages.recipes import accumulation_steps
 
-__all__ = ["TrainCfg", "parse_class_spec", "split_overrides", "build_head", "build_optimizer", "classifier_matrix",
-           "train_head", "evaluate_head", "evaluate_run", "accuracy_metrics", "text_classifier", "CLASSIFIER_INITS"]
-
-CLASSIFIER_INITS = ("clip_text", "random_normal", "orthogonal", "lda", "minilm")
-EVAL_AVERAGES = ("scores", "embeddings")
+__all__ = ["TrainCfg", "parse_class_spec", "split_overrides", "build_head", "build_optimizer", "classifier_options",
+           "train_head", "cached_backbone_weights"]
 
 
 @dataclass
@@ -175,167 +174,10 @@ def build_head(name: str, store: FeatureStore, overrides: dict, num_classes: int
     return entry.head_cls(make_cfg(name, values))
 
 
-def _frame_mean_features(store: FeatureStore, split: str, idx: np.ndarray) -> np.ndarray:
-    x = store.read(split, "frame_emb", idx)  # (n, V, T, E)
-    return x.mean(axis=(1, 2))
-
-
-def _project(w: np.ndarray, dim: int, seed: int) -> np.ndarray:
-    """Map text-only embeddings (K, d) to the video embedding size E with a seeded matrix with
-    orthonormal rows or columns: when d <= E it is an exact isometry (all inner products, hence
-    the inter-class correlation structure, are kept); when d > E it is a Johnson-Lindenstrauss
-    style projection that keeps them approximately."""
-    d = w.shape[1]
-    if d == dim:
-        return w
-    g = np.random.default_rng(seed).standard_normal((max(d, dim), max(d, dim)))
-    q, _ = np.linalg.qr(g)
-    proj = q[:d, :dim] if d <= dim else q[:d, :dim] * math.sqrt(d / dim)
-    return w @ proj
-
-
-def _text_set(store, head: Head, text_set: str = "") -> torch.Tensor:
-    """A cache text set (K, E) or (K, M, E) for a head's classifier: ``text_set``, or the head's
-    default (per template for a 3-D classifier); its width must be the head's embedding's."""
-    shape = head.classifier_shape()
-    name = text_set or ("clip_actionclip" if len(shape) == 3 else "clip_single")
-    w = torch.from_numpy(store.text(name))
-    if w.shape[-1] != shape[-1]:
-        raise ConfigError(f"text set '{name}' is {w.shape[-1]}-d but the head's classifier is {shape[-1]}-d: "
-                          "use a text set of the backbone's own text encoder (MiniLM: --init minilm)")
-    return w
-
-
-def classifier_matrix(init: str, store: FeatureStore, head: Head, classes: list[int] | None, cfg: TrainCfg,
-                      train_idx: np.ndarray | None = None) -> torch.Tensor:
-    """The classifier matrix W for ``head`` under one initialisation (Text4Vis Table 4)."""
-    shape = head.classifier_shape()
-    K, E = shape[0], shape[-1]
-    g = torch.Generator().manual_seed(cfg.seed + 17)
-    sel = classes if classes is not None else list(range(int(store.meta["dims"]["num_classes"])))
-    if init == "clip_text":
-        w = _text_set(store, head, cfg.text_set)[sel]
-    elif init == "random_normal":
-        w = torch.randn(*shape, generator=g)
-    elif init == "orthogonal":
-        q, _ = torch.linalg.qr(torch.randn(max(K, E), max(K, E), generator=g))
-        w = q[:K, :E].contiguous()
-        if len(shape) == 3:
-            w = w.unsqueeze(1).expand(shape).contiguous()
-    elif init == "lda":
-        from stages.heads.lda import lda_classifier
-
-        if train_idx is None:
-            raise ConfigError("the LDA initialisation needs training videos")
-        feats = _frame_mean_features(store, cfg.train_split, train_idx)
-        labels = store.labels(cfg.train_split)[train_idx]
-        remap = {c: i for i, c in enumerate(sel)}
-        y = np.array([remap[int(v)] for v in labels])
-        w = torch.from_numpy(np.asarray(lda_classifier(feats, y, len(sel), max_per_class=cfg.lda_per_class,
-                                                       seed=cfg.seed), dtype=np.float64))
-        # LDA's rows share one large direction (the global mean times the precision matrix):
-        # harmless for dot-product scores, but a cosine classifier would see only the small
-        # remainder (every pair of rows at cosine ~1). Removing the shared row mean adds the
-        # same x.c to every class score, so LDA's decisions are unchanged.
-        w = (w - w.mean(0, keepdim=True)).float()
-    elif init == "minilm":
-        w = torch.from_numpy(_project(store.text("minilm")[sel], E, cfg.seed).astype(np.float32))
-    else:
-        raise ConfigError(f"unknown classifier init '{init}'; choose from {', '.join(CLASSIFIER_INITS)}")
-    if len(shape) == 3 and w.dim() == 2:
-        w = w.unsqueeze(1).expand(K, shape[1], E).contiguous()
-    if tuple(w.shape) != tuple(shape):
-        raise ConfigError(f"classifier '{init}' has shape {tuple(w.shape)}, the head needs {tuple(shape)}")
-    return w.float()
-
-
-def text_classifier(store, head: Head, text_set: str = "", classes: list[int] | None = None) -> torch.Tensor:
-    """Class text embeddings (K', E) that a head's video embedding is scored against on classes
-    it was not trained on (zero-shot, cross-dataset): ``text_set``, or the head's default
-    (per-template for a 3-D classifier), templates averaged after normalising. Any number of
-    classes: unlike ``classifier_matrix``, not tied to the head's training classes."""
-    w = _text_set(store, head, text_set)
-    if classes is not None:
-        w = w[classes]
-    return F.normalize(w, dim=-1).mean(1) if w.dim() == 3 else w
-
-
-# ----------------------------------------------------------------------------- metrics
-def accuracy_metrics(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """top-1, top-5 and mean-class accuracy (percent)."""
-    k = min(5, scores.shape[1])
-    top = scores.topk(k, dim=1).indices
-    correct1 = top[:, 0] == labels
-    correct5 = (top == labels[:, None]).any(dim=1)
-    per_class = [correct1[labels == c].float().mean().item() for c in labels.unique()]
-    return {"top1": 100 * correct1.float().mean().item(), "top5": 100 * correct5.float().mean().item(),
-            "mean_class": 100 * float(np.mean(per_class)), "n": int(len(labels))}
-
-
-def collate_items(items: list[dict]) -> dict[str, torch.Tensor]:
-    """Stack a list of per-video tensor dicts into one batch dict (the collate of stage two)."""
-    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
-
-
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def evaluate_head(head: Head, data: CacheSplit, device: torch.device, batch_size: int = 64,
-                  average: str = "scores", classifier: torch.Tensor | None = None,
-                  amp_dtype=None, dist_ctx: DistContext | None = None, split: bool = True) -> dict[str, float]:
-    """Multi-view evaluation: run each view, average scores (or embeddings, Text4Vis style).
-
-    ``classifier`` (K', E) given: logits come from cosine similarity of the head's video
-    embedding with it (zero-shot on other classes, cross-dataset evaluation). Under torchrun
-    (``dist_ctx`` with several ranks) each rank scores every world-th video and the scores are
-    gathered: every rank returns the metrics of the whole set (``split=False``: each rank's
-    ``data`` is already its own share).
-    """
-    head.eval()
-    ctx = dist_ctx or DistContext()
-    use_emb = classifier is not None or average == "embeddings"
-    if use_emb and not hasattr(head, "video_embedding"):
-        raise ConfigError(f"head '{head.name}' has no video embedding: it cannot average embeddings or swap classes")
-    if ctx.enabled and split:
-        data = data.rank_subset(ctx.rank, ctx.world) if isinstance(data, IterableDataset) else \
-            Subset(data, range(ctx.rank, len(data), ctx.world))
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_items,
-                        pin_memory=device.type == "cuda")
-    all_scores, all_labels = [], []
-    for batch in loader:
-        batch = _to(batch, device)
-        labels = batch.pop("label")
-        V = next(iter(batch.values())).shape[1]
-        per_view = []
-        for v in range(V):
-            view = {k: t[:, v] for k, t in batch.items()}
-            with autocast(device, amp_dtype):
-                per_view.append(head.video_embedding(view).float() if use_emb else head(view)["logits"].float())
-        stacked = torch.stack(per_view)  # (V, B, K) or (V, B, E)
-        if use_emb:
-            emb = F.normalize(stacked, dim=-1).mean(0)
-            if classifier is None:
-                scores = head.logits_from_embedding(emb) if hasattr(head, "logits_from_embedding") else \
-                    F.normalize(emb, dim=-1) @ F.normalize(_head_w(head), dim=-1).T
-            else:
-                scores = F.normalize(emb, dim=-1) @ F.normalize(classifier.to(emb), dim=-1).T
-        else:
-            scores = stacked.softmax(-1).mean(0)
-        all_scores.append(scores.float().cpu())
-        all_labels.append(labels.cpu())
-    parts = ctx.all_objects((all_scores, all_labels))  # [(scores, labels)] of every rank
-    scores = [x for p in parts for x in p[0]]
-    labels = [x for p in parts for x in p[1]]
-    if not scores:
-        raise DatasetError("no videos to evaluate")
-    return accuracy_metrics(torch.cat(scores), torch.cat(labels))
-
-
-def _head_w(head: Head) -> torch.Tensor:
-    w = head.classifier
-    return w.mean(1) if w.dim() == 3 else w
+def classifier_options(cfg: TrainCfg) -> dict:
+    """The arguments of ``stages.classifiers.classifier_matrix`` that a training config sets."""
+    return {"seed": cfg.seed, "text_set": cfg.text_set, "train_split": cfg.train_split,
+            "lda_per_class": cfg.lda_per_class}
 
 
 # ----------------------------------------------------------------------------- training
@@ -408,8 +250,8 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
     train_map = {c: i for i, c in enumerate(train_classes)} if train_classes is not None else None
     eval_map = {c: i for i, c in enumerate(eval_classes)} if eval_classes is not None else None
 
-    train_data = _split_data(store, inputs[cfg.train_split], train_idx, train=True, label_map=train_map)
-    eval_data = _split_data(store, inputs[cfg.eval_split], eval_idx, train=False, label_map=eval_map)
+    train_data = split_data(store, inputs[cfg.train_split], train_idx, train=True, label_map=train_map)
+    eval_data = split_data(store, inputs[cfg.eval_split], eval_idx, train=False, label_map=eval_map)
     if ctx.enabled and isinstance(train_data, IterableDataset) and cfg.epochs > 0 and not head.uses_sklearn:
         # every rank must fill its slice of each global batch; checked by all ranks together before
         # anything is written or DDP exists, so every rank stops with the same line
@@ -429,31 +271,18 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
         resolved = {"train": asdict(cfg), "head": {"name": cfg.head, **asdict(head.cfg)}, "cache": str(store.path),
                     "cache_key": store.key, "source": store.source_id, "train_videos": int(len(train_idx)),
                     "eval_videos": int(len(eval_idx))}
-        decision = ("fresh", "")
-        if ctx.main:
-            try:
-                decision = existing_run(run_dir, resolved, resume, force)
-            except ConfigError as exc:
-                decision = ("error", str(exc))
-        action, message = ctx.all_objects(decision)[0]  # rank 0 decides, before anyone writes
-        if action == "error":
-            raise ConfigError(message)
+        action, reused = settle_run(run_dir, resolved, resume, force, ctx, log)  # rank 0 decides, before anyone writes
         if action == "reuse":
-            log(f"run folder {run_dir} already holds this finished run: its results are reused "
-                "(--force trains it again)")
-            return json.loads((run_dir / "metrics.json").read_text())
+            return reused
         resume = action == "resume"
-        if ctx.main:
-            for stale in ("last.pt", "metrics.json", "curves.png") if action == "fresh" else ():
-                (run_dir / stale).unlink(missing_ok=True)  # --force: the old run goes before the new one starts
-            atomic_write_text(run_dir / "config.json", json.dumps(resolved, indent=1))
-            runlog.start(resolved, epochs=cfg.epochs)
+        runlog.begin(resolved, fresh=action == "fresh", epochs=cfg.epochs)
 
-        if getattr(head, "set_backbone_weights", None) and keys.backbone_weights:
+        if head.supports("set_backbone_weights") and keys.backbone_weights:
             head.set_backbone_weights(cached_backbone_weights(store, keys))
         if head.has_classifier:
             w = init_weight if init_weight is not None else classifier_matrix(cfg.classifier_init, store, head,
-                                                                              train_classes, cfg, train_idx)
+                                                                              train_classes, train_idx,
+                                                                              **classifier_options(cfg))
             head.set_classifier(w)
         head.to(device)
         eval_classifier = None
@@ -482,10 +311,7 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
                   "eval_videos": int(len(eval_idx)), "trainable_params": head.num_trainable(),
                   "seconds": time.perf_counter() - t0, "world_size": ctx.world, "rank": ctx.rank,
                   "run_dir": str(run_dir)}
-        if ctx.main:
-            atomic_write_text(run_dir / "metrics.json", json.dumps(result, indent=1))
-            plot_curves(history, run_dir / "curves.png", cfg.head)
-            runlog.finish()
+        runlog.complete(result, cfg.head)  # rank 0 only
         ctx.barrier()
         return result
     except BaseException as exc:
@@ -493,17 +319,6 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
         if created:
             remove_unstarted(run_dir)
         raise
-
-
-# ----------------------------------------------------------------------------- streaming sources
-# A source other than a Zarr FeatureStore (stages/wds_data.WdsSource: WebDataset shards) builds its
-# own dataset per split: an IterableDataset that shuffles itself through a buffer, seeded by
-# set_epoch. Everything else in this file treats it as a store (meta, labels, status, text, aux).
-def _split_data(store, inputs, indices, train: bool, label_map):
-    make = getattr(store, "split_dataset", None)
-    if make is not None:
-        return make(inputs, indices, train=train, label_map=label_map)
-    return CacheSplit(store, inputs, indices, train=train, label_map=label_map)
 
 
 def _all_items(data) -> list[dict]:
@@ -761,62 +576,3 @@ def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resol
     if not metrics:
         raise DatasetError("no evaluation ran")
     return metrics, history
-
-
-def _open_source(path: str | Path, source: str = ""):
-    """A Zarr cache folder, or a WebDataset export's header (NAME-header.json: a path, a URL or a
-    ``pipe:`` command; ``source`` says so for a run's own data, whatever the spelling)."""
-    if source.startswith("wds:") or str(path).endswith(".json"):
-        from stages.wds_data import WdsSource
-
-        return WdsSource(str(path), shuffle=0)
-    return open_store(path)
-
-
-def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, split: str = "val",
-                 text_set: str = "", eval_average: str = "scores", allow_partial: bool = False) -> dict:
-    """Evaluate a trained run, on its own cache or on another one (cross-dataset zero-shot).
-
-    A cache is a Zarr folder or a WebDataset export's header: a run trained from shards is
-    re-evaluated from its shards. On another dataset's cache the head's classifier is swapped for that cache's class text
-    embeddings (cosine similarity with the head's video embedding), so the other cache must
-    come from the same backbone weights and sampling.
-    """
-    run_dir = Path(run_dir)
-    ckpt_path = run_dir / "last.pt"
-    if not ckpt_path.exists():
-        raise ConfigError(f"no checkpoint in run folder {run_dir}")
-    ckpt = load_checkpoint(ckpt_path)
-    if not isinstance(ckpt, dict) or "head" not in ckpt or "cache" not in ckpt.get("config", {}):
-        raise ConfigError(f"{run_dir} is not a stage-two run (a stage-three run keeps its evaluation in "
-                          "metrics.json; `pipeline finetune-export` turns its backbone into a checkpoint to extract with)")
-    validate_choice("average", eval_average, EVAL_AVERAGES)
-    resolved = ckpt["config"]
-    own = _open_source(resolved["cache"], resolved.get("source", ""))
-    target = _open_source(cache) if cache else own
-    head_cfg = {k: v for k, v in resolved["head"].items() if k != "name"}
-    name = resolved["head"]["name"]
-    head = get_head_entry(name).head_cls(make_cfg(name, head_cfg))
-    head.load_state_dict(ckpt["head"])
-    swap = target.key != own.key
-    if swap:
-        same = (target.meta["backbone"]["weights"] == own.meta["backbone"]["weights"]
-                and target.meta["backbone"]["arch"] == own.meta["backbone"]["arch"])
-        if not same:
-            raise CacheMismatchError(f"cache {target.path} was made with other backbone weights "
-                                     f"({target.meta['backbone']['weights'][:24]}...) than the run's cache")
-        if not head.has_classifier:
-            raise ConfigError(f"head '{name}' has no text classifier: it cannot be evaluated on other classes")
-    elif text_set:
-        raise ConfigError("a text set applies only when evaluating on another dataset's cache (--cache); "
-                          "on its own cache a run keeps the classifier it was trained with")
-    inputs = check_cache_for_head(target, head.data_keys(), name, [split])
-    if isinstance(target, FeatureStore):
-        target.require_sound({split: inputs[split].array_names()}, allow_partial, log=print)
-    idx = select_videos(target, split)
-    data = _split_data(target, inputs[split], idx, train=False, label_map=None)
-    classifier = None
-    if swap:
-        classifier = text_classifier(target, head, text_set or resolved["train"].get("text_set", ""))
-    metrics = evaluate_head(head, data, torch.device("cpu"), average=eval_average, classifier=classifier)
-    return {"run": str(run_dir), "cache": str(target.path), "split": split, "swapped_classifier": swap, **metrics}

@@ -14,7 +14,8 @@ from cache.store import open_store
 from conftest import demo_args, run_cli
 from pipeline.compare_init import compare_init, run_name
 from stages.cache_data import select_videos
-from stages.train import TrainCfg, build_head, classifier_matrix
+from stages.classifiers import classifier_matrix
+from stages.train import build_head
 
 HEAD = {"layers": 1, "pos_rows": 8}
 GRID = dict(head="text4vis", inits=("clip_text", "orthogonal"), seeds=(0, 1), shots=(0, 1), frozen=(True, False),
@@ -86,8 +87,8 @@ def test_frozen_runs_keep_w_as_initialised_and_tuned_runs_move_it(ablation, cach
     for init in GRID["inits"]:
         for seed in GRID["seeds"]:
             for k in GRID["shots"]:
-                cfg = TrainCfg(head="text4vis", epochs=2, seed=seed, shots=k, classifier_init=init)
-                w0 = classifier_matrix(init, store, head, None, cfg, select_videos(store, "train", shots=k, seed=seed))
+                w0 = classifier_matrix(init, store, head, None, select_videos(store, "train", shots=k, seed=seed),
+                                       seed=seed)
                 frozen = torch.load(out / "runs" / run_name(init, seed, k, True) / "last.pt", weights_only=True)
                 tuned = torch.load(out / "runs" / run_name(init, seed, k, False) / "last.pt", weights_only=True)
                 assert torch.equal(frozen["head"]["classifier"], w0)

@@ -174,7 +174,7 @@ def test_both_paradigms_run_end_to_end_from_the_cli(request, which):
 
     ckpt = load_checkpoint(run / "last.pt")  # data only: weights_only=True, the config as JSON
     assert ckpt["epoch"] == len(m["history"]) and ckpt["config"]["head"]["name"] == which
-    from stages.train import evaluate_run  # stage two's re-evaluation names what to do instead
+    from stages.evaluate import evaluate_run  # stage two's re-evaluation names what to do instead
 
     with pytest.raises(ConfigError, match="not a stage-two run.*finetune-export"):
         evaluate_run(run)

@@ -18,7 +18,8 @@ import torch
 
 from cache.store import open_store
 from stages.cache_data import select_videos
-from stages.train import TrainCfg, build_head, classifier_matrix, train_head
+from stages.classifiers import classifier_matrix
+from stages.train import TrainCfg, build_head, train_head
 
 HEAD = {"layers": 1, "pos_rows": 8}
 
@@ -70,8 +71,7 @@ def test_lda_init_is_fitted_on_exactly_the_selected_shots_and_centred(store, sho
     rows = select_videos(store, "train", shots=shots, seed=seed)
     labels = store.labels("train")[rows]
     assert np.bincount(labels).tolist() == [shots] * 4  # K shots of every class, nothing else
-    cfg = TrainCfg(head="text4vis", classifier_init="lda", shots=shots, seed=seed)
-    w = classifier_matrix("lda", store, _head(store), None, cfg, rows).numpy()
+    w = classifier_matrix("lda", store, _head(store), None, rows, seed=seed).numpy()
     expected = _expected_lda(store, rows)
     tol = 1e-4 * np.abs(expected).max()  # W is float32, S^-1 makes entries up to ~1e3
     np.testing.assert_allclose(w, expected, rtol=0, atol=tol)
@@ -90,7 +90,7 @@ def test_random_and_orthogonal_inits_follow_the_seed(store, init):
 
     def w(seed: int, global_seed: int) -> torch.Tensor:
         torch.manual_seed(global_seed)  # the global RNG must not matter, only the run's seed
-        return classifier_matrix(init, store, head, None, TrainCfg(head="text4vis", seed=seed))
+        return classifier_matrix(init, store, head, None, seed=seed)
 
     a, again, other = w(0, 1), w(0, 2), w(1, 1)
     assert a.shape == (K, E) and torch.isfinite(a).all()
@@ -125,8 +125,7 @@ def test_frozen_w_after_training_is_the_init_computed_here(store, tmp_path):
         b = _frozen_w(store, tmp_path, f"{init}-b", classifier_init=init, seed=4)
         c = _frozen_w(store, tmp_path, f"{init}-c", classifier_init=init, seed=5)
         assert torch.equal(a, b) and (a - c).abs().max() > 0.1, init
-        torch.testing.assert_close(a, classifier_matrix(init, store, _head(store), None,
-                                                        TrainCfg(head="text4vis", seed=4)))
+        torch.testing.assert_close(a, classifier_matrix(init, store, _head(store), None, seed=4))
         if init == "orthogonal":
             torch.testing.assert_close(a @ a.T, torch.eye(a.shape[0]), atol=1e-5, rtol=0)
     # a trainable W does move (so the frozen checks above are not vacuous)

@@ -5,6 +5,10 @@
   needs gets a public name where it lives.
 - The floors: pipeline/ stands on stages/, stages/ on cache/; no module imports a floor above its
   own, and cache/ never imports torch (a cache is read without it). bench/ stands on top of all.
+- Inside stages/ the three stages (extract, train, finetune) stand side by side on shared parts
+  (runs, evaluate, classifiers, config, ...), never on each other: no module of stages/ imports a
+  stage other than itself; stage three does not import stage two.
+- Optional head capabilities are asked with ``Head.supports``, never probed with hasattr/getattr.
 """
 
 from __future__ import annotations
@@ -117,7 +121,8 @@ def floor_breaks(module: str, path: Path) -> list[str]:
 
 def test_the_walk_sees_the_whole_project():
     modules = project_modules()
-    assert {"stages.train", "stages.finetune", "stages.runs", "cache.store", "pipeline.cli",
+    assert {"stages.train", "stages.finetune", "stages.runs", "stages.evaluate", "stages.classifiers", "cache.store",
+            "pipeline.cli",
             "stages.heads.registry", "bench.bench_train"} <= set(modules)
     assert len(modules) > 40
 
@@ -143,6 +148,49 @@ def test_known_exceptions_are_still_needed():
 def test_floors_hold_and_cache_has_no_torch():
     bad = [line for module, path in project_modules().items() for line in floor_breaks(module, path)]
     assert not bad, "\n".join(bad)
+
+
+STAGES = ("stages.extract", "stages.train", "stages.finetune")
+CAPABILITIES = ("video_embedding", "logits_from_embedding", "set_backbone_weights")  # Head.CAPABILITIES
+
+
+def stage_imports(module: str, path: Path) -> list[str]:
+    """Imports of a stage module (stages.extract / train / finetune) by a module of stages/ other
+    than that stage itself: the stages stand beside each other, not on each other."""
+    if module.split(".")[0] != "stages":
+        return []
+    out = []
+    for target, line in imports_of(module, path):
+        stage = next((s for s in STAGES if target == s or target.startswith(s + ".")), None)
+        if stage is not None and stage != module:
+            out.append(f"{module}:{line}: imports {target} (a stage; share the part through a module beside it)")
+    return out
+
+
+def capability_probes(path: Path) -> list[int]:
+    """Lines that probe a head capability by name (hasattr(x, "video_embedding"), getattr(...))."""
+    tree = ast.parse(path.read_text(), str(path))
+    return sorted(node.lineno for node in ast.walk(tree)
+                  if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                  and node.func.id in ("hasattr", "getattr") and len(node.args) >= 2
+                  and isinstance(node.args[1], ast.Constant) and node.args[1].value in CAPABILITIES)
+
+
+def test_the_stages_stand_beside_each_other_and_finetune_does_not_import_train():
+    modules = project_modules()
+    finetune = [t for t, _ in imports_of("stages.finetune", modules["stages.finetune"])]
+    assert "stages.evaluate" in finetune  # the part it shares with stage two
+    assert not [t for t in finetune if t == "stages.train" or t.startswith("stages.train.")]
+    bad = [line for module, path in modules.items() for line in stage_imports(module, path)]
+    assert not bad, "\n".join(bad)
+
+
+def test_head_capabilities_are_asked_not_probed():
+    from stages.heads import Head
+
+    assert Head.CAPABILITIES == CAPABILITIES
+    bad = [f"{path.relative_to(ROOT)}:{line}" for path in project_modules().values() for line in capability_probes(path)]
+    assert not bad, "probe of a head capability (use Head.supports): " + ", ".join(bad)
 
 
 # --------------------------------------------------------------------------- the checker itself
@@ -187,3 +235,16 @@ def test_checker_finds_a_floor_above_and_torch_in_cache(tmp_path):
     mid = floor_breaks("stages.mid", modules["stages.mid"])
     assert len(mid) == 1 and "pipeline.cli" in mid[0]
     assert floor_breaks("pipeline.top", modules["pipeline.top"]) == []
+
+
+def test_checker_finds_a_stage_on_a_stage_and_a_capability_probe(tmp_path):
+    modules = _tree(tmp_path, {"stages/finetune.py": "def f():\n    from stages.train import TrainCfg\n",
+                               "stages/evaluate.py": "import stages.extract\n",
+                               "stages/train.py": "from stages.train import x\nfrom stages.runs import y\n",
+                               "pipeline/cli.py": "from stages.train import TrainCfg\n",
+                               "stages/probe.py": "ok = hasattr(h, 'video_embedding') or getattr(h, 'name', 1)\n"})
+    assert len(stage_imports("stages.finetune", modules["stages.finetune"])) == 1
+    assert len(stage_imports("stages.evaluate", modules["stages.evaluate"])) == 1
+    assert stage_imports("stages.train", modules["stages.train"]) == []  # itself, and a shared part
+    assert stage_imports("pipeline.cli", modules["pipeline.cli"]) == []  # the CLI calls the stages
+    assert capability_probes(modules["stages.probe"]) == [1]

@@ -12,7 +12,9 @@ import torch
 from cache.errors import ConfigError
 from cache.store import open_store
 from conftest import demo_args, kill_mid_run, popen_cli, run_cli
-from stages.train import TrainCfg, build_head, classifier_matrix, select_videos, text_classifier, train_head
+from stages.cache_data import select_videos
+from stages.classifiers import classifier_matrix, text_classifier
+from stages.train import TrainCfg, build_head, train_head
 
 TINY_HEAD_SETS = {
     "tap": [],
@@ -174,20 +176,19 @@ def test_a_stopped_run_resumes_exactly_and_other_options_are_refused(full_cache,
 
 def test_classifier_inits_have_the_right_structure(full_cache):
     head = build_head("text4vis", full_cache, {"layers": 1, "pos_rows": 8})
-    cfg = TrainCfg(head="text4vis")
     K, E = head.classifier_shape()
-    orth = classifier_matrix("orthogonal", full_cache, head, None, cfg)
+    orth = classifier_matrix("orthogonal", full_cache, head, None)
     torch.testing.assert_close(orth @ orth.T, torch.eye(K), atol=1e-5, rtol=0)
-    text = classifier_matrix("clip_text", full_cache, head, None, cfg)
+    text = classifier_matrix("clip_text", full_cache, head, None)
     torch.testing.assert_close(text, torch.from_numpy(full_cache.text("clip_single")))
-    mini = classifier_matrix("minilm", full_cache, head, None, cfg)
+    mini = classifier_matrix("minilm", full_cache, head, None)
     raw = torch.from_numpy(full_cache.text("minilm"))
     assert mini.shape == (K, E)
     # the projection keeps the inter-class geometry approximately (E = 32 < 384 here)
     gram_raw, gram = raw @ raw.T, mini @ mini.T
     assert torch.corrcoef(torch.stack([gram_raw.flatten(), gram.flatten()]))[0, 1] > 0.8
     idx = select_videos(full_cache, "train")
-    lda = classifier_matrix("lda", full_cache, head, None, cfg, idx)
+    lda = classifier_matrix("lda", full_cache, head, None, idx)
     assert lda.shape == (K, E) and torch.isfinite(lda).all()
 
 

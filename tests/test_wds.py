@@ -17,7 +17,8 @@ from cache.wds import WdsCache, export_wds, iter_tar_samples, load_npy, parse_by
 from conftest import run_cli
 from stages.cache_data import CacheSplit, HeadInputs, select_videos
 from stages.heads import DataKeys
-from stages.train import TrainCfg, evaluate_run, train_head
+from stages.evaluate import evaluate_run
+from stages.train import TrainCfg, train_head
 from stages.wds_data import WdsSplit, open_wds_source
 
 

@@ -23,7 +23,7 @@ import csv
 import io
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -43,6 +43,8 @@ __all__ = [
     "abs_path",
     "as_int",
     "builtin_classnames",
+    "csv_records",
+    "find_file",
     "find_video_root",
     "first_existing",
     "get_dataset",
@@ -51,9 +53,11 @@ __all__ = [
     "need_dir",
     "norm_name",
     "read_class_file",
+    "read_splits",
     "read_text",
     "register_dataset",
     "resolve_classes",
+    "text_lines",
 ]
 
 BUILTIN_CLASSES = ("k400", "ucf101", "hmdb51", "ssv2")
@@ -78,6 +82,14 @@ class DatasetArgs:
     test_list: Path | str | None = None
     classes: Path | str | None = None  # a class file, or a built-in dataset name ("ucf101")
     split_id: int = 1
+
+    def root(self, name: str) -> Path | None:
+        """``data_root`` as a folder that exists (a DatasetError naming ``name`` otherwise), or None."""
+        return need_dir(self.data_root, f"{name} data root") if self.data_root is not None else None
+
+    def lists(self) -> dict[str, Path | str | None]:
+        """The lists the user gave, by split: {"train": ..., "val": ..., "test": ...}."""
+        return {"train": self.train_list, "val": self.val_list, "test": self.test_list}
 
 
 @dataclass(frozen=True)
@@ -197,6 +209,42 @@ def first_existing(candidates) -> Path | None:
     return None
 
 
+def find_file(folders: Sequence[Path], names: Sequence[str]) -> Path | None:
+    """The first of ``names`` found in the first of ``folders`` that holds one."""
+    return first_existing(d / n for d in folders for n in names)
+
+
+def text_lines(text: str, comments: bool = True) -> Iterator[tuple[int, str]]:
+    """(1-based line number, stripped line) of each line that holds something: blank lines are
+    skipped, and lines starting with ``#`` too when ``comments``."""
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if line and not (comments and line.startswith("#")):
+            yield n, line
+
+
+def csv_records(text: str) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of each CSV row with any non-blank field (a quoted field may span lines)."""
+    reader = csv.reader(io.StringIO(text))
+    for row in reader:
+        if any(c.strip() for c in row):
+            yield reader.line_num, row
+
+
+def read_splits(lists: dict[str, Path | str | None], read: Callable[[str, Path | str], list[VideoItem]],
+                classes_source: str) -> tuple[dict[str, list[VideoItem]], dict[str, str]]:
+    """Each split's videos, ``read(split, list)`` for every split whose list is not None, and the
+    sources a DatasetSpec records (the class file, then each list as an absolute path)."""
+    splits: dict[str, list[VideoItem]] = {}
+    sources = {"classes": classes_source}
+    for split, lst in lists.items():
+        if lst is None:
+            continue
+        splits[split] = read(split, lst)
+        sources[split] = abs_path(lst)
+    return splits, sources
+
+
 def need_dir(path, what: str) -> Path:
     p = Path(path)
     if not p.is_dir():
@@ -252,14 +300,10 @@ def read_class_file(path) -> list[str]:
 
 
 def _read_class_csv(path, text: str) -> list[str]:
-    reader = csv.reader(io.StringIO(text))
     header: list[str] | None = None
     by_id: dict[int, tuple[str, int]] = {}
     line_of_name: dict[str, int] = {}
-    for row in reader:
-        n = reader.line_num
-        if not any(c.strip() for c in row):
-            continue
+    for n, row in csv_records(text):
         if header is None:
             header = [h.strip().lower() for h in row]
             id_col, name_col = header.index("id"), header.index("name")

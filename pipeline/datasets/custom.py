@@ -4,12 +4,7 @@ and a class file."""
 from __future__ import annotations
 
 from cache.errors import DatasetError
-from pipeline.datasets.core import (
-    DatasetArgs,
-    DatasetSpec,
-    need_dir,
-    register_dataset,
-)
+from pipeline.datasets.core import DatasetArgs, DatasetSpec, need_dir, register_dataset
 from pipeline.datasets.lists import spec_from_lists
 
 __all__ = ["load_custom"]

@@ -5,13 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.datasets.core import (
-    DatasetArgs,
-    DatasetSpec,
-    need_dir,
-    read_text,
-    register_dataset,
-)
+from pipeline.datasets.core import DatasetArgs, DatasetSpec, need_dir, read_text, register_dataset
 from pipeline.datasets.lists import spec_from_lists
 
 __all__ = ["load_demo"]

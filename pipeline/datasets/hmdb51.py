@@ -7,32 +7,18 @@ import re
 from pathlib import Path
 
 from cache.errors import DatasetError
-from pipeline.datasets.core import (
-    CLASSNAMES_DIR,
-    DatasetArgs,
-    DatasetSpec,
-    VideoItem,
-    abs_path,
-    as_int,
-    builtin_classnames,
-    find_video_root,
-    need_dir,
-    norm_name,
-    read_text,
-    register_dataset,
-    resolve_classes,
-)
+from pipeline.datasets.core import (CLASSNAMES_DIR, DatasetArgs, DatasetSpec, VideoItem, abs_path, as_int,
+                                    builtin_classnames, find_video_root, norm_name, read_text, register_dataset,
+                                    resolve_classes, text_lines)
 from pipeline.datasets.lists import spec_from_lists
 
 __all__ = ["load_hmdb51"]
 
 
 def load_hmdb51(args: DatasetArgs) -> DatasetSpec:
-    data_root, video_root, classes, split_id = args.data_root, args.video_root, args.classes, args.split_id
+    video_root, classes, split_id = args.video_root, args.classes, args.split_id
     train_list, val_list, test_list = args.train_list, args.val_list, args.test_list
-    root = Path(data_root) if data_root is not None else None
-    if root is not None:
-        need_dir(root, "hmdb51 data root")
+    root = args.root("hmdb51")
     vroot = find_video_root("hmdb51", video_root, root, ["hmdb51_org", "videos"], "the folder of class folders")
     if train_list is not None:
         return spec_from_lists("hmdb51", vroot, train_list, val_list, test_list, classes, default_classes="hmdb51", check_folders=True)
@@ -76,10 +62,7 @@ def load_hmdb51(args: DatasetArgs) -> DatasetSpec:
     for cls in sorted(split_files, key=lambda c: label_of[c]):
         f = split_files[cls]
         text = read_text(f, "hmdb51 split file")
-        for n, raw in enumerate(text.splitlines(), 1):
-            line = raw.strip()
-            if not line:
-                continue
+        for n, line in text_lines(text, comments=False):
             where = f"hmdb51 split file {f} line {n}"
             fields = line.split()
             if len(fields) != 2:

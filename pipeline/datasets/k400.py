@@ -3,29 +3,13 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 from pathlib import Path
 
 from cache.errors import DatasetError
-from pipeline.datasets.core import (
-    CLASSNAMES_DIR,
-    VIDEO_EXTENSIONS,
-    DatasetArgs,
-    DatasetSpec,
-    LabelOnce,
-    VideoItem,
-    abs_path,
-    builtin_classnames,
-    find_video_root,
-    first_existing,
-    need_dir,
-    norm_name,
-    read_text,
-    register_dataset,
-    resolve_classes,
-)
+from pipeline.datasets.core import (CLASSNAMES_DIR, VIDEO_EXTENSIONS, DatasetArgs, DatasetSpec, LabelOnce, VideoItem,
+                                    abs_path, builtin_classnames, csv_records, find_file, find_video_root, norm_name,
+                                    read_splits, read_text, register_dataset, resolve_classes)
 from pipeline.datasets.lists import read_video_list, spec_from_lists
 
 __all__ = ["load_k400"]
@@ -41,14 +25,9 @@ def _k400_name(label: str) -> str:
 
 def _read_k400_csv(path, what: str, *, need_label: bool = True):
     """Rows of an official Kinetics CSV as (line, label or None, file stem)."""
-    text = read_text(path, what)
-    reader = csv.reader(io.StringIO(text))
     header = None
     rows = []
-    for row in reader:
-        n = reader.line_num
-        if not any(c.strip() for c in row):
-            continue
+    for n, row in csv_records(read_text(path, what)):
         if header is None:
             header = [h.strip().lower() for h in row]
             need = ["youtube_id", "time_start", "time_end"] + (["label"] if need_label else [])
@@ -120,15 +99,13 @@ def _k400_items(path, what, rows, video_root, index, to_label) -> list[VideoItem
 
 
 def load_k400(args: DatasetArgs) -> DatasetSpec:
-    data_root, video_root, classes = args.data_root, args.video_root, args.classes
+    video_root, classes = args.video_root, args.classes
     train_list, val_list, test_list = args.train_list, args.val_list, args.test_list
-    root = Path(data_root) if data_root is not None else None
-    if root is not None:
-        need_dir(root, "k400 data root")
+    root = args.root("k400")
     search = [root, root / "annotations"] if root is not None else []
 
     def find(names):
-        return first_existing(d / n for d in search for n in names)
+        return find_file(search, names)
 
     def csv_names(*stems):
         return [f"{pre}{st}.csv" for st in stems for pre in ("", "kinetics_", "kinetics-400_", "kinetics400_")]
@@ -175,17 +152,14 @@ def load_k400(args: DatasetArgs) -> DatasetSpec:
         to_label = lambda lab: lookup.get(norm_name(lab))  # noqa: E731
 
     index = _index_videos(vroot)
-    splits: dict[str, list[VideoItem]] = {}
-    sources = {"classes": cls_src}
-    for split, lst in (("train", train), ("val", val), ("test", test)):
-        if lst is None:
-            continue
+
+    def read(split, lst):
         if str(lst).lower().endswith(".txt"):
-            splits[split] = read_video_list(lst, vroot, len(names), split=split, classes=names)
-        else:
-            rows = csv_rows.get(split) or _read_k400_csv(lst, f"{split} list")[0]
-            splits[split] = _k400_items(lst, f"{split} list", rows, str(vroot), index, to_label)
-        sources[split] = abs_path(lst)
+            return read_video_list(lst, vroot, len(names), split=split, classes=names)
+        rows = csv_rows.get(split) or _read_k400_csv(lst, f"{split} list")[0]
+        return _k400_items(lst, f"{split} list", rows, str(vroot), index, to_label)
+
+    splits, sources = read_splits({"train": train, "val": val, "test": test}, read, cls_src)
     return DatasetSpec("k400", list(names), splits, abs_path(vroot), sources)
 
 

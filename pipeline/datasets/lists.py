@@ -12,17 +12,8 @@ from __future__ import annotations
 import os
 
 from cache.errors import DatasetError
-from pipeline.datasets.core import (
-    VIDEO_EXTENSIONS,
-    DatasetSpec,
-    LabelOnce,
-    VideoItem,
-    abs_path,
-    as_int,
-    norm_name,
-    read_text,
-    resolve_classes,
-)
+from pipeline.datasets.core import (VIDEO_EXTENSIONS, DatasetSpec, LabelOnce, VideoItem, abs_path, as_int, norm_name,
+                                    read_splits, read_text, resolve_classes, text_lines)
 
 __all__ = ["read_video_list", "spec_from_lists"]
 
@@ -42,10 +33,7 @@ def read_video_list(path, video_root, num_classes, *, split: str | None = None, 
     folder_class = _folder_class_map(classes) if classes else {}
     items: list[VideoItem] = []
     once = LabelOnce()  # full path -> (label, line): one video, one label
-    for n, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
+    for n, line in text_lines(text):
         where = f"{what} {path} line {n}"
         fields = line.split()
         if len(fields) < 2:
@@ -121,12 +109,10 @@ def spec_from_lists(name, video_root, train, val, test, classes, *, default_clas
     if resolved is None:
         raise DatasetError(f"{name} needs a class file (classes=...)")
     names, cls_src = resolved
-    splits: dict[str, list[VideoItem]] = {}
-    sources = {"classes": cls_src}
-    for split, lst in (("train", train), ("val", val), ("test", test)):
-        if lst is None:
-            continue
-        splits[split] = read_video_list(lst, video_root, len(names), split=split, classes=names if check_folders else None)
-        sources[split] = abs_path(lst)
+    splits, sources = read_splits(
+        {"train": train, "val": val, "test": test},
+        lambda split, lst: read_video_list(lst, video_root, len(names), split=split,
+                                           classes=names if check_folders else None),
+        cls_src)
     return DatasetSpec(name, names, splits, abs_path(video_root), sources)
 

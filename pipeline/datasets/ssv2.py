@@ -8,20 +8,8 @@ import re
 from pathlib import Path
 
 from cache.errors import DatasetError
-from pipeline.datasets.core import (
-    DatasetArgs,
-    DatasetSpec,
-    VideoItem,
-    abs_path,
-    as_int,
-    find_video_root,
-    first_existing,
-    need_dir,
-    norm_name,
-    read_text,
-    register_dataset,
-    resolve_classes,
-)
+from pipeline.datasets.core import (DatasetArgs, DatasetSpec, VideoItem, abs_path, as_int, find_file, find_video_root,
+                                    norm_name, read_splits, read_text, register_dataset, resolve_classes)
 from pipeline.datasets.lists import read_video_list, spec_from_lists
 
 __all__ = ["load_ssv2", "ssv2_class"]
@@ -109,15 +97,13 @@ def _ssv2_items(path, what, video_root: Path, names) -> list[VideoItem]:
 
 
 def load_ssv2(args: DatasetArgs) -> DatasetSpec:
-    data_root, video_root, classes = args.data_root, args.video_root, args.classes
+    video_root, classes = args.video_root, args.classes
     train_list, val_list, test_list = args.train_list, args.val_list, args.test_list
-    root = Path(data_root) if data_root is not None else None
-    if root is not None:
-        need_dir(root, "ssv2 data root")
+    root = args.root("ssv2")
     search = [root, root / "labels", root / "annotations"] if root is not None else []
 
     def find(names):
-        return first_existing(d / n for d in search for n in names)
+        return find_file(search, names)
 
     train = train_list if train_list is not None else find(["something-something-v2-train.json", "train.json"])
     val = val_list if val_list is not None else find(["something-something-v2-validation.json", "validation.json"])
@@ -142,16 +128,12 @@ def load_ssv2(args: DatasetArgs) -> DatasetSpec:
         else:
             names, cls_src = resolve_classes(None, "ssv2")
 
-    splits: dict[str, list[VideoItem]] = {}
-    sources = {"classes": cls_src}
-    for split, lst in (("train", train), ("val", val), ("test", test_list)):
-        if lst is None:
-            continue
+    def read(split, lst):
         if str(lst).lower().endswith(".txt"):
-            splits[split] = read_video_list(lst, vroot, len(names), split=split)
-        else:
-            splits[split] = _ssv2_items(lst, f"{split} list", vroot, names)
-        sources[split] = abs_path(lst)
+            return read_video_list(lst, vroot, len(names), split=split)
+        return _ssv2_items(lst, f"{split} list", vroot, names)
+
+    splits, sources = read_splits({"train": train, "val": val, "test": test_list}, read, cls_src)
     return DatasetSpec("ssv2", names, splits, abs_path(vroot), sources)
 
 

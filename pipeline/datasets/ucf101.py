@@ -4,23 +4,11 @@ split "val", as the mmaction2 / Text4Vis UCF lists call it."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from cache.errors import DatasetError
-from pipeline.datasets.core import (
-    DatasetArgs,
-    DatasetSpec,
-    VideoItem,
-    abs_path,
-    as_int,
-    find_video_root,
-    first_existing,
-    need_dir,
-    norm_name,
-    read_text,
-    register_dataset,
-    resolve_classes,
-)
+from pipeline.datasets.core import (DatasetArgs, DatasetSpec, VideoItem, abs_path, as_int, find_video_root,
+                                    first_existing, norm_name, read_splits, read_text, register_dataset,
+                                    resolve_classes, text_lines)
 from pipeline.datasets.lists import read_video_list
 
 __all__ = ["load_ucf101"]
@@ -29,10 +17,7 @@ __all__ = ["load_ucf101"]
 def _read_class_ind(path) -> list[str]:
     text = read_text(path, "ucf101 class index")
     names: dict[int, tuple[str, int]] = {}
-    for n, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line:
-            continue
+    for n, line in text_lines(text, comments=False):
         fields = line.split()
         where = f"ucf101 class index {path} line {n}"
         if len(fields) != 2 or as_int(fields[0]) is None:
@@ -55,10 +40,7 @@ def _read_ucf_split(path, what, video_root, names) -> list[VideoItem]:
     text = read_text(path, what)
     folder = {norm_name(c): i for i, c in enumerate(names)}
     items = []
-    for n, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
+    for n, line in text_lines(text):
         where = f"{what} {path} line {n}"
         fields = line.split()
         if len(fields) > 2:
@@ -88,12 +70,11 @@ def _read_ucf_split(path, what, video_root, names) -> list[VideoItem]:
 
 
 def load_ucf101(args: DatasetArgs) -> DatasetSpec:
-    data_root, video_root, classes, split_id = args.data_root, args.video_root, args.classes, args.split_id
-    train_list, val_list, test_list = args.train_list, args.val_list, args.test_list
-    root = Path(data_root) if data_root is not None else None
+    video_root, classes, split_id = args.video_root, args.classes, args.split_id
+    train_list = args.train_list
+    root = args.root("ucf101")
     ann = None
     if root is not None:
-        need_dir(root, "ucf101 data root")
         ann = first_existing([root / "ucfTrainTestlist" / "classInd.txt", root / "classInd.txt"])
         ann = ann.parent if ann is not None else None
     if train_list is None and ann is None:
@@ -109,20 +90,19 @@ def load_ucf101(args: DatasetArgs) -> DatasetSpec:
     else:
         names, cls_src = resolve_classes(None, "ucf101")
 
-    splits: dict[str, list[VideoItem]] = {}
-    sources = {"classes": cls_src}
+    given = args.lists()
+    lists = dict(given)
     official = {"train": f"trainlist0{split_id}.txt", "val": f"testlist0{split_id}.txt"}
-    for split, lst in (("train", train_list), ("val", val_list), ("test", test_list)):
-        if lst is not None:
-            splits[split] = read_video_list(lst, vroot, len(names), split=split, classes=names)
-        elif split in official and ann is not None:
-            lst = ann / official[split]
-            if split == "val" and not lst.exists():
-                continue
-            splits[split] = _read_ucf_split(lst, f"ucf101 {split} list", str(vroot), names)
-        else:
-            continue
-        sources[split] = abs_path(lst)
+    for split, name in official.items():
+        if lists[split] is None and ann is not None and (split == "train" or (ann / name).exists()):
+            lists[split] = ann / name
+
+    def read(split, lst):
+        if given[split] is not None:
+            return read_video_list(lst, vroot, len(names), split=split, classes=names)
+        return _read_ucf_split(lst, f"ucf101 {split} list", str(vroot), names)
+
+    splits, sources = read_splits(lists, read, cls_src)
     return DatasetSpec("ucf101", names, splits, abs_path(vroot), sources)
 
 

@@ -84,11 +84,16 @@ class Head(nn.Module):
     Subclasses set ``cfg_cls`` through :func:`register_head`, build their modules from
     ``self.cfg`` and implement ``data_keys`` and ``forward``. Heads with a classifier
     matrix W (classes x E) set ``has_classifier = True`` and implement ``set_classifier``.
+
+    Optional capabilities (:data:`Head.CAPABILITIES`) are methods declared here with a default;
+    a head has one when it overrides the method, and ``supports(name)`` says so, on the class
+    or an instance. Stage two asks ``supports`` instead of probing attributes.
     """
 
     name: str = ""
     has_classifier: bool = False
     uses_sklearn: bool = False  # fitted in closed form (LDA, logistic probe), not by SGD
+    CAPABILITIES = ("video_embedding", "logits_from_embedding", "set_backbone_weights")
 
     def __init__(self, cfg: Any):
         super().__init__()
@@ -115,6 +120,33 @@ class Head(nn.Module):
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # ----------------------------------------------------------------- optional capabilities
+    @classmethod
+    def supports(cls, capability: str) -> bool:
+        """Whether this head overrides the optional method ``capability`` (one of CAPABILITIES)."""
+        if capability not in Head.CAPABILITIES:
+            raise ValueError(f"unknown head capability '{capability}'; one of {', '.join(Head.CAPABILITIES)}")
+        return getattr(cls, capability) is not getattr(Head, capability)
+
+    def video_embedding(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, E) video embedding before the classifier: what multi-view evaluation averages
+        (``eval_average=embeddings``) and what a swapped text classifier scores (zero-shot)."""
+        raise ConfigError(f"head '{self.name}' has no video embedding: it cannot average embeddings or swap classes")
+
+    def logits_from_embedding(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, E) -> (B, K) from ``video_embedding``'s output. Default: cosine similarity with
+        the classifier matrix (templates averaged for a (K, M, E) one)."""
+        if not self.has_classifier:
+            raise ConfigError(f"head '{self.name}' has no classifier to score a video embedding with")
+        w = self.classifier
+        w = w.mean(1) if w.dim() == 3 else w
+        return F.normalize(video, dim=-1) @ F.normalize(w, dim=-1).T
+
+    def set_backbone_weights(self, weights: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Install frozen backbone parameters (block -> name -> tensor) that ``data_keys().backbone_weights``
+        names, read from the cache's aux arrays (EVL's temporal cross attention)."""
+        raise ConfigError(f"head '{self.name}' takes no backbone weights")
 
 
 @dataclass(frozen=True)

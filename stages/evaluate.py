@@ -1,0 +1,176 @@
+"""Evaluation: a head on a split of cached data (multi-view), a trained run folder, the metrics.
+
+Shared by stage two (evaluation every ``eval_every`` epochs, and ``pipeline evaluate`` on a run
+folder, possibly on another dataset's cache) and stage three (a fine-tuned backbone's frame
+embeddings through its head). Metrics are top-1, top-5 and mean-class accuracy in percent.
+``collate_items`` and ``to_device`` are the batch plumbing every stage-two loader uses;
+``split_data`` builds the dataset of one split from a Zarr cache or a streaming source.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset, Subset
+
+from cache.errors import CacheMismatchError, ConfigError, DatasetError
+from cache.store import FeatureStore, open_store
+from stages.cache_data import CacheSplit, check_cache_for_head, select_videos
+from stages.checkpoint import load_checkpoint
+from stages.classifiers import text_classifier
+from stages.dist import DistContext
+from stages.heads import Head, get_head_entry, make_cfg
+from stages.heads.common import validate_choice
+from stages.runs import autocast
+
+__all__ = ["EVAL_AVERAGES", "accuracy_metrics", "collate_items", "to_device", "evaluate_head", "split_data",
+           "evaluate_run"]
+
+EVAL_AVERAGES = ("scores", "embeddings")
+
+
+# ----------------------------------------------------------------------------- metrics
+def accuracy_metrics(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """top-1, top-5 and mean-class accuracy (percent)."""
+    k = min(5, scores.shape[1])
+    top = scores.topk(k, dim=1).indices
+    correct1 = top[:, 0] == labels
+    correct5 = (top == labels[:, None]).any(dim=1)
+    per_class = [correct1[labels == c].float().mean().item() for c in labels.unique()]
+    return {"top1": 100 * correct1.float().mean().item(), "top5": 100 * correct5.float().mean().item(),
+            "mean_class": 100 * float(np.mean(per_class)), "n": int(len(labels))}
+
+
+def collate_items(items: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack a list of per-video tensor dicts into one batch dict (the collate of stage two)."""
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch dict on ``device`` (non-blocking: pinned host memory copies asynchronously)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate_head(head: Head, data: CacheSplit, device: torch.device, batch_size: int = 64,
+                  average: str = "scores", classifier: torch.Tensor | None = None,
+                  amp_dtype=None, dist_ctx: DistContext | None = None, split: bool = True) -> dict[str, float]:
+    """Multi-view evaluation: run each view, average scores (or embeddings, Text4Vis style).
+
+    ``classifier`` (K', E) given: logits come from cosine similarity of the head's video
+    embedding with it (zero-shot on other classes, cross-dataset evaluation). Under torchrun
+    (``dist_ctx`` with several ranks) each rank scores every world-th video and the scores are
+    gathered: every rank returns the metrics of the whole set (``split=False``: each rank's
+    ``data`` is already its own share).
+    """
+    head.eval()
+    ctx = dist_ctx or DistContext()
+    use_emb = classifier is not None or average == "embeddings"
+    if use_emb and not head.supports("video_embedding"):
+        raise ConfigError(f"head '{head.name}' has no video embedding: it cannot average embeddings or swap classes")
+    if ctx.enabled and split:
+        data = data.rank_subset(ctx.rank, ctx.world) if isinstance(data, IterableDataset) else \
+            Subset(data, range(ctx.rank, len(data), ctx.world))
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_items,
+                        pin_memory=device.type == "cuda")
+    all_scores, all_labels = [], []
+    for batch in loader:
+        batch = to_device(batch, device)
+        labels = batch.pop("label")
+        V = next(iter(batch.values())).shape[1]
+        per_view = []
+        for v in range(V):
+            view = {k: t[:, v] for k, t in batch.items()}
+            with autocast(device, amp_dtype):
+                per_view.append(head.video_embedding(view).float() if use_emb else head(view)["logits"].float())
+        stacked = torch.stack(per_view)  # (V, B, K) or (V, B, E)
+        if use_emb:
+            emb = F.normalize(stacked, dim=-1).mean(0)
+            if classifier is None:
+                scores = head.logits_from_embedding(emb)
+            else:
+                scores = F.normalize(emb, dim=-1) @ F.normalize(classifier.to(emb), dim=-1).T
+        else:
+            scores = stacked.softmax(-1).mean(0)
+        all_scores.append(scores.float().cpu())
+        all_labels.append(labels.cpu())
+    parts = ctx.all_objects((all_scores, all_labels))  # [(scores, labels)] of every rank
+    scores = [x for p in parts for x in p[0]]
+    labels = [x for p in parts for x in p[1]]
+    if not scores:
+        raise DatasetError("no videos to evaluate")
+    return accuracy_metrics(torch.cat(scores), torch.cat(labels))
+
+
+# ----------------------------------------------------------------------------- streaming sources
+# A source other than a Zarr FeatureStore (stages/wds_data.WdsSource: WebDataset shards) builds its
+# own dataset per split: an IterableDataset that shuffles itself through a buffer, seeded by
+# set_epoch. Everything else treats it as a store (meta, labels, status, text, aux).
+def split_data(store, inputs, indices, train: bool, label_map):
+    """The dataset of one split's videos ``indices``: the source's own (``split_dataset``) or a CacheSplit."""
+    make = getattr(store, "split_dataset", None)
+    if make is not None:
+        return make(inputs, indices, train=train, label_map=label_map)
+    return CacheSplit(store, inputs, indices, train=train, label_map=label_map)
+
+
+def _open_source(path: str | Path, source: str = ""):
+    """A Zarr cache folder, or a WebDataset export's header (NAME-header.json: a path, a URL or a
+    ``pipe:`` command; ``source`` says so for a run's own data, whatever the spelling)."""
+    if source.startswith("wds:") or str(path).endswith(".json"):
+        from stages.wds_data import WdsSource
+
+        return WdsSource(str(path), shuffle=0)
+    return open_store(path)
+
+
+def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, split: str = "val",
+                 text_set: str = "", eval_average: str = "scores", allow_partial: bool = False) -> dict:
+    """Evaluate a trained run, on its own cache or on another one (cross-dataset zero-shot).
+
+    A cache is a Zarr folder or a WebDataset export's header: a run trained from shards is
+    re-evaluated from its shards. On another dataset's cache the head's classifier is swapped for that cache's class text
+    embeddings (cosine similarity with the head's video embedding), so the other cache must
+    come from the same backbone weights and sampling.
+    """
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / "last.pt"
+    if not ckpt_path.exists():
+        raise ConfigError(f"no checkpoint in run folder {run_dir}")
+    ckpt = load_checkpoint(ckpt_path)
+    if not isinstance(ckpt, dict) or "head" not in ckpt or "cache" not in ckpt.get("config", {}):
+        raise ConfigError(f"{run_dir} is not a stage-two run (a stage-three run keeps its evaluation in "
+                          "metrics.json; `pipeline finetune-export` turns its backbone into a checkpoint to extract with)")
+    validate_choice("average", eval_average, EVAL_AVERAGES)
+    resolved = ckpt["config"]
+    own = _open_source(resolved["cache"], resolved.get("source", ""))
+    target = _open_source(cache) if cache else own
+    head_cfg = {k: v for k, v in resolved["head"].items() if k != "name"}
+    name = resolved["head"]["name"]
+    head = get_head_entry(name).head_cls(make_cfg(name, head_cfg))
+    head.load_state_dict(ckpt["head"])
+    swap = target.key != own.key
+    if swap:
+        same = (target.meta["backbone"]["weights"] == own.meta["backbone"]["weights"]
+                and target.meta["backbone"]["arch"] == own.meta["backbone"]["arch"])
+        if not same:
+            raise CacheMismatchError(f"cache {target.path} was made with other backbone weights "
+                                     f"({target.meta['backbone']['weights'][:24]}...) than the run's cache")
+        if not head.has_classifier:
+            raise ConfigError(f"head '{name}' has no text classifier: it cannot be evaluated on other classes")
+    elif text_set:
+        raise ConfigError("a text set applies only when evaluating on another dataset's cache (--cache); "
+                          "on its own cache a run keeps the classifier it was trained with")
+    inputs = check_cache_for_head(target, head.data_keys(), name, [split])
+    if isinstance(target, FeatureStore):
+        target.require_sound({split: inputs[split].array_names()}, allow_partial, log=print)
+    idx = select_videos(target, split)
+    data = split_data(target, inputs[split], idx, train=False, label_map=None)
+    classifier = None
+    if swap:
+        classifier = text_classifier(target, head, text_set or resolved["train"].get("text_set", ""))
+    metrics = evaluate_head(head, data, torch.device("cpu"), average=eval_average, classifier=classifier)
+    return {"run": str(run_dir), "cache": str(target.path), "split": split, "swapped_classifier": swap, **metrics}
