@@ -444,7 +444,8 @@ def train(
     head = o["head"]
     if not head:
         raise ConfigError("no head given: pass --head NAME (see `pipeline heads`), or head: NAME in the --config file")
-    file_train, file_head = split_overrides(file_keys, head, where=f"config file {config}")
+    file_train, file_head = split_overrides(file_keys, head, f"config file {config}",
+                                            [*TRAIN_FILE_OPTIONS, *TRAIN_FLAG_FIELDS])
     set_train, set_head = split_overrides(set_, head)
     train_over = {**file_train, **set_train, **flags}  # recipe < file < --set < flags given
     cfg, head_over = _train_recipe(head, o["recipe"], {**set_train, **flags}, {**file_head, **set_head}, file_train)
@@ -687,7 +688,8 @@ def finetune(
         raise ConfigError("no paradigm given: pass --paradigm text4vis|actionclip, or paradigm: in the --config file")
     if flags.get("epochs") is not None and flags["epochs"] < 0:
         raise ConfigError(f"--epochs must be 0 or more, got {flags['epochs']}")
-    file_ft, file_aug, file_head = split_finetune_overrides(file_keys, paradigm, where=f"config file {config}")
+    file_ft, file_aug, file_head = split_finetune_overrides(file_keys, paradigm, f"config file {config}",
+                                                            [*FINETUNE_FILE_OPTIONS, *FINETUNE_FLAG_FIELDS])
     set_ft, set_aug, set_head = split_finetune_overrides(set_, paradigm)
     ft_over = {**set_ft, **{k: v for k, v in flags.items() if v is not None}}
     rec = stage_three_recipe(paradigm, o["recipe"])

@@ -164,9 +164,13 @@ def parse_set(pairs: Iterable[str]) -> dict[str, str]:
     return out
 
 
-def split_options(values: Mapping[str, Any], sets: list[OptionSet], where: str = "--set") -> dict[str, dict]:
+def split_options(values: Mapping[str, Any], sets: list[OptionSet], where: str = "--set",
+                  options: Iterable[str] = ()) -> dict[str, dict]:
     """{key: value} -> {set name: {field: typed value}}: ``name.key`` goes to that set, a bare key to
-    the first set (in order) that has the field. Unknown keys and wrong types are one line."""
+    the first set (in order) that has the field. Unknown keys and wrong types are one line, prefixed
+    by ``where``; ``options``: the command's own options (an experiment file's other valid keys),
+    named in the message of an unknown key."""
+    options = sorted(options)
     out: dict[str, dict] = {s.name: {} for s in sets}
     by_name = {s.name: s for s in sets}
     for key, value in values.items():
@@ -175,20 +179,24 @@ def split_options(values: Mapping[str, Any], sets: list[OptionSet], where: str =
             target = by_name[section]
             fields = target.fields()
             if name not in fields:
-                raise ConfigError(f"{where}: {target.label} has no option '{name}'{closest(name, fields)}; "
-                                  f"valid: {', '.join(sorted(fields))}")
+                raise ConfigError(f"{where}: unknown option '{key}'{closest(key, [f'{section}.{f}' for f in fields])}; "
+                                  f"valid {target.label}: {', '.join(sorted(fields))}")
         else:
             target = next((s for s in sets if s.bare and key in s.fields()), None)
             if target is None:
                 for s in sets:
                     if key in s.exclude:
                         raise ConfigError(f"{where}: '{key}' is set by its own option (--{key.replace('_', '-')})")
-                valid = [f"{s.name}.{k}" if not s.bare else k for s in sets for k in s.fields()]
+                valid = [f"{s.name}.{k}" if not s.bare else k for s in sets for k in s.fields()] + options
                 parts = "; ".join(f"{s.label}: {', '.join(sorted(s.fields()))}" if s.bare else
                                   f"{s.label}: {s.name}.<{'|'.join(sorted(s.fields()))}>" for s in sets)
+                parts = (f"command options: {', '.join(options)}; " if options else "") + parts
                 raise ConfigError(f"{where}: unknown option '{key}'{closest(key, valid)}; {parts}")
             name = key
-        out[target.name][name] = coerce_option(target.fields()[name], key, value)
+        try:
+            out[target.name][name] = coerce_option(target.fields()[name], key, value)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     return out
 
 

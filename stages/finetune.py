@@ -174,7 +174,7 @@ class FinetuneCfg:
                 raise ConfigError(f"{name} must be {need}, got {getattr(self, name)!r}")
 
 
-def split_finetune_overrides(pairs, paradigm: str, where: str = "--set") -> tuple[dict, dict, dict]:
+def split_finetune_overrides(pairs, paradigm: str, where: str = "--set", options=()) -> tuple[dict, dict, dict]:
     """--set key=value pairs (or an experiment file's {key: value}) -> (FinetuneCfg, AugmentCfg,
     head) overrides, typed by the one rule of stages/config.py.
 
@@ -185,9 +185,9 @@ def split_finetune_overrides(pairs, paradigm: str, where: str = "--set") -> tupl
         raise ConfigError(f"unknown paradigm '{paradigm}'; choose one of {', '.join(PARADIGMS)}")
     values = dict(pairs) if isinstance(pairs, dict) else parse_set(pairs)
     sets = [OptionSet("finetune", FinetuneCfg, "fine-tuning options", exclude=("paradigm", "recipe")),
-            OptionSet("head", get_head_entry(paradigm).cfg_cls, f"head '{paradigm}'"),
-            OptionSet("aug", AugmentCfg, "augmentation", bare=False)]
-    out = split_options(values, sets, where)
+            OptionSet("head", get_head_entry(paradigm).cfg_cls, f"head '{paradigm}' options"),
+            OptionSet("aug", AugmentCfg, "augmentation options", bare=False)]
+    out = split_options(values, sets, where, options)
     make_cfg(paradigm, out["head"])  # the head's options build a head, before any work
     return out["finetune"], out["aug"], out["head"]
 

@@ -142,20 +142,21 @@ def parse_class_spec(spec: str, num_classes: int) -> list[int] | None:
     return sorted(out)
 
 
-def split_overrides(pairs, head: str = "", where: str = "--set") -> tuple[dict, dict]:
+def split_overrides(pairs, head: str = "", where: str = "--set", options=()) -> tuple[dict, dict]:
     """--set key=value pairs (or an experiment file's {key: value}) -> (TrainCfg overrides, head
     overrides), typed by the one rule of stages/config.py: 'train.x' and 'head.x' name the set, a
     bare key is a training option when TrainCfg has it, else a head option (of ``head``, when given:
-    an unknown key is refused here; without it the head's make_cfg types and checks them)."""
+    an unknown key is refused here; without it the head's make_cfg types and checks them). ``where``
+    and ``options`` (the command's own options) go into the message of a bad key."""
     values = dict(pairs) if isinstance(pairs, dict) else parse_set(pairs)
     sets = [OptionSet("train", TrainCfg, "training options", exclude=("head", "recipe"))]
     if head:
-        sets.append(OptionSet("head", get_head_entry(head).cfg_cls, f"head '{head}'"))
-        out = split_options(values, sets, where)
+        sets.append(OptionSet("head", get_head_entry(head).cfg_cls, f"head '{head}' options"))
+        out = split_options(values, sets, where, options)
         return out["train"], out["head"]
     fields = sets[0].fields()
     untyped = {k: v for k, v in values.items() if k.startswith("head.") or (k not in fields and "." not in k)}
-    typed = split_options({k: v for k, v in values.items() if k not in untyped}, sets, where)
+    typed = split_options({k: v for k, v in values.items() if k not in untyped}, sets, where, options)
     return typed["train"], {k.removeprefix("head."): v for k, v in untyped.items()}
 
 
