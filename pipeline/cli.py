@@ -355,12 +355,63 @@ def _resolve_cache(cache: Optional[Path], dataset: str, cache_root: Optional[Pat
     return found
 
 
+# Options of `train` and `finetune` an experiment file may hold at top level (the others: --set's keys),
+# with their types; those that set a config field are written under the field's name in config.yaml.
+TRAIN_FILE_OPTIONS = {"head": "str", "cache": "path", "dataset": "str", "cache_root": "path", "run_dir": "path",
+                      "recipe": "str", "wds": "str", "wds_header": "str", "wds_eval": "str", "wds_shuffle": "int",
+                      "wds_resample": "bool", "allow_partial": "bool"}
+TRAIN_FLAG_FIELDS = {"shots": "shots", "fraction": "fraction", "train_classes": "train_classes",
+                     "test_classes": "test_classes", "init": "classifier_init", "batch": "batch_size",
+                     "global_batch": "global_batch"}
+ConfigFile = Annotated[Optional[Path], typer.Option(
+    "--config", help="Experiment file (YAML): the keys of --set, and this command's options, at top level or under "
+                     "sections (see configs/). Precedence: recipe < this file < --set < flags given here. A run "
+                     "folder's config.yaml runs that run again.")]
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Was option ``name`` given on the command line (or by its environment variable)? A flag given
+    equal to its default counts: it still overrides the experiment file and --set."""
+    source = ctx.get_parameter_source(name)  # typer's own copy of click's ParameterSource: compared by name
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _experiment_file(ctx: typer.Context, config: Optional[Path], own: dict, flag_fields: dict):
+    """The command's options, the experiment file's other keys and the flags given that set a config field.
+
+    own: {option: type} the file may set (a flag given on the command line wins); flag_fields:
+    {flag option: config field} (the file may name either). Returns (options, file keys, {field: flag value}).
+    """
+    from stages.config import coerce_option, load_experiment
+
+    where = f"config file {config}"
+    file = load_experiment(config) if config is not None else {}
+    if "head.name" in file and "head" in own:
+        file["head"] = file.pop("head.name")
+    opts = {}
+    for name, kind in own.items():
+        if name in file and not _given(ctx, name):
+            try:
+                value = coerce_option("str" if kind == "path" else kind, name, file.pop(name))
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            opts[name] = Path(value) if kind == "path" else value
+        else:
+            file.pop(name, None)
+            opts[name] = ctx.params[name]
+    rest = {flag_fields.get(k, k): v for k, v in file.items()}
+    flags = {field: ctx.params[name] for name, field in flag_fields.items() if _given(ctx, name)}
+    return opts, rest, flags
+
+
 @app.command()
 def train(
-    head: str = typer.Option(..., help="Head name (see `pipeline heads`)."),
+    ctx: typer.Context,
+    head: Optional[str] = typer.Option(None, help="Head name (see `pipeline heads`); or head: in --config."),
     cache: Optional[Path] = typer.Option(None, help="Cache folder (default: the last extracted cache of --dataset)."),
     dataset: str = typer.Option("demo", help="Dataset whose last cache is used when --cache is not given."),
     cache_root: Optional[Path] = typer.Option(None, help="Where keyed caches are (default artifacts/caches)."),
+    config: ConfigFile = None,
     set_: list[str] = typer.Option([], "--set", help="Override: key=value (training option or head option; "
                                                      "head.key=value forces a head option). Repeatable."),
     shots: int = typer.Option(0, help="K training videos per class (0: all)."),
@@ -387,23 +438,22 @@ def train(
                                        help="Train on the done videos of an unfinished cache (said loudly)."),
 ):
     """Stage two: train a head from a cache and evaluate it."""
-    import dataclasses as dc
+    from stages.train import split_overrides, train_head
 
-    from stages.train import TrainCfg, split_overrides, train_head
-
-    train_over, head_over = split_overrides(set_)
-    cfg, head_over = _train_recipe(head, recipe, train_over, head_over, batch, global_batch)
-    flag_values = {"shots": shots, "fraction": fraction, "train_classes": train_classes, "test_classes": test_classes,
-                   "classifier_init": init}
-    defaults = TrainCfg()
-    for key, value in flag_values.items():
-        if value != getattr(defaults, key) and value != "":
-            cfg = dc.replace(cfg, **{key: value})
-    path = _wds_source(wds, wds_header, wds_eval, wds_shuffle, wds_resample, cfg, cache) if wds else \
-        _resolve_cache(cache, dataset, cache_root)
+    o, file_keys, flags = _experiment_file(ctx, config, TRAIN_FILE_OPTIONS, TRAIN_FLAG_FIELDS)
+    head = o["head"]
+    if not head:
+        raise ConfigError("no head given: pass --head NAME (see `pipeline heads`), or head: NAME in the --config file")
+    file_train, file_head = split_overrides(file_keys, head, f"config file {config}",
+                                            [*TRAIN_FILE_OPTIONS, *TRAIN_FLAG_FIELDS])
+    set_train, set_head = split_overrides(set_, head)
+    train_over = {**file_train, **set_train, **flags}  # recipe < file < --set < flags given
+    cfg, head_over = _train_recipe(head, o["recipe"], {**set_train, **flags}, {**file_head, **set_head}, file_train)
+    path = _wds_source(o["wds"], o["wds_header"], o["wds_eval"], o["wds_shuffle"], o["wds_resample"], cfg,
+                       o["cache"]) if o["wds"] else _resolve_cache(o["cache"], o["dataset"], o["cache_root"])
     cfg, head_over = _protocol_eval(path, cfg, head_over, train_over)
-    res = train_head(path, cfg, head_over, run_dir=run_dir, resume=resume, progress=progress,
-                     allow_partial=allow_partial, force=force)
+    res = train_head(path, cfg, head_over, run_dir=o["run_dir"], resume=resume, progress=progress,
+                     allow_partial=o["allow_partial"], force=force)
     if res.get("rank", 0):  # under torchrun, rank 0 reports
         return
     fin = res["final"]
@@ -419,8 +469,19 @@ def _main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _train_recipe(head: str, recipe: str, train_over: dict, head_over: dict, batch, global_batch):
-    """TrainCfg from the head's preset (stages/recipes.py), then --set / --batch / --global-batch; printed."""
+def _file_over(file_over: dict, base: dict, explicit: dict) -> dict:
+    """The experiment file's values that change ``base`` (defaults and recipe), so the recipe's
+    'overridden by you' line names only those; its lr stays whenever a global batch is given, so
+    the linear lr rule never rescales an lr the file sets."""
+    out = {k: v for k, v in file_over.items() if base.get(k) != v}
+    if "lr" in file_over and ("global_batch" in out or "global_batch" in explicit):
+        out["lr"] = file_over["lr"]
+    return out
+
+
+def _train_recipe(head: str, recipe: str, train_over: dict, head_over: dict, file_over: dict | None = None):
+    """TrainCfg from the head's preset (stages/recipes.py), then the experiment file's values
+    (``file_over``), then --set and the flags given (``train_over``); printed."""
     import dataclasses as dc
     import os
 
@@ -430,14 +491,11 @@ def _train_recipe(head: str, recipe: str, train_over: dict, head_over: dict, bat
     from stages.train import TrainCfg
 
     explicit = dict(train_over)
-    if batch is not None:
-        explicit["batch_size"] = batch
-    if global_batch is not None:
-        explicit["global_batch"] = global_batch
-    device = str(explicit.get("device", "auto"))
+    device = str({**(file_over or {}), **explicit}.get("device", "auto"))
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     rec = stage_two_recipe(head, recipe, cuda=cuda)
     defaults = {f.name: getattr(TrainCfg(), f.name) for f in dc.fields(TrainCfg)}
+    explicit = {**_file_over(file_over or {}, {**defaults, **rec.values}, explicit), **explicit}
     values, lines = resolve_recipe(rec, explicit, defaults, world=int(os.environ.get("WORLD_SIZE", "1")))
     values.update(head=head, recipe=recipe)
     cfg = TrainCfg(**values)
@@ -512,7 +570,7 @@ def compare_init_cmd(
     if frozen not in modes:
         raise ConfigError(f"--frozen must be one of {', '.join(modes)}, got '{frozen}'")
     init_list = [x.strip() for x in inits.split(",") if x.strip()] or list(CLASSIFIER_INITS)
-    train_over, head_over = split_overrides(set_)
+    train_over, head_over = split_overrides(set_, head)
     path = _resolve_cache(cache, dataset, cache_root)
     res = compare_init(path, head=head, inits=init_list, seeds=int_list(seeds, "--seeds"),
                        shots=int_list(shots, "--shots"), frozen=modes[frozen], epochs=epochs, head_overrides=head_over,
@@ -572,9 +630,19 @@ def heads(
 
 
 # ----------------------------------------------------------------------------- stage three
+FINETUNE_FILE_OPTIONS = {"paradigm": "str", "dataset": "str", "data_root": "path", "video_root": "path",
+                         "train_list": "path", "val_list": "path", "test_list": "path", "classes": "path",
+                         "split_id": "int", "run_dir": "path", "recipe": "str"}
+FINETUNE_FLAG_FIELDS = {"model": "model", "pretrained": "pretrained", "init_seed": "init_seed",
+                        "activation": "activation", "frames": "frames", "views": "views", "epochs": "epochs",
+                        "grad_checkpointing": "grad_checkpointing", "batch": "batch_size",
+                        "global_batch": "global_batch"}
+
+
 @app.command()
 def finetune(
-    paradigm: str = typer.Option(..., help="text4vis | actionclip"),
+    ctx: typer.Context,
+    paradigm: Optional[str] = typer.Option(None, help="text4vis | actionclip (or paradigm: in --config)"),
     dataset: DatasetName = "demo",
     data_root: DataRoot = None,
     video_root: VideoRoot = None,
@@ -590,6 +658,7 @@ def finetune(
     frames: Frames = 8,
     views: str = typer.Option("1x1", help="CxS evaluation views (temporal clips x spatial crops)."),
     epochs: Optional[int] = typer.Option(None, help="Epochs (default: Text4Vis 30, ActionCLIP 50; 0: evaluate only)."),
+    config: ConfigFile = None,
     set_: list[str] = typer.Option([], "--set", help="Override: key=value (fine-tuning option such as lr, "
                                                      "backbone_ratio, batch_size, warmup_epochs; head option, or "
                                                      "head.key; aug.key for the augmentation). Repeatable."),
@@ -614,33 +683,33 @@ def finetune(
     from stages.finetune import FinetuneCfg, finetune as run_finetune, split_finetune_overrides
     from stages.recipes import resolve_recipe, stage_three_recipe
 
-    ft_over, aug_over, head_over = split_finetune_overrides(set_, paradigm)
-    if epochs is not None:
-        if epochs < 0:
-            raise ConfigError(f"--epochs must be 0 or more, got {epochs}")
-        ft_over["epochs"] = epochs
-    if batch is not None:
-        ft_over["batch_size"] = batch
-    if global_batch is not None:
-        ft_over["global_batch"] = global_batch
-    rec = stage_three_recipe(paradigm, recipe)
-    base = FinetuneCfg(paradigm=paradigm, model=model, pretrained=pretrained, init_seed=init_seed, frames=frames,
-                       views=views, activation=activation)
-    values, lines = resolve_recipe(rec, ft_over, dc.asdict(base), world=int(os.environ.get("WORLD_SIZE", "1")))
-    cfg = FinetuneCfg(**{**values, "recipe": recipe})
-    aug_over = {**rec.augment, **aug_over}
-    head_over = {**rec.head, **head_over}
+    o, file_keys, flags = _experiment_file(ctx, config, FINETUNE_FILE_OPTIONS, FINETUNE_FLAG_FIELDS)
+    paradigm = o["paradigm"]
+    if not paradigm:
+        raise ConfigError("no paradigm given: pass --paradigm text4vis|actionclip, or paradigm: in the --config file")
+    if flags.get("epochs") is not None and flags["epochs"] < 0:
+        raise ConfigError(f"--epochs must be 0 or more, got {flags['epochs']}")
+    file_ft, file_aug, file_head = split_finetune_overrides(file_keys, paradigm, f"config file {config}",
+                                                            [*FINETUNE_FILE_OPTIONS, *FINETUNE_FLAG_FIELDS])
+    set_ft, set_aug, set_head = split_finetune_overrides(set_, paradigm)
+    ft_over = {**set_ft, **{k: v for k, v in flags.items() if v is not None}}
+    rec = stage_three_recipe(paradigm, o["recipe"])
+    defaults = dc.asdict(FinetuneCfg(paradigm=paradigm))
+    ft_over = {**_file_over(file_ft, {**defaults, **rec.values}, ft_over), **ft_over}  # file < --set < flags
+    values, lines = resolve_recipe(rec, ft_over, defaults, world=int(os.environ.get("WORLD_SIZE", "1")))
+    cfg = FinetuneCfg(**{**values, "recipe": o["recipe"]})
+    aug_over = {**rec.augment, **file_aug, **set_aug}
+    head_over = {**rec.head, **file_head, **set_head}
     lines.append("  augmentation: " + (", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                  for k, v in aug_over.items()) or "generic (AugmentCfg defaults)"))
     if _main_rank():
         for line in lines:
             typer.echo(line)
-    if grad_checkpointing:
-        cfg = dc.replace(cfg, grad_checkpointing=True)
     cfg.validate()
-    spec = load_dataset(dataset, data_root=data_root, video_root=video_root, train_list=train_list,
-                        val_list=val_list, test_list=test_list, classes=classes, split_id=split_id)
-    res = run_finetune(spec, cfg, head_over, AugmentCfg(**aug_over), run_dir=run_dir, resume=resume,
+    spec = load_dataset(o["dataset"], data_root=o["data_root"], video_root=o["video_root"],
+                        train_list=o["train_list"], val_list=o["val_list"], test_list=o["test_list"],
+                        classes=o["classes"], split_id=o["split_id"])
+    res = run_finetune(spec, cfg, head_over, AugmentCfg(**aug_over), run_dir=o["run_dir"], resume=resume,
                        progress=progress, log=typer.echo, force=force)
     if res["rank"] != 0:
         return

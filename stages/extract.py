@@ -42,6 +42,7 @@ from cache.store import (
 )
 from stages.backbone import (BackboneInfo, FrozenCLIP, clip_identity, load_clip, model_config, parse_layers,
                              resolve_model_name, weights_id)
+from stages.config import validate_sampling
 from stages.dist import check_device
 from stages.text import TEXT_SETS, compute_text_sets
 from stages.recipes import protocol_record, resize_side
@@ -84,9 +85,8 @@ class ExtractCfg:
 
     def validate(self) -> None:
         """Every numeric option range-checked: one ConfigError naming the flag (nothing written yet)."""
+        validate_sampling(self.frames, self.sampling, self.stride, self.views, flags=True)
         checks = (
-            ("--frames", self.frames >= 1, "at least 1"),
-            ("--stride", self.stride >= 1, "at least 1 (1 = consecutive frames)"),
             ("--batch-frames", self.batch_frames >= 1, "at least 1"),
             ("--workers", self.workers >= -1, "0 or more (-1: auto)"),
             ("--shard-size", self.shard_size >= 0, "0 or more (0: auto)"),
@@ -162,8 +162,6 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
     if cfg.dtype not in ("fp16", "int8"):
         raise ConfigError(f"--dtype must be fp16 or int8, got '{cfg.dtype}'")
     cfg.validate()
-    if cfg.sampling not in ("segment", "dense"):
-        raise ConfigError(f"--sampling must be segment or dense, got '{cfg.sampling}'")
     if cfg.resize_ratio < 1.0:
         raise ConfigError(f"--resize-ratio must be >= 1 (the short side is never below the crop), got {cfg.resize_ratio}")
     protocol = protocol_record(cfg.protocol, asdict(cfg))  # an unknown name is refused here

@@ -46,7 +46,6 @@ open_clip state dict, which ``pipeline extract --pretrained PATH`` loads like an
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import math
@@ -70,7 +69,7 @@ from stages.dist import DistContext, dist_device, rank_batches
 from stages.heads import get_head_entry, make_cfg
 from stages.heads.common import validate_choice
 from stages.heads.actionclip import video_text_kl_loss
-from stages.config import coerce_option
+from stages.config import OptionSet, parse_set, split_options, validate_sampling, write_experiment
 from stages.evaluate import evaluate_head
 from stages.recipes import accumulation_steps
 from stages.runs import (AMP_CHOICES, RunLog, autocast, autocast_dtype, default_runs_root, lr_factor, param_groups,
@@ -141,10 +140,9 @@ class FinetuneCfg:
     def validate(self) -> None:
         if self.paradigm not in PARADIGMS:
             raise ConfigError(f"unknown paradigm '{self.paradigm}'; choose one of {', '.join(PARADIGMS)}")
-        if self.sampling not in ("segment", "dense"):
-            raise ConfigError(f"sampling must be segment or dense, got '{self.sampling}'")
-        if self.frames < 1 or self.batch_size < 1 or self.stride < 1:
-            raise ConfigError("frames, batch_size and stride must be at least 1")
+        validate_sampling(self.frames, self.sampling, self.stride, self.views)
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.global_batch < 0:
             raise ConfigError(f"global_batch must be >= 0 (0 = batch_size), got {self.global_batch}")
         if self.train_logit_scale and self.paradigm != "actionclip":
@@ -172,45 +170,24 @@ class FinetuneCfg:
         for name, ok, need in checks:
             if not ok:
                 raise ConfigError(f"{name} must be {need}, got {getattr(self, name)!r}")
-        parse_views(self.views)
 
 
-def split_finetune_overrides(pairs: list[str], paradigm: str) -> tuple[dict, dict, dict]:
-    """--set key=value -> (FinetuneCfg, AugmentCfg, head) overrides.
+def split_finetune_overrides(pairs, paradigm: str, where: str = "--set", options=()) -> tuple[dict, dict, dict]:
+    """--set key=value pairs (or an experiment file's {key: value}) -> (FinetuneCfg, AugmentCfg,
+    head) overrides, typed by the one rule of stages/config.py.
 
-    ``aug.x`` goes to the augmentation, ``head.x`` to the head; a bare key is a fine-tuning
-    option when FinetuneCfg has it, else a head option. Types are checked here.
+    ``aug.x`` goes to the augmentation, ``head.x`` to the head, ``finetune.x`` to fine-tuning; a
+    bare key is a fine-tuning option when FinetuneCfg has it, else a head option.
     """
     if paradigm not in PARADIGMS:
         raise ConfigError(f"unknown paradigm '{paradigm}'; choose one of {', '.join(PARADIGMS)}")
-    ft_fields = {f.name: f for f in dataclasses.fields(FinetuneCfg)}
-    aug_fields = {f.name: f for f in dataclasses.fields(AugmentCfg)}
-    head_fields = {f.name for f in dataclasses.fields(get_head_entry(paradigm).cfg_cls)}
-    ft, aug, head = {}, {}, {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ConfigError(f"--set expects key=value, got '{pair}'")
-        key, value = (x.strip() for x in pair.split("=", 1))
-        if key.startswith("aug."):
-            name = key[4:]
-            if name not in aug_fields:
-                raise ConfigError(f"unknown augmentation option '{name}'; valid: {', '.join(sorted(aug_fields))}")
-            aug[name] = coerce_option(aug_fields[name], key, value)
-        elif key.startswith("head.") or (key not in ft_fields and key in head_fields):
-            name = key[5:] if key.startswith("head.") else key
-            if name not in head_fields:
-                raise ConfigError(f"head '{paradigm}' has no option '{name}'; valid: {', '.join(sorted(head_fields))}")
-            head[name] = value  # typed by make_cfg
-        elif key in ft_fields:
-            if key == "paradigm":
-                raise ConfigError("choose the paradigm with --paradigm, not --set")
-            ft[key] = coerce_option(ft_fields[key], key, value)
-        else:
-            raise ConfigError(f"unknown option '{key}'; fine-tuning options: {', '.join(sorted(ft_fields))}; "
-                              f"head options: {', '.join(sorted(head_fields))}; augmentation: aug.<"
-                              f"{'|'.join(sorted(aug_fields))}>")
-    make_cfg(paradigm, head)  # type-check the head options now, before any work
-    return ft, aug, head
+    values = dict(pairs) if isinstance(pairs, dict) else parse_set(pairs)
+    sets = [OptionSet("finetune", FinetuneCfg, "fine-tuning options", exclude=("paradigm", "recipe")),
+            OptionSet("head", get_head_entry(paradigm).cfg_cls, f"head '{paradigm}' options"),
+            OptionSet("aug", AugmentCfg, "augmentation options", bare=False)]
+    out = split_options(values, sets, where, options)
+    make_cfg(paradigm, out["head"])  # the head's options build a head, before any work
+    return out["finetune"], out["aug"], out["head"]
 
 
 # ----------------------------------------------------------------------------- data
@@ -645,6 +622,8 @@ def finetune(spec, cfg: FinetuneCfg, head_overrides: dict | None = None, aug: Au
             say(f"resuming {run_dir} from epoch {start_epoch}")
         # after the resume check: config.json always describes last.pt (rank 0 only)
         runlog.begin(resolved, fresh=action == "fresh", epochs=tuner.epochs, start_epoch=start_epoch)
+        if dist_ctx.main:  # config.yaml: the head options as given (they name the run); `pipeline finetune --config` reruns it
+            write_experiment(run_dir, resolved, head_options=head_overrides, dataset_args=getattr(spec, "args", None))
         E = tuner.epochs
         metrics = next((h["val"] for h in reversed(history) if "val" in h), {})
         if E == 0:

@@ -43,7 +43,7 @@ from cache.store import PENDING, FeatureStore, open_store
 from stages.cache_data import check_cache_for_head, select_videos
 from stages.checkpoint import load_checkpoint, save_checkpoint
 from stages.classifiers import CLASSIFIER_INITS, classifier_matrix, text_classifier
-from stages.config import coerce_option
+from stages.config import OptionSet, parse_set, split_options, write_experiment
 from stages.dist import DistContext, dist_device, rank_batches
 from stages.evaluate import EVAL_AVERAGES, collate_items, evaluate_head, split_data
 from stages.evaluate import to_device as _to  # the loop's short name for it
@@ -141,22 +141,22 @@ def parse_class_spec(spec: str, num_classes: int) -> list[int] | None:
     return sorted(out)
 
 
-def split_overrides(pairs: list[str]) -> tuple[dict, dict]:
-    """--set key=value pairs -> (TrainCfg overrides, head overrides). 'head.x' always goes to the head."""
-    train_fields = {f.name: f for f in dataclasses.fields(TrainCfg)}
-    train, head = {}, {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ConfigError(f"--set expects key=value, got '{pair}'")
-        key, value = pair.split("=", 1)
-        key = key.strip()
-        if key.startswith("head."):
-            head[key[5:]] = value
-        elif key in train_fields:
-            train[key] = coerce_option(train_fields[key], key, value)
-        else:
-            head[key] = value
-    return train, head
+def split_overrides(pairs, head: str = "", where: str = "--set", options=()) -> tuple[dict, dict]:
+    """--set key=value pairs (or an experiment file's {key: value}) -> (TrainCfg overrides, head
+    overrides), typed by the one rule of stages/config.py: 'train.x' and 'head.x' name the set, a
+    bare key is a training option when TrainCfg has it, else a head option (of ``head``, when given:
+    an unknown key is refused here; without it the head's make_cfg types and checks them). ``where``
+    and ``options`` (the command's own options) go into the message of a bad key."""
+    values = dict(pairs) if isinstance(pairs, dict) else parse_set(pairs)
+    sets = [OptionSet("train", TrainCfg, "training options", exclude=("head", "recipe"))]
+    if head:
+        sets.append(OptionSet("head", get_head_entry(head).cfg_cls, f"head '{head}' options"))
+        out = split_options(values, sets, where, options)
+        return out["train"], out["head"]
+    fields = sets[0].fields()
+    untyped = {k: v for k, v in values.items() if k.startswith("head.") or (k not in fields and "." not in k)}
+    typed = split_options({k: v for k, v in values.items() if k not in untyped}, sets, where, options)
+    return typed["train"], {k.removeprefix("head."): v for k, v in untyped.items()}
 
 
 # ----------------------------------------------------------------------------- head + classifier
@@ -276,6 +276,8 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
             return reused
         resume = action == "resume"
         runlog.begin(resolved, fresh=action == "fresh", epochs=cfg.epochs)
+        if ctx.main:
+            write_experiment(run_dir, resolved)  # config.yaml: `pipeline train --config` runs it again
 
         if head.supports("set_backbone_weights") and keys.backbone_weights:
             head.set_backbone_weights(cached_backbone_weights(store, keys))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cache.errors import ConfigError
+from stages.config import closest, coerce_option
 
 __all__ = [
     "DIM_FIELDS",
@@ -196,51 +197,18 @@ def get_head_entry(name: str) -> HeadEntry:
     return _REGISTRY[name]
 
 
-def _coerce(cfg_cls: type, key: str, value: Any) -> Any:
-    """Type-check one override against the dataclass field (strings from the CLI are parsed)."""
-    fields = {f.name: f for f in dataclasses.fields(cfg_cls)}
-    ftype = fields[key].type
-    ftype = ftype if isinstance(ftype, str) else getattr(ftype, "__name__", str(ftype))
-    ftype = ftype.replace(" ", "")
-    if isinstance(value, str):
-        raw = value
-        try:
-            if ftype == "bool":
-                low = raw.lower()
-                if low not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError
-                return low in ("true", "1", "yes")
-            if ftype == "int":
-                return int(raw)
-            if ftype == "float":
-                return float(raw)
-            if ftype.startswith("tuple"):
-                return tuple(int(x) for x in raw.split(",") if x.strip())
-        except ValueError:
-            raise ConfigError(f"option '{key}' expects {ftype}, got '{raw}'") from None
-        return raw
-    # Non-string values: check the basic types.
-    checks = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
-    if ftype in checks and (not isinstance(value, checks[ftype]) or (ftype == "int" and isinstance(value, bool))):
-        raise ConfigError(f"option '{key}' expects {ftype}, got {value!r}")
-    if ftype == "float":
-        return float(value)
-    if ftype.startswith("tuple") and isinstance(value, (list, tuple)):
-        return tuple(value)
-    return value
-
-
 def make_cfg(name: str, overrides: dict | None = None, tiny: bool = False) -> Any:
     """Build a head's config: defaults, then the tiny preset (tests), then overrides."""
     entry = get_head_entry(name)
-    valid = {f.name for f in dataclasses.fields(entry.cfg_cls)}
+    fields = {f.name: f for f in dataclasses.fields(entry.cfg_cls)}
     values: dict[str, Any] = {}
     if tiny:
         values.update(entry.tiny)
     for key, value in (overrides or {}).items():
-        if key not in valid:
-            raise ConfigError(f"head '{name}' has no option '{key}'; valid: {', '.join(sorted(valid))}")
-        values[key] = _coerce(entry.cfg_cls, key, value)
+        if key not in fields:
+            raise ConfigError(f"head '{name}' has no option '{key}'{closest(key, fields)}; "
+                              f"valid: {', '.join(sorted(fields))}")
+        values[key] = coerce_option(fields[key], key, value)  # the one rule of stages/config.py
     return entry.cfg_cls(**values)
 
 
