@@ -771,7 +771,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(1)
         raise
     finally:
-        signals.restore(previous)
+        signals.restore(previous, exiting=argv is None)  # as the program: no signal turns its status into -2
     if isinstance(code, int) and code:  # typer returns (not raises) Exit codes under standalone_mode=False
         sys.exit(code)
 

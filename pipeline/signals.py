@@ -17,6 +17,14 @@ its temporary file) and the entry point prints ``LINE`` and exits 128 + the sign
 Everything already committed (extracted shards, epoch checkpoints) stays, so rerunning the same
 command resumes. A second signal while that cleanup runs exits at once, with the same line.
 
+When the command is over (it returned, failed, or was stopped: its exit status is decided),
+``restore(old, exiting=True)`` ignores both signals for the rest of the process's life. The
+interpreter's shutdown still joins threads, runs atexit callbacks and frees torch's modules (a
+few hundred milliseconds); CPython resets every Python-level handler to SIG_DFL part way through
+it (``_PySignal_Fini``), so a SIGINT landing there killed a finished command with -2 and no line.
+SIG_IGN is left in place by that reset, so the command exits with its own status. Called
+in-process (the tests), ``restore(old)`` puts the previous handlers back instead.
+
 Forked DataLoader workers inherit the handler: there it ignores SIGINT (a terminal's Ctrl-C
 reaches the whole process group; the main process stops the workers itself). Workers get
 SIGTERM from torch's own handler.
@@ -34,6 +42,7 @@ LINE = "interrupted: rerun the same command to resume"
 
 _main_pid: int | None = None
 _received: int | None = None  # the first signal number this process got
+_finished = False             # the command is over: a late signal changes nothing
 
 
 class Interrupted(BaseException):
@@ -50,7 +59,7 @@ class Interrupted(BaseException):
 
 def _handler(signum, frame) -> None:
     global _received
-    if os.getpid() != _main_pid:  # a forked worker: the main process decides
+    if os.getpid() != _main_pid or _finished:  # a forked worker (the main process decides), or too late to stop
         return
     if _received is not None:  # second signal while stopping: stop now
         try:
@@ -64,18 +73,25 @@ def _handler(signum, frame) -> None:
 
 def install() -> dict:
     """Handle SIGINT and SIGTERM in this (main) process; returns the handlers it replaced."""
-    global _main_pid, _received
-    _main_pid, _received = os.getpid(), None
+    global _main_pid, _received, _finished
+    _main_pid, _received, _finished = os.getpid(), None, False
     old = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         old[sig] = signal.signal(sig, _handler)  # also when a shell started us with SIGINT ignored
     return old
 
 
-def restore(old: dict) -> None:
-    """Put back what ``install`` replaced (the CLI called in-process, as the tests do)."""
+def restore(old: dict, exiting: bool = False) -> None:
+    """The command is over. ``exiting`` (the process ends next, with the status the command chose):
+    ignore SIGINT and SIGTERM from now on, through the interpreter's shutdown. Otherwise (the CLI
+    called in-process, as the tests do): put back what ``install`` replaced."""
+    global _finished
+    _finished = True
     for sig, handler in old.items():
-        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        if exiting:
+            signal.signal(sig, signal.SIG_IGN)
+        else:
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def received() -> int | None:
