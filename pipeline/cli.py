@@ -747,6 +747,7 @@ def main(argv: list[str] | None = None) -> None:
     previous = signals.install()
     try:
         code = app(args=argv, standalone_mode=False)
+        signals.check()  # a stop some library swallowed still ends as one
     except signals.Interrupted as exc:
         _echo_err(signals.LINE)
         sys.exit(exc.exit_code)

@@ -1,4 +1,4 @@
-"""A SIGINT that lands while the interpreter shuts down, after a command finished, leaves the
+"""Signals at awkward moments. A SIGINT that lands while the interpreter shuts down, after a command finished, leaves the
 command's own exit status and output (issue 10: it killed the process with -2 and no line).
 
 The signal is sent from inside the process at two fixed moments of the shutdown, so the test does
@@ -69,3 +69,59 @@ def test_in_process_calls_get_their_handlers_back(tmp_path):
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     main(["cache", "ls", str(tmp_path)])
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+# ----------------------------------------------------------------------------- a stop Python swallowed
+_SWALLOW = """
+import os, signal, sys, time
+from pipeline import signals
+signals.install()
+# the signal lands inside an at-fork callback (as logging's when a DataLoader worker starts), whose
+# exceptions Python only reports: the Interrupted raised there was lost and the run went on
+def _after_fork():
+    os.kill(os.getpid(), signal.SIGINT)
+    for _ in range(10):  # Python code after the signal: its handler runs here, inside the callback
+        pass
+os.register_at_fork(after_in_parent=_after_fork)
+try:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 5:  # the run goes on: the stop must arrive within it
+        pass
+    print("not stopped")
+except signals.Interrupted as exc:
+    print("stopped", exc.exit_code)
+"""
+
+
+def test_a_stop_raised_inside_an_at_fork_callback_is_delivered_again():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", _SWALLOW], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.stdout.strip() == "stopped 130", (proc.stdout, proc.stderr[-2000:])
+    assert proc.stderr == ""  # no "Exception ignored in ..." report
+
+
+def test_a_stop_that_code_swallowed_is_still_one_line_and_130():
+    """Code that catches everything ate the Interrupted: check() (the CLI calls it when the
+    command returns) raises it again."""
+    code = """
+import os, signal
+from pipeline import signals
+signals.install()
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    sum(range(1000))
+except BaseException:
+    pass
+try:
+    signals.check()
+    print("lost")
+except signals.Interrupted as exc:
+    print("stopped", exc.exit_code)
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.stdout.strip() == "stopped 130", (proc.stdout, proc.stderr[-2000:])
