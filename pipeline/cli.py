@@ -100,7 +100,8 @@ def extract(
     init_seed: InitSeed = 0,
     activation: Activation = "auto",
     frames: Optional[int] = typer.Option(None, help="Frames per clip (T); default 8, or the protocol's."),
-    sampling: Optional[str] = typer.Option(None, help="segment (TSN) | dense; default segment, or the protocol's."),
+    sampling: Optional[str] = typer.Option(None, help="segment (TSN) | segment-start | dense; default segment, or the "
+                                                    "protocol's."),
     stride: Optional[int] = typer.Option(None, help="Frame stride for dense sampling (default 8, or the protocol's)."),
     layers: str = typer.Option("last4", help="Blocks to tap: lastK | all | none | 8,10,12 (1-based)."),
     patch: bool = typer.Option(False, "--patch/--no-patch", help="Also store patch tokens of the tapped blocks."),

@@ -45,8 +45,8 @@ from stages.backbone import (BackboneInfo, FrozenCLIP, clip_identity, load_clip,
 from stages.dist import check_device
 from stages.text import TEXT_SETS, compute_text_sets
 from stages.recipes import protocol_record, resize_side
-from stages.video import (VIEW_PARAM_COLUMNS, AugViewCfg, SamplingCfg, augmented_views, decode_video, make_views,
-                          normalize, parse_views)
+from stages.video import (SAMPLING_MODES, VIEW_PARAM_COLUMNS, AugViewCfg, SamplingCfg, augmented_views, decode_video,
+                          layout_key, make_views, normalize, parse_views)
 
 __all__ = ["ExtractCfg", "ExtractPlan", "plan_extraction", "run_extraction", "default_cache_root", "latest_cache"]
 
@@ -62,7 +62,7 @@ class ExtractCfg:
     init_seed: int = 0               # weights when no `pretrained` (random-init models)
     activation: str = "auto"         # auto (what the weights say) | gelu | quick_gelu (a file that cannot say)
     frames: int = 8
-    sampling: str = "segment"        # segment (TSN) | dense
+    sampling: str = "segment"        # segment (TSN) | segment-start (Text4Vis/Side4Video test) | dense
     stride: int = 8                  # dense sampling stride
     layers: str = "last4"            # lastK | all | none | 8,10,12
     patch: bool = False              # store patch tokens of the tapped layers (large)
@@ -162,8 +162,8 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
     if cfg.dtype not in ("fp16", "int8"):
         raise ConfigError(f"--dtype must be fp16 or int8, got '{cfg.dtype}'")
     cfg.validate()
-    if cfg.sampling not in ("segment", "dense"):
-        raise ConfigError(f"--sampling must be segment or dense, got '{cfg.sampling}'")
+    if cfg.sampling not in SAMPLING_MODES:
+        raise ConfigError(f"--sampling must be one of {', '.join(SAMPLING_MODES)}, got '{cfg.sampling}'")
     if cfg.resize_ratio < 1.0:
         raise ConfigError(f"--resize-ratio must be >= 1 (the short side is never below the crop), got {cfg.resize_ratio}")
     protocol = protocol_record(cfg.protocol, asdict(cfg))  # an unknown name is refused here
@@ -233,6 +233,7 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
         content["resize_short_side"] = resize_side(S_img, cfg.resize_ratio)
     if bank:  # only then: a cache without a view bank keeps the key it always had
         content["view_bank"] = bank
+    content.update(layout_key(cfg.sampling, [v for s, v in views.items() if not (bank and s == "train")]))
     key = _sha(content)[:16]
     if out:
         path = Path(out)

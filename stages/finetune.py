@@ -77,7 +77,7 @@ from stages.runs import (AMP_CHOICES, RunLog, autocast, autocast_dtype, default_
                          param_groups, plot_curves)
 from stages.text import TEMPLATE_SETS, clip_text_embeddings
 from stages.train import evaluate_head
-from stages.video import SamplingCfg, decode_clips, parse_views
+from stages.video import SAMPLING_MODES, SamplingCfg, decode_clips, parse_views
 
 __all__ = [
     "PARADIGMS",
@@ -142,8 +142,8 @@ class FinetuneCfg:
     def validate(self) -> None:
         if self.paradigm not in PARADIGMS:
             raise ConfigError(f"unknown paradigm '{self.paradigm}'; choose one of {', '.join(PARADIGMS)}")
-        if self.sampling not in ("segment", "dense"):
-            raise ConfigError(f"sampling must be segment or dense, got '{self.sampling}'")
+        if self.sampling not in SAMPLING_MODES:
+            raise ConfigError(f"sampling must be one of {', '.join(SAMPLING_MODES)}, got '{self.sampling}'")
         if self.frames < 1 or self.batch_size < 1 or self.stride < 1:
             raise ConfigError("frames, batch_size and stride must be at least 1")
         if self.global_batch < 0:
