@@ -118,6 +118,8 @@ def extract(
                                                       "clip, random resized crop, flip), drawn once, seeded."),
     aug_seed: int = typer.Option(0, help="Seed of the view bank (with each video's split and index)."),
     aug_area: float = typer.Option(0.4, help="Smallest area fraction of the view bank's random resized crop."),
+    no_view_bank: bool = typer.Option(False, "--no-view-bank", help="With --for-head: keep the plain train views, "
+                                                                    "not the heads' measured view bank."),
     dtype: str = typer.Option("fp16", help="fp16 | int8 (per-token int8 for CLS/patch tokens)."),
     text: str = typer.Option("all", help="Text sets to store: all | none | comma list of clip_single, "
                                          "clip_text4vis, clip_actionclip, clip_classname, minilm."),
@@ -165,9 +167,11 @@ def extract(
         typer.echo(line)
     heads = [h.strip() for h in for_head.split(",") if h.strip()]
     if heads:
-        cfg = add_head_needs(cfg, heads, len(spec.classes))
+        cfg = add_head_needs(cfg, heads, len(spec.classes), view_bank=not no_view_bank)
+        bank = "" if cfg.train_aug is None else f", view bank --train-aug {cfg.train_aug}" + (
+            "" if train_aug is not None else " (the heads' measured default; --no-view-bank: plain train views)")
         typer.echo(f"for {', '.join(heads)}: layers {cfg.layers}, patch tokens {'yes' if cfg.patch else 'no'}, "
-                   f"uint8 frames {'yes' if cfg.store_frames else 'no'}")
+                   f"uint8 frames {'yes' if cfg.store_frames else 'no'}{bank}")
     plan = plan_extraction(spec, cfg, out=out, cache_root=cache_root)
     if dry_run:
         for line in describe_plan(plan):

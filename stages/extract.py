@@ -132,12 +132,14 @@ class ExtractPlan:
         return sum(self.bytes_per_video[s] * len(self.dataset.splits[s]) for s in self.split_arrays)
 
 
-def add_head_needs(cfg: ExtractCfg, heads: list[str], num_classes: int) -> ExtractCfg:
+def add_head_needs(cfg: ExtractCfg, heads: list[str], num_classes: int, view_bank: bool = True) -> ExtractCfg:
     """``cfg`` widened to hold what each head in ``heads`` reads with its default options:
-    their blocks added to --layers, patch tokens and uint8 frames switched on where needed."""
+    their blocks added to --layers, patch tokens and uint8 frames switched on where needed; and
+    the heads' measured view bank (stages/cache_data.py VIEW_BANK_DEFAULTS) unless ``cfg`` sets
+    its own --train-aug or --train-views, or ``view_bank`` is off."""
     from dataclasses import replace
 
-    from stages.cache_data import head_data_keys
+    from stages.cache_data import head_data_keys, recommended_view_bank
 
     info = BackboneInfo.from_config(model_config(cfg.model))
     dims = {"num_classes": num_classes, "embed_dim": info.embed_dim, "width": info.width, "frames": cfg.frames,
@@ -149,7 +151,11 @@ def add_head_needs(cfg: ExtractCfg, heads: list[str], num_classes: int) -> Extra
         layers |= set(keys.cls_layers) | set(keys.patch_layers)
         patch = patch or bool(keys.patch_layers)
         frames = frames or keys.frames
-    return replace(cfg, layers=",".join(map(str, sorted(layers))) or "none", patch=patch, store_frames=frames)
+    train_aug = cfg.train_aug
+    if train_aug is None and view_bank and cfg.train_views == "1x1":
+        train_aug = recommended_view_bank(heads)
+    return replace(cfg, layers=",".join(map(str, sorted(layers))) or "none", patch=patch, store_frames=frames,
+                   train_aug=train_aug)
 
 
 def _sha(obj) -> str:
