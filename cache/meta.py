@@ -43,6 +43,8 @@ def extract_command(meta: dict, *, layers: list[int] | None = None, patch: bool 
     for key, value in cfg.items():
         if key in _RUNTIME_ONLY or value in ("", None):
             continue
+        if key in ("aug_seed", "aug_area") and cfg.get("train_aug") is None:  # no view bank: its seed and area say nothing
+            continue
         if isinstance(value, bool):
             if value:
                 parts.append(_BOOL_FLAGS.get(key, f"--{key.replace('_', '-')}"))

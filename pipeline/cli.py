@@ -100,7 +100,8 @@ def extract(
     init_seed: InitSeed = 0,
     activation: Activation = "auto",
     frames: Optional[int] = typer.Option(None, help="Frames per clip (T); default 8, or the protocol's."),
-    sampling: Optional[str] = typer.Option(None, help="segment (TSN) | dense; default segment, or the protocol's."),
+    sampling: Optional[str] = typer.Option(None, help="segment (TSN) | segment-start | dense; default segment, or the "
+                                                    "protocol's."),
     stride: Optional[int] = typer.Option(None, help="Frame stride for dense sampling (default 8, or the protocol's)."),
     layers: str = typer.Option("last4", help="Blocks to tap: lastK | all | none | 8,10,12 (1-based)."),
     patch: bool = typer.Option(False, "--patch/--no-patch", help="Also store patch tokens of the tapped blocks."),
@@ -117,6 +118,8 @@ def extract(
                                                       "clip, random resized crop, flip), drawn once, seeded."),
     aug_seed: int = typer.Option(0, help="Seed of the view bank (with each video's split and index)."),
     aug_area: float = typer.Option(0.4, help="Smallest area fraction of the view bank's random resized crop."),
+    no_view_bank: bool = typer.Option(False, "--no-view-bank", help="With --for-head: keep the plain train views, "
+                                                                    "not the heads' measured view bank."),
     dtype: str = typer.Option("fp16", help="fp16 | int8 (per-token int8 for CLS/patch tokens)."),
     text: str = typer.Option("all", help="Text sets to store: all | none | comma list of clip_single, "
                                          "clip_text4vis, clip_actionclip, clip_classname, minilm."),
@@ -164,9 +167,11 @@ def extract(
         typer.echo(line)
     heads = [h.strip() for h in for_head.split(",") if h.strip()]
     if heads:
-        cfg = add_head_needs(cfg, heads, len(spec.classes))
+        cfg = add_head_needs(cfg, heads, len(spec.classes), view_bank=not no_view_bank)
+        bank = "" if cfg.train_aug is None else f", view bank --train-aug {cfg.train_aug}" + (
+            "" if train_aug is not None else " (the heads' measured default; --no-view-bank: plain train views)")
         typer.echo(f"for {', '.join(heads)}: layers {cfg.layers}, patch tokens {'yes' if cfg.patch else 'no'}, "
-                   f"uint8 frames {'yes' if cfg.store_frames else 'no'}")
+                   f"uint8 frames {'yes' if cfg.store_frames else 'no'}{bank}")
     plan = plan_extraction(spec, cfg, out=out, cache_root=cache_root)
     if dry_run:
         for line in describe_plan(plan):
@@ -817,6 +822,7 @@ def main(argv: list[str] | None = None) -> None:
     previous = signals.install()
     try:
         code = app(args=argv, standalone_mode=False)
+        signals.check()  # a stop some library swallowed still ends as one
     except signals.Interrupted as exc:
         _echo_err(signals.LINE)
         sys.exit(exc.exit_code)
@@ -841,7 +847,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(1)
         raise
     finally:
-        signals.restore(previous)
+        signals.restore(previous, exiting=argv is None)  # as the program: no signal turns its status into -2
     if isinstance(code, int) and code:  # typer returns (not raises) Exit codes under standalone_mode=False
         sys.exit(code)
 

@@ -17,6 +17,23 @@ its temporary file) and the entry point prints ``LINE`` and exits 128 + the sign
 Everything already committed (extracted shards, epoch checkpoints) stays, so rerunning the same
 command resumes. A second signal while that cleanup runs exits at once, with the same line.
 
+When the command is over (it returned, failed, or was stopped: its exit status is decided),
+``restore(old, exiting=True)`` ignores both signals for the rest of the process's life. The
+interpreter's shutdown still joins threads, runs atexit callbacks and frees torch's modules (a
+few hundred milliseconds); CPython resets every Python-level handler to SIG_DFL part way through
+it (``_PySignal_Fini``), so a SIGINT landing there killed a finished command with -2 and no line.
+SIG_IGN is left in place by that reset, so the command exits with its own status. Called
+in-process (the tests), ``restore(old)`` puts the previous handlers back instead.
+
+A stop can be swallowed: when the signal lands while the main thread runs code whose exceptions
+Python only reports (an at-fork callback such as logging's while a DataLoader worker starts, a
+finaliser, a weakref callback), ``Interrupted`` went to ``sys.unraisablehook`` ("Exception ignored
+in ...") and the run went on to exit 0. ``install()`` hooks that: the swallowed stop is delivered
+again (``_thread.interrupt_main`` from a helper thread), so it raises at the next point where it
+can propagate, and
+``check()`` (called by the CLI once the command returns) turns a stop that still got lost into the
+same line and exit status.
+
 Forked DataLoader workers inherit the handler: there it ignores SIGINT (a terminal's Ctrl-C
 reaches the whole process group; the main process stops the workers itself). Workers get
 SIGTERM from torch's own handler.
@@ -24,16 +41,20 @@ SIGTERM from torch's own handler.
 
 from __future__ import annotations
 
+import _thread
 import os
 import signal
 import sys
 
-__all__ = ["Interrupted", "LINE", "install", "restore", "received", "exit_code"]
+__all__ = ["Interrupted", "LINE", "install", "restore", "received", "exit_code", "check"]
 
 LINE = "interrupted: rerun the same command to resume"
 
 _main_pid: int | None = None
 _received: int | None = None  # the first signal number this process got
+_finished = False             # the command is over: a late signal changes nothing
+_redeliver = False            # the last Interrupted was swallowed: the next call raises it again
+_previous_hook = None         # sys.unraisablehook before install()
 
 
 class Interrupted(BaseException):
@@ -49,9 +70,12 @@ class Interrupted(BaseException):
 
 
 def _handler(signum, frame) -> None:
-    global _received
-    if os.getpid() != _main_pid:  # a forked worker: the main process decides
+    global _received, _redeliver
+    if os.getpid() != _main_pid or _finished:  # a forked worker (the main process decides), or too late to stop
         return
+    if _redeliver:  # the first stop was swallowed (see _unraisable): raise it again, here
+        _redeliver = False
+        raise Interrupted(_received or signum)
     if _received is not None:  # second signal while stopping: stop now
         try:
             sys.stderr.write(LINE + "\n")
@@ -62,25 +86,61 @@ def _handler(signum, frame) -> None:
     raise Interrupted(signum)
 
 
+def _unraisable(unraisable) -> None:
+    """sys.unraisablehook: an Interrupted that Python could only report (raised inside an at-fork
+    callback, a finaliser...) is delivered again instead of being lost."""
+    global _redeliver
+    exc = unraisable.exc_value
+    if isinstance(exc, Interrupted) and os.getpid() == _main_pid and not _finished:
+        _redeliver = True
+        # from another thread, 10 ms after this hook has returned: the handler then runs at the main
+        # thread's next check, outside the code that swallowed it (in here it would be lost again)
+        import threading
+
+        timer = threading.Timer(0.01, _thread.interrupt_main, args=(exc.signum,))
+        timer.daemon = True
+        timer.start()
+        return
+    (_previous_hook or sys.__unraisablehook__)(unraisable)
+
+
 def install() -> dict:
     """Handle SIGINT and SIGTERM in this (main) process; returns the handlers it replaced."""
-    global _main_pid, _received
-    _main_pid, _received = os.getpid(), None
+    global _main_pid, _received, _finished, _redeliver, _previous_hook
+    _main_pid, _received, _finished, _redeliver = os.getpid(), None, False, False
+    if sys.unraisablehook is not _unraisable:
+        _previous_hook, sys.unraisablehook = sys.unraisablehook, _unraisable
     old = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         old[sig] = signal.signal(sig, _handler)  # also when a shell started us with SIGINT ignored
     return old
 
 
-def restore(old: dict) -> None:
-    """Put back what ``install`` replaced (the CLI called in-process, as the tests do)."""
+def restore(old: dict, exiting: bool = False) -> None:
+    """The command is over. ``exiting`` (the process ends next, with the status the command chose):
+    ignore SIGINT and SIGTERM from now on, through the interpreter's shutdown. Otherwise (the CLI
+    called in-process, as the tests do): put back what ``install`` replaced."""
+    global _finished
+    _finished = True
+    if not exiting and sys.unraisablehook is _unraisable:
+        sys.unraisablehook = _previous_hook or sys.__unraisablehook__
     for sig, handler in old.items():
-        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        if exiting:
+            signal.signal(sig, signal.SIG_IGN)
+        else:
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def received() -> int | None:
     """The signal number this process was stopped by, or None."""
     return _received
+
+
+def check() -> None:
+    """Raise the Interrupted of a signal that arrived but never propagated (swallowed by code that
+    catches everything): the command was asked to stop, so it says so and exits 128 + the signal."""
+    if _received is not None and not _finished:
+        raise Interrupted(_received)
 
 
 def exit_code() -> int:

@@ -13,8 +13,11 @@ random resized crop, flip, grayscale, no colour jitter; ActionCLIP scales to 256
 multi-scale crop (side = the short side x one of 1, .875, .75, .66 for width and height, at most
 one step apart, at one of 13 fixed positions) resized to the input, flip, colour jitter (0.4,
 0.4, 0.2, 0.1), grayscale and RandAugment N2 M9.
-Evaluation: the deterministic views of stage one (resize the short side, C clips x S crops),
-so a fine-tuned model is evaluated on exactly what a stage-one cache of it would hold.
+Evaluation: the deterministic views of stage one (C clips x S crops) at the paradigm's test
+scale, as published: the short side resized to round(input size x resize_ratio) (256 for 224
+crops, both paper recipes), then the centre (or 3) crops of the input size; without a scale (the
+quick recipe) the short side is the input size. A fine-tuned model is so evaluated on exactly
+what a stage-one cache of it with the same --resize-ratio would hold (``eval_resize``).
 
 Randomness is drawn from a seed per (run seed, epoch, video), not from a worker's RNG, so a
 video gets the same augmentation whatever the number of DataLoader workers or DDP ranks, and
@@ -31,7 +34,7 @@ import torch
 from cache.errors import ConfigError
 from stages.video import make_views
 
-__all__ = ["AugmentCfg", "MultiScaleCrop", "build_train_transform", "augment_clip", "eval_views"]
+__all__ = ["AugmentCfg", "MultiScaleCrop", "build_train_transform", "augment_clip", "eval_resize", "eval_views"]
 
 
 CROPS = ("random_resized", "multiscale")
@@ -155,7 +158,15 @@ def augment_clip(frames: np.ndarray, transform, seed: int | list[int]) -> torch.
     return out.as_subclass(torch.Tensor).contiguous()
 
 
-def eval_views(clips: list[np.ndarray], size: int, crops: int) -> torch.Tensor:
-    """C clips of (T, H, W, 3) -> (V = C*S, T, 3, size, size) uint8: stage one's views."""
-    views = torch.from_numpy(make_views(clips, size, crops))  # (V, T, S, S, 3)
+def eval_resize(size: int, cfg: AugmentCfg | None = None) -> int:
+    """The short side the evaluation views are cut from: the paradigm's test scale,
+    round(size x resize_ratio) (224 x 256/224 = 256), or ``size`` itself without one."""
+    ratio = (cfg or AugmentCfg()).resize_ratio
+    return int(round(size * ratio)) if ratio else size
+
+
+def eval_views(clips: list[np.ndarray], size: int, crops: int, resize: int | None = None) -> torch.Tensor:
+    """C clips of (T, H, W, 3) -> (V = S*C, T, 3, size, size) uint8: stage one's views, the short
+    side first resized to ``resize`` (default ``size``)."""
+    views = torch.from_numpy(make_views(clips, size, crops, resize))  # (V, T, S, S, 3)
     return views.permute(0, 1, 4, 2, 3).contiguous()

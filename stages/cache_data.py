@@ -17,20 +17,30 @@ from cache.store import DONE, FeatureStore
 from stages.heads import DataKeys, resolve_layers
 
 __all__ = ["HeadInputs", "CacheSplit", "pixel_stats", "epoch_seed", "view_pick", "view_tensor", "check_cache_for_head",
-           "select_videos", "extraction_hint", "head_data_keys", "VIEW_BANK_DEFAULTS", "recommended_train_aug"]
+           "select_videos", "extraction_hint", "head_data_keys", "VIEW_BANK_DEFAULTS", "recommended_train_aug",
+           "recommended_view_bank"]
 
 IN_MEMORY_LIMIT = 2 << 30  # bytes of one array above which it is read per video instead
 
 # `extract --train-aug K` per head, from bench/bench_viewbank.py (README, stage two): on the demo
 # world no K beat the plain cache beyond the spread over seeds; Side4Video's mean was highest
 # with banks and one augmented view costs no more bytes than the plain view, EVL's was highest
-# on the plain cache. Heads not named here: no view bank.
+# on the plain cache. Heads not named here: no view bank. Applied by `extract --for-head` (and so
+# `make extract` / `make train`) unless the user sets --train-aug, --train-views or --no-view-bank.
 VIEW_BANK_DEFAULTS: dict[str, int] = {"side4video": 1}
 
 
 def recommended_train_aug(head: str) -> int | None:
     """The view bank (K augmented train views) measured best for ``head``; None: the plain cache."""
     return VIEW_BANK_DEFAULTS.get(head)
+
+
+def recommended_view_bank(heads: list[str]) -> int | None:
+    """The view bank of a cache made for several heads: the largest K any of them was measured best
+    with (EVL's plain-cache lead over a K = 1 bank was within the spread over seeds); None when
+    none of them has one."""
+    ks = [k for k in (recommended_train_aug(h) for h in heads) if k]
+    return max(ks) if ks else None
 
 
 class HeadInputs:
@@ -86,8 +96,9 @@ def extraction_hint(store: FeatureStore, keys: DataKeys, head: str = "") -> str:
     cfg = store.meta["config"]
     command = extract_command(store.meta, layers=layers, patch=bool(keys.patch_layers or cfg.get("patch")),
                               frames_uint8=bool(keys.frames or cfg.get("store_frames")))
-    if not cfg.get("train_aug") and recommended_train_aug(head):  # the cache's own bank is in the command
-        command += f" --train-aug {recommended_train_aug(head)}"
+    k = recommended_train_aug(head)
+    if k and not cfg.get("train_aug"):  # the cache's own bank is in the command
+        command += f" --train-aug {k}"
     return command
 
 

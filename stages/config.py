@@ -296,7 +296,7 @@ def write_experiment(run_dir: str | Path, resolved: dict, head_options: dict | N
 
 # ----------------------------------------------------------------------------- sampling
 SAMPLING_KEYS = ("frames", "sampling", "stride", "views")
-SAMPLING_MODES = ("segment", "dense")
+from stages.video import SAMPLING_MODES  # noqa: E402  (the modes the sampler knows)
 
 
 def validate_sampling(frames: int, sampling: str, stride: int, views: str | None = None,
@@ -311,6 +311,6 @@ def validate_sampling(frames: int, sampling: str, stride: int, views: str | None
     if stride < 1:
         raise ConfigError(f"{name('stride')} must be at least 1 (1 = consecutive frames), got {stride}")
     if sampling not in SAMPLING_MODES:
-        raise ConfigError(f"{name('sampling')} must be segment or dense, got '{sampling}'")
+        raise ConfigError(f"{name('sampling')} must be one of {', '.join(SAMPLING_MODES)}, got '{sampling}'")
     if views is not None:
         parse_views(views)

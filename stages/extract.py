@@ -46,8 +46,8 @@ from stages.config import validate_sampling
 from stages.dist import check_device
 from stages.text import TEXT_SETS, compute_text_sets
 from stages.recipes import protocol_record, resize_side
-from stages.video import (VIEW_PARAM_COLUMNS, AugViewCfg, SamplingCfg, augmented_views, decode_video, make_views,
-                          normalize, parse_views)
+from stages.video import (VIEW_PARAM_COLUMNS, AugViewCfg, SamplingCfg, augmented_views, decode_video,
+                          layout_key, make_views, normalize, parse_views)
 
 __all__ = ["ExtractCfg", "ExtractPlan", "plan_extraction", "run_extraction", "default_cache_root", "latest_cache"]
 
@@ -63,7 +63,7 @@ class ExtractCfg:
     init_seed: int = 0               # weights when no `pretrained` (random-init models)
     activation: str = "auto"         # auto (what the weights say) | gelu | quick_gelu (a file that cannot say)
     frames: int = 8
-    sampling: str = "segment"        # segment (TSN) | dense
+    sampling: str = "segment"        # segment (TSN) | segment-start (Text4Vis/Side4Video test) | dense
     stride: int = 8                  # dense sampling stride
     layers: str = "last4"            # lastK | all | none | 8,10,12
     patch: bool = False              # store patch tokens of the tapped layers (large)
@@ -132,12 +132,14 @@ class ExtractPlan:
         return sum(self.bytes_per_video[s] * len(self.dataset.splits[s]) for s in self.split_arrays)
 
 
-def add_head_needs(cfg: ExtractCfg, heads: list[str], num_classes: int) -> ExtractCfg:
+def add_head_needs(cfg: ExtractCfg, heads: list[str], num_classes: int, view_bank: bool = True) -> ExtractCfg:
     """``cfg`` widened to hold what each head in ``heads`` reads with its default options:
-    their blocks added to --layers, patch tokens and uint8 frames switched on where needed."""
+    their blocks added to --layers, patch tokens and uint8 frames switched on where needed; and
+    the heads' measured view bank (stages/cache_data.py VIEW_BANK_DEFAULTS) unless ``cfg`` sets
+    its own --train-aug or --train-views, or ``view_bank`` is off."""
     from dataclasses import replace
 
-    from stages.cache_data import head_data_keys
+    from stages.cache_data import head_data_keys, recommended_view_bank
 
     info = BackboneInfo.from_config(model_config(cfg.model))
     dims = {"num_classes": num_classes, "embed_dim": info.embed_dim, "width": info.width, "frames": cfg.frames,
@@ -149,7 +151,11 @@ def add_head_needs(cfg: ExtractCfg, heads: list[str], num_classes: int) -> Extra
         layers |= set(keys.cls_layers) | set(keys.patch_layers)
         patch = patch or bool(keys.patch_layers)
         frames = frames or keys.frames
-    return replace(cfg, layers=",".join(map(str, sorted(layers))) or "none", patch=patch, store_frames=frames)
+    train_aug = cfg.train_aug
+    if train_aug is None and view_bank and cfg.train_views == "1x1":
+        train_aug = recommended_view_bank(heads)
+    return replace(cfg, layers=",".join(map(str, sorted(layers))) or "none", patch=patch, store_frames=frames,
+                   train_aug=train_aug)
 
 
 def _sha(obj) -> str:
@@ -231,6 +237,7 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
         content["resize_short_side"] = resize_side(S_img, cfg.resize_ratio)
     if bank:  # only then: a cache without a view bank keeps the key it always had
         content["view_bank"] = bank
+    content.update(layout_key(cfg.sampling, [v for s, v in views.items() if not (bank and s == "train")]))
     key = _sha(content)[:16]
     if out:
         path = Path(out)

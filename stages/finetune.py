@@ -61,7 +61,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cache.errors import ConfigError, DatasetError, ModelError, decode_failure_reason
-from stages.augment import AugmentCfg, augment_clip, build_train_transform, eval_views
+from stages.augment import AugmentCfg, augment_clip, build_train_transform, eval_resize, eval_views
 from stages.backbone import (ACTIVATION_CHOICES, ACTIVATION_KEY, BackboneInfo, load_clip, model_activation,
                              model_config, pixel_stats, resolve_activation, resolve_model_name, weights_id)
 from stages.checkpoint import load_checkpoint, save_checkpoint
@@ -196,12 +196,14 @@ class VideoClips(Dataset):
 
     Training: {"video": (T, 3, S, S)} with random TSN offsets and clip-level augmentation,
     "template": the random text template of the sample. Evaluation: {"video": (V, T, 3, S, S)},
-    stage one's views. Both: "label", "index", "valid" (False: padding or undecodable), "error".
+    stage one's views cut from the short side resized to ``resize`` (the test scale, default S).
+    Both: "label", "index", "valid" (False: padding or undecodable), "error".
     """
 
     def __init__(self, items: list, sampling: SamplingCfg, size: int, train: bool, seed: int = 0,
-                 aug: AugmentCfg | None = None, num_templates: int = 0):
+                 aug: AugmentCfg | None = None, num_templates: int = 0, resize: int | None = None):
         self.items, self.sampling, self.size, self.train = list(items), sampling, size, train
+        self.resize = resize or size  # evaluation: the short side before the crops (the test scale)
         self.seed, self.num_templates, self.epoch = seed, num_templates, 0
         self.transform = build_train_transform(size, aug) if train else None
 
@@ -234,7 +236,7 @@ class VideoClips(Dataset):
                     template = int(rng.integers(self.num_templates))
             else:
                 clips, _ = decode_clips(item.path, self.sampling, item.num_frames)
-                video = eval_views(clips, self.size, self.sampling.crops)  # (V, T, 3, S, S)
+                video = eval_views(clips, self.size, self.sampling.crops, self.resize)  # (V, T, 3, S, S)
         except Exception as exc:  # a video that does not decode (or crashes its decoder) must not stop the run
             return self._empty(i, item.label, decode_failure_reason(exc))
         return {"video": video, "label": torch.tensor(item.label), "index": torch.tensor(i),
@@ -375,7 +377,8 @@ class Finetuner:
         M = len(TEMPLATE_SETS["actionclip"]) if cfg.paradigm == "actionclip" else 0
         self.train_data = VideoClips(spec.splits[cfg.train_split], self.sampling_train, size, train=True,
                                      seed=cfg.seed, aug=self.aug, num_templates=M)
-        self.eval_data = VideoClips(spec.splits[cfg.eval_split], self.sampling_eval, size, train=False, seed=cfg.seed)
+        self.eval_data = VideoClips(spec.splits[cfg.eval_split], self.sampling_eval, size, train=False, seed=cfg.seed,
+                                    resize=eval_resize(size, self.aug))  # the paradigm's test scale, then crops
         self.epochs = cfg.resolved_epochs()
         self.global_batch = cfg.global_batch or cfg.batch_size  # videos per optimiser step
         self.accum = accumulation_steps(cfg.batch_size, cfg.global_batch, self.dist.world)

@@ -214,19 +214,30 @@ class Protocol:
     differs: str = ""               # what the project does differently, and why
 
 
+_CROPS_TSN = ("the 3 crops sit at 0, 1/2 and 1 of the free room along the long side; their code takes 0, 4 and 2 "
+              "quarters of it (rounded down) across the width (left, right, centre): a few pixels apart on a "
+              "landscape video, while on a portrait one theirs are the centre crop three times")
 _PROTOCOLS = {
     "evl": Protocol("evl", 8, "dense", 16, "3x1", 1.0, "scores",
-                    paper="dense 8 x 16, 3 temporal x 1 spatial views, softmax averaged, short side 224",
-                    differs="the 3 clips start at 1/6, 1/2, 5/6 of the slack (the paper: 0, 1/2, 1)"),
-    "side4video": Protocol("side4video", 8, "segment", 8, "4x3", SCALE_256, "scores",
-                           paper="8 frames x 3 clips x 4 crops, softmax averaged, scale 256 then crop 224",
-                           differs="12 views as 4 clips x 3 crops (spatial crops here are 1 or 3, not 4)"),
-    "text4vis": Protocol("text4vis", 8, "segment", 8, "4x3", SCALE_256, "embeddings",
-                         paper="4 clips x 3 crops, video embeddings averaged over views then normalised, "
-                               "scale 256 then crop 224"),
+                    paper="dense 8 x 16, 3 temporal x 1 spatial views (clip starts at 0, 1/2, 1 of the slack, "
+                          "round(slack / 2 * c)), softmax averaged, short side 224",
+                    differs="the short side is resized bicubic (antialiased) on uint8 frames; EVL's code resizes "
+                            "the normalised frames bilinearly, the long side rounded down"),
+    "side4video": Protocol("side4video", 8, "segment-start", 8, "4x3", SCALE_256, "scores",
+                           paper="8 frames x 3 spatial crops x 4 temporal clips (its model zoo's 8x3x4), i.e. "
+                                 "4 clips x 3 crops = 12 views stacked crop by crop, softmax averaged; clip c "
+                                 "takes frame int(offset_c + t * n / 8), the 4 offsets spread from 0 to n / 8 - 1; "
+                                 "scale 256 then crop 224",
+                           differs=_CROPS_TSN),
+    "text4vis": Protocol("text4vis", 8, "segment-start", 8, "4x3", SCALE_256, "embeddings",
+                         paper="4 clips x 3 crops (the test code Side4Video inherits: the same frames and views), "
+                               "video embeddings averaged over views then normalised, scale 256 then crop 224",
+                         differs=_CROPS_TSN),
     "actionclip": Protocol("actionclip", 8, "segment", 8, "1x1", SCALE_256, "scores", template_average="score",
                            paper="8 frames, one view, scale 256 then crop 224; per-template softmax over the 16 "
-                                 "templates, then the mean"),
+                                 "templates, then the mean",
+                           differs="segment t gives frame int((t + 1/2) n / 8) (TSN); ActionCLIP's code takes "
+                                   "int(t n / 8 + (n / 8 - 1) / 2), at most one frame earlier"),
 }
 
 

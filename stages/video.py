@@ -29,8 +29,10 @@ from cache.errors import ConfigError, VideoDecodeError
 
 __all__ = [
     "SamplingCfg",
+    "SAMPLING_MODES",
     "parse_views",
     "clip_indices",
+    "layout_key",
     "Decoded",
     "decode_video",
     "decode_clips",
@@ -46,9 +48,13 @@ __all__ = [
 ]
 
 
+SAMPLING_MODES = ("segment", "segment-start", "dense")
+
+
 @dataclass(frozen=True)
 class SamplingCfg:
-    """How frames are taken from a video: ``mode`` "segment" (TSN) or "dense" (stride)."""
+    """How frames are taken from a video: ``mode`` "segment" (TSN, segment centres),
+    "segment-start" (Text4Vis / Side4Video's test sampling) or "dense" (stride); see clip_indices."""
 
     frames: int = 8
     mode: str = "segment"
@@ -73,28 +79,58 @@ def parse_views(text: str) -> tuple[int, int]:
 
 
 def clip_indices(num_frames: int, cfg: SamplingCfg, rng: np.random.Generator | None = None) -> list[list[int]]:
-    """Frame indices per temporal clip. ``rng`` given: random TSN offsets (training)."""
+    """Frame indices per temporal clip. ``rng`` given: random TSN offsets or a random dense start
+    (training). Without it, the C test clips of n frames (T per clip, segments of n / T frames):
+
+    - segment: clip c takes each segment at fraction (c + 0.5) / C of it (C = 1: the centres, TSN);
+    - segment-start: each segment's start shifted by the clip's offset, the C offsets spread evenly
+      from 0 to n / T - 1 frames and truncated, ``int(offset + t * n / T)`` (Text4Vis's and
+      Side4Video's test code; C = 1: the segment starts);
+    - dense: T frames ``stride`` apart from a start; the C starts spread evenly from the first to
+      the last possible start, ``round(slack / (C - 1) * c)`` (EVL's test code), one clip: the
+      middle start, ``slack // 2``. A video shorter than the span repeats its last frame.
+    """
     if num_frames < 1:
         raise VideoDecodeError("video has no frames")
-    T = cfg.frames
+    T, C = cfg.frames, cfg.clips
     out = []
-    for c in range(cfg.clips):
-        if cfg.mode == "segment":
+    for c in range(C):
+        if cfg.mode in ("segment", "segment-start"):
             seg = num_frames / T
             if rng is not None:
                 offs = rng.random(T)
+            elif cfg.mode == "segment-start":
+                start = int(np.linspace(0, seg - 1, num=C)[c])  # truncated toward 0, as numpy's int cast
+                out.append([int(start + seg * t) % num_frames for t in range(T)])
+                continue
             else:
-                offs = np.full(T, (c + 0.5) / cfg.clips)
+                offs = np.full(T, (c + 0.5) / C)
             idx = [min(int(seg * t + seg * o), num_frames - 1) for t, o in zip(range(T), offs)]
         elif cfg.mode == "dense":
             span = (T - 1) * cfg.stride + 1
             room = max(num_frames - span, 0)
-            start = int(rng.integers(0, room + 1)) if rng is not None else int(room * (c + 0.5) / cfg.clips)
+            if rng is not None:
+                start = int(rng.integers(0, room + 1))
+            else:
+                start = room // 2 if C == 1 else int(round(room / (C - 1) * c))
             idx = [min(start + t * cfg.stride, num_frames - 1) for t in range(T)]
         else:
-            raise ConfigError(f"unknown sampling mode '{cfg.mode}' (segment or dense)")
+            raise ConfigError(f"unknown sampling mode '{cfg.mode}' ({' | '.join(SAMPLING_MODES)})")
         out.append(idx)
     return out
+
+
+def layout_key(mode: str, views) -> dict:
+    """What a cache's key records of the view layout beyond mode and CxS, for the (clips, crops) of
+    its fixed-view splits: only where the rules changed what such a cache holds (dense test clips
+    spread from the first to the last start; views crop-major), so other caches keep their keys."""
+    views = [tuple(v) for v in views]
+    key = {}
+    if mode == "dense" and any(c > 1 for c, _ in views):
+        key["dense_starts"] = "spread"
+    if any(c > 1 and s > 1 for c, s in views):
+        key["view_order"] = "crop-major"
+    return key
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -500,13 +536,15 @@ def spatial_crops(frames: torch.Tensor, size: int, crops: int) -> list[torch.Ten
 
 
 def make_views(clips: Sequence[np.ndarray], size: int, crops: int, resize: int | None = None) -> np.ndarray:
-    """C clips of (T, H, W, 3) -> (V = C*S, T, size, size, 3) uint8, clip-major. The short side is
-    first resized to ``resize`` (default ``size``; e.g. 256 for 224 crops)."""
-    views = []
+    """C clips of (T, H, W, 3) -> (V = S*C, T, size, size, 3) uint8, crop-major: view s * C + c is
+    crop s of clip c, the order EVL's, Text4Vis's and Side4Video's test code stack their views in
+    (every clip of the first crop, then of the next). The short side is first resized to ``resize``
+    (default ``size``; e.g. 256 for 224 crops)."""
+    per_clip = []
     for clip in clips:
         resized = resize_short_side(torch.from_numpy(np.ascontiguousarray(clip)), resize or size)
-        views.extend(v.contiguous() for v in spatial_crops(resized, size, crops))
-    return torch.stack(views).numpy()
+        per_clip.append([v.contiguous() for v in spatial_crops(resized, size, crops)])
+    return torch.stack([views[s] for s in range(crops) for views in per_clip]).numpy()
 
 
 def normalize(frames: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -203,13 +203,13 @@ def test_protocol_is_recorded_and_sets_the_evaluation_rule(proto_cache, tmp_path
     assert proto_cache.meta["resize_short_side"] == round(32 * 256 / 224)  # tiny CLIP: 32 px crops of a 37 px side
     assert proto_cache.meta["content"]["resize_short_side"] == 37  # part of the key
     cfg = proto_cache.meta["config"]
-    assert (cfg["frames"], cfg["sampling"], cfg["views"], cfg["protocol"]) == (8, "segment", "1x1", "text4vis")
+    assert (cfg["frames"], cfg["sampling"], cfg["views"], cfg["protocol"]) == (8, "segment-start", "1x1", "text4vis")
     # the cached frames are the 37-px-short-side resize, then the centre crop (not a 32-px resize)
     from stages.backbone import load_clip
     from stages.video import SamplingCfg, decode_clips, make_views, normalize
 
     path = proto_cache.items("val")[0][0]
-    clips, _ = decode_clips(path, SamplingCfg(8))
+    clips, _ = decode_clips(path, SamplingCfg(8, "segment-start"))
     clip = load_clip("tiny", None, seed=0).eval()
     pp = clip.visual.preprocess_cfg
     with torch.no_grad():
@@ -229,8 +229,8 @@ def test_protocol_is_recorded_and_sets_the_evaluation_rule(proto_cache, tmp_path
 # SPEC section 7's test protocols: frames, sampling, stride (dense), views, resize ratio, view averaging
 PUBLISHED_PROTOCOLS = {
     "evl": (8, "dense", 16, "3x1", 1.0, "scores"),
-    "side4video": (8, "segment", None, "4x3", 256 / 224, "scores"),  # 12 views; SPEC: 3 clips x 4 crops
-    "text4vis": (8, "segment", None, "4x3", 256 / 224, "embeddings"),
+    "side4video": (8, "segment-start", None, "4x3", 256 / 224, "scores"),  # 12 views: its model zoo's 8x3x4
+    "text4vis": (8, "segment-start", None, "4x3", 256 / 224, "embeddings"),
     "actionclip": (8, "segment", None, "1x1", 256 / 224, "scores"),
 }
 

@@ -123,7 +123,8 @@ def test_views_shapes_and_crops():
     clip[:, :, 80:] = 200
     views = make_views([clip, clip], size=30, crops=3)
     assert views.shape == (6, 4, 30, 30, 3) and views.dtype == np.uint8
-    left, centre, right = views[0, 0, 15, 15, 0], views[1, 0, 15, 15, 0], views[2, 0, 15, 15, 0]
+    # crop-major: views 0, 1 are the left crop of clips 0, 1; then the centre crops, then the right ones
+    left, centre, right = views[0, 0, 15, 15, 0], views[2, 0, 15, 15, 0], views[4, 0, 15, 15, 0]
     assert left < 60 and right > 190 and abs(int(centre)) < 5
     x = normalize(torch.from_numpy(views), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     assert x.shape == (6, 4, 3, 30, 30) and x.min() >= -1 and x.max() <= 1
