@@ -45,6 +45,7 @@ import _thread
 import os
 import signal
 import sys
+import warnings
 
 __all__ = ["Interrupted", "LINE", "install", "restore", "received", "exit_code", "check"]
 
@@ -122,6 +123,10 @@ def restore(old: dict, exiting: bool = False) -> None:
     called in-process, as the tests do): put back what ``install`` replaced."""
     global _finished
     _finished = True
+    if exiting:
+        # a stop that lands inside zarr's event loop leaves a coroutine that never ran; the garbage
+        # collector reports it during shutdown ("coroutine ... was never awaited"), after the one line
+        warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
     if not exiting and sys.unraisablehook is _unraisable:
         sys.unraisablehook = _previous_hook or sys.__unraisablehook__
     for sig, handler in old.items():
