@@ -40,11 +40,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from cache.errors import CacheMismatchError, ConfigError, DatasetError, TrainingError
-from cache.store import PENDING, FeatureStore, atomic_write_text, open_store
+from cache.store import PENDING, FeatureStore, atomic_write_text
 from stages.cache_data import CacheSplit, check_cache_for_head, select_videos
 from stages.checkpoint import load_checkpoint, save_checkpoint
 from stages.config import coerce_option
 from stages.dist import DistContext, dist_device, rank_batches
+from stages.sources import open_source, split_dataset
 from stages.runs import (AMP_CHOICES, RunLog, autocast, autocast_dtype, default_runs_root, existing_run, lr_factor,
                          param_groups, plot_curves, remove_unstarted)
 from stages.heads import DIM_FIELDS, Head, get_head_entry, make_cfg
@@ -165,7 +166,7 @@ def build_head(name: str, store: FeatureStore, overrides: dict, num_classes: int
     """Create a head with its dims filled from the cache metadata, then the user's overrides."""
     entry = get_head_entry(name)
     fields = {f.name for f in dataclasses.fields(entry.cfg_cls)}
-    dims = dict(store.meta["dims"])
+    dims = store.info.dims.to_dict()
     if num_classes is not None:
         dims["num_classes"] = num_classes
     values = {k: v for k, v in dims.items() if k in fields and k in DIM_FIELDS}
@@ -212,7 +213,7 @@ def classifier_matrix(init: str, store: FeatureStore, head: Head, classes: list[
     shape = head.classifier_shape()
     K, E = shape[0], shape[-1]
     g = torch.Generator().manual_seed(cfg.seed + 17)
-    sel = classes if classes is not None else list(range(int(store.meta["dims"]["num_classes"])))
+    sel = classes if classes is not None else list(range(store.info.dims.num_classes))
     if init == "clip_text":
         w = _text_set(store, head, cfg.text_set)[sel]
     elif init == "random_normal":
@@ -366,7 +367,7 @@ def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: 
     Under torchrun every rank calls this (module docstring); rank 0 writes the run folder.
     """
     cfg.validate()
-    store = open_store(cache) if isinstance(cache, (str, Path)) else cache  # FeatureStore or stages.wds_data.WdsSource
+    store = open_source(cache)  # a Zarr FeatureStore or a WebDataset export (stages/sources.py)
     ctx = DistContext.from_env()
     device = dist_device(cfg.device, ctx)
     ctx.start(device)
@@ -382,7 +383,7 @@ def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: 
 def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, resume: bool, progress: bool, log,
                 init_weight, force: bool, ctx: DistContext, device: torch.device, amp_dtype,
                 allow_partial: bool = False) -> dict:
-    K_all = int(store.meta["dims"]["num_classes"])
+    K_all = store.info.dims.num_classes
     train_classes = parse_class_spec(cfg.train_classes, K_all)
     test_classes = parse_class_spec(cfg.test_classes, K_all)
     if test_classes is not None and train_classes is None:
@@ -408,8 +409,8 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
     train_map = {c: i for i, c in enumerate(train_classes)} if train_classes is not None else None
     eval_map = {c: i for i, c in enumerate(eval_classes)} if eval_classes is not None else None
 
-    train_data = _split_data(store, inputs[cfg.train_split], train_idx, train=True, label_map=train_map)
-    eval_data = _split_data(store, inputs[cfg.eval_split], eval_idx, train=False, label_map=eval_map)
+    train_data = split_dataset(store, inputs[cfg.train_split], train_idx, train=True, label_map=train_map)
+    eval_data = split_dataset(store, inputs[cfg.eval_split], eval_idx, train=False, label_map=eval_map)
     if ctx.enabled and isinstance(train_data, IterableDataset) and cfg.epochs > 0 and not head.uses_sklearn:
         # every rank must fill its slice of each global batch; checked by all ranks together before
         # anything is written or DDP exists, so every rank stops with the same line
@@ -495,17 +496,6 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
         raise
 
 
-# ----------------------------------------------------------------------------- streaming sources
-# A source other than a Zarr FeatureStore (stages/wds_data.WdsSource: WebDataset shards) builds its
-# own dataset per split: an IterableDataset that shuffles itself through a buffer, seeded by
-# set_epoch. Everything else in this file treats it as a store (meta, labels, status, text, aux).
-def _split_data(store, inputs, indices, train: bool, label_map):
-    make = getattr(store, "split_dataset", None)
-    if make is not None:
-        return make(inputs, indices, train=train, label_map=label_map)
-    return CacheSplit(store, inputs, indices, train=train, label_map=label_map)
-
-
 def _all_items(data) -> list[dict]:
     """Every training item in index order (closed-form heads fit on the whole set at once)."""
     if isinstance(data, IterableDataset):
@@ -517,7 +507,7 @@ def cached_backbone_weights(store: FeatureStore, keys) -> dict[int, dict[str, to
     """The frozen backbone blocks a head reads (``keys.backbone_weights``), from the cache's aux arrays."""
     from stages.heads import resolve_layers
 
-    depth = int(store.meta["dims"]["depth"])
+    depth = store.info.dims.depth
     out: dict[int, dict[str, torch.Tensor]] = {}
     blocks = set(resolve_layers(keys.cls_layers, depth)) | set(resolve_layers(keys.patch_layers, depth))
     names = set(store.aux_names())
@@ -763,16 +753,6 @@ def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resol
     return metrics, history
 
 
-def _open_source(path: str | Path, source: str = ""):
-    """A Zarr cache folder, or a WebDataset export's header (NAME-header.json: a path, a URL or a
-    ``pipe:`` command; ``source`` says so for a run's own data, whatever the spelling)."""
-    if source.startswith("wds:") or str(path).endswith(".json"):
-        from stages.wds_data import WdsSource
-
-        return WdsSource(str(path), shuffle=0)
-    return open_store(path)
-
-
 def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, split: str = "val",
                  text_set: str = "", eval_average: str = "scores", allow_partial: bool = False) -> dict:
     """Evaluate a trained run, on its own cache or on another one (cross-dataset zero-shot).
@@ -792,19 +772,19 @@ def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, split: st
                           "metrics.json; `pipeline finetune-export` turns its backbone into a checkpoint to extract with)")
     validate_choice("average", eval_average, EVAL_AVERAGES)
     resolved = ckpt["config"]
-    own = _open_source(resolved["cache"], resolved.get("source", ""))
-    target = _open_source(cache) if cache else own
+    own = open_source(resolved["cache"], resolved.get("source", ""))
+    target = open_source(cache) if cache else own
     head_cfg = {k: v for k, v in resolved["head"].items() if k != "name"}
     name = resolved["head"]["name"]
     head = get_head_entry(name).head_cls(make_cfg(name, head_cfg))
     head.load_state_dict(ckpt["head"])
     swap = target.key != own.key
     if swap:
-        same = (target.meta["backbone"]["weights"] == own.meta["backbone"]["weights"]
-                and target.meta["backbone"]["arch"] == own.meta["backbone"]["arch"])
+        same = (target.info.backbone.weights == own.info.backbone.weights
+                and target.info.backbone.arch == own.info.backbone.arch)
         if not same:
             raise CacheMismatchError(f"cache {target.path} was made with other backbone weights "
-                                     f"({target.meta['backbone']['weights'][:24]}...) than the run's cache")
+                                     f"({target.info.backbone.weights[:24]}...) than the run's cache")
         if not head.has_classifier:
             raise ConfigError(f"head '{name}' has no text classifier: it cannot be evaluated on other classes")
     elif text_set:
@@ -814,7 +794,7 @@ def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, split: st
     if isinstance(target, FeatureStore):
         target.require_sound({split: inputs[split].array_names()}, allow_partial, log=print)
     idx = select_videos(target, split)
-    data = _split_data(target, inputs[split], idx, train=False, label_map=None)
+    data = split_dataset(target, inputs[split], idx, train=False, label_map=None)
     classifier = None
     if swap:
         classifier = text_classifier(target, head, text_set or resolved["train"].get("text_set", ""))
