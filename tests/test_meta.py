@@ -111,9 +111,9 @@ def test_extract_record_is_extract_cfg():
     field existed was made with."""
     from stages.extract import ExtractCfg
 
-    want = {f.name: getattr(ExtractCfg(), f.name) for f in dataclasses.fields(ExtractCfg)}
-    got = {f.name: getattr(ExtractRecord(), f.name) for f in ExtractRecord._own_fields()}
-    assert got == want
+    assert ExtractRecord().to_dict() == dataclasses.asdict(ExtractCfg())
+    cfg = ExtractCfg(frames=4, train_aug=2, protocol="evl")
+    assert ExtractRecord.from_dict(dataclasses.asdict(cfg)) == ExtractRecord(frames=4, train_aug=2, protocol="evl")
 
 
 def _old_meta() -> dict:
