@@ -217,7 +217,7 @@ def make_head(store, run: HeadRun, seed: int = 0):
     from stages.train import TrainCfg, build_head, cached_backbone_weights, classifier_options
 
     cfg = TrainCfg(head=run.name, seed=seed)
-    K = int(store.meta["dims"]["num_classes"])
+    K = store.info.dims.num_classes
     torch.manual_seed(cfg.seed)
     head = build_head(run.name, store, dict(run.overrides), num_classes=K)
     keys = head.data_keys()
@@ -373,9 +373,9 @@ def child(spec: dict) -> dict:
         in_memory = sorted(data.memory)
         backbone = None
     else:
-        backbone = OnlineBackbone(store, head, spec["model"], seed=int(store.meta["config"]["init_seed"]))
+        backbone = OnlineBackbone(store, head, spec["model"], seed=store.info.config.init_seed)
         items = [store.items("train")[i] for i in idx]
-        samp = SamplingCfg(int(store.meta["dims"]["frames"]), "segment", 8, 1, 1)  # the cache's own sampling
+        samp = SamplingCfg(store.info.dims.frames, "segment", 8, 1, 1)  # the cache's own sampling
         data = DecodedVideos(items, samp, backbone.info.image_size, backbone.frozen.mean, backbone.frozen.std, tm)
         in_memory = []
         preload = "-"
@@ -467,8 +467,8 @@ def compare_with_cache(store, last: dict, head, idx) -> dict:
     """Relative max error of the last online batch against the cache for the same videos."""
     from stages.heads import resolve_layers
 
-    depth = int(store.meta["dims"]["depth"])
-    cached = list(store.meta["layers"])
+    depth = store.info.dims.depth
+    cached = list(store.info.layers)
     keys = head.data_keys()
     rows = [int(idx[i]) for i in last["index"].tolist()]
     out = {}
@@ -486,8 +486,8 @@ def compare_with_cache(store, last: dict, head, idx) -> dict:
             errs.append(float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12)))
         out[name] = max(errs)
     if "frames" in last["batch"]:
-        mean = torch.tensor(store.meta["preprocess"]["mean"]).view(3, 1, 1)
-        std = torch.tensor(store.meta["preprocess"]["std"]).view(3, 1, 1)
+        mean = torch.tensor(store.info.preprocess.mean).view(3, 1, 1)
+        std = torch.tensor(store.info.preprocess.std).view(3, 1, 1)
         diffs = []
         for b, row in enumerate(rows):
             u8 = torch.from_numpy(store.read("train", "frames", row)[0])  # (T, S, S, 3)
@@ -529,7 +529,7 @@ def count_flops(store, run: HeadRun, model_name: str, B: int) -> dict:
 
     train, fwd, nb = head_flops(store, run, B)
     head, _ = make_head(store, run)
-    bb = OnlineBackbone(store, head, model_name, seed=int(store.meta["config"]["init_seed"]))
+    bb = OnlineBackbone(store, head, model_name, seed=store.info.config.init_seed)
     S = bb.info.image_size
     # In eval / inference mode nn.MultiheadAttention takes a fused fast path that FlopCounterMode
     # has no formula for (its q/k/v/out projections and attention would count as 0 FLOPs):
@@ -541,7 +541,7 @@ def count_flops(store, run: HeadRun, model_name: str, B: int) -> dict:
             bb.frozen(torch.zeros(1, 3, S, S))
     finally:
         torch.backends.mha.set_fastpath_enabled(fast)
-    T = int(store.meta["dims"]["frames"])
+    T = store.info.dims.frames
     per_frame = fc.get_total_flops()
     out = {"head_train": train, "head_fwd": fwd, "backbone_frame": per_frame, "backbone_batch": per_frame * nb * T,
            "B": nb, "T": T, "ceiling": (per_frame * nb * T + train) / train}
@@ -606,8 +606,8 @@ def read_rates(store, run: HeadRun) -> dict:
     specs = store.specs("train")
     files = sorted(f for k in wanted for f in (store.path / "train" / k).rglob("*") if f.is_file())
     nbytes = sum(f.stat().st_size for f in files)
-    depth = int(store.meta["dims"]["depth"])
-    cached = list(store.meta["layers"])
+    depth = store.info.dims.depth
+    cached = list(store.info.layers)
     layer_sel = {"cls": layer_index([cached.index(x) for x in resolve_layers(keys.cls_layers, depth)]),
                  "patch": layer_index([cached.index(x) for x in resolve_layers(keys.patch_layers, depth)])}
 

@@ -50,7 +50,9 @@ import numpy as np
 import zarr
 
 from cache.errors import CacheError, CacheMismatchError
+from cache.meta import FORMAT_VERSION, Record, StoreMeta
 from cache.quant import QUANT_SUFFIXES, dequantize_int8, quantize_int8
+from cache.source import DONE, FAILED, PENDING, CacheSource
 
 __all__ = [
     "PENDING",
@@ -69,11 +71,9 @@ __all__ = [
     "FAULT_ENV",
 ]
 
-PENDING, DONE, FAILED = 0, 1, 2
-FORMAT_VERSION = 1
 META_KEY = "clipcache"
 CHECKSUMS = "checksums.json"
-INTEGRITY_VERSION = 1             # meta["integrity"]: the store keeps checksums and shard records
+INTEGRITY_VERSION = 1             # StoreMeta.integrity: the store keeps checksums and shard records
 FAULT_ENV = "CLIPCACHE_FAULT"     # tests: die (os._exit) at one step of write_shard
 FAULT_STEPS = ("after_data", "after_failures", "before_status", "after_status")
 FAULT_EXIT = 75
@@ -238,8 +238,8 @@ def _chunk(spec: ArraySpec, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(chunk)
 
 
-class FeatureStore:
-    """A cache folder opened for reading and writing shards."""
+class FeatureStore(CacheSource):
+    """A cache folder opened for reading and writing shards (``info``: its metadata, typed)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -254,6 +254,10 @@ class FeatureStore:
         if not meta:
             raise CacheError(f"not a clipcache store (no metadata): {self.path}")
         self.meta: dict[str, Any] = meta
+        try:
+            self._layout = StoreMeta.from_dict(meta)  # what the store itself reads; the stages read .info
+        except CacheError as exc:
+            raise CacheError(f"not a clipcache store ({exc}): {self.path}") from None
         self._manifest: dict | None = None
         # opened arrays and parsed specs: neither changes while a store is open, and opening a
         # zarr array reads its zarr.json (~0.4 ms), which per-video reads would pay every time
@@ -265,19 +269,19 @@ class FeatureStore:
 
     @property
     def key(self) -> str:
-        return self.meta["key"]
+        return self._layout.key
 
     @property
     def splits(self) -> list[str]:
-        return list(self.meta["splits"])
+        return list(self._layout.splits)
 
     @property
     def shard_size(self) -> int:
-        return int(self.meta["shard_size"])
+        return self._layout.shard_size
 
     def specs(self, split: str) -> dict[str, ArraySpec]:
         if split not in self._specs:
-            self._specs[split] = {d["name"]: ArraySpec.from_json(d) for d in self.meta["splits"][split]["arrays"]}
+            self._specs[split] = {d["name"]: ArraySpec.from_json(d) for d in self._layout.splits[split].arrays}
         return dict(self._specs[split])
 
     def _array(self, key: str):
@@ -287,7 +291,7 @@ class FeatureStore:
         return arr
 
     def num_videos(self, split: str) -> int:
-        return int(self.meta["splits"][split]["num_videos"])
+        return self._layout.splits[split].num_videos
 
     def num_shards(self, split: str) -> int:
         return math.ceil(self.num_videos(split) / self.shard_size)
@@ -295,9 +299,6 @@ class FeatureStore:
     def shard_range(self, split: str, shard: int) -> tuple[int, int]:
         start = shard * self.shard_size
         return start, min(start + self.shard_size, self.num_videos(split))
-
-    def has(self, split: str, name: str) -> bool:
-        return name in self.specs(split)
 
     @property
     def manifest(self) -> dict:
@@ -413,10 +414,6 @@ class FeatureStore:
             out.extend(v for v in rec.get("videos") or [] if "decoder" in v)
         return sorted(out, key=lambda v: v["index"])
 
-    def counts(self, split: str) -> dict[str, int]:
-        st = self.status(split)
-        return {"done": int((st == DONE).sum()), "failed": int((st == FAILED).sum()), "pending": int((st == PENDING).sum())}
-
     def is_complete(self) -> bool:
         return all(self.counts(s)["pending"] == 0 for s in self.splits)
 
@@ -440,7 +437,7 @@ class FeatureStore:
             if data.shape != (n, *spec.shape):
                 raise ValueError(f"{name}: shape {data.shape}, expected {(n, *spec.shape)}")
             if spec.dtype == "int8":
-                parts = quantize_int8(data, outliers=int(self.meta.get("int8_outliers", 4)))
+                parts = quantize_int8(data, outliers=self._layout.int8_outliers)
                 for suffix in QUANT_SUFFIXES:
                     self._array(f"{split}/{name}/{suffix}")[start:stop] = parts[suffix]
             else:
@@ -577,7 +574,7 @@ class FeatureStore:
     @property
     def has_checksums(self) -> bool:
         """Made by a version that writes checksums and shard records (older caches: data checks only)."""
-        return bool(self.meta.get("integrity"))
+        return bool(self._layout.integrity)
 
     def static_problems(self) -> list[Problem]:
         """The files the store was built with (metadata, labels, manifest, text, aux) against
@@ -593,7 +590,7 @@ class FeatureStore:
             bad = _damage(rel, want, file_checksum(self.path / rel))
             if bad:
                 parts = rel.split("/")
-                split = parts[0] if parts[0] in self.meta["splits"] else None
+                split = parts[0] if parts[0] in self._layout.splits else None
                 inner = parts[1:parts.index("c")] if "c" in parts else parts[1:-1]
                 out.append(Problem(bad, split=split, array="/".join(inner) if split and inner else None, file=rel))
         return out
@@ -781,12 +778,13 @@ def _write_checksums(folder: Path, files: dict[str, dict]) -> None:
                                                             "files": files}, indent=0))
 
 
-def repair_static(path: str | Path, splits: dict[str, dict], shard_size: int, meta: dict,
+def repair_static(path: str | Path, splits: dict[str, dict], shard_size: int, meta: dict | Record,
                   init: Callable[[Path], None] | None = None) -> list[str]:
     """Rebuild the files a store was built with (array metadata, labels, manifest, text and aux
     arrays) into a temporary sibling from the same request, and put back every one that is
     missing or differs from its checksum; returns their paths. The root zarr.json (the store's
     metadata and key) is never rewritten: damaged, it cannot be repaired in place."""
+    meta = meta.to_dict() if isinstance(meta, Record) else meta
     path = Path(path)
     store = FeatureStore(path)
     sums = _read_json(path / CHECKSUMS)
@@ -839,7 +837,7 @@ def _creation_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def create_store(path: str | Path, meta: dict, splits: dict[str, dict], shard_size: int,
+def create_store(path: str | Path, meta: dict | Record, splits: dict[str, dict], shard_size: int,
                  init: Callable[[Path], None] | None = None) -> FeatureStore:
     """Create (or open, when an identical one exists) a preallocated store atomically.
 
@@ -848,8 +846,10 @@ def create_store(path: str | Path, meta: dict, splits: dict[str, dict], shard_si
     half-made store; concurrent creators (``--shard i/n``) serialise on a lock file, and the
     later one opens what the first made after checking that the keys agree. ``init(folder)``
     writes anything else that belongs to a new store (text embeddings, aux tensors) before the
-    rename, so it is there exactly when the store is.
+    rename, so it is there exactly when the store is. ``meta``: a CacheMeta (or its dict).
     """
+    meta = meta.to_dict() if isinstance(meta, Record) else meta
+    want = StoreMeta.from_dict(meta).key
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -860,9 +860,9 @@ def create_store(path: str | Path, meta: dict, splits: dict[str, dict], shard_si
     with _creation_lock(path):
         if path.exists():
             store = open_store(path)
-            if store.key != meta["key"]:
+            if store.key != want:
                 raise CacheMismatchError(
-                    f"{path} already holds a different cache (key {store.key}, asked {meta['key']}); "
+                    f"{path} already holds a different cache (key {store.key}, asked {want}); "
                     "choose another --out or remove it")
             return store
         # Holding the lock, nobody else is building: leftovers are from killed runs.
@@ -899,7 +899,7 @@ def _build(folder: Path, meta: dict, splits: dict[str, dict], shard_size: int) -
         specs: list[ArraySpec] = info["arrays"]
         for spec in specs:
             if spec.dtype == "int8":
-                outl = int(meta.get("int8_outliers", 4))
+                outl = StoreMeta.from_dict(meta).int8_outliers
                 parts = {"q": (spec.shape, "int8", 0), "scale": (spec.shape[:-1], "float16", np.nan),
                          "oidx": ((*spec.shape[:-1], outl), "int16", 0),
                          "oval": ((*spec.shape[:-1], outl), "float16", np.nan)}

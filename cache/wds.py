@@ -45,8 +45,10 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from cache.errors import CacheError, CacheMismatchError, ConfigError
+from cache.meta import StoreMeta
 from cache.quant import QUANT_SUFFIXES, dequantize_int8
-from cache.store import DONE, FAILED, PENDING, FeatureStore, atomic_write_text
+from cache.source import CacheSource
+from cache.store import DONE, FAILED, FeatureStore, atomic_write_text
 
 __all__ = [
     "WDS_FORMAT",
@@ -418,8 +420,8 @@ def sample_array(sample: dict[str, Any], name: str, dtype_stored: str, dtype=np.
     return arr.astype(dtype)
 
 
-class WdsCache:
-    """An export opened for reading, with FeatureStore's read-side API.
+class WdsCache(CacheSource):
+    """An export opened for reading: the source every back-end declares (cache/source.py).
 
     Metadata, labels, status, text and aux arrays come from the header and the extra tar (small,
     read at once); per-video arrays stream from the shards. ``shards={split: [urls]}`` narrows a
@@ -441,6 +443,7 @@ class WdsCache:
         if self.header.get("format") != WDS_FORMAT:
             raise CacheError(f"{header} is not a clipcache WebDataset header")
         self.meta: dict[str, Any] = self.header["meta"]
+        self._layout = StoreMeta.from_dict(self.meta)
         self._arrays: dict[str, np.ndarray] = {}
         extra = _sibling(header, self.header["extra"])
         try:
@@ -479,13 +482,10 @@ class WdsCache:
     def specs(self, split: str):
         from cache.store import ArraySpec
 
-        return {d["name"]: ArraySpec.from_json(d) for d in self.meta["splits"][split]["arrays"]}
+        return {d["name"]: ArraySpec.from_json(d) for d in self._layout.splits[split].arrays}
 
     def num_videos(self, split: str) -> int:
         return int(self.header["splits"][split]["num_videos"])
-
-    def has(self, split: str, name: str) -> bool:
-        return name in self.specs(split)
 
     def labels(self, split: str) -> np.ndarray:
         self._check_split(split)
@@ -497,11 +497,6 @@ class WdsCache:
             return self._status[split].copy()
         st = np.asarray(self._arrays[f"split/{split}/status.npy"], dtype=np.int8).copy()
         return st
-
-    def counts(self, split: str) -> dict[str, int]:
-        st = self.status(split)
-        return {"done": int((st == DONE).sum()), "failed": int((st == FAILED).sum()),
-                "pending": int((st == PENDING).sum())}
 
     def failures(self, split: str) -> list[dict]:
         return list(self.header["splits"][split].get("failures", []))

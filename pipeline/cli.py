@@ -223,13 +223,13 @@ def cache_ls(root: Optional[Path] = typer.Argument(None, help="Cache root (defau
     stores = list_stores(root or default_cache_root())
     table = Table("cache", "dataset", "model", "layers", "dtype", "done", "failed", "pending", "size")
     for st in stores:
-        meta = st.meta
+        meta = st.info
         done = failed = pending = 0
         for s in st.splits:
             c = st.counts(s)
             done, failed, pending = done + c["done"], failed + c["failed"], pending + c["pending"]
-        table.add_row(st.path.name, meta["dataset"]["name"], meta["backbone"]["arch"], str(meta["layers"]),
-                      meta["dtype"], str(done), str(failed), str(pending), human_bytes(st.size_bytes()))
+        table.add_row(st.path.name, meta.dataset.name, meta.backbone.arch, str(meta.layers),
+                      meta.dtype, str(done), str(failed), str(pending), human_bytes(st.size_bytes()))
     Console(width=None if sys.stdout.isatty() else 200).print(table)  # piped: whole cache names, not 80 columns
     if not stores:
         typer.echo(f"no caches under {root or default_cache_root()}")
@@ -243,19 +243,20 @@ def cache_info(path: Path = typer.Argument(..., help="Cache folder."),
     from cache.store import human_bytes, open_store
 
     st = open_store(path)
-    meta = st.meta
+    meta = st.info
     if as_json:
-        typer.echo(json.dumps({"meta": meta, "summary": st.summary()}, indent=1))
+        typer.echo(json.dumps({"meta": st.meta, "summary": st.summary()}, indent=1))
         return
-    cfg = meta["config"]
+    cfg = meta.config
     typer.echo(f"cache     {st.path}")
     typer.echo(f"key       {st.key}")
     typer.echo(f"size      {human_bytes(st.size_bytes())}")
-    typer.echo(f"dataset   {meta['dataset']['name']} ({meta['dims']['num_classes']} classes)")
-    typer.echo(f"model     {meta['backbone']['arch']}  weights {meta['backbone']['weights']}")
-    typer.echo(f"layers    {meta['layers']}  patch tokens: {'yes' if cfg['patch'] else 'no'}  "
-               f"frames: {'yes' if cfg['store_frames'] else 'no'}  dtype {meta['dtype']}")
-    typer.echo(f"sampling  {cfg['frames']} frames, {cfg['sampling']}  views {meta['views']}")
+    typer.echo(f"dataset   {meta.dataset.name} ({meta.dims.num_classes} classes)")
+    typer.echo(f"model     {meta.backbone.arch}  weights {meta.backbone.weights}")
+    typer.echo(f"layers    {meta.layers}  patch tokens: {'yes' if cfg.patch else 'no'}  "
+               f"frames: {'yes' if cfg.store_frames else 'no'}  dtype {meta.dtype}")
+    views = ", ".join(f"{s} {v.clips}x{v.crops}" for s, v in meta.views.items())
+    typer.echo(f"sampling  {cfg.frames} frames, {cfg.sampling}  views {views}")
     typer.echo(f"text      {', '.join(st.text_names()) or 'none'}")
     for s in st.splits:
         c = st.counts(s)
@@ -314,10 +315,10 @@ def cache_repair(path: Path = typer.Argument(..., help="Cache folder."),
     if not problems and st.is_complete():
         typer.echo(f"ok: cache {path} is complete and verified, nothing to repair")
         return
-    meta = st.meta
+    meta = st.info
     spec = _dataset_from_cache(st)
     known = {f.name for f in dataclasses.fields(ExtractCfg)}
-    cfg = ExtractCfg(**{k: v for k, v in meta["config"].items() if k in known})
+    cfg = ExtractCfg(**{k: v for k, v in meta.config.to_dict().items() if k in known})
     plan = plan_extraction(spec, cfg, out=st.path) if spec is not None else None
     if plan is None or plan.key != st.key:
         raise CacheError(f"cannot rebuild the request of cache {path} from its metadata "
@@ -336,13 +337,13 @@ def _dataset_from_cache(st):
         manifest = st.manifest
     except CacheError:
         return None
-    ds = st.meta["dataset"]
+    ds = st.info.dataset
     counts = manifest.get("num_frames", {})
     splits = {}
     for split in st.splits:
         frames = counts.get(split) or [None] * len(manifest["splits"][split])
         splits[split] = [VideoItem(p, int(lab), n) for (p, lab), n in zip(manifest["splits"][split], frames)]
-    return DatasetSpec(ds["name"], list(ds["classes"]), splits, ds["video_root"], dict(ds.get("sources", {})))
+    return DatasetSpec(ds.name, list(ds.classes), splits, ds.video_root, dict(ds.sources))
 
 
 # ----------------------------------------------------------------------------- stage two
@@ -516,17 +517,18 @@ def _protocol_eval(path, cfg, head_over: dict, train_over: dict):
     import dataclasses as dc
 
     from stages.recipes import protocol_eval_overrides
+    from stages.sources import is_wds
 
-    if not isinstance(path, Path) or not (path / "zarr.json").exists():
+    if not isinstance(path, Path) or is_wds(path):
         return cfg, head_over
-    from cache.store import open_store
+    from stages.sources import open_source
 
-    meta = open_store(path).meta
+    meta = open_source(path).info
     train_p, head_p = protocol_eval_overrides(meta, cfg.head)
     train_p = {k: v for k, v in train_p.items() if k not in train_over}
     head_p = {k: v for k, v in head_p.items() if k not in head_over}
     if (train_p or head_p) and _main_rank():
-        typer.echo(f"protocol {meta['protocol']['name']} of the cache: evaluate with "
+        typer.echo(f"protocol {meta.protocol.name} of the cache: evaluate with "
                    + ", ".join(f"{k}={v}" for k, v in {**train_p, **head_p}.items()))
     return dc.replace(cfg, **train_p), {**head_over, **head_p}
 
@@ -797,7 +799,7 @@ def cache_finalize(path: Path = typer.Argument(..., help="Cache folder written b
         typer.echo(f"{s}: done {c['done']}, failed {c['failed']}, pending 0")
         for f in summary["failures"][s]:
             typer.echo(f"  failed [{s}] {f['path']}: {f['reason']}")
-    mark_latest(st.path, st.meta["dataset"]["name"])
+    mark_latest(st.path, st.info.dataset.name)
     typer.echo(f"cache {st.path} complete ({human_bytes(summary['bytes'])}); summary {st.path / 'summary.json'}")
 
 

@@ -68,7 +68,7 @@ def correlation_matrix(w) -> np.ndarray:
 
 def _train_classes(store: FeatureStore, cfg: TrainCfg) -> list[int] | None:
     """The classes a run trains on (the trainer's rule: --test-classes alone means the rest)."""
-    K_all = int(store.meta["dims"]["num_classes"])
+    K_all = store.info.dims.num_classes
     train_classes = parse_class_spec(cfg.train_classes, K_all)
     test_classes = parse_class_spec(cfg.test_classes, K_all)
     if test_classes is not None and train_classes is None:
@@ -138,7 +138,7 @@ def compare_init(cache_path, *, head: str = "text4vis", inits=CLASSIFIER_INITS, 
         raise ConfigError(f"head '{head}' keeps its classifier frozen (no trainable_classifier option): "
                           f"use --frozen frozen")
     train_classes = _train_classes(store, base)
-    K = len(train_classes) if train_classes is not None else int(store.meta["dims"]["num_classes"])
+    K = len(train_classes) if train_classes is not None else store.info.dims.num_classes
     heads_by_w = {}
     for fz in frozen:
         over = dict(head_overrides)
@@ -200,7 +200,7 @@ def compare_init(cache_path, *, head: str = "text4vis", inits=CLASSIFIER_INITS, 
         cfg0 = dataclasses.replace(base, seed=seeds[0], shots=corr_shots)
         train_idx = select_videos(store, cfg0.train_split, shots=corr_shots, fraction=cfg0.fraction,
                                   classes=train_classes, seed=cfg0.seed)
-        names_all = list(store.meta["dataset"]["classes"])
+        names_all = store.class_names()
         class_ids = train_classes if train_classes is not None else list(range(len(names_all)))
         pick = np.unique(np.linspace(0, K - 1, min(corr_classes, K)).round().astype(int))
         for init in inits:

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cache.errors import CacheMismatchError, DatasetError
-from cache.meta import extract_command
+from cache.meta import CacheMeta, extract_command
 from stages.backbone import CLIP_MEAN, CLIP_STD
 from cache.store import DONE, FeatureStore
 from stages.heads import DataKeys, resolve_layers
@@ -47,8 +47,8 @@ class HeadInputs:
     """Absolute layer positions of what a head reads, checked against a cache."""
 
     def __init__(self, store: FeatureStore, keys: DataKeys, split: str):
-        depth = int(store.meta["dims"]["depth"])
-        cached = list(store.meta["layers"])
+        depth = store.info.dims.depth
+        cached = list(store.info.layers)
         self.keys = keys
         self.cls_layers = resolve_layers(keys.cls_layers, depth)
         self.patch_layers = resolve_layers(keys.patch_layers, depth)
@@ -79,25 +79,25 @@ class HeadInputs:
         return names + (["frames"] if self.keys.frames else [])
 
 
-def pixel_stats(meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def pixel_stats(meta: CacheMeta) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's pixel mean and std recorded in the cache, shaped (3, 1, 1)."""
-    pre = meta.get("preprocess", {})
-    mean = torch.tensor(pre.get("mean", CLIP_MEAN)).view(3, 1, 1)
-    std = torch.tensor(pre.get("std", CLIP_STD)).view(3, 1, 1)
+    pre = meta.preprocess
+    mean = torch.tensor(pre.mean if pre else CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(pre.std if pre else CLIP_STD).view(3, 1, 1)
     return mean, std
 
 
 def extraction_hint(store: FeatureStore, keys: DataKeys, head: str = "") -> str:
     """The extraction command that would produce a cache holding what ``keys`` needs (with the
     cache's view bank, or ``head``'s recommended one when the cache has none)."""
-    depth = int(store.meta["dims"]["depth"])
-    layers = sorted(set(store.meta["layers"]) | set(resolve_layers(keys.cls_layers, depth))
+    depth = store.info.dims.depth
+    layers = sorted(set(store.info.layers) | set(resolve_layers(keys.cls_layers, depth))
                     | set(resolve_layers(keys.patch_layers, depth)))
-    cfg = store.meta["config"]
-    command = extract_command(store.meta, layers=layers, patch=bool(keys.patch_layers or cfg.get("patch")),
-                              frames_uint8=bool(keys.frames or cfg.get("store_frames")))
+    cfg = store.info.config
+    command = extract_command(store.info, layers=layers, patch=bool(keys.patch_layers or cfg.patch),
+                              frames_uint8=bool(keys.frames or cfg.store_frames))
     k = recommended_train_aug(head)
-    if k and not cfg.get("train_aug"):  # the cache's own bank is in the command
+    if k and not cfg.train_aug:  # the cache's own bank is in the command
         command += f" --train-aug {k}"
     return command
 
@@ -191,7 +191,7 @@ class CacheSplit(Dataset):
                 per_video = per_video * len(picked) // spec.shape[2]  # only the head's layers
             if per_video * len(self.indices) <= IN_MEMORY_LIMIT:
                 self.memory[name] = self._read(name, self.indices)
-        self.mean, self.std = pixel_stats(store.meta)
+        self.mean, self.std = pixel_stats(store.info)
         self.views = specs[wanted[0]].shape[0] if wanted else 1
         self.epoch_seed = 0
 

@@ -75,7 +75,7 @@ def classifier_matrix(init: str, store: FeatureStore, head: Head, classes: list[
     shape = head.classifier_shape()
     K, E = shape[0], shape[-1]
     g = torch.Generator().manual_seed(seed + 17)
-    sel = classes if classes is not None else list(range(int(store.meta["dims"]["num_classes"])))
+    sel = classes if classes is not None else list(range(store.info.dims.num_classes))
     if init == "clip_text":
         w = _text_set(store, head, text_set)[sel]
     elif init == "random_normal":

@@ -3,8 +3,8 @@
 Shared by stage two (evaluation every ``eval_every`` epochs, and ``pipeline evaluate`` on a run
 folder, possibly on another dataset's cache) and stage three (a fine-tuned backbone's frame
 embeddings through its head). Metrics are top-1, top-5 and mean-class accuracy in percent.
-``collate_items`` and ``to_device`` are the batch plumbing every stage-two loader uses;
-``split_data`` builds the dataset of one split from a Zarr cache or a streaming source.
+``collate_items`` and ``to_device`` are the batch plumbing every stage-two loader uses; a split's
+dataset comes from stages/sources.py, whatever the source.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from cache.errors import CacheMismatchError, ConfigError, DatasetError
-from cache.store import FeatureStore, open_store
+from cache.store import FeatureStore
 from stages.cache_data import CacheSplit, check_cache_for_head, select_videos
 from stages.checkpoint import load_checkpoint
 from stages.classifiers import text_classifier
@@ -25,9 +25,9 @@ from stages.dist import DistContext
 from stages.heads import Head, get_head_entry, make_cfg
 from stages.heads.common import validate_choice
 from stages.runs import autocast
+from stages.sources import open_source, split_dataset
 
-__all__ = ["EVAL_AVERAGES", "accuracy_metrics", "collate_items", "to_device", "evaluate_head", "split_data",
-           "evaluate_run"]
+__all__ = ["EVAL_AVERAGES", "accuracy_metrics", "collate_items", "to_device", "evaluate_head", "evaluate_run"]
 
 EVAL_AVERAGES = ("scores", "embeddings")
 
@@ -109,24 +109,6 @@ def evaluate_head(head: Head, data: CacheSplit, device: torch.device, batch_size
 # A source other than a Zarr FeatureStore (stages/wds_data.WdsSource: WebDataset shards) builds its
 # own dataset per split: an IterableDataset that shuffles itself through a buffer, seeded by
 # set_epoch. Everything else treats it as a store (meta, labels, status, text, aux).
-def split_data(store, inputs, indices, train: bool, label_map):
-    """The dataset of one split's videos ``indices``: the source's own (``split_dataset``) or a CacheSplit."""
-    make = getattr(store, "split_dataset", None)
-    if make is not None:
-        return make(inputs, indices, train=train, label_map=label_map)
-    return CacheSplit(store, inputs, indices, train=train, label_map=label_map)
-
-
-def _open_source(path: str | Path, source: str = ""):
-    """A Zarr cache folder, or a WebDataset export's header (NAME-header.json: a path, a URL or a
-    ``pipe:`` command; ``source`` says so for a run's own data, whatever the spelling)."""
-    if source.startswith("wds:") or str(path).endswith(".json"):
-        from stages.wds_data import WdsSource
-
-        return WdsSource(str(path), shuffle=0)
-    return open_store(path)
-
-
 def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, split: str = "val",
                  text_set: str = "", eval_average: str = "scores", allow_partial: bool = False) -> dict:
     """Evaluate a trained run, on its own cache or on another one (cross-dataset zero-shot).
@@ -146,19 +128,19 @@ def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, split: st
                           "metrics.json; `pipeline finetune-export` turns its backbone into a checkpoint to extract with)")
     validate_choice("average", eval_average, EVAL_AVERAGES)
     resolved = ckpt["config"]
-    own = _open_source(resolved["cache"], resolved.get("source", ""))
-    target = _open_source(cache) if cache else own
+    own = open_source(resolved["cache"], resolved.get("source", ""))
+    target = open_source(cache) if cache else own
     head_cfg = {k: v for k, v in resolved["head"].items() if k != "name"}
     name = resolved["head"]["name"]
     head = get_head_entry(name).head_cls(make_cfg(name, head_cfg))
     head.load_state_dict(ckpt["head"])
     swap = target.key != own.key
     if swap:
-        same = (target.meta["backbone"]["weights"] == own.meta["backbone"]["weights"]
-                and target.meta["backbone"]["arch"] == own.meta["backbone"]["arch"])
+        same = (target.info.backbone.weights == own.info.backbone.weights
+                and target.info.backbone.arch == own.info.backbone.arch)
         if not same:
             raise CacheMismatchError(f"cache {target.path} was made with other backbone weights "
-                                     f"({target.meta['backbone']['weights'][:24]}...) than the run's cache")
+                                     f"({target.info.backbone.weights[:24]}...) than the run's cache")
         if not head.has_classifier:
             raise ConfigError(f"head '{name}' has no text classifier: it cannot be evaluated on other classes")
     elif text_set:
@@ -168,7 +150,7 @@ def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, split: st
     if isinstance(target, FeatureStore):
         target.require_sound({split: inputs[split].array_names()}, allow_partial, log=print)
     idx = select_videos(target, split)
-    data = split_data(target, inputs[split], idx, train=False, label_map=None)
+    data = split_dataset(target, inputs[split], idx, train=False, label_map=None)
     classifier = None
     if swap:
         classifier = text_classifier(target, head, text_set or resolved["train"].get("text_set", ""))

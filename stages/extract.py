@@ -10,7 +10,6 @@ processes (``--shard i/n``) safe.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -26,10 +25,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from cache.datasets import DatasetSpec
 from cache.errors import CacheError, ConfigError, RunFailedError, decode_failure_reason
+from cache.meta import (BackboneMeta, CacheMeta, DatasetMeta, Dims, ExtractRecord, Preprocess, ProtocolRecord,
+                        ViewBank, ViewCount, key_content)
 from cache.store import (
     DONE,
     FAILED,
-    FORMAT_VERSION,
     ArraySpec,
     FeatureStore,
     create_store,
@@ -123,7 +123,7 @@ class ExtractPlan:
     layers: tuple[int, ...]
     key: str
     path: Path
-    meta: dict
+    meta: CacheMeta
     split_arrays: dict[str, list[ArraySpec]]
     shard_size: int
     bytes_per_video: dict[str, int] = field(default_factory=dict)
@@ -156,10 +156,6 @@ def add_head_needs(cfg: ExtractCfg, heads: list[str], num_classes: int, view_ban
         train_aug = recommended_view_bank(heads)
     return replace(cfg, layers=",".join(map(str, sorted(layers))) or "none", patch=patch, store_frames=frames,
                    train_aug=train_aug)
-
-
-def _sha(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
@@ -210,63 +206,40 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
         shard_size = int(max(1, min(256, (64 << 20) // max(largest, 1))))
 
     video_root = str(dataset.video_root)
-
-    def rel(p: str) -> str:
-        return os.path.relpath(p, video_root) if video_root and p.startswith(video_root) else p
-
-    content = {
-        "format": FORMAT_VERSION,
-        "preprocess": PREPROCESS_VERSION,
-        "dataset": dataset.name,
-        "classes": _sha(list(dataset.classes)),
-        "lists": {s: _sha([[rel(it.path), it.label, it.num_frames] for it in items])
-                  for s, items in dataset.splits.items()},
-        "model": arch,
-        "weights": wid,
-        "clip": {k: v for k, v in ident.items() if k != "activation_from"},  # activation, resize, interpolation
-        "layers": list(layers),
-        "patch": cfg.patch,
-        "frames_stored": cfg.store_frames,
-        "sampling": {"frames": T, "mode": cfg.sampling, "stride": cfg.stride if cfg.sampling == "dense" else None},
-        "views": {s: list(v) for s, v in views.items()},
-        "image_size": S_img,
-        "dtype": cfg.dtype,
-        "text": sorted(text_sets),
-    }
-    if cfg.resize_ratio != 1.0:  # only then: the keys of existing caches stay what they were
-        content["resize_short_side"] = resize_side(S_img, cfg.resize_ratio)
-    if bank:  # only then: a cache without a view bank keeps the key it always had
-        content["view_bank"] = bank
-    content.update(layout_key(cfg.sampling, [v for s, v in views.items() if not (bank and s == "train")]))
-    key = _sha(content)[:16]
+    content = key_content(dataset, preprocess_version=PREPROCESS_VERSION, model=arch, weights=wid, clip=ident,
+                          layers=layers, patch=cfg.patch, frames_stored=cfg.store_frames, frames=T,
+                          sampling=cfg.sampling, stride=cfg.stride, views=views, image_size=S_img, dtype=cfg.dtype,
+                          text_sets=text_sets, view_bank=bank,
+                          resize_short_side=resize_side(S_img, cfg.resize_ratio) if cfg.resize_ratio != 1.0 else None,
+                          layout=layout_key(cfg.sampling, [v for s, v in views.items() if not (bank and s == "train")]))
+    key = content.key()
     if out:
         path = Path(out)
     else:
         root = Path(cache_root) if cache_root else default_cache_root()
         path = root / f"{dataset.name}-{cfg.model.replace('/', '_')}-{key[:10]}"
-    meta = {
-        "key": key,
-        "content": content,
-        "config": asdict(cfg),
-        "dataset": {"name": dataset.name, "video_root": video_root, "sources": dict(getattr(dataset, "sources", {})),
-                    "args": dict(getattr(dataset, "args", {})),
-                    "classes": list(dataset.classes)},
-        "backbone": {"arch": arch, "pretrained": cfg.pretrained, "weights": wid, **asdict(info),
-                     "num_patches": info.num_patches, **ident},
-        "dims": {"num_classes": len(dataset.classes), "embed_dim": info.embed_dim, "width": info.width,
-                 "frames": T, "num_patches": P, "depth": info.depth, "backbone_heads": info.backbone_heads,
-                 "image_size": S_img, "patch_size": info.patch_size},
-        "layers": list(layers),
-        "views": {s: {"clips": v[0], "crops": v[1]} for s, v in views.items()},
-        **({"view_bank": {**bank, "split": "train", "param_columns": [*VIEW_PARAM_COLUMNS, f"index_0..{T - 1}"]}}
-           if bank else {}),
-        "dtype": cfg.dtype,
-        "int8_outliers": 4,
-        "text_sets": text_sets,
-        "versions": _versions(),
-        "resize_short_side": resize_side(S_img, cfg.resize_ratio),
-        "protocol": protocol,
-    }
+    meta = CacheMeta(
+        key=key,
+        content=content,
+        config=ExtractRecord.from_dict(asdict(cfg)),
+        dataset=DatasetMeta(name=dataset.name, video_root=video_root, sources=dict(getattr(dataset, "sources", {})),
+                            args=dict(getattr(dataset, "args", {})), classes=list(dataset.classes)),
+        backbone=BackboneMeta(arch=arch, pretrained=cfg.pretrained, weights=wid, **asdict(info),
+                              num_patches=info.num_patches, **ident),
+        dims=Dims(num_classes=len(dataset.classes), embed_dim=info.embed_dim, width=info.width, frames=T,
+                  num_patches=P, depth=info.depth, backbone_heads=info.backbone_heads, image_size=S_img,
+                  patch_size=info.patch_size),
+        layers=list(layers),
+        views={s: ViewCount(clips=v[0], crops=v[1]) for s, v in views.items()},
+        view_bank=ViewBank(**bank, split="train", param_columns=[*VIEW_PARAM_COLUMNS, f"index_0..{T - 1}"])
+        if bank else None,
+        dtype=cfg.dtype,
+        int8_outliers=4,
+        text_sets=text_sets,
+        versions=_versions(),
+        resize_short_side=resize_side(S_img, cfg.resize_ratio),
+        protocol=ProtocolRecord(**protocol) if protocol else None,
+    )
     _check_writable(path.parent)
     return ExtractPlan(cfg, dataset, arch, info, layers, key, path, meta, split_arrays, shard_size, bytes_per_video)
 
@@ -480,7 +453,7 @@ def _init_store(plan: ExtractPlan, model, frozen: FrozenCLIP, device: str):
 
     def init(folder: Path) -> None:
         st = FeatureStore(folder)
-        sets = plan.meta["text_sets"]
+        sets = plan.meta.text_sets
         if sets:
             tok = open_clip.get_tokenizer(plan.arch)
             model.to(device)
@@ -586,16 +559,16 @@ def run_extraction(plan: ExtractPlan, shard: tuple[int, int] | None = None, prog
         torch.cuda.set_device(device)
     model = load_clip(cfg.model, cfg.pretrained or None, device="cpu", seed=cfg.init_seed, activation=cfg.activation)
     frozen = FrozenCLIP(model, plan.layers, cfg.patch, plan.info, device=device)
-    plan.meta["preprocess"] = {"mean": list(frozen.mean), "std": list(frozen.std), "image_size": plan.info.image_size}
+    plan.meta.preprocess = Preprocess(mean=list(frozen.mean), std=list(frozen.std), image_size=plan.info.image_size)
     splits = {s: {"items": [(it.path, it.label) for it in plan.dataset.splits[s]], "arrays": arrs,
                   "num_frames": [it.num_frames for it in plan.dataset.splits[s]]}
               for s, arrs in plan.split_arrays.items()}
     init = _init_store(plan, model, frozen, device)
-    store = create_store(plan.path, plan.meta, splits, plan.shard_size, init=init)
+    store = create_store(plan.path, plan.meta.to_dict(), splits, plan.shard_size, init=init)
     static = [p for p in problems if p.shard is None]
     if static:
         log(f"repairing {plan.path}: " + "; ".join(static[:5]) + (" ..." if len(static) > 5 else ""))
-        fixed = repair_static(plan.path, splits, store.shard_size, plan.meta, init)
+        fixed = repair_static(plan.path, splits, store.shard_size, plan.meta.to_dict(), init)
         log(f"restored {len(fixed)} file(s): {', '.join(fixed[:10])}{' ...' if len(fixed) > 10 else ''}")
         store = open_store(plan.path)
     del model.transformer  # the text tower is no longer needed
@@ -627,10 +600,10 @@ def run_extraction(plan: ExtractPlan, shard: tuple[int, int] | None = None, prog
         jobs.extend((s, i, items[s][i].path, items[s][i].num_frames) for i in range(a, b))
     sampling = {}
     for s in store.splits:
-        v = plan.meta["views"][s]
-        sampling[s] = SamplingCfg(cfg.frames, cfg.sampling, cfg.stride, v["clips"], v["crops"])
-    bank = plan.meta.get("view_bank")
-    banks = {bank["split"]: (bank["seed"], cfg.aug_views())} if bank and bank["split"] in store.splits else {}
+        v = plan.meta.views[s]
+        sampling[s] = SamplingCfg(cfg.frames, cfg.sampling, cfg.stride, v.clips, v.crops)
+    bank = plan.meta.view_bank
+    banks = {bank.split: (bank.seed, cfg.aug_views())} if bank and bank.split in store.splits else {}
     result = ExtractResult(plan.path, reused=False)
     if jobs:
         encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, result, log, banks)
@@ -819,22 +792,22 @@ def failure_verdict(summary: dict, max_failed: float = 1.0) -> str:
 def describe_plan(plan: ExtractPlan) -> list[str]:
     """Lines for --dry-run: what will be extracted and what it will take."""
     lines = [f"cache  {plan.path}  (key {plan.key})",
-             f"model  {plan.arch}  weights {plan.meta['backbone']['weights'][:40]}  "
-             f"activation {plan.meta['backbone']['activation']}  "
+             f"model  {plan.arch}  weights {plan.meta.backbone.weights[:40]}  "
+             f"activation {plan.meta.backbone.activation}  "
              f"layers {list(plan.layers) or 'none'}  dtype {plan.cfg.dtype}"]
     for split, arrays in plan.split_arrays.items():
         n = len(plan.dataset.splits[split])
         parts = ", ".join(f"{a.name}{list(a.shape)} {human_bytes(a.nbytes())}" for a in arrays)
         lines.append(f"{split:<6} {n} videos x {human_bytes(plan.bytes_per_video[split])}/video  [{parts}]")
-    bank = plan.meta.get("view_bank")
-    if bank and bank["split"] in plan.split_arrays:
-        split, K = bank["split"], bank["views"]
+    bank = plan.meta.view_bank
+    if bank and bank.split in plan.split_arrays:
+        split, K = bank.split, bank.views
         n = len(plan.dataset.splits[split])
         # per video: K views of every array but the parameters, which one plain view does not have
         one = sum(a.nbytes() // K for a in plan.split_arrays[split] if a.name != "view_params")
         bank_bytes = plan.bytes_per_video[split] * n
-        lines.append(f"views  {split}: a bank of {K} augmented view(s) per video (seed {bank['seed']}, crop area "
-                     f"{bank['area'][0]:g}-{bank['area'][1]:g}, flip {bank['flip']:g}): {human_bytes(bank_bytes)}, "
+        lines.append(f"views  {split}: a bank of {K} augmented view(s) per video (seed {bank.seed}, crop area "
+                     f"{bank.area[0]:g}-{bank.area[1]:g}, flip {bank.flip:g}): {human_bytes(bank_bytes)}, "
                      f"{human_bytes(bank_bytes - one * n)} more than one view")
     total = plan.total_bytes()
     free = free_bytes(plan.path.parent)

@@ -24,7 +24,7 @@ and saved in the run's config.json (``TrainCfg`` / ``FinetuneCfg`` hold them, ``
 
 Test protocols (``pipeline extract --protocol NAME``): frames, sampling, val/test views, the
 resize rule and the paper's rule for averaging over views, recorded in the cache metadata
-(``meta["protocol"]``); stage two evaluates with that averaging rule unless told otherwise.
+(``CacheMeta.protocol``); stage two evaluates with that averaging rule unless told otherwise.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import math
 from dataclasses import dataclass, field
 
 from cache.errors import ConfigError
+from cache.meta import CacheMeta
 
 __all__ = ["RECIPES", "PROTOCOLS", "Recipe", "Protocol", "stage_two_recipe", "stage_three_recipe",
            "resolve_recipe", "accumulation_steps", "effective_global_batch", "get_protocol", "resolve_protocol",
@@ -294,17 +295,17 @@ def protocol_record(name: str, cfg: dict) -> dict | None:
             "paper": p.paper, "differs": p.differs, "overridden": over}
 
 
-def protocol_eval_overrides(meta: dict | None, head: str) -> tuple[dict, dict]:
+def protocol_eval_overrides(meta: CacheMeta | None, head: str) -> tuple[dict, dict]:
     """(TrainCfg, head) values a cache's protocol implies for evaluation: its view-averaging rule and,
     for ActionCLIP, the per-template softmax."""
-    proto = (meta or {}).get("protocol") or {}
+    proto = meta.protocol if meta is not None else None
     if not proto:
         return {}, {}
     from stages.heads import get_head_entry
 
     can_average_embeddings = get_head_entry(head).head_cls.supports("video_embedding")
-    train = {"eval_average": proto["eval_average"]} if proto["eval_average"] == "scores" or \
+    train = {"eval_average": proto.eval_average} if proto.eval_average == "scores" or \
         can_average_embeddings else {}
-    head_opts = {"template_average": proto["template_average"]} if head == "actionclip" and \
-        proto.get("template_average") else {}
+    head_opts = {"template_average": proto.template_average} if head == "actionclip" and \
+        proto.template_average else {}
     return train, head_opts

@@ -39,14 +39,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from cache.errors import ConfigError, DatasetError, TrainingError
-from cache.store import PENDING, FeatureStore, open_store
+from cache.store import PENDING, FeatureStore
 from stages.cache_data import check_cache_for_head, select_videos
 from stages.checkpoint import load_checkpoint, save_checkpoint
 from stages.classifiers import CLASSIFIER_INITS, classifier_matrix, text_classifier
 from stages.config import OptionSet, parse_set, split_options, write_experiment
 from stages.dist import DistContext, dist_device, rank_batches
-from stages.evaluate import EVAL_AVERAGES, collate_items, evaluate_head, split_data
+from stages.evaluate import EVAL_AVERAGES, collate_items, evaluate_head
 from stages.evaluate import to_device as _to  # the loop's short name for it
+from stages.sources import open_source, split_dataset
 from stages.runs import (AMP_CHOICES, RunLog, autocast, autocast_dtype, default_runs_root, lr_factor, param_groups,
                          remove_unstarted, settle_run)
 from stages.heads import DIM_FIELDS, Head, get_head_entry, make_cfg
@@ -164,7 +165,7 @@ def build_head(name: str, store: FeatureStore, overrides: dict, num_classes: int
     """Create a head with its dims filled from the cache metadata, then the user's overrides."""
     entry = get_head_entry(name)
     fields = {f.name for f in dataclasses.fields(entry.cfg_cls)}
-    dims = dict(store.meta["dims"])
+    dims = store.info.dims.to_dict()
     if num_classes is not None:
         dims["num_classes"] = num_classes
     values = {k: v for k, v in dims.items() if k in fields and k in DIM_FIELDS}
@@ -208,7 +209,7 @@ def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: 
     Under torchrun every rank calls this (module docstring); rank 0 writes the run folder.
     """
     cfg.validate()
-    store = open_store(cache) if isinstance(cache, (str, Path)) else cache  # FeatureStore or stages.wds_data.WdsSource
+    store = open_source(cache)  # a Zarr FeatureStore or a WebDataset export (stages/sources.py)
     ctx = DistContext.from_env()
     device = dist_device(cfg.device, ctx)
     ctx.start(device)
@@ -224,7 +225,7 @@ def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: 
 def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, resume: bool, progress: bool, log,
                 init_weight, force: bool, ctx: DistContext, device: torch.device, amp_dtype,
                 allow_partial: bool = False) -> dict:
-    K_all = int(store.meta["dims"]["num_classes"])
+    K_all = store.info.dims.num_classes
     train_classes = parse_class_spec(cfg.train_classes, K_all)
     test_classes = parse_class_spec(cfg.test_classes, K_all)
     if test_classes is not None and train_classes is None:
@@ -250,8 +251,8 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
     train_map = {c: i for i, c in enumerate(train_classes)} if train_classes is not None else None
     eval_map = {c: i for i, c in enumerate(eval_classes)} if eval_classes is not None else None
 
-    train_data = split_data(store, inputs[cfg.train_split], train_idx, train=True, label_map=train_map)
-    eval_data = split_data(store, inputs[cfg.eval_split], eval_idx, train=False, label_map=eval_map)
+    train_data = split_dataset(store, inputs[cfg.train_split], train_idx, train=True, label_map=train_map)
+    eval_data = split_dataset(store, inputs[cfg.eval_split], eval_idx, train=False, label_map=eval_map)
     if ctx.enabled and isinstance(train_data, IterableDataset) and cfg.epochs > 0 and not head.uses_sklearn:
         # every rank must fill its slice of each global batch; checked by all ranks together before
         # anything is written or DDP exists, so every rank stops with the same line
@@ -334,7 +335,7 @@ def cached_backbone_weights(store: FeatureStore, keys) -> dict[int, dict[str, to
     """The frozen backbone blocks a head reads (``keys.backbone_weights``), from the cache's aux arrays."""
     from stages.heads import resolve_layers
 
-    depth = int(store.meta["dims"]["depth"])
+    depth = store.info.dims.depth
     out: dict[int, dict[str, torch.Tensor]] = {}
     blocks = set(resolve_layers(keys.cls_layers, depth)) | set(resolve_layers(keys.patch_layers, depth))
     names = set(store.aux_names())

@@ -113,7 +113,7 @@ class WdsSplit(IterableDataset):
         self.wanted = wanted = inputs.array_names()
         self.stored = {n: specs[n].dtype for n in wanted}
         self.members = {"json"} | {m for n in wanted for m in member_names(n, specs[n].dtype)}
-        self.mean, self.std = pixel_stats(source.meta)
+        self.mean, self.std = pixel_stats(source.info)
         self.views = specs[wanted[0]].shape[0] if wanted else 1
         self.epoch_seed = 0
         # only shards holding a selected video, in index order

@@ -366,8 +366,8 @@ def test_cli_refuses_a_checkpoint_whose_activation_is_unknown(demo_small, tmp_pa
     plans = {act: plan_extraction(spec, ExtractCfg(model="ViT-B-16", pretrained=str(ckpt), activation=act,
                                                    text="none"), out=out) for act in ("gelu", "quick_gelu")}
     assert plans["gelu"].key != plans["quick_gelu"].key
-    assert plans["quick_gelu"].meta["content"]["clip"]["activation"] == "quick_gelu"
-    assert plans["quick_gelu"].meta["backbone"]["activation_from"] == "--activation quick_gelu"
+    assert plans["quick_gelu"].meta.content.clip["activation"] == "quick_gelu"
+    assert plans["quick_gelu"].meta.backbone.activation_from == "--activation quick_gelu"
     assert not out.exists()
 
 
@@ -383,14 +383,14 @@ def test_cache_records_activation_resize_and_interpolation(demo_small, tmp_path)
     with pytest.raises(ModelError, match="--activation gelu builds gelu.*trained with quick_gelu"):
         plan_extraction(spec, ExtractCfg(model="ViT-B-16", pretrained="openai", activation="gelu"), out=out)
     plan = plan_extraction(spec, ExtractCfg(model="ViT-B-16", pretrained="openai", text="none"), out=out)
-    assert plan.meta["content"]["clip"] == {"activation": "quick_gelu", "resize": "short_side_then_square_crop",
+    assert plan.meta.content.clip == {"activation": "quick_gelu", "resize": "short_side_then_square_crop",
                                             "interpolation": "bicubic_antialias"}
-    assert plan.meta["backbone"]["activation"] == "quick_gelu"
-    assert plan.meta["backbone"]["activation_from"] == "open_clip's registry entry of ViT-B-16 'openai'"
+    assert plan.meta.backbone.activation == "quick_gelu"
+    assert plan.meta.backbone.activation_from == "open_clip's registry entry of ViT-B-16 'openai'"
     assert any("activation quick_gelu" in line for line in describe_plan(plan))
     laion = plan_extraction(spec, ExtractCfg(model="ViT-B-16", pretrained="laion2b_s34b_b88k", text="none"), out=out)
-    assert laion.meta["content"]["clip"]["activation"] == "gelu"
-    assert plan_extraction(spec, ExtractCfg(model="tiny", text="none"), out=out).meta["content"]["clip"]["activation"] \
+    assert laion.meta.content.clip["activation"] == "gelu"
+    assert plan_extraction(spec, ExtractCfg(model="tiny", text="none"), out=out).meta.content.clip["activation"] \
         == "gelu"
-    json.dumps(plan.meta)  # the metadata stays plain JSON
+    json.dumps(plan.meta.to_dict())  # the metadata stays plain JSON
     assert not out.exists()
