@@ -216,9 +216,10 @@ class ZarrBatches:
         pos = np.maximum(positions, 0)
         n = len(pos)
         if self.memory is not None:
-            index = torch.from_numpy(pos)
             for key, t in self.memory.items():
-                torch.index_select(t, 0, index, out=slot[key][:n])
+                dest = slot[key]
+                for j, p in enumerate(pos.tolist()):  # one memcpy per video (index_select is slower here)
+                    dest[j].copy_(t[p])
         else:
             self._read(self.indices[pos], {k: t[:n] for k, t in slot.items()})
         small = {"label": self.labels[pos]}
@@ -248,16 +249,16 @@ def _pin_shared(slot: dict[str, torch.Tensor]) -> bool:
         return False
 
 
-def _worker(source: ZarrBatches, slots, tasks, results, seed: int, masked: bool) -> None:
+def _worker(source: ZarrBatches, slots, tasks, results) -> None:
     torch.set_num_threads(1)
     while True:
         task = tasks.get()
         if task is None:
             return
-        k, slot_no, positions = task
+        gen, k, slot_no, positions, seed, masked = task
         try:
             small = source.fill(slots[slot_no], positions, seed, masked)
-            results.put((k, slot_no, len(positions), {n: t.numpy() for n, t in small.items()}, None))
+            results.put((gen, k, slot_no, len(positions), {n: t.numpy() for n, t in small.items()}, None))
         except BaseException as exc:  # noqa: BLE001 - handed to the main process, raised there
             try:
                 import pickle
@@ -265,8 +266,85 @@ def _worker(source: ZarrBatches, slots, tasks, results, seed: int, masked: bool)
                 pickle.dumps(exc)
             except Exception:
                 exc = RuntimeError("".join(traceback.format_exception(exc))[-2000:])
-            results.put((k, slot_no, 0, None, exc))
-            return
+            results.put((gen, k, slot_no, 0, None, exc))
+
+
+class _Pool:
+    """Worker processes and their shared-memory slots, kept for the whole run (forking per epoch
+    costs seconds on a loaded box); a ``gen`` number per iteration tells late results of an
+    abandoned iteration apart, and their slots go back to the free list."""
+
+    def __init__(self, source: ZarrBatches, workers: int, prefetch: int, rows: int, cuda: bool):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("fork")
+        self.key = (workers, prefetch, rows, cuda)
+        self.depth = workers * prefetch
+        self.slots = [source.alloc(rows, shared=True, pin=False) for _ in range(self.depth)]
+        self.pinned = cuda and all(_pin_shared(s) for s in self.slots)
+        self.tasks, self.results = ctx.Queue(), ctx.Queue()
+        self.procs = [ctx.Process(target=_worker, args=(source, self.slots, self.tasks, self.results), daemon=True)
+                      for _ in range(workers)]
+        for p in self.procs:
+            p.start()
+        self.free = list(range(self.depth))
+        self.busy = 0  # slots handed to workers and not yet returned
+        self.gen = 0
+        self.events: dict[int, object] = {}
+        import weakref
+
+        weakref.finalize(self, _Pool._stop, self.procs, self.tasks, self.results)
+
+    def get(self):
+        while True:
+            try:
+                got = self.results.get(timeout=5)
+            except queue.Empty:
+                dead = [p.pid for p in self.procs if not p.is_alive()]
+                if dead:
+                    raise RuntimeError(f"loader worker(s) {dead} died (out of memory?); "
+                                       "try fewer workers (--set workers=N)") from None
+                continue
+            self.busy -= 1
+            if got[0] != self.gen:  # a result of an abandoned iteration
+                self.free.append(got[2])
+                continue
+            return got
+
+    def drain(self) -> None:
+        """Wait for the slots an abandoned iteration still has at the workers."""
+        while self.busy:
+            got = self.get_any()
+            self.free.append(got[2])
+
+    def get_any(self):
+        got = self.results.get(timeout=60)
+        self.busy -= 1
+        return got
+
+    @staticmethod
+    def _stop(procs, tasks, results) -> None:
+        for _ in procs:
+            try:
+                tasks.put(None)
+            except (OSError, ValueError):
+                pass
+        for p in procs:
+            p.join(timeout=2)
+            if p.is_alive():
+                p.terminate()
+        for q in (tasks, results):
+            q.close()
+            q.cancel_join_thread()
+
+    def close(self) -> None:
+        _Pool._stop(self.procs, self.tasks, self.results)
+        if self.pinned:
+            torch.cuda.synchronize()
+            for s in self.slots:
+                for t in s.values():
+                    if t.numel():
+                        torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
 
 
 class CacheLoader:
@@ -274,10 +352,14 @@ class CacheLoader:
 
     ``workers`` > 0: that many forked processes fill shared-memory slots, ``prefetch`` batches
     ahead each; 0: read in this process into reusable (pinned, for a GPU) slots.
+    ``raw=True``: yield the stored-dtype batches themselves (device_batch's input; valid until
+    the next batch is asked for: they live in the reusable slots), for a consumer that converts
+    inside its own first op, and for bench/bench_read.py.
     """
 
     def __init__(self, source: ZarrBatches, plan: list[list[int]], device, workers: int = 0, prefetch: int = 2,
-                 masked: bool = False, seed: int = 0):
+                 masked: bool = False, seed: int = 0, raw: bool = False):
+        self.raw = raw
         self.source, self.plan, self.device = source, [list(b) for b in plan], torch.device(device)
         self.workers, self.prefetch, self.masked, self.seed = int(workers), max(1, int(prefetch)), masked, seed
 
@@ -287,6 +369,8 @@ class CacheLoader:
     def _convert(self, slot, n: int, small: dict) -> dict[str, torch.Tensor]:
         batch = {k: t[:n] for k, t in slot.items()}
         batch.update(small)
+        if self.raw:
+            return batch
         return device_batch(batch, self.device, self.source.train, self.source.mean, self.source.std)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -318,79 +402,59 @@ class CacheLoader:
             yield out
 
     def _parallel(self, rows: int, cuda: bool):
-        import multiprocessing as mp
-
-        ctx = mp.get_context("fork")
-        depth = self.workers * self.prefetch
-        slots = [self.source.alloc(rows, shared=True, pin=False) for _ in range(depth)]
-        pinned = cuda and all(_pin_shared(s) for s in slots)
-        staging = [self.source.alloc(rows, shared=False, pin=True) for _ in range(2)] if cuda and not pinned else None
-        tasks, results = ctx.Queue(), ctx.Queue()
-        procs = [ctx.Process(target=_worker, args=(self.source, slots, tasks, results, self.seed, self.masked),
-                             daemon=True) for _ in range(self.workers)]
-        for p in procs:
-            p.start()
-        free = list(range(depth))
-        events: dict[int, object] = {}
-        sent, ready, k_next = 0, {}, 0
+        pool = getattr(self.source, "_pool", None)
+        if pool is None or pool.key[0] != self.workers or pool.key[1] != self.prefetch or pool.key[2] < rows \
+                or pool.key[3] != cuda:
+            if pool is not None:
+                pool.close()
+            pool = self.source._pool = _Pool(self.source, self.workers, self.prefetch, rows, cuda)
+        pool.drain()
+        pool.gen += 1
+        staging = [self.source.alloc(rows, shared=False, pin=True) for _ in range(2)] \
+            if cuda and not pool.pinned else None
+        ready: dict = {}
         try:
-            while k_next < len(self.plan):
-                while free and sent < len(self.plan):
-                    slot_no = free.pop(0)
-                    if slot_no in events:
-                        events.pop(slot_no).synchronize()
-                    tasks.put((sent, slot_no, self.plan[sent]))
-                    sent += 1
-                while k_next not in ready:
-                    try:
-                        k, slot_no, n, small, exc = results.get(timeout=5)
-                    except queue.Empty:
-                        dead = [p.pid for p in procs if not p.is_alive()]
-                        if dead:
-                            raise RuntimeError(f"loader worker(s) {dead} died (out of memory?); "
-                                               "try fewer --set workers=N") from None
-                        continue
-                    if exc is not None:
-                        raise exc
-                    ready[k] = (slot_no, n, small)
-                slot_no, n, small = ready.pop(k_next)
-                small = {name: torch.from_numpy(a) for name, a in small.items()}
-                slot = slots[slot_no]
-                if staging is not None:
-                    stage = staging[k_next % 2]
-                    if (k_next % 2) in events:
-                        events.pop(k_next % 2).synchronize()
-                    for key, t in slot.items():
-                        stage[key][:n].copy_(t[:n])
-                    slot, stage_no = stage, k_next % 2
-                out = self._convert(slot, n, small)
-                if cuda:
-                    ev = torch.cuda.Event()
-                    ev.record()
-                    if staging is not None:
-                        events[stage_no] = ev
-                    else:
-                        events[slot_no] = ev
-                free.append(slot_no)
-                k_next += 1
-                yield out
-        finally:
-            for _ in procs:
-                tasks.put(None)
-            for p in procs:
-                p.join(timeout=5)
-                if p.is_alive():
-                    p.terminate()
-            for q in (tasks, results):
-                q.close()
-                q.cancel_join_thread()
-            if pinned:
-                cudart = torch.cuda.cudart()
-                torch.cuda.synchronize()
-                for s in slots:
-                    for t in s.values():
-                        if t.numel():
-                            cudart.cudaHostUnregister(t.data_ptr())
+            yield from self._stream(pool, staging, cuda, ready)
+        finally:  # finished or abandoned: slots read ahead go back to the pool
+            pool.free += [slot_no for slot_no, _, _ in ready.values()]
+            ready.clear()
+
+    def _stream(self, pool: "_Pool", staging, cuda: bool, ready: dict):
+        events = pool.events
+        sent, k_next = 0, 0
+        while k_next < len(self.plan):
+            while pool.free and sent < len(self.plan):
+                slot_no = pool.free.pop(0)
+                if slot_no in events:
+                    events.pop(slot_no).synchronize()
+                pool.tasks.put((pool.gen, sent, slot_no, self.plan[sent], self.seed, self.masked))
+                pool.busy += 1
+                sent += 1
+            while k_next not in ready:
+                _, k, slot_no, n, small, exc = pool.get()
+                if exc is not None:
+                    pool.free.append(slot_no)
+                    raise exc
+                ready[k] = (slot_no, n, small)
+            slot_no, n, small = ready.pop(k_next)
+            small = {name: torch.from_numpy(a) for name, a in small.items()}
+            slot = pool.slots[slot_no]
+            ev_key = slot_no
+            if staging is not None:
+                j = k_next % 2
+                if ("stage", j) in events:
+                    events.pop(("stage", j)).synchronize()
+                for key, t in slot.items():
+                    staging[j][key][:n].copy_(t[:n])
+                slot, ev_key = staging[j], ("stage", j)
+            out = self._convert(slot, n, small)
+            if cuda:
+                ev = torch.cuda.Event()
+                ev.record()
+                events[ev_key] = ev
+            pool.free.append(slot_no)
+            k_next += 1
+            yield out
 
 
 # ----------------------------------------------------------------------------- WebDataset
