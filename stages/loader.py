@@ -281,12 +281,13 @@ class _Pool:
         self.key = (workers, prefetch, rows, cuda)
         self.depth = workers * prefetch
         self.slots = [source.alloc(rows, shared=True, pin=False) for _ in range(self.depth)]
-        self.pinned = cuda and all(_pin_shared(s) for s in self.slots)
         self.tasks, self.results = ctx.Queue(), ctx.Queue()
         self.procs = [ctx.Process(target=_worker, args=(source, self.slots, self.tasks, self.results), daemon=True)
                       for _ in range(workers)]
         for p in self.procs:
             p.start()
+        # page-locked only after the fork: registered memory may be marked not to be inherited
+        self.pinned = cuda and all(_pin_shared(s) for s in self.slots)
         self.free = list(range(self.depth))
         self.busy = 0  # slots handed to workers and not yet returned
         self.gen = 0
