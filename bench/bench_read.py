@@ -53,7 +53,15 @@ def build_cache(path: Path, videos: int, dtype: str, shard: int = 16):
     """A ViT-B/16-shaped cache of random values (the same random shard repeated: bytes, not content, matter)."""
     from cache.store import DONE, ArraySpec, create_store
 
-    if path.exists():
+    if path.exists():  # a complete one of the same size (--keep) is reused
+        from cache.store import open_store
+
+        try:
+            old = open_store(path)
+            if old.num_videos("train") == videos and old.is_complete():
+                return old
+        except Exception:  # noqa: BLE001 - anything else is rebuilt
+            pass
         shutil.rmtree(path)
     arrays = [ArraySpec("frame_emb", (1, T, E), "float16"), ArraySpec("cls", (1, T, L, D), dtype),
               ArraySpec("patch", (1, T, L, P, D), dtype, layer_axis=2), ArraySpec("frames", (1, T, H, H, 3), "uint8")]
@@ -89,14 +97,15 @@ def timed(fn) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", default="artifacts/bench-read")
-    ap.add_argument("--videos", type=int, default=64)
+    ap.add_argument("--videos", type=int, default=None, help="videos per cache (default 64; 24 with --quick)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--quick", action="store_true", help="24 videos, 2 reps, fewer loader settings")
     ap.add_argument("--keep", action="store_true", help="keep the caches (default: removed at the end)")
     args = ap.parse_args()
     if args.quick:
-        args.videos, args.reps = min(args.videos, 24), 2
+        args.reps = 2
+    args.videos = args.videos or (24 if args.quick else 64)
 
     import torch
     from rich.console import Console
