@@ -516,6 +516,75 @@ class FeatureStore(CacheSource):
         data = self._get(f"{split}/{name}", sel)
         return data if spec.dtype == "uint8" else data.astype(dtype, copy=False)
 
+    def read_rows(self, split: str, name: str, rows, layers: list[int] | None = None,
+                  out: np.ndarray | dict[str, np.ndarray] | None = None) -> np.ndarray | dict[str, np.ndarray]:
+        """Videos ``rows`` (row numbers, any order; sorted ones read sequentially) of one array in
+        its stored dtype: fp16 / uint8 as one array, int8 as its parts {q, scale, oidx, oval}
+        (cache/quant.py). ``layers``: positions on the layer axis, as in ``read``. ``out``: where
+        to put them (e.g. a shared-memory tensor's numpy view), shaped (len(rows), ...).
+
+        The bytes are read straight from the shard files (cache/rows.py), one system call per run
+        of consecutive chunks, no float conversion: the stage-two loader's read (stages/loader.py).
+        """
+        spec = self.specs(split).get(name)
+        if spec is None:
+            raise CacheMismatchError(f"cache {self.path} has no '{name}' for split '{split}'")
+        rows = np.asarray(rows, dtype=np.int64).ravel()
+        keys = {s: f"{split}/{name}/{s}" for s in QUANT_SUFFIXES} if spec.dtype == "int8" else {"": f"{split}/{name}"}
+        got = {}
+        for part, key in keys.items():
+            dest = out if not part else (out or {}).get(part)
+            got[part] = self._read_raw_rows(key, rows, layers, dest)
+        return got if spec.dtype == "int8" else got[""]
+
+    def row_shape(self, split: str, name: str, layers: list[int] | None = None) -> dict[str, tuple[tuple, str]]:
+        """Per stored part ("" for plain arrays, q/scale/oidx/oval for int8) the per-video shape
+        (layer axis cut to ``layers``) and numpy dtype that ``read_rows`` returns."""
+        spec = self.specs(split)[name]
+        out = {}
+        for part, key in ({s: f"{split}/{name}/{s}" for s in QUANT_SUFFIXES} if spec.dtype == "int8"
+                          else {"": f"{split}/{name}"}).items():
+            arr = self._array(key)
+            shape = list(arr.shape[1:])
+            if layers is not None:
+                shape[2] = len(layers)
+            out[part] = (tuple(shape), str(arr.dtype))
+        return out
+
+    def _raw(self, key: str):
+        from cache.rows import RawArray
+
+        raw = self._arrays.get(("raw", key))
+        if raw is None:
+            raw = self._arrays[("raw", key)] = RawArray(self.path / key)
+        return raw
+
+    def _read_raw_rows(self, key: str, rows: np.ndarray, layers, out) -> np.ndarray:
+        raw = self._raw(key)
+        if raw.direct and (layers is None or raw.chunk_axis == 3 or raw.chunk_axis is None):
+            shape = list(raw.shape[1:])
+            if layers is not None:
+                shape[2] = len(layers)
+            if out is None:
+                out = np.empty((len(rows), *shape), dtype=raw.dtype)
+            if raw.chunk_axis is None and layers is not None:  # layers inside one chunk: read whole, then pick
+                full = raw.read_into(rows, np.empty((len(rows), *raw.shape[1:]), dtype=raw.dtype))
+                out[...] = full[:, :, :, list(layers)]
+                return out
+            return raw.read_into(rows, out, None if layers is None else list(layers))
+        # another layout: zarr, a run of consecutive rows per call
+        sel_layers = (slice(None), slice(None), list(layers)) if layers is not None else ()
+        order = np.argsort(rows, kind="stable")
+        srt = rows[order]
+        parts = [self._get(key, (slice(int(r[0]), int(r[-1]) + 1), *sel_layers))
+                 for r in np.split(srt, np.flatnonzero(np.diff(srt) != 1) + 1)] if len(rows) else []
+        data = np.concatenate(parts)[np.argsort(order, kind="stable")] if parts else None
+        if out is None:
+            return data if data is not None else np.empty((0, *self._array(key).shape[1:]), self._array(key).dtype)
+        if data is not None:
+            out[...] = data
+        return out
+
     def _get(self, key: str, sel: tuple) -> np.ndarray:
         arr = self._array(key)
         if any(isinstance(x, list) for x in sel):

@@ -172,10 +172,12 @@ class CacheSplit(Dataset):
 
     Training (``train=True``): one view per sample, drawn at random when several were cached.
     Evaluation: every view, with a leading V axis (multi-view test).
+    ``preload=False``: nothing is read here (stage two's loader, stages/loader.py, reads the
+    stored bytes itself; items are then read per video).
     """
 
     def __init__(self, store: FeatureStore, inputs: HeadInputs, indices: np.ndarray, train: bool,
-                 label_map: dict[int, int] | None = None):
+                 label_map: dict[int, int] | None = None, preload: bool = True):
         self.store, self.inputs, self.indices, self.train = store, inputs, np.asarray(indices), train
         split = inputs.split
         labels = store.labels(split)[self.indices]
@@ -189,7 +191,7 @@ class CacheSplit(Dataset):
             picked = inputs.layer_pos(name)
             if picked is not None:
                 per_video = per_video * len(picked) // spec.shape[2]  # only the head's layers
-            if per_video * len(self.indices) <= IN_MEMORY_LIMIT:
+            if preload and per_video * len(self.indices) <= IN_MEMORY_LIMIT:
                 self.memory[name] = self._read(name, self.indices)
         self.mean, self.std = pixel_stats(store.info)
         self.views = specs[wanted[0]].shape[0] if wanted else 1

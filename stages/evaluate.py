@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, IterableDataset, Subset
+from torch.utils.data import IterableDataset, Subset
 
 from cache.errors import CacheMismatchError, ConfigError, DatasetError
 from cache.store import FeatureStore
@@ -24,6 +24,7 @@ from stages.classifiers import text_classifier
 from stages.dist import DistContext
 from stages.heads import Head, get_head_entry, make_cfg
 from stages.heads.common import validate_choice
+from stages.loader import eval_loader
 from stages.runs import autocast
 from stages.sources import open_source, split_dataset
 
@@ -74,8 +75,7 @@ def evaluate_head(head: Head, data: CacheSplit, device: torch.device, batch_size
     if ctx.enabled and split:
         data = data.rank_subset(ctx.rank, ctx.world) if isinstance(data, IterableDataset) else \
             Subset(data, range(ctx.rank, len(data), ctx.world))
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_items,
-                        pin_memory=device.type == "cuda")
+    loader = eval_loader(data, batch_size, device)  # stored bytes, converted on the device (stages/loader.py)
     all_scores, all_labels = [], []
     for batch in loader:
         batch = to_device(batch, device)

@@ -54,7 +54,9 @@ def default_runs_root() -> Path:
 
 # --------------------------------------------------------------------------- a run folder's fate
 # a resumed run may change these ("recipe" only names the preset the values came from: the values are compared)
-RESUME_FREE = {"device", "workers", "eval_batch_size", "eval_every", "cache", "recipe"}
+RESUME_FREE = {"device", "workers", "eval_batch_size", "eval_every", "cache", "recipe", "preload"}
+# options added after runs were written: a checkpoint without one was made with its default
+ADDED_LATER = {"shuffle": "full"}
 
 
 def check_resumable(old: dict, new: dict, path: Path, fix: str = "use another --run-dir or drop --resume") -> None:
@@ -63,7 +65,8 @@ def check_resumable(old: dict, new: dict, path: Path, fix: str = "use another --
     for section in sorted(set(old) | set(new)):
         a, b = old.get(section), new.get(section)
         if isinstance(a, dict) and isinstance(b, dict):
-            diff += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if k not in RESUME_FREE and a.get(k) != b.get(k)]
+            diff += [f"{section}.{k}" for k in sorted(set(a) | set(b))
+                     if k not in RESUME_FREE and a.get(k, ADDED_LATER.get(k)) != b.get(k, ADDED_LATER.get(k))]
         elif section not in RESUME_FREE and a != b:
             diff.append(section)
     if diff:

@@ -56,4 +56,4 @@ def split_dataset(source: CacheSource, inputs, indices: np.ndarray, train: bool,
     for streaming, else read per video."""
     if isinstance(source, WdsSource):
         return source.split_dataset(inputs, indices, train=train, label_map=label_map)
-    return CacheSplit(source, inputs, indices, train=train, label_map=label_map)
+    return CacheSplit(source, inputs, indices, train=train, label_map=label_map, preload=False)

@@ -36,15 +36,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import Dataset, IterableDataset
 
 from cache.errors import ConfigError, DatasetError, TrainingError
 from cache.store import PENDING, FeatureStore
 from stages.cache_data import check_cache_for_head, select_videos
+from stages.loader import PRELOADS, SHUFFLES, epoch_plan, train_loader
 from stages.checkpoint import load_checkpoint, save_checkpoint
 from stages.classifiers import CLASSIFIER_INITS, classifier_matrix, text_classifier
 from stages.config import OptionSet, parse_set, split_options, write_experiment
-from stages.dist import DistContext, dist_device, rank_batches
+from stages.dist import DistContext, dist_device
 from stages.evaluate import EVAL_AVERAGES, collate_items, evaluate_head
 from stages.evaluate import to_device as _to  # the loop's short name for it
 from stages.sources import open_source, split_dataset
@@ -87,6 +88,8 @@ class TrainCfg:
     eval_average: str = "scores"      # multi-view test: average "scores" or "embeddings" (Text4Vis)
     eval_every: int = 1
     workers: int = 0
+    shuffle: str = "full"             # epoch order: "full" permutation | "block" (runs of videos: sequential reads)
+    preload: str = "auto"             # hold the arrays read in RAM (stored dtype): auto (when they fit) | on | off
     recipe: str = ""                  # the preset these values came from (stages/recipes.py); a record only
 
     def validate(self) -> None:
@@ -115,6 +118,8 @@ class TrainCfg:
         validate_choice("eval_average", self.eval_average, EVAL_AVERAGES)
         validate_choice("classifier_init", self.classifier_init, CLASSIFIER_INITS)
         validate_choice("amp", self.amp, AMP_CHOICES)
+        validate_choice("shuffle", self.shuffle, SHUFFLES)
+        validate_choice("preload", self.preload, PRELOADS)
 
 
 def parse_class_spec(spec: str, num_classes: int) -> list[int] | None:
@@ -187,6 +192,7 @@ def _run_id(cfg: TrainCfg, head: Head, store: FeatureStore, partial: str = "") -
     data: the cache key and the source, so training from a subset of shards never lands in the
     folder of a run on the whole Zarr cache (``partial``: which videos of an unfinished cache)."""
     train = {k: v for k, v in asdict(cfg).items() if k != "recipe"}  # the same values name the same run
+    train = {k: v for k, v in train.items() if k != "preload" and not (k == "shuffle" and v == "full")}
     data = {"train": train, "head": asdict(head.cfg), "cache": store.key, "source": store.source_id}
     if partial:
         data["partial"] = partial
@@ -365,22 +371,18 @@ class _Masked(Dataset):
 
 def _epoch_batches(data, cfg: TrainCfg, ctx: DistContext, epoch: int, steps: int, device: torch.device):
     """This rank's batches of one epoch (``data.set_epoch`` already called)."""
-    pin = device.type == "cuda"
     if not isinstance(data, IterableDataset):
-        batches = rank_batches(len(data), cfg.batch_size, ctx.world, ctx.rank, cfg.seed, epoch, shuffle=True)
-        return DataLoader(_Masked(data), batch_sampler=batches, collate_fn=collate_items, num_workers=cfg.workers,
-                          pin_memory=pin)
+        batches = epoch_plan(len(data), cfg.batch_size, ctx.world, ctx.rank, cfg.seed, epoch, cfg.shuffle)
+        return train_loader(data, batches, device, cfg.workers, cfg.preload)
     # a stream shuffles itself (a buffer seeded by set_epoch)
     if not ctx.enabled:
-        return DataLoader(data, batch_size=cfg.batch_size, collate_fn=collate_items, num_workers=cfg.workers,
-                          pin_memory=pin)
+        return train_loader(data, None, device, cfg.workers, batch_size=cfg.batch_size)
     per = -(-cfg.batch_size // ctx.world)
-    loader = DataLoader(data, batch_size=per, collate_fn=collate_items, num_workers=cfg.workers, pin_memory=pin,
-                        drop_last=True)
+    loader = train_loader(data, None, device, cfg.workers, batch_size=per, drop_last=True)
     return _wrap_around(loader, steps, per, ctx.rank)
 
 
-def _wrap_around(loader: DataLoader, steps: int, per: int, rank: int):
+def _wrap_around(loader, steps: int, per: int, rank: int):
     """Exactly ``steps`` batches from a rank's stream, restarting it when it runs out: ranks of a
     DDP job must take the same number of steps, and shards rarely split evenly across ranks."""
     done = 0
@@ -422,20 +424,17 @@ def _accumulation_groups(data, cfg: TrainCfg, ctx: DistContext, epoch: int, step
     """This rank's micro-batches of ``cfg.batch_size``, grouped per optimiser step of ``cfg.global_batch``
     videos: the same seeded global batches as a run with batch_size = global_batch, each rank's
     slice cut into micro-batches (every rank gets the same number, padding masked out)."""
-    pin = device.type == "cuda"
     if not isinstance(data, IterableDataset):
         sizes, micro = [], []
-        for part in rank_batches(len(data), cfg.global_batch, ctx.world, ctx.rank, cfg.seed, epoch, shuffle=True):
+        for part in epoch_plan(len(data), cfg.global_batch, ctx.world, ctx.rank, cfg.seed, epoch, cfg.shuffle):
             chunks = [part[i:i + cfg.batch_size] for i in range(0, len(part), cfg.batch_size)]
             sizes.append(len(chunks))
             micro += chunks
-        loader = iter(DataLoader(_Masked(data), batch_sampler=micro, collate_fn=collate_items, num_workers=cfg.workers,
-                                 pin_memory=pin))
+        loader = iter(train_loader(data, micro, device, cfg.workers, cfg.preload))
         for k in sizes:
             yield [next(loader) for _ in range(k)]
         return
-    loader = DataLoader(data, batch_size=cfg.batch_size, collate_fn=collate_items, num_workers=cfg.workers,
-                        pin_memory=pin, drop_last=ctx.enabled)
+    loader = train_loader(data, None, device, cfg.workers, batch_size=cfg.batch_size, drop_last=ctx.enabled)
     if ctx.enabled:
         loader = _wrap_around(loader, steps * accum, cfg.batch_size, ctx.rank)
     group = []

@@ -180,6 +180,14 @@ class WdsSplit(IterableDataset):
         other.urls = self.urls[rank::world]
         return other
 
+    def raw_view(self) -> "WdsSplit":
+        """A copy whose items hold the arrays as stored (stages/loader.py converts them on the
+        device): the drawn view (training) or every view, the head's layers, fp16 / uint8 as is
+        and int8 as its parts NAME.q, NAME.scale, NAME.oidx, NAME.oval; same order, same videos."""
+        other = copy.copy(self)
+        other.raw = True
+        return other
+
     def ordered(self) -> Iterator[dict[str, torch.Tensor]]:
         """Every selected video once, in index order (closed-form heads fit on the whole set)."""
         for sample in self._samples(self.urls):
@@ -229,6 +237,13 @@ class WdsSplit(IterableDataset):
             label = self.label_map[label]
         item: dict[str, torch.Tensor] = {"label": torch.tensor(label, dtype=torch.int64)}
         pick = view_pick(self.epoch_seed, self.pos[info["index"]], self.views, self.train)
+        if getattr(self, "raw", False):
+            for name in self.wanted:
+                layers = self.inputs.layer_pos(name)
+                index = (pick,) if layers is None else (pick, slice(None), layers)
+                for part, arr in sample_parts(sample, name, self.stored[name], index).items():
+                    item[f"{name}.{part}" if part else name] = torch.from_numpy(arr)
+            return item
         for name in self.wanted:
             # select the view and the head's layers (axis 2 of (V, T, L, ...)) first; only they are converted
             layers = self.inputs.layer_pos(name)
@@ -236,6 +251,17 @@ class WdsSplit(IterableDataset):
             arr = sample_array(sample, name, self.stored[name], np.float32, index)
             item[name] = view_tensor(name, arr, slice(None), self.train, self.mean, self.std)
         return item
+
+
+def sample_parts(sample: dict[str, Any], name: str, dtype_stored: str, index: tuple = ()) -> dict[str, np.ndarray]:
+    """One array of a sample as stored, ``index`` applied: {"": array} (fp16, uint8) or int8's
+    parts {q, scale, oidx, oval}; writable copies of just the selection."""
+    from cache.quant import QUANT_SUFFIXES
+    from cache.wds import load_npy
+
+    if dtype_stored == "int8":
+        return {s: np.array(load_npy(sample[f"{name}.{s}.npy"])[index]) for s in QUANT_SUFFIXES}
+    return {"": np.array(load_npy(sample[f"{name}.npy"])[index])}
 
 
 def _damaged(url: str, what: str) -> CacheError:

@@ -32,7 +32,8 @@ def _spec() -> DatasetSpec:
 CASES = {
     "default": ({}, "e76e5463aa64e011"),
     "rich": (dict(layers="all", patch=True, store_frames=True, dtype="int8", sampling="dense", stride=2, frames=4,
-                  views="2x3", text="clip_single"), "82fe797b4f8f7e03"),
+                  views="2x3", text="clip_single"), "45f6a01b487f2700"),  # re-keyed on purpose: dense
+    # test clips now spread from the first to the last start and views are crop-major (was 82fe797b4f8f7e03)
     "viewbank": (dict(train_aug=3, aug_seed=5, aug_area=0.3), "6548f723bff029f0"),
     "resize": (dict(resize_ratio=256 / 224, text="none"), "1f339bb36d72e23d"),
     "protocol": (dict(protocol="text4vis"), "e76e5463aa64e011"),  # a protocol is recorded, not keyed
