@@ -94,13 +94,13 @@ if [ "$DRY" = 1 ]; then
   run_step extract "${GPU_CHECK_T_EXTRACT:-240}" "$PY" bench/bench_extract.py --device cpu --models tiny --threads 1 \
     --workers 0,1 --repeats 1 --videos 8 --world 2,3,1 --no-diag --workdir "$OUT/work-extract" --json "$OUT/extract.json"
   run_step read "${GPU_CHECK_T_READ:-120}" "$PY" bench/bench_read.py --device cpu --quick
-  run_step train "${GPU_CHECK_T_TRAIN:-300}" "$PY" bench/bench_train.py --quick --heads evl --device cpu --no-streamed \
+  run_step train "${GPU_CHECK_T_TRAIN:-300}" "$PY" bench/bench_train.py --quick --heads evl --device cpu --per-class 2 --no-streamed \
     --no-read --workdir "$OUT/work-train" --json "$OUT/train.json"
 else
   DEV=cuda
   W=$(( CORES - 1 ))
-  run_step extract "${GPU_CHECK_T_EXTRACT:-210}" "$PY" bench/bench_extract.py --device cuda --models ViT-B-16 \
-    --threads "$CORES" --workers "2,4,8,$W" --batch 256 --videos 0 --world 8,24,6 --repeats 1 --no-diag \
+  run_step extract "${GPU_CHECK_T_EXTRACT:-240}" "$PY" bench/bench_extract.py --device cuda --models ViT-B-16 \
+    --threads "$CORES" --workers "2,4,8,$W" --batch 256 --videos 0 --world 8,16,4 --repeats 1 --no-diag \
     --workdir "$OUT/work-extract" --json "$OUT/extract.json"
   run_step read "${GPU_CHECK_T_READ:-90}" "$PY" bench/bench_read.py --device cuda --quick
   run_step train "${GPU_CHECK_T_TRAIN:-120}" "$PY" bench/bench_train.py --heads evl --device cuda --per-class 8 \

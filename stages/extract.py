@@ -433,6 +433,7 @@ class ExtractResult:
     worker_cpu_seconds: float = 0.0   # CPU seconds of the decode worker processes
     device: str = "cpu"
     workers: int = 0
+    threads: int = 0                  # torch threads the encoder ran with
     summary: dict = field(default_factory=dict)
 
     @property
@@ -665,12 +666,14 @@ def encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, re
     log(f"encoding {len(jobs)} video(s) on {device} ({cfg.batch_frames} frames per encoder call); decoding in "
         f"{where}: decord where its random access is exact for the file, PyAV otherwise (`cache info` says "
         "which read each video)")
-    cpu0 = time.process_time(), _children_cpu()
+    cpu0, threads0 = (time.process_time(), _children_cpu()), torch.get_num_threads()
     if not device.startswith("cuda"):
         # On CPU the decode workers and the writer share the cores with the encoder; measured on
         # 2 cores (bench/bench_extract.py), an encoder with every core's thread lost 1.6-2x CPU
-        # per frame to contention, so leave the workers their cores.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
+        # per frame to contention, so leave the workers their cores; and never more threads than
+        # this process was given (torch.set_num_threads, OMP_NUM_THREADS): restored at the end.
+        torch.set_num_threads(max(1, min(threads0, (os.cpu_count() or 1) - workers)))
+    result.threads = torch.get_num_threads()
     resize = resize_side(plan.info.image_size, plan.cfg.resize_ratio)
     loader = DataLoader(_DecodeJobs(jobs, sampling, plan.info.image_size, resize, cfg.hash_sources, banks),
                         batch_size=1, shuffle=False, num_workers=workers, collate_fn=_first,
@@ -799,6 +802,7 @@ def encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, re
         del batches
         bar.close()
         writer.shutdown(wait=True)
+        torch.set_num_threads(threads0)
         result.cpu_seconds = time.process_time() - cpu0[0]
         result.worker_cpu_seconds = _children_cpu() - cpu0[1]  # the workers were joined above
 
