@@ -80,11 +80,12 @@ def main() -> None:
                   f"({'reused' if res.reused else f'extracted in {now() - t:.0f}s'}); `{extract_command(store.meta)}`")
 
     runs: dict[tuple[str, str], list[float]] = {}
+    partial = root / "int8.partial.json"  # every finished run, as it finishes (seed by seed, all heads)
     with torch_threads(args.threads):
-        for head in heads:
-            opts = DEMO_HEADS[head]
-            epochs = args.epochs or (2 if args.quick else opts.get("epochs", 30))
-            for seed in seeds:
+        for seed in seeds:
+            for head in heads:
+                opts = DEMO_HEADS[head]
+                epochs = args.epochs or (2 if args.quick else opts.get("epochs", 30))
                 for dt in DTYPES:
                     tcfg = TrainCfg(head=head, epochs=epochs, lr=opts.get("lr", 1e-3), batch_size=16,
                                     warmup_epochs=1, seed=seed)
@@ -92,7 +93,8 @@ def main() -> None:
                                      log=quiet, reuse=True)
                     runs.setdefault((head, dt), []).append(res["final"]["top1"])
                     out.print(f"  {head:<11} seed {seed} {dt}: top-1 {res['final']['top1']:.2f}  "
-                              f"({res['seconds']:.0f}s)")
+                              f"({res['seconds']:.0f}s, {epochs} epochs)")
+                    partial.write_text(json.dumps({f"{h} {d}": v for (h, d), v in runs.items()}, indent=1))
 
     rows, records = [], []
     for head in heads:

@@ -40,20 +40,26 @@ say() { echo "[gpu_check $(( $(date +%s) - T0 ))s] $*"; }
 NEEDS="import torch, numpy, zarr, av, open_clip, rich, typer"
 works() { [ -n "$1" ] && timeout 120 "$1" -c "$NEEDS" >/dev/null 2>&1; }
 if [ -z "$PY" ]; then
-  for cand in "$REPO/.venv/bin/python" "$(command -v python3 || true)" "$(command -v python || true)"; do
+  # the repo's venv (made by `make setup`), one an earlier run of this script made, the
+  # interpreter of an active venv or conda env, then the system's
+  for cand in "$REPO/.venv/bin/python" "$OUT/venv/bin/python" "${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}" \
+      "${CONDA_PREFIX:+$CONDA_PREFIX/bin/python}" "$(command -v python3 || true)" "$(command -v python || true)"; do
     if works "$cand"; then PY=$cand; break; fi
   done
 fi
 if [ -z "$PY" ]; then
-  # a venv that sees the system's packages (torch and the rest, when the image has them); the
-  # project itself runs from PYTHONPATH, the install only fills in what is missing (offline: it
-  # may not be able to; then the missing modules are named below)
+  # a venv over the system's packages (torch and the rest, where the image has them), with the
+  # project installed from this checkout by `pip install -e .` without an index: nothing is
+  # downloaded (there is no internet), so it fails fast instead of hanging; wheels in
+  # $REPO/.whl are used when present. The benches run from PYTHONPATH in any case.
   say "no python with the project's dependencies found; trying a venv over the system packages"
   base=$(command -v python3 || command -v python || true)
-  if [ -n "$base" ] && timeout "${GPU_CHECK_T_SETUP:-150}" "$base" -m venv --system-site-packages "$OUT/venv" \
-      >"$OUT/setup.log" 2>&1; then
-    timeout "${GPU_CHECK_T_SETUP:-150}" "$OUT/venv/bin/python" -m pip install -q -e "$REPO" >>"$OUT/setup.log" 2>&1 \
-      || say "pip install -e . failed (offline?): see $OUT/setup.log"
+  links=(); [ -d "$REPO/.whl" ] && links=(--find-links "$REPO/.whl")
+  if [ -n "$base" ] && timeout "${GPU_CHECK_T_SETUP:-120}" "$base" -m venv --system-site-packages --without-pip \
+      "$OUT/venv" >"$OUT/setup.log" 2>&1; then
+    timeout "${GPU_CHECK_T_SETUP:-120}" "$base" -m pip --python "$OUT/venv/bin/python" install -q --no-index \
+      --no-build-isolation "${links[@]}" -e "$REPO" >>"$OUT/setup.log" 2>&1 \
+      || say "pip install -e . without an index failed (a dependency is not installed): see $OUT/setup.log"
     works "$OUT/venv/bin/python" && PY="$OUT/venv/bin/python"
   fi
 fi
@@ -91,10 +97,10 @@ rm -f "$OUT"/*.status "$OUT"/*.json
 
 if [ "$DRY" = 1 ]; then
   DEV=cpu
-  run_step extract "${GPU_CHECK_T_EXTRACT:-240}" "$PY" bench/bench_extract.py --device cpu --models tiny --threads 1 \
+  run_step extract "${GPU_CHECK_T_EXTRACT:-420}" "$PY" bench/bench_extract.py --device cpu --models tiny --threads 1 \
     --workers 0,1 --repeats 1 --videos 8 --world 2,3,1 --no-diag --workdir "$OUT/work-extract" --json "$OUT/extract.json"
   run_step read "${GPU_CHECK_T_READ:-120}" "$PY" bench/bench_read.py --device cpu --quick
-  run_step train "${GPU_CHECK_T_TRAIN:-300}" "$PY" bench/bench_train.py --quick --heads evl --device cpu --per-class 2 --no-streamed \
+  run_step train "${GPU_CHECK_T_TRAIN:-600}" "$PY" bench/bench_train.py --quick --heads evl --device cpu --per-class 2 --no-streamed \
     --no-read --workdir "$OUT/work-train" --json "$OUT/train.json"
 else
   DEV=cuda

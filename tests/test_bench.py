@@ -104,7 +104,7 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--cpu-dry-run", "--out", str(tmp_path),
                            "--python", sys.executable], capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=900)
+                          timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "CPU DRY RUN" in out and "| extractor vs bare encoder" in out and "| EVL epoch: cache vs online" in out
