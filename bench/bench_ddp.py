@@ -25,21 +25,17 @@ evaluation), not as a GPU scaling figure.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from bench.common import REPO, base_parser, console as make_console, demo_world, extract_cache  # noqa: E402
+from bench.common import load_line, make_table, name_list, now  # noqa: E402
 
 HEADS = {  # head -> --set options (demo backbone: E = 64, width 128, 4 blocks)
     "tap": ["lr=1e-2"],
@@ -56,17 +52,11 @@ def _port() -> int:
 
 def make_cache(workdir: Path, per_class: int) -> Path:
     from cache.store import open_store
-    from pipeline.datasets import load_dataset
-    from pipeline.demo_data import DemoCfg, generate_demo
-    from stages.extract import ExtractCfg, plan_extraction, run_extraction
 
-    ds = generate_demo(workdir / f"data-{per_class}", DemoCfg(num_classes=8, train_per_class=per_class,
-                                                              val_per_class=4, frames=8, size=64, seed=11),
-                       progress=False)
-    plan = plan_extraction(load_dataset("demo", data_root=ds.root),
-                           ExtractCfg(model="demo", layers="all", patch=True, text="clip_single"),
-                           out=workdir / f"cache-{per_class}")
-    run_extraction(plan, shard=(0, 1), progress=False, log=lambda *a, **k: None)
+    ds = demo_world(workdir / f"data-{per_class}", num_classes=8, train_per_class=per_class, val_per_class=4,
+                    frames=8, size=64, seed=11)
+    plan, _ = extract_cache(ds, out=workdir / f"cache-{per_class}", model="demo", layers="all", patch=True,
+                            text="clip_single")
     return open_store(plan.path).path
 
 
@@ -86,37 +76,34 @@ def train_once(cache: Path, head: str, sets: list[str], run_dir: Path, ranks: in
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer videos, epochs and repeats")
-    ap.add_argument("--workdir", default=str(REPO / "artifacts" / "bench_ddp"))
+    ap = base_parser(__doc__, "bench_ddp", quick="fewer videos, epochs and repeats", repeats=True)
     ap.add_argument("--ranks", type=int, default=os.cpu_count() or 2, help="DDP ranks = threads of the 1-process run")
     ap.add_argument("--heads", default=",".join(HEADS))
-    ap.add_argument("--repeats", type=int, default=0)
     args = ap.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     per_class, epochs, repeats = (8, 2, 1) if args.quick else (24, 3, 2)
     repeats = args.repeats or repeats
     n = max(2, args.ranks)
-    console = Console(width=150)
-    t0 = time.perf_counter()
+    console = make_console(150)
+    t0 = now()
     cache = make_cache(workdir, per_class)
     console.print(f"cache {cache} ({8 * per_class} train / 32 val videos, demo backbone, all blocks + patch tokens), "
-                  f"made or reused in {time.perf_counter() - t0:.1f}s; load average {os.getloadavg()[0]:.1f}")
+                  f"made or reused in {now() - t0:.1f}s; {load_line()}")
     ways = {"1 proc x 1 thread": (1, 1), f"1 proc x {n} threads": (1, n), f"{n} ranks x 1 thread": (n, 1)}
     best: dict[tuple[str, str], float] = {}
     losses: dict[tuple[str, str], float] = {}
     for rep in range(repeats):
-        for head in args.heads.split(","):
+        for head in name_list(args.heads):
             sets = [f"epochs={epochs}", "batch_size=16", *HEADS[head]]
             for way, (ranks, threads) in ways.items():
                 m = train_once(cache, head, sets, workdir / "runs" / f"{head}-{ranks}x{threads}-{rep}", ranks, threads)
                 key = (head, way)
                 best[key] = min(best.get(key, float("inf")), m["seconds"] / epochs)
                 losses[key] = m["history"][-1]["train_loss"]
-    table = Table("head", *[f"s/epoch {w}" for w in ways], f"{n} ranks vs 1x1 (ideal {n})",
-                  f"{n} ranks vs 1x{n}", "final loss |DDP - 1 proc| rel")
-    for head in args.heads.split(","):
+    table = make_table("", ("head", *[f"s/epoch {w}" for w in ways], f"{n} ranks vs 1x1 (ideal {n})",
+                            f"{n} ranks vs 1x{n}", "final loss |DDP - 1 proc| rel"))
+    for head in name_list(args.heads):
         s = [best[(head, w)] for w in ways]
         one, many, ddp = s
         ref = losses[(head, "1 proc x 1 thread")]
@@ -124,7 +111,7 @@ def main() -> None:
                       f"{abs(losses[(head, list(ways)[2])] - ref) / max(abs(ref), 1e-12):.1e}")
     console.print(table)
     console.print(f"best of {repeats} interleaved repeat(s); {epochs} epochs, global batch 16; "
-                  f"total {time.perf_counter() - t0:.0f}s; load average {os.getloadavg()[0]:.1f}")
+                  f"{load_line(t0=t0)}")
 
 
 if __name__ == "__main__":

@@ -28,46 +28,42 @@ pipelined      ``plan_extraction`` + ``run_extraction(progress=False)`` into a f
                shard writes, waiting for the writer) -- model build and store creation are
                excluded. The whole run_extraction rate (with model build) is shown too.
 
-The pipelined runs are instrumented from this process by wrapping, never by editing the
-extractor: ``encode_jobs`` (phase wall time), the ``DataLoader`` the extractor builds (time the
-main thread waits for the next decoded video, worker start-up included), ``normalize`` (uint8 ->
-float in the main thread), ``FeatureStore.write_shard`` (writer-thread time), ``FrozenCLIP.forward``
-(process CPU seconds while the encoder runs), and getrusage (CPU seconds of the main process and
-of the decode workers). CPU seconds per frame are the numbers to trust on a shared machine: they
-measure the work whatever share of the cores the run got ("cores got" = CPU s / wall s).
+The pipelined runs report where their encode phase went themselves (``ExtractResult``'s
+timings, public fields of stages/extract.py): the encoder's seconds and CPU seconds, the main
+thread waiting for the next decoded video (worker start-up included), preparing a batch (gather
+the uint8 frames, normalise), copying the outputs into the shard buffers, waiting for the writer,
+the writer thread's seconds, and the CPU seconds of the process and of its decode workers. CPU
+seconds per frame are the numbers to trust on a shared machine: they measure the work whatever
+share of the cores the run got ("cores got" = CPU s / wall s). Nothing in the extractor is
+patched or wrapped.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import os
-import resource
 import shutil
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-import stages.extract as X  # noqa: E402
-from cache.store import ArraySpec, FeatureStore, open_store  # noqa: E402
+from bench.common import (base_parser, console as make_console, cpu_self, fmt_rate as fps, int_list,  # noqa: E402
+                          load_avg, make_table, name_list, now, quiet, repeat_until, torch_threads)
+from cache.datasets import DatasetSpec  # noqa: E402
+from cache.store import ArraySpec, open_store  # noqa: E402
 from cache.store import human_bytes as human  # noqa: E402
-from pipeline.datasets import DatasetSpec, load_dataset  # noqa: E402
+from pipeline.datasets import load_dataset  # noqa: E402
 from pipeline.demo_data import DemoCfg, generate_demo  # noqa: E402
 from stages.backbone import BackboneInfo, FrozenCLIP, load_clip, model_config, parse_layers  # noqa: E402
+from stages.extract import ExtractCfg, plan_extraction, run_extraction  # noqa: E402
 from stages.video import SamplingCfg, decode_clips, make_views, normalize  # noqa: E402
 
-console = Console(width=160)
+console = make_console(160)
+
 
 
 # ----------------------------------------------------------------------------- settings
@@ -107,25 +103,6 @@ def settings(quick: bool) -> Settings:
 
 
 # ----------------------------------------------------------------------------- helpers
-def now() -> float:
-    return time.perf_counter()
-
-
-def cpu_self() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def cpu_children() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
-def fps(frames: int, seconds: float) -> str:
-    r = frames / max(seconds, 1e-9)
-    return f"{r:,.0f}" if r >= 100 else f"{r:.1f}"
-
-
 def subset(ds: DatasetSpec, n: int | None) -> DatasetSpec:
     """The first n videos, split proportions kept (train first)."""
     if n is None:
@@ -145,21 +122,6 @@ def all_items(ds: DatasetSpec):
     return [it for s in ds.splits for it in ds.splits[s]]
 
 
-@contextlib.contextmanager
-def torch_threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 # ----------------------------------------------------------------------------- the three paths
 @dataclass
 class Run:
@@ -170,7 +132,9 @@ class Run:
     encoder_cpu_s: float = 0.0     # process CPU seconds while the encoder ran (its threads + anything concurrent)
     whole_s: float = 0.0           # whole run_extraction (model build included)
     loader_wait_s: float = 0.0
-    normalize_s: float = 0.0
+    normalize_s: float = 0.0       # pipelined: preparing batches (gather uint8 frames, normalise)
+    output_s: float = 0.0          # pipelined: encoder outputs into the shard buffers
+    write_wait_s: float = 0.0      # pipelined: main thread waiting for the writer thread
     writer_s: float = 0.0
     cpu_main_s: float = 0.0
     cpu_workers_s: float = 0.0
@@ -210,16 +174,14 @@ def bare(model: Model, views: list[np.ndarray], batch: int, min_s: float = 0.0) 
     x = normalize(x, model.frozen.mean, model.frozen.std).to(model.device)
     batches = [x[i:i + batch] for i in range(0, x.shape[0], batch)]
     model.frozen(batches[0])  # warm-up, untimed
-    sync(model.device)
-    frames, c0, t0 = 0, cpu_self(), now()
-    while True:
+
+    def one_pass() -> int:
         for b in batches:
             model.frozen(b)
-            sync(model.device)
-            frames += b.shape[0]
-        if now() - t0 >= min_s:
-            break
-    secs = now() - t0
+        return x.shape[0]
+
+    c0 = cpu_self()
+    frames, secs = repeat_until(one_pass, min_s, model.device)
     cpu = cpu_self() - c0
     return Run("bare encoder", frames, secs, encoder_s=secs, encoder_cpu_s=cpu, cpu_main_s=cpu)
 
@@ -239,7 +201,8 @@ def naive(model: Model, items, samp: SamplingCfg) -> Run:
         x = normalize(torch.from_numpy(views).reshape(-1, *views.shape[2:]).to(model.device), fz.mean, fz.std)
         te, ce = now(), cpu_self()
         res = fz(x)
-        sync(model.device)
+        if model.device.startswith("cuda"):
+            torch.cuda.synchronize()
         enc += now() - te
         enc_cpu += cpu_self() - ce
         norm += te - tn
@@ -254,80 +217,20 @@ def naive(model: Model, items, samp: SamplingCfg) -> Run:
                cpu_main_s=cpu_self() - c0)
 
 
-@contextlib.contextmanager
-def instrument(stats: dict):
-    """Wrap the extractor's pieces (module globals / class attribute) for this process only."""
-    orig_encode, orig_loader, orig_norm, orig_write = X.encode_jobs, X.DataLoader, X.normalize, FeatureStore.write_shard
-    orig_fwd = FrozenCLIP.forward
-
-    def forward(self, x):
-        c = cpu_self()
-        try:
-            return orig_fwd(self, x)
-        finally:
-            stats["enc_cpu"] += cpu_self() - c
-
-    def encode_jobs(*a, **k):
-        c_self, c_kids, t = cpu_self(), cpu_children(), now()
-        try:
-            return orig_encode(*a, **k)
-        finally:
-            stats["phase"] += now() - t
-            stats["cpu_main"] += cpu_self() - c_self
-            stats["cpu_workers"] += cpu_children() - c_kids  # workers are joined by the end of the phase
-
-    class TimedLoader(orig_loader):
-        def __iter__(self):
-            t = now()
-            it = super().__iter__()  # worker start-up counts as waiting
-            while True:
-                try:
-                    item = next(it)
-                except StopIteration:
-                    stats["loader_wait"] += now() - t
-                    return
-                stats["loader_wait"] += now() - t
-                yield item
-                t = now()
-
-    def norm(*a, **k):
-        t = now()
-        try:
-            return orig_norm(*a, **k)
-        finally:
-            stats["normalize"] += now() - t
-
-    def write_shard(self, *a, **k):
-        t = now()
-        try:
-            return orig_write(self, *a, **k)
-        finally:
-            stats["writer"] += now() - t
-
-    X.encode_jobs, X.DataLoader, X.normalize, FeatureStore.write_shard = encode_jobs, TimedLoader, norm, write_shard
-    FrozenCLIP.forward = forward
-    try:
-        yield
-    finally:
-        X.encode_jobs, X.DataLoader, X.normalize, FeatureStore.write_shard = orig_encode, orig_loader, orig_norm, orig_write
-        FrozenCLIP.forward = orig_fwd
-
-
-def pipelined(ds: DatasetSpec, cfg: X.ExtractCfg, out: Path, label: str, keep: bool) -> Run:
+def pipelined(ds: DatasetSpec, cfg: ExtractCfg, out: Path, label: str, keep: bool) -> Run:
     shutil.rmtree(out, ignore_errors=True)
-    plan = X.plan_extraction(ds, cfg, out=out)
-    stats = dict.fromkeys(("phase", "loader_wait", "normalize", "writer", "cpu_main", "cpu_workers", "enc_cpu"), 0.0)
-    with instrument(stats):
-        res = X.run_extraction(plan, progress=False, log=lambda *a, **k: None)
+    plan = plan_extraction(ds, cfg, out=out)
+    with torch_threads(0):  # the extractor sets the thread count on CPU; the next path gets ours back
+        res = run_extraction(plan, progress=False, log=quiet)
     predicted = sum(plan.bytes_per_video[s] * len(ds.splits[s]) for s in plan.split_arrays)
     disk = open_store(out).size_bytes()
     if not keep:
         shutil.rmtree(out, ignore_errors=True)
-    return Run(label, res.frames, stats["phase"], encoder_s=res.encoder_seconds, encoder_cpu_s=stats["enc_cpu"],
-               whole_s=res.seconds,
-               loader_wait_s=stats["loader_wait"], normalize_s=stats["normalize"], writer_s=stats["writer"],
-               cpu_main_s=stats["cpu_main"], cpu_workers_s=stats["cpu_workers"], disk_bytes=disk,
-               predicted_bytes=predicted, failed=res.failed)
+    return Run(label, res.frames, res.encode_seconds, encoder_s=res.encoder_seconds,
+               encoder_cpu_s=res.encoder_cpu_seconds, whole_s=res.seconds, loader_wait_s=res.loader_wait_seconds,
+               normalize_s=res.prepare_seconds, output_s=res.output_seconds, write_wait_s=res.write_wait_seconds,
+               writer_s=res.writer_seconds, cpu_main_s=res.cpu_seconds, cpu_workers_s=res.worker_cpu_seconds,
+               disk_bytes=disk, predicted_bytes=predicted, failed=res.failed)
 
 
 def best(runs: list[Run]) -> Run:
@@ -336,36 +239,39 @@ def best(runs: list[Run]) -> Run:
 
 # ----------------------------------------------------------------------------- main
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smaller data, fewer repeats, no ViT-B-32 (< 1 min)")
-    ap.add_argument("--workdir", default=str(REPO / "artifacts" / "bench"), help="demo data + bench caches")
+    ap = base_parser(__doc__, "bench", quick="smaller data, fewer repeats, no ViT-B-32 (< 1 min)",
+                     device="cpu", repeats=True)
     ap.add_argument("--threads", default="",
                     help="comma list of torch.set_num_threads values for the main process, each run side by "
                          "side (default: all cores, then 1)")
     ap.add_argument("--models", default="", help="comma list overriding the model set, e.g. tiny,demo")
     ap.add_argument("--workers", default="", help="comma list of decode worker counts (default 0,1,2)")
-    ap.add_argument("--repeats", type=int, default=0, help="override repeats per model (best is kept)")
     ap.add_argument("--no-diag", action="store_true", help="skip the ablations")
-    ap.add_argument("--device", default="cpu", help="cpu (the target of this bench) or cuda")
     ap.add_argument("--keep", action="store_true", help="keep the bench caches")
+    ap.add_argument("--batch", type=int, default=0, help="frames per encoder call for every model (0: per model)")
+    ap.add_argument("--videos", type=int, default=-1, help="videos per model (-1: per model; 0: every video)")
+    ap.add_argument("--world", default="", help="demo world CLASSES,TRAIN,VAL videos per class (default 8,6,2)")
+    ap.add_argument("--json", default="", help="also write the throughput rows to this JSON file")
     args = ap.parse_args()
 
     S = settings(args.quick)
     if args.models:
         known = {m.model: m for m in S.models}
-        S.models = [known.get(n, ModelRun(n, 16, 8, 1)) for n in args.models.split(",") if n]
-    if args.workers:
-        S.workers = [int(w) for w in args.workers.split(",")]
-    if args.threads:
-        S.threads = [int(t) for t in args.threads.split(",")]
-    if args.repeats:
-        for m in S.models:
-            m.repeats = args.repeats
+        S.models = [known.get(n, ModelRun(n, 16, 8, 1)) for n in name_list(args.models)]
+    S.workers = int_list(args.workers, S.workers)
+    S.threads = int_list(args.threads, S.threads)
+    for m in S.models:
+        m.repeats = args.repeats or m.repeats
+        m.batch = args.batch or m.batch
+        m.videos = m.videos if args.videos < 0 else (args.videos or None)
+    if args.world:
+        c, tr, va = int_list(args.world)
+        S.demo = DemoCfg(num_classes=c, train_per_class=tr, val_per_class=va, frames=16, size=96)
     torch.set_num_threads(S.threads[0])
     cores = os.cpu_count() or 1
     work = Path(args.workdir)
     t_all = now()
-    load0 = os.getloadavg()
+    load0 = load_avg()
 
     # 1. data
     d = S.demo
@@ -414,7 +320,7 @@ def main() -> None:
                     runs.setdefault((th, "bare encoder"), []).append(bare(model, views, mr.batch, S.bare_min_s))
                     runs.setdefault((th, "naive loop"), []).append(naive(model, items, samp))
                     for w in S.workers:
-                        cfg = X.ExtractCfg(model=mr.model, frames=S.frames, layers=S.layers, text="none",
+                        cfg = ExtractCfg(model=mr.model, frames=S.frames, layers=S.layers, text="none",
                                            batch_frames=mr.batch, workers=w, device=args.device)
                         label = f"pipelined w={w}"
                         runs.setdefault((th, label), []).append(
@@ -433,7 +339,7 @@ def main() -> None:
             with torch_threads(th):
                 r = bare(model, views, small, S.bare_min_s)
                 diag.append((mr.model, th, r, f"bare encoder, batch {small} instead of {mr.batch}"))
-                r = pipelined(ds, X.ExtractCfg(**base, batch_frames=small), caches / f"{mr.model}-b{small}",
+                r = pipelined(ds, ExtractCfg(**base, batch_frames=small), caches / f"{mr.model}-b{small}",
                               f"w={wbest}, batch {small}", args.keep)
                 diag.append((mr.model, th, r, f"pipelined, batch {small} instead of {mr.batch}"))
                 pmodel = Model(mr.model, layers, info, True, args.device)
@@ -442,7 +348,7 @@ def main() -> None:
                 diag.append((mr.model, th, r, "bare encoder also returning the patch tokens"))
                 del pmodel
                 for dt in ("fp16", "int8"):
-                    r = pipelined(ds, X.ExtractCfg(**base, batch_frames=mr.batch, patch=True, dtype=dt),
+                    r = pipelined(ds, ExtractCfg(**base, batch_frames=mr.batch, patch=True, dtype=dt),
                                   caches / f"{mr.model}-patch-{dt}", f"w={wbest}, patch {dt}", True)
                     r.extra["dtype"] = dt
                     diag.append((mr.model, th, r, f"+ patch tokens of {len(layers)} layers, {dt}"
@@ -456,10 +362,10 @@ def main() -> None:
     def best_bare(m: str) -> Run:
         return max((bare_of(m, th) for th in S.threads), key=lambda r: r.rate)
 
-    t1 = Table(title="Throughput, best of repeats (frames/s of the timed phase; see the bench's docstring)")
-    for col in ("model", "threads", "path", "frames", "seconds", "frames/s", "x naive", "% of bare",
-                "% of best bare", "encoder busy", "CPU ms/frame", "cores got", "f/s incl. model build", "failed"):
-        t1.add_column(col, justify="left" if col in ("model", "path") else "right")
+    t1 = make_table("Throughput, best of repeats (frames/s of the timed phase; see the bench's docstring)",
+                       ("model", "threads", "path", "frames", "seconds", "frames/s", "x naive", "% of bare",
+                "% of best bare", "encoder busy", "CPU ms/frame", "cores got", "f/s incl. model build", "failed"),
+                       left=("model", "path"))
     for m in info_of:
         for th in S.threads:
             nv, bb, top = R[(m, th, "naive loop")].rate, bare_of(m, th).rate, best_bare(m).rate
@@ -483,21 +389,22 @@ def main() -> None:
                   "  bare encoder frames > the set's: whole passes repeated up to the minimum time.")
 
     # ------------------------------------------------------------------ table 2: breakdown
-    t2 = Table(title="Where the seconds and the CPU go (best run; wall seconds are the main thread's unless noted)")
-    for col in ("model", "threads", "path", "wall s", "encoder s", "encoder slowdown", "loader wait s",
-                "normalize s", "other main s", "writer s (thread)", "CPU ms/f encoder", "CPU ms/f main other",
-                "CPU ms/f workers", "cores got"):
-        t2.add_column(col, justify="left" if col in ("model", "path") else "right")
+    t2 = make_table("Where the seconds and the CPU go (best run; wall seconds are the main thread's unless noted)",
+                       ("model", "threads", "path", "wall s", "encoder s", "encoder slowdown", "loader wait s",
+                "prepare s", "outputs s", "write wait s", "other main s", "writer s (thread)", "CPU ms/f encoder", "CPU ms/f main other",
+                "CPU ms/f workers", "cores got"),
+                       left=("model", "path"))
     for (m, th, path), r in R.items():
         bb = bare_of(m, th)
         same = r.frames / bb.rate
-        other = r.seconds - r.encoder_s - r.loader_wait_s - r.normalize_s
+        other = r.seconds - r.encoder_s - r.loader_wait_s - r.normalize_s - r.output_s - r.write_wait_s
         pipe = path.startswith("pipelined")
         isbare = path == "bare encoder"
         ms = lambda v: f"{1000 * v / r.frames:.2f}"  # noqa: E731
         t2.add_row(m, str(th), path, f"{r.seconds:.2f}", f"{r.encoder_s:.2f}",
                    f"{r.encoder_s / same:.2f}x" if not isbare else "1",
                    f"{r.loader_wait_s:.2f}" if pipe else "-", f"{r.normalize_s:.2f}" if not isbare else "-",
+                   f"{r.output_s:.2f}" if pipe else "-", f"{r.write_wait_s:.2f}" if pipe else "-",
                    f"{other:.2f}" if not isbare else "-", f"{r.writer_s:.2f}" if pipe else "-",
                    ms(r.encoder_cpu_s), ms(r.cpu_main_s - r.encoder_cpu_s), ms(r.cpu_workers_s) if pipe else "-",
                    f"{(r.cpu_main_s + r.cpu_workers_s) / r.seconds:.2f}")
@@ -507,16 +414,17 @@ def main() -> None:
     console.print("  encoder slowdown = encoder seconds in this run / bare-encoder seconds for as many frames at the "
                   "same thread count (>1: the encoder got less out of the CPU than alone);\n"
                   "  loader wait = main thread blocked on the next decoded video (worker start-up included); "
-                  "other main = wall - encoder - loader wait - normalize\n  (cat, copies to numpy, shard buffers, "
-                  "waiting on shard writes). CPU ms/f = CPU milliseconds per frame: encoder = process CPU while the "
+                  "prepare = gather uint8 frames + normalise (naive: normalise); outputs = encoder outputs to fp16 "
+                  "numpy into the shard buffers;\n  write wait = main thread waiting for the writer thread; other main = "
+                  "the rest of the wall (naive: decode, copies). CPU ms/f = CPU milliseconds per frame: encoder = process CPU while the "
                   "encoder ran;\n  main other = the rest of the main process (decode when w=0, normalize, unpickling "
                   "the workers' arrays, writer thread, ...); workers = the decode worker processes.")
 
     # ------------------------------------------------------------------ table 3: CPU budget
-    t3 = Table(title=f"CPU budget on {cores} cores: can decode hide behind the encoder?")
-    for col in ("model", "threads", "decode CPU ms/video", "decode f/s per core", "bare f/s", "bare cores used",
-                "ceiling f/s", "ceiling % of bare", "best pipelined f/s", "% of bare", "% of ceiling"):
-        t3.add_column(col, justify="left" if col == "model" else "right")
+    t3 = make_table(f"CPU budget on {cores} cores: can decode hide behind the encoder?",
+                       ("model", "threads", "decode CPU ms/video", "decode f/s per core", "bare f/s", "bare cores used",
+                "ceiling f/s", "ceiling % of bare", "best pipelined f/s", "% of bare", "% of ceiling"),
+                       left=("model",))
     for m, b in budget.items():
         for th in S.threads:
             bb = bare_of(m, th)
@@ -541,10 +449,10 @@ def main() -> None:
 
     # ------------------------------------------------------------------ table 4: ablations
     if diag:
-        t4 = Table(title=f"Ablations on '{S.diag_model}' at the thread count / worker count of its best pipelined run")
-        for col in ("model", "threads", "run", "frames/s", "% of bare (same threads)", "encoder busy",
-                    "encoder s", "loader wait s", "writer s (thread)", "cores got", "what"):
-            t4.add_column(col, justify="left" if col in ("model", "run", "what") else "right")
+        t4 = make_table(f"Ablations on '{S.diag_model}' at the thread count / worker count of its best pipelined run",
+                           ("model", "threads", "run", "frames/s", "% of bare (same threads)", "encoder busy",
+                    "encoder s", "loader wait s", "writer s (thread)", "cores got", "what"),
+                           left=("model", "run", "what"))
         for m, th, r, what in diag:
             pipe = not r.path.startswith("bare")
             busy = (r.cpu_main_s + r.cpu_workers_s) / r.seconds
@@ -555,11 +463,11 @@ def main() -> None:
         console.print(t4)
 
     # ------------------------------------------------------------------ table 5/6: bytes
-    t5 = Table(title=f"Bytes per video ({S.frames} frames, 1 view), per tapped layer, from shapes (ArraySpec.nbytes)")
-    for col in ("model", "tokens/frame", "D", "frame_emb fp16", "cls/layer fp16", "cls/layer int8",
+    t5 = make_table(f"Bytes per video ({S.frames} frames, 1 view), per tapped layer, from shapes (ArraySpec.nbytes)",
+                       ("model", "tokens/frame", "D", "frame_emb fp16", "cls/layer fp16", "cls/layer int8",
                 "patch/layer fp16", "patch/layer int8", "int8/fp16", "video: last4 cls+patch fp16",
-                "video: last4 cls+patch int8"):
-        t5.add_column(col, justify="left" if col == "model" else "right")
+                "video: last4 cls+patch int8"),
+                       left=("model",))
     targets = [(m, info_of[m][0]) for m in info_of]
     targets.append(("ViT-B-16 (reference)", BackboneInfo.from_config(model_config("ViT-B-16"))))
     T = S.frames
@@ -573,9 +481,9 @@ def main() -> None:
                    f"{p8 / p16:.3f}", human(fe + L4 * (c16 + p16)) + f" (L={L4})", human(fe + L4 * (c8 + p8)))
     console.print(t5)
 
-    t6 = Table(title="Measured on disk (store.size_bytes(), whole store folder) vs predicted from shapes")
-    for col in ("model", "cache", "videos", "predicted data", "on disk", "on disk / predicted", "on disk per video"):
-        t6.add_column(col, justify="left" if col in ("model", "cache") else "right")
+    t6 = make_table("Measured on disk (store.size_bytes(), whole store folder) vs predicted from shapes",
+                       ("model", "cache", "videos", "predicted data", "on disk", "on disk / predicted", "on disk per video"),
+                       left=("model", "cache"))
     for m in info_of:
         r = next(v for k, v in R.items() if k[0] == m and k[2].startswith("pipelined"))
         n = budget[m]["videos"]
@@ -603,7 +511,14 @@ def main() -> None:
     console.print(f"  writer-thread CPU per ViT-B-16 video (patch tokens, 4 layers, {S.frames} frames, "
                   f"{human(a.nbytes)} fp32), measured here: cast to fp16 {1000 * t16:.0f} ms, "
                   f"quantize_int8 {1000 * t8:.0f} ms.")
-    console.print(f"load average at start {load0[0]:.2f}, at end {os.getloadavg()[0]:.2f}; "
+    if args.json:
+        import json
+
+        rows = [{"model": m, "threads": th, "path": path, "frames": r.frames, "seconds": r.seconds,
+                 "fps": r.rate, "pct_of_bare": 100 * r.rate / bare_of(m, th).rate, "encoder_busy": r.encoder_s / r.seconds,
+                 "device": args.device} for (m, th, path), r in R.items()]
+        Path(args.json).write_text(json.dumps({"rows": rows, "load": [load0[0], load_avg()[0]]}, indent=1))
+    console.print(f"load average at start {load0[0]:.2f}, at end {load_avg()[0]:.2f}; "
                   f"bench wall {now() - t_all:.0f}s")
     if not args.keep:
         shutil.rmtree(caches, ignore_errors=True)

@@ -39,12 +39,10 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
+from bench.common import (REPO, base_parser, console as make_console, demo_world, extract_cache, human,  # noqa: E402
+                          load_avg, make_table, name_list, now, secs)
 from bench.memprobe import reset_peak_rss, vm_status  # noqa: E402
 
 MODES = {
@@ -228,18 +226,8 @@ def child(args) -> None:
 
 
 # ----------------------------------------------------------------------------- parent
-def human(n) -> str:
-    from cache.store import human_bytes
-
-    return "-" if n is None else human_bytes(n)
-
-
-def secs(s: float) -> str:
-    return f"{s * 1000:.1f} ms" if s < 1 else f"{s:.2f} s"
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = base_parser(__doc__, quick="2 timed steps per mode", threads=False)
     ap.add_argument("--model", default="demo", help="open_clip model (default: the built-in 'demo', 64 px, 4x128)")
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--batch", type=int, default=8, help="videos per step")
@@ -261,33 +249,25 @@ def main() -> None:
         child(args)
         return
 
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=160)
-    t_all = time.perf_counter()
-    load0 = os.getloadavg()[0]
+    if args.quick:
+        args.steps = 2
+    console = make_console(160)
+    t_all = now()
+    load0 = load_avg()[0]
     scratch = Path(tempfile.mkdtemp(prefix="bench_finetune-"))
     try:
-        from pipeline.demo_data import DemoCfg, generate_demo
-
         per_class = max(2, -(-args.batch * 2 // 4))  # two global batches per epoch
-        ds = generate_demo(scratch / "data", DemoCfg(num_classes=4, train_per_class=per_class, val_per_class=1,
-                                                     frames=16, size=96, seed=0), progress=False)
-        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        spec = demo_world(scratch / "data", num_classes=4, train_per_class=per_class, val_per_class=1, frames=16,
+                          size=96, seed=0)
+        modes = name_list(args.modes)
         cache = scratch / "cache"
         if "text4vis-cache" in modes:
-            from pipeline.datasets import load_dataset
-            from stages.extract import ExtractCfg, plan_extraction, run_extraction
-
-            spec = load_dataset("demo", data_root=ds.root)
-            plan = plan_extraction(spec, ExtractCfg(model=args.model, frames=args.frames, layers="none",
-                                                    text="clip_single", workers=0), out=cache)
-            run_extraction(plan, progress=False, log=lambda *a: None)
+            extract_cache(spec, out=cache, model=args.model, frames=args.frames, layers="none", text="clip_single",
+                          workers=0)
         results = {}
         for mode in modes:
             out = scratch / f"{mode}.json"
-            cmd = [sys.executable, __file__, "--child", mode, "--json", str(out), "--data", str(ds.root),
+            cmd = [sys.executable, __file__, "--child", mode, "--json", str(out), "--data", str(scratch / "data"),
                    "--cache", str(cache), "--model", args.model, "--frames", str(args.frames), "--batch",
                    str(args.batch), "--layers", str(args.layers), "--steps", str(args.steps), "--workers",
                    str(args.workers), "--threads", str(args.threads), "--device", args.device, "--amp", args.amp]
@@ -305,11 +285,9 @@ def main() -> None:
     gpu = any_res["cuda_peak"] is not None
     title = (f"Stage three per step: {args.model}, {args.batch} videos x {args.frames} frames, "
              f"prompt / T-Trans {args.layers} layers, {any_res['device']}, decode workers {args.workers}")
-    table = Table(title=title)
     peak_name = "GPU peak allocated" if gpu else "peak RSS above start"
-    for c in ("mode", "trainable", "step (median)", "step (min)", "data wait", "compute (min)", "videos/s",
-              "saved for backward", peak_name, "RSS at start"):
-        table.add_column(c, justify="left" if c == "mode" else "right")
+    table = make_table(title, ("mode", "trainable", "step (median)", "step (min)", "data wait", "compute (min)",
+                               "videos/s", "saved for backward", peak_name, "RSS at start"))
     med = {m: statistics.median(r["step_s"]) for m, r in results.items()}
     # compute = step minus the wait for data; the minimum over steps is the least disturbed by other
     # processes on a shared machine, so the ratios below use it
@@ -321,9 +299,8 @@ def main() -> None:
                       human(r["saved_bytes"]), human(mem[mode]), human(r["rss_loop_start"]))
     console.print(table)
 
-    ratios = Table(title="Ratios (a / b)")
-    for c in ("a", "b", "step (median)", "compute (min)", "interleaved, same batch", "saved for backward", peak_name):
-        ratios.add_column(c, justify="left" if c in ("a", "b") else "right")
+    ratios = make_table("Ratios (a / b)", ("a", "b", "step (median)", "compute (min)", "interleaved, same batch",
+                                           "saved for backward", peak_name), left=("b",))
     paired_ratio = {}
     for a, b in (("actionclip+ckpt", "actionclip"), ("text4vis+ckpt", "text4vis"), ("text4vis", "text4vis-cache")):
         if a in results and b in results:
@@ -348,7 +325,7 @@ def main() -> None:
                       "(median, interleaved with steps without it in one process, on one batch).", highlight=False)
     console.print(f"{args.steps} timed steps per mode after 2 untimed (warm-up, saved-tensor count); losses finite: "
                   f"{all(r['loss_finite'] for r in results.values())}; load average {load0:.2f} at start, "
-                  f"{os.getloadavg()[0]:.2f} at end; total {time.perf_counter() - t_all:.0f}s.", highlight=False)
+                  f"{load_avg()[0]:.2f} at end; total {now() - t_all:.0f}s.", highlight=False)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
 

@@ -30,8 +30,8 @@ What is measured:
                index array through fancy indexing, ~150 B per element: ~17 GB for 8 ViT-B/16
                videos of patch tokens), the preload reads the same rows with slices instead;
                the training loop is unchanged (the table says which preload ran).
-   - streamed: (default with --quick) the same with ``IN_MEMORY_LIMIT = 0``: every item read
-               from Zarr per video, the path of any cache whose patch tokens exceed 2 GB.
+   - streamed: (default with --quick) the same, every item read from Zarr per video (nothing
+               preloaded: CacheSplit's path for arrays over its in-memory limit).
                Without it, table 1 estimates it as the cache epoch + one per-video read of all.
    - online:   the reference repositories' way: a DataLoader over the videos whose __getitem__
                decodes (``decode_clips`` with the cache's own deterministic TSN sampling, so the
@@ -69,7 +69,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import resource
 import math
 import os
 import shutil
@@ -77,27 +76,22 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import (base_parser, console as make_console, cpu_self as cpu_seconds, demo_world,  # noqa: E402
+                          extract_cache, human, load_avg, make_table, name_list, now)
 from bench.memprobe import reset_peak_rss, vm_status  # noqa: E402
-from cache.store import artifacts_root, human_bytes as human  # noqa: E402
 
-now = time.perf_counter
 MB = 1 << 20
-# zarr 3.1 reads an integer-array index over N (what CacheSplit's in-memory preload passes to
-# FeatureStore.read) through numpy fancy indexing of every chunk: measured here at ~115-150
-# bytes of transient memory per element read (and 20-60x slower than a slice). The bench never
-# lets that path run where it would take more than this much memory.
+# zarr 3.1 read an integer-array index through numpy fancy indexing at ~115-150 bytes of scratch
+# memory per element; FeatureStore.read now reads index arrays as runs of slices. The probe
+# below still measures an index-array read against a slice, only where this much would fit.
 FANCY_BYTES_PER_ELEMENT = 160
 
 
@@ -108,41 +102,53 @@ def mem_available() -> int:
     return 8 << 30
 
 
-def fancy_budget() -> int:
-    return min(2 << 30, mem_available() // 4)
-
-
 def fancy_cost(spec, n: int) -> int:
     return n * math.prod(spec.shape) * FANCY_BYTES_PER_ELEMENT
 
 
-def runs(rows) -> list[tuple[int, int]]:
-    """Sorted distinct rows -> [start, stop) runs of consecutive rows."""
-    rows = [int(r) for r in rows]
-    out: list[tuple[int, int]] = []
-    for r in rows:
-        if out and r == out[-1][1]:
-            out[-1] = (out[-1][0], r + 1)
-        else:
-            out.append((r, r + 1))
-    return out
+def fits(spec, n: int) -> bool:
+    """n videos of ``spec`` as float32 fit in a quarter of the available memory."""
+    return 4 * n * math.prod(spec.shape) <= mem_available() // 4
 
 
-def run_sliced_split():
-    """CacheSplit whose in-memory preload reads runs of consecutive videos with slices (the
-    suggested fix) instead of one integer-array index; the training loop is unchanged."""
-    from stages.cache_data import CacheSplit
+class PerVideoSplit(torch.utils.data.Dataset):
+    """CacheSplit's streamed path from public names only: every item read from Zarr per video
+    (FeatureStore.read of the head's layers), nothing preloaded; the same views and tensors."""
 
-    class RunSlicedSplit(CacheSplit):
-        def _read(self, name, rows):
-            if np.ndim(rows) == 0 or isinstance(rows, slice):
-                return super()._read(name, rows)
-            rows = np.asarray(rows)
-            if np.any(np.diff(rows) <= 0):
-                return super()._read(name, rows)
-            return np.concatenate([super(RunSlicedSplit, self)._read(name, slice(a, b)) for a, b in runs(rows)])
+    def __init__(self, store, inputs, indices):
+        from stages.cache_data import pixel_stats
 
-    return RunSlicedSplit
+        self.store, self.inputs, self.indices = store, inputs, np.asarray(indices)
+        self.labels = store.labels(inputs.split)[self.indices]
+        self.wanted = inputs.array_names()
+        self.views = store.specs(inputs.split)[self.wanted[0]].shape[0]
+        self.mean, self.std = pixel_stats(store.meta)
+        self.memory: dict = {}
+        self.epoch_seed = 0
+
+    def set_epoch(self, epoch: int, seed: int) -> None:
+        from stages.cache_data import epoch_seed
+
+        self.epoch_seed = epoch_seed(epoch, seed)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        from stages.cache_data import view_pick, view_tensor
+
+        item = {"label": torch.tensor(self.labels[i])}
+        pick = view_pick(self.epoch_seed, i, self.views, True)
+        for name in self.wanted:
+            arr = self.store.read(self.inputs.split, name, int(self.indices[i]), layers=self.inputs.layer_pos(name))
+            item[name] = view_tensor(name, arr, pick, True, self.mean, self.std)
+        return item
+
+
+def to_device(batch: dict, device: str) -> dict:
+    if device == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------- settings
@@ -169,6 +175,7 @@ class Settings:
     max_epochs: int = 3
     streamed: bool = False      # also run the per-video Zarr ("streamed") cache mode
     threads: int = 1            # torch intra-op threads in every timed subprocess
+    device: str = "cpu"         # where the heads (and the online backbone) run
 
 
 def settings(quick: bool) -> Settings:
@@ -186,11 +193,6 @@ def settings(quick: bool) -> Settings:
 
 
 # ----------------------------------------------------------------------------- small helpers
-def cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 def mbps(x: float) -> str:
     x /= MB
     return f"{x:,.0f}" if x >= 100 else f"{x:.1f}" if x >= 1 else f"{x:.2f}"
@@ -299,7 +301,7 @@ class DecodedVideos(torch.utils.data.Dataset):
 class OnlineBackbone:
     """FrozenCLIP with exactly the taps a head reads; turns decoded frames into the head's batch."""
 
-    def __init__(self, store, head, model_name: str, seed: int):
+    def __init__(self, store, head, model_name: str, seed: int, device: str = "cpu"):
         from stages.backbone import BackboneInfo, FrozenCLIP, load_clip, model_config
         from stages.heads import resolve_layers
 
@@ -310,19 +312,20 @@ class OnlineBackbone:
         self.patch_layers = resolve_layers(keys.patch_layers, info.depth)
         layers = tuple(sorted(set(self.cls_layers) | set(self.patch_layers)))
         model = load_clip(model_name, None, device="cpu", seed=seed)
-        self.frozen = FrozenCLIP(model, layers, bool(self.patch_layers), info, device="cpu")
+        self.frozen = FrozenCLIP(model, layers, bool(self.patch_layers), info, device=device)
+        self.device = device
         del model  # only the vision tower stays referenced
         self.cls_pos = [layers.index(x) for x in self.cls_layers]
         self.patch_pos = [layers.index(x) for x in self.patch_layers]
         self.info = info
 
     def batch(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        x = raw["video"]  # (B, T, 3, S, S)
+        x = raw["video"].to(self.device, non_blocking=True)  # (B, T, 3, S, S)
         B, T = x.shape[:2]
         with torch.no_grad():
             out = self.frozen(x.flatten(0, 1))
         # clone(): FrozenCLIP runs in inference mode; its tensors cannot be saved for backward.
-        batch = {"label": raw["label"]}
+        batch = {"label": raw["label"].to(self.device)}
         if self.keys.frame_emb:
             batch["frame_emb"] = out["frame_emb"].reshape(B, T, -1).clone()
         if self.cls_layers:
@@ -337,18 +340,19 @@ class OnlineBackbone:
 
 # ----------------------------------------------------------------------------- child: one mode of one head
 def child(spec: dict) -> dict:
-    import stages.cache_data as CD
     from cache.store import open_store
     from stages.cache_data import CacheSplit, check_cache_for_head, select_videos
     from stages.video import SamplingCfg
 
     mode, run = spec["mode"], HeadRun(**spec["head"])
+    device = spec.get("device", "cpu")
     B = spec["batch"]
     torch.set_num_threads(spec["threads"])
     rss_imports = vm_status("VmRSS")
     t_setup = now()
     store = open_store(spec["cache"])
     head, cfg = make_head(store, run)
+    head.to(device)
     keys = head.data_keys()
     idx = select_videos(store, "train")
     n = len(idx)
@@ -357,23 +361,15 @@ def child(spec: dict) -> dict:
     opt, sched = make_optimizer(head, cfg, steps, epochs)
     tm = Timers()
     if mode in ("cache", "streamed"):
-        if mode == "streamed":
-            CD.IN_MEMORY_LIMIT = 0  # every array read per video from Zarr in __getitem__
         inputs = check_cache_for_head(store, keys, run.name, ["train"])
-        specs = store.specs("train")
-        names = [k for k, on in (("frame_emb", keys.frame_emb), ("cls", bool(inputs["train"].cls_layers)),
-                                 ("patch", bool(inputs["train"].patch_layers)), ("frames", keys.frames)) if on]
-        est = sum(fancy_cost(specs[k], n) for k in names if specs[k].nbytes() * n <= CD.IN_MEMORY_LIMIT)
-        if est > fancy_budget():
-            preload = f"run-sliced (stock would need ~{human(est)})"
-            data = run_sliced_split()(store, inputs["train"], idx, train=True)
+        if mode == "streamed":
+            preload, data = "none (per video)", PerVideoSplit(store, inputs["train"], idx)
         else:
-            preload = "stock" if mode == "cache" else "none (per video)"
-            data = CacheSplit(store, inputs["train"], idx, train=True)
-        in_memory = sorted(data.memory)
+            preload, data = "stock", CacheSplit(store, inputs["train"], idx, train=True)
+        in_memory = sorted(getattr(data, "memory", {}))
         backbone = None
     else:
-        backbone = OnlineBackbone(store, head, spec["model"], seed=store.info.config.init_seed)
+        backbone = OnlineBackbone(store, head, spec["model"], seed=store.info.config.init_seed, device=device)
         items = [store.items("train")[i] for i in idx]
         samp = SamplingCfg(store.info.dims.frames, "segment", 8, 1, 1)  # the cache's own sampling
         data = DecodedVideos(items, samp, backbone.info.image_size, backbone.frozen.mean, backbone.frozen.std, tm)
@@ -406,7 +402,7 @@ def child(spec: dict) -> dict:
                     batch = backbone.batch(raw)
                 last = {"index": index, "batch": batch}
             else:
-                batch = raw
+                batch = to_device(raw, device)
             losses.append(head_step(head, batch, opt, sched, cfg, timers))
         return now() - t0, cpu_seconds() - c0, losses, last
 
@@ -482,7 +478,7 @@ def compare_with_cache(store, last: dict, head, idx) -> dict:
                 ref = ref[:, [cached.index(x) for x in resolve_layers(keys.cls_layers, depth)]]
             elif name == "patch":
                 ref = ref[:, [cached.index(x) for x in resolve_layers(keys.patch_layers, depth)]]
-            got = tensor[b].numpy()
+            got = tensor[b].float().cpu().numpy()
             errs.append(float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12)))
         out[name] = max(errs)
     if "frames" in last["batch"]:
@@ -492,7 +488,7 @@ def compare_with_cache(store, last: dict, head, idx) -> dict:
         for b, row in enumerate(rows):
             u8 = torch.from_numpy(store.read("train", "frames", row)[0])  # (T, S, S, 3)
             ref = (u8.movedim(-1, -3).float() / 255.0 - mean) / std
-            diffs.append(float((last["batch"]["frames"][b] - ref).abs().max()))
+            diffs.append(float((last["batch"]["frames"][b].cpu() - ref).abs().max()))
         out["frames"] = max(diffs)
     return out
 
@@ -500,19 +496,14 @@ def compare_with_cache(store, last: dict, head, idx) -> dict:
 # ----------------------------------------------------------------------------- parent: FLOPs
 def head_flops(store, run: HeadRun, B: int) -> tuple[int, int, int]:
     """(forward+backward, forward, B) FLOPs of the head on one real cache batch of B videos."""
-    import stages.cache_data as CD
     from torch.utils.flop_counter import FlopCounterMode
 
-    from stages.cache_data import CacheSplit, check_cache_for_head, select_videos
+    from stages.cache_data import check_cache_for_head, select_videos
 
     head, _ = make_head(store, run)
     inputs = check_cache_for_head(store, head.data_keys(), run.name, ["train"])
     idx = select_videos(store, "train")[:B]
-    limit, CD.IN_MEMORY_LIMIT = CD.IN_MEMORY_LIMIT, 0  # per-video reads (see FANCY_BYTES_PER_ELEMENT)
-    try:
-        data = CacheSplit(store, inputs["train"], idx, train=True)
-    finally:
-        CD.IN_MEMORY_LIMIT = limit
+    data = PerVideoSplit(store, inputs["train"], idx)
     batch = collate([data[i] for i in range(len(data))])
     head.train()
     with FlopCounterMode(display=False) as fc:
@@ -593,7 +584,7 @@ def layer_index(pos: list[int]):
 
 
 def read_rates(store, run: HeadRun) -> dict:
-    from stages.cache_data import IN_MEMORY_LIMIT, check_cache_for_head, select_videos
+    from stages.cache_data import check_cache_for_head, select_videos
     from stages.heads import resolve_layers
 
     head, _ = make_head(store, run)
@@ -652,12 +643,12 @@ def read_rates(store, run: HeadRun) -> dict:
             layers = inputs.cls_layers if k == "cls" else inputs.patch_layers
             size = size * len(layers) / len(cached)
         used += size
-    bulk_cost = sum(fancy_cost(specs[k], n) for k in wanted if specs[k].nbytes() * n <= IN_MEMORY_LIMIT)
+    bulk_cost = sum(4 * n * math.prod(specs[k].shape) for k in wanted)  # float32 bytes of the result
     contiguous = bool(np.all(np.diff(idx) == 1))
     out = {"arrays": wanted, "bytes": nbytes, "useful_bytes": used, "files": len(files), "videos": n,
            "bulk_cost": bulk_cost}
     methods = [("plain", plain), ("zarr per video", zarr_per_video), ("zarr per video fp16", zarr_per_video_fp16)]
-    if bulk_cost <= fancy_budget():
+    if all(fits(specs[k], n) for k in wanted):
         methods.append(("zarr bulk", zarr_bulk))
     if contiguous:
         methods.append(("zarr slice", zarr_slice))
@@ -688,11 +679,7 @@ def run_child(spec: dict, scratch: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help='the built-in "demo" backbone (about 1-2 minutes)')
-    ap.add_argument("--workdir", default=str(artifacts_root() / "bench_train"),
-                    help="data, cache and scratch folder (default: artifacts/bench_train)")
+    ap = base_parser(__doc__, "bench_train", quick='the built-in "demo" backbone (about 1-2 minutes)', device="cpu")
     ap.add_argument("--per-class", type=int, default=0, help="train videos per class (4 classes)")
     ap.add_argument("--batch", type=int, default=0, help="videos per step")
     ap.add_argument("--heads", default="", help="comma list among evl,side4video,text4vis")
@@ -701,6 +688,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads in the timed subprocesses (default 1: robust on a shared machine)")
     ap.add_argument("--json", default="", help="also write all figures to this JSON file")
+    ap.add_argument("--no-read", action="store_true", help="skip the cache read rates (table 3)")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -715,16 +703,14 @@ def main() -> None:
         Path(spec["out"]).write_text(json.dumps(res))
         return
 
-    from rich.console import Console
-    from rich.table import Table
-
     from cache.store import open_store
-    from pipeline.datasets import load_dataset
-    from pipeline.demo_data import DemoCfg, generate_demo
-    from stages.extract import ExtractCfg, plan_extraction, run_extraction
+    from stages.dist import check_device
 
-    console = Console(width=240)
+    check_device(args.device)
+    console = make_console(240)
     S = settings(args.quick)
+    S.device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
+        "cpu" if args.device == "auto" else args.device
     if args.per_class:
         S.per_class = args.per_class
     if args.batch:
@@ -734,32 +720,27 @@ def main() -> None:
     if args.threads:
         S.threads = args.threads
     if args.heads:
-        keep = [h.strip() for h in args.heads.split(",") if h.strip()]
+        keep = name_list(args.heads)
         S.heads = [h for h in S.heads if h.name in keep]
     work = Path(args.workdir) / ("quick" if args.quick else "full")
     scratch = work / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
-    t_all, load0 = now(), os.getloadavg()
+    t_all, load0 = now(), load_avg()
 
     # 1. data + one cache
-    demo = DemoCfg(num_classes=S.classes, train_per_class=S.per_class, val_per_class=1, frames=S.video_frames,
-                   size=S.video_size)
     data_dir = work / f"demo-{S.classes}x{S.per_class}-{S.video_frames}f-{S.video_size}px"
     t = now()
-    generate_demo(data_dir, demo, progress=False)
-    ds = load_dataset("demo", data_root=data_dir)
-    ds = replace(ds, splits={"train": ds.splits["train"]})  # only the split that is trained on
+    ds = demo_world(data_dir, train_only=True, num_classes=S.classes, train_per_class=S.per_class,  # trained on
+                    val_per_class=1, frames=S.video_frames, size=S.video_size)
     gen_s = now() - t
-    ecfg = ExtractCfg(model=S.model, frames=S.frames, layers="all", patch=True, store_frames=True,
-                      text="clip_single", device="cpu")
-    plan = plan_extraction(ds, ecfg, out=work / f"cache-{S.model}")
     t = now()
-    ext = run_extraction(plan, progress=False, log=lambda *a: None)
+    plan, ext = extract_cache(ds, out=work / f"cache-{S.model}", model=S.model, frames=S.frames, layers="all",
+                              patch=True, store_frames=True, text="clip_single", device=S.device)
     ext_s = now() - t
     store = open_store(plan.path)
     n_videos = len(ds.splits["train"])
     console.print(f"[bold]clipcache stage-two bench[/] ({'quick' if args.quick else 'full'}): {os.cpu_count()} cores, "
-                  f"torch {torch.__version__}, CPU. Load average at start "
+                  f"torch {torch.__version__}, {S.device}. Load average at start "
                   f"{load0[0]:.2f}.", highlight=False)
     console.print(f"data: {n_videos} train videos ({S.classes} classes x {S.per_class}), {S.video_frames} frames "
                   f"{S.video_size}px h264 (made/reused in {gen_s:.1f}s); cache {plan.path.name}: {S.model} random init, "
@@ -774,7 +755,8 @@ def main() -> None:
         fl = count_flops(store, run, S.model, S.batch)
         r = {"flops": fl, "flops_s": now() - t}
         base = {"cache": str(plan.path), "head": run.__dict__, "batch": S.batch, "model": S.model,
-                "max_epochs": S.max_epochs, "min_epochs": S.min_epochs, "threads": S.threads, "cache_min_s": S.cache_min_s, "scratch": str(scratch)}
+                "max_epochs": S.max_epochs, "min_epochs": S.min_epochs, "threads": S.threads, "cache_min_s": S.cache_min_s, "scratch": str(scratch),
+                "device": S.device}
         modes = ["cache"] + (["streamed"] if S.streamed else []) + ["online"]
         for mode in modes:
             t = now()
@@ -783,7 +765,7 @@ def main() -> None:
                           f"(subprocess {now() - t:.0f}s)", highlight=False)
         results[run.name] = r
     for run in S.heads:
-        results[run.name]["read"] = read_rates(store, run)
+        results[run.name]["read"] = {} if args.no_read else read_rates(store, run)
     # CacheSplit's preload (FeatureStore.read with an index array) on ONE video's patch tokens,
     # against a slice, in a fresh process (clean peak RSS); only where it fits in memory.
     probe = None
@@ -792,12 +774,11 @@ def main() -> None:
         probe = run_child({"mode": "probe", "cache": str(plan.path), "array": "patch", "videos": 1}, scratch)
 
     # ------------------------------------------------------------------ table 1
-    t1 = Table(title=f"Epoch time: head trained from the cache vs the same head on frozen {S.model} run online on "
-                     f"decoded frames ({n_videos} videos, B={S.batch}, T={S.frames}, CPU, one run)")
-    cols = ["head", "trainable", "cache epoch", "online epoch", "measured ratio", "(CPU-s ratio)", "FLOP ceiling",
-            "closeness", "(CPU-s)", "streamed epoch (ratio)", "peak RSS cache", "peak RSS online", "Zarr read", "plain read"]
-    for c in cols:
-        t1.add_column(c, justify="left" if c == "head" else "right")
+    t1 = make_table(f"Epoch time: head trained from the cache vs the same head on frozen {S.model} run online on "
+                    f"decoded frames ({n_videos} videos, B={S.batch}, T={S.frames}, {S.device}, one run)",
+                    ["head", "trainable", "cache epoch", "online epoch", "measured ratio", "(CPU-s ratio)",
+                     "FLOP ceiling", "closeness", "(CPU-s)", "streamed epoch (ratio)", "peak RSS cache",
+                     "peak RSS online", "Zarr read", "plain read"])
     for run in S.heads:
         r = results[run.name]
         c = statistics.median(r["cache"]["epoch_s"])
@@ -808,6 +789,8 @@ def main() -> None:
         if "streamed" in r:
             st = statistics.median(r["streamed"]["epoch_s"])
             streamed = f"{secs(st)} ({ratio(o / st)})"
+        elif not rd:
+            streamed = "-"
         else:  # the in-memory epoch plus one per-video Zarr read of every video (measured in table 3)
             st = c + rd["zarr per video"]["warm"]
             streamed = f"~{secs(st)} ({ratio(o / st)}) est."
@@ -816,8 +799,8 @@ def main() -> None:
         t1.add_row(run.label, f"{r['cache']['trainable']:,}", secs(c), secs(o), ratio(meas), ratio(oc / cc),
                    ratio(ceil), f"{100 * meas / ceil:.0f}%", f"{100 * oc / cc / ceil:.0f}%", streamed,
                    human(r["cache"]["peak_process"]), human(r["online"]["peak_process"]),
-                   f"{mbps(rd['bytes'] / rd['zarr per video']['warm'])} MB/s",
-                   f"{mbps(rd['bytes'] / rd['plain']['warm'])} MB/s")
+                   f"{mbps(rd['bytes'] / rd['zarr per video']['warm'])} MB/s" if rd else "-",
+                   f"{mbps(rd['bytes'] / rd['plain']['warm'])} MB/s" if rd else "-")
     console.print(t1)
     console.print("measured ratio = online epoch / cache epoch, wall time (CPU seconds of the process in brackets: "
                   "less sensitive to other load on the machine). cache = CacheSplit as train_head builds it (arrays "
@@ -829,11 +812,10 @@ def main() -> None:
                   highlight=False)
 
     # ------------------------------------------------------------------ table 2
-    t2 = Table(title="Where an epoch goes (seconds per epoch; GFLOP/s achieved in the timed epochs)")
-    for c in ("head", "mode", "epoch", "CPU s", "data", "of which decode", "backbone", "head fwd", "head bwd",
-              "AdamW+sched", "other", "backbone GFLOP/s", "head GFLOP/s", "RSS imports", "RSS setup",
-              "peak RSS loop", "setup"):
-        t2.add_column(c, justify="left" if c in ("head", "mode") else "right")
+    t2 = make_table("Where an epoch goes (seconds per epoch; GFLOP/s achieved in the timed epochs)",
+                    ("head", "mode", "epoch", "CPU s", "data", "of which decode", "backbone", "head fwd", "head bwd",
+                     "AdamW+sched", "other", "backbone GFLOP/s", "head GFLOP/s", "RSS imports", "RSS setup",
+                     "peak RSS loop", "setup"), left=("mode",))
     for run in S.heads:
         r = results[run.name]
         fl = r["flops"]
@@ -862,18 +844,17 @@ def main() -> None:
                   "+ building the head's batch; timers are per-epoch means, 'epoch' the median.", highlight=False)
 
     # ------------------------------------------------------------------ table 3
-    t3 = Table(title="Cache read rate, MB/s of on-disk bytes (the arrays each head reads, all videos; cold / warm)")
-    for c in ("head", "arrays", "on disk", "head's layers", "plain read", "Zarr per video", "same, no fp32 cast",
-              "Zarr bulk (preload)",
-              "Zarr one slice", "Zarr, head's layers", "ms/video (Zarr, warm)"):
-        t3.add_column(c, justify="left" if c in ("head", "arrays") else "right")
-    for run in S.heads:
+    t3 = make_table("Cache read rate, MB/s of on-disk bytes (the arrays each head reads, all videos; cold / warm)",
+                    ("head", "arrays", "on disk", "head's layers", "plain read", "Zarr per video",
+                     "same, no fp32 cast", "Zarr bulk (preload)", "Zarr one slice", "Zarr, head's layers",
+                     "ms/video (Zarr, warm)"), left=("arrays",))
+    for run in S.heads if not args.no_read else []:
         rd = results[run.name]["read"]
         b = rd["bytes"]
 
         def rate(k: str, useful: bool = False) -> str:
             if k not in rd:
-                return "not run" if k != "zarr bulk" else f"not run (~{human(rd['bulk_cost'])})"
+                return "not run" if k != "zarr bulk" else f"not run (~{human(rd['bulk_cost'])} as float32)"
             x = rd["useful_bytes"] if useful else b
             return f"{mbps(x / rd[k]['cold'])} / {mbps(x / rd[k]['warm'])}"
 
@@ -881,10 +862,11 @@ def main() -> None:
                    rate("zarr per video"), rate("zarr per video fp16"), rate("zarr bulk"), rate("zarr slice"),
                    rate("zarr layer-sliced", useful=True) + " *",
                    f"{1000 * rd['zarr per video']['warm'] / rd['videos']:.1f}")
-    console.print(t3)
-    console.print("* useful bytes (only the head's layers) per second. Zarr bulk = FeatureStore.read with the "
-                  "index array CacheSplit passes when it preloads (not run where it would need the memory shown).",
-                  highlight=False)
+    if not args.no_read:
+        console.print(t3)
+        console.print("* useful bytes (only the head's layers) per second. Zarr bulk = FeatureStore.read with the "
+                      "index array CacheSplit passes when it preloads (not run where it would need the memory shown).",
+                      highlight=False)
 
     # ------------------------------------------------------------------ notes
     for run in S.heads:
@@ -916,11 +898,11 @@ def main() -> None:
                       f"FeatureStore.read(split, 'patch', np.arange(1)) {secs(ia['seconds'])}, peak +{human(ia['peak_extra'])}; "
                       f"the same rows as slice(0, 1): {secs(sl['seconds'])}, peak +{human(sl['peak_extra'])}.",
                       highlight=False)
-    dropped = all(results[r.name]["read"]["plain"].get("dropped", False) for r in S.heads)
+    dropped = all(results[r.name]["read"].get("plain", {}).get("dropped", False) for r in S.heads)
     console.print(f"cold reads: page cache of the cache files dropped with posix_fadvise(DONTNEED) "
                   f"{'(ok)' if dropped else '(FAILED: cold = warm)'}; timed cache epochs: median of "
                   f"{', '.join(str(len(results[r.name]['cache']['epoch_s'])) for r in S.heads)} after 1 warm-up epoch; "
-                  f"online: 1 epoch after 1 warm-up step. Load average at end {os.getloadavg()[0]:.2f}; "
+                  f"online: 1 epoch after 1 warm-up step. Load average at end {load_avg()[0]:.2f}; "
                   f"total {now() - t_all:.0f}s.", highlight=False)
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": {"model": S.model, "videos": n_videos, "batch": S.batch,

@@ -9,18 +9,15 @@ view and the head's layers. Prints ms per sample and the ratio, measured side by
 
 from __future__ import annotations
 
-import argparse
 import io
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from bench.common import base_parser, best_of, console, make_table  # noqa: E402
 
 from cache.quant import QUANT_SUFFIXES, dequantize_int8, quantize_int8  # noqa: E402
 from cache.wds import npy_bytes, sample_array  # noqa: E402
@@ -57,32 +54,27 @@ def _select_then_convert(sample: dict, name: str, dtype: str, layers: list[int])
 
 
 def _ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * float(np.median(times))
+    return 1000 * best_of(fn, repeats, warmup=1).median
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = base_parser(__doc__, quick="5 repeats instead of --repeats")
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
+    repeats = 5 if args.quick else args.repeats
     rng = np.random.default_rng(0)
-    table = Table("case", "stored MB", "convert, select ms", "select, convert ms", "speed-up",
-                  title="WebDataset sample -> head input (median of runs, one process)")
+    table = make_table("WebDataset sample -> head input (median of runs, one process)",
+                       ("case", "stored MB", "convert, select ms", "select, convert ms", "speed-up"))
     for label, name, dtype, shape, layers in CASES:
         sample = _sample(name, dtype, shape, rng)
         a = _convert_then_select(sample, name, dtype, layers)
         b = _select_then_convert(sample, name, dtype, layers)
         assert np.array_equal(a, b), label  # the same input either way
-        old = _ms(lambda: _convert_then_select(sample, name, dtype, layers), args.repeats)
-        new = _ms(lambda: _select_then_convert(sample, name, dtype, layers), args.repeats)
+        old = _ms(lambda: _convert_then_select(sample, name, dtype, layers), repeats)
+        new = _ms(lambda: _select_then_convert(sample, name, dtype, layers), repeats)
         size = sum(len(v) for v in sample.values()) / 1e6
         table.add_row(label, f"{size:.1f}", f"{old:.2f}", f"{new:.2f}", f"{old / new:.1f}x")
-    Console(width=130).print(table)
+    console(130).print(table)
 
 
 if __name__ == "__main__":

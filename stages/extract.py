@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import shutil
 import sys
 import time
@@ -399,8 +400,18 @@ class ExtractResult:
     seconds: float = 0.0
     encode_seconds: float = 0.0       # wall time of the decode + encode + write phase
     encoder_seconds: float = 0.0      # of which the encoder ran (GPU: synchronised)
+    # where the rest of the encode phase went (main thread unless noted; bench/bench_extract.py)
+    loader_wait_seconds: float = 0.0  # waiting for the next decoded video (worker start-up included)
+    prepare_seconds: float = 0.0      # a batch's uint8 frames gathered, copied to the device, normalised
+    output_seconds: float = 0.0       # encoder outputs to fp16 numpy, split per video into shard buffers
+    write_wait_seconds: float = 0.0   # waiting for the writer thread (2 shards in flight at most; the end)
+    writer_seconds: float = 0.0       # the writer thread's shard writes (int8: quantisation included)
+    encoder_cpu_seconds: float = 0.0  # process CPU seconds while the encoder ran (all its threads)
+    cpu_seconds: float = 0.0          # process CPU seconds of the encode phase (main, writer, w=0 decode)
+    worker_cpu_seconds: float = 0.0   # CPU seconds of the decode worker processes
     device: str = "cpu"
     workers: int = 0
+    threads: int = 0                  # torch threads the encoder ran with
     summary: dict = field(default_factory=dict)
 
     @property
@@ -633,11 +644,14 @@ def encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, re
     log(f"encoding {len(jobs)} video(s) on {device} ({cfg.batch_frames} frames per encoder call); decoding in "
         f"{where}: decord where its random access is exact for the file, PyAV otherwise (`cache info` says "
         "which read each video)")
+    cpu0, threads0 = (time.process_time(), _children_cpu()), torch.get_num_threads()
     if not device.startswith("cuda"):
         # On CPU the decode workers and the writer share the cores with the encoder; measured on
         # 2 cores (bench/bench_extract.py), an encoder with every core's thread lost 1.6-2x CPU
-        # per frame to contention, so leave the workers their cores.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
+        # per frame to contention, so leave the workers their cores; and never more threads than
+        # this process was given (torch.set_num_threads, OMP_NUM_THREADS): restored at the end.
+        torch.set_num_threads(max(1, min(threads0, (os.cpu_count() or 1) - workers)))
+    result.threads = torch.get_num_threads()
     resize = resize_side(plan.info.image_size, plan.cfg.resize_ratio)
     loader = DataLoader(_DecodeJobs(jobs, sampling, plan.info.image_size, resize, cfg.hash_sources, banks),
                         batch_size=1, shuffle=False, num_workers=workers, collate_fn=_first,
@@ -673,15 +687,23 @@ def encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, re
         bar.update(1)
         if buf.remaining == 0:
             del buffers[key]
+            tw = time.perf_counter()
             while len(pending_writes) >= 2:  # bound memory held by shards waiting for the disk
                 pending_writes.pop(0).result()
-            pending_writes.append(writer.submit(store.write_shard, buf.split, buf.shard, buf.arrays,
+            result.write_wait_seconds += time.perf_counter() - tw
+            pending_writes.append(writer.submit(timed_write, buf.split, buf.shard, buf.arrays,
                                                 buf.status, buf.failures, sorted(buf.videos, key=lambda v: v["index"])))
+
+    def timed_write(*args) -> None:
+        tw = time.perf_counter()
+        store.write_shard(*args)
+        result.writer_seconds += time.perf_counter() - tw
 
     def flush() -> None:
         nonlocal queue, queued_frames
         if not queue:
             return
+        tp = time.perf_counter()
         parts = [torch.from_numpy(v).reshape(-1, *v.shape[2:]) for _, _, v, _ in queue]  # (F_i, S, S, 3) uint8
         if staging is None:
             x = torch.cat(parts)
@@ -692,11 +714,15 @@ def encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, re
                                          pin_memory=True)
             x = torch.cat(parts, out=staging[0][:n])  # reused next call: the encoder below syncs first
         x = normalize(x.to(device, non_blocking=True), frozen.mean, frozen.std)  # (F, 3, S, S), uint8 on the bus
-        te = time.perf_counter()
+        te, ce = time.perf_counter(), time.process_time()
+        result.prepare_seconds += te - tp
         outs = frozen(x)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        result.encoder_seconds += time.perf_counter() - te
+        to = time.perf_counter()
+        result.encoder_seconds += to - te
+        result.encoder_cpu_seconds += time.process_time() - ce
+        ww = result.write_wait_seconds
         outs = {k: v.half().cpu().numpy() for k, v in outs.items()}  # fp16 is what the shard holds: half the copy
         pos = 0
         for split, index, views, info in queue:
@@ -711,6 +737,7 @@ def encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, re
             finish(split, index, per, None, info)
             pos += n
         queue, queued_frames = [], 0
+        result.output_seconds += time.perf_counter() - to - (result.write_wait_seconds - ww)  # finish() may wait
 
     def show_rates(refresh: bool = False) -> None:
         """Videos/s and frames/s as they are encoded (frames count once the encoder returned them)."""
@@ -719,9 +746,11 @@ def encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, re
         bar.set_postfix_str(f"{(result.videos + result.failed) / elapsed:.1f} v/s, {fps}, failed {result.failed}",
                             refresh=refresh)
 
+    tl = time.perf_counter()
     batches = iter(loader)
     try:
         for split, index, views, reason, info in batches:
+            result.loader_wait_seconds += time.perf_counter() - tl
             if info is not None and "view_params" in info:
                 params[(split, index)] = info.pop("view_params")
             if views is None:
@@ -732,10 +761,13 @@ def encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, re
                 if queued_frames >= cfg.batch_frames:
                     flush()
             show_rates()
+            tl = time.perf_counter()
         flush()
         show_rates(refresh=True)
+        tw = time.perf_counter()
         for fut in pending_writes:
             fut.result()
+        result.write_wait_seconds += time.perf_counter() - tw
         result.encode_seconds = time.perf_counter() - t0
     finally:
         # A stop (Interrupted, an error) lands here too: shut the decode workers down now (the
@@ -748,6 +780,14 @@ def encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, re
         del batches
         bar.close()
         writer.shutdown(wait=True)
+        torch.set_num_threads(threads0)
+        result.cpu_seconds = time.process_time() - cpu0[0]
+        result.worker_cpu_seconds = _children_cpu() - cpu0[1]  # the workers were joined above
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def free_bytes(path: Path) -> int:
