@@ -32,7 +32,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from stages.cache_data import pixel_stats, view_pick
+from stages.backbone import CLIP_MEAN, CLIP_STD
+from stages.cache_data import CacheSplit, view_pick
 
 __all__ = ["PRELOAD_FRACTION", "PRELOAD_LIMIT", "SHUFFLES", "PRELOADS", "device_batch", "dequantize_int8_torch",
            "epoch_plan", "block_order", "ZarrBatches", "CacheLoader", "WdsLoader", "train_loader", "eval_loader",
@@ -96,8 +97,8 @@ def device_batch(batch: dict[str, torch.Tensor], device: torch.device | str, tra
         else:
             x = pick(moved[name])
             if name == "frames":
-                m = (mean if mean is not None else pixel_stats({})[0]).to(device)
-                s = (std if std is not None else pixel_stats({})[1]).to(device)
+                m = (mean if mean is not None else torch.tensor(CLIP_MEAN).view(3, 1, 1)).to(device)
+                s = (std if std is not None else torch.tensor(CLIP_STD).view(3, 1, 1)).to(device)
                 x = (x.movedim(-1, -3).float() / 255.0 - m) / s
             else:
                 x = x.float()
@@ -527,6 +528,11 @@ def eval_loader(data, batch_size: int, device, workers: int = 0, preload: str = 
     positions = list(range(len(data)))
     if isinstance(data, Subset):
         positions, data = [int(i) for i in data.indices], data.dataset
+    if not isinstance(data, CacheSplit):  # items already in memory (stage three's embeddings): batched as they are
+        from torch.utils.data import DataLoader
+
+        from stages.evaluate import collate_items
+        return DataLoader(Subset(data, positions), batch_size=batch_size, collate_fn=collate_items)
     plan = [positions[i:i + batch_size] for i in range(0, len(positions), batch_size)]
     return CacheLoader(make_source(data, preload), plan, device, workers=workers, masked=False,
                        seed=data.epoch_seed)
