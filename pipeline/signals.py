@@ -102,6 +102,11 @@ def _unraisable(unraisable) -> None:
         timer.daemon = True
         timer.start()
         return
+    if _received is not None and os.getpid() == _main_pid:
+        # a stop is under way: what the interrupted objects report as they are torn down (a
+        # DataLoader iterator stopped half-built: "no attribute '_shutdown'") is its echo, not
+        # news; the command ends with the one line
+        return
     (_previous_hook or sys.__unraisablehook__)(unraisable)
 
 
