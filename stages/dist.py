@@ -15,7 +15,7 @@ import os
 import numpy as np
 import torch
 
-__all__ = ["DistContext", "rank_batches", "dist_device", "check_device"]
+__all__ = ["DistContext", "rank_batches", "rank_slices", "dist_device", "check_device"]
 
 
 class DistContext:
@@ -116,8 +116,14 @@ def rank_batches(n: int, batch_size: int, world: int, rank: int, seed: int, epoc
                  shuffle: bool) -> list[list[int]]:
     """This rank's slice of every global batch; -1 marks padding (masked out)."""
     order = np.random.default_rng([seed, epoch, 7]).permutation(n) if shuffle else np.arange(n)
+    return rank_slices(order, batch_size, world, rank)
+
+
+def rank_slices(order, batch_size: int, world: int, rank: int) -> list[list[int]]:
+    """``order`` cut into global batches of ``batch_size``, each padded with -1 to a multiple of
+    ``world`` and split evenly: this rank's share of each."""
     out = []
-    for start in range(0, n, batch_size):
+    for start in range(0, len(order), batch_size):
         chunk = [int(i) for i in order[start:start + batch_size]]
         per = -(-len(chunk) // world)
         chunk += [-1] * (per * world - len(chunk))

@@ -129,19 +129,12 @@ def epoch_plan(n: int, batch_size: int, world: int, rank: int, seed: int, epoch:
     ``shuffle="full"``: stages/dist.rank_batches' order (a seeded permutation); ``"block"``:
     ``block_order`` with blocks of ``block`` (default: the batch size) and windows of ``window``
     (default: 4 blocks), sliced across ranks the same way."""
-    from stages.dist import rank_batches
+    from stages.dist import rank_batches, rank_slices
 
     if shuffle == "full":
         return rank_batches(n, batch_size, world, rank, seed, epoch, shuffle=True)
     block = block or batch_size
-    order = block_order(n, seed, epoch, block, window or 4 * block)
-    out = []
-    for start in range(0, n, batch_size):
-        chunk = [int(i) for i in order[start:start + batch_size]]
-        per = -(-len(chunk) // world)
-        chunk += [-1] * (per * world - len(chunk))
-        out.append(chunk[rank * per:(rank + 1) * per])
-    return out
+    return rank_slices(block_order(n, seed, epoch, block, window or 4 * block), batch_size, world, rank)
 
 
 # ----------------------------------------------------------------------------- reading a Zarr split
