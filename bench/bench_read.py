@@ -65,8 +65,11 @@ def build_cache(path: Path, videos: int, dtype: str, shard: int = 16):
         shutil.rmtree(path)
     arrays = [ArraySpec("frame_emb", (1, T, E), "float16"), ArraySpec("cls", (1, T, L, D), dtype),
               ArraySpec("patch", (1, T, L, P, D), dtype, layer_axis=2), ArraySpec("frames", (1, T, H, H, 3), "uint8")]
-    meta = {"key": f"bench-{dtype}", "int8_outliers": 4, "layers": LAYERS, "dims": {"depth": DEPTH, "width": D},
-            "preprocess": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
+    dims = {"num_classes": 10, "embed_dim": E, "width": D, "frames": T, "num_patches": P, "depth": DEPTH,
+            "backbone_heads": 12, "image_size": H, "patch_size": 16}
+    meta = {"key": f"bench-{dtype}", "int8_outliers": 4, "layers": LAYERS, "dims": dims,
+            "dtype": "int8" if dtype == "int8" else "fp16",
+            "preprocess": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711], "image_size": H},
             "config": {}}
     st = create_store(path, meta, {"train": {"items": [(f"v{i}.mp4", i % 10) for i in range(videos)],
                                              "arrays": arrays}}, shard)
