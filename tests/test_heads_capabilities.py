@@ -7,6 +7,7 @@ two asks instead of probing attributes.
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from cache.errors import ConfigError
+from cache.meta import ProtocolRecord
 from cache.store import open_store
 from stages.evaluate import evaluate_run
 from stages.heads import DataKeys, Head, create_head, example_batch, get_head_entry, register_head
@@ -97,7 +99,7 @@ def test_capabilities_are_declared_where_a_head_overrides_them():
     with pytest.raises(ValueError, match="unknown head capability"):
         Head.supports("fly")
     # a protocol's embedding averaging reaches the heads that can average embeddings, and only those
-    meta = {"protocol": {"eval_average": "embeddings"}}
+    meta = types.SimpleNamespace(protocol=ProtocolRecord(name="text4vis", eval_average="embeddings"))  # a CacheMeta's field
     assert protocol_eval_overrides(meta, NAME)[0] == protocol_eval_overrides(meta, "text4vis")[0] \
         == {"eval_average": "embeddings"}
     assert protocol_eval_overrides(meta, "tap")[0] == {}
