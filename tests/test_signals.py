@@ -224,6 +224,11 @@ def test_sigterm_during_extract_exits_143_and_keeps_what_was_committed(demo_smal
                                            rtol=2e-3, atol=2e-3)
 
 
+def _run_script(script: Path, mode: str) -> subprocess.CompletedProcess:
+    """A small script that imports pipeline.signals from this checkout, run in ``mode``."""
+    return subprocess.run([sys.executable, str(script), str(ROOT), mode], capture_output=True, text=True, timeout=60)
+
+
 def test_a_coroutine_left_unawaited_by_a_stop_prints_nothing_at_shutdown(tmp_path):
     # A stop inside zarr's event loop leaves a coroutine that never ran, in a reference cycle; the
     # collector frees it during shutdown and Python reports it on stderr, after the one line. Once
@@ -234,9 +239,7 @@ def test_a_coroutine_left_unawaited_by_a_stop_prints_nothing_at_shutdown(tmp_pat
         "async def step():\n    pass\n"
         "x = [step()]\nx.append(x)\ndel x\n"
         "if sys.argv[2] == 'exiting':\n    s.restore({}, exiting=True)\n")
-    def run(mode):
-        return subprocess.run([sys.executable, str(script), str(ROOT), mode], capture_output=True, text=True, timeout=60)
-    plain, exiting = run("in-process"), run("exiting")
+    plain, exiting = _run_script(script, "in-process"), _run_script(script, "exiting")
     assert "never awaited" in plain.stderr  # the report this guards against really happens
     assert exiting.returncode == 0 and exiting.stderr == ""
 
@@ -253,8 +256,6 @@ def test_reports_of_objects_torn_down_by_a_stop_are_dropped(tmp_path):
         "if sys.argv[2] == 'stopping':\n"
         "    try:\n        os.kill(os.getpid(), signal.SIGINT)\n    except s.Interrupted:\n        pass\n"
         "x = HalfBuilt()\ndel x\n")
-    def run(mode):
-        return subprocess.run([sys.executable, str(script), str(ROOT), mode], capture_output=True, text=True, timeout=60)
-    quiet, stopping = run("quiet"), run("stopping")
+    quiet, stopping = _run_script(script, "quiet"), _run_script(script, "stopping")
     assert "_shutdown" in quiet.stderr  # without a stop the report is printed as Python would
     assert "_shutdown" not in stopping.stderr and stopping.returncode == 0
