@@ -44,6 +44,24 @@ def _say(msg: str) -> None:
 def run_demo(root: Path = Path("artifacts/demo"), data: Path = Path("data/demo"), quick: bool = False,
              pretrain_steps: int = 400, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
     """Run every step; ``quick`` shrinks everything for the slow end-to-end test."""
+    import torch
+
+    t_all = time.perf_counter()
+    root.mkdir(parents=True, exist_ok=True)
+    # One torch thread for every step: the float summation order, and from it every cached feature
+    # and the table, is then the same on any machine and under any load (timing the thread count, as
+    # the pretraining once did, made the table follow the load). On a busy 2-core box one thread is
+    # also the faster choice: a second one stalls on the descheduled first.
+    threads0 = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_demo(root, data, quick, pretrain_steps, seeds, t_all)
+    finally:
+        torch.set_num_threads(threads0)
+
+
+def _run_demo(root: Path, data: Path, quick: bool, pretrain_steps: int, seeds: tuple[int, ...],
+              t_all: float) -> dict:
     from rich.console import Console
     from rich.table import Table
 
@@ -54,8 +72,6 @@ def run_demo(root: Path = Path("artifacts/demo"), data: Path = Path("data/demo")
     from stages.pretrain_demo import PretrainCfg, pretrain_demo_clip
     from stages.train import TrainCfg, train_head
 
-    t_all = time.perf_counter()
-    root.mkdir(parents=True, exist_ok=True)
     demo_cfg = DemoCfg(num_classes=12, train_per_class=12, val_per_class=6, frames=16, world="rich", seed=0)
     if quick:
         demo_cfg = DemoCfg(num_classes=4, train_per_class=3, val_per_class=2, frames=8, size=64, world="rich", seed=0)
@@ -86,7 +102,7 @@ def run_demo(root: Path = Path("artifacts/demo"), data: Path = Path("data/demo")
     world = WORLDS[demo_cfg.world]
     prompts = {"colour x shape": [f"a {c} {s}" for c in world.colours for s in world.shapes]}
     pre = pretrain_demo_clip(ckpt, render, prompts, pre_cfg, progress=not quick, log=_say,
-                             data_tag=f"demo world={demo_cfg.world} captions=varied", threads="auto")
+                             data_tag=f"demo world={demo_cfg.world} captions=varied", threads=1)
 
     _say("[3/6] extract the cache once")
     spec = load_dataset("demo", data_root=ds.root)
