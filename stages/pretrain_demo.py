@@ -490,6 +490,10 @@ def pretrain_demo_clip(out_path: str | os.PathLike, render: Render, eval_prompts
     out_path = Path(out_path)
     meta_path = out_path.with_name(out_path.name + ".json")
     want = {"format": FORMAT, "cfg": asdict(cfg), "data_tag": data_tag}
+    if isinstance(threads, int) and not isinstance(threads, bool):
+        # a pinned thread count fixes the float summation order: a model trained under another
+        # count (or the timed choice) is a different model, so it is not reused for this one
+        want["threads_pinned"] = threads
     dev = torch.device(device)
     old_threads = torch.get_num_threads()
     if threads not in (None, "auto"):

@@ -125,6 +125,13 @@ def test_changed_cfg_or_damaged_checkpoint_retrains(tmp_path):
     pretrain_demo_clip(out, _render(32), None, other, progress=False, log=lines.append)
     assert not any("reused" in line for line in lines)
     load_clip("tiny", str(out))
+    # a pinned thread count is part of what a model is: pinned runs reuse only their own
+    pinned: list[str] = []
+    pretrain_demo_clip(out, _render(32), None, other, progress=False, log=pinned.append, threads=1)
+    assert not any("reused" in line for line in pinned)
+    again: list[str] = []
+    pretrain_demo_clip(out, _render(32), None, other, progress=False, log=again.append, threads=1)
+    assert any("reused" in line for line in again)
 
 
 def test_caption_labels():
