@@ -9,6 +9,7 @@ if __name__ == "__main__":  # `python -m pipeline.cli`: handle SIGINT/SIGTERM be
     from pipeline import signals as _signals
 
     _signals.install()
+    _signals.hold()  # a stop during the imports below is raised by main(), as one line
 
 import json
 import sys
@@ -816,6 +817,18 @@ def _wds_source(wds: str, header: str, eval_shards: str, shuffle: int, resample:
 
 
 # ----------------------------------------------------------------------------- entry point
+# commands that build a CLIP model: open_clip (and torchvision's operator registrations) is imported
+# up front for them, where a signal waits for the import to finish
+_CLIP_COMMANDS = {"extract", "finetune", "finetune-export", "repair"}
+
+
+def _import_heavy(args: list[str]) -> None:
+    import torch  # noqa: F401
+
+    if _CLIP_COMMANDS & set(args[:2]):
+        import open_clip  # noqa: F401
+
+
 def main(argv: list[str] | None = None) -> None:
     import errno
 
@@ -823,6 +836,9 @@ def main(argv: list[str] | None = None) -> None:
 
     previous = signals.install()
     try:
+        signals.let_go()  # the entry point's hold over the module imports (raises a stop made meanwhile)
+        with signals.deferred():  # a stop inside torch's C++ initialisation aborted the process (-6)
+            _import_heavy(list(sys.argv[1:] if argv is None else argv))
         code = app(args=argv, standalone_mode=False)
         signals.check()  # a stop some library swallowed still ends as one
     except signals.Interrupted as exc:

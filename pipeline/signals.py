@@ -34,6 +34,13 @@ can propagate, and
 ``check()`` (called by the CLI once the command returns) turns a stop that still got lost into the
 same line and exit status.
 
+Two windows where raising at once does harm are held (``hold()`` / ``let_go()``, ``deferred()``):
+the program's own imports before ``main`` runs (an ``Interrupted`` there escaped as a traceback,
+exit 1), and the import of torch: a signal landing while torch's C++ initialisation calls back
+into Python turned the exception into an uncaught C++ error, and the process aborted (SIGABRT,
+exit -6, a "Python Stacktrace" dump; seen under load in the Ctrl-C test). While held, a signal is
+recorded and raised when the window closes (a second one exits at once, with the line).
+
 Forked DataLoader workers inherit the handler: there it ignores SIGINT (a terminal's Ctrl-C
 reaches the whole process group; the main process stops the workers itself). Workers get
 SIGTERM from torch's own handler.
@@ -42,12 +49,14 @@ SIGTERM from torch's own handler.
 from __future__ import annotations
 
 import _thread
+import contextlib
 import os
 import signal
 import sys
 import warnings
 
-__all__ = ["Interrupted", "LINE", "install", "restore", "received", "exit_code", "check"]
+__all__ = ["Interrupted", "LINE", "install", "restore", "received", "exit_code", "check", "hold", "let_go",
+           "deferred"]
 
 LINE = "interrupted: rerun the same command to resume"
 
@@ -56,6 +65,8 @@ _received: int | None = None  # the first signal number this process got
 _finished = False             # the command is over: a late signal changes nothing
 _redeliver = False            # the last Interrupted was swallowed: the next call raises it again
 _previous_hook = None         # sys.unraisablehook before install()
+_holding = 0                  # open hold() / deferred() windows: a signal is recorded, raised at let_go()
+_pending: int | None = None   # the signal recorded while holding
 
 
 class Interrupted(BaseException):
@@ -71,20 +82,56 @@ class Interrupted(BaseException):
 
 
 def _handler(signum, frame) -> None:
-    global _received, _redeliver
+    global _received, _redeliver, _pending
     if os.getpid() != _main_pid or _finished:  # a forked worker (the main process decides), or too late to stop
         return
+    if _holding:
+        if _pending is None and _received is None:
+            _pending = signum  # raised when the window closes
+            return
+        _exit_now(_pending or _received or signum)
     if _redeliver:  # the first stop was swallowed (see _unraisable): raise it again, here
         _redeliver = False
         raise Interrupted(_received or signum)
     if _received is not None:  # second signal while stopping: stop now
-        try:
-            sys.stderr.write(LINE + "\n")
-            sys.stderr.flush()
-        finally:
-            os._exit(128 + _received)
+        _exit_now(_received)
     _received = signum
     raise Interrupted(signum)
+
+
+def _exit_now(signum: int) -> None:
+    try:
+        sys.stderr.write(LINE + "\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(128 + signum)
+
+
+def hold() -> None:
+    """Record a signal instead of raising it, until the matching ``let_go()``."""
+    global _holding
+    _holding += 1
+
+
+def let_go() -> None:
+    """Close a ``hold()``; the signal recorded meanwhile (if any) is raised now, here."""
+    global _holding, _pending, _received
+    _holding = max(0, _holding - 1)
+    if not _holding and _pending is not None:
+        signum, _pending = _pending, None
+        if os.getpid() == _main_pid and not _finished:
+            _received = signum
+            raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def deferred():
+    """A block a signal must not cut short (an import of a C++ extension): a stop waits for its end."""
+    hold()
+    try:
+        yield
+    finally:
+        let_go()
 
 
 def _unraisable(unraisable) -> None:
@@ -111,8 +158,12 @@ def _unraisable(unraisable) -> None:
 
 
 def install() -> dict:
-    """Handle SIGINT and SIGTERM in this (main) process; returns the handlers it replaced."""
-    global _main_pid, _received, _finished, _redeliver, _previous_hook
+    """Handle SIGINT and SIGTERM in this (main) process; returns the handlers it replaced. Called
+    again in the same process inside a ``hold()`` (the entry point's, before ``main``), it keeps the
+    hold and the signal recorded in it."""
+    global _main_pid, _received, _finished, _redeliver, _previous_hook, _holding, _pending
+    if _main_pid != os.getpid() or not _holding:
+        _holding, _pending = 0, None
     _main_pid, _received, _finished, _redeliver = os.getpid(), None, False, False
     if sys.unraisablehook is not _unraisable:
         _previous_hook, sys.unraisablehook = sys.unraisablehook, _unraisable

@@ -34,7 +34,7 @@ MOMENTS = {
     "teardown": "_late = Late(signal.{sig})\n",
 }
 ENTRIES = {
-    "console script": "from pipeline.cli import main\nmain()\n",  # what `pipeline` (pyproject's script) runs
+    "console script": "from pipeline.entry import main\nmain()\n",  # what `pipeline` (pyproject's script) runs
     "python -m": "import runpy\nsys.argv[0] = 'pipeline.cli'\nrunpy.run_module('pipeline.cli', run_name='__main__')\n",
 }
 
@@ -125,3 +125,32 @@ except signals.Interrupted as exc:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert proc.stdout.strip() == "stopped 130", (proc.stdout, proc.stderr[-2000:])
+
+
+# A signal while the program is still importing its modules (typer's, the start; torch's, a
+# second or twenty under load). Sent from an import hook at the first import of the module named,
+# so the moment is exact. It used to escape as a traceback (exit 1) from `python -m`, and as a
+# KeyboardInterrupt traceback from the console script, which imported everything before
+# installing the handler; a stop inside torch's C++ initialisation aborted the process (-6).
+_DURING_IMPORT = """
+import builtins
+_real_import = builtins.__import__
+def _hooked(name, *args, **kwargs):
+    if name == "{module}" and not getattr(_hooked, "fired", False):
+        _hooked.fired = True
+        os.kill(os.getpid(), signal.{sig})
+    return _real_import(name, *args, **kwargs)
+builtins.__import__ = _hooked
+"""
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRIES))
+@pytest.mark.parametrize("module,sig", [("typer", "SIGINT"), ("torch", "SIGTERM"), ("zarr", "SIGINT")])
+def test_a_signal_during_the_imports_is_the_one_line(tmp_path, entry, module, sig):
+    code = _PRELUDE + _DURING_IMPORT.format(module=module, sig=sig) + ENTRIES[entry]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    got = subprocess.run([sys.executable, "-c", code, "cache", "ls", str(tmp_path)], capture_output=True, text=True,
+                         env=env, cwd=str(ROOT), timeout=300)
+    assert got.returncode == 128 + getattr(signal, sig), (got.returncode, got.stderr[-2000:])
+    assert got.stderr.strip().splitlines() == ["interrupted: rerun the same command to resume"]
+    assert "no caches under" not in got.stdout  # stopped before the command ran
