@@ -382,10 +382,11 @@ class CacheLoader:
             yield from self._parallel(rows, cuda)
 
     def _serial(self, rows: int, cuda: bool):
-        # The slots are kept on the source and reused epoch after epoch: fresh ones cost a page
-        # fault and the kernel's zeroing per 4 KB on first touch, i.e. about one more pass over a
-        # batch's bytes (bench_read_bound.py: preload on, 1.9 -> 2.6 GB/s for EVL). An iteration
-        # that finds them taken (another live iterator over the same source) gets its own.
+        # The slots are kept on the source and reused epoch after epoch (and evaluation after
+        # evaluation): fresh ones cost a page fault and the kernel's zeroing per 4 KB on first
+        # touch, a fixed cost per epoch of about one batch (bench_read_bound.py, 4-batch epochs of
+        # EVL patch tokens: 26-39% -> 38-76% of a cat-like read). An iteration that finds them
+        # taken (another live iterator over the same source) gets its own.
         depth = 2 if cuda else 1
         kept = getattr(self.source, "_serial_slots", None)
         if kept is None or kept["busy"] or kept["rows"] < rows or kept["cuda"] != cuda:
