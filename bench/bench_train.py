@@ -834,8 +834,9 @@ def main() -> None:
                      f"({r['cache']['preload']}, setup {secs(r['cache']['setup_s'])})")
         console.print(line, highlight=False)
     dropped = all(results[r.name]["read"].get("plain", {}).get("dropped", False) for r in S.heads)
-    console.print(f"cold reads: page cache of the cache files dropped with posix_fadvise(DONTNEED) "
-                  f"{'(ok)' if dropped else '(FAILED: cold = warm)'}; timed cache epochs: median of "
+    cold = "not measured (--no-read)" if args.no_read else \
+        f"page cache of the cache files dropped with posix_fadvise(DONTNEED) {'(ok)' if dropped else '(FAILED: cold = warm)'}"
+    console.print(f"cold reads: {cold}; timed cache epochs: median of "
                   f"{', '.join(str(len(results[r.name]['cache']['epoch_s'])) for r in S.heads)} after 1 warm-up epoch; "
                   f"online: 1 epoch after 1 warm-up step. Load average at end {load_avg()[0]:.2f}; "
                   f"total {now() - t_all:.0f}s.", highlight=False)
