@@ -20,19 +20,20 @@ What is measured:
    cache made by ``plan_extraction`` + ``run_extraction`` (train split only): all layers,
    patch tokens, uint8 input frames, the clip_single text set, fp16.
 2. Per head, subprocesses of this script (so that peak RSS is per mode), one after the other,
-   each building the head with the same seed and the same optimizer as ``train_head`` (AdamW,
-   decay / no-decay groups, warmup + cosine LambdaLR, cross-entropy, batch size B):
-   - cache:    ``CacheSplit`` as ``train_head`` makes it (arrays under 2 GB preloaded) ->
-               DataLoader(shuffle, the project's collate) -> forward / backward / AdamW step:
-               the loop of ``_fit_sgd`` without evaluation and checkpointing (the checkpoint's
-               cost is shown separately). One warm-up epoch, then timed epochs (median).
-               Where CacheSplit's own preload would need too much memory (zarr reads its
-               index array through fancy indexing, ~150 B per element: ~17 GB for 8 ViT-B/16
-               videos of patch tokens), the preload reads the same rows with slices instead;
-               the training loop is unchanged (the table says which preload ran).
-   - streamed: (default with --quick) the same, every item read from Zarr per video (nothing
-               preloaded: CacheSplit's path for arrays over its in-memory limit).
-               Without it, table 1 estimates it as the cache epoch + one per-video read of all.
+   each building the head with the same seed and the same optimizer as ``train_head``
+   (``build_optimizer``: fused AdamW, its decay groups; warmup + cosine LambdaLR; cross-entropy;
+   batch size B):
+   - cache:    stage two's loader exactly as ``train_head`` drives it: the split from
+               ``split_dataset``, per epoch ``set_epoch`` + ``epoch_plan`` (the config's shuffle)
+               -> ``stages.loader.train_loader`` (the config's workers and preload, ``auto``:
+               the head's arrays held in RAM in their stored dtype when they fit) -> batches
+               converted by ``device_batch`` on the head's device -> forward / backward / AdamW
+               step: the loop of ``_fit_sgd`` without evaluation and checkpointing (the
+               checkpoint's cost is shown separately). One warm-up epoch, then timed epochs
+               (median). The table says which preload ran.
+   - streamed: (default with --quick) the same with ``preload=off``: every batch read from the
+               shard files (stored dtype, runs of rows). Without it, table 1 estimates it as the
+               cache epoch + one loader read of every video (table 3).
    - online:   the reference repositories' way: a DataLoader over the videos whose __getitem__
                decodes (``decode_clips`` with the cache's own deterministic TSN sampling, so the
                inputs are the cached ones), ``make_views`` (resize + centre crop) and
@@ -52,9 +53,9 @@ What is measured:
 4. Peak memory: VmHWM of each subprocess (process lifetime: imports, model or cache load,
    training; not ru_maxrss, which a subprocess inherits from its parent's RSS at fork), and the
    peak during the timed loop alone (VmHWM reset through /proc/self/clear_refs after setup).
-5. Cache read rate, per head, of exactly the arrays that head reads: ``FeatureStore.read`` per
-   video (CacheSplit's streamed path, fp16 -> float32 included; and without the cast), in one
-   call with an index array (CacheSplit's preload; only where it fits in memory) and with one
+5. Cache read rate, per head, of exactly the arrays that head reads: stage two's loader
+   (preload off, batches of B in the stored dtype, only the head's layers, no conversion);
+   ``FeatureStore.read`` per video (fp16 -> float32 included; and without the cast), with one
    slice, and only the head's layers, vs ``open(f, 'rb').read()`` of every file under the same
    array folders. "cold": each file's pages dropped first with posix_fadvise(DONTNEED) (the
    VM's disk may still be cached by the host); "warm": read again right after. Rates are
@@ -89,66 +90,24 @@ from bench.common import (base_parser, console as make_console, cpu_self as cpu_
 from bench.memprobe import reset_peak_rss, vm_status  # noqa: E402
 
 MB = 1 << 20
-# zarr 3.1 read an integer-array index through numpy fancy indexing at ~115-150 bytes of scratch
-# memory per element; FeatureStore.read now reads index arrays as runs of slices. The probe
-# below still measures an index-array read against a slice, only where this much would fit.
-FANCY_BYTES_PER_ELEMENT = 160
 
 
-def mem_available() -> int:
-    for line in open("/proc/meminfo"):
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 8 << 30
+def cache_split(store, run: "HeadRun", keys, idx):
+    """The training split as train_head makes it (``split_dataset``: a CacheSplit, nothing read)."""
+    from stages.cache_data import check_cache_for_head
+    from stages.sources import split_dataset
+
+    inputs = check_cache_for_head(store, keys, run.name, ["train"])
+    return split_dataset(store, inputs["train"], idx, train=True)
 
 
-def fancy_cost(spec, n: int) -> int:
-    return n * math.prod(spec.shape) * FANCY_BYTES_PER_ELEMENT
+def loader_epoch(data, cfg, epoch: int, batch: int, device, preload: str):
+    """One epoch of stage two's loader, as train_head's _epoch_batches makes it (one process)."""
+    from stages.loader import epoch_plan, train_loader
 
-
-def fits(spec, n: int) -> bool:
-    """n videos of ``spec`` as float32 fit in a quarter of the available memory."""
-    return 4 * n * math.prod(spec.shape) <= mem_available() // 4
-
-
-class PerVideoSplit(torch.utils.data.Dataset):
-    """CacheSplit's streamed path from public names only: every item read from Zarr per video
-    (FeatureStore.read of the head's layers), nothing preloaded; the same views and tensors."""
-
-    def __init__(self, store, inputs, indices):
-        from stages.cache_data import pixel_stats
-
-        self.store, self.inputs, self.indices = store, inputs, np.asarray(indices)
-        self.labels = store.labels(inputs.split)[self.indices]
-        self.wanted = inputs.array_names()
-        self.views = store.specs(inputs.split)[self.wanted[0]].shape[0]
-        self.mean, self.std = pixel_stats(store.meta)
-        self.memory: dict = {}
-        self.epoch_seed = 0
-
-    def set_epoch(self, epoch: int, seed: int) -> None:
-        from stages.cache_data import epoch_seed
-
-        self.epoch_seed = epoch_seed(epoch, seed)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        from stages.cache_data import view_pick, view_tensor
-
-        item = {"label": torch.tensor(self.labels[i])}
-        pick = view_pick(self.epoch_seed, i, self.views, True)
-        for name in self.wanted:
-            arr = self.store.read(self.inputs.split, name, int(self.indices[i]), layers=self.inputs.layer_pos(name))
-            item[name] = view_tensor(name, arr, pick, True, self.mean, self.std)
-        return item
-
-
-def to_device(batch: dict, device: str) -> dict:
-    if device == "cpu":
-        return batch
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    data.set_epoch(epoch, cfg.seed)
+    plan = epoch_plan(len(data), batch, 1, 0, cfg.seed, epoch, cfg.shuffle)
+    return train_loader(data, plan, device, cfg.workers, preload)
 
 
 # ----------------------------------------------------------------------------- settings
@@ -207,7 +166,7 @@ def ratio(x: float) -> str:
 
 
 def collate(items: list[dict]) -> dict[str, torch.Tensor]:
-    from stages.evaluate import collate_items  # the collate stage two uses
+    from stages.evaluate import collate_items  # the online DataLoader's collate
 
     return collate_items(items)
 
@@ -231,11 +190,11 @@ def make_head(store, run: HeadRun, seed: int = 0):
 
 
 def make_optimizer(head, cfg, steps_per_epoch: int, epochs: int):
-    """AdamW + warmup/cosine LambdaLR, grouped as _fit_sgd groups them."""
-    from stages.runs import lr_factor, param_groups
+    """train_head's optimizer (build_optimizer: fused AdamW where it exists) + warmup/cosine LambdaLR."""
+    from stages.runs import lr_factor
+    from stages.train import build_optimizer
 
-    opt = torch.optim.AdamW(param_groups(list(head.named_parameters()), None, cfg.weight_decay, False,
-                                         keep_empty=True), lr=cfg.lr)
+    opt = build_optimizer(head, cfg)
     total = steps_per_epoch * epochs
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
@@ -341,7 +300,8 @@ class OnlineBackbone:
 # ----------------------------------------------------------------------------- child: one mode of one head
 def child(spec: dict) -> dict:
     from cache.store import open_store
-    from stages.cache_data import CacheSplit, check_cache_for_head, select_videos
+    from stages.cache_data import select_videos
+    from stages.loader import make_source
     from stages.video import SamplingCfg
 
     mode, run = spec["mode"], HeadRun(**spec["head"])
@@ -360,13 +320,13 @@ def child(spec: dict) -> dict:
     epochs = 1 + (spec["max_epochs"] if mode != "online" else 1)
     opt, sched = make_optimizer(head, cfg, steps, epochs)
     tm = Timers()
+    preload_opt = "off" if mode == "streamed" else cfg.preload
     if mode in ("cache", "streamed"):
-        inputs = check_cache_for_head(store, keys, run.name, ["train"])
-        if mode == "streamed":
-            preload, data = "none (per video)", PerVideoSplit(store, inputs["train"], idx)
-        else:
-            preload, data = "stock", CacheSplit(store, inputs["train"], idx, train=True)
-        in_memory = sorted(getattr(data, "memory", {}))
+        data = cache_split(store, run, keys, idx)
+        # train_head builds this reader in its first epoch (a preload reads here); the loader keeps it on data
+        source = make_source(data, preload_opt)
+        in_memory = sorted(source.memory or {})
+        preload = f"{preload_opt}: " + (f"in RAM, {human(source.nbytes())} stored" if in_memory else "shard files")
         backbone = None
     else:
         backbone = OnlineBackbone(store, head, spec["model"], seed=store.info.config.init_seed, device=device)
@@ -384,11 +344,12 @@ def child(spec: dict) -> dict:
 
     def epoch(e: int, max_steps: int | None, timers: Timers) -> tuple[float, float, list[float], dict | None]:
         torch.manual_seed(cfg.seed * 1000 + e)
-        if hasattr(data, "set_epoch"):
-            data.set_epoch(e, cfg.seed)
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + e)
-        loader = torch.utils.data.DataLoader(data, batch_size=B, shuffle=True, generator=gen, collate_fn=collate,
-                                             num_workers=0, drop_last=False)
+        if backbone is None:  # train_head's data path: stored bytes -> device_batch on the head's device
+            loader = loader_epoch(data, cfg, e, B, device, preload_opt)
+        else:
+            gen = torch.Generator().manual_seed(cfg.seed * 1000 + e)
+            loader = torch.utils.data.DataLoader(data, batch_size=B, shuffle=True, generator=gen,
+                                                 collate_fn=collate, num_workers=0, drop_last=False)
         head.train()
         losses, last = [], None
         c0, t0 = cpu_seconds(), now()
@@ -402,7 +363,8 @@ def child(spec: dict) -> dict:
                     batch = backbone.batch(raw)
                 last = {"index": index, "batch": batch}
             else:
-                batch = to_device(raw, device)
+                raw.pop("valid", None)  # padding flags (none with one process): _fit_sgd pops them too
+                batch = raw
             losses.append(head_step(head, batch, opt, sched, cfg, timers))
         return now() - t0, cpu_seconds() - c0, losses, last
 
@@ -498,13 +460,15 @@ def head_flops(store, run: HeadRun, B: int) -> tuple[int, int, int]:
     """(forward+backward, forward, B) FLOPs of the head on one real cache batch of B videos."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from stages.cache_data import check_cache_for_head, select_videos
+    from stages.cache_data import select_videos
+    from stages.loader import train_loader
 
-    head, _ = make_head(store, run)
-    inputs = check_cache_for_head(store, head.data_keys(), run.name, ["train"])
+    head, cfg = make_head(store, run)
     idx = select_videos(store, "train")[:B]
-    data = PerVideoSplit(store, inputs["train"], idx)
-    batch = collate([data[i] for i in range(len(data))])
+    data = cache_split(store, run, head.data_keys(), idx)
+    data.set_epoch(0, cfg.seed)
+    batch = next(iter(train_loader(data, [list(range(len(idx)))], "cpu", 0, "off")))
+    batch.pop("valid", None)
     head.train()
     with FlopCounterMode(display=False) as fc:
         out = head(batch)
@@ -543,19 +507,6 @@ def count_flops(store, run: HeadRun, model_name: str, B: int) -> dict:
     return out
 
 
-def probe_preload(store, name: str, k: int) -> dict:
-    """Child: FeatureStore.read of k videos of one array with CacheSplit's index array vs a slice."""
-    out = {"array": name, "videos": k}
-    for label, index in (("slice", slice(0, k)), ("index array", np.arange(k))):
-        before = vm_status("VmRSS")
-        reset_peak_rss()
-        t0 = now()
-        x = store.read("train", name, index)
-        out[label] = {"seconds": now() - t0, "peak_extra": vm_status("VmHWM") - before, "result": x.nbytes}
-        del x
-    return out
-
-
 # ----------------------------------------------------------------------------- parent: read rates
 def drop_pages(files: list[Path]) -> bool:
     ok = True
@@ -583,18 +534,18 @@ def layer_index(pos: list[int]):
     return pos
 
 
-def read_rates(store, run: HeadRun) -> dict:
+def read_rates(store, run: HeadRun, B: int) -> dict:
     from stages.cache_data import check_cache_for_head, select_videos
     from stages.heads import resolve_layers
+    from stages.loader import CacheLoader, epoch_plan, make_source
 
-    head, _ = make_head(store, run)
+    head, cfg = make_head(store, run)
     keys = head.data_keys()
     inputs = check_cache_for_head(store, keys, run.name, ["train"])["train"]
     idx = select_videos(store, "train")
     n = len(idx)
     wanted = [k for k, on in (("frame_emb", keys.frame_emb), ("cls", bool(inputs.cls_layers)),
                               ("patch", bool(inputs.patch_layers)), ("frames", keys.frames)) if on]
-    specs = store.specs("train")
     files = sorted(f for k in wanted for f in (store.path / "train" / k).rglob("*") if f.is_file())
     nbytes = sum(f.stat().st_size for f in files)
     depth = store.info.dims.depth
@@ -607,7 +558,15 @@ def read_rates(store, run: HeadRun) -> dict:
             with open(f, "rb") as fh:
                 fh.read()
 
-    def zarr_per_video() -> None:  # CacheSplit's streamed path: FeatureStore.read(split, name, i)
+    data = cache_split(store, run, keys, idx)
+    source = make_source(data, "off")
+    plan = epoch_plan(n, B, 1, 0, cfg.seed, 1, cfg.shuffle)
+
+    def loader() -> None:  # stage two's loader, preload off: stored-dtype batches, no conversion
+        for _ in CacheLoader(source, plan, "cpu", workers=0, raw=True):
+            pass
+
+    def zarr_per_video() -> None:  # FeatureStore.read(split, name, i), float32
         for i in idx:
             for k in wanted:
                 store.read("train", k, int(i))
@@ -616,10 +575,6 @@ def read_rates(store, run: HeadRun) -> dict:
         for i in idx:
             for k in wanted:
                 store.read("train", k, int(i), dtype=np.float16)
-
-    def zarr_bulk() -> None:  # CacheSplit's in-memory preload: FeatureStore.read(split, name, ndarray)
-        for k in wanted:
-            store.read("train", k, idx)
 
     def zarr_slice() -> None:  # the same rows as one slice (idx is 0..n-1 here)
         for k in wanted:
@@ -643,13 +598,10 @@ def read_rates(store, run: HeadRun) -> dict:
             layers = inputs.cls_layers if k == "cls" else inputs.patch_layers
             size = size * len(layers) / len(cached)
         used += size
-    bulk_cost = sum(4 * n * math.prod(specs[k].shape) for k in wanted)  # float32 bytes of the result
     contiguous = bool(np.all(np.diff(idx) == 1))
-    out = {"arrays": wanted, "bytes": nbytes, "useful_bytes": used, "files": len(files), "videos": n,
-           "bulk_cost": bulk_cost}
-    methods = [("plain", plain), ("zarr per video", zarr_per_video), ("zarr per video fp16", zarr_per_video_fp16)]
-    if all(fits(specs[k], n) for k in wanted):
-        methods.append(("zarr bulk", zarr_bulk))
+    out = {"arrays": wanted, "bytes": nbytes, "useful_bytes": used, "files": len(files), "videos": n}
+    methods = [("plain", plain), ("loader", loader), ("zarr per video", zarr_per_video),
+               ("zarr per video fp16", zarr_per_video_fp16)]
     if contiguous:
         methods.append(("zarr slice", zarr_slice))
     methods.append(("zarr layer-sliced", layer_sliced))
@@ -694,12 +646,7 @@ def main() -> None:
 
     if args.child:
         spec = json.loads(Path(args.child).read_text())
-        if spec["mode"] == "probe":
-            from cache.store import open_store
-
-            res = probe_preload(open_store(spec["cache"]), spec["array"], spec["videos"])
-        else:
-            res = child(spec)
+        res = child(spec)
         Path(spec["out"]).write_text(json.dumps(res))
         return
 
@@ -765,20 +712,13 @@ def main() -> None:
                           f"(subprocess {now() - t:.0f}s)", highlight=False)
         results[run.name] = r
     for run in S.heads:
-        results[run.name]["read"] = {} if args.no_read else read_rates(store, run)
-    # CacheSplit's preload (FeatureStore.read with an index array) on ONE video's patch tokens,
-    # against a slice, in a fresh process (clean peak RSS); only where it fits in memory.
-    probe = None
-    pspec = store.specs("train")["patch"]
-    if fancy_cost(pspec, 1) <= mem_available() // 3:
-        probe = run_child({"mode": "probe", "cache": str(plan.path), "array": "patch", "videos": 1}, scratch)
-
+        results[run.name]["read"] = {} if args.no_read else read_rates(store, run, S.batch)
     # ------------------------------------------------------------------ table 1
     t1 = make_table(f"Epoch time: head trained from the cache vs the same head on frozen {S.model} run online on "
                     f"decoded frames ({n_videos} videos, B={S.batch}, T={S.frames}, {S.device}, one run)",
                     ["head", "trainable", "cache epoch", "online epoch", "measured ratio", "(CPU-s ratio)",
                      "FLOP ceiling", "closeness", "(CPU-s)", "streamed epoch (ratio)", "peak RSS cache",
-                     "peak RSS online", "Zarr read", "plain read"])
+                     "peak RSS online", "loader read *", "plain read"])
     for run in S.heads:
         r = results[run.name]
         c = statistics.median(r["cache"]["epoch_s"])
@@ -791,24 +731,26 @@ def main() -> None:
             streamed = f"{secs(st)} ({ratio(o / st)})"
         elif not rd:
             streamed = "-"
-        else:  # the in-memory epoch plus one per-video Zarr read of every video (measured in table 3)
-            st = c + rd["zarr per video"]["warm"]
+        else:  # the in-memory epoch plus one loader read (preload off) of every video (table 3)
+            st = c + rd["loader"]["warm"]
             streamed = f"~{secs(st)} ({ratio(o / st)}) est."
         meas = o / c
         ceil = r["flops"]["ceiling"]
         t1.add_row(run.label, f"{r['cache']['trainable']:,}", secs(c), secs(o), ratio(meas), ratio(oc / cc),
                    ratio(ceil), f"{100 * meas / ceil:.0f}%", f"{100 * oc / cc / ceil:.0f}%", streamed,
                    human(r["cache"]["peak_process"]), human(r["online"]["peak_process"]),
-                   f"{mbps(rd['bytes'] / rd['zarr per video']['warm'])} MB/s" if rd else "-",
+                   f"{mbps(rd['useful_bytes'] / rd['loader']['warm'])} MB/s" if rd else "-",
                    f"{mbps(rd['bytes'] / rd['plain']['warm'])} MB/s" if rd else "-")
     console.print(t1)
     console.print("measured ratio = online epoch / cache epoch, wall time (CPU seconds of the process in brackets: "
-                  "less sensitive to other load on the machine). cache = CacheSplit as train_head builds it (arrays "
-                  "under 2 GB preloaded); streamed = the same with every item read from Zarr per video (est. = cache "
-                  "epoch + the warm per-video Zarr read time of table 3, where not run). FLOP ceiling "
+                  "less sensitive to other load on the machine). cache = stage two's loader as train_head drives it "
+                  "(stages.loader.train_loader, preload auto, stored dtype converted by device_batch); streamed = "
+                  "the same with preload off, every batch read from the shard files (est. = cache epoch + the warm "
+                  "loader read time of table 3, where not run). FLOP ceiling "
                   "= (backbone fwd + head fwd+bwd) / head fwd+bwd, per batch; closeness = measured / ceiling. Peak "
-                  "RSS = VmHWM of each mode's own process over its life (imports, setup, training). Read rates: warm page cache, on-disk bytes of the "
-                  "arrays the head reads, FeatureStore.read per video vs open().read() of the same files.",
+                  "RSS = VmHWM of each mode's own process over its life (imports, setup, training). Read rates: warm page "
+                  "cache; * the loader (preload off, no conversion) in bytes of the head's layers per second, "
+                  "open().read() in on-disk bytes of the arrays the head reads.",
                   highlight=False)
 
     # ------------------------------------------------------------------ table 2
@@ -840,33 +782,32 @@ def main() -> None:
                        human(m["peak_loop"]) if m["peak_loop"] else "-", secs(m["setup_s"]))
     console.print(t2)
     console.print("data = time the loop waits for the DataLoader (workers 0: online = decode + resize/crop + "
-                  "normalize + collate; cache = CacheSplit items + collate); backbone = FrozenCLIP on the B*T frames "
+                  "normalize + collate; cache = the loader's read or in-RAM copy + device_batch); backbone = FrozenCLIP on the B*T frames "
                   "+ building the head's batch; timers are per-epoch means, 'epoch' the median.", highlight=False)
 
     # ------------------------------------------------------------------ table 3
     t3 = make_table("Cache read rate, MB/s of on-disk bytes (the arrays each head reads, all videos; cold / warm)",
-                    ("head", "arrays", "on disk", "head's layers", "plain read", "Zarr per video",
-                     "same, no fp32 cast", "Zarr bulk (preload)", "Zarr one slice", "Zarr, head's layers",
-                     "ms/video (Zarr, warm)"), left=("arrays",))
+                    ("head", "arrays", "on disk", "head's layers", "plain read", "loader (preload off)",
+                     "Zarr per video", "same, no fp32 cast", "Zarr one slice", "Zarr, head's layers",
+                     "ms/video (loader, warm)"), left=("arrays",))
     for run in S.heads if not args.no_read else []:
         rd = results[run.name]["read"]
         b = rd["bytes"]
 
         def rate(k: str, useful: bool = False) -> str:
             if k not in rd:
-                return "not run" if k != "zarr bulk" else f"not run (~{human(rd['bulk_cost'])} as float32)"
+                return "not run"
             x = rd["useful_bytes"] if useful else b
             return f"{mbps(x / rd[k]['cold'])} / {mbps(x / rd[k]['warm'])}"
 
         t3.add_row(run.label, ",".join(rd["arrays"]), human(b), human(rd["useful_bytes"]), rate("plain"),
-                   rate("zarr per video"), rate("zarr per video fp16"), rate("zarr bulk"), rate("zarr slice"),
-                   rate("zarr layer-sliced", useful=True) + " *",
-                   f"{1000 * rd['zarr per video']['warm'] / rd['videos']:.1f}")
+                   rate("loader", useful=True) + " *", rate("zarr per video"), rate("zarr per video fp16"),
+                   rate("zarr slice"), rate("zarr layer-sliced", useful=True) + " *",
+                   f"{1000 * rd['loader']['warm'] / rd['videos']:.1f}")
     if not args.no_read:
         console.print(t3)
-        console.print("* useful bytes (only the head's layers) per second. Zarr bulk = FeatureStore.read with the "
-                      "index array CacheSplit passes when it preloads (not run where it would need the memory shown).",
-                      highlight=False)
+        console.print("* useful bytes (only the head's layers) per second. loader = stages.loader batches of B in "
+                      "the stored dtype (what a GPU would receive), no float32 conversion.", highlight=False)
 
     # ------------------------------------------------------------------ notes
     for run in S.heads:
@@ -889,25 +830,20 @@ def main() -> None:
             sd = r["online"]["same_data"]
             line += "; online batch vs cache, max rel. err: " + ", ".join(f"{k} {v:.1e}" for k, v in sd.items())
         if r["cache"]["in_memory"]:
-            line += (f"; CacheSplit preloads {','.join(r['cache']['in_memory'])} "
+            line += (f"; the loader holds {','.join(r['cache']['in_memory'])} in RAM "
                      f"({r['cache']['preload']}, setup {secs(r['cache']['setup_s'])})")
         console.print(line, highlight=False)
-    if probe is not None:
-        sl, ia = probe["slice"], probe["index array"]
-        console.print(f"CacheSplit preload path on 1 video of patch ({human(sl['result'])} as float32): "
-                      f"FeatureStore.read(split, 'patch', np.arange(1)) {secs(ia['seconds'])}, peak +{human(ia['peak_extra'])}; "
-                      f"the same rows as slice(0, 1): {secs(sl['seconds'])}, peak +{human(sl['peak_extra'])}.",
-                      highlight=False)
     dropped = all(results[r.name]["read"].get("plain", {}).get("dropped", False) for r in S.heads)
-    console.print(f"cold reads: page cache of the cache files dropped with posix_fadvise(DONTNEED) "
-                  f"{'(ok)' if dropped else '(FAILED: cold = warm)'}; timed cache epochs: median of "
+    cold = "not measured (--no-read)" if args.no_read else \
+        f"page cache of the cache files dropped with posix_fadvise(DONTNEED) {'(ok)' if dropped else '(FAILED: cold = warm)'}"
+    console.print(f"cold reads: {cold}; timed cache epochs: median of "
                   f"{', '.join(str(len(results[r.name]['cache']['epoch_s'])) for r in S.heads)} after 1 warm-up epoch; "
                   f"online: 1 epoch after 1 warm-up step. Load average at end {load_avg()[0]:.2f}; "
                   f"total {now() - t_all:.0f}s.", highlight=False)
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": {"model": S.model, "videos": n_videos, "batch": S.batch,
                                                             "frames": S.frames, "threads": S.threads},
-                                               "results": results, "probe": probe}, indent=1))
+                                               "results": results}, indent=1))
     shutil.rmtree(scratch, ignore_errors=True)
 
 

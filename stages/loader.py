@@ -382,19 +382,33 @@ class CacheLoader:
             yield from self._parallel(rows, cuda)
 
     def _serial(self, rows: int, cuda: bool):
+        # The slots are kept on the source and reused epoch after epoch (and evaluation after
+        # evaluation): fresh ones cost a page fault and the kernel's zeroing per 4 KB on first
+        # touch, a fixed cost per epoch of about one batch (bench_read_bound.py, 4-batch epochs of
+        # EVL patch tokens: 26-39% -> 38-76% of a cat-like read). An iteration that finds them
+        # taken (another live iterator over the same source) gets its own.
         depth = 2 if cuda else 1
-        slots = [self.source.alloc(rows, shared=False, pin=cuda) for _ in range(depth)]
-        events: list = [None] * depth
-        for k, positions in enumerate(self.plan):
-            i = k % depth
-            if events[i] is not None:
-                events[i].synchronize()  # the copy out of this slot is done: it may be refilled
-            small = self.source.fill(slots[i], positions, self.seed, self.masked)
-            out = self._convert(slots[i], len(positions), small)
-            if cuda:
-                events[i] = torch.cuda.Event()
-                events[i].record()
-            yield out
+        kept = getattr(self.source, "_serial_slots", None)
+        if kept is None or kept["busy"] or kept["rows"] < rows or kept["cuda"] != cuda:
+            kept = {"rows": rows, "cuda": cuda, "busy": False, "events": [None] * depth,
+                    "slots": [self.source.alloc(rows, shared=False, pin=cuda) for _ in range(depth)]}
+            if getattr(self.source, "_serial_slots", None) is None or not self.source._serial_slots["busy"]:
+                self.source._serial_slots = kept
+        slots, events = kept["slots"], kept["events"]
+        kept["busy"] = True
+        try:
+            for k, positions in enumerate(self.plan):
+                i = k % depth
+                if events[i] is not None:
+                    events[i].synchronize()  # the copy out of this slot is done: it may be refilled
+                small = self.source.fill(slots[i], positions, self.seed, self.masked)
+                out = self._convert(slots[i], len(positions), small)
+                if cuda:
+                    events[i] = torch.cuda.Event()
+                    events[i].record()
+                yield out
+        finally:
+            kept["busy"] = False
 
     def _parallel(self, rows: int, cuda: bool):
         pool = getattr(self.source, "_pool", None)

@@ -232,3 +232,25 @@ def test_eval_loader_takes_a_ranks_subset(int8_cache):
     got = torch.cat([b["label"] for b in eval_loader(sub, 2, "cpu")])
     assert got.tolist() == [int(data.labels[i]) for i in range(1, len(data), 2)]
     assert train_loader(data, [[0, -1]], "cpu").__class__ is CacheLoader
+
+
+def test_serial_slots_are_reused_across_epochs_and_never_shared_by_live_iterators(int8_cache):
+    idx = select_videos(int8_cache, "train")
+    data = CacheSplit(int8_cache, HeadInputs(int8_cache, KEYS, "train"), idx, train=True, preload=False)
+    src = ZarrBatches(data, "off")
+    plan = [[0, 1], [2, 3], [1, 0]]
+    # each epoch's first batch kept alive: fresh buffers could not share an address
+    firsts = [next(iter(CacheLoader(src, plan, "cpu", raw=True)))["patch.q"] for _ in range(2)]
+    assert firsts[0].data_ptr() == firsts[1].data_ptr()  # the second epoch refills the first one's buffer
+    alone = [dict(b) for b in CacheLoader(src, plan, "cpu")]
+    a, b = iter(CacheLoader(src, plan, "cpu")), iter(CacheLoader(src, plan[::-1], "cpu"))
+    got_a, got_b = [], []
+    for _ in plan:  # interleaved: each batch converted while the other iterator holds its slot
+        got_a.append(next(a))
+        got_b.append(next(b))
+    for g, w in zip(got_a, alone):
+        _same(g, w, "a")
+    for g, w in zip(got_b, alone[::-1]):
+        _same(g, w, "b")
+    wider = list(CacheLoader(src, [[0, 1, 2]], "cpu", raw=True))  # more rows than the kept slots: new ones
+    assert wider[0]["patch.q"].shape[0] == 3
