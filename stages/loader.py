@@ -32,6 +32,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from cache.errors import PipelineError
 from stages.backbone import CLIP_MEAN, CLIP_STD
 from stages.cache_data import CacheSplit, view_pick
 
@@ -486,8 +487,23 @@ class WdsLoader:
         return len(self.loader)
 
     def __iter__(self):
-        for batch in self.loader:
-            yield device_batch(batch, self.device, self.data.train, self.data.mean, self.data.std)
+        try:
+            for batch in self.loader:
+                yield device_batch(batch, self.device, self.data.train, self.data.mean, self.data.std)
+        except PipelineError as exc:  # a damaged shard, found in a worker: still the one line it was there
+            raise _worker_error(exc) from None
+
+
+def _worker_error(exc: PipelineError) -> PipelineError:
+    """A PipelineError raised in a DataLoader worker comes back as the same class with the worker's
+    whole traceback as its message ("Caught CacheError in DataLoader worker process 0. Original
+    Traceback ..."); the original message is its last line, after the class name."""
+    text = str(exc)
+    if "\n" not in text:
+        return exc
+    last = [ln for ln in text.splitlines() if ln.strip()][-1]
+    prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    return type(exc)(last[len(prefix):]) if last.startswith(prefix) else exc
 
 
 # ----------------------------------------------------------------------------- entry points (stages/train.py)
