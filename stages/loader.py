@@ -25,8 +25,11 @@ stored-dtype tensors, stacked in the worker into shared memory, converted by ``d
 from __future__ import annotations
 
 import math
+import os
 import queue
+import signal
 import traceback
+import weakref
 from typing import Iterator
 
 import numpy as np
@@ -244,10 +247,22 @@ def _pin_shared(slot: dict[str, torch.Tensor]) -> bool:
         return False
 
 
-def _worker(source: ZarrBatches, slots, tasks, results) -> None:
+def _worker(source: ZarrBatches, slots, tasks, results, parent: int) -> None:
+    # the main process decides when the pool stops (pipeline/signals.py): a terminal's Ctrl-C, sent to
+    # the whole process group, is ignored here; SIGTERM gets its default action back, so that
+    # Process.terminate() (_Pool._stop, multiprocessing's exit handler for daemon children) ends a
+    # worker: the handler inherited by the fork ignored it, and the interpreter's exit then waited
+    # for the worker forever
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     torch.set_num_threads(1)
     while True:
-        task = tasks.get()
+        try:
+            task = tasks.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # the main process is gone (killed): nobody will send the stop
+                return
+            continue
         if task is None:
             return
         gen, k, slot_no, positions, seed, masked = task
@@ -277,19 +292,25 @@ class _Pool:
         self.depth = workers * prefetch
         self.slots = [source.alloc(rows, shared=True, pin=False) for _ in range(self.depth)]
         self.tasks, self.results = ctx.Queue(), ctx.Queue()
-        self.procs = [ctx.Process(target=_worker, args=(source, self.slots, self.tasks, self.results), daemon=True)
-                      for _ in range(workers)]
-        for p in self.procs:
-            p.start()
+        self.procs: list = []
+        # registered before the first worker starts: a stop (SIGINT) that lands while they start
+        # still ends every worker already forked
+        self._finalizer = weakref.finalize(self, _Pool._stop, self.procs, self.tasks, self.results)
+        try:
+            for _ in range(workers):
+                p = ctx.Process(target=_worker, args=(source, self.slots, self.tasks, self.results, os.getpid()),
+                                daemon=True)
+                self.procs.append(p)
+                p.start()
+        except BaseException:
+            self._finalizer()
+            raise
         # page-locked only after the fork: registered memory may be marked not to be inherited
         self.pinned = cuda and all(_pin_shared(s) for s in self.slots)
         self.free = list(range(self.depth))
         self.busy = 0  # slots handed to workers and not yet returned
         self.gen = 0
         self.events: dict[int, object] = {}
-        import weakref
-
-        weakref.finalize(self, _Pool._stop, self.procs, self.tasks, self.results)
 
     def get(self):
         while True:
@@ -320,21 +341,28 @@ class _Pool:
 
     @staticmethod
     def _stop(procs, tasks, results) -> None:
+        """Ask every worker to stop, wait a little, then end the ones still there (SIGTERM, SIGKILL)."""
         for _ in procs:
             try:
                 tasks.put(None)
             except (OSError, ValueError):
                 pass
         for p in procs:
+            if p.pid is None:  # never started
+                continue
             p.join(timeout=2)
             if p.is_alive():
                 p.terminate()
+                p.join(timeout=2)
+            if p.is_alive():
+                p.kill()
+                p.join()
         for q in (tasks, results):
             q.close()
             q.cancel_join_thread()
 
     def close(self) -> None:
-        _Pool._stop(self.procs, self.tasks, self.results)
+        self._finalizer()
         if self.pinned:
             torch.cuda.synchronize()
             for s in self.slots:

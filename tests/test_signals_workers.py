@@ -1,0 +1,158 @@
+"""SIGINT / SIGTERM while stage two's loader runs worker processes (`--set workers=2`, issue 10).
+
+The command stops with exit 130 / 143 and exactly the one line, every loader worker is gone
+once it has exited, no shared-memory segment of its processes is left under /dev/shm, and rerunning
+the same command resumes from the last checkpoint to the result of an uninterrupted run. The
+signal goes once a checkpoint of this run is on disk and both workers are alive (a few batches
+have been read by them). A worker must also end when told to (Process.terminate: the signal
+handler a fork inherits ignored SIGTERM, and the interpreter's exit then waited for such a worker
+forever) and when its parent is killed outright.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+from test_signals import ENV, LINE, _handles_sigterm, _train_args, reference, train_reference  # noqa: F401 - fixtures
+
+WORKERS = ["--set", "workers=2", "--set", "preload=off"]  # the workers read the shard files themselves
+
+
+def _session(sid: int) -> dict[int, str]:
+    """Live (not zombie) processes of session ``sid`` (the command and its children): pid -> start time."""
+    out = {}
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            with open(f"/proc/{p}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[3]) == sid:  # state, ppid, pgrp, session
+            out[int(p)] = fields[19]
+    return out
+
+
+def _alive(pids: dict[int, str]) -> list[int]:
+    left = []
+    for pid, start in pids.items():
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and fields[19] == start:  # the same process (not a reused pid), not a zombie
+            left.append(pid)
+    return left
+
+
+def _shm_of(pids) -> list[str]:
+    """/dev/shm entries named after one of ``pids`` (torch names its segments torch_<pid>_...)."""
+    return sorted(n for n in os.listdir("/dev/shm") if any(f"_{pid}_" in n for pid in pids))
+
+
+def _stop_after_a_checkpoint(args, run: Path, sig: int, group: bool):
+    """Run `pipeline args`; once it has written a checkpoint and its two loader workers are up, send ``sig``."""
+    before = (run / "last.pt").stat().st_mtime_ns if (run / "last.pt").exists() else 0
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=str(ROOT), start_new_session=True)
+    seen: dict[int, str] = {}
+    t0 = time.monotonic()
+    while proc.poll() is None and time.monotonic() - t0 < 300:
+        procs = _session(proc.pid)
+        seen.update(procs)
+        fresh = (run / "last.pt").exists() and (run / "last.pt").stat().st_mtime_ns != before
+        if fresh and len(procs) >= 3 and _handles_sigterm(proc.pid):  # the command and two workers
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the run ended before the signal:\n{proc.communicate()[1][-3000:]}"
+    seen.update(_session(proc.pid))
+    if group:
+        os.killpg(proc.pid, sig)  # a terminal's Ctrl-C reaches the workers too
+    else:
+        proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    return proc, out, err, seen
+
+
+@pytest.mark.parametrize("sig, group", [(signal.SIGINT, True), pytest.param(signal.SIGTERM, False,
+                                                                              marks=pytest.mark.slow)])
+def test_a_stop_with_loader_workers_leaves_nothing_and_the_rerun_resumes(reference, train_reference, tmp_path,
+                                                                         sig, group):
+    metrics, _ = train_reference  # an uninterrupted run without workers: the loader's values are the same
+    run = tmp_path / "run"
+    args = _train_args(reference[0].path, run) + WORKERS
+    proc, _, err, seen = _stop_after_a_checkpoint(args, run, sig, group)
+    assert proc.returncode == 128 + sig, (proc.returncode, err[-3000:])
+    assert [ln for ln in err.splitlines() if ln.strip()] == [LINE], err[-3000:]
+    assert len(seen) >= 3, seen  # the workers existed
+    deadline = time.monotonic() + 10
+    while _alive(seen) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _alive(seen) == [], "loader worker(s) outlived the command"
+    assert _session(proc.pid) == {}
+    assert _shm_of(seen) == []
+    epoch = torch.load(run / "last.pt", weights_only=True)["epoch"]
+    assert epoch >= 1 and not (run / "metrics.json").exists()
+    assert json.loads((run / "status.json").read_text())["state"] == "interrupted"
+
+    rerun = subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], capture_output=True, text=True,
+                           env=ENV, cwd=str(ROOT), timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"from epoch {epoch}" in rerun.stdout, rerun.stdout
+    got = json.loads((run / "metrics.json").read_text())
+    assert [h["train_loss"] for h in got["history"]] == [h["train_loss"] for h in metrics["history"]]
+    assert got["final"] == metrics["final"]
+
+
+_POOL = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+from pipeline import signals
+signals.install()  # as the CLI does: the workers are forked with its handler in place
+from cache.store import open_store
+from stages.cache_data import CacheSplit, HeadInputs, select_videos
+from stages.heads import DataKeys
+from stages.loader import CacheLoader, ZarrBatches
+st = open_store(sys.argv[2])
+data = CacheSplit(st, HeadInputs(st, DataKeys(patch_layers=(-1,)), "train"), select_videos(st, "train"),
+                  train=True, preload=False)
+src = ZarrBatches(data, preload="off")
+assert len(list(CacheLoader(src, [[0, 1], [2, 3]], "cpu", workers=2))) == 2
+procs = src._pool.procs
+procs[0].terminate()
+procs[0].join(5)
+print("terminated" if procs[0].exitcode == -15 else f"still running: {procs[0].exitcode}")
+print(procs[1].pid, flush=True)
+os._exit(0)  # as if killed: no finaliser, no atexit; the other worker is orphaned
+"""
+
+
+def test_a_loader_worker_ends_on_terminate_and_when_its_parent_dies(reference):
+    proc = subprocess.run([sys.executable, "-c", _POOL, str(ROOT), str(reference[0].path)], capture_output=True,
+                          text=True, env=ENV, timeout=120)
+    lines = proc.stdout.split()
+    assert proc.returncode == 0 and lines[0] == "terminated", (proc.stdout, proc.stderr[-3000:])
+    orphan = int(lines[1])
+    try:  # still there (blocked on its task queue), or a zombie, or gone already
+        with open(f"/proc/{orphan}/stat") as fh:
+            left = {orphan: fh.read().rsplit(")", 1)[1].split()[19]}
+    except FileNotFoundError:
+        return
+    deadline = time.monotonic() + 10
+    while _alive(left) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _alive(left):
+        os.kill(orphan, signal.SIGKILL)
+        pytest.fail("a loader worker lived on after its parent was killed")
