@@ -35,7 +35,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from cache.errors import PipelineError
+from cache.errors import PipelineError, RunFailedError
 from stages.backbone import CLIP_MEAN, CLIP_STD
 from stages.cache_data import CacheSplit, view_pick
 
@@ -279,6 +279,15 @@ def _worker(source: ZarrBatches, slots, tasks, results, parent: int) -> None:
             results.put((gen, k, slot_no, 0, None, exc))
 
 
+def _ended(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"exit status {code}"
+
+
 class _Pool:
     """Worker processes and their shared-memory slots, kept for the whole run (forking per epoch
     costs seconds on a loaded box); a ``gen`` number per iteration tells late results of an
@@ -317,10 +326,11 @@ class _Pool:
             try:
                 got = self.results.get(timeout=5)
             except queue.Empty:
-                dead = [p.pid for p in self.procs if not p.is_alive()]
+                dead = [p for p in self.procs if p.pid is not None and not p.is_alive()]
                 if dead:
-                    raise RuntimeError(f"loader worker(s) {dead} died (out of memory?); "
-                                       "try fewer workers (--set workers=N)") from None
+                    how = ", ".join(f"{p.pid} ({_ended(p.exitcode)})" for p in dead)
+                    raise RunFailedError(f"loader worker(s) {how} died (out of memory?): rerun with fewer workers "
+                                         "(--set workers=N) to resume") from None
                 continue
             self.busy -= 1
             if got[0] != self.gen:  # a result of an abandoned iteration

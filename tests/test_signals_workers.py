@@ -6,7 +6,8 @@ the same command resumes from the last checkpoint to the result of an uninterrup
 signal goes once a checkpoint of this run is on disk and both workers are alive (a few batches
 have been read by them). A worker must also end when told to (Process.terminate: the signal
 handler a fork inherits ignored SIGTERM, and the interpreter's exit then waited for such a worker
-forever) and when its parent is killed outright.
+forever) and when its parent is killed outright; workers killed under a run (the out-of-memory
+killer) end it in one line.
 """
 
 from __future__ import annotations
@@ -156,3 +157,26 @@ def test_a_loader_worker_ends_on_terminate_and_when_its_parent_dies(reference):
     if _alive(left):
         os.kill(orphan, signal.SIGKILL)
         pytest.fail("a loader worker lived on after its parent was killed")
+
+
+def test_loader_workers_killed_under_the_run_are_one_line(reference):
+    """The kernel's out-of-memory killer takes the workers (SIGKILL): the batch never comes; the run
+    ends in one line (RunFailedError, exit 1) that says what happened, not a RuntimeError traceback."""
+    from cache.errors import RunFailedError
+    from cache.store import open_store
+    from stages.cache_data import CacheSplit, HeadInputs, select_videos
+    from stages.heads import DataKeys
+    from stages.loader import CacheLoader, ZarrBatches
+
+    st = open_store(reference[0].path)
+    data = CacheSplit(st, HeadInputs(st, DataKeys(frame_emb=True), "train"), select_videos(st, "train"), train=True,
+                      preload=False)
+    src = ZarrBatches(data, preload="off")
+    plan = [[0, 1], [2, 3], [4, 5]]
+    assert len(list(CacheLoader(src, plan, "cpu", workers=2))) == 3
+    for p in src._pool.procs:
+        p.kill()
+        p.join()
+    with pytest.raises(RunFailedError, match="killed by SIGKILL") as err:
+        list(CacheLoader(src, plan, "cpu", workers=2))
+    assert "\n" not in str(err.value) and "--set workers=N" in str(err.value)
