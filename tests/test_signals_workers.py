@@ -63,8 +63,9 @@ def _shm_of(pids) -> list[str]:
     return sorted(n for n in os.listdir("/dev/shm") if any(f"_{pid}_" in n for pid in pids))
 
 
-def _stop_after_a_checkpoint(args, run: Path, sig: int, group: bool):
-    """Run `pipeline args`; once it has written a checkpoint and its two loader workers are up, send ``sig``."""
+def _stop_after_a_checkpoint(args, run: Path, sig: int, group: bool, delay: float):
+    """Run `pipeline args`; ``delay`` seconds after it has written a checkpoint with its two loader
+    workers up (the next epoch's batches being read), send ``sig``."""
     before = (run / "last.pt").stat().st_mtime_ns if (run / "last.pt").exists() else 0
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV, cwd=str(ROOT), start_new_session=True)
@@ -77,6 +78,10 @@ def _stop_after_a_checkpoint(args, run: Path, sig: int, group: bool):
         if fresh and len(procs) >= 3 and _handles_sigterm(proc.pid):  # the command and two workers
             break
         time.sleep(0.01)
+    t0 = time.monotonic()
+    while proc.poll() is None and time.monotonic() - t0 < delay:
+        seen.update(_session(proc.pid))
+        time.sleep(0.01)
     assert proc.poll() is None, f"the run ended before the signal:\n{proc.communicate()[1][-3000:]}"
     seen.update(_session(proc.pid))
     if group:
@@ -87,14 +92,15 @@ def _stop_after_a_checkpoint(args, run: Path, sig: int, group: bool):
     return proc, out, err, seen
 
 
-@pytest.mark.parametrize("sig, group", [(signal.SIGINT, True), pytest.param(signal.SIGTERM, False,
-                                                                              marks=pytest.mark.slow)])
+@pytest.mark.parametrize("sig, group, delay", [pytest.param(signal.SIGINT, True, 0.3, id="SIGINT-to-the-group"),
+                                              pytest.param(signal.SIGTERM, False, 0.0, id="SIGTERM",
+                                                           marks=pytest.mark.slow)])
 def test_a_stop_with_loader_workers_leaves_nothing_and_the_rerun_resumes(reference, train_reference, tmp_path,
-                                                                         sig, group):
+                                                                         sig, group, delay):
     metrics, _ = train_reference  # an uninterrupted run without workers: the loader's values are the same
     run = tmp_path / "run"
     args = _train_args(reference[0].path, run) + WORKERS
-    proc, _, err, seen = _stop_after_a_checkpoint(args, run, sig, group)
+    proc, _, err, seen = _stop_after_a_checkpoint(args, run, sig, group, delay)
     assert proc.returncode == 128 + sig, (proc.returncode, err[-3000:])
     assert [ln for ln in err.splitlines() if ln.strip()] == [LINE], err[-3000:]
     assert len(seen) >= 3, seen  # the workers existed
