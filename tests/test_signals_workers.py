@@ -138,31 +138,41 @@ data = CacheSplit(st, HeadInputs(st, DataKeys(patch_layers=(-1,)), "train"), sel
 src = ZarrBatches(data, preload="off")
 assert len(list(CacheLoader(src, [[0, 1], [2, 3]], "cpu", workers=2))) == 2
 procs = src._pool.procs
+print(procs[0].pid, procs[1].pid, flush=True)
 procs[0].terminate()
 procs[0].join(5)
-print("terminated" if procs[0].exitcode == -15 else f"still running: {procs[0].exitcode}")
-print(procs[1].pid, flush=True)
+print("terminated" if procs[0].exitcode == -15 else f"still-running:{procs[0].exitcode}", flush=True)
 os._exit(0)  # as if killed: no finaliser, no atexit; the other worker is orphaned
 """
 
 
+def _start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        return None
+
+
 def test_a_loader_worker_ends_on_terminate_and_when_its_parent_dies(reference):
-    proc = subprocess.run([sys.executable, "-c", _POOL, str(ROOT), str(reference[0].path)], capture_output=True,
-                          text=True, env=ENV, timeout=120)
-    lines = proc.stdout.split()
-    assert proc.returncode == 0 and lines[0] == "terminated", (proc.stdout, proc.stderr[-3000:])
-    orphan = int(lines[1])
-    try:  # still there (blocked on its task queue), or a zombie, or gone already
-        with open(f"/proc/{orphan}/stat") as fh:
-            left = {orphan: fh.read().rsplit(")", 1)[1].split()[19]}
-    except FileNotFoundError:
-        return
-    deadline = time.monotonic() + 10
-    while _alive(left) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if _alive(left):
-        os.kill(orphan, signal.SIGKILL)
-        pytest.fail("a loader worker lived on after its parent was killed")
+    # the workers inherit the pipes: read the lines and the exit status, never wait for EOF (a worker
+    # that lives on would hold it back)
+    proc = subprocess.Popen([sys.executable, "-c", _POOL, str(ROOT), str(reference[0].path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=ENV)
+    first = proc.stdout.readline().split()
+    workers = {pid: _start_time(pid) for pid in map(int, first)}
+    workers = {pid: start for pid, start in workers.items() if start is not None}  # those still in /proc
+    try:
+        said = proc.stdout.readline().strip()
+        assert proc.wait(timeout=120) == 0 and len(first) == 2 and said == "terminated", (first, said)
+        deadline = time.monotonic() + 10  # the orphan notices its parent is gone within a second or so
+        while _alive(workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _alive(workers) == [], "a loader worker lived on after its parent was killed"
+    finally:
+        for pid in _alive(workers):  # what a failure leaves is ended here, by pid
+            os.kill(pid, signal.SIGKILL)
+        proc.stdout.close()
 
 
 def test_loader_workers_killed_under_the_run_are_one_line(reference):
