@@ -11,6 +11,10 @@ the caller's output (a shared-memory or pinned tensor's memory): one copy, page 
 
 An array stored any other way (a codec this module does not know) is read through zarr instead:
 ``RawArray.direct`` says which. Chunks never written read as the array's fill value, as zarr's.
+
+A shard file that cannot be read as written (shorter than its index, an index whose crc32c does not
+match, a chunk entry of the wrong size or past the end, a short read, an I/O error) raises
+``ShardReadError``, an OSError that names the file; never a silent fill value or partial row.
 """
 
 from __future__ import annotations
@@ -22,10 +26,21 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["RawArray"]
+__all__ = ["RawArray", "ShardReadError"]
 
 _EMPTY = np.uint64(2 ** 64 - 1)
 _IOV_MAX = 1024
+
+
+class ShardReadError(OSError):
+    """A shard file that does not read back as it was written: ``path`` (the file) and ``why``."""
+
+    def __init__(self, path: str | Path, why: str):
+        super().__init__(f"{path}: {why}")
+        self.path, self.why = Path(path), why
+
+    def __reduce__(self):  # raised in a loader worker, re-raised in the main process: pickled
+        return ShardReadError, (self.path, self.why)
 
 
 def _plain_sharding(meta: dict) -> bool:
@@ -81,8 +96,17 @@ class RawArray:
         nbytes = 16 * n + 4
         raw = os.pread(fd, nbytes, st.st_size - nbytes) if st.st_size >= nbytes else b""
         if len(raw) != nbytes:
-            raise OSError(f"shard file {self._shard_file(shard)} is shorter than its index")
+            raise ShardReadError(self._shard_file(shard), f"{st.st_size} bytes, shorter than its index")
+        import google_crc32c  # zarr's own crc32c (a dependency of zarr 3)
+
+        if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+            # a truncated or overwritten file: what sits where the index should be is not one
+            raise ShardReadError(self._shard_file(shard), "truncated or overwritten: its chunk index fails its "
+                                                          "crc32c check")
         index = np.frombuffer(raw[:-4], dtype="<u8").reshape(n, 2)
+        used = index[~((index[:, 0] == _EMPTY) & (index[:, 1] == _EMPTY))]
+        if used.size and int((used[:, 0] + used[:, 1]).max()) > st.st_size - nbytes:
+            raise ShardReadError(self._shard_file(shard), "a chunk lies past the end of the file (truncated)")
         self._index[shard] = (version, index)
         return index
 
@@ -123,6 +147,14 @@ class RawArray:
 
     def _read_shard(self, shard: int, items: list, out: np.ndarray) -> None:
         try:
+            self._read_shard_file(shard, items, out)
+        except ShardReadError:
+            raise
+        except OSError as exc:  # an I/O error of the disk or file system: named with its file
+            raise ShardReadError(self._shard_file(shard), exc.strerror or str(exc)) from exc
+
+    def _read_shard_file(self, shard: int, items: list, out: np.ndarray) -> None:
+        try:
             fd = os.open(self._shard_file(shard), os.O_RDONLY)
         except FileNotFoundError:
             for _, i, j in items:
@@ -139,8 +171,8 @@ class RawArray:
                         np.frombuffer(mv, dtype=self.dtype)[:] = self.fill
                     continue
                 if int(size) != self.chunk_bytes:
-                    raise OSError(f"{self._shard_file(shard)}: chunk {chunk} holds {int(size)} bytes, "
-                                  f"expected {self.chunk_bytes}")
+                    raise ShardReadError(self._shard_file(shard), f"chunk {chunk} holds {int(size)} bytes, "
+                                                                  f"expected {self.chunk_bytes}")
                 ranges.append((int(off), i, j))
             ranges.sort()
             k = 0
@@ -156,6 +188,6 @@ class RawArray:
                     k += 1
                 got = os.preadv(fd, bufs, start)
                 if got != end - start:
-                    raise OSError(f"{self._shard_file(shard)}: short read ({got} of {end - start} bytes)")
+                    raise ShardReadError(self._shard_file(shard), f"short read ({got} of {end - start} bytes)")
         finally:
             os.close(fd)

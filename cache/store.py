@@ -525,6 +525,8 @@ class FeatureStore(CacheSource):
 
         The bytes are read straight from the shard files (cache/rows.py), one system call per run
         of consecutive chunks, no float conversion: the stage-two loader's read (stages/loader.py).
+        A shard that does not read back (damaged after the reader's start-of-run check) is one
+        CacheError naming the array, the file and the fix.
         """
         spec = self.specs(split).get(name)
         if spec is None:
@@ -534,8 +536,31 @@ class FeatureStore(CacheSource):
         got = {}
         for part, key in keys.items():
             dest = out if not part else (out or {}).get(part)
-            got[part] = self._read_raw_rows(key, rows, layers, dest)
+            try:
+                got[part] = self._read_raw_rows(key, rows, layers, dest)
+            except OSError as exc:  # cache/rows.ShardReadError
+                raise self._unreadable(key, rows, exc) from None
         return got if spec.dtype == "int8" else got[""]
+
+    def _unreadable(self, key: str, rows, exc: Exception) -> CacheError:
+        """The one line for a shard of array ``key`` (split/name[/part]) that failed to read rows
+        ``rows``: cache/rows.ShardReadError, or what zarr raises (its crc32c check of a shard index)."""
+        from cache.rows import ShardReadError
+
+        if isinstance(exc, ShardReadError):
+            files, why = [exc.path], exc.why
+        else:
+            split, sub = key.split("/", 1)
+            shards = sorted({int(r) // self.shard_size for r in np.asarray(rows).ravel().tolist()})
+            files = [self._shard_file(split, sub, s) for s in shards]
+            why = f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
+            if "checksum do not match" in why:
+                why = "truncated or overwritten: its chunk index fails its crc32c check"
+        where = ", ".join(os.path.relpath(f, self.path) for f in files[:3]) + (" ..." if len(files) > 3 else "")
+        why = " ".join(why.split())[:200]
+        return CacheError(f"cache {self.path}: shard file {where} of array '{key}' cannot be read ({why}): it was "
+                          f"damaged; `pipeline cache verify {self.path}` names the damage and `pipeline cache repair "
+                          f"{self.path}` (or rerunning the cache's `pipeline extract` command) redoes it")
 
     def row_shape(self, split: str, name: str, layers: list[int] | None = None) -> dict[str, tuple[tuple, str]]:
         """Per stored part ("" for plain arrays, q/scale/oidx/oval for int8) the per-video shape
@@ -587,9 +612,14 @@ class FeatureStore(CacheSource):
 
     def _get(self, key: str, sel: tuple) -> np.ndarray:
         arr = self._array(key)
-        if any(isinstance(x, list) for x in sel):
-            return arr.oindex[sel]
-        return arr[sel]
+        try:
+            if any(isinstance(x, list) for x in sel):
+                return arr.oindex[sel]
+            return arr[sel]
+        except (OSError, ValueError) as exc:  # zarr's "stored and computed checksum do not match": a damaged shard
+            if key.split("/", 1)[0] not in self.splits or not arr.shape:
+                raise
+            raise self._unreadable(key, np.arange(arr.shape[0])[sel[0]], exc) from None
 
     def _group_arrays(self, group: str) -> list[str]:
         # the folders holding a zarr.json: what was written, even when a metadata file is damaged

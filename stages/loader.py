@@ -25,13 +25,17 @@ stored-dtype tensors, stacked in the worker into shared memory, converted by ``d
 from __future__ import annotations
 
 import math
+import os
 import queue
+import signal
 import traceback
+import weakref
 from typing import Iterator
 
 import numpy as np
 import torch
 
+from cache.errors import PipelineError, RunFailedError
 from stages.backbone import CLIP_MEAN, CLIP_STD
 from stages.cache_data import CacheSplit, view_pick
 
@@ -243,10 +247,22 @@ def _pin_shared(slot: dict[str, torch.Tensor]) -> bool:
         return False
 
 
-def _worker(source: ZarrBatches, slots, tasks, results) -> None:
+def _worker(source: ZarrBatches, slots, tasks, results, parent: int) -> None:
+    # the main process decides when the pool stops (pipeline/signals.py): a terminal's Ctrl-C, sent to
+    # the whole process group, is ignored here; SIGTERM gets its default action back, so that
+    # Process.terminate() (_Pool._stop, multiprocessing's exit handler for daemon children) ends a
+    # worker: the handler inherited by the fork ignored it, and the interpreter's exit then waited
+    # for the worker forever
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     torch.set_num_threads(1)
     while True:
-        task = tasks.get()
+        try:
+            task = tasks.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # the main process is gone (killed): nobody will send the stop
+                return
+            continue
         if task is None:
             return
         gen, k, slot_no, positions, seed, masked = task
@@ -263,6 +279,15 @@ def _worker(source: ZarrBatches, slots, tasks, results) -> None:
             results.put((gen, k, slot_no, 0, None, exc))
 
 
+def _ended(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"exit status {code}"
+
+
 class _Pool:
     """Worker processes and their shared-memory slots, kept for the whole run (forking per epoch
     costs seconds on a loaded box); a ``gen`` number per iteration tells late results of an
@@ -276,29 +301,36 @@ class _Pool:
         self.depth = workers * prefetch
         self.slots = [source.alloc(rows, shared=True, pin=False) for _ in range(self.depth)]
         self.tasks, self.results = ctx.Queue(), ctx.Queue()
-        self.procs = [ctx.Process(target=_worker, args=(source, self.slots, self.tasks, self.results), daemon=True)
-                      for _ in range(workers)]
-        for p in self.procs:
-            p.start()
+        self.procs: list = []
+        # registered before the first worker starts: a stop (SIGINT) that lands while they start
+        # still ends every worker already forked
+        self._finalizer = weakref.finalize(self, _Pool._stop, self.procs, self.tasks, self.results)
+        try:
+            for _ in range(workers):
+                p = ctx.Process(target=_worker, args=(source, self.slots, self.tasks, self.results, os.getpid()),
+                                daemon=True)
+                self.procs.append(p)
+                p.start()
+        except BaseException:
+            self._finalizer()
+            raise
         # page-locked only after the fork: registered memory may be marked not to be inherited
         self.pinned = cuda and all(_pin_shared(s) for s in self.slots)
         self.free = list(range(self.depth))
         self.busy = 0  # slots handed to workers and not yet returned
         self.gen = 0
         self.events: dict[int, object] = {}
-        import weakref
-
-        weakref.finalize(self, _Pool._stop, self.procs, self.tasks, self.results)
 
     def get(self):
         while True:
             try:
                 got = self.results.get(timeout=5)
             except queue.Empty:
-                dead = [p.pid for p in self.procs if not p.is_alive()]
+                dead = [p for p in self.procs if p.pid is not None and not p.is_alive()]
                 if dead:
-                    raise RuntimeError(f"loader worker(s) {dead} died (out of memory?); "
-                                       "try fewer workers (--set workers=N)") from None
+                    how = ", ".join(f"{p.pid} ({_ended(p.exitcode)})" for p in dead)
+                    raise RunFailedError(f"loader worker(s) {how} died (out of memory?): rerun with fewer workers "
+                                         "(--set workers=N) to resume") from None
                 continue
             self.busy -= 1
             if got[0] != self.gen:  # a result of an abandoned iteration
@@ -319,21 +351,28 @@ class _Pool:
 
     @staticmethod
     def _stop(procs, tasks, results) -> None:
+        """Ask every worker to stop, wait a little, then end the ones still there (SIGTERM, SIGKILL)."""
         for _ in procs:
             try:
                 tasks.put(None)
             except (OSError, ValueError):
                 pass
         for p in procs:
+            if p.pid is None:  # never started
+                continue
             p.join(timeout=2)
             if p.is_alive():
                 p.terminate()
+                p.join(timeout=2)
+            if p.is_alive():
+                p.kill()
+                p.join()
         for q in (tasks, results):
             q.close()
             q.cancel_join_thread()
 
     def close(self) -> None:
-        _Pool._stop(self.procs, self.tasks, self.results)
+        self._finalizer()
         if self.pinned:
             torch.cuda.synchronize()
             for s in self.slots:
@@ -500,8 +539,23 @@ class WdsLoader:
         return len(self.loader)
 
     def __iter__(self):
-        for batch in self.loader:
-            yield device_batch(batch, self.device, self.data.train, self.data.mean, self.data.std)
+        try:
+            for batch in self.loader:
+                yield device_batch(batch, self.device, self.data.train, self.data.mean, self.data.std)
+        except PipelineError as exc:  # a damaged shard, found in a worker: still the one line it was there
+            raise _worker_error(exc) from None
+
+
+def _worker_error(exc: PipelineError) -> PipelineError:
+    """A PipelineError raised in a DataLoader worker comes back as the same class with the worker's
+    whole traceback as its message ("Caught CacheError in DataLoader worker process 0. Original
+    Traceback ..."); the original message is its last line, after the class name."""
+    text = str(exc)
+    if "\n" not in text:
+        return exc
+    last = [ln for ln in text.splitlines() if ln.strip()][-1]
+    prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    return type(exc)(last[len(prefix):]) if last.startswith(prefix) else exc
 
 
 # ----------------------------------------------------------------------------- entry points (stages/train.py)

@@ -231,6 +231,13 @@ class WdsSplit(IterableDataset):
                 raise _damaged(url, f"{seen} of its {expected} samples could be read")
 
     def _item(self, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
+        try:
+            return self._decode(sample)
+        except ValueError as exc:  # a member that is not the .npy it was (bytes changed inside an intact tar)
+            raise _damaged(sample.get("__url__", "?"), f"sample {sample.get('__key__')}: {exc.__class__.__name__}: "
+                           f"{str(exc)[:120]}") from None
+
+    def _decode(self, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
         info = sample["__info__"]
         label = int(info["label"])
         if self.label_map:

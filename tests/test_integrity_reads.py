@@ -1,0 +1,258 @@
+"""A cache shard damaged after stage two's start-of-run check (issue 10): every read of the stage-two
+path (the loader's direct reads, zarr's, preload, worker processes, WebDataset shards) fails in one
+CacheError line that names the array, the shard file and the fix, never a traceback or silent
+values; the run folder is not marked complete, and after `cache repair` the same command resumes.
+
+The damage is real (a truncated patch-token shard file of a real extracted cache). To put it
+between the check and the read, the tests damage the file from a tiny hook: right after
+FeatureStore.require_sound has passed, or right after the first epoch's checkpoint is written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import stages.train as T
+from cache.errors import CacheError
+from cache.store import FeatureStore, open_store
+from stages.cache_data import CacheSplit, HeadInputs, select_videos
+from stages.heads import DataKeys
+from stages.loader import CacheLoader, WdsLoader, ZarrBatches, epoch_plan
+
+KEYS = DataKeys(frame_emb=True, cls_layers=(-1,), patch_layers=(-1,))
+SHARD = 1  # the damaged shard of train/patch: rows 2 and 3
+EVL = ["--set", "epochs=3", "--set", "batch_size=4", "--set", "num_layers=1", "--set", "seed=1",
+       "--set", "warmup_epochs=0", "--recipe", "quick", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def clean(demo_small, tmp_path_factory):
+    """A sound extracted cache (patch tokens of every layer, shards of 2 videos)."""
+    from pipeline.datasets import load_dataset
+    from stages.extract import ExtractCfg, plan_extraction, run_extraction
+
+    out = tmp_path_factory.mktemp("reads") / "cache"
+    threads = torch.get_num_threads()
+    try:
+        plan = plan_extraction(load_dataset("demo", data_root=demo_small.root),
+                               ExtractCfg(model="tiny", workers=0, text="none", layers="all", patch=True,
+                                          shard_size=2), out=out)
+        run_extraction(plan, shard=(0, 1), progress=False, log=lambda *a, **k: None)
+    finally:
+        torch.set_num_threads(threads)
+    st = open_store(out)
+    assert st.is_complete() and st.verify() == []
+    return st
+
+
+@pytest.fixture
+def cache(clean, tmp_path) -> Path:
+    dest = tmp_path / "cache"
+    shutil.copytree(clean.path, dest)
+    return dest
+
+
+def _shard_file(path: Path, shard: int = SHARD) -> Path:
+    return open_store(path)._shard_file("train", "patch", shard)
+
+
+def _truncate(file: Path, how: str = "half") -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2] if how == "half" else data[:-7])
+
+
+def _assert_one_line(text: str, path: Path) -> None:
+    assert "\n" not in text.strip() and "Traceback" not in text, text
+    rel = str(_shard_file(path).relative_to(path))
+    assert rel in text and "'train/patch'" in text, text
+    assert f"pipeline cache verify {path}" in text and f"pipeline cache repair {path}" in text, text
+
+
+# ----------------------------------------------------------------------------- the readers
+@pytest.mark.parametrize("how", ["half", "tail"])
+def test_both_readers_name_a_truncated_shard(clean, cache, how):
+    st = open_store(cache)
+    a, b = st.shard_range("train", SHARD)
+    st.read_rows("train", "patch", [a, b - 1])  # sound: its index is parsed and kept
+    _truncate(_shard_file(cache), how)
+    for read in (st.read_rows, st.read):  # straight from the file (the loader), and through zarr
+        with pytest.raises(CacheError) as err:
+            read("train", "patch", [a, b - 1])
+        _assert_one_line(str(err.value), cache)
+    # the other shards still read as they were written
+    assert np.array_equal(st.read_rows("train", "patch", [0, 1, 4]), clean.read_rows("train", "patch", [0, 1, 4]))
+
+
+def test_a_rewritten_index_entry_past_the_end_is_named(cache):
+    """The index itself intact-looking (crc32c recomputed) but pointing past the end of the file."""
+    import google_crc32c
+
+    file = _shard_file(cache)
+    data = bytearray(file.read_bytes())
+    st = open_store(cache)
+    index_bytes = 16 * int(np.prod(st._raw("train/patch").grid))  # (offset, size) per chunk, then a crc32c
+    start = len(data) - 4 - index_bytes
+    index = np.frombuffer(bytes(data[start:start + index_bytes]), dtype="<u8").reshape(-1, 2).copy()
+    index[0, 0] = len(data)  # the first chunk now "starts" at the end of the file
+    data[start:start + index_bytes] = index.tobytes()
+    data[-4:] = google_crc32c.value(bytes(data[start:start + index_bytes])).to_bytes(4, "little")
+    file.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="past the end") as err:
+        st.read_rows("train", "patch", list(range(*st.shard_range("train", SHARD))))
+    _assert_one_line(str(err.value), cache)
+
+
+def _split(path: Path) -> CacheSplit:
+    st = open_store(path)
+    return CacheSplit(st, HeadInputs(st, KEYS, "train"), select_videos(st, "train"), train=True, preload=False)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_loader_turns_a_shard_damaged_mid_run_into_one_line(cache, workers):
+    data = _split(cache)
+    source = ZarrBatches(data, preload="off")  # reads happen per batch (in the workers when > 0)
+    plan = epoch_plan(len(data), 4, 1, 0, 0, 0, "full")
+    assert len(list(CacheLoader(source, plan, "cpu", workers=workers))) == len(plan)  # sound: every batch
+    _truncate(_shard_file(cache))
+    with pytest.raises(CacheError) as err:
+        list(CacheLoader(source, plan, "cpu", workers=workers))
+    _assert_one_line(str(err.value), cache)
+
+
+def test_a_preload_of_a_damaged_shard_is_one_line(cache):
+    data = _split(cache)
+    _truncate(_shard_file(cache))
+    with pytest.raises(CacheError) as err:
+        ZarrBatches(data, preload="on")
+    _assert_one_line(str(err.value), cache)
+
+
+# ----------------------------------------------------------------------------- the command
+def _cli(capsys, *args) -> tuple[int, str, str]:
+    from pipeline.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _train_args(path: Path, run: Path, *extra: str) -> list:
+    return ["train", "--head", "evl", "--cache", path, "--run-dir", run, *EVL, *extra]
+
+
+def test_train_refuses_a_shard_damaged_before_the_run(cache, tmp_path, capsys):
+    _truncate(_shard_file(cache))
+    run = tmp_path / "run"
+    code, _, err = _cli(capsys, *_train_args(cache, run))
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "fails verification" in lines[0], err
+    assert str(_shard_file(cache).relative_to(cache)) in lines[0]
+    assert not run.exists()
+
+
+def test_train_on_a_shard_damaged_after_the_check_is_one_line(cache, tmp_path, capsys, monkeypatch):
+    """Damage between require_sound and the first read (preloaded in this process, workers 0)."""
+    check = FeatureStore.require_sound
+
+    def check_then_damage(self, *a, **k):
+        got = check(self, *a, **k)
+        _truncate(_shard_file(cache))
+        return got
+
+    monkeypatch.setattr(FeatureStore, "require_sound", check_then_damage)
+    run = tmp_path / "run"
+    code, out, err = _cli(capsys, *_train_args(cache, run))
+    assert code == 2, (code, err)
+    assert err.startswith("error: cache "), err
+    _assert_one_line(err, cache)
+    assert not run.exists()  # nothing to resume: the folder this run made is gone
+
+
+def test_a_shard_damaged_mid_run_in_a_worker_then_repaired_resumes(cache, tmp_path, capsys, monkeypatch):
+    """Workers 2, no preload: the epoch after the first checkpoint reads the damaged shard in a worker
+    process. One line, exit 2, the run folder keeps its checkpoint but is not complete; `cache
+    verify` names the file, `cache repair` redoes it, and the same command resumes and finishes."""
+    save = T.save_checkpoint
+    saved = []
+
+    def save_then_damage(state, file, *a, **k):
+        save(state, file, *a, **k)
+        saved.append(state.get("epoch"))
+        if len(saved) == 1:
+            _truncate(_shard_file(cache))
+
+    monkeypatch.setattr(T, "save_checkpoint", save_then_damage)
+    run = tmp_path / "run"
+    args = _train_args(cache, run, "--set", "workers=2", "--set", "preload=off")
+    code, out, err = _cli(capsys, *args)
+    assert code == 2, (code, err)
+    _assert_one_line(err, cache)
+    assert saved == [1] and (run / "last.pt").exists() and not (run / "metrics.json").exists()
+    assert json.loads((run / "status.json").read_text())["state"] == "failed"
+    monkeypatch.setattr(T, "save_checkpoint", save)
+
+    code, out, err = _cli(capsys, "cache", "verify", cache)
+    assert code == 2 and str(_shard_file(cache).relative_to(cache)) in out, out
+    code, out, err = _cli(capsys, "cache", "repair", cache, "--no-progress")
+    assert code == 0, err
+    code, out, err = _cli(capsys, *args)
+    assert code == 0, err
+    assert "from epoch 1" in out, out
+    assert json.loads((run / "metrics.json").read_text())["history"][-1]["epoch"] == 3
+
+
+# ----------------------------------------------------------------------------- WebDataset shards
+def _export(path: Path, out: Path) -> Path:
+    from cache.wds import export_wds
+
+    export_wds(open_store(path), out, name="x", shard_bytes="60KB")
+    return out / "x-header.json"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_damaged_webdataset_shard_is_one_line_in_workers_too(cache, tmp_path, workers):
+    from stages.wds_data import open_wds_source
+
+    header = _export(cache, tmp_path / "wds")
+    src = open_wds_source(str(header), shuffle=0)
+    data = src.split_dataset(HeadInputs(src, KEYS, "train"), select_videos(src, "train"), train=True)
+    assert len(list(WdsLoader(data, 3, "cpu", workers=workers))) > 1
+    tar = Path(data.urls[1])
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    with pytest.raises(CacheError) as err:
+        list(WdsLoader(data, 3, "cpu", workers=workers))
+    text = str(err.value)
+    assert "\n" not in text and tar.name in text and "truncated or damaged" in text, text
+
+
+def test_a_damaged_npy_member_of_an_intact_tar_is_one_line(cache, tmp_path):
+    """Bytes changed inside a member (tar has no checksum over member data): the .npy header no
+    longer parses; that is the shard's damage, named, not a ValueError traceback."""
+    from stages.wds_data import open_wds_source
+
+    header = _export(cache, tmp_path / "wds")
+    src = open_wds_source(str(header), shuffle=0)
+    data = src.split_dataset(HeadInputs(src, KEYS, "train"), select_videos(src, "train"), train=True)
+    tar = Path(data.urls[0])
+    blob = bytearray(tar.read_bytes())
+    at = blob.index(b"\x93NUMPY")
+    blob[at:at + 6] = b"XXXXXX"  # the first member's .npy magic
+    tar.write_bytes(bytes(blob))
+    for workers in (0, 2):
+        with pytest.raises(CacheError) as err:
+            list(WdsLoader(data, 3, "cpu", workers=workers))
+        text = str(err.value)
+        assert "\n" not in text and tar.name in text and "ValueError" in text, text
