@@ -37,6 +37,24 @@ def run_cli(*args: str, check: bool = False, timeout: float = 300, env: dict | N
     return proc
 
 
+def cli_in_process(capsys, *args) -> tuple[int, str, str]:
+    """`pipeline ...` through its real entry point, in this process (exit status, stdout, stderr)."""
+    import torch
+
+    from pipeline.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def popen_cli(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args)], stdout=subprocess.PIPE,

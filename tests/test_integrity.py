@@ -18,7 +18,7 @@ import torch
 
 from cache.errors import CacheError, TrainingError
 from cache.store import DONE, FAULT_ENV, FAULT_EXIT, PENDING, open_store
-from conftest import demo_args, run_cli
+from conftest import cli_in_process, demo_args, run_cli
 
 EXTRACT = dict(model="tiny", layers="all", shard_size=2, text="clip_single", workers=0)
 CLI_EXTRACT = ("--layers", "all", "--shard-size", "2", "--text", "clip_single", "--workers", "0")
@@ -129,42 +129,28 @@ def test_damage_is_named_refused_and_repaired(reference, demo_small, tmp_path, t
     _train(path, run_dir)  # and now it trains
 
 
-def _cli(capsys, *args) -> tuple[int, str, str]:
-    """`pipeline ...` through its real entry point, in this process (exit status, stdout, stderr)."""
-    from pipeline.cli import main
-
-    threads = torch.get_num_threads()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    finally:
-        torch.set_num_threads(threads)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_cli_verify_train_repair(reference, tmp_path, capsys):
     path = _copy(reference, tmp_path)
     (path / TARGETS["data chunk"]).unlink()
     _damage(path / "val/label/c/0", "flip")
-    code, out, err = _cli(capsys, "cache", "verify", path)
+    code, out, err = cli_in_process(capsys, "cache", "verify", path)
     assert code == 2 and "Traceback" not in err
     problems = [ln for ln in out.splitlines() if ln.startswith("problem:")]
     assert len(problems) == 2 and "train/frame_emb/c/1/0/0/0: missing" in problems[1], out
     assert "val/label/c/0: corrupt" in problems[0] or "val/label/c/0: size" in problems[0]
     assert "cache repair" in err
     run_dir = tmp_path / "run"
-    code, out, err = _cli(capsys, "train", "--head", "tap", "--cache", path, "--run-dir", run_dir, "--no-progress")
+    code, out, err = cli_in_process(capsys, "train", "--head", "tap", "--cache", path, "--run-dir", run_dir, "--no-progress")
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and "fails verification" in lines[0], err
     assert not run_dir.exists()
-    code, out, err = _cli(capsys, "cache", "repair", path, "--no-progress")
+    code, out, err = cli_in_process(capsys, "cache", "repair", path, "--no-progress")
     assert code == 0, err
     assert "restored 1 file(s): val/label/c/0" in out and "repaired and verified" in out
     assert_same_cache(open_store(path), reference)
-    code, out, _ = _cli(capsys, "cache", "verify", path)
+    code, out, _ = cli_in_process(capsys, "cache", "verify", path)
     assert code == 0 and "every file matches its checksum" in out
 
 

@@ -21,6 +21,7 @@ import torch
 import stages.train as T
 from cache.errors import CacheError
 from cache.store import FeatureStore, open_store
+from conftest import cli_in_process
 from stages.cache_data import CacheSplit, HeadInputs, select_videos
 from stages.heads import DataKeys
 from stages.loader import CacheLoader, WdsLoader, ZarrBatches, epoch_plan
@@ -134,21 +135,6 @@ def test_a_preload_of_a_damaged_shard_is_one_line(cache):
 
 
 # ----------------------------------------------------------------------------- the command
-def _cli(capsys, *args) -> tuple[int, str, str]:
-    from pipeline.cli import main
-
-    threads = torch.get_num_threads()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    finally:
-        torch.set_num_threads(threads)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def _train_args(path: Path, run: Path, *extra: str) -> list:
     return ["train", "--head", "evl", "--cache", path, "--run-dir", run, *EVL, *extra]
 
@@ -156,7 +142,7 @@ def _train_args(path: Path, run: Path, *extra: str) -> list:
 def test_train_refuses_a_shard_damaged_before_the_run(cache, tmp_path, capsys):
     _truncate(_shard_file(cache))
     run = tmp_path / "run"
-    code, _, err = _cli(capsys, *_train_args(cache, run))
+    code, _, err = cli_in_process(capsys, *_train_args(cache, run))
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and "fails verification" in lines[0], err
     assert str(_shard_file(cache).relative_to(cache)) in lines[0]
@@ -174,7 +160,7 @@ def test_train_on_a_shard_damaged_after_the_check_is_one_line(cache, tmp_path, c
 
     monkeypatch.setattr(FeatureStore, "require_sound", check_then_damage)
     run = tmp_path / "run"
-    code, out, err = _cli(capsys, *_train_args(cache, run))
+    code, out, err = cli_in_process(capsys, *_train_args(cache, run))
     assert code == 2, (code, err)
     assert err.startswith("error: cache "), err
     _assert_one_line(err, cache)
@@ -197,18 +183,18 @@ def test_a_shard_damaged_mid_run_in_a_worker_then_repaired_resumes(cache, tmp_pa
     monkeypatch.setattr(T, "save_checkpoint", save_then_damage)
     run = tmp_path / "run"
     args = _train_args(cache, run, "--set", "workers=2", "--set", "preload=off")
-    code, out, err = _cli(capsys, *args)
+    code, out, err = cli_in_process(capsys, *args)
     assert code == 2, (code, err)
     _assert_one_line(err, cache)
     assert saved == [1] and (run / "last.pt").exists() and not (run / "metrics.json").exists()
     assert json.loads((run / "status.json").read_text())["state"] == "failed"
     monkeypatch.setattr(T, "save_checkpoint", save)
 
-    code, out, err = _cli(capsys, "cache", "verify", cache)
+    code, out, err = cli_in_process(capsys, "cache", "verify", cache)
     assert code == 2 and str(_shard_file(cache).relative_to(cache)) in out, out
-    code, out, err = _cli(capsys, "cache", "repair", cache, "--no-progress")
+    code, out, err = cli_in_process(capsys, "cache", "repair", cache, "--no-progress")
     assert code == 0, err
-    code, out, err = _cli(capsys, *args)
+    code, out, err = cli_in_process(capsys, *args)
     assert code == 0, err
     assert "from epoch 1" in out, out
     assert json.loads((run / "metrics.json").read_text())["history"][-1]["epoch"] == 3
