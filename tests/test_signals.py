@@ -181,7 +181,10 @@ def _train_case(reference, train_reference, tmp_path, n, moment):
     elif epoch:
         assert f"from epoch {epoch}" in rerun.stdout, rerun.stdout
     got = json.loads((run / "metrics.json").read_text())
-    assert [h["train_loss"] for h in got["history"]] == [h["train_loss"] for h in metrics["history"]]
+    # equal to float tolerance: one run in ten under load resumed 2e-8 (relative) away from the
+    # uninterrupted losses (a resume that lost or repeated state is 1e-4 or more away)
+    np.testing.assert_allclose([h["train_loss"] for h in got["history"]],
+                               [h["train_loss"] for h in metrics["history"]], rtol=1e-6, atol=0)
     assert got["final"] == metrics["final"]
     return True
 
