@@ -164,13 +164,24 @@ def _run_demo(root: Path, data: Path, quick: bool, pretrain_steps: int, seeds: t
 
 
 def main() -> None:
+    """`make demo`: every step is reused on a rerun, so Ctrl-C / SIGTERM end it like the `pipeline`
+    command does (one line, exit 130 / 143) and the same command resumes."""
+    from pipeline import signals
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quick = "--quick" in sys.argv
+    previous = signals.install()
     try:
         run_demo(quick=quick)
+        signals.check()
+    except signals.Interrupted as exc:
+        typer.echo(signals.LINE, err=True)
+        sys.exit(exc.exit_code)
     except PipelineError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    finally:
+        signals.restore(previous, exiting=True)
 
 
 if __name__ == "__main__":

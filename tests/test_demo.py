@@ -25,3 +25,27 @@ def test_reduced_demo_end_to_end(tmp_path, capsys):
     # a second run reuses everything
     again = run_demo(root=tmp_path / "art", data=tmp_path / "data", quick=True, seeds=(0,))
     assert again["extract_reused"] is True
+
+
+def test_ctrl_c_stops_the_demo_with_the_one_line(tmp_path):
+    """`make demo` interrupted while it generates its world: exit 130 and the one line, no traceback
+    (it printed a KeyboardInterrupt traceback); each step is reused, so rerunning resumes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.demo_run", "--quick"], cwd=str(tmp_path),
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.perf_counter()
+    while proc.poll() is None and not (tmp_path / "data" / "demo").exists() and time.perf_counter() - t0 < 300:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the demo ended before the signal"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])
+    assert err.strip().splitlines() == ["interrupted: rerun the same command to resume"], err[-2000:]
