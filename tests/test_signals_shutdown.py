@@ -154,3 +154,12 @@ def test_a_signal_during_the_imports_is_the_one_line(tmp_path, entry, module, si
     assert got.returncode == 128 + getattr(signal, sig), (got.returncode, got.stderr[-2000:])
     assert got.stderr.strip().splitlines() == ["interrupted: rerun the same command to resume"]
     assert "no caches under" not in got.stdout  # stopped before the command ran
+
+
+def test_the_console_script_is_the_entry_these_tests_run():
+    """ENTRIES["console script"] stands for what pip's `pipeline` script calls: keep them one."""
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["pipeline"] == "pipeline.entry:main"
+    assert "from pipeline.entry import main" in ENTRIES["console script"]
