@@ -38,6 +38,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+def _best_rates(paths: dict, nbytes: int, reps: int) -> dict[str, float]:
+    """MB/s of each path moving ``nbytes``, best of ``reps`` after one warm-up call each (page cache,
+    buffers touched); the paths take turns, so a change in the box's load hits them alike."""
+    for fn in paths.values():
+        fn()
+    best = {k: 0.0 for k in paths}
+    for _ in range(reps):
+        for name, fn in paths.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = max(best[name], nbytes / (time.perf_counter() - t) / 1e6)
+    return best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("cache", help="a cache bench_read.py built (--keep)")
@@ -145,14 +159,7 @@ def main() -> None:
              "preadv, 128 KB pieces into the reused buffer": preadv_pieces,
              "preadv, 128 KB pieces via a cached staging buffer + memcpy": preadv_staged,
              "memcpy of a batch (DRAM bandwidth)": memcpy}
-    best = {k: 0.0 for k in paths}
-    for fn in paths.values():
-        fn()  # warm: page cache, buffers touched
-    for _ in range(args.reps):
-        for name, fn in paths.items():
-            t = time.perf_counter()
-            fn()
-            best[name] = max(best[name], nbytes / (time.perf_counter() - t) / 1e6)
+    best = _best_rates(paths, nbytes, args.reps)
     load = os.getloadavg()
     table = Table(title=f"bench_read_bound.py: {args.head}'s arrays of {args.cache} ({nbytes / 1e6:.0f} MB, {n} videos), "
                         f"best of {args.reps}; load {load[0]:.1f}")
@@ -195,14 +202,7 @@ def main() -> None:
 
     gathers = {"torch copy_ per video (the loader's way)": per_video_copy, "torch.index_select(out=)": index_select,
                "np.copyto per video": np_copyto, "np.take(out=)": np_take}
-    gbest = {k: 0.0 for k in gathers}
-    for fn in gathers.values():
-        fn()
-    for _ in range(args.reps):
-        for name, fn in gathers.items():
-            t = time.perf_counter()
-            fn()
-            gbest[name] = max(gbest[name], moved / (time.perf_counter() - t) / 1e6)
+    gbest = _best_rates(gathers, moved, args.reps)
     table = Table(title=f"the preloaded path's gather alone: batches of 8 out of RAM ({moved / 1e6:.0f} MB an epoch), "
                         f"best of {args.reps}; load {os.getloadavg()[0]:.1f}")
     table.add_column("gather")
