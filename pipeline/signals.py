@@ -66,6 +66,7 @@ _main_pid: int | None = None
 _received: int | None = None  # the first signal number this process got
 _finished = False             # the command is over: a late signal changes nothing
 _redeliver = False            # the last Interrupted was swallowed: the next call raises it again
+_in_hook = False              # the main thread is inside _unraisable: a stop raised there is lost again
 _previous_hook = None         # sys.unraisablehook before install()
 _holding = 0                  # open hold() / deferred() windows: a signal is recorded, raised at let_go()
 _pending: int | None = None   # the signal recorded while holding
@@ -93,6 +94,8 @@ def _handler(signum, frame) -> None:
             return
         _exit_now(_pending or _received or signum)
     if _redeliver:  # the first stop was swallowed (see _unraisable): raise it again, here
+        if _in_hook:  # ...but not inside the hook itself: its redelivery comes once it has returned
+            return
         _redeliver = False
         raise Interrupted(_received or signum)
     if _received is not None:  # second signal while stopping: stop now
@@ -139,17 +142,21 @@ def deferred():
 def _unraisable(unraisable) -> None:
     """sys.unraisablehook: an Interrupted that Python could only report (raised inside an at-fork
     callback, a finaliser...) is delivered again instead of being lost."""
-    global _redeliver
+    global _redeliver, _in_hook
     exc = unraisable.exc_value
     if isinstance(exc, Interrupted) and os.getpid() == _main_pid and not _finished:
         _redeliver = True
-        # from another thread, 10 ms after this hook has returned: the handler then runs at the main
-        # thread's next check, outside the code that swallowed it (in here it would be lost again)
+        # from another thread, once this hook has returned: the handler then runs at the main
+        # thread's next check, outside the code that swallowed it. Raised in here it went to the
+        # hook's own error report and the run went on (seen under load: the thread started below
+        # fired while the main thread still waited in Thread.start)
         import threading
 
-        timer = threading.Timer(0.01, _thread.interrupt_main, args=(exc.signum,))
-        timer.daemon = True
-        timer.start()
+        _in_hook = True
+        try:
+            threading.Thread(target=_redeliver_after_hook, args=(exc.signum,), daemon=True).start()
+        finally:
+            _in_hook = False  # nothing after this in the hook lets a signal handler run
         return
     if _received is not None and os.getpid() == _main_pid:
         # a stop is under way: what the interrupted objects report as they are torn down (a
@@ -157,6 +164,16 @@ def _unraisable(unraisable) -> None:
         # news; the command ends with the one line
         return
     (_previous_hook or sys.__unraisablehook__)(unraisable)
+
+
+def _redeliver_after_hook(signum: int) -> None:
+    """Helper thread: wait for the main thread to leave _unraisable, then simulate the signal."""
+    import time
+
+    time.sleep(0.01)
+    while _in_hook:
+        time.sleep(0.005)
+    _thread.interrupt_main(signum)
 
 
 def install() -> dict:
