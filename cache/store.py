@@ -40,6 +40,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import tempfile
 import zlib
 from dataclasses import dataclass
@@ -74,25 +75,30 @@ __all__ = [
 META_KEY = "clipcache"
 CHECKSUMS = "checksums.json"
 INTEGRITY_VERSION = 1             # StoreMeta.integrity: the store keeps checksums and shard records
-FAULT_ENV = "CLIPCACHE_FAULT"     # tests: die (os._exit) at one step of write_shard
+FAULT_ENV = "CLIPCACHE_FAULT"     # tests: die (os._exit or SIGKILL) at one step of write_shard
 FAULT_STEPS = ("after_data", "after_failures", "before_status", "after_status")
 FAULT_EXIT = 75
 _fault_counts: dict[str, int] = {}
 
 
 def _fault(step: str) -> None:
-    """Fault injection for tests: CLIPCACHE_FAULT=STEP[:N] ends the process at the N-th (default
-    first) time write_shard reaches STEP, as a crash or SIGKILL would (no cleanup, no flush)."""
+    """Fault injection for tests: CLIPCACHE_FAULT=STEP[:N[:sigkill]] ends the process at the N-th
+    (default first) time write_shard reaches STEP, as a crash would (os._exit: no cleanup, no
+    flush), or by a real SIGKILL sent to itself with ``:sigkill``. A test that must kill a run
+    part-way uses this rather than racing a poller against a run that commits shards in ms."""
     spec = os.environ.get(FAULT_ENV, "")
     if not spec:
         return
-    name, _, nth = spec.partition(":")
+    name, _, rest = spec.partition(":")
+    nth, _, how = rest.partition(":")
     if name == "after_records":  # the record is the last thing written before the status chunk
         name = "before_status"
     if name != step:
         return
     _fault_counts[step] = _fault_counts.get(step, 0) + 1
     if _fault_counts[step] >= int(nth or 1):
+        if how == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
         os._exit(FAULT_EXIT)
 
 

@@ -75,7 +75,7 @@ def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float 
         time.sleep(poll)
     if proc.poll() is None:
         proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    _, proc.stderr_text = proc.communicate()
     return fired and proc.returncode == -signal.SIGKILL
 
 
@@ -86,11 +86,18 @@ def kill_mid_run(start: Callable[[], subprocess.Popen], ready: Callable[[], bool
     before the kill landed (a loaded machine can deschedule the poller) is not a failure of the
     code under test: ``reset()`` puts the folder back to its starting state and it starts over,
     at most ``attempts`` times. Returns the attempt (1-based) that was killed mid-run."""
+    outcomes = []
     for attempt in range(1, attempts + 1):
         reset()
-        if kill_when(start(), ready, timeout) and mid_run():
-            return attempt
-    raise AssertionError(f"could not kill the run mid-way in {attempts} attempts")
+        proc = start()
+        if kill_when(proc, ready, timeout):
+            if mid_run():
+                return attempt
+            outcomes.append("killed after it had finished")
+        else:  # it ended by itself: say how, so a failure here names its cause
+            tail = (getattr(proc, "stderr_text", "") or "").strip().splitlines()[-1:]
+            outcomes.append(f"ended first with exit {proc.returncode} {tail}")
+    raise AssertionError(f"could not kill the run mid-way in {attempts} attempts: {'; '.join(outcomes)}")
 
 
 def committed(path: Path) -> dict[str, list[int]] | None:
