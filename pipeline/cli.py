@@ -543,7 +543,7 @@ def compare_init_cmd(
     inits: str = typer.Option("", help="Comma list of classifier inits (default all: clip_text, random_normal, "
                                        "orthogonal, lda, minilm)."),
     seeds: str = typer.Option("0,1,2", help="Comma list of seeds."),
-    shots: str = typer.Option("0", help="Comma list of K training videos per class (0: all), e.g. 0,1,2."),
+    shots: str = typer.Option("1,2,0", help="Comma list of K training videos per class (0: all): the table's columns."),
     frozen: str = typer.Option("both", help="both | frozen | tuned: keep W as initialised, train it, or both."),
     epochs: Optional[int] = typer.Option(None, help="Epochs per run (default: the training default)."),
     set_: list[str] = typer.Option([], "--set", help="Override: key=value (training option or head option; "
@@ -584,7 +584,9 @@ def compare_init_cmd(
                        shots=int_list(shots, "--shots"), frozen=modes[frozen], epochs=epochs, head_overrides=head_over,
                        train_overrides=train_over, out_dir=out, corr_classes=corr_classes, progress=progress,
                        log=typer.echo)
-    Console(width=120).print(summary_table(res))
+    console = Console(width=120)
+    for table in summary_table(res):
+        console.print(table)
     for label, file in res["files"].items():
         typer.echo(f"{label:<28} {file}")
 

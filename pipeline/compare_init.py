@@ -6,6 +6,8 @@ count, frozen/tuned W). Everything lands in one folder so the ablation is self-c
     <out>/runs/<init>-s<seed>-k<shots>-<frozen|tuned>/   each run (stage two's run folder)
     <out>/results.csv      one row per run
     <out>/summary.csv/.md  mean and spread (sample std over seeds, n) per init x shots x W
+    <out>/table.csv/.md    the same top-1 as the paper prints it: rows = init, columns = shots
+                           (1 / 2 / ... / all), one block per W (frozen, tuned)
     <out>/curves.png       val top-1 vs epoch per init, mean over seeds (convergence speed)
     <out>/correlation_<init>.png   inter-class cosine correlation of each initial W
 
@@ -37,7 +39,7 @@ from stages.heads import get_head_entry, list_heads
 from stages.classifiers import CLASSIFIER_INITS, classifier_matrix
 from stages.train import TrainCfg, build_head, classifier_options, parse_class_spec, train_head
 
-__all__ = ["compare_init", "classifier_heads", "correlation_matrix", "summary_table", "run_name"]
+__all__ = ["compare_init", "classifier_heads", "correlation_matrix", "paper_table", "summary_table", "run_name"]
 
 METRICS = ("top1", "top5", "mean_class")
 _GRID_TRAIN_KEYS = {"head": "--head", "classifier_init": "--inits", "seed": "--seeds", "shots": "--shots"}
@@ -87,7 +89,7 @@ def _unique(values, what: str) -> list:
     return out
 
 
-def compare_init(cache_path, *, head: str = "text4vis", inits=CLASSIFIER_INITS, seeds=(0, 1, 2), shots=(0,),
+def compare_init(cache_path, *, head: str = "text4vis", inits=CLASSIFIER_INITS, seeds=(0, 1, 2), shots=(1, 2, 0),
                  frozen=(True, False), epochs: int | None = None, head_overrides: dict | None = None,
                  train_overrides: dict | None = None, out_dir=None, corr_classes: int = 20, progress: bool = False,
                  log=print) -> dict:
@@ -214,12 +216,16 @@ def compare_init(cache_path, *, head: str = "text4vis", inits=CLASSIFIER_INITS, 
 
     # ---- files
     files = {"results": out_dir / "results.csv", "summary_csv": out_dir / "summary.csv",
-             "summary_md": out_dir / "summary.md", "curves": out_dir / "curves.png"}
+             "summary_md": out_dir / "summary.md", "table_csv": out_dir / "table.csv",
+             "table_md": out_dir / "table.md", "curves": out_dir / "curves.png"}
     atomic_write_text(files["results"], _csv(rows))
     atomic_write_text(files["summary_csv"], _csv(summary))
     info = {"cache": str(store.path), "head": head, "epochs": base.epochs, "seeds": seeds,
             "head_overrides": head_overrides, "train_overrides": train_overrides}
     atomic_write_text(files["summary_md"], _summary_md(summary, corr, info))
+    table = paper_table(summary)
+    atomic_write_text(files["table_csv"], _csv(table["rows"]))
+    atomic_write_text(files["table_md"], _table_md(table, info))
     _plot_curves(histories, inits, shots, frozen, seeds, files["curves"], head)
     for init, c in corr.items():
         files[f"correlation_{init}"] = out_dir / f"correlation_{init}.png"
@@ -300,25 +306,71 @@ def _summary_md(summary: list[dict], corr: dict, info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summary_table(result: dict):
-    """The summary as a rich Table; the best mean top-1 of each shots x W setting in bold."""
+def _shot_order(shots) -> list[int]:
+    """Shot counts as the paper's columns: 1, 2, ... then all (0) last."""
+    return sorted(set(shots), key=lambda k: (k == 0, k))
+
+
+def paper_table(summary: list[dict], metric: str = "top1") -> dict:
+    """``metric`` as Text4Vis prints its Table 4: one row per init, one column per shot count
+    (1 / 2 / ... / all), one block per W setting (frozen, tuned). Returns {"columns", "blocks",
+    "rows"}: ``blocks`` maps a W label to {init: {shots: (mean, std, n)}}, ``rows`` is the flat
+    csv form (one row per W x init, a mean and a std column per shot count)."""
+    shots = _shot_order(r["shots"] for r in summary)
+    blocks: dict[str, dict[str, dict[int, tuple[float, float, int]]]] = {}
+    for r in summary:
+        cell = (r[f"{metric}_mean"], r[f"{metric}_std"], r["n"])
+        blocks.setdefault(r["classifier"], {}).setdefault(r["init"], {})[r["shots"]] = cell
+    rows = []
+    for w, inits in blocks.items():
+        for init, cells in inits.items():
+            row: dict = {"W": w, "init": init}
+            for k in shots:
+                mean, std, n = cells.get(k, (float("nan"), float("nan"), 0))
+                row[f"{_shots_label(k)}_mean"], row[f"{_shots_label(k)}_std"] = mean, std
+            row["n"] = min(c[2] for c in cells.values())
+            rows.append(row)
+    return {"metric": metric, "columns": shots, "blocks": blocks, "rows": rows}
+
+
+def _shots_header(k: int) -> str:
+    return "all" if k == 0 else f"{k} shot" + ("s" if k > 1 else "")
+
+
+def _table_md(table: dict, info: dict) -> str:
+    cols = table["columns"]
+    lines = [f"# {info['head']}: classifier initialisation, top-1 (%)", "",
+             f"Mean ± sample std over seeds {', '.join(map(str, info['seeds']))}; cache `{info['cache']}`, "
+             f"{info['epochs']} epochs. Rows: the initialisation of W; columns: training videos per class."]
+    for w, inits in table["blocks"].items():
+        lines += ["", f"W {w}:", "", "| W init | " + " | ".join(_shots_header(k) for k in cols) + " |",
+                  "|---|" + "---|" * len(cols)]
+        for init, cells in inits.items():
+            lines.append(f"| {init} | " + " | ".join(_fmt(*cells[k][:2]) if k in cells else "" for k in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_table(result: dict) -> list:
+    """The top-1 table as the paper prints it, as rich Tables (one per W setting): rows = init,
+    columns = shot counts, mean ± std over seeds, the best of each column in bold. A caption
+    line (head, epochs, seeds) comes first."""
     from rich.table import Table
 
-    summary = result["summary"]
-    best = {}
-    for r in summary:
-        key = (r["shots"], r["classifier"])
-        best[key] = max(best.get(key, -1.0), r["top1_mean"])
-    table = Table("init", "shots", "W", "n", "top-1 (%)", "top-5 (%)", "mean-class (%)",
-                  title=f"{result['head']} classifier init ablation ({result['epochs']} epochs, "
-                        f"mean ± std over seeds {','.join(map(str, result['seeds']))})")
-    for r in summary:
-        top1 = _fmt(r["top1_mean"], r["top1_std"])
-        if r["top1_mean"] == best[(r["shots"], r["classifier"])] and len(summary) > 1:
-            top1 = f"[bold]{top1}[/bold]"
-        table.add_row(r["init"], _shots_label(r["shots"]), r["classifier"], str(r["n"]), top1,
-                      _fmt(r["top5_mean"], r["top5_std"]), _fmt(r["mean_class_mean"], r["mean_class_std"]))
-    return table
+    table = paper_table(result["summary"])
+    cols = table["columns"]
+    out: list = [f"{result['head']} classifier initialisation, {result['epochs']} epochs, mean ± std over seeds "
+                 f"{','.join(map(str, result['seeds']))}"]
+    for w, inits in table["blocks"].items():
+        best = {k: max((c[k][0] for c in inits.values() if k in c), default=None) for k in cols}
+        t = Table("W init", *(_shots_header(k) for k in cols), title=f"W {w}: top-1 (%)")
+        for init, cells in inits.items():
+            row = []
+            for k in cols:
+                text = _fmt(*cells[k][:2]) if k in cells else ""
+                row.append(f"[bold]{text}[/bold]" if k in cells and len(inits) > 1 and cells[k][0] == best[k] else text)
+            t.add_row(init, *row)
+        out.append(t)
+    return out
 
 
 # ----------------------------------------------------------------------------- plots

@@ -70,6 +70,26 @@ def test_one_row_per_run_and_summary_is_mean_and_std_over_seeds(ablation):
     assert set(res["files"]) >= {"results", "summary_csv", "summary_md", "curves", "correlation_orthogonal"}
 
 
+def test_paper_table_has_rows_init_columns_shots_and_a_block_per_w(ablation):
+    """table.csv / table.md: Text4Vis's Table 4 shape, each cell the summary's mean ± std over seeds."""
+    res, out, _ = ablation
+    summary = {(s["init"], int(s["shots"]), s["classifier"]): s for s in _read_csv(out / "summary.csv")}
+    table = _read_csv(out / "table.csv")
+    assert [(r["W"], r["init"]) for r in table] == [(w, i) for w in ("frozen", "tuned") for i in GRID["inits"]]
+    assert list(table[0])[2:6] == ["1_mean", "1_std", "all_mean", "all_std"]  # 1 shot first, all data last
+    for r in table:
+        for k, label in ((1, "1"), (0, "all")):
+            s = summary[(r["init"], k, r["W"])]
+            assert float(r[f"{label}_mean"]) == pytest.approx(float(s["top1_mean"]), abs=1e-3)
+            assert float(r[f"{label}_std"]) == pytest.approx(float(s["top1_std"]), abs=1e-3)
+    md = (out / "table.md").read_text().splitlines()
+    assert md.count("| W init | 1 shot | all |") == 2 and "W frozen:" in md and "W tuned:" in md
+    frozen_text = md[md.index("W frozen:") + 4]
+    s = summary[("clip_text", 1, "frozen")]
+    assert frozen_text.startswith("| clip_text | ")
+    assert f"{float(s['top1_mean']):.1f} ± {float(s['top1_std']):.1f}" == frozen_text.split(" | ")[1]
+
+
 def test_orthogonal_w_is_uncorrelated_and_text_w_is_not(ablation, cache):
     res, _, _ = ablation
     ortho, text = res["correlation"]["orthogonal"]["matrix"], res["correlation"]["clip_text"]["matrix"]
@@ -160,6 +180,8 @@ def test_cli_prints_table_and_files(cache, tmp_path):
                    "--shots", "1", "--frozen", "frozen", "--epochs", "1", "--set", "layers=1", "--set", "pos_rows=8",
                    "--corr-classes", "3", "--no-progress", check=True)
     assert "orthogonal" in proc.stdout and "minilm" in proc.stdout and "top-1" in proc.stdout
-    for name in ("results.csv", "summary.csv", "summary.md", "curves.png", "correlation_minilm.png"):
+    assert "W frozen: top-1 (%)" in proc.stdout and "1 shot" in proc.stdout and "mean ± std over seeds 0" in proc.stdout
+    for name in ("results.csv", "summary.csv", "summary.md", "table.csv", "table.md", "curves.png",
+                 "correlation_minilm.png"):
         assert str(out / name) in proc.stdout and (out / name).exists()
     assert len(_read_csv(out / "results.csv")) == 2
