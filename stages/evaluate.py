@@ -28,7 +28,7 @@ from stages.loader import eval_loader
 from stages.runs import autocast
 from stages.sources import open_source, split_dataset
 
-__all__ = ["EVAL_AVERAGES", "accuracy_metrics", "collate_items", "to_device", "evaluate_head", "evaluate_run"]
+__all__ = ["EVAL_AVERAGES", "accuracy_metrics", "collate_items", "to_device", "view_scores", "evaluate_head", "evaluate_run"]
 
 EVAL_AVERAGES = ("scores", "embeddings")
 
@@ -56,6 +56,31 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 @torch.no_grad()
+def view_scores(head: Head, batch: dict[str, torch.Tensor], embeddings: bool, classifier: torch.Tensor | None = None,
+                device=torch.device("cpu"), amp_dtype=None) -> torch.Tensor:
+    """(B, K) scores of a batch of multi-view videos (tensors (B, V, ...)).
+
+    ``embeddings`` False: the softmax scores of the views are averaged. True (Text4Vis): the
+    video embeddings of the views are averaged as they come out of the head, and the average is
+    normalised once by the cosine classifier, as Text4Vis's test code does (normalising each view
+    first would weigh the views equally whatever their norm). ``classifier`` (K', E): score the
+    average against it instead of the head's own W (zero-shot on other classes).
+    """
+    V = next(iter(batch.values())).shape[1]
+    per_view = []
+    for v in range(V):
+        view = {k: t[:, v] for k, t in batch.items()}
+        with autocast(device, amp_dtype):
+            per_view.append(head.video_embedding(view).float() if embeddings else head(view)["logits"].float())
+    stacked = torch.stack(per_view)  # (V, B, K) or (V, B, E)
+    if not embeddings:
+        return stacked.softmax(-1).mean(0)
+    emb = stacked.mean(0)  # (V, B, E) -> (B, E), raw: normalised once below
+    if classifier is None:
+        return head.logits_from_embedding(emb)
+    return F.normalize(emb, dim=-1) @ F.normalize(classifier.to(emb), dim=-1).T
+
+
 def evaluate_head(head: Head, data: CacheSplit, device: torch.device, batch_size: int = 64,
                   average: str = "scores", classifier: torch.Tensor | None = None,
                   amp_dtype=None, dist_ctx: DistContext | None = None, split: bool = True) -> dict[str, float]:
@@ -80,21 +105,7 @@ def evaluate_head(head: Head, data: CacheSplit, device: torch.device, batch_size
     for batch in loader:
         batch = to_device(batch, device)
         labels = batch.pop("label")
-        V = next(iter(batch.values())).shape[1]
-        per_view = []
-        for v in range(V):
-            view = {k: t[:, v] for k, t in batch.items()}
-            with autocast(device, amp_dtype):
-                per_view.append(head.video_embedding(view).float() if use_emb else head(view)["logits"].float())
-        stacked = torch.stack(per_view)  # (V, B, K) or (V, B, E)
-        if use_emb:
-            emb = F.normalize(stacked, dim=-1).mean(0)
-            if classifier is None:
-                scores = head.logits_from_embedding(emb)
-            else:
-                scores = F.normalize(emb, dim=-1) @ F.normalize(classifier.to(emb), dim=-1).T
-        else:
-            scores = stacked.softmax(-1).mean(0)
+        scores = view_scores(head, batch, use_emb, classifier, device, amp_dtype)
         all_scores.append(scores.float().cpu())
         all_labels.append(labels.cpu())
     parts = ctx.all_objects((all_scores, all_labels))  # [(scores, labels)] of every rank

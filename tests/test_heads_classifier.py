@@ -250,6 +250,34 @@ def test_text4vis_tap_logits_scales_and_split_api():
     assert torch.allclose(head.logits_from_embedding(avg), expected, atol=1e-4)
 
 
+def test_multi_view_embedding_average_is_raw_then_normalised_as_text4vis_tests():
+    """evaluate's embedding rule (Text4Vis's test code): mean of the views' raw video embeddings,
+    normalised once. Views of different norms make it differ from averaging normalised views."""
+    from stages.evaluate import view_scores
+
+    head = create_head("text4vis", tiny=True, temporal="ttrans").eval()
+    W = torch.randn(head.cfg.num_classes, head.cfg.embed_dim)
+    head.set_classifier(W)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, head.cfg.frames, head.cfg.embed_dim, generator=g)  # (B, V, T, E)
+    x = x * torch.tensor([0.2, 1.0, 6.0])[None, :, None, None]  # views of very different norms
+    with torch.no_grad():
+        emb = torch.stack([head.video_embedding({"frame_emb": x[:, v]}) for v in range(3)])  # (V, B, E)
+        got = view_scores(head, {"frame_emb": x}, embeddings=True)
+        other = torch.randn(7, head.cfg.embed_dim)
+        swapped = view_scores(head, {"frame_emb": x}, embeddings=True, classifier=other)
+    official = 100.0 * F.normalize(emb.mean(0), dim=-1) @ F.normalize(W, dim=-1).t()
+    per_view_normalised = 100.0 * F.normalize(F.normalize(emb, dim=-1).mean(0), dim=-1) @ F.normalize(W, dim=-1).t()
+    assert torch.allclose(got, official, atol=1e-4)
+    assert not torch.allclose(got, per_view_normalised, atol=1e-2)
+    assert torch.allclose(swapped, F.normalize(emb.mean(0), dim=-1) @ F.normalize(other, dim=-1).t(), atol=1e-5)
+    # the score rule: softmax per view, then the mean
+    with torch.no_grad():
+        scores = view_scores(head, {"frame_emb": x}, embeddings=False)
+        want = torch.stack([head({"frame_emb": x[:, v]})["logits"].softmax(-1) for v in range(3)]).mean(0)
+    assert torch.allclose(scores, want, atol=1e-6)
+
+
 @pytest.mark.parametrize("temporal", ["ttrans", "t1d"])
 def test_text4vis_temporal_modules_train(temporal):
     torch.manual_seed(0)
