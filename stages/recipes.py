@@ -92,17 +92,30 @@ _NO_PAPER = "no published recipe for this head: `paper` means the quick recipe"
 
 
 def stage_two_recipe(head: str, name: str = "paper", cuda: bool = False) -> Recipe:
-    """The preset ``name`` for stage-two head ``head`` (``cuda``: EVL's fp16 applies on a GPU)."""
+    """The preset ``name`` for stage-two head ``head`` (``cuda``: EVL's fp16 applies on a GPU).
+
+    A head whose loss contrasts the videos of a batch (``Head.batch_loss``: ActionCLIP) steps on
+    the whole global batch at once: accumulating micro-batches of 32 would contrast 32 videos
+    where the paper contrasts 128 (cheap on cached features)."""
     _check_name(name)
     if name == "paper" and head in _PAPER_TWO:
         source, values, ref, head_opts = _PAPER_TWO[head]
-        values = {"batch_size": _PER_STEP, **values}
+        values = {"batch_size": values["global_batch"] if _batch_loss(head) else _PER_STEP, **values}
         if head == "evl" and cuda:
             values["amp"] = "fp16"
         return Recipe("paper", head, source, values, ref, dict(head_opts), note=RECIPE_NOTES.get(head, ""))
     note = _NO_PAPER if name == "paper" else ""
     return Recipe(name, head, "quick: generic small-data recipe (lr 1e-3, batch 32, 10 epochs, 1 warm-up)",
                   dict(_QUICK_TWO), 32, note=note)
+
+
+def _batch_loss(head: str) -> bool:
+    from stages.heads import get_head_entry
+
+    try:
+        return bool(get_head_entry(head).head_cls.batch_loss)
+    except Exception:  # not a registered head (a paradigm name): no such property
+        return False
 
 
 # ----------------------------------------------------------------------------- stage three

@@ -510,6 +510,10 @@ def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resol
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
     scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
+    if accum > 1 and head.batch_loss:
+        log(f"head '{cfg.head}' contrasts the videos of a batch: with batch_size {cfg.batch_size} and global_batch "
+            f"{cfg.global_batch} each contrast spans {cfg.batch_size} videos, not {cfg.global_batch} "
+            f"(--set batch_size={cfg.global_batch} gives one contrast over the global batch)")
     if step_cfg.batch_size > n_train and cfg.recipe == "paper":
         log(f"{n_train} training videos, fewer than the global batch {step_cfg.batch_size}: one optimiser step an "
             "epoch (--recipe quick suits small data)")

@@ -197,6 +197,25 @@ def test_stage_two_accumulation_equals_one_big_batch(proto_cache, tmp_path):
     assert diff > 1e-3  # three steps of 2 are not one step of 6: the test can tell them apart
 
 
+def test_a_contrastive_head_steps_on_its_whole_global_batch(proto_cache, tmp_path):
+    """ActionCLIP's loss contrasts the videos of a batch: the paper recipe contrasts all 128 at once
+    (no accumulation), the others keep 32 per step; accumulating a contrast is said out loud."""
+    from stages.recipes import stage_two_recipe
+
+    act = stage_two_recipe("actionclip").values
+    assert act["batch_size"] == act["global_batch"] == 128
+    assert stage_two_recipe("evl").values["batch_size"] == 32 and stage_two_recipe("evl").values["global_batch"] == 256
+    lines: list[str] = []
+    cfg = TrainCfg(head="actionclip", epochs=1, batch_size=2, global_batch=6, text_set="clip_single")
+    train_head(proto_cache, cfg, {"layers": 1, "pos_rows": 8}, run_dir=tmp_path / "a", progress=False,
+               log=lambda *a: lines.append(" ".join(map(str, a))))
+    assert any("each contrast spans 2 videos, not 6" in ln for ln in lines), lines
+    lines.clear()
+    train_head(proto_cache, TrainCfg(head="tap", epochs=1, batch_size=2, global_batch=6), run_dir=tmp_path / "t",
+               progress=False, log=lambda *a: lines.append(" ".join(map(str, a))))
+    assert not any("contrast" in ln for ln in lines)
+
+
 def test_protocol_is_recorded_and_sets_the_evaluation_rule(proto_cache, tmp_path):
     proto = proto_cache.meta["protocol"]
     assert proto["name"] == "text4vis" and proto["eval_average"] == "embeddings" and proto["overridden"] == ["views"]

@@ -200,6 +200,7 @@ class ActionClipHead(Head):
     """Visual prompt + symmetric-KL video-text matching against M frozen templates per class."""
 
     has_classifier = True
+    batch_loss = True  # its KL targets are the same-label matrix of the batch
 
     def __init__(self, cfg: ActionClipCfg):
         super().__init__(cfg)

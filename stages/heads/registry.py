@@ -94,6 +94,9 @@ class Head(nn.Module):
     name: str = ""
     has_classifier: bool = False
     uses_sklearn: bool = False  # fitted in closed form (LDA, logistic probe), not by SGD
+    # the loss couples the videos of a batch (a contrast between them): gradient accumulation over
+    # micro-batches changes what is optimised, so a recipe steps on the whole global batch at once
+    batch_loss: bool = False
     CAPABILITIES = ("video_embedding", "logits_from_embedding", "set_backbone_weights")
 
     def __init__(self, cfg: Any):
