@@ -25,6 +25,23 @@ from pipeline.datasets import list_datasets
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="clipcache: cache frozen CLIP features of videos once, train heads from the cache many times.")
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect feature caches.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"clipcache {version('clipcache')}")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            typer.echo("clipcache (not installed: run from a source checkout)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _app_options(show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                                   help="Print the version and exit.")) -> None:
+    """clipcache: cache frozen CLIP features of videos once, train heads from the cache many times."""
 app.add_typer(cache_app, name="cache")
 app.add_typer(runs_app, name="runs")
 
@@ -369,7 +386,7 @@ TRAIN_FILE_OPTIONS = {"head": "str", "cache": "path", "dataset": "str", "cache_r
                       "wds_resample": "bool", "allow_partial": "bool"}
 TRAIN_FLAG_FIELDS = {"shots": "shots", "fraction": "fraction", "train_classes": "train_classes",
                      "test_classes": "test_classes", "init": "classifier_init", "batch": "batch_size",
-                     "global_batch": "global_batch"}
+                     "global_batch": "global_batch", "epochs": "epochs"}
 ConfigFile = Annotated[Optional[Path], typer.Option(
     "--config", help="Experiment file (YAML): the keys of --set, and this command's options, at top level or under "
                      "sections (see configs/). Precedence: recipe < this file < --set < flags given here. A run "
@@ -421,6 +438,7 @@ def train(
     config: ConfigFile = None,
     set_: list[str] = typer.Option([], "--set", help="Override: key=value (training option or head option; "
                                                      "head.key=value forces a head option). Repeatable."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (default: the recipe's; 0: evaluate only)."),
     shots: int = typer.Option(0, help="K training videos per class (0: all)."),
     fraction: float = typer.Option(1.0, help="Fraction of the training videos."),
     train_classes: str = typer.Option("", help="Train on these classes only, e.g. 0-5,8."),

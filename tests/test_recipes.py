@@ -245,6 +245,19 @@ def test_protocol_is_recorded_and_sets_the_evaluation_rule(proto_cache, tmp_path
     assert saved["eval_average"] == "embeddings" and saved["recipe"] == "quick" and saved["lr"] == 1e-3
 
 
+def test_train_epochs_flag_wins_over_set_and_recipe_and_version_prints(proto_cache, tmp_path):
+    proc = run_cli("train", "--head", "tap", "--cache", proto_cache.path, "--epochs", "2", "--set", "epochs=5",
+                   "--run-dir", tmp_path / "r", "--no-progress", check=True)
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())["train"]
+    assert saved["epochs"] == 2 and saved["recipe"] == "paper"
+    assert len(json.loads((tmp_path / "r" / "metrics.json").read_text())["history"]) == 2
+    bad = run_cli("train", "--head", "tap", "--cache", proto_cache.path, "--epochs", "-1", "--run-dir", tmp_path / "x")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["error: epochs must be an integer >= 0, got -1"]
+    assert not (tmp_path / "x").exists()
+    version = run_cli("--version", check=True)
+    assert version.stdout.startswith("clipcache ") and len(version.stdout.splitlines()) == 1
+
+
 # SPEC section 7's test protocols: frames, sampling, stride (dense), views, resize ratio, view averaging
 PUBLISHED_PROTOCOLS = {
     "evl": (8, "dense", 16, "3x1", 1.0, "scores"),
