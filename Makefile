@@ -5,10 +5,15 @@ PY         := $(VENV)/bin/python
 PIPELINE   := $(VENV)/bin/pipeline
 DATASET    ?= demo
 DATA_ROOT  ?= data/$(DATASET)
-# The demo runs on a small built-in model (random init, 12 blocks, so every head fits); a real
-# dataset defaults to OpenAI's ViT-B/16 (QuickGELU), as the papers use.
-MODEL      ?= $(if $(filter demo,$(DATASET)),small,ViT-B-16)
-PRETRAINED ?= $(if $(filter demo,$(DATASET)),,openai)
+# A real dataset defaults to OpenAI's ViT-B/16 (QuickGELU), as the papers use. The demo uses the
+# demo CLIP that `make demo` pretrains on the demo world (once; every demo target shares it): a
+# random-weight CLIP's features mean nothing. RECIPE: a head's paper recipe on a real dataset, the
+# demo's settings (stages/recipes.py) on the demo.
+ARTIFACTS  ?= $(or $(CLIPCACHE_ROOT),artifacts)
+DEMO_CLIP  := $(ARTIFACTS)/demo/demo_clip.pt
+MODEL      ?= $(if $(filter demo,$(DATASET)),demo,ViT-B-16)
+PRETRAINED ?= $(if $(filter demo,$(DATASET)),$(DEMO_CLIP),openai)
+RECIPE     ?= $(if $(filter demo,$(DATASET)),demo,paper)
 FRAMES     ?= 8
 LAYERS     ?= last4
 HEAD       ?= tap
@@ -33,19 +38,23 @@ demo: setup
 
 # extract holds what HEAD reads (its blocks, patch tokens, frames); train extracts first, so
 # `make train HEAD=evl` after `make extract` adds what EVL needs (or reuses a cache that has it).
-extract: setup $(if $(filter demo,$(DATASET)),$(DATA_ROOT)/classes.txt,)
+# On the demo, extract builds `make demo`'s own cache (every demo head's inputs, one cache) with
+# the demo CLIP, pretraining it first if no demo ran yet; both are reused.
+ifeq ($(DATASET),demo)
+extract: setup
+	$(PY) -m pipeline.demo_run --extract
+else
+extract: setup
 	$(PIPELINE) extract --dataset $(DATASET) --data-root $(DATA_ROOT) --model $(MODEL) \
 	  $(if $(PRETRAINED),--pretrained $(PRETRAINED),) --frames $(FRAMES) --layers $(LAYERS) \
 	  --for-head $(HEAD) $(EXTRACT_ARGS)
+endif
 
 train: extract
-	$(PIPELINE) train --head $(HEAD) --dataset $(DATASET) $(foreach s,$(SET),--set $(s)) $(TRAIN_ARGS)
+	$(PIPELINE) train --head $(HEAD) --dataset $(DATASET) --recipe $(RECIPE) $(foreach s,$(SET),--set $(s)) \
+	  $(TRAIN_ARGS)
 
-# the demo's videos, when `make extract DATASET=demo` finds none
-$(DATA_ROOT)/classes.txt: | setup
-	$(PIPELINE) demo-data --out $(DATA_ROOT)
-
-finetune: setup
+finetune: $(if $(filter demo,$(DATASET)),extract,setup)
 	$(PIPELINE) finetune --paradigm $(PARADIGM) --dataset $(DATASET) --data-root $(DATA_ROOT) --model $(MODEL) \
 	  $(if $(PRETRAINED),--pretrained $(PRETRAINED),) --frames $(FRAMES) $(foreach s,$(SET),--set $(s)) $(FINETUNE_ARGS)
 

@@ -25,29 +25,44 @@ from cache.errors import PipelineError
 
 __all__ = ["run_demo", "DEMO_HEADS"]
 
-# Head options sized for the demo CLIP (64 px, 4 blocks of width 128, E = 64) and ~200 videos.
-DEMO_HEADS: dict[str, dict] = {
-    "tap": {"epochs": 30, "lr": 3e-3, "head": {}},
-    "linear_probe": {"head": {}},
-    "lda": {"head": {}},
-    "text4vis": {"epochs": 30, "lr": 1e-3, "head": {"temporal": "ttrans", "layers": 2, "pos_rows": 16}},
-    "evl": {"epochs": 30, "lr": 1e-3, "head": {"num_layers": 3}},
-    "side4video": {"epochs": 30, "lr": 1e-3, "head": {"preset": "custom", "num_blocks": 4, "side_width": 64}},
-    "actionclip": {"epochs": 30, "lr": 1e-3, "head": {"prompt": "transf", "layers": 2, "pos_rows": 16}},
-}
+def _demo_heads() -> dict[str, dict]:
+    """Per head: the epochs, lr and head options of the `demo` recipe (stages/recipes.py), the
+    settings `make demo` and `make train DATASET=demo` train with."""
+    from stages.recipes import DEMO_HEADS as names, stage_two_recipe
+
+    return {n: {"epochs": r.values["epochs"], "lr": r.values["lr"], "head": dict(r.head)}
+            for n in names for r in [stage_two_recipe(n, "demo")]}
+
+
+DEMO_HEADS: dict[str, dict] = _demo_heads()
+PRETRAIN_STEPS = 400
 
 
 def _say(msg: str) -> None:
     typer.secho(msg, fg=typer.colors.CYAN, err=False)
 
 
-def run_demo(root: Path = Path("artifacts/demo"), data: Path = Path("data/demo"), quick: bool = False,
-             pretrain_steps: int = 400, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
-    """Run every step; ``quick`` shrinks everything for the slow end-to-end test."""
+def _paths(root: Path | None) -> dict[str, Path]:
+    """Where the demo's parts go under the artifacts root: its CLIP, summary and ablation under
+    demo/, the cache and the runs where every command looks for them (caches/, runs/), so
+    `pipeline train --dataset demo` and `pipeline runs ls` find what `make demo` made."""
+    from cache.store import artifacts_root
+
+    root = Path(root) if root is not None else artifacts_root()
+    return {"root": root, "demo": root / "demo", "clip": root / "demo" / "demo_clip.pt", "caches": root / "caches",
+            "runs": root / "runs"}
+
+
+def run_demo(root: Path | None = None, data: Path = Path("data/demo"), quick: bool = False,
+             pretrain_steps: int = PRETRAIN_STEPS, seeds: tuple[int, ...] = (0, 1, 2), until: str = "") -> dict:
+    """Run every step (``until="extract"``: the world, the demo CLIP and the cache only, what
+    `make extract DATASET=demo` runs); ``quick`` shrinks everything for the slow end-to-end test.
+    ``root``: the artifacts root ($CLIPCACHE_ROOT, artifacts)."""
     import torch
 
     t_all = time.perf_counter()
-    root.mkdir(parents=True, exist_ok=True)
+    paths = _paths(root)
+    paths["demo"].mkdir(parents=True, exist_ok=True)
     # One torch thread for every step: the float summation order, and from it every cached feature
     # and the table, is then the same on any machine and under any load (timing the thread count, as
     # the pretraining once did, made the table follow the load). On a busy 2-core box one thread is
@@ -55,22 +70,23 @@ def run_demo(root: Path = Path("artifacts/demo"), data: Path = Path("data/demo")
     threads0 = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run_demo(root, data, quick, pretrain_steps, seeds, t_all)
+        spec, demo_cfg, pre, cache, ext = _prepare(paths, data, quick, pretrain_steps)
+        if until == "extract":
+            _say(f"cache {cache} (latest for dataset demo): `make train DATASET=demo HEAD=evl` trains one head "
+                 "from it with the demo's settings")
+            return {"cache": str(cache), "extract_reused": ext.reused, "pretrain": pre}
+        return _run_demo(paths, spec, pre, cache, ext, quick, seeds, t_all)
     finally:
         torch.set_num_threads(threads0)
 
 
-def _run_demo(root: Path, data: Path, quick: bool, pretrain_steps: int, seeds: tuple[int, ...],
-              t_all: float) -> dict:
-    from rich.console import Console
-    from rich.table import Table
-
-    from pipeline.compare_init import compare_init
+def _prepare(paths: dict[str, Path], data: Path, quick: bool, pretrain_steps: int):
+    """Steps 1-3: the world, the demo CLIP (pretrained once), the cache every demo head reads."""
+    from cache.store import mark_latest
     from pipeline.datasets import load_dataset
     from pipeline.demo_data import DemoCfg, generate_demo, render_frame_with_caption
     from stages.extract import ExtractCfg, plan_extraction, run_extraction
     from stages.pretrain_demo import PretrainCfg, pretrain_demo_clip
-    from stages.train import TrainCfg, train_head
 
     demo_cfg = DemoCfg(num_classes=12, train_per_class=12, val_per_class=6, frames=16, world="rich", seed=0)
     if quick:
@@ -78,12 +94,13 @@ def _run_demo(root: Path, data: Path, quick: bool, pretrain_steps: int, seeds: t
     _say(f"[1/6] demo world -> {data}")
     ds = generate_demo(data, demo_cfg, progress=not quick)
 
-    _say("[2/6] demo CLIP (contrastive pretraining on the world's frames and captions)")
-    ckpt = root / "demo_clip.pt"
-    # a step budget, not a time budget: the same demo CLIP (and the same table) on any machine;
-    # 400 steps take 2.5-4.5 minutes on a 2-core box depending on its load
+    ckpt = paths["clip"]
+    # a step budget, not a time budget: the same demo CLIP (and the same table) on any machine
     pre_cfg = PretrainCfg(model="demo", minutes=0, max_steps=20 if quick else pretrain_steps,
                           batch_size=32 if quick else 128)
+    _say(f"[2/6] demo CLIP -> {ckpt} (contrastive pretraining on the world's frames and captions"
+         + ("; done once, then reused)" if ckpt.exists() else f": {pre_cfg.max_steps} steps, once, about 3-15 "
+            "minutes on a 2-core box depending on its load; every later demo command reuses it)"))
 
     def render(rng):
         """A still and its caption; half the captions shortened so the text tower learns the
@@ -104,21 +121,32 @@ def _run_demo(root: Path, data: Path, quick: bool, pretrain_steps: int, seeds: t
     pre = pretrain_demo_clip(ckpt, render, prompts, pre_cfg, progress=not quick, log=_say,
                              data_tag=f"demo world={demo_cfg.world} captions=varied", threads=1)
 
-    _say("[3/6] extract the cache once")
+    _say("[3/6] extract the cache once (every block, patch tokens, frames, every text set: what each demo head reads)")
     spec = load_dataset("demo", data_root=ds.root)
     ecfg = ExtractCfg(model="demo", pretrained=str(ckpt), frames=8, layers="all", patch=True, store_frames=True,
                       views="1x1", text="all")
-    plan = plan_extraction(spec, ecfg, cache_root=root / "caches")
+    plan = plan_extraction(spec, ecfg, cache_root=paths["caches"])
     ext = run_extraction(plan, progress=not quick, log=_say)
-    cache = plan.path
+    mark_latest(plan.path, "demo")
+    return spec, demo_cfg, pre, plan.path, ext
 
-    _say("[4/6] train heads from the cache")
+
+def _run_demo(paths: dict[str, Path], spec, pre: dict, cache: Path, ext, quick: bool,
+              seeds: tuple[int, ...], t_all: float) -> dict:
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.compare_init import compare_init
+    from stages.recipes import stage_two_recipe
+    from stages.train import TrainCfg, train_head
+
+    root = paths["demo"]
+    _say("[4/6] train heads from the cache (recipe demo: what `make train DATASET=demo HEAD=...` runs)")
     rows = []
-    heads = DEMO_HEADS if not quick else {k: {**v, "epochs": 2} for k, v in DEMO_HEADS.items()}
-    for name, opts in heads.items():
-        tcfg = TrainCfg(head=name, epochs=opts.get("epochs", 1), lr=opts.get("lr", 1e-3), batch_size=16,
-                        warmup_epochs=1, seed=0)
-        res = train_head(cache, tcfg, opts["head"], runs_root=root / "runs", progress=False, log=_say, reuse=True)
+    for name in DEMO_HEADS:
+        rec = stage_two_recipe(name, "demo")
+        tcfg = TrainCfg(head=name, recipe="demo", **{**rec.values, **({"epochs": 2} if quick else {})})
+        res = train_head(cache, tcfg, rec.head, runs_root=paths["runs"], progress=False, log=_say, reuse=True)
         fin = res["final"]
         rows.append((name, fin["top1"], fin["top5"], fin["mean_class"], res["trainable_params"], res["seconds"],
                      res["run_dir"]))
@@ -127,12 +155,12 @@ def _run_demo(root: Path, data: Path, quick: bool, pretrain_steps: int, seeds: t
     _say("[5/6] zero-shot with the demo CLIP's text classifier")
     K = len(spec.classes)
     zs = train_head(cache, TrainCfg(head="text4vis", epochs=0, seed=0),
-                    {"temporal": "tap"}, runs_root=root / "runs", progress=False, reuse=True)
+                    {"temporal": "tap"}, runs_root=paths["runs"], progress=False, reuse=True)
     half = ",".join(str(c) for c in range(K // 2))
     other = ",".join(str(c) for c in range(K // 2, K))
     zs_split = train_head(cache, TrainCfg(head="text4vis", epochs=2 if quick else 20, batch_size=16, seed=0,
                                           train_classes=half, test_classes=other),
-                          DEMO_HEADS["text4vis"]["head"], runs_root=root / "runs", progress=False, reuse=True)
+                          DEMO_HEADS["text4vis"]["head"], runs_root=paths["runs"], progress=False, reuse=True)
 
     _say("[6/6] compare-init: classifier initialisations in few-shot")
     ci = compare_init(cache, head="text4vis", seeds=seeds if not quick else (0,), shots=(1, 2, 0),
@@ -158,7 +186,7 @@ def _run_demo(root: Path, data: Path, quick: bool, pretrain_steps: int, seeds: t
                "zero_shot": zs["final"], "zero_shot_split": zs_split["final"], "compare_init": ci.get("files", {}),
                "seconds": time.perf_counter() - t_all}
     (root / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    console.print(f"plots: {root / 'runs'}/*/curves.png, " + ", ".join(str(v) for v in ci.get("files", {}).values()))
+    console.print(f"plots: {paths['runs']}/*/curves.png, " + ", ".join(str(v) for v in ci.get("files", {}).values()))
     console.print(f"summary: {root / 'summary.json'}  ({summary['seconds']:.0f}s)")
     return summary
 
@@ -170,9 +198,10 @@ def main() -> None:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quick = "--quick" in sys.argv
+    until = "extract" if "--extract" in sys.argv else ""
     previous = signals.install()
     try:
-        run_demo(quick=quick)
+        run_demo(quick=quick, until=until)
         signals.check()
     except signals.Interrupted as exc:
         typer.echo(signals.LINE, err=True)

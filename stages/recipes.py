@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 from cache.errors import ConfigError
 from cache.meta import CacheMeta
 
-__all__ = ["RECIPES", "PROTOCOLS", "Recipe", "Protocol", "stage_two_recipe", "stage_three_recipe",
+__all__ = ["RECIPES", "DEMO_HEADS", "PROTOCOLS", "Recipe", "Protocol", "stage_two_recipe", "stage_three_recipe",
            "resolve_recipe", "accumulation_steps", "effective_global_batch", "get_protocol", "resolve_protocol",
            "protocol_record", "protocol_eval_overrides", "resize_side", "describe_recipe"]
 
-RECIPES = ("paper", "quick")
+RECIPES = ("paper", "quick", "demo")
 PROTOCOLS = ("evl", "text4vis", "side4video", "actionclip")
 SCALE_256 = 256 / 224  # "scale 256, crop 224": the short side at 256/224 of the input size
 
@@ -82,6 +82,21 @@ _PAPER_TWO = {
                    {"template_average": "score"}),
 }
 
+# `demo`: the settings `make demo` trains every head with on the demo world (the demo CLIP: 64 px,
+# 4 blocks of width 128, E = 64; 144 train videos): the quick recipe at batch 16 for 30 epochs, heads
+# sized for that backbone, on one torch thread so the float order (and the table) follows no machine.
+_DEMO_TWO: dict[str, tuple[dict, dict]] = {
+    "tap": ({"lr": 3e-3}, {}),
+    "linear_probe": ({"epochs": 1}, {}),  # fitted in closed form: one pass
+    "lda": ({"epochs": 1}, {}),
+    "text4vis": ({}, {"temporal": "ttrans", "layers": 2, "pos_rows": 16}),
+    "evl": ({}, {"num_layers": 3}),
+    "side4video": ({}, {"preset": "custom", "num_blocks": 4, "side_width": 64}),
+    "actionclip": ({}, {"prompt": "transf", "layers": 2, "pos_rows": 16}),
+}
+_DEMO_BASE = {**_QUICK_TWO, "epochs": 30, "batch_size": 16, "threads": 1}
+DEMO_HEADS = tuple(_DEMO_TWO)
+
 RECIPE_NOTES = {
     "text4vis": "Text4Vis publishes no recipe for a head over frozen features: `paper` is the temporal "
                 "module's values of its end-to-end recipe",
@@ -104,6 +119,11 @@ def stage_two_recipe(head: str, name: str = "paper", cuda: bool = False) -> Reci
         if head == "evl" and cuda:
             values["amp"] = "fp16"
         return Recipe("paper", head, source, values, ref, dict(head_opts), note=RECIPE_NOTES.get(head, ""))
+    if name == "demo":
+        values, head_opts = _DEMO_TWO.get(head, ({}, {}))
+        return Recipe("demo", head, "demo: the demo world's settings (quick at batch 16, 30 epochs, one thread"
+                      + (", heads sized for the demo CLIP)" if head_opts else ")"), {**_DEMO_BASE, **values}, 16,
+                      dict(head_opts), note="" if head in _DEMO_TWO else "no demo settings for this head: quick's")
     note = _NO_PAPER if name == "paper" else ""
     return Recipe(name, head, "quick: generic small-data recipe (lr 1e-3, batch 32, 10 epochs, 1 warm-up)",
                   dict(_QUICK_TWO), 32, note=note)
@@ -148,6 +168,8 @@ _PAPER_THREE = {
 def stage_three_recipe(paradigm: str, name: str = "paper") -> Recipe:
     """The preset ``name`` for stage-three paradigm ``paradigm`` (text4vis | actionclip)."""
     _check_name(name)
+    if name == "demo":
+        raise ConfigError("recipe 'demo' is for stage two (`pipeline train`); fine-tune with paper or quick")
     if name == "paper" and paradigm in _PAPER_THREE:
         source, values, ref, head_opts, aug = _PAPER_THREE[paradigm]
         return Recipe("paper", paradigm, source, {"batch_size": _PER_STEP, **values}, ref, dict(head_opts), dict(aug))

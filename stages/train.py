@@ -91,6 +91,7 @@ class TrainCfg:
     shuffle: str = "full"             # epoch order: "full" permutation | "block" (runs of videos: sequential reads)
     preload: str = "auto"             # hold the arrays read in RAM (stored dtype): auto (when they fit) | on | off
     recipe: str = ""                  # the preset these values came from (stages/recipes.py); a record only
+    threads: int = 0                  # torch intra-op threads for the run (0: as set); 1 pins the float order
 
     def validate(self) -> None:
         """One clear ConfigError for a value no run can use (before anything is written)."""
@@ -111,6 +112,7 @@ class TrainCfg:
             ("eval_every", self.eval_every >= 1, "an integer >= 1"),
             ("workers", self.workers >= 0, "an integer >= 0"),
             ("seed", self.seed >= 0, "an integer >= 0"),
+            ("threads", self.threads >= 0, "an integer >= 0 (0 = torch's setting)"),
         )
         for name, ok, need in checks:
             if not ok:
@@ -219,12 +221,16 @@ def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: 
     ctx = DistContext.from_env()
     device = dist_device(cfg.device, ctx)
     ctx.start(device)
+    threads0 = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     try:
         amp_dtype = autocast_dtype(cfg, device)
         return _train_head(store, cfg, dict(head_overrides or {}), run_dir, runs_root, resume, progress and ctx.main,
                            log if ctx.main else (lambda *a, **k: None), init_weight, force, ctx, device, amp_dtype,
                            allow_partial)
     finally:
+        torch.set_num_threads(threads0)
         ctx.stop()
 
 

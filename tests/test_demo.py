@@ -1,6 +1,7 @@
 """The README's main command, reduced: the whole demo end to end (slow: run with -m slow)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -16,11 +17,16 @@ def test_reduced_demo_end_to_end(tmp_path, capsys):
     assert set(summary["heads"]) == set(DEMO_HEADS)
     for head, res in summary["heads"].items():
         assert 0 <= res["top1"] <= 100
-    saved = json.loads((tmp_path / "art" / "summary.json").read_text())
+    saved = json.loads((tmp_path / "art" / "demo" / "summary.json").read_text())
     assert saved["cache"] == summary["cache"]
-    assert (tmp_path / "art" / "compare-init" / "summary.md").exists()
+    assert (tmp_path / "art" / "demo" / "compare-init" / "summary.md").exists()
+    # the cache and the runs are where every command looks: the CLI finds them by dataset
+    from cache.store import latest_cache
+
+    assert latest_cache(tmp_path / "art" / "caches", "demo").resolve() == Path(summary["cache"]).resolve()
+    assert all(Path(h["run_dir"]).parent == tmp_path / "art" / "runs" for h in summary["heads"].values())
     # the demo CLIP is an ordinary open_clip checkpoint, loaded by the user-facing path
-    model = load_clip("demo", str(tmp_path / "art" / "demo_clip.pt"))
+    model = load_clip("demo", str(tmp_path / "art" / "demo" / "demo_clip.pt"))
     assert sum(p.numel() for p in model.parameters()) > 1_000_000
     # a second run reuses everything
     again = run_demo(root=tmp_path / "art", data=tmp_path / "data", quick=True, seeds=(0,))

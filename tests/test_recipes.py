@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import demo_args, run_cli
+from cache.errors import ConfigError
 from stages.heads import create_head
 from stages.recipes import (accumulation_steps, get_protocol, resolve_protocol, resolve_recipe, stage_three_recipe,
                             stage_two_recipe)
@@ -256,6 +257,28 @@ def test_train_epochs_flag_wins_over_set_and_recipe_and_version_prints(proto_cac
     assert not (tmp_path / "x").exists()
     version = run_cli("--version", check=True)
     assert version.stdout.startswith("clipcache ") and len(version.stdout.splitlines()) == 1
+
+
+def test_demo_recipe_is_what_make_demo_trains(proto_cache, tmp_path):
+    """`make train DATASET=demo` (`--recipe demo`) resolves to the TrainCfg and head options that
+    `make demo` trains each head with, so the two share run folders and figures."""
+    from dataclasses import asdict
+
+    from pipeline.demo_run import DEMO_HEADS
+    from stages.recipes import stage_two_recipe
+
+    rec = stage_two_recipe("text4vis", "demo")
+    assert rec.head == DEMO_HEADS["text4vis"]["head"] == {"temporal": "ttrans", "layers": 2, "pos_rows": 16}
+    assert (rec.values["batch_size"], rec.values["global_batch"], rec.values["threads"]) == (16, 0, 1)
+    proc = run_cli("train", "--head", "text4vis", "--cache", proto_cache.path, "--recipe", "demo", "--epochs", "1",
+                   "--set", "text_set=clip_single", "--run-dir", tmp_path / "r", "--no-progress", check=True)
+    assert "recipe demo for text4vis" in proc.stdout
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    want = asdict(TrainCfg(head="text4vis", recipe="demo", **{**rec.values, "epochs": 1, "text_set": "clip_single"}))
+    assert saved["train"] == {**want, "eval_average": saved["train"]["eval_average"]}  # the cache's protocol rule
+    assert {k: saved["head"][k] for k in rec.head} == rec.head
+    with pytest.raises(ConfigError, match="recipe 'demo' is for stage two"):
+        stage_three_recipe("text4vis", "demo")
 
 
 # SPEC section 7's test protocols: frames, sampling, stride (dense), views, resize ratio, view averaging
