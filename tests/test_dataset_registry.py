@@ -114,3 +114,27 @@ def test_split_ids_are_checked_by_the_registry():
         load_dataset("ucf101", data_root="nowhere", split_id=4)
     assert get_dataset("ucf101").split_ids == (1, 2, 3) and get_dataset("k400").split_ids == ()
     assert not get_dataset("custom").default_root
+
+
+@pytest.mark.parametrize("name, expect", [
+    ("k400", ["train.csv, validate.csv", "<youtube_id>_<start:06d>_<end:06d>.mp4", "kinetics-dataset"]),
+    ("ssv2", ["something-something-v2-train.json", "20bn-something-something-v2/<id>.webm"]),
+    ("ucf101", ["ucfTrainTestlist/classInd.txt", "UCF-101/<ClassName>/"]),
+    ("hmdb51", ["testTrainMulti_7030_splits/<class>_test_split1.txt", "hmdb51_org/<class>/"]),
+    ("demo", ["train.txt, val.txt, classes.txt", "make extract DATASET=demo"]),
+])
+def test_a_missing_data_root_shows_the_tree_the_dataset_needs(tmp_path, capsys, name, expect):
+    """`extract --dataset k400` with no data: the layout under the given root and where its files
+    come from, then how to point elsewhere; exit 2, no cache folder made."""
+    from pipeline.cli import main
+
+    root = tmp_path / "data" / name
+    with pytest.raises(SystemExit) as e:
+        main(["extract", "--dataset", name, "--data-root", str(root), "--out", str(tmp_path / "c"), "--dry-run"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines[0] == f"error: {name} data root {root} does not exist; put the dataset there as"
+    assert all(s in err for s in expect) and f"{root}/" in lines[1]
+    assert lines[-1].startswith("or pass --data-root DIR")
+    assert not (tmp_path / "c").exists()

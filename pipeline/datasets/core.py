@@ -101,17 +101,20 @@ class DatasetEntry:
     default_root: bool = True
     # the official splits the layout numbers (split_id is checked and recorded); () = none
     split_ids: tuple[int, ...] = ()
+    # the folder tree the loader reads and where its files come from, shown when data_root is missing
+    layout: str = ""
 
 
 _REGISTRY: dict[str, DatasetEntry] = {}
 
 
 def register_dataset(name: str, loader: Callable[[DatasetArgs], DatasetSpec], *, help: str = "",
-                     default_root: bool = True, split_ids: Sequence[int] = ()) -> DatasetEntry:
-    """Make ``name`` a dataset `load_dataset` (and ``--dataset``) accepts."""
+                     default_root: bool = True, split_ids: Sequence[int] = (), layout: str = "") -> DatasetEntry:
+    """Make ``name`` a dataset `load_dataset` (and ``--dataset``) accepts. ``layout``: the tree
+    under data_root the loader reads and where its files come from (printed when it is missing)."""
     if name in _REGISTRY:
         raise RuntimeError(f"dataset '{name}' registered twice")
-    entry = DatasetEntry(name, loader, help, default_root, tuple(split_ids))
+    entry = DatasetEntry(name, loader, help, default_root, tuple(split_ids), layout.strip("\n"))
     _REGISTRY[name] = entry
     return entry
 
@@ -152,6 +155,10 @@ def load_dataset(
         *head, last = map(str, entry.split_ids)
         allowed = f"{', '.join(head)} or {last}" if head else last
         raise DatasetError(f"{name} split_id must be {allowed}, got {split_id!r}")
+    if data_root is not None and train_list is None and not Path(data_root).exists() and entry.layout:
+        raise DatasetError(f"{name} data root {data_root} does not exist; put the dataset there as\n"
+                           + entry.layout.replace("DATA_ROOT", str(data_root))
+                           + f"\nor pass --data-root DIR (or your own lists: --train-list, --val-list, --video-root)")
     spec = entry.loader(DatasetArgs(split_id=split_id, **given))
     spec.args = {k: (str(Path(v).resolve()) if k != "classes" or Path(v).exists() else str(v))
                  for k, v in given.items() if v is not None}

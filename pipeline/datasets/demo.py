@@ -29,4 +29,8 @@ def load_demo(args: DatasetArgs) -> DatasetSpec:
     return spec_from_lists("demo", need_dir(video_root, "demo video root"), train, val, test, cls)
 
 
-register_dataset("demo", load_demo, help="the synthetic demo world (`pipeline demo-data`): lists and classes.txt")
+register_dataset("demo", load_demo, help="the synthetic demo world (`pipeline demo-data`): lists and classes.txt",
+                 layout="""
+  DATA_ROOT/train.txt, val.txt, classes.txt   `videos/<name>.mp4 label` lists and one class name per line
+  DATA_ROOT/videos/                           the demo's h264 videos
+  `make extract DATASET=demo` (or `pipeline demo-data --out DATA_ROOT`) writes them.""")

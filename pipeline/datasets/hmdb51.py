@@ -86,4 +86,9 @@ def load_hmdb51(args: DatasetArgs) -> DatasetSpec:
 
 
 register_dataset("hmdb51", load_hmdb51, split_ids=(1, 2, 3),
-                 help="HMDB-51: <class>_test_split<N>.txt files and a folder per class")
+                 help="HMDB-51: <class>_test_split<N>.txt files and a folder per class",
+                 layout="""
+  DATA_ROOT/testTrainMulti_7030_splits/<class>_test_split1.txt (2, 3)   the official splits (1 train, 2 test, 0 unused)
+  DATA_ROOT/hmdb51_org/<class>/<video>.avi                              the videos, a folder per class (or DATA_ROOT/videos/)
+  Both are the archives of the HMDB51 page at Brown University (hmdb51_org.rar with one .rar per class,
+  test_train_splits.rar).""")

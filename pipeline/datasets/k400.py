@@ -163,4 +163,11 @@ def load_k400(args: DatasetArgs) -> DatasetSpec:
     return DatasetSpec("k400", list(names), splits, abs_path(vroot), sources)
 
 
-register_dataset("k400", load_k400, help="Kinetics-400: the official CSVs, videos <youtube_id>_<start>_<end>.mp4")
+register_dataset("k400", load_k400, help="Kinetics-400: the official CSVs, videos <youtube_id>_<start>_<end>.mp4",
+                 layout="""
+  DATA_ROOT/train.csv, validate.csv   the official annotation CSVs (label,youtube_id,time_start,time_end,split),
+                                      also found under DATA_ROOT/annotations/; test.csv is used when it has labels
+  DATA_ROOT/videos/                   the clips, flat or in class folders, named <youtube_id>_<start:06d>_<end:06d>.mp4
+                                      (any of .mp4 .mkv .webm .avi ...)
+  The CSVs and clips come with the Kinetics release (DeepMind) and the CVDF mirror's k400 download
+  (github.com/cvdfoundation/kinetics-dataset), which keeps these names.""")

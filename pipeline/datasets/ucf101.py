@@ -107,4 +107,8 @@ def load_ucf101(args: DatasetArgs) -> DatasetSpec:
 
 
 register_dataset("ucf101", load_ucf101, split_ids=(1, 2, 3),
-                 help="UCF-101: classInd.txt, trainlist0N.txt, testlist0N.txt")
+                 help="UCF-101: classInd.txt, trainlist0N.txt, testlist0N.txt",
+                 layout="""
+  DATA_ROOT/ucfTrainTestlist/classInd.txt, trainlist01.txt, testlist01.txt (02, 03)   the official split lists
+  DATA_ROOT/UCF-101/<ClassName>/v_<ClassName>_gXX_cYY.avi                            the videos
+  Both are UCF's own archives (UCF101.rar and UCF101TrainTestSplits-RecognitionTask.zip, from the CRCV site).""")
