@@ -22,6 +22,7 @@ SET        ?=
 EXTRACT_ARGS ?=
 TRAIN_ARGS ?=
 FINETUNE_ARGS ?=
+DEMO_ARGS  ?=
 
 .PHONY: setup demo extract train finetune test test-slow bench clean
 
@@ -34,7 +35,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(PY) -m pipeline.demo_run
+	$(PY) -m pipeline.demo_run --data $(DATA_ROOT) $(DEMO_ARGS)
 
 # extract holds what HEAD reads (its blocks, patch tokens, frames); train extracts first, so
 # `make train HEAD=evl` after `make extract` adds what EVL needs (or reuses a cache that has it).
@@ -42,7 +43,7 @@ demo: setup
 # the demo CLIP, pretraining it first if no demo ran yet; both are reused.
 ifeq ($(DATASET),demo)
 extract: setup
-	$(PY) -m pipeline.demo_run --extract
+	$(PY) -m pipeline.demo_run --extract --data $(DATA_ROOT) $(DEMO_ARGS)
 else
 extract: setup
 	$(PIPELINE) extract --dataset $(DATASET) --data-root $(DATA_ROOT) --model $(MODEL) \

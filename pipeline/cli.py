@@ -129,7 +129,8 @@ def extract(
                                                    "(default 1x1, or the protocol's)."),
     train_views: str = typer.Option("1x1", help="CxS views for the train split."),
     protocol: str = typer.Option("", help="A paper's test protocol: evl | text4vis | side4video | actionclip "
-                                          "(frames, sampling, views, resize, view averaging); flags override it."),
+                                          "(frames, sampling, views, resize, view averaging); flags override it. "
+                                          "Default: the --for-head heads' own; none: one centre view."),
     resize_ratio: Optional[float] = typer.Option(None, help="Short side = input size x this before cropping "
                                                             "(1: EVL/CLIP; 1.142857: scale 256 for 224)."),
     train_aug: Optional[int] = typer.Option(None, help="View bank: K augmented views per train video (random "
@@ -166,11 +167,18 @@ def extract(
     """Stage one: decode videos, run the frozen CLIP once, write the feature cache."""
     from pipeline.datasets import load_dataset
     from stages.extract import ExtractCfg, add_head_needs, describe_plan, plan_extraction, run_extraction
-    from stages.recipes import resolve_protocol
+    from stages.recipes import protocol_for_heads, resolve_protocol
 
     if not 0 <= max_failed <= 1:
         raise ConfigError(f"--max-failed must be a fraction in [0, 1], got {max_failed}")
     rank_world = _parse_shard(shard) if shard else None  # None: torchrun's RANK/WORLD_SIZE, or 0/1
+    heads = [h.strip() for h in for_head.split(",") if h.strip()]
+    if not protocol and heads:  # the papers' test views by default
+        protocol = protocol_for_heads(heads)
+        if protocol and _main_rank():
+            typer.echo(f"--for-head {','.join(heads)}: the paper's test protocol {protocol} (--protocol none: one "
+                       "centre view)")
+    protocol = "" if protocol == "none" else protocol
     given = {"frames": frames, "sampling": sampling, "stride": stride, "views": views, "resize_ratio": resize_ratio}
     sample, _record, proto_lines = resolve_protocol(protocol, {k: v for k, v in given.items() if v is not None},
                                                     {k: getattr(ExtractCfg(), k) for k in given})
@@ -183,7 +191,6 @@ def extract(
                      train_aug=train_aug, aug_seed=aug_seed, aug_area=aug_area, **sample)
     for line in proto_lines if _main_rank() else ():
         typer.echo(line)
-    heads = [h.strip() for h in for_head.split(",") if h.strip()]
     if heads:
         cfg = add_head_needs(cfg, heads, len(spec.classes), view_bank=not no_view_bank)
         bank = "" if cfg.train_aug is None else f", view bank --train-aug {cfg.train_aug}" + (
@@ -455,7 +462,7 @@ def train(
     wds_shuffle: int = typer.Option(1000, help="Shuffle buffer in samples when training from shards (0: off)."),
     wds_resample: bool = typer.Option(False, "--wds-resample/--no-wds-resample",
                                       help="Draw shards with replacement (multi-node streaming)."),
-    recipe: str = typer.Option("paper", help="paper (the head's published recipe, SPEC section 7) | quick "
+    recipe: str = typer.Option("paper", help="paper (the head's published recipe, docs/recipes.md) | quick "
                                              "(small data: lr 1e-3, batch 32, 10 epochs). Options override it."),
     batch: PerStepBatch = None,
     global_batch: GlobalBatch = None,
@@ -697,8 +704,8 @@ def finetune(
     resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint."),
     force: bool = typer.Option(False, "--force", help="Start over in a run folder that already holds a run."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
-    recipe: str = typer.Option("paper", help="paper (the paradigm's published recipe and augmentation, SPEC "
-                                             "section 7) | quick (generic, small data). Options override it."),
+    recipe: str = typer.Option("paper", help="paper (the paradigm's published recipe and augmentation, "
+                                             "docs/recipes.md) | quick (generic, small data). Options override it."),
     batch: PerStepBatch = None,
     global_batch: GlobalBatch = None,
 ):

@@ -197,11 +197,17 @@ def main() -> None:
     from pipeline import signals
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    quick = "--quick" in sys.argv
-    until = "extract" if "--extract" in sys.argv else ""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.demo_run", description="make demo / make extract "
+                                     "DATASET=demo: the demo world, its CLIP, its cache (and with all steps, every head)")
+    parser.add_argument("--data", type=Path, default=Path("data/demo"), help="folder of the demo world's videos")
+    parser.add_argument("--extract", action="store_true", help="stop after the cache (make extract DATASET=demo)")
+    parser.add_argument("--quick", action="store_true", help="a reduced world and schedule (the slow tests)")
+    args = parser.parse_args()
     previous = signals.install()
     try:
-        run_demo(quick=quick, until=until)
+        run_demo(data=args.data, quick=args.quick, until="extract" if args.extract else "")
         signals.check()
     except signals.Interrupted as exc:
         typer.echo(signals.LINE, err=True)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from cache.errors import ConfigError
 from cache.meta import CacheMeta
 
-__all__ = ["RECIPES", "DEMO_HEADS", "PROTOCOLS", "Recipe", "Protocol", "stage_two_recipe", "stage_three_recipe",
+__all__ = ["RECIPES", "DEMO_HEADS", "PROTOCOLS", "protocol_for_heads", "Recipe", "Protocol", "stage_two_recipe", "stage_three_recipe",
            "resolve_recipe", "accumulation_steps", "effective_global_batch", "get_protocol", "resolve_protocol",
            "protocol_record", "protocol_eval_overrides", "resize_side", "describe_recipe"]
 
@@ -277,6 +277,28 @@ _PROTOCOLS = {
 }
 
 
+def protocol_for_heads(heads: list[str]) -> str:
+    """The test protocol a cache for ``heads`` (``extract --for-head``) gets by default: the papers'
+    own, when the heads that have one test on the same frames and views (Text4Vis and Side4Video
+    share theirs); "" when none has one. Heads whose papers test on different frames cannot share
+    one cache's val views: one ConfigError naming them and the way out."""
+    named = [h for h in dict.fromkeys(heads) if h in _PROTOCOLS]
+    groups: dict[tuple, list[str]] = {}
+    for h in named:
+        groups.setdefault(tuple(getattr(_PROTOCOLS[h], k) for k in _PROTO_KEYS), []).append(h)
+    if len(groups) > 1:
+        text = "; ".join(f"{', '.join(hs)}: {_describe_views(_PROTOCOLS[hs[0]])}" for hs in groups.values())
+        raise ConfigError(f"--for-head {','.join(heads)}: these papers test on different frames ({text}), which one "
+                          "cache cannot hold: extract once per head, or pass --protocol NAME (or --protocol none: "
+                          "one centre view) for all of them")
+    return named[0] if named else ""
+
+
+def _describe_views(p: Protocol) -> str:
+    sampling = f"dense {p.frames}x{p.stride}" if p.sampling == "dense" else f"{p.frames} frames {p.sampling}"
+    return f"{sampling}, {p.views} views"
+
+
 def get_protocol(name: str) -> Protocol:
     if name not in _PROTOCOLS:
         raise ConfigError(f"unknown protocol '{name}'; choose one of {', '.join(PROTOCOLS)}")
@@ -338,9 +360,14 @@ def protocol_eval_overrides(meta: CacheMeta | None, head: str) -> tuple[dict, di
         return {}, {}
     from stages.heads import get_head_entry
 
+    own = _PROTOCOLS.get(head)
+    cached = _PROTOCOLS.get(proto.name)
+    if own is not None and cached is not None and not proto.overridden and \
+            all(getattr(own, k) == getattr(cached, k) for k in _PROTO_KEYS):
+        eval_average, template_average = own.eval_average, own.template_average  # its own paper's rule, same views
+    else:
+        eval_average, template_average = proto.eval_average, proto.template_average
     can_average_embeddings = get_head_entry(head).head_cls.supports("video_embedding")
-    train = {"eval_average": proto.eval_average} if proto.eval_average == "scores" or \
-        can_average_embeddings else {}
-    head_opts = {"template_average": proto.template_average} if head == "actionclip" and \
-        proto.template_average else {}
+    train = {"eval_average": eval_average} if eval_average == "scores" or can_average_embeddings else {}
+    head_opts = {"template_average": template_average} if head == "actionclip" and template_average else {}
     return train, head_opts

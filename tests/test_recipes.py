@@ -363,3 +363,30 @@ def test_unknown_recipe_or_protocol_is_one_line_exit_2_nothing_written(demo_smal
                                                 "--global-batch", "-4", "--run-dir", run)
     assert not cache.exists() and not run.exists() and list(tmp_path.iterdir()) == []
     assert math.isclose(get_protocol("text4vis").resize_ratio * 224, 256)
+
+
+def test_for_head_takes_the_papers_test_protocol_by_default(demo_small):
+    """`extract --for-head H`: H's paper protocol unless --protocol says otherwise; heads that test
+    on the same views share it, heads that do not are refused with the way out."""
+    import types
+
+    from cache.meta import ProtocolRecord
+    from stages.recipes import protocol_eval_overrides, protocol_for_heads
+
+    assert protocol_for_heads(["evl"]) == "evl" and protocol_for_heads(["tap", "lda"]) == ""
+    assert protocol_for_heads(["tap", "side4video", "text4vis"]) == "side4video"
+    with pytest.raises(ConfigError, match="extract once per head, or pass --protocol"):
+        protocol_for_heads(["evl", "side4video"])
+    base = ["extract", "--dataset", "demo", "--data-root", demo_small.root, "--model", "small", "--layers", "last1",
+            "--dry-run"]
+    out = run_cli(*base, "--for-head", "side4video", check=True).stdout
+    assert "the paper's test protocol side4video" in out and "protocol side4video: 8 frames, segment-start" in out
+    plain = run_cli(*base, "--for-head", "side4video", "--protocol", "none", check=True).stdout
+    assert "protocol" not in plain
+    # a text4vis head on a cache cut for side4video (the same views) averages as Text4Vis does
+    meta = types.SimpleNamespace(protocol=ProtocolRecord(name="side4video", eval_average="scores"))
+    assert protocol_eval_overrides(meta, "text4vis")[0] == {"eval_average": "embeddings"}
+    assert protocol_eval_overrides(meta, "side4video")[0] == {"eval_average": "scores"}
+    moved = types.SimpleNamespace(protocol=ProtocolRecord(name="side4video", eval_average="scores",
+                                                          overridden=["views"]))
+    assert protocol_eval_overrides(moved, "text4vis")[0] == {"eval_average": "scores"}

@@ -214,7 +214,7 @@ def test_cache_info_prints_a_command_that_rebuilds_the_cache_exactly(cache, tmp_
 
 def test_for_head_adds_what_the_head_reads(demo_small, tmp_path):
     proc = run_cli("extract", "--dataset", "demo", "--data-root", demo_small.root, "--model", "small", "--layers",
-                   "last1", "--for-head", "evl,side4video", "--dry-run")
+                   "last1", "--for-head", "evl,side4video", "--protocol", "none", "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert "patch tokens yes" in proc.stdout and "uint8 frames yes" in proc.stdout
     too_shallow = run_cli("extract", "--dataset", "demo", "--data-root", demo_small.root, "--model", "tiny",
@@ -225,7 +225,8 @@ def test_for_head_adds_what_the_head_reads(demo_small, tmp_path):
 
 @pytest.mark.slow
 def test_make_extract_then_make_train_evl_with_the_defaults(tmp_path):
-    """`make extract DATASET=demo && make train HEAD=evl`: the default demo model and layers fit EVL."""
+    """`make extract DATASET=demo && make train HEAD=evl`: the demo CLIP's cache fits EVL, and train
+    finds it by dataset with the demo's settings (a reduced world: DEMO_ARGS=--quick)."""
     import subprocess
     import sys
 
@@ -233,9 +234,9 @@ def test_make_extract_then_make_train_evl_with_the_defaults(tmp_path):
 
     venv = Path(sys.executable).parent.parent
     common = ["make", "-s", "-C", str(ROOT), f"VENV={venv}", "-o", f"{venv}/.installed", "DATASET=demo",
-              f"DATA_ROOT={tmp_path / 'demo'}", "EXTRACT_ARGS=--no-progress", "TRAIN_ARGS=--no-progress"]
+              f"DATA_ROOT={tmp_path / 'demo'}", "DEMO_ARGS=--quick", "TRAIN_ARGS=--no-progress"]
     env = {**os.environ, "CLIPCACHE_ROOT": str(tmp_path / "art"), "PYTHONPATH": str(ROOT)}
     for target in (["extract"], ["train", "HEAD=evl", "SET=epochs=1"]):
         proc = subprocess.run(common + target, capture_output=True, text=True, env=env, timeout=1800)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "evl: top1" in proc.stdout
+    assert "evl: top1" in proc.stdout and "recipe demo for evl" in proc.stdout

@@ -22,7 +22,7 @@ def test_for_head_applies_the_measured_view_bank(demo_small):
     out = _dry(demo_small, "--for-head", "side4video")
     assert f"view bank --train-aug {K} (the heads' measured default" in out
     assert f"views  train: a bank of {K} augmented view(s) per video" in out  # the plan holds it
-    both = _dry(demo_small, "--for-head", "evl,side4video")
+    both = _dry(demo_small, "--for-head", "evl,side4video", "--protocol", "none")
     assert f"view bank --train-aug {K}" in both
 
 
