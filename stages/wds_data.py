@@ -201,7 +201,7 @@ class WdsSplit(IterableDataset):
         its header entry counts: tar stops quietly at a cut-off header, so a truncated shard
         would otherwise just be shorter (a silently smaller training set); a damaged one is one
         CacheError naming it, never a traceback. Each member read is checked against the header
-        (cache/wds.py ShardCheck): its size before it is read, its crc32 after."""
+        (cache/wds.py ShardCheck): its size before it is read, its crc32c after."""
         for url in urls:
             try:
                 stream = self.source.opener(url)

@@ -235,7 +235,7 @@ def _as_version_1(header: Path) -> None:
     for info in doc["splits"].values():
         del info["member_bytes"], info["json_max_bytes"]
         for entry in info["shards"]:
-            del entry["crc32"]
+            del entry["crc32c"]
     header.write_text(json.dumps(doc, indent=1))
 
 
@@ -287,7 +287,7 @@ def test_a_flipped_byte_in_a_member_stops_training_from_shards(clean, tmp_path, 
                                     "--no-progress")
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), (code, err)
-    assert shard.name in lines[0] and member.name in lines[0] and "crc32" in lines[0], lines
+    assert shard.name in lines[0] and member.name in lines[0] and "crc32c" in lines[0], lines
     assert "pipeline cache export" in lines[0] and not run.exists()
 
 

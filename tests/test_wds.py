@@ -427,4 +427,4 @@ def test_a_flipped_byte_in_the_extra_tar_is_named(medium, tmp_path):
     with pytest.raises(CacheError) as err:
         WdsCache(str(tmp_path / "m-header.json"))
     text = str(err.value)
-    assert "m-extra.tar" in text and member.name in text and "crc32" in text and "pipeline cache export" in text
+    assert "m-extra.tar" in text and member.name in text and "crc32c" in text and "pipeline cache export" in text
