@@ -4,8 +4,9 @@ An export of cache NAME into folder DIR::
 
     DIR/NAME-header.json            written last (the export's commit mark): cache metadata
                                     (dims, layers, views, dtype, config, key), per split its shard
-                                    files with their sample counts, byte sizes and index ranges,
-                                    counts and failures
+                                    files with their sample counts, byte sizes, index ranges and
+                                    member checksums, the byte size of each .npy member, counts
+                                    and failures; the size and checksum of each extra-tar member
     DIR/NAME-extra.tar              small arrays as .npy: text/<set>.npy (class text embeddings),
                                     aux/<name>.npy (frozen backbone tensors), split/<s>/label.npy
                                     and split/<s>/status.npy (every video of the source list)
@@ -26,6 +27,18 @@ nothing is ever unpickled. Each tar is written to a temporary name and renamed i
 killed export leaves whole shards or none, and the header appears only when every shard is there.
 Shard s holds the done videos with index in [first, last] of its header entry, which is what lets
 a reader given a subset of the shards know exactly which videos it will see.
+
+Integrity (format version 2): tar checks its member headers, not their data, so the header keeps
+a crc32c of every member (``crc32c`` of a shard entry: 8 hex digits per member, in tar order) and
+the byte size every .npy member of a split has (``member_bytes``; ``json_max_bytes`` bounds the
+.json one). A reader compares a member's size in its tar header with these before reading it
+(a crafted or damaged size is refused unread) and its crc32c after, and names the shard and the
+member when either disagrees. A version 1 export (no checksums) is still read, with a note that
+it is unchecked; its member sizes are bounded by the array specs.
+
+An export only ever overwrites or deletes files that an export header of the same cache (or the
+claim file ``.NAME-export.json`` of an export of it that was interrupted) lists: a folder holding
+other files named like this export's shards is refused, untouched.
 """
 
 from __future__ import annotations
@@ -42,6 +55,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+import google_crc32c
 import numpy as np
 
 from cache.errors import CacheError, CacheMismatchError, ConfigError
@@ -63,10 +77,14 @@ __all__ = [
     "sample_info",
     "sample_array",
     "header_for",
+    "ShardCheck",
 ]
 
 WDS_FORMAT = "clipcache-wds"
-WDS_VERSION = 1
+WDS_VERSION = 2  # 2: member checksums and sizes in the header (1: none)
+_CLAIM_FORMAT = "clipcache-wds-claim"
+_JSON_MAX_V1 = 1 << 20  # a version 1 header does not bound the .json member: a sample's json is < 1 MiB
+_NPY_HEADER_MAX = 65536 + 12  # magic, version, length and the longest header .npy format 2 allows of these
 _BLOCK = 512
 _RECORD = 20 * _BLOCK  # tarfile pads a closed archive to a multiple of this
 _MTIME = 1_700_000_000  # fixed member mtime: the same cache exports to the same bytes
@@ -118,6 +136,13 @@ def member_names(spec_name: str, dtype: str) -> list[str]:
     return [f"{spec_name}.npy"]
 
 
+def _crc(data: bytes) -> int:
+    """A member's checksum: crc32c, by zarr's own google_crc32c (a dependency of zarr 3; cache/rows.py
+    uses it too): 5-16 GB/s against zlib crc32's 0.7-1.7 here (bench/bench_wds_item.py), which
+    matters because every member read is checked, every epoch."""
+    return google_crc32c.value(data)
+
+
 def _tar_member_size(n: int) -> int:
     return _BLOCK + math.ceil(n / _BLOCK) * _BLOCK  # ustar header + data padded to blocks
 
@@ -135,15 +160,20 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 class _ShardSeries:
-    """Writes NAME-<split>-%06d.tar files of at most ``limit`` bytes, each atomically."""
+    """Writes NAME-<split>-%06d.tar files of at most ``limit`` bytes, each atomically, keeping the
+    crc32c of every member and the size of every .npy member kind. ``claim(file)`` is called
+    before a shard file is first created (the export records it as its own)."""
 
-    def __init__(self, out: Path, prefix: str, limit: int):
-        self.out, self.prefix, self.limit = out, prefix, limit
+    def __init__(self, out: Path, prefix: str, limit: int, claim: Callable[[str], Any] = lambda f: None):
+        self.out, self.prefix, self.limit, self.claim = out, prefix, limit, claim
         self.shards: list[dict] = []
         self.tar: tarfile.TarFile | None = None
         self.tmp: Path | None = None
         self.offset = 0
         self.entry: dict = {}
+        self.crcs: list[int] = []
+        self.member_bytes: dict[str, int] = {}
+        self.json_max = 0
         self.oversized = 0
 
     def add(self, index: int, members: list[tuple[str, bytes]]) -> None:
@@ -154,6 +184,12 @@ class _ShardSeries:
             self._open()
         for name, data in members:
             _add(self.tar, name, data)
+            self.crcs.append(_crc(data))
+            ext = name.split(".", 1)[1]
+            if ext == "json":
+                self.json_max = max(self.json_max, len(data))
+            else:  # every video's array has the spec's shape and dtype: one size per member kind
+                assert self.member_bytes.setdefault(ext, len(data)) == len(data), (name, len(data))
         self.offset += need
         if self.entry["samples"] == 0 and _closed_size(self.offset) > self.limit:
             self.oversized += 1  # one video larger than the limit: it gets a shard of its own
@@ -163,10 +199,12 @@ class _ShardSeries:
 
     def _open(self) -> None:
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
+        self.claim(name)
         self.tmp = self.out / f".{name}.tmp-{os.getpid()}"
         self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
         self.offset = 0
         self.entry = {"file": name, "samples": 0, "first": None, "last": None}
+        self.crcs = []
 
     def close(self) -> None:
         if self.tar is None:
@@ -177,6 +215,7 @@ class _ShardSeries:
         final = self.out / self.entry["file"]
         os.replace(self.tmp, final)
         self.entry["bytes"] = final.stat().st_size
+        self.entry["crc32c"] = "".join(f"{c:08x}" for c in self.crcs)  # one per member, in tar order
         self.shards.append(self.entry)
         self.tar, self.tmp = None, None
 
@@ -214,20 +253,37 @@ def export_wds(store: FeatureStore, out: str | Path, name: str | None = None, sh
     except OSError as exc:
         raise CacheError(f"cannot create export folder {out}: {exc.strerror}") from None
     header_path = out / f"{name}-header.json"
-    if header_path.exists():
-        old = json.loads(header_path.read_text())
-        if old.get("key") != store.key:
-            raise CacheMismatchError(f"{out} already holds an export named '{name}' of another cache "
-                                     f"(key {old.get('key')}); choose another --name or --out")
-        # the shards are about to be replaced one by one: without its header the old export is no
-        # export, so a re-export killed half-way cannot leave a header describing other shards
-        header_path.unlink()
+    claim_path = out / f".{name}-export.json"
+    # the files this export may overwrite or delete: those an export of this cache wrote (its
+    # header lists them, or the claim file of one that was interrupted); a damaged header, or one
+    # of another cache, is refused before anything is touched
+    claimed = _listed_files(header_path, name, store.key) | _listed_files(claim_path, name, store.key)
+    ours = re.compile(rf"{re.escape(name)}-(?:{'|'.join(map(re.escape, splits))})-\d{{6}}\.tar"
+                      rf"|{re.escape(name)}-extra\.tar")
+    strangers = sorted(f.name for f in out.iterdir() if ours.fullmatch(f.name) and f.name not in claimed)
+    if strangers:
+        more = f" (and {len(strangers) - 1} more)" if len(strangers) > 1 else ""
+        raise CacheError(f"{out / strangers[0]}{more} is named like a file of this export but no export header of "
+                         f"this cache lists it; nothing was changed: choose another --out (or --name), or remove "
+                         "the file(s) if they are not needed")
+
+    def claim(file: str) -> None:
+        """Record ``file`` as this export's before it is created: an interrupted export can be redone."""
+        claimed.add(file)
+        atomic_write_text(claim_path, json.dumps({"format": _CLAIM_FORMAT, "key": store.key, "name": name,
+                                                  "files": sorted(claimed)}))
+
+    claim(f"{name}-extra.tar")
+    # the shards are about to be replaced one by one: without its header the old export is no
+    # export, so a re-export killed half-way cannot leave a header describing other shards (the
+    # claim file written above keeps its files this export's own)
+    header_path.unlink(missing_ok=True)
     for stale in out.glob(f".{name}-*.tmp-*"):
         stale.unlink(missing_ok=True)
 
     header: dict[str, Any] = {
         "format": WDS_FORMAT, "version": WDS_VERSION, "name": name, "key": store.key, "source": str(store.path),
-        "shard_bytes": limit, "extra": f"{name}-extra.tar", "meta": store.meta, "splits": {},
+        "shard_bytes": limit, "extra": f"{name}-extra.tar", "checksum": "crc32c", "meta": store.meta, "splits": {},
     }
     extra: list[tuple[str, bytes]] = []
     for tname in store.text_names():
@@ -235,35 +291,71 @@ def export_wds(store: FeatureStore, out: str | Path, name: str | None = None, sh
     for aname in store.aux_names():
         extra.append((f"aux/{aname}.npy", npy_bytes(store.aux(aname))))
     for split in splits:
-        info = _export_split(store, split, out, name, limit, log)
+        info = _export_split(store, split, out, name, limit, log, claim)
         extra.append((f"split/{split}/label.npy", npy_bytes(store.labels(split).astype(np.int64))))
         extra.append((f"split/{split}/status.npy", npy_bytes(store.status(split))))
         header["splits"][split] = info
+    header["extra_members"] = {member: {"bytes": len(data), "crc32c": f"{_crc(data):08x}"} for member, data in extra}
     tmp = out / f".{name}-extra.tar.tmp-{os.getpid()}"
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for member, data in extra:
             _add(tar, member, data)
     os.replace(tmp, out / header["extra"])
     atomic_write_text(header_path, json.dumps(header, indent=1))
-    # shards of an earlier, larger export under the same name would be picked up by a glob: drop them
-    keep = {s["file"] for info in header["splits"].values() for s in info["shards"]}
-    series = re.compile(rf"{re.escape(name)}-({'|'.join(map(re.escape, splits))})-\d{{6}}\.tar")
-    for f in out.iterdir():
-        if series.fullmatch(f.name) and f.name not in keep:
-            f.unlink()
+    # files of an earlier export of this cache that this one did not rewrite (more shards, other
+    # splits) would be picked up by a glob: drop them; nothing else is ever deleted
+    keep = {header["extra"]} | {s["file"] for info in header["splits"].values() for s in info["shards"]}
+    for file in sorted(claimed - keep):
+        (out / file).unlink(missing_ok=True)
+    claim_path.unlink()
     header["seconds"] = time.perf_counter() - t0
     header["bytes"] = sum(s["bytes"] for info in header["splits"].values() for s in info["shards"]) \
         + (out / header["extra"]).stat().st_size + header_path.stat().st_size
     return header
 
 
-def _export_split(store: FeatureStore, split: str, out: Path, name: str, limit: int, log) -> dict:
+def _listed_files(path: Path, name: str, key: str) -> set[str]:
+    """The files that the export header (or claim file) ``path`` of cache ``key`` lists, and that
+    an export named ``name`` writes (NAME-<split>-NNNNNN.tar, NAME-extra.tar); none if there is no
+    such file. A damaged one, or one of another cache, is refused with one line."""
+    claim = not path.name.endswith("-header.json")
+    what = "the claim file of an interrupted export" if claim else "export header"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"not JSON: {str(exc)[:100]}"
+        raise CacheError(f"{what} {path} is damaged ({why}); nothing was changed: remove it and the shards it "
+                         "listed, or choose another --out") from None
+    try:
+        if doc.get("format") != (_CLAIM_FORMAT if claim else WDS_FORMAT):
+            raise ValueError("not written by pipeline cache export")
+        if doc.get("key") != key:
+            raise CacheMismatchError(f"{path.parent} already holds {'an interrupted' if claim else 'an'} export "
+                                     f"named '{name}' of another cache (key {doc.get('key')}); choose another "
+                                     "--name or --out")
+        files = doc["files"] if claim else [doc["extra"]] + [s["file"] for info in doc["splits"].values()
+                                                              for s in info["shards"]]
+        files = [str(f) for f in files]
+    except CacheMismatchError:
+        raise
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise CacheError(f"{what} {path} is damaged ({exc.__class__.__name__}: {str(exc)[:100]}); nothing was "
+                         "changed: remove it and the shards it listed, or choose another --out") from None
+    # only names an export writes, in this folder: a header naming '../x' or 'x.zarr' claims nothing
+    mine = re.compile(rf"{re.escape(name)}-[A-Za-z0-9_]+-\d{{6}}\.tar|{re.escape(name)}-extra\.tar")
+    return {f for f in files if mine.fullmatch(f)}
+
+
+def _export_split(store: FeatureStore, split: str, out: Path, name: str, limit: int, log,
+                  claim: Callable[[str], Any] = lambda f: None) -> dict:
     specs = store.specs(split)
     labels = store.labels(split)
     items = store.items(split)
     status = store.status(split)
     width = max(8, len(str(store.num_videos(split))))
-    series = _ShardSeries(out, f"{name}-{split}", limit)
+    series = _ShardSeries(out, f"{name}-{split}", limit, claim)
     try:
         for shard in range(store.num_shards(split)):
             start, stop = store.shard_range(split, shard)
@@ -298,7 +390,8 @@ def _export_split(store: FeatureStore, split: str, out: Path, name: str, limit: 
     c = store.counts(split)
     return {"num_videos": store.num_videos(split), "samples": sum(s["samples"] for s in series.shards),
             "counts": c, "failures": store.failures(split), "key_width": width, "shards": series.shards,
-            "members": ["json"] + [m for aname, spec in specs.items() for m in member_names(aname, spec.dtype)]}
+            "members": ["json"] + [m for aname, spec in specs.items() for m in member_names(aname, spec.dtype)],
+            "member_bytes": series.member_bytes, "json_max_bytes": series.json_max}
 
 
 # ----------------------------------------------------------------------------- reading (numpy side)
@@ -378,13 +471,66 @@ class _Location(str):
         return _basename(self)
 
 
-def iter_tar_samples(stream, select: Callable[[str], bool] | None = None) -> Iterator[dict[str, Any]]:
-    """Group a tar stream's members into samples {'__key__', '<ext>': bytes} (webdataset's rule)."""
+class ShardCheck:
+    """What an export header says of one shard's members, checked as the shard streams: a member's
+    size (from its tar header) before it is read, its crc32c after, the member count at the end.
+    Any disagreement is one CacheError naming the shard, the member and the fix."""
+
+    def __init__(self, url: str, sizes: dict[str, int], json_max: int, crcs: str | None, exact: bool = True):
+        self.url, self.sizes, self.json_max, self.exact = url, sizes, json_max, exact
+        self.crcs = crcs  # 8 hex digits per member in tar order; None: a version 1 export (unchecked)
+
+    def _error(self, member: str, what: str, why: str = "truncated or damaged") -> CacheError:
+        return CacheError(f"WebDataset shard {self.url} is {why} (member {member} {what}): copy the shard again, "
+                          "or re-export the cache (pipeline cache export)")
+
+    def before(self, n: int, member: str, ext: str, size: int) -> None:
+        """Member ``n`` (of the shard's regular files) is about to be read whole: is its size right?"""
+        other = "damaged or not this export's"
+        if self.crcs is not None and 8 * n >= len(self.crcs):
+            raise self._error(member, f"is member {n + 1}, its header entry lists {len(self.crcs) // 8}", other)
+        if ext == "json":
+            if size > self.json_max:
+                raise self._error(member, f"is {size} bytes, more than the {self.json_max} the export header "
+                                          "allows; not read", other)
+            return
+        want = self.sizes.get(ext)
+        if want is None:
+            raise self._error(member, "is no member this export writes; not read", other)
+        if (size != want) if self.exact else (size > want):
+            raise self._error(member, f"is {size} bytes where the export header says "
+                                      f"{'' if self.exact else 'at most '}{want}; not read", other)
+
+    def after(self, n: int, member: str, data: bytes) -> None:
+        if self.crcs is None:
+            return
+        got, want = _crc(data), self.crcs[8 * n:8 * n + 8]
+        if f"{got:08x}" != want:
+            raise self._error(member, f"fails its crc32c check (reads {got:08x}, the export header says {want})")
+
+    def end(self, count: int) -> None:
+        """The whole shard was read: it holds as many members as its header entry lists."""
+        if self.crcs is not None and count != len(self.crcs) // 8:
+            raise CacheError(f"WebDataset shard {self.url} is truncated or damaged (it holds {count} members where "
+                             f"its header entry lists {len(self.crcs) // 8}): copy the shard again, or re-export "
+                             "the cache (pipeline cache export)")
+
+
+def iter_tar_samples(stream, select: Callable[[str], bool] | None = None, check: ShardCheck | None = None,
+                     url: str | None = None) -> Iterator[dict[str, Any]]:
+    """Group a tar stream's members into samples {'__key__', '<ext>': bytes} (webdataset's rule).
+
+    Only selected members are read (the others are skipped in blocks, never held whole);
+    ``check`` vets each one's size before reading it and its bytes after. ``url`` is kept in each
+    sample as '__url__' (webdataset's key)."""
     current: dict[str, Any] | None = None
+    count = 0
     with tarfile.open(fileobj=stream, mode="r|*") as tar:
         for info in tar:
+            tar.members = []  # a stream keeps every member's TarInfo otherwise (webdataset does the same)
             if not info.isreg():
                 continue
+            n, count = count, count + 1
             base = info.name.rsplit("/", 1)[-1]
             if "." not in base:
                 continue
@@ -393,11 +539,18 @@ def iter_tar_samples(stream, select: Callable[[str], bool] | None = None) -> Ite
                 yield current
                 current = None
             if current is None:
-                current = {"__key__": key}
+                current = {"__key__": key} if url is None else {"__key__": key, "__url__": url}
             if select is None or select(ext):
-                current[ext] = tar.extractfile(info).read()
+                if check is not None:
+                    check.before(n, info.name, ext, info.size)
+                data = tar.extractfile(info).read()
+                if check is not None:
+                    check.after(n, info.name, data)
+                current[ext] = data
     if current is not None:
         yield current
+    if check is not None:
+        check.end(count)
 
 
 def sample_info(sample: dict[str, Any]) -> dict:
@@ -442,13 +595,31 @@ class WdsCache(CacheSource):
             raise CacheError(f"cannot read WebDataset header {header}: {exc}") from None
         if self.header.get("format") != WDS_FORMAT:
             raise CacheError(f"{header} is not a clipcache WebDataset header")
+        version = self.header.get("version")
+        if version not in (1, WDS_VERSION):
+            raise CacheError(f"{header} is a WebDataset export of format version {version}, which this clipcache "
+                             f"does not read (it reads 1 and {WDS_VERSION}): re-export the cache "
+                             "(pipeline cache export) or update clipcache")
+        # version 1 exports carry no member checksums: still read (the cache they came from may be
+        # gone), and the note says so; sizes are then bounded by the array specs
+        self.checked = version >= 2
+        self.note = None if self.checked else (
+            f"note: export {header} has no member checksums (format version 1): damaged bytes in its shards would "
+            "go unnoticed; re-export the cache (pipeline cache export) to have every member checked")
+        if self.checked and not all(isinstance(info.get("member_bytes"), dict) and "json_max_bytes" in info
+                                    and all("crc32c" in e for e in info["shards"])
+                                    for info in self.header["splits"].values()):
+            raise CacheError(f"WebDataset header {header} is damaged (a split lacks its member sizes or a shard its "
+                             "checksums): copy it again, or re-export the cache (pipeline cache export)")
         self.meta: dict[str, Any] = self.header["meta"]
         self._layout = StoreMeta.from_dict(self.meta)
         self._arrays: dict[str, np.ndarray] = {}
+        self._member_sizes: dict[str, dict[str, int]] = {}
         extra = _sibling(header, self.header["extra"])
+        listed = self.header.get("extra_members") if self.checked else None
         try:
             with opener(extra) as fh:
-                for sample_name, data in _iter_members(fh):
+                for sample_name, data in _iter_members(fh, extra, listed):
                     self._arrays[sample_name] = np.array(load_npy(data))  # writable, own memory
         except (tarfile.TarError, EOFError, ValueError) as exc:
             raise CacheError(f"WebDataset file {extra} is truncated or damaged ({str(exc)[:120]}): copy it again, "
@@ -551,11 +722,25 @@ class WdsCache(CacheSource):
             st[sl] = np.where(full[sl] == DONE, DONE, st[sl])
         self._status[split] = st
 
+    def shard_check(self, split: str, url: str) -> ShardCheck:
+        """The header's word on the members of shard ``url`` of ``split`` (cache/wds.py ShardCheck)."""
+        info = self.header["splits"][split]
+        entry = {s["file"]: s for s in info["shards"]}.get(_basename(url), {})
+        if self.checked:
+            return ShardCheck(url, info["member_bytes"], info["json_max_bytes"], entry.get("crc32c", ""))
+        if split not in self._member_sizes:  # version 1: an upper bound per member from the array specs
+            bounds = {}
+            for aname, spec in self.specs(split).items():
+                for m in member_names(aname, spec.dtype):  # int8's parts are each at most 2 bytes a value
+                    bounds[m] = math.prod(spec.shape) * max(2, np.dtype(spec.dtype).itemsize) + _NPY_HEADER_MAX
+            self._member_sizes[split] = bounds
+        return ShardCheck(url, self._member_sizes[split], _JSON_MAX_V1, None, exact=False)
+
     def iter_samples(self, split: str, urls: list[str] | None = None,
                      select: Callable[[str], bool] | None = None) -> Iterator[dict[str, Any]]:
         for url in (self.shard_urls(split) if urls is None else urls):
             with self.opener(url) as fh:
-                samples = iter_tar_samples(fh, select)
+                samples = iter_tar_samples(fh, select, self.shard_check(split, url), url)
                 while True:
                     try:
                         sample = next(samples)
@@ -591,9 +776,34 @@ class WdsCache(CacheSource):
         return out[0] if scalar else out
 
 
-def _iter_members(stream) -> Iterator[tuple[str, bytes]]:
+def _iter_members(stream, url: str, listed: dict[str, dict] | None = None) -> Iterator[tuple[str, bytes]]:
+    """The members of the extra tar; with ``listed`` (the header's {member: {bytes, crc32c}}) each is
+    checked, its size before it is read, and every listed one must be there."""
+
+    def damaged(what: str) -> CacheError:
+        return CacheError(f"WebDataset file {url} is damaged or not this export's: {what}: copy it again, or "
+                          "re-export the cache (pipeline cache export)")
+
+    seen = set()
     with tarfile.open(fileobj=stream, mode="r|*") as tar:
         for info in tar:
-            if info.isreg():
+            if not info.isreg():
+                continue
+            if listed is None:
                 yield info.name, tar.extractfile(info).read()
+                continue
+            want = listed.get(info.name)
+            if want is None:
+                raise damaged(f"member {info.name} is not listed in the export header (not read)")
+            if info.size != want["bytes"]:
+                raise damaged(f"member {info.name} is {info.size} bytes where the export header says "
+                              f"{want['bytes']} (not read)")
+            data = tar.extractfile(info).read()
+            if f"{_crc(data):08x}" != want["crc32c"]:
+                raise damaged(f"member {info.name} fails its crc32c check (reads {_crc(data):08x}, the export "
+                              f"header says {want['crc32c']})")
+            seen.add(info.name)
+            yield info.name, data
+    if listed is not None and set(listed) - seen:
+        raise damaged(f"member {min(set(listed) - seen)} is missing")
 

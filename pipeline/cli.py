@@ -839,8 +839,11 @@ def _wds_source(wds: str, header: str, eval_shards: str, shuffle: int, resample:
         raise ConfigError("give either --cache (a Zarr cache) or --wds (WebDataset shards), not both")
     if shuffle < 0:
         raise ConfigError(f"--wds-shuffle must be >= 0, got {shuffle}")
-    return open_wds_source(wds, header=header or None, eval_spec=eval_shards or None, train_split=cfg.train_split,
-                           eval_split=cfg.eval_split, shuffle=shuffle, resample=resample)
+    src = open_wds_source(wds, header=header or None, eval_spec=eval_shards or None, train_split=cfg.train_split,
+                          eval_split=cfg.eval_split, shuffle=shuffle, resample=resample)
+    if src.note:
+        typer.echo(src.note, err=True)  # a version 1 export: read, but its members are unchecked
+    return src
 
 
 # ----------------------------------------------------------------------------- entry point

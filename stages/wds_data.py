@@ -19,6 +19,7 @@ shards do not divide evenly.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
@@ -31,7 +32,8 @@ import torch
 from torch.utils.data import IterableDataset
 
 from cache.errors import CacheError, CacheMismatchError
-from cache.wds import WdsCache, expand_shards, header_for, member_names, sample_array, sample_info
+from cache.wds import (WdsCache, expand_shards, header_for, iter_tar_samples, member_names, sample_array,
+                       sample_info)
 from stages.cache_data import epoch_seed, pixel_stats, view_pick, view_tensor
 
 __all__ = ["WdsSource", "WdsSplit", "open_wds_source", "node_info"]
@@ -198,37 +200,51 @@ class WdsSplit(IterableDataset):
         """The selected samples of ``urls``, shard by shard. A shard must hold, whole, the samples
         its header entry counts: tar stops quietly at a cut-off header, so a truncated shard
         would otherwise just be shorter (a silently smaller training set); a damaged one is one
-        CacheError naming it, never a traceback."""
-        from webdataset.tariterators import tarfile_samples
-
-        members = self.members
-        select = lambda fname: fname.rsplit("/", 1)[-1].split(".", 1)[-1] in members  # noqa: E731
-        entries = self.source.shard_entries(self.split)
+        CacheError naming it, never a traceback. Each member read is checked against the header
+        (cache/wds.py ShardCheck): its size before it is read, its crc32c after."""
         for url in urls:
-            expected = entries[url]["samples"] if url in entries else None
-            seen = 0
-            stream = tarfile_samples([{"url": url}], select_files=select)
-            while True:
-                try:
-                    sample = next(stream)
-                    info = sample_info(sample)
-                except StopIteration:
-                    break
-                except (tarfile.TarError, EOFError, ValueError, KeyError, zlib.error) as exc:
-                    text = str(exc.args[0] if exc.args else exc).split(" @ ")[0].lstrip("(\"' ")  # webdataset appends the url
-                    raise _damaged(url, f"{exc.__class__.__name__}: {text[:120]}") from None
-                seen += 1
-                missing = sorted(members - set(sample))
-                if missing:
-                    raise _damaged(url, f"sample {sample.get('__key__')} lacks {', '.join(missing[:3])}")
-                if info["split"] != self.split:
-                    raise CacheMismatchError(f"{url}: sample of split '{info['split']}' "
-                                             f"in shards given for '{self.split}'")
-                if info["index"] in self.pos:
-                    sample["__info__"] = info
-                    yield sample
-            if expected is not None and seen != expected:
-                raise _damaged(url, f"{seen} of its {expected} samples could be read")
+            try:
+                stream = self.source.opener(url)
+            except OSError as exc:
+                raise CacheError(f"cannot open WebDataset shard {url} ({exc.strerror or exc}): copy it again, or "
+                                 "re-export the cache (pipeline cache export)") from None
+            try:
+                yield from self._shard_samples(url, stream)
+            except BaseException:
+                with contextlib.suppress(Exception):  # stopped early or failed: the stream's own status is moot
+                    stream.close()
+                raise
+            try:
+                stream.close()  # a pipe: command's exit status is checked here
+            except OSError as exc:
+                raise _damaged(url, f"{exc.__class__.__name__}: {str(exc)[:120]}") from None
+
+    def _shard_samples(self, url: str, stream) -> Iterator[dict[str, Any]]:
+        members = self.members
+        entries = self.source.shard_entries(self.split)
+        expected = entries[url]["samples"] if url in entries else None
+        seen = 0
+        samples = iter_tar_samples(stream, members.__contains__, self.source.shard_check(self.split, url), url)
+        while True:
+            try:
+                sample = next(samples)
+                info = sample_info(sample)
+            except StopIteration:
+                break
+            except (tarfile.TarError, EOFError, ValueError, KeyError, zlib.error, OSError) as exc:
+                raise _damaged(url, f"{exc.__class__.__name__}: {str(exc)[:120]}") from None
+            seen += 1
+            missing = sorted(members - set(sample))
+            if missing:
+                raise _damaged(url, f"sample {sample.get('__key__')} lacks {', '.join(missing[:3])}")
+            if info["split"] != self.split:
+                raise CacheMismatchError(f"{url}: sample of split '{info['split']}' "
+                                         f"in shards given for '{self.split}'")
+            if info["index"] in self.pos:
+                sample["__info__"] = info
+                yield sample
+        if expected is not None and seen != expected:
+            raise _damaged(url, f"{seen} of its {expected} samples could be read")
 
     def _item(self, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
         try:

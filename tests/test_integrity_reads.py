@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import tarfile
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -224,12 +226,40 @@ def test_a_damaged_webdataset_shard_is_one_line_in_workers_too(cache, tmp_path, 
     assert "\n" not in text and tar.name in text and "truncated or damaged" in text, text
 
 
+def _as_version_1(header: Path) -> None:
+    """Rewrite an export's header as format version 1 wrote it: no member checksums or sizes."""
+    doc = json.loads(header.read_text())
+    doc["version"] = 1
+    for key in ("checksum", "extra_members"):
+        del doc[key]
+    for info in doc["splits"].values():
+        del info["member_bytes"], info["json_max_bytes"]
+        for entry in info["shards"]:
+            del entry["crc32c"]
+    header.write_text(json.dumps(doc, indent=1))
+
+
+def _member(tar: Path, suffix: str) -> tarfile.TarInfo:
+    with tarfile.open(tar) as t:
+        return next(m for m in t.getmembers() if m.name.endswith(suffix))
+
+
+def _flip(file: Path, offset: int) -> None:
+    with open(file, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)[0]
+        fh.seek(offset)
+        fh.write(bytes([byte ^ 0x01]))
+
+
 def test_a_damaged_npy_member_of_an_intact_tar_is_one_line(cache, tmp_path):
-    """Bytes changed inside a member (tar has no checksum over member data): the .npy header no
-    longer parses; that is the shard's damage, named, not a ValueError traceback."""
+    """Bytes changed inside a member of a version 1 export (no member checksums; tar has none over
+    member data): the .npy header no longer parses; that is the shard's damage, named, not a
+    ValueError traceback."""
     from stages.wds_data import open_wds_source
 
     header = _export(cache, tmp_path / "wds")
+    _as_version_1(header)
     src = open_wds_source(str(header), shuffle=0)
     data = src.split_dataset(HeadInputs(src, KEYS, "train"), select_videos(src, "train"), train=True)
     tar = Path(data.urls[0])
@@ -242,3 +272,71 @@ def test_a_damaged_npy_member_of_an_intact_tar_is_one_line(cache, tmp_path):
             list(WdsLoader(data, 3, "cpu", workers=workers))
         text = str(err.value)
         assert "\n" not in text and tar.name in text and "ValueError" in text, text
+
+
+def test_a_flipped_byte_in_a_member_stops_training_from_shards(clean, tmp_path, capsys):
+    """One bit of one fp16 value changed inside a member: still a valid .npy of the right shape,
+    so only the member's checksum in the header tells; training stops with one line naming the
+    shard, the member and the fix, and leaves no run folder."""
+    header = _export(clean.path, tmp_path / "wds")
+    shard = tmp_path / "wds" / "x-train-000000.tar"
+    member = _member(shard, ".frame_emb.npy")
+    _flip(shard, member.offset_data + member.size - 1)
+    run = tmp_path / "run"
+    code, out, err = cli_in_process(capsys, "train", "--head", "lda", "--wds", header, "--run-dir", run,
+                                    "--no-progress")
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), (code, err)
+    assert shard.name in lines[0] and member.name in lines[0] and "crc32c" in lines[0], lines
+    assert "pipeline cache export" in lines[0] and not run.exists()
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_a_member_larger_than_the_header_says_is_refused_unread(clean, tmp_path, version):
+    """A shard whose first frame_emb member is 256 MB (a hole on disk, zeros when read): both
+    readers refuse it from its tar header, in one line naming it, without reading it into memory
+    (a version 1 header bounds the size by the array spec)."""
+    from stages.wds_data import open_wds_source
+
+    header = _export(clean.path, tmp_path / "wds")
+    if version == 1:
+        _as_version_1(header)
+    shard = tmp_path / "wds" / "x-train-000000.tar"
+    with tarfile.open(shard) as t:
+        members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
+    target = next(m for m, _ in members if m.name.endswith(".frame_emb.npy"))
+    big = 256 << 20
+    with open(shard, "wb") as fh:
+        for m, data in members:
+            if m is target:
+                m.size = big
+                fh.write(m.tobuf(tarfile.USTAR_FORMAT))
+                fh.seek(big, 1)  # a multiple of 512: the next member header follows the hole
+            else:
+                fh.write(m.tobuf(tarfile.USTAR_FORMAT) + data + b"\0" * (-len(data) % 512))
+        fh.write(b"\0" * 1024)
+    src = open_wds_source(str(header), shuffle=0)
+    data = src.split_dataset(HeadInputs(src, KEYS, "train"), select_videos(src, "train"), train=False)
+    tracemalloc.start()
+    try:
+        for read in (lambda: list(data.ordered()), lambda: src.read("train", "frame_emb")):
+            with pytest.raises(CacheError) as err:
+                read()
+            text = str(err.value)
+            assert "\n" not in text and shard.name in text and target.name in text, text
+            assert f"is {big} bytes" in text and "not read" in text and "pipeline cache export" in text, text
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20, f"{peak / 2**20:.0f} MiB allocated"
+
+
+def test_a_version_1_export_is_read_with_a_note_that_it_is_unchecked(clean, tmp_path, capsys):
+    header = _export(clean.path, tmp_path / "wds")
+    _as_version_1(header)
+    code, out, err = cli_in_process(capsys, "train", "--head", "lda", "--wds", header, "--run-dir", tmp_path / "run",
+                                    "--no-progress")
+    assert code == 0, err
+    notes = [ln for ln in err.splitlines() if ln.startswith("note:")]
+    assert len(notes) == 1 and "no member checksums" in notes[0] and str(header) in notes[0], err
+    assert "pipeline cache export" in notes[0]

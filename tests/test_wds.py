@@ -341,3 +341,90 @@ def test_cli_export_then_train_from_a_shard_pattern(medium, int8_cache, tmp_path
     proc = run_cli("cache", "export", int8_cache.path, check=True)
     dest = int8_cache.path.parent / f"{int8_cache.path.name}-wds"
     assert (dest / f"{int8_cache.path.name}-header.json").exists() and str(dest) in proc.stdout
+
+
+# ----------------------------------------------------------------------------- nothing lost, nothing invented
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_export_never_touches_files_it_did_not_write(medium, tmp_path, capsys):
+    """Files named like the export's shards that no header of this cache lists are the user's: the
+    export is refused (one line, exit 2) and they stay byte for byte; the export's own files (its
+    header lists them) are replaced and, when a re-export needs fewer, deleted."""
+    from conftest import cli_in_process
+
+    st, _ = medium
+    out = tmp_path / "out"
+    out.mkdir()
+    user = {"m-train-000000.tar": b"the user's own tar", "m-train-000042.tar": b"another", "notes.txt": b"keep"}
+    for name, data in user.items():
+        (out / name).write_bytes(data)
+
+    def export(size: str = "30KB"):
+        code, _, err = cli_in_process(capsys, "cache", "export", st.path, "--out", out, "--name", "m",
+                                      "--shard-bytes", size)
+        return code, [ln for ln in err.splitlines() if ln.strip()]
+
+    code, lines = export()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), lines
+    assert "m-train-000000.tar" in lines[0] and "another --out" in lines[0], lines
+    assert _files(out) == user  # nothing overwritten, deleted or added
+    for name in ("m-train-000000.tar", "m-train-000042.tar"):
+        (out / name).unlink()
+    code, lines = export()
+    assert code == 0, lines
+    header = json.loads((out / "m-header.json").read_text())
+    assert len(header["splits"]["train"]["shards"]) > 2
+    # a user's file beside an export of this cache: refused before the export's header is touched
+    (out / "m-val-000099.tar").write_bytes(b"mine")
+    before = _files(out)
+    code, lines = export()
+    assert code == 2 and len(lines) == 1 and "m-val-000099.tar" in lines[0], lines
+    assert _files(out) == before
+    (out / "m-val-000099.tar").unlink()
+    # fewer, larger shards: the export's own surplus shards go, the user's note stays
+    code, lines = export("1MB")
+    assert code == 0, lines
+    header = json.loads((out / "m-header.json").read_text())
+    listed = {header["extra"]} | {s["file"] for info in header["splits"].values() for s in info["shards"]}
+    assert set(_files(out)) == listed | {"m-header.json", "notes.txt"}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not json"])
+def test_export_over_a_damaged_header_is_one_line_and_deletes_nothing(medium, tmp_path, capsys, damage):
+    from conftest import cli_in_process
+
+    st, _ = medium
+    out = tmp_path / "out"
+    export_wds(st, out, name="m", shard_bytes="30KB")
+    header = out / "m-header.json"
+    text = header.read_bytes()
+    header.write_bytes(text[: len(text) // 2] if damage == "truncated" else b"\x89PNG\r\n\x1a\n")
+    before = _files(out)
+    code, _, err = cli_in_process(capsys, "cache", "export", st.path, "--out", out, "--name", "m",
+                                  "--shard-bytes", "30KB")
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
+    assert str(header) in lines[0] and "damaged" in lines[0] and "another --out" in lines[0], lines
+    assert _files(out) == before
+
+
+def test_a_flipped_byte_in_the_extra_tar_is_named(medium, tmp_path):
+    """Text embeddings and labels travel in the extra tar: a changed byte there is refused on open."""
+    from cache.errors import CacheError
+
+    st, _ = medium
+    export_wds(st, tmp_path, name="m", shard_bytes="1MB")
+    extra = tmp_path / "m-extra.tar"
+    with tarfile.open(extra) as tar:
+        member = next(m for m in tar.getmembers() if m.name.startswith("text/"))
+    with open(extra, "r+b") as fh:
+        fh.seek(member.offset_data + member.size - 1)
+        byte = fh.read(1)[0]
+        fh.seek(-1, 1)
+        fh.write(bytes([byte ^ 0x01]))
+    with pytest.raises(CacheError) as err:
+        WdsCache(str(tmp_path / "m-header.json"))
+    text = str(err.value)
+    assert "m-extra.tar" in text and member.name in text and "crc32c" in text and "pipeline cache export" in text
