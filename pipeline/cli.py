@@ -201,6 +201,14 @@ def extract(
     if dry_run:
         for line in describe_plan(plan):
             typer.echo(line)
+        if cfg.pretrained and not Path(cfg.pretrained).is_file():
+            from stages.backbone import cached_weights, resolve_model_name, weights_to_fetch
+
+            arch = resolve_model_name(cfg.model)
+            where = cached_weights(arch, cfg.pretrained)
+            typer.echo(f"weights  '{cfg.pretrained}' of {arch}: " + (f"in the download cache ({where})" if where else
+                       "not downloaded yet: the run downloads them (a network is needed; without one, "
+                       + weights_to_fetch(arch, cfg.pretrained) + ")"))
         return
     res = run_extraction(plan, shard=rank_world, progress=progress, refresh=refresh, retry_failed=retry_failed)
     _report_extraction(res, max_failed)

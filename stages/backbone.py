@@ -338,6 +338,71 @@ def _load_state(model: nn.Module, sd: dict) -> None:
     model.load_state_dict(sd, strict=True)
 
 
+def _tag_files(arch: str, tag: str) -> tuple[str, list[str], str, str]:
+    """(hub repo, its candidate file names, the direct url or "", the activation) of open_clip's
+    registry entry for ``arch`` + ``tag``."""
+    from open_clip import pretrained as oc_pretrained
+
+    cfg = oc_pretrained.get_pretrained_cfg(arch, tag) or {}
+    hub = cfg.get("hf_hub", "")
+    repo, name = (hub.rstrip("/"), "") if hub.endswith("/") else os.path.split(hub)  # 'org/model/' or 'org/model/file'
+    name = name or oc_pretrained.HF_WEIGHTS_NAME
+    names = [*oc_pretrained._get_safe_alternatives(name), name] if name.endswith(".bin") else [name]
+    return repo, names, cfg.get("url", ""), _act_of(cfg.get("quick_gelu", False))
+
+
+def cached_weights(arch: str, tag: str) -> str | None:
+    """The local file of open_clip tag ``tag``'s weights when a download already put it there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, names, _, _ = _tag_files(arch, tag)
+    for name in names if repo else ():
+        path = try_to_load_from_cache(repo, name)
+        if isinstance(path, str):
+            return path
+    return None
+
+
+def weights_to_fetch(arch: str, tag: str) -> str:
+    """What a user without a network fetches for tag ``tag`` and how to pass it (one sentence)."""
+    repo, names, url, act = _tag_files(arch, tag)
+    if url:  # OpenAI's own TorchScript file: it says which activation it needs
+        src, file = url, url.rsplit("/", 1)[-1]
+    else:
+        src, file = f"https://huggingface.co/{repo}/resolve/main/{names[-1]}", names[-1]
+    return (f"download {src} on a machine with a network, then pass --pretrained /path/to/{file} "
+            f"--activation {act}")
+
+
+def fetch_weights(arch: str, tag: str) -> str:
+    """The local file of tag ``tag``'s weights: from the download cache, else downloaded once.
+    Without a network (or with HF_HUB_OFFLINE set) one ModelError naming the file to fetch, and no
+    retry chatter from the hub client."""
+    path = cached_weights(arch, tag)
+    if path is not None:
+        return path
+    from open_clip import pretrained as oc_pretrained
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    why = "HF_HUB_OFFLINE is set"
+    if not offline:
+        hub_log = logging.getLogger("huggingface_hub")
+        level = hub_log.level
+        hub_log.setLevel(logging.CRITICAL)
+        try:
+            with _quiet_open_clip(logging.CRITICAL):
+                path = oc_pretrained.download_pretrained(oc_pretrained.get_pretrained_cfg(arch, tag))
+            if path:
+                return path
+            why = "open_clip found no file for it"
+        except Exception as exc:  # no network, DNS, a proxy, a hub error: all end the same way
+            why = " ".join(str(exc).split())[:160] or exc.__class__.__name__
+        finally:
+            hub_log.setLevel(level)
+    raise ModelError(f"the '{tag}' weights of {arch} are not on this machine and cannot be downloaded ({why}): "
+                     + weights_to_fetch(arch, tag))
+
+
 def load_clip(name: str, pretrained: str | None = None, device: str = "cpu", seed: int = 0,
               activation: str = "auto") -> nn.Module:
     """Build an open_clip model; ``pretrained`` is a tag (downloaded by open_clip) or a file path.
@@ -358,6 +423,8 @@ def load_clip(name: str, pretrained: str | None = None, device: str = "cpu", see
             raise ModelError(f"'{pretrained}' is neither a file nor a pretrained tag of {arch} (tags: {', '.join(tags)})")
     act, source = resolve_activation(name, pretrained or None, activation)
     is_file = bool(pretrained) and os.path.isfile(pretrained)
+    if pretrained and not is_file:
+        fetch_weights(arch, pretrained)  # in the download cache now (open_clip finds it there), or one clear line
     state = _read_state_dict(pretrained) if is_file else None
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -385,10 +452,10 @@ def load_clip(name: str, pretrained: str | None = None, device: str = "cpu", see
 
 
 @contextlib.contextmanager
-def _quiet_open_clip():
+def _quiet_open_clip(at: int = logging.ERROR):
     logger = logging.getLogger()
     level = logger.level
-    logger.setLevel(logging.ERROR)
+    logger.setLevel(at)
     try:
         yield
     finally:

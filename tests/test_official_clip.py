@@ -394,3 +394,20 @@ def test_cache_records_activation_resize_and_interpolation(demo_small, tmp_path)
         == "gelu"
     json.dumps(plan.meta.to_dict())  # the metadata stays plain JSON
     assert not out.exists()
+
+
+def test_pretrained_tag_without_a_network_names_the_file_to_fetch(demo_small, tmp_path):
+    """`--pretrained openai` offline (the tests run with HF_HUB_OFFLINE=1, as a machine without a
+    network ends up): one line naming the file, where it comes from and the flags that take it,
+    exit 2, no hub chatter, no cache folder; `--dry-run` says the same before a run starts."""
+    base = ["extract", "--dataset", "demo", "--data-root", demo_small.root, "--model", "ViT-B-16", "--pretrained",
+            "openai", "--out", tmp_path / "c", "--no-progress"]
+    proc = run_cli(*base)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the 'openai' weights of ViT-B-16 are not on this machine")
+    assert "/ViT-B-16.pt on a machine with a network, then pass --pretrained /path/to/ViT-B-16.pt " \
+           "--activation quick_gelu" in lines[0]
+    assert not (tmp_path / "c").exists()
+    dry = run_cli(*base, "--dry-run", check=True).stdout
+    assert "weights  'openai' of ViT-B-16: not downloaded yet" in dry and "--pretrained /path/to/ViT-B-16.pt" in dry
