@@ -56,7 +56,7 @@ def default_runs_root() -> Path:
 # a resumed run may change these ("recipe" only names the preset the values came from: the values are compared)
 RESUME_FREE = {"device", "workers", "eval_batch_size", "eval_every", "cache", "recipe", "preload"}
 # options added after runs were written: a checkpoint without one was made with its default
-ADDED_LATER = {"shuffle": "full"}
+ADDED_LATER = {"shuffle": "full", "threads": 0, "repeat_shots": "auto"}
 
 
 def check_resumable(old: dict, new: dict, path: Path, fix: str = "use another --run-dir or drop --resume") -> None:

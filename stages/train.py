@@ -49,7 +49,7 @@ from stages.dist import DistContext, dist_device
 from stages.evaluate import EVAL_AVERAGES, collate_items, evaluate_head
 from stages.evaluate import to_device as _to  # the loop's short name for it
 from stages.sources import open_source, split_dataset
-from stages.runs import (AMP_CHOICES, RunLog, autocast, autocast_dtype, default_runs_root, lr_factor, param_groups,
+from stages.runs import (ADDED_LATER, AMP_CHOICES, RunLog, autocast, autocast_dtype, default_runs_root, lr_factor, param_groups,
                          remove_unstarted, settle_run)
 from stages.heads import DIM_FIELDS, Head, get_head_entry, make_cfg
 from stages.heads.common import validate_choice
@@ -79,6 +79,8 @@ class TrainCfg:
     train_split: str = "train"
     eval_split: str = "val"
     shots: int = 0                    # K videos per class (0 = all)
+    repeat_shots: str = "auto"        # K-shot: repeat the list to the full train set's length, as Text4Vis
+                                      # does: on | off | auto (on under --recipe paper)
     fraction: float = 1.0             # label fraction
     train_classes: str = ""           # e.g. "0-5,8": train on these classes only
     test_classes: str = ""            # evaluate on these (zero-shot by swapping the text classifier)
@@ -122,6 +124,12 @@ class TrainCfg:
         validate_choice("amp", self.amp, AMP_CHOICES)
         validate_choice("shuffle", self.shuffle, SHUFFLES)
         validate_choice("preload", self.preload, PRELOADS)
+        validate_choice("repeat_shots", self.repeat_shots, ("auto", "on", "off"))
+
+    @property
+    def repeats_shots(self) -> bool:
+        """Does a K-shot run repeat its list each epoch (``repeat_shots``, auto = the paper recipe)?"""
+        return self.repeat_shots == "on" or (self.repeat_shots == "auto" and self.recipe == "paper")
 
 
 def parse_class_spec(spec: str, num_classes: int) -> list[int] | None:
@@ -194,12 +202,30 @@ def _run_id(cfg: TrainCfg, head: Head, store: FeatureStore, partial: str = "") -
     data: the cache key and the source, so training from a subset of shards never lands in the
     folder of a run on the whole Zarr cache (``partial``: which videos of an unfinished cache)."""
     train = {k: v for k, v in asdict(cfg).items() if k != "recipe"}  # the same values name the same run
-    train = {k: v for k, v in train.items() if k != "preload" and not (k == "shuffle" and v == "full")}
+    train = {k: v for k, v in train.items() if k != "preload" and not (k in ADDED_LATER and v == ADDED_LATER[k])}
+    if cfg.shots:  # what repeat_shots does, not how it was said (auto follows the recipe, which is not hashed)
+        train["repeat_shots"] = cfg.repeats_shots
+    else:
+        train.pop("repeat_shots", None)
     data = {"train": train, "head": asdict(head.cfg), "cache": store.key, "source": store.source_id}
     if partial:
         data["partial"] = partial
     blob = json.dumps(data, sort_keys=True, default=str)
     return f"{cfg.head}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def _repeat_shots(store, cfg: TrainCfg, train_classes, shot_idx: np.ndarray, log) -> np.ndarray:
+    """Text4Vis's few-shot epochs: the K-shot list repeated (whole copies) to the length of the
+    full train selection, so a K-shot run makes as many updates per epoch as a full-data run."""
+    if not isinstance(store, FeatureStore):
+        raise ConfigError("repeat_shots repeats a K-shot list within an epoch, which a WebDataset stream cannot: "
+                          "train from the Zarr cache, or --set repeat_shots=off")
+    full = len(select_videos(store, cfg.train_split, fraction=cfg.fraction, classes=train_classes, seed=cfg.seed))
+    copies = max(1, full // len(shot_idx))
+    if copies > 1:
+        log(f"{cfg.shots}-shot: {len(shot_idx)} videos repeated {copies} times per epoch ({copies * len(shot_idx)} "
+            f"samples, as the {full} of the full train set; repeat_shots=off: once)")
+    return np.tile(shot_idx, copies)
 
 
 def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: dict | None = None,
@@ -258,6 +284,9 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
             partial = hashlib.sha256(b"".join((store.status(s) == PENDING).tobytes() for s in sorted(reads))).hexdigest()
     train_idx = select_videos(store, cfg.train_split, shots=cfg.shots, fraction=cfg.fraction,
                               classes=train_classes, seed=cfg.seed)
+    shot_idx = train_idx  # the distinct videos (a classifier init fits on these)
+    if cfg.shots and cfg.repeats_shots and cfg.epochs and not head.uses_sklearn:
+        train_idx = _repeat_shots(store, cfg, train_classes, train_idx, log)
     eval_classes = test_classes if test_classes is not None else train_classes
     eval_idx = select_videos(store, cfg.eval_split, classes=eval_classes, seed=cfg.seed)
     train_map = {c: i for i, c in enumerate(train_classes)} if train_classes is not None else None
@@ -282,7 +311,7 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
     runlog = RunLog(run_dir, enabled=ctx.main)  # status.json + TensorBoard events
     try:
         resolved = {"train": asdict(cfg), "head": {"name": cfg.head, **asdict(head.cfg)}, "cache": str(store.path),
-                    "cache_key": store.key, "source": store.source_id, "train_videos": int(len(train_idx)),
+                    "cache_key": store.key, "source": store.source_id, "train_videos": int(len(shot_idx)),
                     "eval_videos": int(len(eval_idx))}
         action, reused = settle_run(run_dir, resolved, resume, force, ctx, log)  # rank 0 decides, before anyone writes
         if action == "reuse":
@@ -296,7 +325,7 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
             head.set_backbone_weights(cached_backbone_weights(store, keys))
         if head.has_classifier:
             w = init_weight if init_weight is not None else classifier_matrix(cfg.classifier_init, store, head,
-                                                                              train_classes, train_idx,
+                                                                              train_classes, shot_idx,
                                                                               **classifier_options(cfg))
             head.set_classifier(w)
         head.to(device)
@@ -322,7 +351,7 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
                                         resume, progress, log, eval_classifier, ctx, len(train_idx), runlog)
         if head.uses_sklearn or cfg.epochs == 0:
             runlog.epoch(history[-1])
-        result = {"head": cfg.head, "final": metrics, "history": history, "train_videos": int(len(train_idx)),
+        result = {"head": cfg.head, "final": metrics, "history": history, "train_videos": int(len(shot_idx)),
                   "eval_videos": int(len(eval_idx)), "trainable_params": head.num_trainable(),
                   "seconds": time.perf_counter() - t0, "world_size": ctx.world, "rank": ctx.rank,
                   "run_dir": str(run_dir)}

@@ -127,6 +127,25 @@ def test_shots_fraction_and_class_subsets(full_cache):
     assert set(full_cache.labels("val")[sub].tolist()) == {1, 3}
 
 
+def test_a_k_shot_run_repeats_its_list_to_the_full_train_length_under_the_paper_recipe(full_cache, tmp_path):
+    """Text4Vis's few-shot epochs: 1 shot x 4 classes = 4 videos, repeated 3 times to the 12 of the
+    full train set, so an epoch makes as many updates as a full-data epoch; quick runs them once."""
+    steps = {}
+    for name, extra in (("paper", {"recipe": "paper"}), ("quick", {"recipe": "quick"}),
+                        ("on", {"recipe": "quick", "repeat_shots": "on"})):
+        lines: list[str] = []
+        cfg = TrainCfg(head="tap", epochs=1, batch_size=2, shots=1, warmup_epochs=0.0, **extra)
+        res = train_head(full_cache, cfg, run_dir=tmp_path / name, progress=False,
+                         log=lambda *a: lines.append(" ".join(map(str, a))))
+        state = torch.load(tmp_path / name / "last.pt", weights_only=True)
+        steps[name] = int(state["scheduler"]["last_epoch"])
+        assert res["train_videos"] == 4  # the distinct videos
+        assert any("4 videos repeated 3 times per epoch" in ln for ln in lines) == (name != "quick")
+    assert steps == {"paper": 6, "quick": 2, "on": 6}
+    with pytest.raises(ConfigError, match="option 'repeat_shots' must be one of auto, on, off"):
+        TrainCfg(repeat_shots="twice").validate()
+
+
 def test_zero_shot_class_split_swaps_the_text_classifier(full_cache, tmp_path):
     cfg = TrainCfg(head="text4vis", epochs=1, batch_size=4, train_classes="0,1", test_classes="2,3")
     res = train_head(full_cache, cfg, {"layers": 1, "pos_rows": 8}, run_dir=tmp_path / "zs", progress=False)
