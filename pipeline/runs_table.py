@@ -8,6 +8,7 @@ table on a terminal, or csv / json / md for papers and scripts.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -18,7 +19,7 @@ from cache.errors import ConfigError
 from stages.runs import RunRecord, list_runs, read_run
 
 __all__ = ["RUN_COLUMNS", "SORT_KEYS", "changed_options", "run_row", "select_runs", "render", "resolve_run",
-           "compare_rows", "plot_curves", "cell_text", "FORMATS"]
+           "compare_rows", "check_plot_path", "plot_curves", "cell_text", "FORMATS"]
 
 RUN_COLUMNS = ("run", "head", "options", "cache", "source", "epochs", "best_top1", "last_top1", "last_top5",
                "last_mean_class", "seconds", "status")
@@ -177,8 +178,23 @@ def compare_rows(runs: list[RunRecord]) -> tuple[list[str], list[dict]]:
     return ["field", *[r.name for r in runs]], rows
 
 
+def check_plot_path(path: Path) -> None:
+    """Refuse a plot path that cannot become a file, before anything is drawn or printed."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--out {path} is a folder: give the plot's file name, e.g. --out {path / 'compare.png'}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"--out {path}: {parent} is a file, not a folder; give another --out")
+            break
+
+
 def plot_curves(runs: list[RunRecord], path: Path) -> Path:
-    """Train loss and val top-1 per epoch of every run, one figure."""
+    """Train loss and val top-1 per epoch of every run, one figure (written whole, or not at all)."""
+    import errno
+
+    check_plot_path(path)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -197,9 +213,17 @@ def plot_curves(runs: list[RunRecord], path: Path) -> Path:
     ax[1].legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, dpi=90)
+        tmp.replace(path)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # the CLI's "disk full" line
+        raise ConfigError(f"cannot write the plot {path}: {exc.strerror or exc}; give another --out") from None
+    finally:
+        plt.close(fig)
+        with contextlib.suppress(OSError):  # gone already once renamed; a failed write leaves nothing behind
+            tmp.unlink(missing_ok=True)
     return path

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -346,3 +347,137 @@ def test_finetune_refusals_leave_no_run_folder(demo_small, tmp_path, capsys, cas
              "resume": ["--resume"]}[case]
     assert expect in _fail(capsys, *args)
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- the command line itself
+def _usage_fail(capsys, *args) -> str:
+    """A usage error: exit 2, the usage line and one error line on stderr, no traceback; returns the error line."""
+    from pipeline.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert exc.value.code == 2, captured.err
+    assert len(lines) == 2 and lines[0].startswith("Usage: ") and lines[1].startswith("error: "), captured.err
+    assert "Traceback" not in captured.err
+    return lines[1]
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["trian"], "No such command 'trian'"),
+    (["train", "--bogus"], "No such option: --bogus"),
+    (["runs", "show"], "Missing argument"),
+    (["heads", "--classes", "many"], "Invalid value for '--classes'"),
+    (["--bogus"], "No such option: --bogus"),
+])
+def test_usage_errors_are_the_usage_line_and_one_error_line(capsys, args, expect):
+    line = _usage_fail(capsys, *args)
+    assert expect in line and "--help" in line, line
+
+
+@pytest.mark.parametrize("args", [[], ["cache"]])
+def test_a_command_without_its_arguments_prints_the_help(args):
+    r = run_cli(*args, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "Usage:" in r.stdout and "Commands" in r.stdout
+    assert r.stderr.strip() == ""
+
+
+# each `pipeline ARGS` (one per line of stdin) through the real entry point, in one fresh process; after each,
+# the top-level modules imported so far
+_MODULES_AFTER = """
+import shlex, sys
+from pipeline.cli import main
+for line in sys.stdin:
+    try:
+        main(shlex.split(line))
+    except SystemExit as exc:
+        assert not exc.code, (line, exc.code)
+    print("MODULES", " ".join(sorted({m.split('.')[0] for m in sys.modules})))
+"""
+
+
+def test_help_and_listing_commands_import_no_torch(cache, tmp_path):
+    (tmp_path / "runs").mkdir()
+    commands = [["--help"], ["cache", "ls", cache.parent], ["cache", "info", cache], ["cache", "verify", cache],
+                ["runs", "ls", "--root", tmp_path / "runs"]]
+    r = subprocess.run([sys.executable, "-c", _MODULES_AFTER], capture_output=True, text=True, timeout=120,
+                       cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       input="".join(" ".join(shlex.quote(str(a)) for a in args) + "\n" for args in commands))
+    assert r.returncode == 0, r.stderr
+    after = [set(ln.split()[1:]) for ln in r.stdout.splitlines() if ln.startswith("MODULES")]
+    assert len(after) == len(commands), r.stdout
+    for args, modules in zip(commands, after):
+        assert "typer" in modules and not modules & {"torch", "open_clip", "torchvision"}, (args, modules)
+
+
+def test_heads_numbers_are_checked(capsys):
+    assert "--classes must be at least 1, got -5" in _fail(capsys, "heads", "--classes", "-5")
+    assert "--frames must be at least 1, got 0" in _fail(capsys, "heads", "--frames", "0")
+
+
+def test_a_run_dir_that_cannot_be_a_folder_is_one_line(cache, tmp_path, capsys):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    line = _fail(capsys, "train", "--cache", cache, *TRAIN, "--run-dir", file)
+    assert str(file) in line and "is a file" in line and "--run-dir" in line
+    line = _fail(capsys, "train", "--cache", cache, *TRAIN, "--run-dir", file / "run")
+    assert str(file) in line and "a file" in line
+    assert file.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+@pytest.fixture(scope="module")
+def two_runs(cache, tmp_path_factory) -> Path:
+    """A runs folder holding two finished runs, a and b."""
+    from pipeline.cli import main
+
+    root = tmp_path_factory.mktemp("two_runs")
+    for name, lr in (("a", "0.001"), ("b", "0.01")):
+        main([str(a) for a in ["train", "--cache", cache, *TRAIN, "--set", f"lr={lr}", "--run-dir", root / name]])
+    return root
+
+
+def test_runs_compare_out_that_cannot_be_a_file_is_one_line(two_runs, tmp_path, capsys):
+    root = two_runs
+    folder = tmp_path / "plots"
+    (folder / "keep").mkdir(parents=True)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    line = _fail(capsys, "runs", "compare", "a", "b", "--root", root, "--out", folder)
+    assert str(folder) in line and "is a folder" in line
+    (tmp_path / "file").write_text("x")
+    line = _fail(capsys, "runs", "compare", "a", "b", "--root", root, "--out", tmp_path / "file" / "c.png")
+    assert "is a file" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["file"])  # no .plots.tmp.png
+    assert [p.name for p in folder.iterdir()] == ["keep"] and not any((folder / "keep").iterdir())
+    assert (tmp_path / "file").read_text() == "x"
+    out = _ok(capsys, "runs", "compare", "a", "b", "--root", root, "--out", folder / "c.png")
+    assert (folder / "c.png").stat().st_size > 0 and not list(folder.glob(".*"))
+
+
+READ_ONLY = r"""
+M=$(mktemp -d)
+mount -t tmpfs -o ro,size=64k tmpfs "$M"
+"$PY" -m pipeline.cli train "$@" --run-dir "$M/run" 2> "$OUT/train.err"; echo $? > "$OUT/train.rc"
+"$PY" -m pipeline.cli runs compare a b --root "$ROOT_RUNS" --out "$M/c.png" 2> "$OUT/compare.err"
+echo $? > "$OUT/compare.rc"
+ls -A "$M" > "$OUT/ls"
+umount "$M"
+"""
+
+
+@pytest.mark.slow
+@needs_mounts
+def test_a_read_only_disk_is_one_line(cache, two_runs, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PY": sys.executable, "OUT": str(tmp_path),
+           "ROOT_RUNS": str(two_runs)}
+    subprocess.run(["unshare", "-m", "bash", "-c", READ_ONLY, "read_only", "--cache", str(cache), *TRAIN],
+                   env=env, timeout=300, check=True, cwd=str(ROOT))
+    for cmd, where in (("train", "run folder"), ("compare", "plot")):
+        err = (tmp_path / f"{cmd}.err").read_text()
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert (tmp_path / f"{cmd}.rc").read_text().strip() == "2", err
+        assert len(lines) == 1 and lines[0].startswith("error: ") and where in lines[0], err
+        assert "Read-only file system" in lines[0] or "read-only" in lines[0]
+    assert (tmp_path / "ls").read_text().strip() == ""
