@@ -481,3 +481,40 @@ def test_a_read_only_disk_is_one_line(cache, two_runs, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: ") and where in lines[0], err
         assert "Read-only file system" in lines[0] or "read-only" in lines[0]
     assert (tmp_path / "ls").read_text().strip() == ""
+
+
+# ----------------------------------------------------------------------------- a video root with symlink loops
+class _TooLong(BaseException):
+    pass
+
+
+def test_extract_dry_run_ends_through_symlink_loops_in_the_video_root(demo_small, tmp_path, capsys):
+    import signal
+
+    root = tmp_path / "k400"
+    videos = sorted(demo_small.video_root.rglob("*.mp4"))[:2]
+    (root / "videos" / "a").mkdir(parents=True)
+    (root / "videos" / "b").mkdir()
+    shutil.copy(videos[0], root / "videos" / "a" / "abc_000000_000010.mp4")
+    shutil.copy(videos[1], root / "videos" / "b" / "def_000000_000010.mp4")
+    (root / "train.csv").write_text("label,youtube_id,time_start,time_end,split\n"
+                                    "abseiling,abc,0,10,train\nzumba,def,0,10,train\n")
+    os.symlink(".", root / "videos" / "self")
+    os.symlink("..", root / "videos" / "a" / "up")
+    os.symlink("../a", root / "videos" / "b" / "to_a")
+
+    def too_long(signum, frame):
+        raise _TooLong()
+
+    old = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(30)  # before the fix the walk went on for minutes (2^40 paths through the loops)
+    try:
+        out = _ok(capsys, "extract", "--dataset", "k400", "--data-root", root, "--model", "tiny", "--dry-run",
+                  "--out", tmp_path / "cache")
+    except _TooLong:
+        pytest.fail("extract --dry-run still walking the video root after 30 s")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert "train  2 videos" in out
+    assert not (tmp_path / "cache").exists()
