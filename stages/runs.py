@@ -128,7 +128,8 @@ def settle_run(run_dir: Path, resolved: dict, resume: bool, force: bool, ctx, lo
     if action == "reuse":
         log(f"run folder {run_dir} already holds this finished run: its results are reused "
             "(--force trains it again)")
-        return action, json.loads((run_dir / "metrics.json").read_text())
+        # where the folder is now: metrics.json records where it was written (it may have been moved since)
+        return action, {**json.loads((run_dir / "metrics.json").read_text()), "run_dir": str(run_dir)}
     return action, None
 
 
@@ -463,6 +464,8 @@ def read_run(run_dir: str | Path) -> RunRecord:
     if config is None:
         raise ConfigError(f"{path} is not a run folder" + (f": {problems[0]}" if problems else " (no config.json)"))
     metrics = _read_json(path / "metrics.json", "metrics.json", problems)
+    if isinstance(metrics, dict) and "run_dir" in metrics:
+        metrics["run_dir"] = str(path)  # the folder as found now, not where it was written (moved, renamed)
     status = _read_json(path / "status.json", "status.json", problems) or {}
     state = status.get("state")
     if metrics is not None and not problems:
