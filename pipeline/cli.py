@@ -221,18 +221,30 @@ def cache_ls(root: Optional[Path] = typer.Argument(None, help="Cache root (defau
 
     if root is not None and not root.is_dir():
         raise CacheError(f"cache root {root} " + ("is not a folder" if root.exists() else "does not exist"))
-    stores = list_stores(root or default_cache_root())
+    damaged: list[tuple[Path, str]] = []
+    stores = list_stores(root or default_cache_root(), damaged)
     table = Table("cache", "dataset", "model", "layers", "dtype", "done", "failed", "pending", "size")
+    rows = []
     for st in stores:
-        meta = st.info
-        done = failed = pending = 0
-        for s in st.splits:
-            c = st.counts(s)
-            done, failed, pending = done + c["done"], failed + c["failed"], pending + c["pending"]
-        table.add_row(st.path.name, meta.dataset.name, meta.backbone.arch, str(meta.layers),
-                      meta.dtype, str(done), str(failed), str(pending), human_bytes(st.size_bytes()))
+        try:
+            meta = st.info
+            done = failed = pending = 0
+            for s in st.splits:
+                c = st.counts(s)
+                done, failed, pending = done + c["done"], failed + c["failed"], pending + c["pending"]
+            rows.append((st.path.name, [meta.dataset.name, meta.backbone.arch, str(meta.layers), meta.dtype,
+                                        str(done), str(failed), str(pending), human_bytes(st.size_bytes())]))
+        except CacheError as exc:  # opened, but a file it lists by does not read
+            damaged.append((st.path, str(exc)))
+    for path, _why in damaged:
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        rows.append((path.name, ["DAMAGED", "-", "-", "-", "-", "-", "-", human_bytes(size)]))
+    for name, cells in sorted(rows):
+        table.add_row(name, *cells)
     Console(width=None if sys.stdout.isatty() else 200).print(table)  # piped: whole cache names, not 80 columns
-    if not stores:
+    for path, why in sorted(damaged):
+        typer.echo(f"damaged {path.name}: {why}")
+    if not rows:
         typer.echo(f"no caches under {root or default_cache_root()}")
 
 
@@ -783,7 +795,7 @@ def cache_export(
 @cache_app.command("finalize")
 def cache_finalize(path: Path = typer.Argument(..., help="Cache folder written by several ranks or nodes.")):
     """After a multi-node extraction: check every video is done or failed, write summary.json."""
-    from cache.store import human_bytes, mark_latest, open_store
+    from cache.store import human_bytes, keyed_root, mark_latest, open_store
 
     st = open_store(path)
     pending = {s: st.pending_shards(s) for s in st.splits}
@@ -803,7 +815,7 @@ def cache_finalize(path: Path = typer.Argument(..., help="Cache folder written b
         typer.echo(f"{s}: done {c['done']}, failed {c['failed']}, pending 0")
         for f in summary["failures"][s]:
             typer.echo(f"  failed [{s}] {f['path']}: {f['reason']}")
-    mark_latest(st.path, st.info.dataset.name)
+    mark_latest(st.path, st.info.dataset.name, keyed_root(st.path, st.key))
     typer.echo(f"cache {st.path} complete ({human_bytes(summary['bytes'])}); summary {st.path / 'summary.json'}")
 
 

@@ -518,3 +518,90 @@ def test_extract_dry_run_ends_through_symlink_loops_in_the_video_root(demo_small
         signal.signal(signal.SIGALRM, old)
     assert "train  2 videos" in out
     assert not (tmp_path / "cache").exists()
+
+
+# ----------------------------------------------------------------------------- messages that say what happened
+def test_a_pretrained_pickle_is_refused_in_words_not_torchs_advice(demo_small, tmp_path, capsys):
+    marker, ckpt = tmp_path / "ran_code", tmp_path / "weights.pt"
+    _plant(ckpt, marker, {"state_dict": {"w": torch.zeros(1)}})
+    line = _fail(capsys, *_extract(demo_small, tmp_path / "cache", "--pretrained", ckpt, "--dry-run"))
+    assert str(ckpt) in line and "refused" in line and "could run code" in line, line
+    assert "safetensors" in line and "state dict" in line and "weights_only" not in line, line
+    assert not marker.exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_moved_run_folder_reports_where_it_is_now(cache, tmp_path, capsys):
+    old, new = tmp_path / "old", tmp_path / "moved" / "run"
+    args = ["train", "--cache", cache, *TRAIN]
+    _ok(capsys, *args, "--run-dir", old)
+    new.parent.mkdir()
+    shutil.move(old, new)
+    out = _ok(capsys, *args, "--run-dir", new)
+    assert "reused" in out and out.splitlines()[-1] == f"run folder: {new}", out
+    shown = json.loads(_ok(capsys, "runs", "show", new, "--json"))
+    assert shown["path"] == str(new) and shown["metrics"]["run_dir"] == str(new)
+    assert str(old) not in _ok(capsys, "runs", "ls", "--root", new.parent, "--format", "json")
+
+
+def test_an_undecodable_video_is_described_in_words_not_an_error_number(tmp_path):
+    from cache.errors import VideoDecodeError
+    from stages.video import SamplingCfg, decode_clips
+
+    bad = tmp_path / "noise.mp4"
+    bad.write_bytes(os.urandom(4096))
+    with pytest.raises(VideoDecodeError) as exc:
+        decode_clips(str(bad), SamplingCfg(frames=2))
+    assert "Invalid data found when processing input" in str(exc.value)
+    assert "Errno" not in str(exc.value) and "1094995529" not in str(exc.value)
+
+
+def test_cache_ls_lists_a_damaged_cache_as_damaged(cache, tmp_path, capsys):
+    root = tmp_path / "caches"
+    for name in ("good", "broken", "no_meta"):
+        shutil.copytree(cache, root / name)
+    (root / "broken" / "zarr.json").write_text("{not json")
+    (root / "no_meta" / "zarr.json").unlink()
+    out = _ok(capsys, "cache", "ls", root)
+    rows = {ln.split("│")[1].strip(): ln for ln in out.splitlines() if ln.startswith("│")}
+    assert set(rows) == {"good", "broken", "no_meta"}, out
+    assert "DAMAGED" in rows["broken"] and "DAMAGED" in rows["no_meta"] and "DAMAGED" not in rows["good"]
+    said = [ln for ln in out.splitlines() if ln.startswith("damaged ")]
+    assert len(said) == 2 and "broken" in said[0] and "zarr.json" in said[0] and "no_meta" in said[1], out
+
+
+def test_extract_leaves_nothing_beside_its_out_folder(cache):
+    # the module's cache was made with --out: no lock file, no latest-cache marker beside it
+    assert sorted(p.name for p in cache.parent.iterdir()) == ["cache"]
+
+
+def test_a_keyed_cache_is_the_latest_of_its_cache_root(demo_small, tmp_path, capsys):
+    root = tmp_path / "caches"
+    _ok(capsys, "extract", "--dataset", "demo", "--data-root", demo_small.root, "--cache-root", root, *EXTRACT)
+    made = [p for p in root.iterdir() if not p.name.startswith(".")]
+    assert len(made) == 1 and sorted(p.name for p in root.iterdir()) == [".latest-demo", made[0].name]
+    out = _ok(capsys, "train", "--cache-root", root, *TRAIN, "--run-dir", tmp_path / "run")
+    assert f"cache: {made[0].resolve()}" in out
+
+
+def test_concurrent_creators_exclude_each_other_and_leave_no_lock(tmp_path):
+    import threading
+    import time
+
+    from cache.store import _creation_lock
+
+    target, inside, log = tmp_path / "cache", [], []
+
+    def creator(i):
+        with _creation_lock(target):
+            inside.append(i)
+            log.append(len(inside))  # how many hold the lock at once
+            time.sleep(0.05)
+            inside.remove(i)
+
+    threads = [threading.Thread(target=creator, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert log == [1] * 6
+    assert list(tmp_path.iterdir()) == []
