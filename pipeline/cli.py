@@ -234,7 +234,7 @@ def cache_ls(root: Optional[Path] = typer.Argument(None, help="Cache root (defau
                 done, failed, pending = done + c["done"], failed + c["failed"], pending + c["pending"]
             rows.append((st.path.name, [meta.dataset.name, meta.backbone.arch, str(meta.layers), meta.dtype,
                                         str(done), str(failed), str(pending), human_bytes(st.size_bytes())]))
-        except CacheError as exc:  # opened, but a file it lists by does not read
+        except CacheError as exc:  # it opened, but its metadata or status arrays do not read
             damaged.append((st.path, str(exc)))
     for path, _why in damaged:
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

@@ -36,6 +36,7 @@ from cache.store import (
     create_store,
     default_cache_root,
     human_bytes,
+    keyed_root,
     latest_cache,
     mark_latest,
     open_store,
@@ -243,7 +244,7 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
         protocol=ProtocolRecord(**protocol) if protocol else None,
     )
     _check_writable(path.parent)
-    marker_root = Path(cache_root) if cache_root else (None if out else path.parent)
+    marker_root = Path(cache_root) if cache_root else keyed_root(path, key)  # an --out folder of the user's: None
     return ExtractPlan(cfg, dataset, arch, info, layers, key, path, meta, split_arrays, shard_size, bytes_per_video,
                        marker_root)
 

@@ -385,6 +385,17 @@ def test_a_command_without_its_arguments_prints_the_help(args):
     assert r.stderr.strip() == ""
 
 
+@pytest.fixture(scope="module")
+def two_runs(cache, tmp_path_factory) -> Path:
+    """A runs folder holding two finished runs, a and b."""
+    from pipeline.cli import main
+
+    root = tmp_path_factory.mktemp("two_runs")
+    for name, lr in (("a", "0.001"), ("b", "0.01")):
+        main([str(a) for a in ["train", "--cache", cache, *TRAIN, "--set", f"lr={lr}", "--run-dir", root / name]])
+    return root
+
+
 # each `pipeline ARGS` (one per line of stdin) through the real entry point, in one fresh process; after each,
 # the top-level modules imported so far
 _MODULES_AFTER = """
@@ -399,10 +410,10 @@ for line in sys.stdin:
 """
 
 
-def test_help_and_listing_commands_import_no_torch(cache, tmp_path):
-    (tmp_path / "runs").mkdir()
+def test_help_and_listing_commands_import_no_torch(cache, two_runs, tmp_path):
     commands = [["--help"], ["cache", "ls", cache.parent], ["cache", "info", cache], ["cache", "verify", cache],
-                ["runs", "ls", "--root", tmp_path / "runs"]]
+                ["runs", "ls", "--root", two_runs], ["runs", "show", "a", "--root", two_runs],
+                ["runs", "compare", "a", "b", "--root", two_runs, "--out", tmp_path / "c.png"]]
     r = subprocess.run([sys.executable, "-c", _MODULES_AFTER], capture_output=True, text=True, timeout=120,
                        cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)},
                        input="".join(" ".join(shlex.quote(str(a)) for a in args) + "\n" for args in commands))
@@ -426,17 +437,6 @@ def test_a_run_dir_that_cannot_be_a_folder_is_one_line(cache, tmp_path, capsys):
     line = _fail(capsys, "train", "--cache", cache, *TRAIN, "--run-dir", file / "run")
     assert str(file) in line and "a file" in line
     assert file.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
-
-
-@pytest.fixture(scope="module")
-def two_runs(cache, tmp_path_factory) -> Path:
-    """A runs folder holding two finished runs, a and b."""
-    from pipeline.cli import main
-
-    root = tmp_path_factory.mktemp("two_runs")
-    for name, lr in (("a", "0.001"), ("b", "0.01")):
-        main([str(a) for a in ["train", "--cache", cache, *TRAIN, "--set", f"lr={lr}", "--run-dir", root / name]])
-    return root
 
 
 def test_runs_compare_out_that_cannot_be_a_file_is_one_line(two_runs, tmp_path, capsys):
