@@ -178,12 +178,25 @@ def latest_cache(cache_root: Path, dataset: str) -> Path | None:
     return None
 
 
-def mark_latest(store_path: Path, dataset: str) -> None:
-    """Record ``store_path`` as the latest complete cache of ``dataset`` (beside it; best effort)."""
+def mark_latest(store_path: Path, dataset: str, cache_root: Path | None) -> None:
+    """Record ``store_path`` as the latest complete cache of ``dataset`` in the cache root's own
+    folder, where ``latest_cache`` reads it (best effort). ``cache_root``: the root a keyed cache was
+    made under, or the one --cache-root names; None (a cache at an --out path of its own, no
+    --cache-root) records nothing, so nothing is left beside the user's folder."""
+    if cache_root is None:
+        return
     try:
-        (Path(store_path).parent / f".latest-{dataset}").write_text(str(Path(store_path).resolve()))
+        Path(cache_root).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(cache_root) / f".latest-{dataset}", str(Path(store_path).resolve()))
     except OSError:
         pass
+
+
+def keyed_root(path: Path, key: str) -> Path | None:
+    """The cache root a cache was made under when its folder is the keyed name extract gives it
+    (``<dataset>-<model>-<key[:10]>``), else None (a folder the user named with --out)."""
+    path = Path(path)
+    return path.parent if path.name.endswith(f"-{key[:10]}") else None
 
 
 def human_bytes(n: float) -> str:
@@ -933,13 +946,32 @@ def repair_static(path: str | Path, splits: dict[str, dict], shard_size: int, me
 # --------------------------------------------------------------------------- creation
 @contextlib.contextmanager
 def _creation_lock(path: Path) -> Iterator[None]:
+    """Exclude the other creators of the store at ``path`` (ranks of one extraction) while it is made.
+
+    The lock file sits beside ``path`` only while someone holds or waits for it: the holder removes
+    it before letting go. A waiter that then gets the lock on the removed file sees that the name
+    no longer leads to its file and takes the lock again on the name's current file, so two
+    creators never both hold it."""
     lock_path = path.parent / f".{path.name}.lock"
-    with open(lock_path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    while True:
+        fh = open(lock_path, "a")
         try:
-            yield
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                now = os.stat(lock_path)
+            except FileNotFoundError:
+                now = None
+            mine = os.fstat(fh.fileno())
+            if now is None or (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino):
+                continue  # the holder before us removed this file: lock the name's current one
+            try:
+                yield
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(lock_path)  # before unlocking: a waiter on this file then retries
+            return
         finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()  # releases the lock
 
 
 def create_store(path: str | Path, meta: dict | Record, splits: dict[str, dict], shard_size: int,
@@ -1034,13 +1066,24 @@ def open_store(path: str | Path) -> FeatureStore:
     return FeatureStore(path)
 
 
-def list_stores(root: str | Path) -> list[FeatureStore]:
+def list_stores(root: str | Path, damaged: list[tuple[Path, str]] | None = None) -> list[FeatureStore]:
+    """The caches directly under ``root``. A folder that holds a cache's files but does not open
+    (its root metadata zarr.json missing or damaged) is not a cache to read: with ``damaged`` given,
+    it is appended there as (folder, why), so a listing can show it rather than drop it."""
     root = Path(root)
     if not root.is_dir():
         return []
     out = []
     for child in sorted(root.iterdir()):
-        if child.is_dir() and not child.name.startswith(".") and (child / "zarr.json").exists():
-            with contextlib.suppress(CacheError):
+        if not child.is_dir() or child.name.startswith("."):
+            continue
+        if (child / "zarr.json").exists():
+            try:
                 out.append(FeatureStore(child))
+            except CacheError as exc:
+                if damaged is not None:
+                    damaged.append((child, str(exc)))
+        elif damaged is not None and any((child / name).exists() for name in ("manifest.json", CHECKSUMS)):
+            damaged.append((child, f"its root metadata {child / 'zarr.json'} is missing; remove {child} and "
+                                   "extract again"))
     return out

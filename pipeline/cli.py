@@ -253,18 +253,30 @@ def cache_ls(root: Optional[Path] = typer.Argument(None, help="Cache root (defau
 
     if root is not None and not root.is_dir():
         raise CacheError(f"cache root {root} " + ("is not a folder" if root.exists() else "does not exist"))
-    stores = list_stores(root or default_cache_root())
+    damaged: list[tuple[Path, str]] = []
+    stores = list_stores(root or default_cache_root(), damaged)
     table = Table("cache", "dataset", "model", "layers", "dtype", "done", "failed", "pending", "size")
+    rows = []
     for st in stores:
-        meta = st.info
-        done = failed = pending = 0
-        for s in st.splits:
-            c = st.counts(s)
-            done, failed, pending = done + c["done"], failed + c["failed"], pending + c["pending"]
-        table.add_row(st.path.name, meta.dataset.name, meta.backbone.arch, str(meta.layers),
-                      meta.dtype, str(done), str(failed), str(pending), human_bytes(st.size_bytes()))
+        try:
+            meta = st.info
+            done = failed = pending = 0
+            for s in st.splits:
+                c = st.counts(s)
+                done, failed, pending = done + c["done"], failed + c["failed"], pending + c["pending"]
+            rows.append((st.path.name, [meta.dataset.name, meta.backbone.arch, str(meta.layers), meta.dtype,
+                                        str(done), str(failed), str(pending), human_bytes(st.size_bytes())]))
+        except CacheError as exc:  # it opened, but its metadata or status arrays do not read
+            damaged.append((st.path, str(exc)))
+    for path, _why in damaged:
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        rows.append((path.name, ["DAMAGED", "-", "-", "-", "-", "-", "-", human_bytes(size)]))
+    for name, cells in sorted(rows):
+        table.add_row(name, *cells)
     Console(width=None if sys.stdout.isatty() else 200).print(table)  # piped: whole cache names, not 80 columns
-    if not stores:
+    for path, why in sorted(damaged):
+        typer.echo(f"damaged {path.name}: {why}")
+    if not rows:
         typer.echo(f"no caches under {root or default_cache_root()}")
 
 
@@ -656,6 +668,9 @@ def heads(
 
     from stages.heads.counts import reference_rows
 
+    for flag, value in (("--classes", classes), ("--frames", frames)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
     table = Table("head", "configuration", "trainable params", "paper", "diff",
                   title=f"built for {backbone}"
                         + (f", {classes} classes" if classes is not None else "")
@@ -815,7 +830,7 @@ def cache_export(
 @cache_app.command("finalize")
 def cache_finalize(path: Path = typer.Argument(..., help="Cache folder written by several ranks or nodes.")):
     """After a multi-node extraction: check every video is done or failed, write summary.json."""
-    from cache.store import human_bytes, mark_latest, open_store
+    from cache.store import human_bytes, keyed_root, mark_latest, open_store
 
     st = open_store(path)
     pending = {s: st.pending_shards(s) for s in st.splits}
@@ -835,7 +850,7 @@ def cache_finalize(path: Path = typer.Argument(..., help="Cache folder written b
         typer.echo(f"{s}: done {c['done']}, failed {c['failed']}, pending 0")
         for f in summary["failures"][s]:
             typer.echo(f"  failed [{s}] {f['path']}: {f['reason']}")
-    mark_latest(st.path, st.info.dataset.name)
+    mark_latest(st.path, st.info.dataset.name, keyed_root(st.path, st.key))
     typer.echo(f"cache {st.path} complete ({human_bytes(summary['bytes'])}); summary {st.path / 'summary.json'}")
 
 
@@ -858,13 +873,70 @@ def _wds_source(wds: str, header: str, eval_shards: str, shuffle: int, resample:
 # commands that build a CLIP model: open_clip (and torchvision's operator registrations) is imported
 # up front for them, where a signal waits for the import to finish
 _CLIP_COMMANDS = {"extract", "finetune", "finetune-export", "repair"}
+# commands that never import torch (they read JSON, Zarr metadata and numpy arrays): they answer at once
+_TORCH_FREE = {("runs", None), ("cache", "ls"), ("cache", "info"), ("cache", "verify")}
+
+
+def _command_names(t: typer.Typer) -> set[str]:
+    return {c.name or c.callback.__name__.lower().replace("_", "-") for c in t.registered_commands}
+
+
+def _needs_torch(args: list[str]) -> bool:
+    """Does this command line run a command that imports torch? Help, a usage error (no or an unknown
+    command, a group without its subcommand) and the commands of _TORCH_FREE do not."""
+    if not args or "--help" in args:
+        return False
+    groups = {g.name: g.typer_instance for g in app.registered_groups}
+    cmd = args[0]
+    if cmd not in groups:
+        return cmd in _command_names(app)
+    sub = args[1] if len(args) > 1 else None
+    if sub not in _command_names(groups[cmd]):
+        return False
+    return (cmd, None) not in _TORCH_FREE and (cmd, sub) not in _TORCH_FREE
 
 
 def _import_heavy(args: list[str]) -> None:
+    if not _needs_torch(args):
+        return
     import torch  # noqa: F401
 
     if _CLIP_COMMANDS & set(args[:2]):
         import open_clip  # noqa: F401
+
+
+def _click_exceptions():
+    """The exceptions module of the click typer runs on: typer vendors click as ``typer._click``
+    (classes that are not ``click``'s own), older typer used ``click`` itself."""
+    import typer.core
+
+    mod = getattr(typer.core, "_click", None) or getattr(typer.core, "click", None)
+    if mod is None:
+        import click as mod
+    return mod.exceptions
+
+
+def _click_error(exc: Exception) -> int | None:
+    """A parse error click raised (an unknown command or option, a missing argument, a bad value):
+    say it as the usage line and one error line; returns the exit status (None: not click's)."""
+    errors = _click_exceptions()
+    if isinstance(exc, (typer.Abort, getattr(errors, "Abort", typer.Abort))):  # EOF at a prompt
+        return 130
+    if not isinstance(exc, errors.ClickException):
+        return None
+    no_args = getattr(errors, "NoArgsIsHelpError", None)
+    if no_args is not None and isinstance(exc, no_args):  # `pipeline` or `pipeline cache` alone: the help
+        text = exc.format_message()  # empty when typer's rich help printed it already
+        if text:
+            typer.echo(text)
+        return 0
+    ctx = getattr(exc, "ctx", None)
+    hint = ""
+    if isinstance(exc, errors.UsageError) and ctx is not None:
+        _echo_err(ctx.get_usage())
+        hint = f" (see `{ctx.command_path} --help`)"
+    _echo_err("error: " + " ".join(exc.format_message().split()) + hint)
+    return exc.exit_code
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -886,16 +958,12 @@ def main(argv: list[str] | None = None) -> None:
         _echo_err(f"error: {exc}")
         sys.exit(exc.exit_code)
     except Exception as exc:
-        import click
-
         if signals.received():  # a failure caused by the stop (e.g. a DataLoader worker killed with us)
             _echo_err(signals.LINE)
             sys.exit(signals.exit_code())
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
+        status = _click_error(exc)
+        if status is not None:
+            sys.exit(status)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             where = f" writing {exc.filename}" if exc.filename else ""
             _echo_err(f"error: disk full{where} ({exc.strerror}): free some space, then rerun the same command "

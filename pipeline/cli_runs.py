@@ -109,12 +109,14 @@ def runs_compare(runs: list[str] = typer.Argument(..., help="Two or more runs (f
                                                                "<root>/compare-<names>.png)."),
                  fmt: str = typer.Option("table", "--format", help="table | csv | json | md")):
     """A side-by-side table of the runs' differing options and metrics, and one plot of their curves."""
-    from pipeline.runs_table import FORMATS, compare_rows, plot_curves, render, resolve_run
+    from pipeline.runs_table import FORMATS, check_plot_path, compare_rows, plot_curves, render, resolve_run
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
     if len(runs) < 2:
         raise ConfigError("runs compare needs at least two runs")
+    if out is not None:
+        check_plot_path(out)  # before the table is printed
     recs = [resolve_run(r, _root(root)) for r in runs]
     bad = [r for r in recs if r.problems]
     if bad:

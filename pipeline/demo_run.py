@@ -82,7 +82,6 @@ def run_demo(root: Path | None = None, data: Path = Path("data/demo"), quick: bo
 
 def _prepare(paths: dict[str, Path], data: Path, quick: bool, pretrain_steps: int):
     """Steps 1-3: the world, the demo CLIP (pretrained once), the cache every demo head reads."""
-    from cache.store import mark_latest
     from pipeline.datasets import load_dataset
     from pipeline.demo_data import DemoCfg, generate_demo, render_frame_with_caption
     from stages.extract import ExtractCfg, plan_extraction, run_extraction
@@ -126,8 +125,7 @@ def _prepare(paths: dict[str, Path], data: Path, quick: bool, pretrain_steps: in
     ecfg = ExtractCfg(model="demo", pretrained=str(ckpt), frames=8, layers="all", patch=True, store_frames=True,
                       views="1x1", text="all")
     plan = plan_extraction(spec, ecfg, cache_root=paths["caches"])
-    ext = run_extraction(plan, progress=not quick, log=_say)
-    mark_latest(plan.path, "demo")
+    ext = run_extraction(plan, progress=not quick, log=_say)  # the latest cache of dataset demo in its root
     return spec, demo_cfg, pre, plan.path, ext
 
 

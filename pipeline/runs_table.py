@@ -8,7 +8,9 @@ table on a terminal, or csv / json / md for papers and scripts.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import io
 import json
 from dataclasses import asdict
@@ -18,7 +20,7 @@ from cache.errors import ConfigError
 from stages.runs import RunRecord, list_runs, read_run
 
 __all__ = ["RUN_COLUMNS", "SORT_KEYS", "changed_options", "run_row", "select_runs", "render", "resolve_run",
-           "compare_rows", "plot_curves", "cell_text", "FORMATS"]
+           "compare_rows", "check_plot_path", "plot_curves", "cell_text", "FORMATS"]
 
 RUN_COLUMNS = ("run", "head", "options", "cache", "source", "epochs", "best_top1", "last_top1", "last_top5",
                "last_mean_class", "seconds", "status")
@@ -28,25 +30,43 @@ FORMATS = ("table", "csv", "json", "md")
 _NOT_OPTIONS = {"head", "device", "workers", "eval_batch_size", "paradigm"}
 
 
+# Every stage's and head's option defaults, as JSON: `runs ...` reads them here, since the classes
+# that define them live in modules that import torch (seconds). tests/test_runs.py checks this file
+# against the classes; `python -m pipeline.runs_table` writes it again after a default changes.
+DEFAULTS_FILE = Path(__file__).with_name("option_defaults.json")
+
+
+def live_option_defaults() -> dict:
+    """{"train": TrainCfg's defaults, "finetune": FinetuneCfg's, "heads": {head: its options' defaults}},
+    from the classes themselves (imports torch), as JSON values."""
+    from stages.finetune import FinetuneCfg
+    from stages.heads import DIM_FIELDS, get_head_entry, list_heads
+    from stages.train import TrainCfg
+
+    heads = {name: {k: v for k, v in asdict(get_head_entry(name).cfg_cls()).items() if k not in DIM_FIELDS}
+             for name in list_heads()}
+    return json.loads(json.dumps({"train": asdict(TrainCfg()), "finetune": asdict(FinetuneCfg()), "heads": heads}))
+
+
+@functools.lru_cache(maxsize=1)
+def _option_defaults() -> dict:
+    try:
+        return json.loads(DEFAULTS_FILE.read_text())
+    except (OSError, ValueError):  # not shipped: ask the classes
+        return live_option_defaults()
+
+
 def _defaults(rec: RunRecord) -> tuple[dict, dict]:
-    """(stage options, head options) at their defaults, for the run's stage and head."""
-    from stages.heads import DIM_FIELDS, get_head_entry
-
+    """(stage options, head options) at their defaults, for the run's stage and head (a head this
+    version no longer has: no head defaults, so all its options show)."""
+    defaults = _option_defaults()
     if rec.stage == "finetune":
-        from stages.finetune import FinetuneCfg
-
-        stage = asdict(FinetuneCfg())
+        stage = defaults["finetune"]
         head_name = rec.config.get("finetune", {}).get("paradigm", "")
     else:
-        from stages.train import TrainCfg
-
-        stage = asdict(TrainCfg())
+        stage = defaults["train"]
         head_name = rec.head
-    try:
-        head = {k: v for k, v in asdict(get_head_entry(head_name).cfg_cls()).items() if k not in DIM_FIELDS}
-    except Exception:  # a head this version no longer has: show all its options
-        head = {}
-    return stage, head
+    return stage, defaults["heads"].get(head_name, {})
 
 
 def changed_options(rec: RunRecord) -> dict[str, object]:
@@ -177,8 +197,23 @@ def compare_rows(runs: list[RunRecord]) -> tuple[list[str], list[dict]]:
     return ["field", *[r.name for r in runs]], rows
 
 
+def check_plot_path(path: Path) -> None:
+    """Refuse a plot path that cannot become a file, before anything is drawn or printed."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--out {path} is a folder: give the plot's file name, e.g. --out {path / 'compare.png'}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"--out {path}: {parent} is a file, not a folder; give another --out")
+            break
+
+
 def plot_curves(runs: list[RunRecord], path: Path) -> Path:
-    """Train loss and val top-1 per epoch of every run, one figure."""
+    """Train loss and val top-1 per epoch of every run, one figure (written whole, or not at all)."""
+    import errno
+
+    check_plot_path(path)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -197,9 +232,22 @@ def plot_curves(runs: list[RunRecord], path: Path) -> Path:
     ax[1].legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, dpi=90)
+        tmp.replace(path)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # the CLI's "disk full" line
+        raise ConfigError(f"cannot write the plot {path}: {exc.strerror or exc}; give another --out") from None
+    finally:
+        plt.close(fig)
+        with contextlib.suppress(OSError):  # gone already once renamed; a failed write leaves nothing behind
+            tmp.unlink(missing_ok=True)
     return path
+
+
+if __name__ == "__main__":  # write DEFAULTS_FILE from the classes
+    DEFAULTS_FILE.write_text(json.dumps(live_option_defaults(), indent=1, sort_keys=True) + "\n")
+    print(f"wrote {DEFAULTS_FILE}")

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -69,10 +70,12 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
 
 
 def _refused_global(message: str) -> str:
-    """The class or function torch's weights-only unpickler refused, as it names it."""
-    for line in message.splitlines():
-        line = line.strip()
-        for marker in ("Unsupported global: GLOBAL ", "Unsupported operand", "Unsupported class"):
-            if marker in line:
-                return line[line.index(marker):][:160]
+    """What torch's weights-only unpickler refused, by name only: the rest of torch's message advises
+    loading the file with weights_only=False (or allow-listing the global), which is what must not happen."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    if found:
+        return f"a pickled {found.group(1)}"
+    found = re.search(r"Unsupported (operand|class)[: ]+(\S+)", message)
+    if found:
+        return f"unsupported pickle {found.group(1)} {found.group(2)}"
     return "an object torch's weights-only loader does not allow"

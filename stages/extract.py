@@ -36,6 +36,7 @@ from cache.store import (
     create_store,
     default_cache_root,
     human_bytes,
+    keyed_root,
     latest_cache,
     mark_latest,
     open_store,
@@ -128,6 +129,7 @@ class ExtractPlan:
     split_arrays: dict[str, list[ArraySpec]]
     shard_size: int
     bytes_per_video: dict[str, int] = field(default_factory=dict)
+    cache_root: Path | None = None  # where the latest-cache marker goes (the keyed cache's root, or --cache-root)
 
     def total_bytes(self) -> int:
         return sum(self.bytes_per_video[s] * len(self.dataset.splits[s]) for s in self.split_arrays)
@@ -242,7 +244,9 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
         protocol=ProtocolRecord(**protocol) if protocol else None,
     )
     _check_writable(path.parent)
-    return ExtractPlan(cfg, dataset, arch, info, layers, key, path, meta, split_arrays, shard_size, bytes_per_video)
+    marker_root = Path(cache_root) if cache_root else keyed_root(path, key)  # an --out folder of the user's: None
+    return ExtractPlan(cfg, dataset, arch, info, layers, key, path, meta, split_arrays, shard_size, bytes_per_video,
+                       marker_root)
 
 
 def _view_bank(cfg: ExtractCfg) -> dict | None:
@@ -562,7 +566,7 @@ def run_extraction(plan: ExtractPlan, shard: tuple[int, int] | None = None, prog
         redo = _shards_to_redo(store, plan, refresh, retry_failed)
         if not problems and not redo and store.is_complete():
             log(f"reusing cache {plan.path} (key {plan.key}): complete and verified, nothing to do")
-            mark_latest(plan.path, plan.dataset.name)
+            mark_latest(plan.path, plan.dataset.name, plan.cache_root)
             return ExtractResult(plan.path, reused=True, summary=store.summary())
     check_free_space(plan)
     device = _device(cfg.device)
@@ -627,7 +631,7 @@ def run_extraction(plan: ExtractPlan, shard: tuple[int, int] | None = None, prog
                              + f"; remove {plan.path} and extract again")
     if store.is_complete():
         result.summary = store.write_summary()
-        mark_latest(plan.path, plan.dataset.name)
+        mark_latest(plan.path, plan.dataset.name, plan.cache_root)
     else:
         result.summary = store.summary()
     return result

@@ -21,6 +21,7 @@ existed are read from what they hold (metrics.json: finished; a checkpoint only:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from cache.store import artifacts_root, atomic_write_text
 
 __all__ = ["RunLog", "RunRecord", "read_run", "list_runs", "default_runs_root", "entry_metrics", "RUN_STATES",
            "RESUME_FREE", "check_resumable", "existing_run", "remove_unstarted", "AMP_CHOICES", "autocast_dtype",
-           "autocast", "lr_factor", "param_groups", "plot_curves", "settle_run"]
+           "autocast", "lr_factor", "param_groups", "plot_curves", "settle_run", "make_run_dir"]
 
 RUN_STATES = ("running", "finished", "failed", "interrupted", "stopped", "corrupt")
 
@@ -127,8 +128,29 @@ def settle_run(run_dir: Path, resolved: dict, resume: bool, force: bool, ctx, lo
     if action == "reuse":
         log(f"run folder {run_dir} already holds this finished run: its results are reused "
             "(--force trains it again)")
-        return action, json.loads((run_dir / "metrics.json").read_text())
+        # where the folder is now: metrics.json records where it was written (it may have been moved since)
+        return action, {**json.loads((run_dir / "metrics.json").read_text()), "run_dir": str(run_dir)}
     return action, None
+
+
+def make_run_dir(run_dir: Path) -> None:
+    """Create the run folder (its parents too), or say in one line why it cannot be one: a file in
+    the way, a read-only disk, no permission (a full disk stays the CLI's "disk full" line)."""
+    run_dir = Path(run_dir)
+    blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        where = "is a file" if blocker == run_dir else f"lies under {blocker}, a file"
+        raise ConfigError(f"run folder {run_dir} {where}, not a folder: pass another --run-dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise ConfigError(f"cannot create the run folder {run_dir}: {exc.strerror or exc}; pass a --run-dir on a "
+                          "writable disk") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        why = "read-only file system" if os.statvfs(run_dir).f_flag & os.ST_RDONLY else "permission denied"
+        raise ConfigError(f"cannot write in the run folder {run_dir} ({why}): pass a --run-dir on a writable disk")
 
 
 def remove_unstarted(run_dir: Path) -> None:
@@ -281,7 +303,7 @@ class RunLog:
         then config.json (it always describes last.pt) and status.json / TensorBoard start."""
         if not self.enabled:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        make_run_dir(self.run_dir)
         for stale in ("last.pt", "metrics.json", "curves.png") if fresh else ():
             (self.run_dir / stale).unlink(missing_ok=True)  # --force: the old run goes before the new one starts
         atomic_write_text(self.run_dir / "config.json", json.dumps(resolved, indent=1))
@@ -442,6 +464,8 @@ def read_run(run_dir: str | Path) -> RunRecord:
     if config is None:
         raise ConfigError(f"{path} is not a run folder" + (f": {problems[0]}" if problems else " (no config.json)"))
     metrics = _read_json(path / "metrics.json", "metrics.json", problems)
+    if isinstance(metrics, dict) and "run_dir" in metrics:
+        metrics["run_dir"] = str(path)  # the folder as found now, not where it was written (moved, renamed)
     status = _read_json(path / "status.json", "status.json", problems) or {}
     state = status.get("state")
     if metrics is not None and not problems:

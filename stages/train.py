@@ -49,8 +49,8 @@ from stages.dist import DistContext, dist_device
 from stages.evaluate import EVAL_AVERAGES, collate_items, evaluate_head
 from stages.evaluate import to_device as _to  # the loop's short name for it
 from stages.sources import open_source, split_dataset
-from stages.runs import (ADDED_LATER, AMP_CHOICES, RunLog, autocast, autocast_dtype, default_runs_root, lr_factor, param_groups,
-                         remove_unstarted, settle_run)
+from stages.runs import (ADDED_LATER, AMP_CHOICES, RunLog, autocast, autocast_dtype, default_runs_root, lr_factor,
+                         make_run_dir, param_groups, remove_unstarted, settle_run)
 from stages.heads import DIM_FIELDS, Head, get_head_entry, make_cfg
 from stages.heads.common import validate_choice
 from stages.recipes import accumulation_steps
@@ -307,7 +307,7 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
         / _run_id(cfg, head, store, partial)
     created = ctx.main and not run_dir.exists()  # rank 0 makes (and may remove) the run folder
     if ctx.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_run_dir(run_dir)
     runlog = RunLog(run_dir, enabled=ctx.main)  # status.json + TensorBoard events
     try:
         resolved = {"train": asdict(cfg), "head": {"name": cfg.head, **asdict(head.cfg)}, "cache": str(store.path),

@@ -180,13 +180,14 @@ class _Probe:
 
 def _first_line(text: str, limit: int = 240) -> str:
     """The useful part of a decoder message: decord prefixes '[hh:mm:ss] src/file.cc:123: ', and
-    PyAV repeats the file's path (the failure row names it already), which would crowd out the
-    reason FFmpeg gave."""
+    PyAV repeats the file's path (the failure row names it already) and puts FFmpeg's error code
+    before its words ('[Errno 1094995529] Invalid data ...'), which would crowd out the reason."""
     lines = [ln for ln in str(text).splitlines() if ln.strip()]
     if not lines:
         return ""
     line = re.sub(r"(\[\d\d:\d\d:\d\d\] \S+:\d+: )+", "", lines[-1] if "Check failed" in text else lines[0])
     line = re.sub(r":\s*'[^']*/[^']*'", "", line)  # ": '/path/to/file.mp4'"
+    line = re.sub(r"\[Errno -?\d+\]\s*", "", line)  # PyAV's raw AVERROR code (1094995529): the words follow it
     return line.strip()[:limit]
 
 

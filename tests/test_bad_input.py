@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -346,3 +347,261 @@ def test_finetune_refusals_leave_no_run_folder(demo_small, tmp_path, capsys, cas
              "resume": ["--resume"]}[case]
     assert expect in _fail(capsys, *args)
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- the command line itself
+def _usage_fail(capsys, *args) -> str:
+    """A usage error: exit 2, the usage line and one error line on stderr, no traceback; returns the error line."""
+    from pipeline.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert exc.value.code == 2, captured.err
+    assert len(lines) == 2 and lines[0].startswith("Usage: ") and lines[1].startswith("error: "), captured.err
+    assert "Traceback" not in captured.err
+    return lines[1]
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["trian"], "No such command 'trian'"),
+    (["train", "--bogus"], "No such option: --bogus"),
+    (["runs", "show"], "Missing argument"),
+    (["heads", "--classes", "many"], "Invalid value for '--classes'"),
+    (["--bogus"], "No such option: --bogus"),
+])
+def test_usage_errors_are_the_usage_line_and_one_error_line(capsys, args, expect):
+    line = _usage_fail(capsys, *args)
+    assert expect in line and "--help" in line, line
+
+
+@pytest.mark.parametrize("args", [[], ["cache"]])
+def test_a_command_without_its_arguments_prints_the_help(args):
+    r = run_cli(*args, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "Usage:" in r.stdout and "Commands" in r.stdout
+    assert r.stderr.strip() == ""
+
+
+@pytest.fixture(scope="module")
+def two_runs(cache, tmp_path_factory) -> Path:
+    """A runs folder holding two finished runs, a and b."""
+    from pipeline.cli import main
+
+    root = tmp_path_factory.mktemp("two_runs")
+    for name, lr in (("a", "0.001"), ("b", "0.01")):
+        main([str(a) for a in ["train", "--cache", cache, *TRAIN, "--set", f"lr={lr}", "--run-dir", root / name]])
+    return root
+
+
+# each `pipeline ARGS` (one per line of stdin) through the real entry point, in one fresh process; after each,
+# the top-level modules imported so far
+_MODULES_AFTER = """
+import shlex, sys
+from pipeline.cli import main
+for line in sys.stdin:
+    try:
+        main(shlex.split(line))
+    except SystemExit as exc:
+        assert not exc.code, (line, exc.code)
+    print("MODULES", " ".join(sorted({m.split('.')[0] for m in sys.modules})))
+"""
+
+
+def test_help_and_listing_commands_import_no_torch(cache, two_runs, tmp_path):
+    commands = [["--help"], ["cache", "ls", cache.parent], ["cache", "info", cache], ["cache", "verify", cache],
+                ["runs", "ls", "--root", two_runs], ["runs", "show", "a", "--root", two_runs],
+                ["runs", "compare", "a", "b", "--root", two_runs, "--out", tmp_path / "c.png"]]
+    r = subprocess.run([sys.executable, "-c", _MODULES_AFTER], capture_output=True, text=True, timeout=120,
+                       cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       input="".join(" ".join(shlex.quote(str(a)) for a in args) + "\n" for args in commands))
+    assert r.returncode == 0, r.stderr
+    after = [set(ln.split()[1:]) for ln in r.stdout.splitlines() if ln.startswith("MODULES")]
+    assert len(after) == len(commands), r.stdout
+    for args, modules in zip(commands, after):
+        assert "typer" in modules and not modules & {"torch", "open_clip", "torchvision"}, (args, modules)
+
+
+def test_heads_numbers_are_checked(capsys):
+    assert "--classes must be at least 1, got -5" in _fail(capsys, "heads", "--classes", "-5")
+    assert "--frames must be at least 1, got 0" in _fail(capsys, "heads", "--frames", "0")
+
+
+def test_a_run_dir_that_cannot_be_a_folder_is_one_line(cache, tmp_path, capsys):
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    line = _fail(capsys, "train", "--cache", cache, *TRAIN, "--run-dir", file)
+    assert str(file) in line and "is a file" in line and "--run-dir" in line
+    line = _fail(capsys, "train", "--cache", cache, *TRAIN, "--run-dir", file / "run")
+    assert str(file) in line and "a file" in line
+    assert file.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_runs_compare_out_that_cannot_be_a_file_is_one_line(two_runs, tmp_path, capsys):
+    root = two_runs
+    folder = tmp_path / "plots"
+    (folder / "keep").mkdir(parents=True)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    line = _fail(capsys, "runs", "compare", "a", "b", "--root", root, "--out", folder)
+    assert str(folder) in line and "is a folder" in line
+    (tmp_path / "file").write_text("x")
+    line = _fail(capsys, "runs", "compare", "a", "b", "--root", root, "--out", tmp_path / "file" / "c.png")
+    assert "is a file" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["file"])  # no .plots.tmp.png
+    assert [p.name for p in folder.iterdir()] == ["keep"] and not any((folder / "keep").iterdir())
+    assert (tmp_path / "file").read_text() == "x"
+    out = _ok(capsys, "runs", "compare", "a", "b", "--root", root, "--out", folder / "c.png")
+    assert (folder / "c.png").stat().st_size > 0 and not list(folder.glob(".*"))
+
+
+READ_ONLY = r"""
+M=$(mktemp -d)
+mount -t tmpfs -o ro,size=64k tmpfs "$M"
+"$PY" -m pipeline.cli train "$@" --run-dir "$M/run" 2> "$OUT/train.err"; echo $? > "$OUT/train.rc"
+"$PY" -m pipeline.cli runs compare a b --root "$ROOT_RUNS" --out "$M/c.png" 2> "$OUT/compare.err"
+echo $? > "$OUT/compare.rc"
+ls -A "$M" > "$OUT/ls"
+umount "$M"
+"""
+
+
+@pytest.mark.slow
+@needs_mounts
+def test_a_read_only_disk_is_one_line(cache, two_runs, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PY": sys.executable, "OUT": str(tmp_path),
+           "ROOT_RUNS": str(two_runs)}
+    subprocess.run(["unshare", "-m", "bash", "-c", READ_ONLY, "read_only", "--cache", str(cache), *TRAIN],
+                   env=env, timeout=300, check=True, cwd=str(ROOT))
+    for cmd, where in (("train", "run folder"), ("compare", "plot")):
+        err = (tmp_path / f"{cmd}.err").read_text()
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert (tmp_path / f"{cmd}.rc").read_text().strip() == "2", err
+        assert len(lines) == 1 and lines[0].startswith("error: ") and where in lines[0], err
+        assert "Read-only file system" in lines[0] or "read-only" in lines[0]
+    assert (tmp_path / "ls").read_text().strip() == ""
+
+
+# ----------------------------------------------------------------------------- a video root with symlink loops
+class _TooLong(BaseException):
+    pass
+
+
+def test_extract_dry_run_ends_through_symlink_loops_in_the_video_root(demo_small, tmp_path, capsys):
+    import signal
+
+    root = tmp_path / "k400"
+    videos = sorted(demo_small.video_root.rglob("*.mp4"))[:2]
+    (root / "videos" / "a").mkdir(parents=True)
+    (root / "videos" / "b").mkdir()
+    shutil.copy(videos[0], root / "videos" / "a" / "abc_000000_000010.mp4")
+    shutil.copy(videos[1], root / "videos" / "b" / "def_000000_000010.mp4")
+    (root / "train.csv").write_text("label,youtube_id,time_start,time_end,split\n"
+                                    "abseiling,abc,0,10,train\nzumba,def,0,10,train\n")
+    os.symlink(".", root / "videos" / "self")
+    os.symlink("..", root / "videos" / "a" / "up")
+    os.symlink("../a", root / "videos" / "b" / "to_a")
+
+    def too_long(signum, frame):
+        raise _TooLong()
+
+    old = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(30)  # before the fix the walk went on for minutes (2^40 paths through the loops)
+    try:
+        out = _ok(capsys, "extract", "--dataset", "k400", "--data-root", root, "--model", "tiny", "--dry-run",
+                  "--out", tmp_path / "cache")
+    except _TooLong:
+        pytest.fail("extract --dry-run still walking the video root after 30 s")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert "train  2 videos" in out
+    assert not (tmp_path / "cache").exists()
+
+
+# ----------------------------------------------------------------------------- messages that say what happened
+def test_a_pretrained_pickle_is_refused_in_words_not_torchs_advice(demo_small, tmp_path, capsys):
+    marker, ckpt = tmp_path / "ran_code", tmp_path / "weights.pt"
+    _plant(ckpt, marker, {"state_dict": {"w": torch.zeros(1)}})
+    line = _fail(capsys, *_extract(demo_small, tmp_path / "cache", "--pretrained", ckpt, "--dry-run"))
+    assert str(ckpt) in line and "refused" in line and "could run code" in line, line
+    assert "safetensors" in line and "state dict" in line and "weights_only" not in line, line
+    assert not marker.exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_moved_run_folder_reports_where_it_is_now(cache, tmp_path, capsys):
+    old, new = tmp_path / "old", tmp_path / "moved" / "run"
+    args = ["train", "--cache", cache, *TRAIN]
+    _ok(capsys, *args, "--run-dir", old)
+    new.parent.mkdir()
+    shutil.move(old, new)
+    out = _ok(capsys, *args, "--run-dir", new)
+    assert "reused" in out and out.splitlines()[-1] == f"run folder: {new}", out
+    shown = json.loads(_ok(capsys, "runs", "show", new, "--json"))
+    assert shown["path"] == str(new) and shown["metrics"]["run_dir"] == str(new)
+    assert str(old) not in _ok(capsys, "runs", "ls", "--root", new.parent, "--format", "json")
+
+
+def test_an_undecodable_video_is_described_in_words_not_an_error_number(tmp_path):
+    from cache.errors import VideoDecodeError
+    from stages.video import SamplingCfg, decode_clips
+
+    bad = tmp_path / "noise.mp4"
+    bad.write_bytes(os.urandom(4096))
+    with pytest.raises(VideoDecodeError) as exc:
+        decode_clips(str(bad), SamplingCfg(frames=2))
+    assert "Invalid data found when processing input" in str(exc.value)
+    assert "Errno" not in str(exc.value) and "1094995529" not in str(exc.value)
+
+
+def test_cache_ls_lists_a_damaged_cache_as_damaged(cache, tmp_path, capsys):
+    root = tmp_path / "caches"
+    for name in ("good", "broken", "no_meta"):
+        shutil.copytree(cache, root / name)
+    (root / "broken" / "zarr.json").write_text("{not json")
+    (root / "no_meta" / "zarr.json").unlink()
+    out = _ok(capsys, "cache", "ls", root)
+    rows = {ln.split("│")[1].strip(): ln for ln in out.splitlines() if ln.startswith("│")}
+    assert set(rows) == {"good", "broken", "no_meta"}, out
+    assert "DAMAGED" in rows["broken"] and "DAMAGED" in rows["no_meta"] and "DAMAGED" not in rows["good"]
+    said = [ln for ln in out.splitlines() if ln.startswith("damaged ")]
+    assert len(said) == 2 and "broken" in said[0] and "zarr.json" in said[0] and "no_meta" in said[1], out
+
+
+def test_extract_leaves_nothing_beside_its_out_folder(cache):
+    # the module's cache was made with --out: no lock file, no latest-cache marker beside it
+    assert sorted(p.name for p in cache.parent.iterdir()) == ["cache"]
+
+
+def test_a_keyed_cache_is_the_latest_of_its_cache_root(demo_small, tmp_path, capsys):
+    root = tmp_path / "caches"
+    _ok(capsys, "extract", "--dataset", "demo", "--data-root", demo_small.root, "--cache-root", root, *EXTRACT)
+    made = [p for p in root.iterdir() if not p.name.startswith(".")]
+    assert len(made) == 1 and sorted(p.name for p in root.iterdir()) == [".latest-demo", made[0].name]
+    out = _ok(capsys, "train", "--cache-root", root, *TRAIN, "--run-dir", tmp_path / "run")
+    assert f"cache: {made[0].resolve()}" in out
+
+
+def test_concurrent_creators_exclude_each_other_and_leave_no_lock(tmp_path):
+    import threading
+    import time
+
+    from cache.store import _creation_lock
+
+    target, inside, log = tmp_path / "cache", [], []
+
+    def creator(i):
+        with _creation_lock(target):
+            inside.append(i)
+            log.append(len(inside))  # how many hold the lock at once
+            time.sleep(0.05)
+            inside.remove(i)
+
+    threads = [threading.Thread(target=creator, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert log == [1] * 6
+    assert list(tmp_path.iterdir()) == []

@@ -289,6 +289,38 @@ def test_k400_generic_txt_lists(tmp_path):
     assert list(spec.splits) == ["train"]
 
 
+def _looped_k400(root):
+    """A K400 layout whose video root holds symlink loops (to itself, to its parent, to a sibling)."""
+    write(root / "train.csv", "label,youtube_id,time_start,time_end,split\n"
+                              "abseiling,abc,0,10,train\nzumba,def,0,10,train\n")
+    a = touch(root / "videos" / "a" / "abc_000000_000010.mp4")
+    b = touch(root / "videos" / "b" / "def_000000_000010.mp4")
+    os.symlink(".", root / "videos" / "self")
+    os.symlink("..", root / "videos" / "a" / "up")
+    os.symlink("../..", root / "videos" / "a" / "upup")
+    os.symlink("../a", root / "videos" / "b" / "to_a")
+    return a, b
+
+
+def test_k400_walks_each_real_folder_once_through_symlink_loops(tmp_path, monkeypatch):
+    a, b = _looped_k400(tmp_path)
+    listed = []
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        listed.append(os.path.realpath(path))
+        if len(listed) > 50:  # before the fix: exponentially many paths through the loops
+            raise AssertionError(f"the walk does not end: {len(listed)} folders listed, e.g. {path}")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    spec = load_dataset("k400", data_root=tmp_path)
+    assert [i.path for i in spec.splits["train"]] == [str(a), str(b)]
+    # every real folder once: the video root, a, b, and the data root the `upup` link leads out to
+    assert sorted(listed) == sorted({str(tmp_path / "videos"), str(tmp_path / "videos" / "a"),
+                                     str(tmp_path / "videos" / "b"), str(tmp_path)})
+
+
 # ---------------------------------------------------------------------------------------------
 # UCF-101
 

@@ -240,3 +240,12 @@ def test_make_extract_then_make_train_evl_with_the_defaults(tmp_path):
         proc = subprocess.run(common + target, capture_output=True, text=True, env=env, timeout=1800)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "evl: top1" in proc.stdout and "recipe demo for evl" in proc.stdout
+
+
+def test_the_shipped_option_defaults_are_the_classes_own():
+    """`runs ...` reads the stages' and heads' defaults from pipeline/option_defaults.json (no torch):
+    it must say what the classes say (after changing a default: python -m pipeline.runs_table)."""
+    from pipeline.runs_table import DEFAULTS_FILE, live_option_defaults
+
+    assert json.loads(DEFAULTS_FILE.read_text()) == live_option_defaults(), (
+        f"{DEFAULTS_FILE.name} is out of date: run `python -m pipeline.runs_table` to write it again")

@@ -66,12 +66,32 @@ def _read_k400_csv(path, what: str, *, need_label: bool = True):
     return rows, "label" in header
 
 
+def _dir_id(path: str) -> tuple[int, int] | None:
+    """The real directory a path leads to (symlinks followed), as (device, inode); None if unreadable."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _index_videos(video_root: Path) -> tuple[dict[str, str], dict[str, str]]:
-    """One walk of the video root: file name -> path and stem -> path (flat or per-class layout)."""
+    """One walk of the video root: file name -> path and stem -> path (flat or per-class layout).
+
+    Symlinked folders are followed (a video root assembled from links to other disks), and each
+    real folder is read once: a link back to a folder already on the walk (``loop -> ..``) or a
+    second link to the same folder is skipped, so a loop cannot make the walk endless."""
     by_name: dict[str, str] = {}
     by_stem: dict[str, str] = {}
+    seen = {_dir_id(str(video_root))}
     for dirpath, dirnames, filenames in os.walk(video_root, followlinks=True):
-        dirnames.sort()
+        keep = []
+        for d in sorted(dirnames):
+            key = _dir_id(os.path.join(dirpath, d))
+            if key is not None and key not in seen:
+                seen.add(key)
+                keep.append(d)
+        dirnames[:] = keep
         for f in sorted(filenames):
             full = os.path.join(dirpath, f)
             by_name.setdefault(f, full)
