@@ -90,7 +90,11 @@ ValList = Annotated[Optional[Path], typer.Option(help="Val list.")]
 TestList = Annotated[Optional[Path], typer.Option(help="Test list.")]
 ClassesFile = Annotated[Optional[Path], typer.Option(help="Class names: one per line, or CSV id,name.")]
 SplitId = Annotated[int, typer.Option(help="Official split number (UCF-101, HMDB-51).")]
-Pretrained = Annotated[str, typer.Option(help="open_clip pretrained tag or a local checkpoint path.")]
+Pretrained = Annotated[str, typer.Option(help="open_clip pretrained tag or a local checkpoint path; auto: openai "
+                                              "for an open_clip model that has it, a random init for the built-in "
+                                              "tiny / small / demo; none: a random init.")]
+Model = Annotated[str, typer.Option(help="open_clip model name (ViT-B-16, ViT-L-14, ...), or the built-in tiny / "
+                                         "small / demo.")]
 InitSeed = Annotated[int, typer.Option(help="Seed of the random init when no --pretrained is given.")]
 Activation = Annotated[str, typer.Option(
     help="MLP activation the weights were trained with: auto (from the tag, the checkpoint or the model name; "
@@ -113,8 +117,8 @@ def extract(
     test_list: TestList = None,
     classes: ClassesFile = None,
     split_id: SplitId = 1,
-    model: str = typer.Option("tiny", help="open_clip model name (ViT-B-16, ...), or tiny / small / demo (built in)."),
-    pretrained: Pretrained = "",
+    model: Model = "ViT-B-16",
+    pretrained: Pretrained = "auto",
     init_seed: InitSeed = 0,
     activation: Activation = "auto",
     frames: Optional[int] = typer.Option(None, help="Frames per clip (T); default 8, or the protocol's."),
@@ -184,6 +188,11 @@ def extract(
                                                     {k: getattr(ExtractCfg(), k) for k in given})
     spec = load_dataset(dataset, data_root=data_root, video_root=video_root, train_list=train_list,
                         val_list=val_list, test_list=test_list, classes=classes, split_id=split_id)
+    from stages.backbone import resolve_pretrained
+
+    pretrained, why = resolve_pretrained(model, pretrained)
+    if why and pretrained and _main_rank():  # a default chose real weights: say which
+        typer.echo(why)
     cfg = ExtractCfg(model=model, pretrained=pretrained, init_seed=init_seed, layers=layers, patch=patch,
                      store_frames=store_frames, train_views=train_views, dtype=dtype, text=text,
                      batch_frames=batch_frames, workers=workers, shard_size=shard_size, device=device,
@@ -500,12 +509,14 @@ def train(
                                             [*TRAIN_FILE_OPTIONS, *TRAIN_FLAG_FIELDS])
     set_train, set_head = split_overrides(set_, head)
     train_over = {**file_train, **set_train, **flags}  # recipe < file < --set < flags given
-    cfg, head_over = _train_recipe(head, o["recipe"], {**set_train, **flags}, {**file_head, **set_head}, file_train)
+    cfg, head_over, rec = _train_recipe(head, o["recipe"], {**set_train, **flags}, {**file_head, **set_head},
+                                        file_train)
     path = _wds_source(o["wds"], o["wds_header"], o["wds_eval"], o["wds_shuffle"], o["wds_resample"], cfg,
                        o["cache"]) if o["wds"] else _resolve_cache(o["cache"], o["dataset"], o["cache_root"])
-    cfg, head_over = _protocol_eval(path, cfg, head_over, train_over)
+    cfg, head_over, by_protocol = _protocol_eval(path, cfg, head_over, train_over)
+    sources = _value_sources(rec, by_protocol, file_train, file_head, {**set_train, **flags}, set_head)
     res = train_head(path, cfg, head_over, run_dir=o["run_dir"], resume=resume, progress=progress,
-                     allow_partial=o["allow_partial"], force=force)
+                     allow_partial=o["allow_partial"], force=force, sources=sources)
     if res.get("rank", 0):  # under torchrun, rank 0 reports
         return
     fin = res["final"]
@@ -555,7 +566,21 @@ def _train_recipe(head: str, recipe: str, train_over: dict, head_over: dict, fil
     if _main_rank():
         for line in lines:
             typer.echo(line)
-    return cfg, {**rec.head, **head_over}
+    return cfg, {**rec.head, **head_over}, rec
+
+
+def _value_sources(rec, by_protocol: dict, file_train: dict, file_head: dict, you_train: dict,
+                   you_head: dict) -> dict:
+    """Where each option's value came from, for those not at their default: {"train": {key: "recipe" |
+    "cache protocol" | "file" | "you"}, "head": {...}}; later sources win, as in the resolution
+    (`runs compare` prints them beside each value)."""
+    def section(*layers: tuple[str, dict]) -> dict:
+        return {k: name for name, keys in layers for k in keys}
+
+    return {"train": section(("recipe", rec.values), ("cache protocol", by_protocol["train"]), ("file", file_train),
+                             ("you", you_train)),
+            "head": section(("recipe", rec.head), ("cache protocol", by_protocol["head"]), ("file", file_head),
+                            ("you", you_head))}
 
 
 def _protocol_eval(path, cfg, head_over: dict, train_over: dict):
@@ -566,7 +591,7 @@ def _protocol_eval(path, cfg, head_over: dict, train_over: dict):
     from stages.sources import is_wds
 
     if not isinstance(path, Path) or is_wds(path):
-        return cfg, head_over
+        return cfg, head_over, {"train": {}, "head": {}}
     from stages.sources import open_source
 
     meta = open_source(path).info
@@ -576,7 +601,7 @@ def _protocol_eval(path, cfg, head_over: dict, train_over: dict):
     if (train_p or head_p) and _main_rank():
         typer.echo(f"protocol {meta.protocol.name} of the cache: evaluate with "
                    + ", ".join(f"{k}={v}" for k, v in {**train_p, **head_p}.items()))
-    return dc.replace(cfg, **train_p), {**head_over, **head_p}
+    return dc.replace(cfg, **train_p), {**head_over, **head_p}, {"train": train_p, "head": head_p}
 
 
 @app.command("compare-init")
@@ -709,8 +734,8 @@ def finetune(
     test_list: TestList = None,
     classes: ClassesFile = None,
     split_id: SplitId = 1,
-    model: str = typer.Option("ViT-B-16", help="open_clip model name, or tiny / small / demo (built in)."),
-    pretrained: Pretrained = "",
+    model: Model = "ViT-B-16",
+    pretrained: Pretrained = "auto",
     init_seed: InitSeed = 0,
     activation: Activation = "auto",
     frames: Frames = 8,
@@ -756,6 +781,12 @@ def finetune(
     ft_over = {**_file_over(file_ft, {**defaults, **rec.values}, ft_over), **ft_over}  # file < --set < flags
     values, lines = resolve_recipe(rec, ft_over, defaults, world=int(os.environ.get("WORLD_SIZE", "1")))
     cfg = FinetuneCfg(**{**values, "recipe": o["recipe"]})
+    from stages.backbone import resolve_pretrained
+
+    weights, why = resolve_pretrained(cfg.model, cfg.pretrained if "pretrained" in {**file_ft, **ft_over} else "auto")
+    cfg = dc.replace(cfg, pretrained=weights)
+    if why and weights:
+        lines.append(f"  {why}")
     aug_over = {**rec.augment, **file_aug, **set_aug}
     head_over = {**rec.head, **file_head, **set_head}
     lines.append("  augmentation: " + (", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"

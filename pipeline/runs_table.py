@@ -19,7 +19,7 @@ from pathlib import Path
 from cache.errors import ConfigError
 from stages.runs import RunRecord, list_runs, read_run
 
-__all__ = ["RUN_COLUMNS", "SORT_KEYS", "changed_options", "run_row", "select_runs", "render", "resolve_run",
+__all__ = ["RUN_COLUMNS", "SORT_KEYS", "changed_options", "value_source", "value_text", "run_row", "select_runs", "render", "resolve_run",
            "compare_rows", "check_plot_path", "plot_curves", "cell_text", "FORMATS"]
 
 RUN_COLUMNS = ("run", "head", "options", "cache", "source", "epochs", "best_top1", "last_top1", "last_top5",
@@ -27,7 +27,7 @@ RUN_COLUMNS = ("run", "head", "options", "cache", "source", "epochs", "best_top1
 SORT_KEYS = ("run", "head", "best_top1", "last_top1", "seconds", "status", "started")
 FORMATS = ("table", "csv", "json", "md")
 # settings that say where or how fast a run ran, not what it is
-_NOT_OPTIONS = {"head", "device", "workers", "eval_batch_size", "paradigm"}
+_NOT_OPTIONS = {"head", "device", "workers", "eval_batch_size", "paradigm", "recipe"}
 
 
 # Every stage's and head's option defaults, as JSON: `runs ...` reads them here, since the classes
@@ -37,15 +37,22 @@ DEFAULTS_FILE = Path(__file__).with_name("option_defaults.json")
 
 
 def live_option_defaults() -> dict:
-    """{"train": TrainCfg's defaults, "finetune": FinetuneCfg's, "heads": {head: its options' defaults}},
-    from the classes themselves (imports torch), as JSON values."""
-    from stages.finetune import FinetuneCfg
+    """{"train": TrainCfg's defaults, "finetune": FinetuneCfg's, "heads": {head: its options' defaults},
+    "recipes": {"train" | "finetune": {head or paradigm: {recipe: {"values", "head"}}}}}, from the
+    classes and presets themselves (imports torch), as JSON values."""
+    from stages.finetune import PARADIGMS, FinetuneCfg
     from stages.heads import DIM_FIELDS, get_head_entry, list_heads
+    from stages.recipes import RECIPES, stage_three_recipe, stage_two_recipe
     from stages.train import TrainCfg
 
     heads = {name: {k: v for k, v in asdict(get_head_entry(name).cfg_cls()).items() if k not in DIM_FIELDS}
              for name in list_heads()}
-    return json.loads(json.dumps({"train": asdict(TrainCfg()), "finetune": asdict(FinetuneCfg()), "heads": heads}))
+    recipes = {"train": {h: {n: {"values": (r := stage_two_recipe(h, n)).values, "head": r.head} for n in RECIPES}
+                         for h in list_heads()},
+               "finetune": {p: {n: {"values": (r := stage_three_recipe(p, n)).values, "head": r.head}
+                                for n in RECIPES if n != "demo"} for p in PARADIGMS}}
+    return json.loads(json.dumps({"train": asdict(TrainCfg()), "finetune": asdict(FinetuneCfg()), "heads": heads,
+                                  "recipes": recipes}))
 
 
 @functools.lru_cache(maxsize=1)
@@ -56,24 +63,30 @@ def _option_defaults() -> dict:
         return live_option_defaults()
 
 
-def _defaults(rec: RunRecord) -> tuple[dict, dict]:
-    """(stage options, head options) at their defaults, for the run's stage and head (a head this
-    version no longer has: no head defaults, so all its options show)."""
+def _defaults(rec: RunRecord, recipe: bool = True) -> tuple[dict, dict]:
+    """(stage options, head options) as the run's recipe resolves them before anything given (a
+    head this version no longer has: no head defaults, so all its options show); ``recipe`` False:
+    the classes' own defaults."""
     defaults = _option_defaults()
-    if rec.stage == "finetune":
-        stage = defaults["finetune"]
-        head_name = rec.config.get("finetune", {}).get("paradigm", "")
-    else:
-        stage = defaults["train"]
-        head_name = rec.head
-    return stage, defaults["heads"].get(head_name, {})
+    kind = "finetune" if rec.stage == "finetune" else "train"
+    section = rec.config.get(kind) or {}
+    stage = defaults[kind]
+    head_name = section.get("paradigm", "") if kind == "finetune" else rec.head
+    heads = defaults["heads"].get(head_name, {})
+    preset = defaults.get("recipes", {}).get(kind, {}).get(head_name, {}).get(section.get("recipe", "")) \
+        if recipe else None
+    if preset:
+        return {**stage, **preset["values"]}, {**heads, **preset["head"]}
+    return stage, heads
 
 
-def changed_options(rec: RunRecord) -> dict[str, object]:
-    """Options of the run that differ from its head's and stage's defaults (dims from the cache excluded)."""
+def changed_options(rec: RunRecord, recipe: bool = True) -> dict[str, object]:
+    """Options of the run that differ from what its recipe resolves to (the head's and stage's
+    defaults under the run's recipe; ``recipe`` False: the classes' own defaults); dims from the
+    cache excluded."""
     if not rec.config:
         return {}
-    stage_defaults, head_defaults = _defaults(rec)
+    stage_defaults, head_defaults = _defaults(rec, recipe)
     section = rec.config.get("finetune" if rec.stage == "finetune" else "train") or {}
     out: dict[str, object] = {}
     for k, v in section.items():
@@ -87,8 +100,21 @@ def changed_options(rec: RunRecord) -> dict[str, object]:
     return out
 
 
-def _fmt_opts(opts: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in sorted(opts.items())) or "(defaults)"
+def value_text(v) -> str:
+    """An option's value as given: numbers in %g (lr 0.0004, not 0.0), lists comma-joined."""
+    if isinstance(v, bool) or v is None:
+        return str(v).lower() if isinstance(v, bool) else "-"
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return ",".join(value_text(x) for x in v)
+    return str(v)
+
+
+def _fmt_opts(opts: dict, recipe: str = "") -> str:
+    text = " ".join(f"{k}={value_text(v)}" for k, v in sorted(opts.items()))
+    name = f"recipe {recipe}" if recipe and recipe != "paper" else ""
+    return (f"{name}: {text}" if name and text else name or text) or "(recipe values)"
 
 
 def run_row(rec: RunRecord) -> dict:
@@ -96,7 +122,8 @@ def run_row(rec: RunRecord) -> dict:
     return {
         "run": rec.name,
         "head": rec.head if rec.config else "?",
-        "options": _fmt_opts(changed_options(rec)),
+        "options": _fmt_opts(changed_options(rec), (rec.config.get("train") or rec.config.get("finetune") or {})
+                             .get("recipe", "") if rec.config else ""),
         "cache": Path(rec.cache).name if rec.cache else "",
         "source": rec.source,
         "epochs": f"{rec.epochs_done}/{total}" if total is not None else str(rec.epochs_done),
@@ -183,16 +210,42 @@ def resolve_run(name: str, root: Path) -> RunRecord:
     raise ConfigError(f"no run '{name}' under {root} (see `pipeline runs ls`)")
 
 
+def _option_value(rec: RunRecord, key: str):
+    kind = "finetune" if rec.stage == "finetune" else "train"
+    if key.startswith("head."):
+        return (rec.config.get("head") or {}).get(key[5:])
+    return (rec.config.get(kind) or {}).get(key)
+
+
+def value_source(rec: RunRecord, key: str) -> str:
+    """Where a run's option value came from: what the run recorded (recipe, cache protocol, file,
+    you), else what can be told from its value (default, recipe, or set when it is neither)."""
+    sources = rec.config.get("sources") or {}
+    section, name = ("head", key[5:]) if key.startswith("head.") else ("train", key)
+    if name in sources.get(section, {}):
+        return sources[section][name]
+    if sources:  # a run that records its sources: a key it does not name is at its default
+        return "default"
+    classes = changed_options(rec, recipe=False)
+    return "set" if key in changed_options(rec) else ("recipe" if key in classes else "default")
+
+
 def compare_rows(runs: list[RunRecord]) -> tuple[list[str], list[dict]]:
-    """Side by side: one row per option that differs between the runs (or from defaults), then metrics."""
+    """Side by side: the recipe, then one row per option that differs from its recipe in any of the
+    runs, each value as given with its source (default / recipe / cache protocol / file / you);
+    then the results (a run without metrics says so)."""
     opts = [changed_options(r) for r in runs]
     keys = sorted({k for o in opts for k in o})
-    rows = [{"field": "head", **{r.name: r.head for r in runs}}]
-    rows += [{"field": k, **{r.name: o.get(k, "(default)") for r, o in zip(runs, opts)}} for k in keys]
-    for label, fn in (("cache", lambda r: Path(r.cache).name), ("epochs", lambda r: run_row(r)["epochs"]),
+    rows = [{"field": "head", **{r.name: r.head for r in runs}},
+            {"field": "recipe", **{r.name: (r.config.get("train") or r.config.get("finetune") or {}).get("recipe")
+                                   or "-" for r in runs}}]
+    rows += [{"field": k, **{r.name: f"{value_text(_option_value(r, k))} ({value_source(r, k)})" for r in runs}}
+             for k in keys]
+    for label, fn in (("cache", lambda r: Path(r.cache).name), ("epochs done", lambda r: run_row(r)["epochs"]),
                       ("best top1", lambda r: r.best("top1")), ("last top1", lambda r: r.last("top1")),
                       ("last top5", lambda r: r.last("top5")), ("last mean-class", lambda r: r.last("mean_class")),
-                      ("seconds", lambda r: r.seconds), ("status", lambda r: r.state)):
+                      ("seconds", lambda r: r.seconds),
+                      ("status", lambda r: r.state + ("" if r.history else " (no metrics)"))):
         rows.append({"field": label, **{r.name: fn(r) for r in runs}})
     return ["field", *[r.name for r in runs]], rows
 
@@ -227,6 +280,8 @@ def plot_curves(runs: list[RunRecord], path: Path) -> Path:
         acc = r.val_series("top1")
         if acc:
             ax[1].plot(*zip(*acc), marker="o", label=r.name)
+        else:  # in the legend all the same, so no run leaves the plot without a word
+            ax[1].plot([], [], " ", label=f"{r.name} (no val metrics: {r.state})")
     ax[0].set(title="train loss", xlabel="epoch")
     ax[1].set(title="val top-1 (%)", xlabel="epoch")
     ax[1].legend(fontsize=7)

@@ -26,6 +26,8 @@ __all__ = [
     "ACTIVATIONS",
     "ACTIVATION_KEY",
     "BUILTIN_MODELS",
+    "DEFAULT_MODEL",
+    "resolve_pretrained",
     "BackboneInfo",
     "FrozenCLIP",
     "resolve_model_name",
@@ -344,6 +346,29 @@ def _load_state(model: nn.Module, sd: dict) -> None:
     resize_pos_embed(sd, model)
     resize_text_pos_embed(sd, model)
     model.load_state_dict(sd, strict=True)
+
+
+DEFAULT_MODEL = "ViT-B-16"  # the papers' backbone: the default of extract and finetune (with its OpenAI weights)
+
+
+def resolve_pretrained(name: str, pretrained: str) -> tuple[str, str]:
+    """(weights to load, a line saying why) for the command line's ``--pretrained``: "auto" (its
+    default) is OpenAI's weights for an open_clip model that has them and a seeded random init for
+    the built-in models; "none" is a random init; anything else is a tag or a path, as given."""
+    if pretrained == "none":
+        return "", "weights: a seeded random init (--pretrained none)"
+    if pretrained != "auto":
+        return pretrained, ""
+    if name in BUILTIN_MODELS:
+        return "", f"weights: a seeded random init (built-in model '{name}'; --pretrained PATH loads a checkpoint)"
+    import open_clip
+
+    arch = resolve_model_name(name)
+    if "openai" in open_clip.list_pretrained_tags_by_model(arch):
+        return "openai", f"weights: openai (the default for {arch}; --pretrained TAG|PATH for others, none: random)"
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    raise ModelError(f"{arch} has no default weights: pass --pretrained TAG or PATH"
+                     + (f" (its tags: {', '.join(tags)})" if tags else "") + ", or --pretrained none for a random init")
 
 
 def _tag_files(arch: str, tag: str) -> tuple[str, list[str], str, str]:

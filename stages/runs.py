@@ -55,7 +55,7 @@ def default_runs_root() -> Path:
 
 # --------------------------------------------------------------------------- a run folder's fate
 # a resumed run may change these ("recipe" only names the preset the values came from: the values are compared)
-RESUME_FREE = {"device", "workers", "eval_batch_size", "eval_every", "cache", "recipe", "preload"}
+RESUME_FREE = {"device", "workers", "eval_batch_size", "eval_every", "cache", "recipe", "preload", "sources"}
 # options added after runs were written: a checkpoint without one was made with its default
 ADDED_LATER = {"shuffle": "full", "threads": 0, "repeat_shots": "auto"}
 
@@ -72,6 +72,11 @@ def check_resumable(old: dict, new: dict, path: Path, fix: str = "use another --
             diff.append(section)
     if diff:
         raise ConfigError(f"{path} was written by a run with other options ({', '.join(diff)}); {fix}")
+
+
+def _identity(resolved: dict) -> dict:
+    """A resolved config less what does not make the run another (where its values came from)."""
+    return {k: v for k, v in resolved.items() if k != "sources"}
 
 
 def existing_run(run_dir: Path, resolved: dict, resume: bool, force: bool,
@@ -100,7 +105,7 @@ def existing_run(run_dir: Path, resolved: dict, resume: bool, force: bool,
         return "error", (f"run folder {run_dir} holds a run whose config.json is missing or unreadable; "
                          "use another --run-dir, or --force to replace it")
     new = json.loads(json.dumps(resolved))
-    if metrics.exists() and old == new:
+    if metrics.exists() and _identity(old) == _identity(new):
         return "reuse", ""
     if sections is not None:
         old, new = {k: old.get(k) for k in sections}, {k: new[k] for k in sections}

@@ -231,13 +231,16 @@ def _repeat_shots(store, cfg: TrainCfg, train_classes, shot_idx: np.ndarray, log
 def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: dict | None = None,
                run_dir: str | Path | None = None, runs_root: str | Path | None = None, resume: bool = False,
                progress: bool = True, log=print, init_weight: torch.Tensor | None = None,
-               reuse: bool = True, force: bool = False, allow_partial: bool = False) -> dict:
+               reuse: bool = True, force: bool = False, allow_partial: bool = False,
+               sources: dict | None = None) -> dict:
     """Train (or fit) ``cfg.head`` on a cache and evaluate it; returns the metrics dict.
 
     What the run folder already holds decides the rest (``existing_run``): an unfinished run of
     the same settings continues from its last checkpoint, a finished one is returned as is
     (``reuse``, always on: kept for callers that pass it), another run is refused unless
-    ``force`` (which starts over); ``resume`` insists on a checkpoint.
+    ``force`` (which starts over); ``resume`` insists on a checkpoint. ``sources``: where the
+    options' values came from ({"train"|"head": {key: "recipe" | "file" | "you" | ...}}, the CLI's
+    resolution), recorded in config.json for `runs compare`; not part of the run's identity.
     A Zarr cache must be finished and sound in what the run reads (checked once, before any run
     folder exists); ``allow_partial``: train on the done videos of an unfinished one.
     Under torchrun every rank calls this (module docstring); rank 0 writes the run folder.
@@ -254,7 +257,7 @@ def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: 
         amp_dtype = autocast_dtype(cfg, device)
         return _train_head(store, cfg, dict(head_overrides or {}), run_dir, runs_root, resume, progress and ctx.main,
                            log if ctx.main else (lambda *a, **k: None), init_weight, force, ctx, device, amp_dtype,
-                           allow_partial)
+                           allow_partial, sources)
     finally:
         torch.set_num_threads(threads0)
         ctx.stop()
@@ -262,7 +265,7 @@ def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: 
 
 def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, resume: bool, progress: bool, log,
                 init_weight, force: bool, ctx: DistContext, device: torch.device, amp_dtype,
-                allow_partial: bool = False) -> dict:
+                allow_partial: bool = False, sources: dict | None = None) -> dict:
     K_all = store.info.dims.num_classes
     train_classes = parse_class_spec(cfg.train_classes, K_all)
     test_classes = parse_class_spec(cfg.test_classes, K_all)
@@ -313,6 +316,8 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
         resolved = {"train": asdict(cfg), "head": {"name": cfg.head, **asdict(head.cfg)}, "cache": str(store.path),
                     "cache_key": store.key, "source": store.source_id, "train_videos": int(len(shot_idx)),
                     "eval_videos": int(len(eval_idx))}
+        if sources:
+            resolved["sources"] = sources
         action, reused = settle_run(run_dir, resolved, resume, force, ctx, log)  # rank 0 decides, before anyone writes
         if action == "reuse":
             return reused

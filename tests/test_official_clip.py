@@ -411,3 +411,21 @@ def test_pretrained_tag_without_a_network_names_the_file_to_fetch(demo_small, tm
     assert not (tmp_path / "c").exists()
     dry = run_cli(*base, "--dry-run", check=True).stdout
     assert "weights  'openai' of ViT-B-16: not downloaded yet" in dry and "--pretrained /path/to/ViT-B-16.pt" in dry
+
+
+def test_extract_and_finetune_default_to_the_papers_backbone_with_its_openai_weights(demo_small, tmp_path):
+    """One set of defaults: ViT-B-16 with OpenAI's weights for extract (and finetune); the built-in
+    models a random init; a model without default weights is told to name them."""
+    from cache.errors import ModelError
+    from stages.backbone import resolve_pretrained
+
+    assert resolve_pretrained("ViT-B-16", "auto")[0] == "openai"
+    assert resolve_pretrained("tiny", "auto")[0] == "" and resolve_pretrained("ViT-B-16", "none")[0] == ""
+    assert resolve_pretrained("ViT-B-16", "laion400m_e32") == ("laion400m_e32", "")
+    with pytest.raises(ModelError, match=r"has no default weights: pass --pretrained TAG or PATH \(its tags: "
+                                         r"datacomp_s34b_b86k\)"):
+        resolve_pretrained("ViT-B-32-256", "auto")
+    dry = run_cli("extract", "--dataset", "demo", "--data-root", demo_small.root, "--out", tmp_path / "c",
+                  "--dry-run", check=True).stdout
+    assert "weights: openai (the default for ViT-B-16" in dry and "model  ViT-B-16" in dry
+    assert "weights  'openai' of ViT-B-16: not downloaded yet" in dry

@@ -151,8 +151,29 @@ def test_runs_show_and_compare(runs_root, tmp_path):
     assert cmp.returncode == 0, cmp.stderr
     table = list(csv.DictReader(io.StringIO(cmp.stdout)))
     assert [r["field"] for r in table][0] == "head"
-    assert {r["field"] for r in table} >= {"last top1", "status", "epochs"}
+    assert {r["field"] for r in table} >= {"last top1", "status", "epochs done", "recipe"}
+    assert [r["field"] for r in table].count("epochs") <= 1  # the option once, the progress as "epochs done"
     assert plot.stat().st_size > 5000
+
+
+def test_runs_compare_prints_values_as_given_with_their_source_and_marks_runs_without_metrics(runs_root, tmp_path):
+    """lr 0.01 is `0.01 (you)`, the recipe's 0.001 is `0.001 (recipe)` (it printed 0.0); a run
+    with no metrics says so in the table and in the plot's legend; `runs ls` lists only what
+    differs from the run's resolved recipe."""
+    rows = _rows(runs_root, "--head", "tap")
+    failed = next(r for r in rows if r["status"].startswith("failed"))
+    done = next(r for r in rows if r["status"] == "finished")
+    assert "lr=0.01" in failed["options"] and "lr=" not in done["options"]
+    assert "weight_decay" not in done["options"] and "recipe" not in done["options"]  # the recipe's own values
+    cmp = _runs(runs_root, "compare", done["run"], failed["run"], "--out", str(tmp_path / "c.png"), "--format", "csv")
+    assert cmp.returncode == 0, cmp.stderr
+    table = {r["field"]: r for r in csv.DictReader(io.StringIO(cmp.stdout))}
+    assert table["lr"][done["run"]] == "0.001 (recipe)" and table["lr"][failed["run"]] == "0.01 (you)"
+    assert table["epochs"][failed["run"]] == "3 (you)"
+    assert table["status"][failed["run"]] == "failed (no metrics)" and table["status"][done["run"]] == "finished"
+    from pipeline.runs_table import value_text
+
+    assert [value_text(v) for v in (0.0004, 0.15, 1e-05, True, [1, 2])] == ["0.0004", "0.15", "1e-05", "true", "1,2"]
 
 
 @pytest.mark.parametrize("case", ["unknown", "corrupt_metrics", "empty_root", "bad_format"])
