@@ -78,7 +78,7 @@ def _export_shard(folder: Path, samples: list[list[tuple[str, bytes]]]) -> dict:
     """The samples as one shard, by the exporter's writer; the header's word on it."""
     for f in folder.iterdir():
         f.unlink()
-    series = wds._ShardSeries(folder, "b-train", 1 << 40)
+    series = wds.ShardSeries(folder, "b-train", 1 << 40)
     for i, members in enumerate(samples):
         series.add(i, members)
     series.close()
@@ -102,7 +102,7 @@ def _checksum_table(repeats: int, workdir: Path | None, quick: bool, rng: np.ran
                        "interleaved)", ("case", "MB", "export ms", "+crc32c ms", "export ratio", "read ms",
                                         "+crc32c ms", "read ratio", "crc32c GB/s", "zlib crc32 GB/s"))
     folder = Path(tempfile.mkdtemp(prefix="bench-wds-crc-", dir=workdir))
-    real = wds._crc
+    real = wds.member_crc
     try:
         for label, name, dtype, shape, layers in CASES:
             one = _sample(name, dtype, shape, rng)
@@ -113,7 +113,7 @@ def _checksum_table(repeats: int, workdir: Path | None, quick: bool, rng: np.ran
             times: dict[tuple[str, bool], list[float]] = {(w, c): [] for w in ("export", "read") for c in (0, 1)}
             for r in range(repeats + 1):  # interleaved, so both variants see the same load; the first is warm-up
                 for crc in (False, True):
-                    wds._crc = real if crc else (lambda data: 0)
+                    wds.member_crc = real if crc else (lambda data: 0)
                     t = time.process_time()
                     shard = _export_shard(folder, samples)
                     times["export", crc].append(time.process_time() - t)
@@ -129,7 +129,7 @@ def _checksum_table(repeats: int, workdir: Path | None, quick: bool, rng: np.ran
                           f"{ms['read', True]:.2f}", f"{ms['read', True] / ms['read', False]:.2f}x",
                           f"{gbs[google_crc32c.value]:.2f}", f"{gbs[zlib.crc32]:.2f}")
     finally:
-        wds._crc = real
+        wds.member_crc = real
         shutil.rmtree(folder, ignore_errors=True)
     return table
 

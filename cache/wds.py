@@ -136,7 +136,7 @@ def member_names(spec_name: str, dtype: str) -> list[str]:
     return [f"{spec_name}.npy"]
 
 
-def _crc(data: bytes) -> int:
+def member_crc(data: bytes) -> int:
     """A member's checksum: crc32c, by zarr's own google_crc32c (a dependency of zarr 3; cache/rows.py
     uses it too): 5-16 GB/s against zlib crc32's 0.7-1.7 here (bench/bench_wds_item.py), which
     matters because every member read is checked, every epoch."""
@@ -159,7 +159,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-class _ShardSeries:
+class ShardSeries:
     """Writes NAME-<split>-%06d.tar files of at most ``limit`` bytes, each atomically, keeping the
     crc32c of every member and the size of every .npy member kind. ``claim(file)`` is called
     before a shard file is first created (the export records it as its own)."""
@@ -184,7 +184,7 @@ class _ShardSeries:
             self._open()
         for name, data in members:
             _add(self.tar, name, data)
-            self.crcs.append(_crc(data))
+            self.crcs.append(member_crc(data))
             ext = name.split(".", 1)[1]
             if ext == "json":
                 self.json_max = max(self.json_max, len(data))
@@ -295,7 +295,7 @@ def export_wds(store: FeatureStore, out: str | Path, name: str | None = None, sh
         extra.append((f"split/{split}/label.npy", npy_bytes(store.labels(split).astype(np.int64))))
         extra.append((f"split/{split}/status.npy", npy_bytes(store.status(split))))
         header["splits"][split] = info
-    header["extra_members"] = {member: {"bytes": len(data), "crc32c": f"{_crc(data):08x}"} for member, data in extra}
+    header["extra_members"] = {member: {"bytes": len(data), "crc32c": f"{member_crc(data):08x}"} for member, data in extra}
     tmp = out / f".{name}-extra.tar.tmp-{os.getpid()}"
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for member, data in extra:
@@ -355,7 +355,7 @@ def _export_split(store: FeatureStore, split: str, out: Path, name: str, limit: 
     items = store.items(split)
     status = store.status(split)
     width = max(8, len(str(store.num_videos(split))))
-    series = _ShardSeries(out, f"{name}-{split}", limit, claim)
+    series = ShardSeries(out, f"{name}-{split}", limit, claim)
     try:
         for shard in range(store.num_shards(split)):
             start, stop = store.shard_range(split, shard)
@@ -504,7 +504,7 @@ class ShardCheck:
     def after(self, n: int, member: str, data: bytes) -> None:
         if self.crcs is None:
             return
-        got, want = _crc(data), self.crcs[8 * n:8 * n + 8]
+        got, want = member_crc(data), self.crcs[8 * n:8 * n + 8]
         if f"{got:08x}" != want:
             raise self._error(member, f"fails its crc32c check (reads {got:08x}, the export header says {want})")
 
@@ -799,8 +799,8 @@ def _iter_members(stream, url: str, listed: dict[str, dict] | None = None) -> It
                 raise damaged(f"member {info.name} is {info.size} bytes where the export header says "
                               f"{want['bytes']} (not read)")
             data = tar.extractfile(info).read()
-            if f"{_crc(data):08x}" != want["crc32c"]:
-                raise damaged(f"member {info.name} fails its crc32c check (reads {_crc(data):08x}, the export "
+            if f"{member_crc(data):08x}" != want["crc32c"]:
+                raise damaged(f"member {info.name} fails its crc32c check (reads {member_crc(data):08x}, the export "
                               f"header says {want['crc32c']})")
             seen.add(info.name)
             yield info.name, data

@@ -202,10 +202,10 @@ def _unwrap(obj) -> dict:
 def _checkpoint_error(path: str, exc: Exception) -> ModelError:
     if isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower():
         # torch's own message goes on to advise weights_only=False: the very thing refused here
-        from stages.checkpoint import _refused_global
+        from stages.checkpoint import refused_global
 
         return ModelError(f"checkpoint {path} was refused, not loaded: it holds more than tensors "
-                          f"({_refused_global(str(exc))}), and unpickling that could run code; give a .safetensors "
+                          f"({refused_global(str(exc))}), and unpickling that could run code; give a .safetensors "
                           "file or a plain state dict (torch.save(model.state_dict(), path)) instead")
     msg = str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__
     return ModelError(f"could not read checkpoint {path}: {msg}")

@@ -22,7 +22,7 @@ import torch
 
 from cache.errors import ConfigError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "JSON_FIELDS"]
+__all__ = ["save_checkpoint", "load_checkpoint", "refused_global", "JSON_FIELDS"]
 
 JSON_FIELDS = ("config", "history")  # stored as JSON strings, returned as Python objects
 
@@ -49,7 +49,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     except pickle.UnpicklingError as exc:
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         if "weights only load failed" in first.lower() or "weights_only" in str(exc):
-            why = _refused_global(str(exc))
+            why = refused_global(str(exc))
             raise ConfigError(f"{path} needs more than tensors, numbers and strings to load ({why}); it was not "
                               "loaded, since unpickling it could run code: use a checkpoint written by this "
                               "program's own run") from None
@@ -69,7 +69,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return ckpt
 
 
-def _refused_global(message: str) -> str:
+def refused_global(message: str) -> str:
     """What torch's weights-only unpickler refused, by name only: the rest of torch's message advises
     loading the file with weights_only=False (or allow-listing the global), which is what must not happen."""
     found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
