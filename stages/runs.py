@@ -54,7 +54,7 @@ def default_runs_root() -> Path:
 
 # --------------------------------------------------------------------------- a run folder's fate
 # a resumed run may change these ("recipe" only names the preset the values came from: the values are compared)
-RESUME_FREE = {"device", "workers", "eval_batch_size", "eval_every", "cache", "recipe", "preload"}
+RESUME_FREE = {"device", "workers", "eval_batch_size", "eval_every", "cache", "recipe", "preload", "verify_reads"}
 # options added after runs were written: a checkpoint without one was made with its default
 ADDED_LATER = {"shuffle": "full"}
 

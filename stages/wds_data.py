@@ -217,6 +217,9 @@ class WdsSplit(IterableDataset):
                 except (tarfile.TarError, EOFError, ValueError, KeyError, zlib.error) as exc:
                     text = str(exc.args[0] if exc.args else exc).split(" @ ")[0].lstrip("(\"' ")  # webdataset appends the url
                     raise _damaged(url, f"{exc.__class__.__name__}: {text[:120]}") from None
+                except OSError as exc:  # gone (deleted or moved since the run began), or an I/O error
+                    raise CacheError(f"WebDataset shard {url} cannot be read ({exc.strerror or exc}): copy it "
+                                     "again, or re-export the cache (pipeline cache export)") from None
                 seen += 1
                 missing = sorted(members - set(sample))
                 if missing:
