@@ -287,8 +287,8 @@ class FeatureStore(CacheSource):
         # what a read may expect of each shard file (written_shards), taken once per split: a file
         # deleted or replaced under a reader is then told from one never written
         self._written: dict[str, dict[int, dict[str, dict | bool | None]]] = {}
-        # shard file -> the version (_file_version) whose bytes matched its record's checksum
-        self._verified: dict[str, tuple] = {}
+        # (split, key, shard) -> the version (_file_version) of its file whose bytes matched its record
+        self._verified: dict[tuple[str, str, int], tuple] = {}
         #: check each shard file's recorded crc32 when a read first meets a version of it (size,
         #: mtime, ctime, inode): a same-length rewrite during a run is caught at its next read
         self.verify_reads = False
@@ -692,18 +692,19 @@ class FeatureStore(CacheSource):
             return
         from cache.rows import ShardReadError
 
-        path = self._shard_file(split, key, shard)
         if fd is None:
-            raise ShardReadError(path, "missing: deleted after its shard was committed as written")
+            raise ShardReadError(self._shard_file(split, key, shard),
+                                 "missing: deleted after its shard was committed as written")
         if not isinstance(want, dict):
             return
         st = os.fstat(fd)
         if st.st_size != want["size"]:
-            raise ShardReadError(path, f"truncated ({st.st_size} of {want['size']} bytes)" if st.st_size < want["size"]
+            raise ShardReadError(self._shard_file(split, key, shard),
+                                 f"truncated ({st.st_size} of {want['size']} bytes)" if st.st_size < want["size"]
                                  else f"size changed ({st.st_size} bytes, recorded {want['size']})")
         if self.verify_reads:
             version = _file_version(st)
-            if self._verified.get(str(path)) != version:
+            if self._verified.get((split, key, shard)) != version:
                 crc, off = 0, 0
                 while off < st.st_size:
                     block = os.pread(fd, min(8 << 20, st.st_size - off), off)
@@ -711,9 +712,9 @@ class FeatureStore(CacheSource):
                         break
                     crc, off = zlib.crc32(block, crc), off + len(block)
                 if f"{crc:08x}" != want["crc32"] or off != want["size"]:
-                    raise ShardReadError(path, "corrupt: its crc32 does not match the shard's record (rewritten "
-                                               "since it was written)")
-                self._verified[str(path)] = version
+                    raise ShardReadError(self._shard_file(split, key, shard), "corrupt: its crc32 does not match the "
+                                         "shard's record (rewritten since it was written)")
+                self._verified[(split, key, shard)] = version
 
     def _check_shard_path(self, split: str, key: str, shard: int) -> None:
         """``_check_shard`` of a file read by zarr (which reads a missing file as fill values)."""
@@ -859,7 +860,7 @@ class FeatureStore(CacheSource):
                 if bad:
                     out.append(problem(bad, key, rel))
                 elif before is not None and before == _path_version(self.path / rel):
-                    self._verified[str(self.path / rel)] = before  # verify_reads: sound as of this version
+                    self._verified[(split, key, shard)] = before  # verify_reads: sound as of this version
         return out
 
     def _labels_problems(self, split: str) -> list[Problem]:

@@ -90,10 +90,11 @@ class TrainCfg:
     workers: int = 0
     shuffle: str = "full"             # epoch order: "full" permutation | "block" (runs of videos: sequential reads)
     preload: str = "auto"             # hold the arrays read in RAM (stored dtype): auto (when they fit) | on | off
-    # Zarr caches: check a shard file's recorded crc32 whenever a read meets a new version of it (first
-    # read, or its size/mtime/ctime/inode changed), so a same-length rewrite during the run is an error at
-    # its next read, not silently other data (off: only `pipeline cache verify` finds it). Costs ~one
-    # crc32 pass over a file that changed, nothing per read otherwise (bench/bench_verify_reads.py)
+    # Zarr caches: check a shard file's recorded crc32 whenever a read meets a new version of it (its
+    # size/mtime/ctime/inode changed since the start-of-run check), so a same-length rewrite during the
+    # run is an error at its next read, not silently other data (off: only `pipeline cache verify` finds
+    # it). Cost: one fstat per shard file a batch reads (within the noise of a loader epoch), plus one
+    # crc32 pass over a file that changed (bench/bench_verify_reads.py)
     verify_reads: bool = False
     recipe: str = ""                  # the preset these values came from (stages/recipes.py); a record only
 
