@@ -130,6 +130,19 @@ def _path_version(path: Path) -> tuple | None:
         return None
 
 
+def _expected_file(entry) -> dict | bool | None:
+    """What a shard record's entry of one array says its file must be (FeatureStore.written_shards):
+    {"size", "crc32"}; None when it recorded no file; True (it must exist) for no usable entry."""
+    if not isinstance(entry, dict):
+        return True
+    got = entry.get("checksum")
+    if got is None and "checksum" in entry:
+        return None
+    if isinstance(got, dict) and isinstance(got.get("size"), int) and isinstance(got.get("crc32"), str):
+        return got
+    return True
+
+
 def _damage(rel: str, want: dict | None, got: dict | None) -> str | None:
     """What is wrong with file ``rel`` given its recorded and its current checksum (None: fine)."""
     if want is None:
@@ -677,8 +690,7 @@ class FeatureStore(CacheSource):
                     continue
                 rec = self.record(split, shard) if self.has_checksums else None
                 recorded = rec.get("arrays") if rec is not None and isinstance(rec.get("arrays"), dict) else {}
-                got[shard] = {key: (recorded[key].get("checksum") if isinstance(recorded.get(key), dict) else True)
-                              for key in self._data_keys(split)}
+                got[shard] = {key: _expected_file(recorded.get(key)) for key in self._data_keys(split)}
             self._written[split] = got
         return got
 

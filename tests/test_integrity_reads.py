@@ -123,6 +123,26 @@ def test_both_readers_refuse_a_deleted_shard_of_a_done_shard(clean, cache):
     assert np.array_equal(st.read_rows("train", "patch", [0, 1, 4]), clean.read_rows("train", "patch", [0, 1, 4]))
 
 
+def test_a_cache_without_records_refuses_a_deleted_shard_too(cache):
+    """A cache made before shard records: the status array alone says the shard was written."""
+    import zarr
+
+    root = zarr.open_group(str(cache), mode="r+")
+    meta = dict(root.attrs["clipcache"])
+    meta["integrity"] = 0
+    root.attrs["clipcache"] = meta
+    st = open_store(cache)
+    assert not st.has_checksums
+    _shard_file(cache).unlink()
+    a, b = st.shard_range("train", SHARD)
+    for read in (st.read_rows, st.read):
+        with pytest.raises(CacheError, match="missing") as err:
+            read("train", "patch", [a, b - 1])
+        _assert_one_line(str(err.value), cache)
+    problems = [p for p in open_store(cache).verify() if p.array == "patch"]
+    assert problems == [f"train/patch shard {SHARD}: marked done but no data written"], problems
+
+
 def test_a_rewritten_index_entry_past_the_end_is_named(cache):
     """The index itself intact-looking (crc32c recomputed) but pointing past the end of the file."""
     import google_crc32c
