@@ -10,7 +10,11 @@ version), then one ``os.preadv`` per contiguous byte range of the file, scattere
 the caller's output (a shared-memory or pinned tensor's memory): one copy, page cache to output.
 
 An array stored any other way (a codec this module does not know) is read through zarr instead:
-``RawArray.direct`` says which. Chunks never written read as the array's fill value, as zarr's.
+``RawArray.direct`` says which. Chunks never written read as the array's fill value, as zarr's;
+but a shard file is never taken for "never written" on its absence alone: ``check(shard, fd)``
+(the store's, FeatureStore._check_shard: its status and records say which shards were written,
+their sizes and checksums) is asked at every open, and for a missing file, and raises
+``ShardReadError`` for a shard that was written and is gone, or is not the file that was written.
 
 A shard file that cannot be read as written (shorter than its index, an index whose crc32c does not
 match, a chunk entry of the wrong size or past the end, a short read, an I/O error) raises
@@ -61,8 +65,9 @@ def _plain_sharding(meta: dict) -> bool:
 class RawArray:
     """One sharded array of a store folder, for reading whole rows (videos) by file offsets."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, check=None):
         self.folder = Path(folder)
+        self.check = check  # check(shard, fd or None): raises ShardReadError for a shard that is not as written
         meta = json.loads((self.folder / "zarr.json").read_text())
         self.shape = tuple(meta["shape"])
         self.dtype = np.dtype(meta["data_type"])
@@ -157,11 +162,15 @@ class RawArray:
         try:
             fd = os.open(self._shard_file(shard), os.O_RDONLY)
         except FileNotFoundError:
+            if self.check is not None:
+                self.check(shard, None)  # a shard that was written must be there: raises
             for _, i, j in items:
                 for mv in self._dest(out, i, j):
                     np.frombuffer(mv, dtype=self.dtype)[:] = self.fill
             return
         try:
+            if self.check is not None:
+                self.check(shard, fd)
             index = self._shard_index(shard, fd)
             ranges = []
             for chunk, i, j in items:

@@ -26,6 +26,9 @@ concurrent writers of disjoint shards never touch the same file, and a shard who
 was not written is simply redone. Missing chunks read as the fill value (NaN for floats), which
 is why "done" is never inferred from data: the status array says it, and `verify` cross-checks
 it against the record's checksums (a deleted, truncated or flipped file is named, one line each).
+Reads never turn a lost file into fill values: a shard file of a done shard that is missing, or of
+another size than its record says, when a read meets it is a CacheError naming it
+(``written_shards``, ``_check_shard``); ``verify_reads`` checks its crc32 as well.
 
 Checksums are zlib's crc32 plus the byte size, of whole files: the stdlib's fastest hash here
 (2.7 GB/s against sha256's 0.9 GB/s on this machine), no new dependency, and it is meant to
@@ -113,6 +116,31 @@ def file_checksum(path: Path) -> dict | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     return {"size": size, "crc32": f"{crc:08x}"}
+
+
+def _file_version(st: os.stat_result) -> tuple:
+    """What changes whenever a file's bytes do: any write sets its ctime (mtime can be set back)."""
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
+
+
+def _path_version(path: Path) -> tuple | None:
+    try:
+        return _file_version(os.stat(path))
+    except OSError:
+        return None
+
+
+def _expected_file(entry) -> dict | bool | None:
+    """What a shard record's entry of one array says its file must be (FeatureStore.written_shards):
+    {"size", "crc32"}; None when it recorded no file; True (it must exist) for no usable entry."""
+    if not isinstance(entry, dict):
+        return True
+    got = entry.get("checksum")
+    if got is None and "checksum" in entry:
+        return None
+    if isinstance(got, dict) and isinstance(got.get("size"), int) and isinstance(got.get("crc32"), str):
+        return got
+    return True
 
 
 def _damage(rel: str, want: dict | None, got: dict | None) -> str | None:
@@ -282,6 +310,14 @@ class FeatureStore(CacheSource):
         # zarr array reads its zarr.json (~0.4 ms), which per-video reads would pay every time
         self._arrays: dict[str, Any] = {}
         self._specs: dict[str, dict[str, ArraySpec]] = {}
+        # what a read may expect of each shard file (written_shards), taken once per split: a file
+        # deleted or replaced under a reader is then told from one never written
+        self._written: dict[str, dict[int, dict[str, dict | bool | None]]] = {}
+        # (split, key, shard) -> the version (_file_version) of its file whose bytes matched its record
+        self._verified: dict[tuple[str, str, int], tuple] = {}
+        #: check each shard file's recorded crc32 when a read first meets a version of it (size,
+        #: mtime, ctime, inode): a same-length rewrite during a run is caught at its next read
+        self.verify_reads = False
 
     # ----------------------------------------------------------------- structure
     source_id = "zarr"  # what the videos are read from (WdsCache: the shards in use); part of run ids
@@ -480,6 +516,7 @@ class FeatureStore(CacheSource):
         _fault("before_status")
         self._array(f"{split}/status")[start:stop] = status.astype(np.int8)
         _fault("after_status")
+        self._written.pop(split, None)  # this store's own write: what reads expect changed with it
         return record
 
     def reset_shards(self, split: str, shards: list[int]) -> None:
@@ -493,6 +530,7 @@ class FeatureStore(CacheSource):
             self._failures_file(split, shard).unlink(missing_ok=True)
             for key in self._data_keys(split):
                 self._shard_file(split, key, shard).unlink(missing_ok=True)
+        self._written.pop(split, None)
 
     def write_text(self, name: str, array: np.ndarray) -> None:
         self.root.create_array(f"text/{name}", data=np.asarray(array, dtype=np.float32), overwrite=True)
@@ -600,7 +638,9 @@ class FeatureStore(CacheSource):
 
         raw = self._arrays.get(("raw", key))
         if raw is None:
-            raw = self._arrays[("raw", key)] = RawArray(self.path / key)
+            split, sub = key.split("/", 1)
+            check = (lambda shard, fd: self._check_shard(split, sub, shard, fd)) if split in self.splits else None
+            raw = self._arrays[("raw", key)] = RawArray(self.path / key, check=check)
         return raw
 
     def _read_raw_rows(self, key: str, rows: np.ndarray, layers, out) -> np.ndarray:
@@ -631,14 +671,89 @@ class FeatureStore(CacheSource):
 
     def _get(self, key: str, sel: tuple) -> np.ndarray:
         arr = self._array(key)
+        data_array = key.split("/", 1)[0] in self.splits and bool(arr.shape)
         try:
-            if any(isinstance(x, list) for x in sel):
-                return arr.oindex[sel]
-            return arr[sel]
+            data = arr.oindex[sel] if any(isinstance(x, list) for x in sel) else arr[sel]
+            if data_array:  # zarr reads a missing shard file as the fill value: was it written?
+                rows = np.arange(arr.shape[0])[sel[0]]
+                split, sub = key.split("/", 1)
+                for shard in np.unique(np.atleast_1d(rows) // self.shard_size).tolist():
+                    self._check_shard_path(split, sub, int(shard))
+            return data
         except (OSError, ValueError) as exc:  # zarr's "stored and computed checksum do not match": a damaged shard
-            if key.split("/", 1)[0] not in self.splits or not arr.shape:
+            if not data_array:
                 raise
             raise self._unreadable(key, np.arange(arr.shape[0])[sel[0]], exc) from None
+
+    # ----------------------------------------------------------------- what a read may expect
+    def written_shards(self, split: str) -> dict[int, dict[str, dict | bool | None]]:
+        """Per shard of ``split`` holding done videos, per data key (name or name/part): what its
+        file must be when read: its recorded {"size", "crc32"}, True (a cache without records: it
+        must exist), or None (recorded as never written: every chunk equal to the fill value).
+        Shards without done videos are absent (their files may be missing: fill values, never read
+        as data since only done videos are). Taken once per split and kept (a reader's view of the
+        cache it checked: a file deleted or rewritten afterwards is damage, named at its read)."""
+        got = self._written.get(split)
+        if got is None:
+            st = self.status(split)
+            got = {}
+            for shard in range(self.num_shards(split)):
+                a, b = self.shard_range(split, shard)
+                if not (st[a:b] == DONE).any():
+                    continue
+                rec = self.record(split, shard) if self.has_checksums else None
+                recorded = rec.get("arrays") if rec is not None and isinstance(rec.get("arrays"), dict) else {}
+                got[shard] = {key: _expected_file(recorded.get(key)) for key in self._data_keys(split)}
+            self._written[split] = got
+        return got
+
+    def _check_shard(self, split: str, key: str, shard: int, fd: int | None) -> None:
+        """Raise cache/rows.ShardReadError when the file of shard ``shard`` of array ``split/key``,
+        opened as ``fd`` (None: it does not exist), is not the one its shard was written with:
+        missing, or of another size than recorded; with ``verify_reads``, its crc32 too (once per
+        version of the file: size, mtime, ctime and inode; any write to it changes its ctime)."""
+        want = self.written_shards(split).get(shard, {}).get(key)
+        if want is None:
+            return
+        from cache.rows import ShardReadError
+
+        if fd is None:
+            raise ShardReadError(self._shard_file(split, key, shard),
+                                 "missing: deleted after its shard was committed as written")
+        if not isinstance(want, dict):
+            return
+        st = os.fstat(fd)
+        if st.st_size != want["size"]:
+            raise ShardReadError(self._shard_file(split, key, shard),
+                                 f"truncated ({st.st_size} of {want['size']} bytes)" if st.st_size < want["size"]
+                                 else f"size changed ({st.st_size} bytes, recorded {want['size']})")
+        if self.verify_reads:
+            version = _file_version(st)
+            if self._verified.get((split, key, shard)) != version:
+                crc, off = 0, 0
+                while off < st.st_size:
+                    block = os.pread(fd, min(8 << 20, st.st_size - off), off)
+                    if not block:
+                        break
+                    crc, off = zlib.crc32(block, crc), off + len(block)
+                if f"{crc:08x}" != want["crc32"] or off != want["size"]:
+                    raise ShardReadError(self._shard_file(split, key, shard), "corrupt: its crc32 does not match the "
+                                         "shard's record (rewritten since it was written)")
+                self._verified[(split, key, shard)] = version
+
+    def _check_shard_path(self, split: str, key: str, shard: int) -> None:
+        """``_check_shard`` of a file read by zarr (which reads a missing file as fill values)."""
+        if self.written_shards(split).get(shard, {}).get(key) is None:
+            return
+        try:
+            fd = os.open(self._shard_file(split, key, shard), os.O_RDONLY)
+        except FileNotFoundError:
+            self._check_shard(split, key, shard, None)
+            return
+        try:
+            self._check_shard(split, key, shard, fd)
+        finally:
+            os.close(fd)
 
     def _group_arrays(self, group: str) -> list[str]:
         # the folders holding a zarr.json: what was written, even when a metadata file is damaged
@@ -765,9 +880,12 @@ class FeatureStore(CacheSource):
                     out.append(problem(f"record has no checksum of {key}", key, rec_rel))
                     continue
                 rel = recorded[key]["file"]
+                before = _path_version(self.path / rel)
                 bad = _damage(rel, recorded[key]["checksum"], file_checksum(self.path / rel))
                 if bad:
                     out.append(problem(bad, key, rel))
+                elif before is not None and before == _path_version(self.path / rel):
+                    self._verified[(split, key, shard)] = before  # verify_reads: sound as of this version
         return out
 
     def _labels_problems(self, split: str) -> list[Problem]:
@@ -823,10 +941,13 @@ class FeatureStore(CacheSource):
                 rows = done[(done >= start) & (done < stop)]
                 if rows.size == 0:
                     continue
-                if spec.dtype == "uint8":  # 0 is a valid pixel: check that the shard was written
-                    if not self._shard_file(split, name, shard).exists():
-                        out.append(Problem(f"{split}/{name} shard {shard}: marked done but no data written",
-                                           split=split, array=name, shard=shard))
+                expect = self.written_shards(split).get(shard, {})
+                if any(expect.get(k) is not None and not self._shard_file(split, k, shard).exists()
+                       for k in self._data_keys(split) if k.split("/")[0] == name):
+                    out.append(Problem(f"{split}/{name} shard {shard}: marked done but no data written",
+                                       split=split, array=name, shard=shard))
+                    continue
+                if spec.dtype == "uint8":  # 0 is a valid pixel: that the shard was written is all to check
                     continue
                 try:
                     data = self.read(split, name, slice(start, stop))[rows - start]

@@ -739,14 +739,19 @@ class WdsCache(CacheSource):
     def iter_samples(self, split: str, urls: list[str] | None = None,
                      select: Callable[[str], bool] | None = None) -> Iterator[dict[str, Any]]:
         for url in (self.shard_urls(split) if urls is None else urls):
-            with self.opener(url) as fh:
+            try:
+                fh = self.opener(url)
+            except OSError as exc:  # gone since the export was opened (webdataset's gopen raises it as is)
+                raise CacheError(f"WebDataset shard {url} cannot be read ({exc.strerror or exc}): copy it again, "
+                                 "or re-export the cache (pipeline cache export)") from None
+            with fh:
                 samples = iter_tar_samples(fh, select, self.shard_check(split, url), url)
                 while True:
                     try:
                         sample = next(samples)
                     except StopIteration:
                         break
-                    except (tarfile.TarError, EOFError) as exc:
+                    except (tarfile.TarError, EOFError, OSError) as exc:
                         raise CacheError(f"WebDataset shard {url} is truncated or damaged ({str(exc)[:120]}): copy "
                                          "it again, or re-export the cache (pipeline cache export)") from None
                     yield sample

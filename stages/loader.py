@@ -169,6 +169,9 @@ class ZarrBatches:
             for part, (shape, dtype) in self.store.row_shape(self.split, name, layers).items():
                 self.parts[f"{name}.{part}" if part else name] = (name, part, layers, shape, np.dtype(dtype))
         self.memory: dict[str, torch.Tensor] | None = None
+        # which shard files were written (sizes, checksums), taken here, before worker processes fork:
+        # every read checks against it, so a file lost mid-run is an error, never fill values
+        self.store.written_shards(self.split)
         want = {"on": True, "off": False, True: True, False: False}.get(preload)
         if want is None:
             want = self.nbytes() <= min(PRELOAD_LIMIT, PRELOAD_FRACTION * _mem_available())

@@ -55,7 +55,8 @@ def default_runs_root() -> Path:
 
 # --------------------------------------------------------------------------- a run folder's fate
 # a resumed run may change these ("recipe" only names the preset the values came from: the values are compared)
-RESUME_FREE = {"device", "workers", "eval_batch_size", "eval_every", "cache", "recipe", "preload", "sources"}
+RESUME_FREE = {"device", "workers", "eval_batch_size", "eval_every", "cache", "recipe", "preload", "sources",
+               "verify_reads"}
 # options added after runs were written: a checkpoint without one was made with its default
 ADDED_LATER = {"shuffle": "full", "threads": 0, "repeat_shots": "auto"}
 

@@ -92,6 +92,12 @@ class TrainCfg:
     workers: int = 0
     shuffle: str = "full"             # epoch order: "full" permutation | "block" (runs of videos: sequential reads)
     preload: str = "auto"             # hold the arrays read in RAM (stored dtype): auto (when they fit) | on | off
+    # Zarr caches: check a shard file's recorded crc32 whenever a read meets a new version of it (its
+    # size/mtime/ctime/inode changed since the start-of-run check), so a same-length rewrite during the
+    # run is an error at its next read, not silently other data (off: only `pipeline cache verify` finds
+    # it). Cost: one fstat per shard file a batch reads (within the noise of a loader epoch), plus one
+    # crc32 pass over a file that changed (bench/bench_verify_reads.py)
+    verify_reads: bool = False
     recipe: str = ""                  # the preset these values came from (stages/recipes.py); a record only
     threads: int = 0                  # torch intra-op threads for the run (0: as set); 1 pins the float order
 
@@ -202,7 +208,8 @@ def _run_id(cfg: TrainCfg, head: Head, store: FeatureStore, partial: str = "") -
     data: the cache key and the source, so training from a subset of shards never lands in the
     folder of a run on the whole Zarr cache (``partial``: which videos of an unfinished cache)."""
     train = {k: v for k, v in asdict(cfg).items() if k != "recipe"}  # the same values name the same run
-    train = {k: v for k, v in train.items() if k != "preload" and not (k in ADDED_LATER and v == ADDED_LATER[k])}
+    train = {k: v for k, v in train.items() if k not in ("preload", "verify_reads")
+             and not (k in ADDED_LATER and v == ADDED_LATER[k])}
     if cfg.shots:  # what repeat_shots does, not how it was said (auto follows the recipe, which is not hashed)
         train["repeat_shots"] = cfg.repeats_shots
     else:
@@ -279,7 +286,11 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
     keys = head.data_keys()
     inputs = check_cache_for_head(store, keys, cfg.head, [cfg.train_split, cfg.eval_split])
     partial = ""
+    if cfg.verify_reads and not isinstance(store, FeatureStore):
+        raise ConfigError("verify_reads=on checks the shard files of a Zarr cache against their recorded "
+                          "checksums; a WebDataset export records none per shard: drop it, or train from the cache")
     if isinstance(store, FeatureStore):
+        store.verify_reads = cfg.verify_reads
         reads = {cfg.eval_split: inputs[cfg.eval_split].array_names()}
         reads[cfg.train_split] = inputs[cfg.train_split].array_names() + (["frame_emb"] * (
             head.has_classifier and cfg.classifier_init == "lda" and init_weight is None))

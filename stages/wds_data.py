@@ -164,8 +164,10 @@ class WdsSplit(IterableDataset):
         else:
             urls = self._node_urls()
             if self.shuffle > 0:
+                # one shard order for every worker (worker 0's, as with no workers), each then takes its
+                # share: every shard read once an epoch (an order per worker read some twice, others never)
                 urls = list(urls)
-                rng.shuffle(urls)
+                (rng if worker == 0 else random.Random(f"{self.epoch_seed}-{rank}-0")).shuffle(urls)
             samples = self._samples(urls[worker::workers])
             limit = None
         if self.shuffle > 0:
@@ -206,7 +208,7 @@ class WdsSplit(IterableDataset):
             try:
                 stream = self.source.opener(url)
             except OSError as exc:
-                raise CacheError(f"cannot open WebDataset shard {url} ({exc.strerror or exc}): copy it again, or "
+                raise CacheError(f"WebDataset shard {url} cannot be read ({exc.strerror or exc}): copy it again, or "
                                  "re-export the cache (pipeline cache export)") from None
             try:
                 yield from self._shard_samples(url, stream)

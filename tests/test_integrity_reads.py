@@ -1,10 +1,12 @@
-"""A cache shard damaged after stage two's start-of-run check (issue 10): every read of the stage-two
-path (the loader's direct reads, zarr's, preload, worker processes, WebDataset shards) fails in one
-CacheError line that names the array, the shard file and the fix, never a traceback or silent
-values; the run folder is not marked complete, and after `cache repair` the same command resumes.
+"""A cache shard damaged after stage two's start-of-run check (issues 10 and 20): every read of the
+stage-two path (the loader's direct reads, zarr's, preload, worker processes, WebDataset shards,
+training and evaluation) fails in one CacheError line that names the array, the shard file and the
+fix, never a traceback or silent values: a deleted shard file of a done shard is not read as fill
+values (NaN, or an accuracy computed from them); the run folder is not marked complete, and after
+`cache repair` the same command resumes. ``verify_reads=on`` also catches a same-length rewrite.
 
-The damage is real (a truncated patch-token shard file of a real extracted cache). To put it
-between the check and the read, the tests damage the file from a tiny hook: right after
+The damage is real (a truncated, deleted or rewritten shard file of a real extracted cache). To put
+it between the check and the read, the tests damage the file from a tiny hook: right after
 FeatureStore.require_sound has passed, or right after the first epoch's checkpoint is written.
 """
 
@@ -61,8 +63,8 @@ def cache(clean, tmp_path) -> Path:
     return dest
 
 
-def _shard_file(path: Path, shard: int = SHARD) -> Path:
-    return open_store(path)._shard_file("train", "patch", shard)
+def _shard_file(path: Path, shard: int = SHARD, split: str = "train", array: str = "patch") -> Path:
+    return open_store(path)._shard_file(split, array, shard)
 
 
 def _truncate(file: Path, how: str = "half") -> None:
@@ -70,10 +72,22 @@ def _truncate(file: Path, how: str = "half") -> None:
     file.write_bytes(data[: len(data) // 2] if how == "half" else data[:-7])
 
 
-def _assert_one_line(text: str, path: Path) -> None:
+def _damage(file: Path, how: str) -> None:
+    """'truncate' (half the file), 'delete', or 'rewrite': the same length, other bytes in its first chunk."""
+    if how == "delete":
+        file.unlink()
+    elif how == "rewrite":
+        data = bytearray(file.read_bytes())
+        data[:64] = bytes(b ^ 0x55 for b in data[:64])  # inside the data, before the index: the index stays sound
+        file.write_bytes(bytes(data))
+    else:
+        _truncate(file)
+
+
+def _assert_one_line(text: str, path: Path, split: str = "train", array: str = "patch", shard: int = SHARD) -> None:
     assert "\n" not in text.strip() and "Traceback" not in text, text
-    rel = str(_shard_file(path).relative_to(path))
-    assert rel in text and "'train/patch'" in text, text
+    rel = str(_shard_file(path, shard, split, array).relative_to(path))
+    assert rel in text and f"'{split}/{array}'" in text, text
     assert f"pipeline cache verify {path}" in text and f"pipeline cache repair {path}" in text, text
 
 
@@ -90,6 +104,45 @@ def test_both_readers_name_a_truncated_shard(clean, cache, how):
         _assert_one_line(str(err.value), cache)
     # the other shards still read as they were written
     assert np.array_equal(st.read_rows("train", "patch", [0, 1, 4]), clean.read_rows("train", "patch", [0, 1, 4]))
+
+
+def test_both_readers_refuse_a_deleted_shard_of_a_done_shard(clean, cache):
+    """Zarr (and the direct reader, as it was) read a missing shard file as fill values: NaN rows
+    that a loss or an accuracy was then computed from. The store's status says the shard was
+    written: its absence is damage, named."""
+    st = open_store(cache)
+    a, b = st.shard_range("train", SHARD)
+    st.read_rows("train", "patch", [a, b - 1])  # sound (and the shard's expectations are taken)
+    _shard_file(cache).unlink()
+    for read in (st.read_rows, st.read):
+        with pytest.raises(CacheError, match="missing") as err:
+            read("train", "patch", [a, b - 1])
+        _assert_one_line(str(err.value), cache)
+    # a fresh reader (its first read after the deletion) refuses it too, through both readers
+    for read in (open_store(cache).read_rows, open_store(cache).read):
+        with pytest.raises(CacheError, match="missing"):
+            read("train", "patch", [a])
+    assert np.array_equal(st.read_rows("train", "patch", [0, 1, 4]), clean.read_rows("train", "patch", [0, 1, 4]))
+
+
+def test_a_cache_without_records_refuses_a_deleted_shard_too(cache):
+    """A cache made before shard records: the status array alone says the shard was written."""
+    import zarr
+
+    root = zarr.open_group(str(cache), mode="r+")
+    meta = dict(root.attrs["clipcache"])
+    meta["integrity"] = 0
+    root.attrs["clipcache"] = meta
+    st = open_store(cache)
+    assert not st.has_checksums
+    _shard_file(cache).unlink()
+    a, b = st.shard_range("train", SHARD)
+    for read in (st.read_rows, st.read):
+        with pytest.raises(CacheError, match="missing") as err:
+            read("train", "patch", [a, b - 1])
+        _assert_one_line(str(err.value), cache)
+    problems = [p for p in open_store(cache).verify() if p.array == "patch"]
+    assert problems == [f"train/patch shard {SHARD}: marked done but no data written"], problems
 
 
 def test_a_rewritten_index_entry_past_the_end_is_named(cache):
@@ -116,24 +169,43 @@ def _split(path: Path) -> CacheSplit:
     return CacheSplit(st, HeadInputs(st, KEYS, "train"), select_videos(st, "train"), train=True, preload=False)
 
 
+@pytest.mark.parametrize("how", ["truncate", "delete"])
 @pytest.mark.parametrize("workers", [0, 2])
-def test_the_loader_turns_a_shard_damaged_mid_run_into_one_line(cache, workers):
+def test_the_loader_turns_a_shard_damaged_mid_run_into_one_line(cache, workers, how):
     data = _split(cache)
     source = ZarrBatches(data, preload="off")  # reads happen per batch (in the workers when > 0)
     plan = epoch_plan(len(data), 4, 1, 0, 0, 0, "full")
     assert len(list(CacheLoader(source, plan, "cpu", workers=workers))) == len(plan)  # sound: every batch
-    _truncate(_shard_file(cache))
+    _damage(_shard_file(cache), how)
     with pytest.raises(CacheError) as err:
         list(CacheLoader(source, plan, "cpu", workers=workers))
     _assert_one_line(str(err.value), cache)
 
 
-def test_a_preload_of_a_damaged_shard_is_one_line(cache):
+@pytest.mark.parametrize("how", ["truncate", "delete"])
+def test_a_preload_of_a_damaged_shard_is_one_line(cache, how):
     data = _split(cache)
-    _truncate(_shard_file(cache))
+    _damage(_shard_file(cache), how)
     with pytest.raises(CacheError) as err:
         ZarrBatches(data, preload="on")
     _assert_one_line(str(err.value), cache)
+
+
+def test_verify_reads_catches_a_same_length_rewrite_at_its_next_read(cache):
+    """Size and index unchanged, other bytes: only the recorded crc32 tells. Off, the reader returns
+    the rewritten values (what `pipeline cache verify` finds later); on, the next read refuses them."""
+    rows = list(range(*open_store(cache).shard_range("train", SHARD)))
+    off, on = open_store(cache), open_store(cache)
+    on.verify_reads = True
+    assert on.require_sound({"train": ["patch"]}) == {"train": 0}  # checksums once: the reads then pay no crc32
+    first = off.read_rows("train", "patch", rows)
+    assert np.array_equal(on.read_rows("train", "patch", rows), first)
+    _damage(_shard_file(cache), "rewrite")
+    assert not np.array_equal(off.read_rows("train", "patch", rows), first)  # silently other data
+    for read in (on.read_rows, on.read):
+        with pytest.raises(CacheError, match="crc32") as err:
+            read("train", "patch", rows)
+        _assert_one_line(str(err.value), cache)
 
 
 # ----------------------------------------------------------------------------- the command
@@ -151,13 +223,14 @@ def test_train_refuses_a_shard_damaged_before_the_run(cache, tmp_path, capsys):
     assert not run.exists()
 
 
-def test_train_on_a_shard_damaged_after_the_check_is_one_line(cache, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("how", ["truncate", "delete"])
+def test_train_on_a_shard_damaged_after_the_check_is_one_line(cache, tmp_path, capsys, monkeypatch, how):
     """Damage between require_sound and the first read (preloaded in this process, workers 0)."""
     check = FeatureStore.require_sound
 
     def check_then_damage(self, *a, **k):
         got = check(self, *a, **k)
-        _truncate(_shard_file(cache))
+        _damage(_shard_file(cache), how)
         return got
 
     monkeypatch.setattr(FeatureStore, "require_sound", check_then_damage)
@@ -202,6 +275,81 @@ def test_a_shard_damaged_mid_run_in_a_worker_then_repaired_resumes(cache, tmp_pa
     assert json.loads((run / "metrics.json").read_text())["history"][-1]["epoch"] == 3
 
 
+def _damage_after_first_epoch(monkeypatch, file: Path, how: str) -> list:
+    """Damage ``file`` right after the run's first checkpoint: the next epoch's reads meet it."""
+    save = T.save_checkpoint
+    saved = []
+
+    def save_then_damage(state, path, *a, **k):
+        save(state, path, *a, **k)
+        saved.append(state.get("epoch"))
+        if len(saved) == 1:
+            _damage(file, how)
+
+    monkeypatch.setattr(T, "save_checkpoint", save_then_damage)
+    return saved
+
+
+def _assert_failed_run(code: int, err: str, run: Path, cache: Path, split: str, array: str, shard: int) -> None:
+    """Exit 2, one `error:` line naming the file, the run failed, no metrics (no accuracy claimed)."""
+    assert code == 2, (code, err)
+    assert err.startswith("error: cache ") and len(err.strip().splitlines()) == 1, err
+    _assert_one_line(err, cache, split, array, shard)
+    assert json.loads((run / "status.json").read_text())["state"] == "failed"
+    assert not (run / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("split,array,shard,workers", [
+    ("val", "patch", 0, 0),        # issue 20: the evaluation's read (was: exit 0, an accuracy from fill values)
+    ("train", "patch", SHARD, 0),  # was: "the loss is nan ... lower the learning rate", no file named
+    ("train", "patch", SHARD, 2),  # read in a worker process
+])
+def test_a_shard_deleted_mid_run_while_streaming_stops_the_run(cache, tmp_path, capsys, monkeypatch, split, array,
+                                                                shard, workers):
+    """Arrays that do not fit in RAM (as on K400): auto preload is off, for training and evaluation
+    alike, and every epoch reads the files."""
+    import stages.loader as L
+
+    monkeypatch.setattr(L, "PRELOAD_LIMIT", 0)
+    file = _shard_file(cache, shard, split, array)
+    saved = _damage_after_first_epoch(monkeypatch, file, "delete")
+    run = tmp_path / "run"
+    code, out, err = cli_in_process(capsys, *_train_args(cache, run, "--set", f"workers={workers}"))
+    assert saved == [1] and "top1" not in out, out
+    _assert_failed_run(code, err, run, cache, split, array, shard)
+    assert "missing" in err, err
+
+
+def test_evaluate_on_a_shard_deleted_after_the_check_is_one_line(cache, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    code, _, err = cli_in_process(capsys, *_train_args(cache, run))
+    assert code == 0, err
+    check = FeatureStore.require_sound
+
+    def check_then_delete(self, *a, **k):
+        got = check(self, *a, **k)
+        _shard_file(cache, 0, "val", "patch").unlink()
+        return got
+
+    monkeypatch.setattr(FeatureStore, "require_sound", check_then_delete)
+    code, out, err = cli_in_process(capsys, "evaluate", "--run", run)
+    assert code == 2 and "top1" not in out, (code, out, err)
+    assert err.startswith("error: cache ") and len(err.strip().splitlines()) == 1, err
+    _assert_one_line(err, cache, "val", "patch", 0)
+
+
+def test_verify_reads_on_stops_a_run_whose_shard_is_rewritten_mid_run(cache, tmp_path, capsys, monkeypatch):
+    """A same-length rewrite after the first epoch: with verify_reads=on the next epoch's read (in a
+    worker process) refuses it; the run fails, naming the file."""
+    saved = _damage_after_first_epoch(monkeypatch, _shard_file(cache), "rewrite")
+    run = tmp_path / "run"
+    code, out, err = cli_in_process(capsys, *_train_args(cache, run, "--set", "preload=off", "--set", "workers=2",
+                                                         "--set", "verify_reads=on"))
+    assert saved == [1]
+    _assert_failed_run(code, err, run, cache, "train", "patch", SHARD)
+    assert "crc32" in err, err
+
+
 # ----------------------------------------------------------------------------- WebDataset shards
 def _export(path: Path, out: Path) -> Path:
     from cache.wds import export_wds
@@ -210,8 +358,9 @@ def _export(path: Path, out: Path) -> Path:
     return out / "x-header.json"
 
 
+@pytest.mark.parametrize("how", ["truncate", "delete"])
 @pytest.mark.parametrize("workers", [0, 2])
-def test_a_damaged_webdataset_shard_is_one_line_in_workers_too(cache, tmp_path, workers):
+def test_a_damaged_webdataset_shard_is_one_line_in_workers_too(cache, tmp_path, workers, how):
     from stages.wds_data import open_wds_source
 
     header = _export(cache, tmp_path / "wds")
@@ -219,11 +368,35 @@ def test_a_damaged_webdataset_shard_is_one_line_in_workers_too(cache, tmp_path, 
     data = src.split_dataset(HeadInputs(src, KEYS, "train"), select_videos(src, "train"), train=True)
     assert len(list(WdsLoader(data, 3, "cpu", workers=workers))) > 1
     tar = Path(data.urls[1])
-    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    if how == "delete":
+        tar.unlink()
+    else:
+        tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
     with pytest.raises(CacheError) as err:
         list(WdsLoader(data, 3, "cpu", workers=workers))
     text = str(err.value)
-    assert "\n" not in text and tar.name in text and "truncated or damaged" in text, text
+    assert "\n" not in text and tar.name in text, text
+    assert ("truncated or damaged" if how == "truncate" else "No such file") in text, text
+    # the closed-form heads' one pass (WdsCache.read, through the same opener) names it too
+    with pytest.raises(CacheError, match=tar.name):
+        src.read("train", "frame_emb")
+
+
+def test_train_from_webdataset_with_a_shard_deleted_mid_run_stops_the_run(cache, tmp_path, capsys, monkeypatch):
+    header = _export(cache, tmp_path / "wds")
+    tar = sorted((tmp_path / "wds").glob("x-train-*.tar"))[1]
+    saved = _damage_after_first_epoch(monkeypatch, tar, "delete")
+    run = tmp_path / "run"
+    code, out, err = cli_in_process(capsys, "train", "--head", "evl", "--wds", header, "--run-dir", run, *EVL,
+                                    "--set", "workers=2")
+    assert saved == [1] and code == 2 and "top1" not in out, (code, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: WebDataset shard") and tar.name in lines[0], err
+    assert json.loads((run / "status.json").read_text())["state"] == "failed"
+    assert not (run / "metrics.json").exists()
+    code, _, err = cli_in_process(capsys, "train", "--head", "evl", "--wds", header, "--run-dir", tmp_path / "r2",
+                                  *EVL, "--set", "verify_reads=on")
+    assert code == 2 and "verify_reads" in err and len(err.strip().splitlines()) == 1, err
 
 
 def _as_version_1(header: Path) -> None:

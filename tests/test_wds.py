@@ -213,11 +213,16 @@ def test_streamed_items_equal_cache_split_items(mixed_cache, tmp_path, monkeypat
         assert sorted(map(sig, streamed)) == sorted(map(sig, ordered))
         if not train:
             assert list(map(sig, streamed)) == list(map(sig, ordered))
-    # a DataLoader with workers: shards are split between them, every video once
+    # a DataLoader with workers: shards are split between them, every video once in every epoch (the
+    # shard order is shuffled per epoch: one order for all workers, or some shards are read twice, some never)
     idx = select_videos(st, "train")
     ds = src.split_dataset(HeadInputs(src, DataKeys(frame_emb=True), "train"), idx, train=True)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
-    assert len(list(loader)) == len(idx)
+    every = sorted(it["frame_emb"].numpy().tobytes() for it in ds.ordered())
+    assert len(every) == len(set(every)) == len(idx)
+    for epoch in range(4):
+        ds.set_epoch(epoch, seed=0)
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+        assert sorted(it["frame_emb"].numpy().tobytes() for it in loader) == every, epoch
     # nodes: rank r of 2 reads shards r, r+2, ...; together every selected video exactly once
     import stages.wds_data as wd
 
