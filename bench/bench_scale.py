@@ -22,28 +22,31 @@ and torch's start-up, the same at both sizes, are left out):
 * ``extract --dry-run``;  ``cache info``;  ``cache verify``;  ``cache ls`` (a root holding the cache);
 * ``train start-of-run check``: `FeatureStore.require_sound` over what `train --head tap` reads;
 * ``train start-up``: `pipeline train --head tap --shots 1 --set epochs=1` into a fresh run
-  folder, its wall time less the run's own `seconds` (the epoch + evaluation, metrics.json): what
-  train does before its first step (open, check, select videos, run folder); CPU is of the whole call;
+  folder, its wall time less the run's own `seconds` (the epoch + evaluation over every val
+  video, metrics.json): what train does before its first step (open, check, select videos, run
+  folder) plus closing the run folder (metrics.json, curves.png); CPU is of the whole call;
 * ``runs ls``: `pipeline runs ls --root RUNS` (the table);
 * ``cache export`` (WebDataset).
 
 Linear means large/small <= ~12 (10x the videos, noise allowed); the verdict uses CPU seconds
 (less disturbed by other jobs on a shared box than wall seconds; both are shown).
 
-    PYTHONPATH=. .venv/bin/python bench/bench_scale.py            # 24,000 vs 240,000 (~15 min on 2 busy cores)
-    PYTHONPATH=. .venv/bin/python bench/bench_scale.py --quick    # 2,400 vs 24,000 (~1-2 min)
+    PYTHONPATH=. .venv/bin/python bench/bench_scale.py            # 24,000 vs 240,000 (~17 min at load 6 on 2 cores)
+    PYTHONPATH=. .venv/bin/python bench/bench_scale.py --quick    # 2,400 vs 24,000 (~2 min)
+    ... --root /tmp/scale-k400 --keep                              # build once (6 min), then ~11 min a run
+    ... --only "extract,cache info" --gc-off                       # a diagnostic: the collector off
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import shutil
 import sys
 import tempfile
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -70,7 +73,12 @@ class World:
 
     n: int
     root: Path
-    dataset_args: list[str] = field(default_factory=list)
+
+    @property
+    def dataset_args(self) -> list[str]:
+        return ["--dataset", "custom", "--video-root", str(self.root / "videos"), "--train-list",
+                str(self.root / "train.txt"), "--val-list", str(self.root / "val.txt"), "--classes",
+                str(self.root / "classes.txt")]
 
     @property
     def cache(self) -> Path:
@@ -88,6 +96,10 @@ class World:
         return ["extract", *self.dataset_args, *EXTRACT, "--out", str(self.cache), "--no-progress"]
 
 
+def n_runs(videos: int) -> int:
+    return max(1, videos // RUNS_EVERY)
+
+
 def write_lists(w: World) -> None:
     """classes.txt, train.txt and val.txt (`class_c/vid.mp4 c` lines) under an empty video root."""
     videos = w.root / "videos"
@@ -96,8 +108,6 @@ def write_lists(w: World) -> None:
     for split, n in (("train", w.n), ("val", w.n // VAL_EVERY)):
         lines = (f"class_{i % CLASSES:03d}/{split}_{i:07d}.mp4 {i % CLASSES}\n" for i in range(n))
         (w.root / f"{split}.txt").write_text("".join(lines))
-    w.dataset_args = ["--dataset", "custom", "--video-root", str(videos), "--train-list", str(w.root / "train.txt"),
-                      "--val-list", str(w.root / "val.txt"), "--classes", str(w.root / "classes.txt")]
 
 
 def build_cache(w: World) -> float:
@@ -239,7 +249,7 @@ def operations(w: World) -> dict[str, Callable[[], dict]]:
             shutil.rmtree(run, ignore_errors=True)
 
     def runs_ls():
-        expect(cli("runs", "ls", "--root", w.runs), f"tap-{w.n // RUNS_EVERY - 1:010x}")
+        expect(cli("runs", "ls", "--root", w.runs), f"tap-{n_runs(w.n) - 1:010x}")
 
     def export():
         out = Path(tempfile.mkdtemp(dir=w.scratch, prefix="wds-"))
@@ -254,25 +264,35 @@ def operations(w: World) -> dict[str, Callable[[], dict]]:
             "cache export (WebDataset)": export}
 
 
-def timed(fn: Callable[[], dict | None]) -> tuple[float, float]:
-    """(wall, CPU) seconds of one call; a returned {"minus": s} takes s off the wall time."""
-    c, t = cpu_self(), now()
-    got = fn() or {}
-    wall, cpu = now() - t, cpu_self() - c
+def timed(fn: Callable[[], dict | None], gc_off: bool = False) -> tuple[float, float]:
+    """(wall, CPU) seconds of one call; a returned {"minus": s} takes s off the wall time.
+    ``gc_off``: with Python's cyclic garbage collector off during the call (a diagnostic)."""
+    gc.collect()
+    if gc_off:
+        gc.disable()
+    try:
+        c, t = cpu_self(), now()
+        got = fn() or {}
+        wall, cpu = now() - t, cpu_self() - c
+    finally:
+        gc.enable()
     return wall - got.get("minus", 0.0), cpu
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = base_parser(__doc__, quick="2,400 vs 24,000 videos (and 10 vs 100 run folders)")
     ap.add_argument("--sizes", default="", help="small,large train videos (default 24000,240000; --quick 2400,24000)")
-    ap.add_argument("--reps", type=int, default=0, help="repeats per operation and size, best kept (default 3; --quick 2)")
+    ap.add_argument("--reps", type=int, default=2, help="repeats per operation and size, best kept (default 2)")
     ap.add_argument("--only", default="", help="comma list of operation name prefixes to time (default: all)")
     ap.add_argument("--root", default="", help="where the caches are built (default: a fresh /tmp/scale-* folder)")
     ap.add_argument("--keep", action="store_true", help="keep the built caches and run folders (for --root reuse)")
     ap.add_argument("--md", action="store_true", help="also print the table as markdown (RESULTS.md)")
+    ap.add_argument("--gc-off", action="store_true", help="diagnostic: time with Python's cyclic garbage collector "
+                                                          "off (what the code costs without the collector's passes "
+                                                          "over a heap 10x larger)")
     args = ap.parse_args(argv)
     sizes = [int(x) for x in (args.sizes or ("2400,24000" if args.quick else "24000,240000")).split(",")]
-    reps = args.reps or (2 if args.quick else 3)
+    reps = max(1, args.reps)
     start_load, t_start = load_avg(), now()
     root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="scale-", dir="/tmp"))
     con = console()
@@ -286,17 +306,18 @@ def main(argv: list[str] | None = None) -> int:
                 secs = build_cache(w)
                 con.print(f"built {w.cache}: {n:,} + {n // VAL_EVERY:,} videos in {secs:.1f}s")
             if not w.runs.is_dir():
-                secs = build_runs(w, n // RUNS_EVERY)
-                con.print(f"built {n // RUNS_EVERY:,} run folders in {secs:.1f}s")
+                secs = build_runs(w, n_runs(n))
+                con.print(f"built {n_runs(n):,} run folders in {secs:.1f}s")
             worlds.append(w)
         ops = [operations(w) for w in worlds]
+        ops[0]["extract --dry-run"]()  # untimed: the CLI's imports (torch, open_clip) are paid once, here
         names = [k for k in ops[0] if not args.only or any(k.startswith(p) for p in args.only.split(","))]
         rows = []
         for name in names:
             best = [(float("inf"), 0.0)] * len(worlds)
             for _ in range(reps):
                 for i, op in enumerate(ops):
-                    got = timed(op[name])
+                    got = timed(op[name], args.gc_off)
                     if got[0] < best[i][0]:
                         best[i] = got
             (ws, cs), (wl, cl) = best[0], best[-1]
@@ -308,8 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         small, large = f"{sizes[0]:,}", f"{sizes[-1]:,}"
         cols = ("operation", f"wall s @{small}", f"wall s @{large}", "wall x", f"CPU s @{small}", f"CPU s @{large}",
                 "CPU x", "growth")
-        con.print(make_table(f"bench_scale.py: {small} vs {large} train videos (+1/12 val), "
-                             f"{sizes[0] // RUNS_EVERY:,} vs {sizes[-1] // RUNS_EVERY:,} run folders, best of {reps}",
+        gc_note = " (--gc-off)" if args.gc_off else ""
+        con.print(make_table(f"bench_scale.py{gc_note}: {small} vs {large} train videos (+1/12 val), "
+                             f"{n_runs(sizes[0]):,} vs {n_runs(sizes[-1]):,} run folders, best of {reps}",
                              cols, rows))
         con.print(load_line(start_load, t_start))
         if args.md:
