@@ -815,8 +815,8 @@ class FeatureStore(CacheSource):
                         out.append(Problem(f"{split}/{name} shard {shard}: marked done but no data written",
                                            split=split, array=name, shard=shard))
                     continue
-                try:  # the stored bytes of the done rows (cache/rows.py): zarr took ~0.5 ms a video here
-                    data = self.read_rows(split, name, rows)
+                try:
+                    data = self.read_rows(split, name, rows)  # the shard files' bytes: zarr took ~0.5 ms a video
                     data = dequantize_int8(data) if isinstance(data, dict) else data
                 except Exception as exc:  # a damaged shard file: zarr raises several types
                     out.append(Problem(f"{split}/{name} shard {shard}: unreadable ({exc.__class__.__name__})",
