@@ -950,7 +950,8 @@ class FeatureStore(CacheSource):
                 if spec.dtype == "uint8":  # 0 is a valid pixel: that the shard was written is all to check
                     continue
                 try:
-                    data = self.read(split, name, slice(start, stop))[rows - start]
+                    data = self.read_rows(split, name, rows)  # the shard files' bytes: zarr took ~0.5 ms a video
+                    data = dequantize_int8(data) if isinstance(data, dict) else data
                 except Exception as exc:  # a damaged shard file: zarr raises several types
                     out.append(Problem(f"{split}/{name} shard {shard}: unreadable ({exc.__class__.__name__})",
                                        split=split, array=name, shard=shard))

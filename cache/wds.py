@@ -363,12 +363,8 @@ def _export_split(store: FeatureStore, split: str, out: Path, name: str, limit: 
             if rows.size == 0:
                 continue
             # one whole Zarr shard at a time, as stored (fp16 / uint8 / int8 parts): no re-rounding
-            raw: dict[str, Any] = {}
-            for aname, spec in specs.items():
-                if spec.dtype == "int8":
-                    raw[aname] = {s: store.root[f"{split}/{aname}/{s}"][start:stop] for s in QUANT_SUFFIXES}
-                else:
-                    raw[aname] = store.root[f"{split}/{aname}"][start:stop]
+            # (read_rows: the shard files' bytes, int8 as its parts; zarr's read took ~0.5 ms a video)
+            raw: dict[str, Any] = {aname: store.read_rows(split, aname, np.arange(start, stop)) for aname in specs}
             for r in rows:
                 index = start + int(r)
                 key = f"{split}_{index:0{width}d}"

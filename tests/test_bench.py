@@ -1,5 +1,6 @@
 """bench/: the shared helpers (bench/common.py), the extractor's own phase timings that
-bench_extract.py reads instead of wrapping the extractor, and the GPU check's CPU dry run (slow)."""
+bench_extract.py reads instead of wrapping the extractor, the GPU check's CPU dry run (slow) and
+bench_scale.py at toy sizes (slow)."""
 
 from __future__ import annotations
 
@@ -117,3 +118,19 @@ def test_gpu_check_cpu_dry_run(tmp_path):
         assert read.startswith("missing"), read
     rows = json.loads((tmp_path / "extract.json").read_text())["rows"]
     assert {r["path"] for r in rows} >= {"bare encoder", "pipelined w=0", "pipelined w=1"}
+
+
+@pytest.mark.slow
+def test_bench_scale_times_every_whole_cache_command_at_two_sizes(tmp_path, capsys):
+    """bench_scale.py end to end at toy sizes: both caches built through the store's writer, the
+    run folders through the run log, every operation run (each checks its own output) and timed
+    at both sizes, one table; the caches are removed unless --keep."""
+    from bench import bench_scale
+
+    bench_scale.main(["--sizes", "120,1200", "--reps", "1", "--root", str(tmp_path / "scale"), "--md"])
+    out = capsys.readouterr().out
+    table = [ln for ln in out.splitlines() if ln.startswith("| ") and "operation" not in ln]
+    assert [ln.split(" | ")[0][2:] for ln in table] == list(bench_scale.operations(bench_scale.World(1, tmp_path)))
+    assert all(float(ln.split(" | ")[2]) > 0 for ln in table)  # the large size's wall seconds
+    assert "command: `python bench/bench_scale.py --sizes 120,1200" in out
+    assert not (tmp_path / "scale").exists()
