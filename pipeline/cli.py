@@ -972,6 +972,7 @@ def _click_error(exc: Exception) -> int | None:
 
 def main(argv: list[str] | None = None) -> None:
     import errno
+    import gc
 
     from pipeline import signals
 
@@ -980,6 +981,9 @@ def main(argv: list[str] | None = None) -> None:
         signals.let_go()  # the entry point's hold over the module imports (raises a stop made meanwhile)
         with signals.deferred():  # a stop inside torch's C++ initialisation aborted the process (-6)
             _import_heavy(list(sys.argv[1:] if argv is None else argv))
+        # what the imports made lives as long as the process: out of the cyclic collector's sight, so a
+        # full collection walks the command's own data (240,000 video records), not torch's modules too
+        gc.freeze()
         code = app(args=argv, standalone_mode=False)
         signals.check()  # a stop some library swallowed still ends as one
     except signals.Interrupted as exc:
