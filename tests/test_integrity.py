@@ -198,6 +198,24 @@ def test_non_finite_loss_stops_training_and_leaves_no_run(reference, tmp_path):
     assert not run_dir.exists()
 
 
+def test_repair_redoes_done_videos_holding_nan_and_verify_then_passes(reference, tmp_path):
+    """A cache an older version left with NaN in done videos (checksums sound): `verify` names the
+    rows, `cache repair` checks what verify checks and redoes those shards, and verify passes."""
+    path = _copy(reference, tmp_path)
+    plant_non_finite(path, "train", 1, rows=[3])
+    plant_non_finite(path, "val", 0, rows=[0], value=float("inf"))
+    code = run_cli("cache", "verify", path)
+    assert code.returncode == 2 and "train/frame_emb[3]: marked done but holds NaN/inf" in code.stdout, code.stdout
+    assert "val/frame_emb[0]" in code.stdout
+    repaired = run_cli("cache", "repair", path, "--no-progress")
+    assert repaired.returncode == 0, repaired.stderr[-2000:]
+    assert "nothing to repair" not in repaired.stdout and "repaired and verified" in repaired.stdout
+    for redo in ("redoing 1 shard(s) of 'train' (1)", "redoing 1 shard(s) of 'val' (0)"):
+        assert redo in repaired.stdout, repaired.stdout
+    assert "ok" in run_cli("cache", "verify", path, check=True).stdout
+    assert_same_cache(open_store(path), reference)
+
+
 # the default run kills before the status chunk (record written: the case the record must not
 # count as a commit) and after the data (nothing but data written); the others run with -m slow
 FAULTS = ["after_data", "before_status", pytest.param("after_failures", marks=pytest.mark.slow),
