@@ -73,7 +73,7 @@ from stages.config import OptionSet, parse_set, split_options, validate_sampling
 from stages.evaluate import evaluate_head
 from stages.recipes import accumulation_steps
 from stages.runs import (AMP_CHOICES, RunLog, autocast, autocast_dtype, check_finite_weights, default_runs_root,
-                         lr_factor, param_groups, settle_run)
+                         lr_factor, param_groups, settle_run, step_overflow_stops)
 from stages.text import TEMPLATE_SETS, clip_text_embeddings
 from stages.video import SamplingCfg, decode_clips, parse_views
 
@@ -466,10 +466,11 @@ class Finetuner:
         if cfg.grad_clip > 0:
             self.scaler.unscale_(self.opt)
             torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], cfg.grad_clip)
-        self.scaler.step(self.opt)
+        with step_overflow_stops(f"step {step}"):
+            self.scaler.step(self.opt)
         self.scaler.update()
         self.sched.step()
-        check_finite_weights(self.named_trainable, f"optimiser step {step}")
+        check_finite_weights(self.named_trainable, f"step {step}")
         return value
 
     def train_batches(self, epoch: int):

@@ -35,7 +35,8 @@ from cache.store import artifacts_root, atomic_write_text
 
 __all__ = ["RunLog", "RunRecord", "read_run", "list_runs", "default_runs_root", "entry_metrics", "RUN_STATES",
            "RESUME_FREE", "check_resumable", "existing_run", "remove_unstarted", "AMP_CHOICES", "autocast_dtype",
-           "autocast", "lr_factor", "param_groups", "plot_curves", "settle_run", "check_finite_weights"]
+           "autocast", "lr_factor", "param_groups", "plot_curves", "settle_run", "check_finite_weights",
+           "step_overflow_stops"]
 
 RUN_STATES = ("running", "finished", "failed", "interrupted", "stopped", "corrupt")
 
@@ -176,6 +177,20 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@contextlib.contextmanager
+def step_overflow_stops(where: str):
+    """Around an optimiser step: torch's unfused AdamW raises a RuntimeError ("value cannot be
+    converted to type float without overflow") when lr / (1 - beta1**step) or lr * weight_decay
+    leaves float32; that is a learning rate too large, said as a TrainingError like any other."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "without overflow" not in str(exc):
+            raise
+        raise TrainingError(f"training stopped: the optimiser step at {where} overflows float32 (the learning rate "
+                            "is too large for AdamW's update); lower the learning rate (--set lr=...)") from None
 
 
 def check_finite_weights(named: list, where: str) -> None:
