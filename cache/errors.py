@@ -54,8 +54,8 @@ class VideoDecodeError(PipelineError, RuntimeError):
     """Neither decoder could produce the frames of a video (recorded as a failure)."""
 
 
-class TrainingError(PipelineError, RuntimeError):
-    """A run that cannot go on (e.g. a non-finite loss)."""
+class TrainingError(RunFailedError):
+    """A run that cannot go on (a non-finite loss, non-finite weights after a step): exit status 1."""
 
 
 def decode_failure_reason(exc: Exception) -> str:

@@ -16,13 +16,33 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["QUANT_SUFFIXES", "quantize_int8", "dequantize_int8"]
+__all__ = ["QUANT_SUFFIXES", "FP16_MAX", "finite_rows", "quantize_int8", "dequantize_int8"]
 
 QUANT_SUFFIXES = ("q", "scale", "oidx", "oval")
+FP16_MAX = float(np.finfo(np.float16).max)  # 65504
+
+
+def finite_rows(x: np.ndarray) -> np.ndarray:
+    """(n,) bool: row i of ``x`` (n, ...) holds no NaN/inf. fp16 by its exponent bits (no float
+    conversion: 37 ms for 64 MB, a third of the crc32 every shard write pays already)."""
+    x = np.asarray(x)
+    if x.dtype == np.float16:
+        bits = np.ascontiguousarray(x).view(np.uint16).reshape(len(x), -1)
+        return ((bits & 0x7C00) != 0x7C00).all(axis=1)
+    return np.isfinite(x.reshape(len(x), -1)).all(axis=1)
 
 
 def quantize_int8(x: np.ndarray, outliers: int = 4) -> dict[str, np.ndarray]:
+    """Token vectors ``x`` (..., D) as int8 parts; refuses (ValueError) NaN/inf, and values beyond
+    fp16's range (the outliers and scales are fp16): what they would store is not the input."""
     x = np.asarray(x, dtype=np.float32)
+    peak = float(np.abs(x).max()) if x.size else 0.0  # NaN when any value is NaN, inf when any is inf
+    if not np.isfinite(peak):
+        n = int((~np.isfinite(x)).sum())
+        raise ValueError(f"quantize_int8: the input holds NaN/inf ({n} of {x.size} values); int8 cannot store them")
+    if peak > FP16_MAX:
+        raise ValueError(f"quantize_int8: the input reaches {peak:.3g}, beyond the {FP16_MAX:g} its fp16 outliers "
+                         "and scales hold")
     D = x.shape[-1]
     k = min(outliers, D)
     flat = x.reshape(-1, D)  # (n_tokens, D)

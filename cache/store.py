@@ -55,7 +55,7 @@ import zarr
 
 from cache.errors import CacheError, CacheMismatchError
 from cache.meta import FORMAT_VERSION, Record, StoreMeta
-from cache.quant import QUANT_SUFFIXES, dequantize_int8, quantize_int8
+from cache.quant import FP16_MAX, QUANT_SUFFIXES, dequantize_int8, finite_rows, quantize_int8
 from cache.source import DONE, FAILED, PENDING, CacheSource
 
 __all__ = [
@@ -487,16 +487,28 @@ class FeatureStore(CacheSource):
         specs = self.specs(split)
         if set(arrays) != set(specs):
             raise ValueError(f"shard arrays {sorted(arrays)} do not match the store's {sorted(specs)}")
+        done = np.asarray(status) == DONE
+        stored: dict[str, np.ndarray] = {}  # every array checked before any is written
         for name, data in arrays.items():
             spec = specs[name]
             if data.shape != (n, *spec.shape):
                 raise ValueError(f"{name}: shape {data.shape}, expected {(n, *spec.shape)}")
-            if spec.dtype == "int8":
-                parts = quantize_int8(data, outliers=self._layout.int8_outliers)
+            with np.errstate(over="ignore"):  # beyond fp16 becomes inf: refused next
+                stored[name] = data.astype("float16" if spec.dtype == "int8" else spec.dtype, copy=False)
+            if spec.dtype != "uint8":  # int8 is quantised from the fp16 values
+                self._refuse_non_finite(split, name, start, stored[name], done, data)
+        for name, data in stored.items():
+            if specs[name].dtype == "int8":
+                data = arrays[name]  # quantised as given (the check above was on its fp16 values)
+                # rows not done hold no data (NaN in a shard buffer): quantised as zeros, read back as NaN
+                rows = data if done.all() else np.where(done.reshape(-1, *[1] * (data.ndim - 1)), data, 0)
+                parts = quantize_int8(rows, outliers=self._layout.int8_outliers)
+                parts["scale"][~done] = np.nan
+                parts["oval"][~done] = np.nan
                 for suffix in QUANT_SUFFIXES:
                     self._array(f"{split}/{name}/{suffix}")[start:stop] = parts[suffix]
             else:
-                self._array(f"{split}/{name}")[start:stop] = data.astype(spec.dtype, copy=False)
+                self._array(f"{split}/{name}")[start:stop] = data
         _fault("after_data")
         folder = self.path / split / "failures"
         folder.mkdir(exist_ok=True)
@@ -518,6 +530,21 @@ class FeatureStore(CacheSource):
         _fault("after_status")
         self._written.pop(split, None)  # this store's own write: what reads expect changed with it
         return record
+
+    @staticmethod
+    def _refuse_non_finite(split: str, name: str, start: int, kept: np.ndarray, done: np.ndarray,
+                           source: np.ndarray) -> None:
+        """A video marked done must hold finite data as the store keeps it (``kept``: fp16, or the
+        fp16 values int8 is quantised from): one CacheError naming the first video that does not
+        (NaN/inf in ``source``, or beyond fp16's range), before anything of the shard is written."""
+        bad = np.flatnonzero(done & ~finite_rows(kept))
+        if bad.size:
+            first = np.asarray(source[bad[0]], dtype=np.float32)
+            why = ("holds NaN/inf" if not np.isfinite(first).all() else
+                   f"reaches {float(np.abs(first).max()):.3g}, beyond the {FP16_MAX:g} of fp16")
+            raise CacheError(f"{split}/{name}[{start + int(bad[0])}] is marked done but {why}"
+                             + (f" (and {bad.size - 1} more video(s) of the shard)" if bad.size > 1 else "")
+                             + "; a cache never stores non-finite features: record such a video as failed")
 
     def reset_shards(self, split: str, shards: list[int]) -> None:
         """Make shards pending again (status first, so a crash half-way leaves them pending), and

@@ -356,8 +356,9 @@ def cache_verify(path: Path = typer.Argument(..., help="Cache folder.")):
 @cache_app.command("repair")
 def cache_repair(path: Path = typer.Argument(..., help="Cache folder."),
                  progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")):
-    """Repair (and finish) a cache in place: rebuild its damaged files, redo its damaged or pending shards with the
-    extraction recorded in its metadata, then verify it."""
+    """Repair (and finish) a cache in place: rebuild its damaged files, redo its damaged or pending shards (and those
+    with done videos holding NaN/inf: every check `cache verify` makes) with the extraction recorded in its
+    metadata, then verify it."""
     import dataclasses
 
     from cache.meta import extract_command
@@ -365,7 +366,7 @@ def cache_repair(path: Path = typer.Argument(..., help="Cache folder."),
     from stages.extract import ExtractCfg, plan_extraction, run_extraction
 
     st = open_store(path)
-    problems = st.verify(finite=False)
+    problems = st.verify()  # what `cache verify` checks, NaN/inf in done videos included
     if not problems and st.is_complete():
         typer.echo(f"ok: cache {path} is complete and verified, nothing to repair")
         return
@@ -378,7 +379,7 @@ def cache_repair(path: Path = typer.Argument(..., help="Cache folder."),
         raise CacheError(f"cannot rebuild the request of cache {path} from its metadata "
                          f"({'manifest damaged' if spec is None else 'the videos or lists changed'}); "
                          f"rerun the command that made it: {extract_command(meta, out=str(path))}")
-    _report_extraction(run_extraction(plan, shard=(0, 1), progress=progress))
+    _report_extraction(run_extraction(plan, shard=(0, 1), progress=progress, finite=True))
     typer.echo(f"ok: cache {path} repaired and verified")
 
 

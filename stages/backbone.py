@@ -480,8 +480,26 @@ def load_clip(name: str, pretrained: str | None = None, device: str = "cpu", see
     if built is not None and built != act:
         raise ModelError(f"{arch} was built with {built}, but its weights need {act} ({source}); "
                          "this architecture cannot run them as trained")
+    _refuse_non_finite(model, arch, pretrained)
     model.to(device).eval().requires_grad_(False)
     return model
+
+
+def _refuse_non_finite(model: nn.Module, arch: str, pretrained: str | None) -> None:
+    """One ModelError naming the first parameter holding NaN/inf: such weights make NaN features
+    for every input, and nothing built on them can be trusted. (Buffers are not weights: the
+    text tower's attention mask holds -inf by design.)"""
+    named = [(n, t) for n, t in model.named_parameters() if t.is_floating_point()]
+    # a sum is finite exactly when every term is, but for a finite sum that overflows: one
+    # reduction per tensor (no mask the size of the model), the exact test only where a sum is not
+    sums = torch.stack([t.detach().sum(dtype=torch.float32) for _, t in named]) if named else torch.zeros(0)
+    for i in torch.nonzero(~torch.isfinite(sums)).flatten().tolist():
+        name, t = named[i]
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            what = f"checkpoint {pretrained}" if pretrained else f"{arch}'s weights"
+            raise ModelError(f"{what}: parameter '{name}' holds NaN/inf ({bad} of {t.numel()} values); the model "
+                             "is broken and nothing was computed with it: use another checkpoint")
 
 
 @contextlib.contextmanager

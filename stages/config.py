@@ -6,9 +6,10 @@ key=value`` (text) or from an experiment file (YAML: already a bool, int, float,
 and both go through ``coerce_option``:
 
 - bool: true/false, yes/no, on/off, 1/0 (any case), or a YAML boolean;
-- int: an integer (``1_000`` too), never a bool or a float; float: any number (``1e-3``, which
-  PyYAML reads as text, included); text: text, or a YAML number taken as its text (``5``);
-  a YAML boolean is refused for text (``no`` unquoted is False in YAML: quote it);
+- int: an integer (``1_000`` too), never a bool or a float; float: any finite number within
+  float32's range (``1e-3``, which PyYAML reads as text, included; inf and nan are refused);
+  text: text, or a YAML number taken as its text (``5``); a YAML boolean is refused for text
+  (``no`` unquoted is False in YAML: quote it);
 - tuple/list of int/float/text: a comma list (``1,2,3``) or a YAML list;
 - ``X | None``: also none/null/empty.
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -44,6 +46,7 @@ __all__ = ["coerce_option", "OptionSet", "parse_set", "split_options", "load_exp
            "write_experiment", "SAMPLING_KEYS", "SAMPLING_MODES", "validate_sampling", "closest"]
 
 TRUE = ("true", "yes", "on", "1")
+FLOAT32_MAX = 3.4028234663852886e38
 FALSE = ("false", "no", "off", "0")
 NONE = ("none", "null", "")
 
@@ -91,13 +94,20 @@ def _scalar(kind: str, key: str, value: Any) -> Any:
         raise bad
     if kind == "float":
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value.strip())
+                number = float(value.strip())
             except ValueError:
                 raise bad from None
-        raise bad
+        else:
+            raise bad
+        if not math.isfinite(number):  # inf / nan / -inf parse as floats; no option means them
+            raise ConfigError(f"option '{key}' expects a finite number, got {value!r}")
+        if abs(number) > FLOAT32_MAX:  # the models compute in float32 (torch's AdamW cannot take lr=1e40)
+            raise ConfigError(f"option '{key}' expects a finite number within float32's range (|x| <= 3.4e38), "
+                              f"got {value!r}")
+        return number
     if kind == "str":
         if isinstance(value, str):
             return value

@@ -25,9 +25,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cache.datasets import DatasetSpec
-from cache.errors import CacheError, ConfigError, RunFailedError, decode_failure_reason
+from cache.errors import CacheError, ConfigError, ModelError, RunFailedError, decode_failure_reason
 from cache.meta import (BackboneMeta, CacheMeta, DatasetMeta, Dims, ExtractRecord, Preprocess, ProtocolRecord,
                         ViewBank, ViewCount, key_content)
+from cache.quant import FP16_MAX, finite_rows
 from cache.store import (
     DONE,
     FAILED,
@@ -473,6 +474,10 @@ def _init_store(plan: ExtractPlan, model, frozen: FrozenCLIP, device: str):
             tok = open_clip.get_tokenizer(plan.arch)
             model.to(device)
             for name, arr in compute_text_sets(sets, model, tok, list(plan.dataset.classes), device).items():
+                if not np.isfinite(arr).all():  # the text tower is broken: nothing is cached (a temporary folder)
+                    raise ModelError(f"model {plan.arch} ({plan.cfg.pretrained or 'random init'}) gives NaN/inf "
+                                     f"text embeddings for text set '{name}': the model is broken; check the "
+                                     "checkpoint (--pretrained)")
                 st.write_text(name, arr)
         for block in plan.layers:
             for pname, tensor in frozen.block_weights(block).items():
@@ -541,14 +546,16 @@ def _shards_to_redo(store: FeatureStore, plan: ExtractPlan, refresh: bool, retry
 
 
 def run_extraction(plan: ExtractPlan, shard: tuple[int, int] | None = None, progress: bool = True,
-                   log=print, refresh: bool = False, retry_failed: bool = False) -> ExtractResult:
+                   log=print, refresh: bool = False, retry_failed: bool = False, finite: bool = False) -> ExtractResult:
     """Run (or resume, or reuse, or repair) the extraction described by ``plan``.
 
     ``shard=(i, n)``: this process takes the i-th of n shard ranges; None: torchrun's
     (RANK, WORLD_SIZE) when set, else everything. An existing cache is verified first: damaged
     files it was built with are rebuilt, damaged shards redone, then it is verified again.
     Sources changed since extraction are refused unless ``refresh`` (their shards are redone);
-    ``retry_failed`` redoes the shards that hold failed videos.
+    ``retry_failed`` redoes the shards that hold failed videos. ``finite``: the verification also
+    reads every done video and redoes the shards of those holding NaN/inf (what `cache verify`
+    checks; `cache repair` asks for it, a plain rerun trusts the checksums).
     """
     cfg = plan.cfg
     if shard is None:
@@ -562,7 +569,7 @@ def run_extraction(plan: ExtractPlan, shard: tuple[int, int] | None = None, prog
         if store.key != plan.key:
             raise CacheError(f"{plan.path} already holds a different cache (key {store.key}); "
                              "choose another --out or remove it")
-        problems = store.verify(finite=False)
+        problems = store.verify(finite=finite)
         redo = _shards_to_redo(store, plan, refresh, retry_failed)
         if not problems and not redo and store.is_complete():
             log(f"reusing cache {plan.path} (key {plan.key}): complete and verified, nothing to do")
@@ -574,6 +581,7 @@ def run_extraction(plan: ExtractPlan, shard: tuple[int, int] | None = None, prog
         torch.cuda.set_device(device)
     model = load_clip(cfg.model, cfg.pretrained or None, device="cpu", seed=cfg.init_seed, activation=cfg.activation)
     frozen = FrozenCLIP(model, plan.layers, cfg.patch, plan.info, device=device)
+    _probe(frozen, plan)  # a model that makes NaN of a plain frame stops here, before anything is cached
     plan.meta.preprocess = Preprocess(mean=list(frozen.mean), std=list(frozen.std), image_size=plan.info.image_size)
     splits = {s: {"items": [(it.path, it.label) for it in plan.dataset.splits[s]], "arrays": arrs,
                   "num_frames": [it.num_frames for it in plan.dataset.splits[s]]}
@@ -624,7 +632,7 @@ def run_extraction(plan: ExtractPlan, shard: tuple[int, int] | None = None, prog
         encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, result, log, banks)
     result.seconds = time.perf_counter() - t_start
     if problems or redo:
-        left = [p for p in store.verify(finite=False) if p.shard is None or (p.split, p.shard) in mine]
+        left = [p for p in store.verify(finite=finite) if p.shard is None or (p.split, p.shard) in mine]
         if left:
             raise CacheError(f"cache {plan.path} still fails verification after repair: {left[0]}"
                              + (f" (and {len(left) - 1} more)" if len(left) > 1 else "")
@@ -727,17 +735,25 @@ def encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, re
         result.encoder_seconds += to - te
         result.encoder_cpu_seconds += time.process_time() - ce
         ww = result.write_wait_seconds
-        outs = {k: v.half().cpu().numpy() for k, v in outs.items()}  # fp16 is what the shard holds: half the copy
+        half = {k: v.half() for k, v in outs.items()}  # fp16 is what the shard holds: half the copy
+        bad = _non_finite_frames(half)  # NaN/inf from the model, or beyond fp16's range
+        reasons = _non_finite_reasons(outs, half, bad) if bad.any() else None
+        outs = {k: v.cpu().numpy() for k, v in half.items()}
         pos = 0
         for split, index, views, info in queue:
             V, T = views.shape[:2]
             n = V * T
+            vp = params.pop((split, index), None)
+            result.frames += n
+            if reasons is not None and bad[pos:pos + n].any():  # never cached as done: the video failed, said why
+                finish(split, index, None, _video_reason(reasons, pos, n), info)
+                pos += n
+                continue
             per = {k: v[pos:pos + n].reshape(V, T, *v.shape[1:]) for k, v in outs.items()}  # (V, T, ...)
             if split in keeps_frames:
                 per["frames"] = views
-            if (split, index) in params:
-                per["view_params"] = params.pop((split, index))
-            result.frames += n
+            if vp is not None:
+                per["view_params"] = vp
             finish(split, index, per, None, info)
             pos += n
         queue, queued_frames = [], 0
@@ -787,6 +803,70 @@ def encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, re
         torch.set_num_threads(threads0)
         result.cpu_seconds = time.process_time() - cpu0[0]
         result.worker_cpu_seconds = _children_cpu() - cpu0[1]  # the workers were joined above
+
+
+def _probe(frozen: FrozenCLIP, plan: ExtractPlan) -> None:
+    """One plain mid-grey frame through the frozen model: NaN/inf in what it gives means the model
+    itself is broken (finite weights that overflow inside), not one video: a ModelError, before
+    any cache exists. (Beyond fp16's range but finite is per video: those videos fail.)"""
+    S = plan.info.image_size
+    x = normalize(torch.full((1, S, S, 3), 128, dtype=torch.uint8).to(frozen.device), frozen.mean, frozen.std)
+    outs = frozen(x)
+    bad = [k for k, v in outs.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ModelError(f"model {plan.arch} ({plan.cfg.pretrained or 'random init'}) gives NaN/inf features "
+                         f"({', '.join(bad)}) for a plain grey frame: the model is broken (weights that overflow "
+                         "inside it); nothing was cached: check the checkpoint (--pretrained)")
+
+
+def _non_finite_frames(half: dict[str, torch.Tensor]) -> np.ndarray:
+    """Per frame (rows of the encoder's outputs, already fp16): True where any output holds
+    NaN/inf; fp32 values beyond fp16's range became inf in the cast, so this also finds what fp16
+    cannot hold. On a GPU one reduction per output beside the encoder; on CPU by the exponent bits
+    (cache.quant.finite_rows: 10x faster than torch's fp16 isfinite there)."""
+    bad = None
+    for v in half.values():
+        if v.is_cuda:
+            b = (~torch.isfinite(v).flatten(1).all(dim=1)).cpu().numpy()
+        else:
+            b = ~finite_rows(v.numpy())
+        bad = b if bad is None else bad | b
+    return bad
+
+
+def _non_finite_reasons(outs: dict[str, torch.Tensor], half: dict[str, torch.Tensor], bad: np.ndarray) -> list[str]:
+    """Per frame of a batch with non-finite outputs, why ("" for a sound frame): NaN/inf from the
+    model itself, else values that fp16 cannot hold. The rare path: costs nothing otherwise."""
+    nan_in: list[list[str]] = [[] for _ in bad]
+    over_in: list[list[str]] = [[] for _ in bad]
+    peak = np.zeros(len(bad))
+    for k, v in outs.items():
+        src = (~torch.isfinite(v).flatten(1).all(dim=1)).cpu().numpy()
+        over = (~torch.isfinite(half[k]).flatten(1).all(dim=1)).cpu().numpy() & ~src
+        for i in np.flatnonzero(src):
+            nan_in[i].append(k)
+        if over.any():
+            peak = np.maximum(peak, np.where(over, v.float().abs().flatten(1).amax(dim=1).cpu().numpy(), 0))
+            for i in np.flatnonzero(over):
+                over_in[i].append(k)
+    out = []
+    for i in range(len(bad)):
+        if nan_in[i]:
+            out.append(f"features not finite (NaN/inf) from the model in {', '.join(nan_in[i])}: check the "
+                       "checkpoint (--pretrained)")
+        elif over_in[i]:
+            out.append(f"features overflow fp16 in {', '.join(over_in[i])} (|x| up to {peak[i]:.3g}, fp16 holds "
+                       f"{FP16_MAX:g}); the cache holds fp16 (int8 is quantised from fp16) and has no wider "
+                       "--dtype: check the checkpoint (--pretrained), its outputs are out of range")
+        else:
+            out.append("")
+    return out
+
+
+def _video_reason(reasons: list[str], pos: int, n: int) -> str:
+    """One video's failure: the first frame's reason and how many of its frames had one."""
+    rows = [r for r in reasons[pos:pos + n] if r]
+    return rows[0] + (f" ({len(rows)} of {n} frames)" if n > 1 else "")
 
 
 def _children_cpu() -> float:

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from cache.errors import ConfigError, DatasetError, ModelError, decode_failure_reason
+from cache.errors import ConfigError, DatasetError, ModelError, TrainingError, decode_failure_reason
 from stages.augment import AugmentCfg, augment_clip, build_train_transform, eval_resize, eval_views
 from stages.backbone import (ACTIVATION_CHOICES, ACTIVATION_KEY, BackboneInfo, load_clip, model_activation,
                              model_config, pixel_stats, resolve_activation, resolve_model_name, weights_id)
@@ -72,8 +72,8 @@ from stages.heads.actionclip import video_text_kl_loss
 from stages.config import OptionSet, parse_set, split_options, validate_sampling, write_experiment
 from stages.evaluate import evaluate_head
 from stages.recipes import accumulation_steps
-from stages.runs import (AMP_CHOICES, RunLog, autocast, autocast_dtype, default_runs_root, lr_factor, param_groups,
-                         settle_run)
+from stages.runs import (AMP_CHOICES, RunLog, autocast, autocast_dtype, check_finite_weights, default_runs_root,
+                         lr_factor, param_groups, settle_run, step_overflow_stops)
 from stages.text import TEMPLATE_SETS, clip_text_embeddings
 from stages.video import SamplingCfg, decode_clips, parse_views
 
@@ -369,6 +369,7 @@ class Finetuner:
             groups += param_groups([("logit_scale", clip.logit_scale)], cfg.lr * cfg.backbone_ratio,
                                    cfg.weight_decay, cfg.decay_all, "logit_scale")
         self.opt = torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        self.named_trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
         self.sampling_train = SamplingCfg(cfg.frames, cfg.sampling, cfg.stride, 1, 1)
         clips_n, crops_n = parse_views(cfg.views)
@@ -458,12 +459,18 @@ class Finetuner:
                     loss_for_grad = loss * self.dist.world
                     value += float(loss.item())
                 self.scaler.scale(loss_for_grad).backward()
+        step = self.sched.last_epoch + 1  # this optimiser step, counted over the whole run
+        if not math.isfinite(value):  # the global batch's loss, the same on every rank: all stop here
+            raise TrainingError(f"fine-tuning stopped: the loss is {value} at optimiser step {step}; lower the "
+                                "learning rate (--set lr=...)")
         if cfg.grad_clip > 0:
             self.scaler.unscale_(self.opt)
             torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], cfg.grad_clip)
-        self.scaler.step(self.opt)
+        with step_overflow_stops(f"step {step}"):
+            self.scaler.step(self.opt)
         self.scaler.update()
         self.sched.step()
+        check_finite_weights(self.named_trainable, f"step {step}")
         return value
 
     def train_batches(self, epoch: int):

@@ -31,12 +31,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cache.errors import ConfigError
+from cache.errors import ConfigError, TrainingError
 from cache.store import artifacts_root, atomic_write_text
 
 __all__ = ["RunLog", "RunRecord", "read_run", "list_runs", "default_runs_root", "entry_metrics", "RUN_STATES",
            "RESUME_FREE", "check_resumable", "existing_run", "remove_unstarted", "AMP_CHOICES", "autocast_dtype",
-           "autocast", "lr_factor", "param_groups", "plot_curves", "settle_run", "make_run_dir"]
+           "autocast", "lr_factor", "param_groups", "plot_curves", "settle_run", "make_run_dir", "check_finite_weights",
+           "step_overflow_stops"]
 
 RUN_STATES = ("running", "finished", "failed", "interrupted", "stopped", "corrupt")
 
@@ -204,6 +205,38 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@contextlib.contextmanager
+def step_overflow_stops(where: str):
+    """Around an optimiser step: torch's unfused AdamW raises a RuntimeError ("value cannot be
+    converted to type float without overflow") when lr / (1 - beta1**step) or lr * weight_decay
+    leaves float32; that is a learning rate too large, said as a TrainingError like any other."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "without overflow" not in str(exc):
+            raise
+        raise TrainingError(f"training stopped: the optimiser step at {where} overflows float32 (the learning rate "
+                            "is too large for AdamW's update); lower the learning rate (--set lr=...)") from None
+
+
+def check_finite_weights(named: list, where: str) -> None:
+    """After an optimiser step: a TrainingError naming the first trainable weight that holds NaN/inf
+    (a step too large for the weights, e.g. --set lr=1e38), as a non-finite loss stops the run.
+    One fused norm over every tensor and one sync per step (stages two and three alike); a norm
+    that overflows on finite weights is checked exactly before anything is said."""
+    import torch
+
+    if not named:
+        return
+    norms = torch._foreach_norm([p.detach() for _, p in named])
+    if bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
+        return
+    for name, p in named:
+        if not bool(torch.isfinite(p.detach()).all()):
+            raise TrainingError(f"training stopped: weight '{name}' holds NaN/inf after the optimiser step at {where}; "
+                                "lower the learning rate (--set lr=...) or clip gradients (--set grad_clip=...)")
 
 
 def _no_decay_by_dim(name: str, p) -> bool:

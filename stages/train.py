@@ -49,8 +49,8 @@ from stages.dist import DistContext, dist_device
 from stages.evaluate import EVAL_AVERAGES, collate_items, evaluate_head
 from stages.evaluate import to_device as _to  # the loop's short name for it
 from stages.sources import open_source, split_dataset
-from stages.runs import (ADDED_LATER, AMP_CHOICES, RunLog, autocast, autocast_dtype, default_runs_root, lr_factor,
-                         make_run_dir, param_groups, remove_unstarted, settle_run)
+from stages.runs import (ADDED_LATER, AMP_CHOICES, RunLog, autocast, autocast_dtype, check_finite_weights,
+                         default_runs_root, lr_factor, make_run_dir, param_groups, remove_unstarted, settle_run)
 from stages.heads import DIM_FIELDS, Head, get_head_entry, make_cfg
 from stages.heads.common import validate_choice
 from stages.recipes import accumulation_steps
@@ -538,11 +538,17 @@ def _optimizer_step(opt, scaler, sched, cfg: TrainCfg, params) -> None:
     sched.step()
 
 
+def _loss_stop(loss: float, epoch: int, step: int) -> str:
+    return (f"training stopped: the loss is {loss} at epoch {epoch + 1}, step {step}; check the cache "
+            "(`pipeline cache verify`) or lower the learning rate (--set lr=...)")
+
+
 def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resolved, resume, progress, log,
              eval_classifier, ctx: DistContext, n_train: int, runlog: RunLog | None = None):
     from tqdm import tqdm
 
-    params = [p for p in head.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in head.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     if not params:
         raise ConfigError(f"head '{cfg.head}' has nothing to train with these options")
     model = head
@@ -593,7 +599,10 @@ def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resol
             if isinstance(batch, list):  # micro-batches of one optimiser step (gradient accumulation)
                 opt.zero_grad(set_to_none=True)
                 losses.append(_accumulate(model, head, batch, cfg, ctx, device, amp_dtype, scaler, params))
+                if not math.isfinite(losses[-1]):  # the global batch's loss: every rank stops here
+                    raise TrainingError(_loss_stop(losses[-1], epoch, len(losses)))
                 _optimizer_step(opt, scaler, sched, cfg, params)
+                check_finite_weights(named, f"epoch {epoch + 1}, step {len(losses)}")
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
                 continue
             batch = _to(batch, device)
@@ -605,13 +614,12 @@ def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resol
                     out, labels = _global_batch(out, labels, valid, ctx)
                 loss = head.loss(out, labels, cfg.label_smoothing)
             if not torch.isfinite(loss.detach()):  # every rank sees the same global loss: all stop here
-                raise TrainingError(f"training stopped: the loss is {loss.item()} at epoch {epoch + 1}, step "
-                                    f"{len(losses) + 1}; check the cache (`pipeline cache verify`) or lower the "
-                                    "learning rate (--set lr=...)")
+                raise TrainingError(_loss_stop(loss.item(), epoch, len(losses) + 1))
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss * ctx.world if ctx.enabled else loss).backward()  # DDP averages over ranks
             _optimizer_step(opt, scaler, sched, cfg, params)
             losses.append(loss.item())
+            check_finite_weights(named, f"epoch {epoch + 1}, step {len(losses)}")
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         ctx.sync_buffers(head)
         entry = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0]}

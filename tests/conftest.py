@@ -122,6 +122,31 @@ def committed(path: Path) -> dict[str, list[int]] | None:
     return out
 
 
+def plant_non_finite(path: Path, split: str, shard: int, rows: list[int] | None = None,
+                     value: float = float("nan")) -> None:
+    """Put ``value`` into videos ``rows`` (all of the shard when None) of every float array of a
+    committed shard, as a version from before the writers refused non-finite data could leave a
+    cache: the arrays written through zarr, the shard's record given their new checksums (so only
+    the data check of `cache verify` sees it)."""
+    import json
+
+    import zarr
+
+    from cache.store import atomic_write_text, file_checksum, open_store
+
+    st = open_store(path)
+    a, b = st.shard_range(split, shard)
+    rows = list(range(a, b)) if rows is None else rows
+    rec = st.record(split, shard)
+    for key, entry in rec["arrays"].items():
+        arr = zarr.open_array(str(path / split / key), mode="r+")
+        if arr.dtype.kind == "f":
+            for i in rows:
+                arr[i] = value
+        entry["checksum"] = file_checksum(path / entry["file"])
+    atomic_write_text(path / split / "records" / f"shard-{shard:06d}.json", json.dumps(rec, indent=0))
+
+
 def n_committed(path: Path) -> int:
     done = committed(path)
     return sum(map(len, done.values())) if done else 0

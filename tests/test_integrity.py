@@ -18,7 +18,7 @@ import torch
 
 from cache.errors import CacheError, TrainingError
 from cache.store import DONE, FAULT_ENV, FAULT_EXIT, PENDING, open_store
-from conftest import cli_in_process, demo_args, run_cli
+from conftest import cli_in_process, demo_args, plant_non_finite, run_cli
 
 EXTRACT = dict(model="tiny", layers="all", shard_size=2, text="clip_single", workers=0)
 CLI_EXTRACT = ("--layers", "all", "--shard-size", "2", "--text", "clip_single", "--workers", "0")
@@ -190,14 +190,30 @@ def test_unfinished_cache_is_refused_unless_allow_partial(reference, tmp_path):
 def test_non_finite_loss_stops_training_and_leaves_no_run(reference, tmp_path):
     path = _copy(reference, tmp_path)
     st = open_store(path)
-    a, b = st.shard_range("train", 0)
-    arrays = {n: np.full((b - a, *spec.shape), np.nan, np.float32) for n, spec in st.specs("train").items()}
-    st.write_shard("train", 0, arrays, np.full(b - a, DONE, np.int8), [])  # sound checksums, NaN features
+    plant_non_finite(path, "train", 0)  # sound checksums, NaN features (written by an older version)
     assert st.verify(finite=False) == [] and st.verify()  # only the data check sees NaN
     run_dir = tmp_path / "run"
     with pytest.raises(TrainingError, match="loss is nan"):
         _train(path, run_dir)
     assert not run_dir.exists()
+
+
+def test_repair_redoes_done_videos_holding_nan_and_verify_then_passes(reference, tmp_path):
+    """A cache an older version left with NaN in done videos (checksums sound): `verify` names the
+    rows, `cache repair` checks what verify checks and redoes those shards, and verify passes."""
+    path = _copy(reference, tmp_path)
+    plant_non_finite(path, "train", 1, rows=[3])
+    plant_non_finite(path, "val", 0, rows=[0], value=float("inf"))
+    code = run_cli("cache", "verify", path)
+    assert code.returncode == 2 and "train/frame_emb[3]: marked done but holds NaN/inf" in code.stdout, code.stdout
+    assert "val/frame_emb[0]" in code.stdout
+    repaired = run_cli("cache", "repair", path, "--no-progress")
+    assert repaired.returncode == 0, repaired.stderr[-2000:]
+    assert "nothing to repair" not in repaired.stdout and "repaired and verified" in repaired.stdout
+    for redo in ("redoing 1 shard(s) of 'train' (1)", "redoing 1 shard(s) of 'val' (0)"):
+        assert redo in repaired.stdout, repaired.stdout
+    assert "ok" in run_cli("cache", "verify", path, check=True).stdout
+    assert_same_cache(open_store(path), reference)
 
 
 # the default run kills before the status chunk (record written: the case the record must not
