@@ -34,6 +34,7 @@ import numpy as np
 
 from cache.errors import ConfigError
 from cache.store import FeatureStore, artifacts_root, atomic_write_text, open_store
+from stages.runs import finished_metrics
 from stages.cache_data import select_videos
 from stages.heads import get_head_entry, list_heads
 from stages.classifiers import CLASSIFIER_INITS, classifier_matrix
@@ -237,7 +238,7 @@ def compare_init(cache_path, *, head: str = "text4vis", inits=CLASSIFIER_INITS, 
 
 def _finished_run(run_dir: Path, expected: dict) -> tuple[dict | None, str]:
     """(metrics, state): state is done (reuse), resume (same settings, not finished), changed, new."""
-    cfg_path, metrics_path = run_dir / "config.json", run_dir / "metrics.json"
+    cfg_path = run_dir / "config.json"
     if not cfg_path.exists():
         return None, "new"
     try:
@@ -247,8 +248,9 @@ def _finished_run(run_dir: Path, expected: dict) -> tuple[dict | None, str]:
     same = all(have.get(k) == v for k, v in expected.items())
     if not same:
         return None, "changed"
-    if metrics_path.exists():
-        return json.loads(metrics_path.read_text()), "done"
+    done = finished_metrics(run_dir)  # a stopped run's metrics.json (no "final") resumes instead
+    if done is not None:
+        return done, "done"
     return None, "resume"
 
 

@@ -34,7 +34,6 @@ import json
 import math
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -686,11 +685,9 @@ def _finished(ds: DemoDataset, items: Iterable[_Item]) -> bool:
 def _progress(total: int, enabled: bool):
     if not enabled:
         return None
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return None
-    return tqdm(total=total, desc="demo videos", unit="video", file=sys.stderr, leave=True)
+    from stages.progress import progress_bar
+
+    return progress_bar(total=total, desc="demo videos", unit="video")
 
 
 def generate_demo(out_dir: str | Path, cfg: DemoCfg | None = None, progress: bool = True) -> DemoDataset:

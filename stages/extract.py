@@ -647,7 +647,7 @@ def run_extraction(plan: ExtractPlan, shard: tuple[int, int] | None = None, prog
 
 def encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, result, log=print,
                  banks=None) -> None:
-    from tqdm import tqdm
+    from stages.progress import progress_bar
 
     cfg = plan.cfg
     workers = cfg.workers if cfg.workers >= 0 else _auto_workers(device.startswith("cuda"))
@@ -676,7 +676,7 @@ def encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, re
     keeps_frames = {s for s in store.splits if "frames" in store.specs(s)}
     writer = ThreadPoolExecutor(max_workers=1)
     pending_writes: list[Future] = []
-    bar = tqdm(total=len(jobs), unit="video", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = progress_bar(total=len(jobs), desc=f"extract {plan.dataset.name}", unit="video", enabled=progress)
     t0 = time.perf_counter()
     queue: list[tuple[str, int, np.ndarray, dict]] = []
     params: dict[tuple[str, int], np.ndarray] = {}  # view bank parameters of videos waiting in the queue

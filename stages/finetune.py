@@ -493,19 +493,19 @@ class Finetuner:
         for k in sizes:
             yield [next(loader) for _ in range(k)]
 
-    def train_epoch(self, epoch: int, progress: bool = False) -> dict:
-        from tqdm import tqdm
-
+    def train_epoch(self, epoch: int, progress: bool = False, bar=None) -> dict:
+        """One epoch; ``bar``: the run's progress bar (stages/progress.py), advanced a step at a time."""
         torch.manual_seed(self.cfg.seed * 1000 + epoch)  # dropout etc.: the same stream resumed or not
         self.model.train()
         losses = []
-        bar = tqdm(self.train_batches(epoch), desc=f"{self.cfg.paradigm} epoch {epoch + 1}/{self.epochs}",
-                   disable=not (progress and self.dist.main), leave=False, total=self.steps_per_epoch)
-        for batch in bar:
+        for batch in self.train_batches(epoch):
             value = self.step(batch)
+            if bar is not None:
+                bar.update(1)
             if value is not None:
                 losses.append(value)
-                bar.set_postfix(loss=f"{value:.3f}")
+                if bar is not None:
+                    bar.set_postfix_str(f"epoch {epoch + 1}/{self.epochs}, loss {value:.3f}", refresh=False)
         return {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else None,
                 "first_loss": losses[0] if losses else None, "steps": len(losses),
                 "lr": self.sched.get_last_lr()[0]}
@@ -639,13 +639,18 @@ def finetune(spec, cfg: FinetuneCfg, head_overrides: dict | None = None, aug: Au
         if E == 0:
             metrics = tuner.evaluate()
             history.append({"epoch": 0, "train_loss": None, "val": metrics})
+        from stages.progress import progress_bar
+
+        bar = progress_bar(total=tuner.steps_per_epoch * E, initial=tuner.steps_per_epoch * start_epoch,
+                           desc=f"finetune {cfg.paradigm}", unit="step", enabled=progress and dist_ctx.main)
         for epoch in range(start_epoch, E):
-            entry = tuner.train_epoch(epoch, progress)
+            entry = tuner.train_epoch(epoch, progress, bar)
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == E:
                 metrics = tuner.evaluate()
                 entry["val"] = metrics
             history.append(entry)
-            runlog.epoch(entry)
+            runlog.epoch(entry, history, f"finetune {cfg.paradigm}")
+            bar.clear()
             # one line per epoch (fine-tuning epochs are long), with the loss of the epoch's first step
             first = f" (first step {entry['first_loss']:.6f})" if entry["first_loss"] is not None else ""
             loss = f"{entry['train_loss']:.4f}" if entry["train_loss"] is not None else "n/a"
@@ -654,6 +659,7 @@ def finetune(spec, cfg: FinetuneCfg, head_overrides: dict | None = None, aug: Au
             if dist_ctx.main:
                 save_checkpoint(tuner.state(epoch + 1, history, resolved), ckpt_path)
             dist_ctx.barrier()
+        bar.close()
         train_failed = [f for part in dist_ctx.all_objects(tuner.failures) for f in part.values()]
         result = {"paradigm": cfg.paradigm, "final": metrics, "history": history,
                   "first_step_loss": next((h["first_loss"] for h in history if h.get("first_loss") is not None), None),

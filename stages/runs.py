@@ -35,7 +35,7 @@ from cache.errors import ConfigError, TrainingError
 from cache.store import artifacts_root, atomic_write_text
 
 __all__ = ["RunLog", "RunRecord", "read_run", "list_runs", "default_runs_root", "entry_metrics", "RUN_STATES",
-           "RESUME_FREE", "check_resumable", "existing_run", "remove_unstarted", "AMP_CHOICES", "autocast_dtype",
+           "RESUME_FREE", "check_resumable", "existing_run", "finished_metrics", "remove_unstarted", "AMP_CHOICES", "autocast_dtype",
            "autocast", "lr_factor", "param_groups", "plot_curves", "settle_run", "make_run_dir", "check_finite_weights",
            "step_overflow_stops"]
 
@@ -76,6 +76,16 @@ def check_resumable(old: dict, new: dict, path: Path, fix: str = "use another --
         raise ConfigError(f"{path} was written by a run with other options ({', '.join(diff)}); {fix}")
 
 
+def finished_metrics(run_dir: str | Path) -> dict | None:
+    """A run folder's metrics.json when it is a finished run's (it holds "final"), else None: a
+    running or stopped run writes one after every evaluated epoch too, with "final" null."""
+    try:
+        metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if isinstance(metrics, dict) and metrics.get("final") is not None else None
+
+
 def _identity(resolved: dict) -> dict:
     """A resolved config less what does not make the run another (where its values came from)."""
     return {k: v for k, v in resolved.items() if k != "sources"}
@@ -107,7 +117,7 @@ def existing_run(run_dir: Path, resolved: dict, resume: bool, force: bool,
         return "error", (f"run folder {run_dir} holds a run whose config.json is missing or unreadable; "
                          "use another --run-dir, or --force to replace it")
     new = json.loads(json.dumps(resolved))
-    if metrics.exists() and _identity(old) == _identity(new):
+    if finished_metrics(run_dir) is not None and _identity(old) == _identity(new):
         return "reuse", ""
     if sections is not None:
         old, new = {k: old.get(k) for k in sections}, {k: new[k] for k in sections}
@@ -320,10 +330,17 @@ class RunLog:
             writer.add_text("config", "```\n" + json.dumps(resolved, indent=1, default=str) + "\n```", start_epoch)
             writer.flush()
 
-    def epoch(self, entry: dict) -> None:
-        """One history entry: {"epoch", "train_loss", "lr"?, "val"?: {top1, top5, mean_class}}."""
+    def epoch(self, entry: dict, history: list[dict] | None = None, title: str = "") -> None:
+        """One history entry: {"epoch", "train_loss", "lr"?, "val"?: {top1, top5, mean_class}}.
+        ``history`` (the run's so far, ``entry`` last): after an evaluated epoch, metrics.json (with
+        "final" null until the run finishes) and curves.png show the run so far, so a stopped run
+        keeps what it evaluated."""
         if not self.enabled:
             return
+        if history and "val" in entry:
+            atomic_write_text(self.run_dir / "metrics.json",
+                              json.dumps({"history": history, "final": None, "run_dir": str(self.run_dir)}, indent=1))
+            plot_curves(history, self.run_dir / "curves.png", title or self.run_dir.name)
         step = int(entry["epoch"])
         writer = self._tb()
         if writer is not None:
@@ -507,7 +524,7 @@ def read_run(run_dir: str | Path) -> RunRecord:
         metrics["run_dir"] = str(path)  # the folder as found now, not where it was written (moved, renamed)
     status = _read_json(path / "status.json", "status.json", problems) or {}
     state = status.get("state")
-    if metrics is not None and not problems:
+    if isinstance(metrics, dict) and metrics.get("final") is not None and not problems:
         state = "finished"
     elif problems and (path / "metrics.json").exists():
         state = "corrupt"

@@ -545,7 +545,7 @@ def _loss_stop(loss: float, epoch: int, step: int) -> str:
 
 def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resolved, resume, progress, log,
              eval_classifier, ctx: DistContext, n_train: int, runlog: RunLog | None = None):
-    from tqdm import tqdm
+    from stages.progress import progress_bar
 
     named = [(n, p) for n, p in head.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -586,6 +586,24 @@ def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resol
         start_epoch, history = ckpt["epoch"], ckpt["history"]
         log(f"resuming {run_dir} from epoch {start_epoch}")
     metrics = next((h["val"] for h in reversed(history) if "val" in h), {})  # eval_every > 1: not every epoch
+    # one bar for the whole run, with its ETA (steps of every epoch; a resumed run starts part-way)
+    bar = progress_bar(total=total, initial=start_epoch * steps_per_epoch, desc=f"train {cfg.head}", unit="step",
+                       enabled=progress)
+    try:
+        metrics, history = _epochs(model, head, opt, sched, scaler, params, named, train_data, eval_data, cfg,
+                                   step_cfg, ctx, device, amp_dtype, accum, steps_per_epoch, start_epoch, history,
+                                   metrics, eval_classifier, runlog, resolved, ckpt_path, bar, log, progress)
+    finally:
+        bar.close()
+    if not metrics:
+        raise DatasetError("no evaluation ran")
+    return metrics, history
+
+
+def _epochs(model, head, opt, sched, scaler, params, named, train_data, eval_data, cfg, step_cfg, ctx, device,
+            amp_dtype, accum, steps_per_epoch, start_epoch, history, metrics, eval_classifier, runlog, resolved,
+            ckpt_path, bar, log, progress):
+    """The epochs of ``_fit_sgd`` from ``start_epoch``: train, evaluate, record, checkpoint."""
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: same stream whether resumed or not
         train_data.set_epoch(epoch, cfg.seed)
@@ -593,9 +611,7 @@ def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resol
             _accumulation_groups(train_data, cfg, ctx, epoch, steps_per_epoch, device, accum)
         model.train()
         losses = []
-        bar = tqdm(batches, desc=f"{cfg.head} epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False,
-                   total=steps_per_epoch)
-        for batch in bar:
+        for batch in batches:
             if isinstance(batch, list):  # micro-batches of one optimiser step (gradient accumulation)
                 opt.zero_grad(set_to_none=True)
                 losses.append(_accumulate(model, head, batch, cfg, ctx, device, amp_dtype, scaler, params))
@@ -603,7 +619,8 @@ def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resol
                     raise TrainingError(_loss_stop(losses[-1], epoch, len(losses)))
                 _optimizer_step(opt, scaler, sched, cfg, params)
                 check_finite_weights(named, f"epoch {epoch + 1}, step {len(losses)}")
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                bar.update(1)
+                bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs}, loss {losses[-1]:.3f}", refresh=False)
                 continue
             batch = _to(batch, device)
             labels = batch["label"]
@@ -620,7 +637,8 @@ def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resol
             _optimizer_step(opt, scaler, sched, cfg, params)
             losses.append(loss.item())
             check_finite_weights(named, f"epoch {epoch + 1}, step {len(losses)}")
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.update(1)
+            bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs}, loss {losses[-1]:.3f}", refresh=False)
         ctx.sync_buffers(head)
         entry = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0]}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
@@ -629,15 +647,15 @@ def _fit_sgd(head, train_data, eval_data, cfg, device, amp_dtype, run_dir, resol
             entry["val"] = metrics
         history.append(entry)
         if runlog is not None:
-            runlog.epoch(entry)
+            runlog.epoch(entry, history, cfg.head)
         if progress:
+            bar.clear()
             log(f"epoch {epoch + 1}/{cfg.epochs}: loss {entry['train_loss']:.4f}"
                 + (f", val top1 {metrics['top1']:.1f}%" if "val" in entry else ""))
+            bar.refresh()
         if ctx.main:
             save_checkpoint({"head": head.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                           "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history,
                           "config": resolved}, ckpt_path)
         ctx.barrier()
-    if not metrics:
-        raise DatasetError("no evaluation ran")
     return metrics, history

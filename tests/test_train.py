@@ -146,6 +146,57 @@ def test_a_k_shot_run_repeats_its_list_to_the_full_train_length_under_the_paper_
         TrainCfg(repeat_shots="twice").validate()
 
 
+def test_every_evaluated_epoch_leaves_metrics_and_curves_and_a_stopped_run_is_not_taken_as_finished(
+        full_cache, tmp_path, monkeypatch):
+    """metrics.json ("final" null) and curves.png after each evaluated epoch: a run stopped after
+    epoch 1 shows that epoch in `runs`; the same call then resumes it (not reused) and finishes."""
+    import stages.train as T
+    from stages.runs import finished_metrics, read_run
+
+    save = T.save_checkpoint
+
+    def save_then_stop(state, path):
+        save(state, path)
+        raise KeyboardInterrupt  # Ctrl-C right after epoch 1's checkpoint
+
+    monkeypatch.setattr(T, "save_checkpoint", save_then_stop)
+    cfg = TrainCfg(head="tap", epochs=3, batch_size=4, recipe="quick")
+    with pytest.raises(KeyboardInterrupt):
+        train_head(full_cache, cfg, run_dir=tmp_path / "r", progress=False, log=lambda *a: None)
+    rec = read_run(tmp_path / "r")
+    assert rec.state == "interrupted" and rec.epochs_done == 1 and rec.last("top1") is not None
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["final"] is None
+    assert finished_metrics(tmp_path / "r") is None
+    assert (tmp_path / "r" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    monkeypatch.setattr(T, "save_checkpoint", save)
+    lines: list[str] = []
+    res = train_head(full_cache, cfg, run_dir=tmp_path / "r", progress=False, log=lambda *a: lines.append(str(a[0])))
+    assert any("resuming" in ln for ln in lines) and len(res["history"]) == 3
+    assert read_run(tmp_path / "r").state == "finished" and finished_metrics(tmp_path / "r")["final"] == res["final"]
+
+
+def test_progress_is_one_labelled_bar_per_run_and_plain_lines_when_not_a_terminal(full_cache, tmp_path):
+    """No carriage-return redraws in a log: `train` through a pipe prints its bar as whole lines,
+    labelled, ending at the run's total steps (3 epochs x 3 steps), not one 1/1 bar per epoch."""
+    import io
+
+    from stages.progress import progress_bar
+
+    out = io.StringIO()
+    bar = progress_bar(total=500, desc="extract demo", unit="video", stream=out)
+    for _ in range(500):
+        bar.update(1)
+    bar.close()
+    text = out.getvalue()
+    assert "\r" not in text and text.splitlines()[-1].startswith("extract demo: 100%") and "500/500" in text
+    assert len(text.splitlines()) <= 3  # the first draw and the last, not one per update
+    proc = run_cli("train", "--head", "tap", "--cache", full_cache.path, "--recipe", "quick", "--epochs", "3",
+                   "--set", "batch_size=4", "--run-dir", tmp_path / "p", check=True)
+    assert "\r" not in proc.stderr
+    bars = [ln for ln in proc.stderr.splitlines() if ln.startswith("train tap:")]
+    assert bars and "9/9" in bars[-1] and "epoch 3/3" in bars[-1]
+
+
 def test_zero_shot_class_split_swaps_the_text_classifier(full_cache, tmp_path):
     cfg = TrainCfg(head="text4vis", epochs=1, batch_size=4, train_classes="0,1", test_classes="2,3")
     res = train_head(full_cache, cfg, {"layers": 1, "pos_rows": 8}, run_dir=tmp_path / "zs", progress=False)
