@@ -14,6 +14,7 @@ import torch
 
 from cache.errors import ConfigError
 from conftest import kill_mid_run, popen_cli, run_cli, torchrun
+from stages.runs import finished_metrics
 
 # Small but real: 4 frames, 1-layer temporal module / prompt, global batch 4 (3 steps an epoch), no warmup.
 COMMON = ["--model", "tiny", "--frames", "4", "--no-progress", "--recipe", "quick", "--set", "batch_size=4",
@@ -232,7 +233,7 @@ def test_sigkill_and_resume_continue_from_the_last_checkpoint(text4vis_run, demo
     # killed once the first epoch's checkpoint is on disk; a run that finished before the kill
     # landed is started over from a clean folder (a bounded number of times)
     kill_mid_run(lambda: popen_cli(*args), ckpt.exists,
-                 lambda: not (run / "metrics.json").exists() and torch.load(ckpt, weights_only=True)["epoch"] == 1,
+                 lambda: finished_metrics(run) is None and torch.load(ckpt, weights_only=True)["epoch"] == 1,
                  lambda: shutil.rmtree(run, ignore_errors=True))
     epoch_at_kill = torch.load(ckpt, weights_only=True)["epoch"]
     assert epoch_at_kill == 1

@@ -29,6 +29,7 @@ from conftest import cli_in_process
 from stages.cache_data import CacheSplit, HeadInputs, select_videos
 from stages.heads import DataKeys
 from stages.loader import CacheLoader, WdsLoader, ZarrBatches, epoch_plan
+from stages.runs import finished_metrics
 
 KEYS = DataKeys(frame_emb=True, cls_layers=(-1,), patch_layers=(-1,))
 SHARD = 1  # the damaged shard of train/patch: rows 2 and 3
@@ -261,7 +262,7 @@ def test_a_shard_damaged_mid_run_in_a_worker_then_repaired_resumes(cache, tmp_pa
     code, out, err = cli_in_process(capsys, *args)
     assert code == 2, (code, err)
     _assert_one_line(err, cache)
-    assert saved == [1] and (run / "last.pt").exists() and not (run / "metrics.json").exists()
+    assert saved == [1] and (run / "last.pt").exists() and finished_metrics(run) is None  # epoch 1 only, unfinished
     assert json.loads((run / "status.json").read_text())["state"] == "failed"
     monkeypatch.setattr(T, "save_checkpoint", save)
 
@@ -296,7 +297,7 @@ def _assert_failed_run(code: int, err: str, run: Path, cache: Path, split: str, 
     assert err.startswith("error: cache ") and len(err.strip().splitlines()) == 1, err
     _assert_one_line(err, cache, split, array, shard)
     assert json.loads((run / "status.json").read_text())["state"] == "failed"
-    assert not (run / "metrics.json").exists()
+    assert finished_metrics(run) is None
 
 
 @pytest.mark.parametrize("split,array,shard,workers", [
@@ -393,7 +394,7 @@ def test_train_from_webdataset_with_a_shard_deleted_mid_run_stops_the_run(cache,
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: WebDataset shard") and tar.name in lines[0], err
     assert json.loads((run / "status.json").read_text())["state"] == "failed"
-    assert not (run / "metrics.json").exists()
+    assert finished_metrics(run) is None
     code, _, err = cli_in_process(capsys, "train", "--head", "evl", "--wds", header, "--run-dir", tmp_path / "r2",
                                   *EVL, "--set", "verify_reads=on")
     assert code == 2 and "verify_reads" in err and len(err.strip().splitlines()) == 1, err

@@ -15,6 +15,7 @@ import pytest
 
 from cache.store import open_store
 from conftest import demo_args, popen_cli, run_cli
+from stages.runs import finished_metrics
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +182,7 @@ def test_bad_input_is_one_line_and_exit_2(runs_root, tmp_path, case):
     if case == "unknown":
         proc = _runs(runs_root, "show", "no-such-run")
     elif case == "corrupt_metrics":
-        run = next(p for p in (runs_root / "runs").iterdir() if (p / "metrics.json").exists())
+        run = next(p for p in (runs_root / "runs").iterdir() if finished_metrics(p) is not None)
         copy = tmp_path / run.name
         copy.mkdir()
         for f in ("config.json", "status.json"):

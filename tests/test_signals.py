@@ -27,6 +27,7 @@ import torch
 
 from cache.store import open_store
 from conftest import ROOT, demo_args
+from stages.runs import finished_metrics
 
 SEED = 1013
 LINE = "interrupted: rerun the same command to resume"
@@ -172,7 +173,7 @@ def _train_case(reference, train_reference, tmp_path, n, moment):
     _assert_one_line(proc, err, signal.SIGINT)
     epoch = torch.load(run / "last.pt", weights_only=True)["epoch"] if (run / "last.pt").exists() else 0
     assert not list(run.glob(".*tmp*")), "a partial checkpoint was left behind"
-    finished = (run / "metrics.json").exists()  # the stop landed after the results were written
+    finished = finished_metrics(run) is not None  # the stop landed after the results were written
     rerun = subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], capture_output=True, text=True,
                            env=ENV, cwd=str(ROOT), timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
