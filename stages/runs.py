@@ -67,6 +67,8 @@ def check_resumable(old: dict, new: dict, path: Path, fix: str = "use another --
     diff = []
     for section in sorted(set(old) | set(new)):
         a, b = old.get(section), new.get(section)
+        if section in RESUME_FREE:  # e.g. "sources": where the values came from, not what they are
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
             diff += [f"{section}.{k}" for k in sorted(set(a) | set(b))
                      if k not in RESUME_FREE and a.get(k, ADDED_LATER.get(k)) != b.get(k, ADDED_LATER.get(k))]

@@ -123,9 +123,10 @@ def committed(path: Path) -> dict[str, list[int]] | None:
 
 
 def plant_non_finite(path: Path, split: str, shard: int, rows: list[int] | None = None,
-                     value: float = float("nan")) -> None:
+                     value: float = float("nan"), arrays: list[str] | None = None, at: tuple = ()) -> None:
     """Put ``value`` into videos ``rows`` (all of the shard when None) of every float array of a
-    committed shard, as a version from before the writers refused non-finite data could leave a
+    committed shard (``arrays``: these stored arrays only, e.g. "cls/scale"; ``at``: one element
+    of each row), as a version from before the writers refused non-finite data could leave a
     cache: the arrays written through zarr, the shard's record given their new checksums (so only
     the data check of `cache verify` sees it)."""
     import json
@@ -140,9 +141,9 @@ def plant_non_finite(path: Path, split: str, shard: int, rows: list[int] | None 
     rec = st.record(split, shard)
     for key, entry in rec["arrays"].items():
         arr = zarr.open_array(str(path / split / key), mode="r+")
-        if arr.dtype.kind == "f":
+        if arr.dtype.kind == "f" and (arrays is None or key in arrays):
             for i in rows:
-                arr[i] = value
+                arr[(i, *at)] = value
         entry["checksum"] = file_checksum(path / entry["file"])
     atomic_write_text(path / split / "records" / f"shard-{shard:06d}.json", json.dumps(rec, indent=0))
 
