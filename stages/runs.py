@@ -89,8 +89,10 @@ def finished_metrics(run_dir: str | Path) -> dict | None:
 
 
 def _identity(resolved: dict) -> dict:
-    """A resolved config less what does not make the run another (where its values came from)."""
-    return {k: v for k, v in resolved.items() if k != "sources"}
+    """A resolved config less what does not make the run another: where its values came from, and
+    the cache's path (its key says what it holds: `make demo` names it relative, `train --dataset`
+    absolute)."""
+    return {k: v for k, v in resolved.items() if k not in ("sources", "cache")}
 
 
 def existing_run(run_dir: Path, resolved: dict, resume: bool, force: bool,

@@ -175,6 +175,20 @@ def test_every_evaluated_epoch_leaves_metrics_and_curves_and_a_stopped_run_is_no
     assert read_run(tmp_path / "r").state == "finished" and finished_metrics(tmp_path / "r")["final"] == res["final"]
 
 
+def test_a_finished_run_is_reused_whatever_path_names_its_cache(full_cache, tmp_path, monkeypatch):
+    """`make demo` names the cache relative, `train --dataset demo` absolute: the same run, reused."""
+    import os
+
+    cfg = TrainCfg(head="tap", epochs=1, batch_size=4)
+    first = train_head(full_cache.path, cfg, run_dir=tmp_path / "r", progress=False, log=lambda *a: None)
+    monkeypatch.chdir(tmp_path)
+    lines: list[str] = []
+    again = train_head(os.path.relpath(full_cache.path, tmp_path), cfg, run_dir=tmp_path / "r", progress=False,
+                       log=lambda *a: lines.append(str(a[0])))
+    assert any("already holds this finished run" in ln for ln in lines), lines
+    assert again["final"] == first["final"]
+
+
 def test_progress_is_one_labelled_bar_per_run_and_plain_lines_when_not_a_terminal(full_cache, tmp_path):
     """No carriage-return redraws in a log: `train` through a pipe prints its bar as whole lines,
     labelled, ending at the run's total steps (3 epochs x 3 steps), not one 1/1 bar per epoch."""
