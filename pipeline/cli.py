@@ -20,6 +20,7 @@ import typer
 
 from cache.errors import CacheError, ConfigError, PipelineError
 from pipeline.cli_runs import runs_app
+from pipeline.cli_sweep import sweep
 from pipeline.datasets import list_datasets
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -44,6 +45,7 @@ def _app_options(show_version: bool = typer.Option(False, "--version", callback=
     """clipcache: cache frozen CLIP features of videos once, train heads from the cache many times."""
 app.add_typer(cache_app, name="cache")
 app.add_typer(runs_app, name="runs")
+app.command()(sweep)
 
 
 def _echo_err(msg: str) -> None:

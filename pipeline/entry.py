@@ -17,3 +17,7 @@ def main() -> None:
     from pipeline.cli import main as cli_main
 
     cli_main()
+
+
+if __name__ == "__main__":  # `python -m pipeline.entry ...`: how `pipeline sweep` starts its runs
+    main()
