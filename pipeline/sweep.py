@@ -35,7 +35,7 @@ from pathlib import Path
 from cache.errors import ConfigError
 
 __all__ = ["SweepRun", "Slot", "parse_grid", "plan_sweep", "run_commands", "gather", "summarise", "mean_std",
-           "sweep_table_md", "sweep_table", "write_tables", "default_jobs", "METRICS"]
+           "sweep_table_md", "sweep_table", "write_tables", "default_jobs", "METRICS", "Stopped"]
 
 METRICS = ("top1", "top5", "mean_class")
 _SAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
@@ -51,7 +51,7 @@ class SweepRun:
     values: dict[str, str]
     seed: int
     argv: list[str]
-    run_dir: Path
+    run_dir: Path | None
 
     @property
     def setting(self) -> tuple:
@@ -182,6 +182,11 @@ def _mtime(path: Path) -> float | None:
         return None
 
 
+def _named_run_dir(log: Path) -> Path | None:
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith("run folder: ")]
+    return Path(lines[-1].removeprefix("run folder: ").strip()) if lines else None
+
+
 def _last_error(log: Path) -> str:
     """The line a failed `pipeline train` ended with (its `error: ...`), else the log's last line."""
     try:
@@ -192,14 +197,21 @@ def _last_error(log: Path) -> str:
     return (errors or lines or ["(empty log)"])[-1]
 
 
+class Stopped(Exception):
+    """``run_commands`` was asked to stop (its caller's thread was interrupted)."""
+
+
 def run_commands(runs: list[SweepRun], jobs: int, program: list[str], log_dir: Path, log=print,
-                 gpus: int = 0) -> dict[str, dict]:
+                 gpus: int = 0, env: dict | None = None, stop=None) -> dict[str, dict]:
     """Run each command in a pool of ``jobs`` processes; {name: {"rc", "seconds", "log", "error"}}.
 
     A run that ends with exit 2 (a usage or config error: every run would repeat it) stops the
     sweep from starting more. A stop (Ctrl-C / SIGTERM, raised here as pipeline.signals'
     ``Interrupted``) is passed on to the running children, which checkpoint and exit; the
-    sweep then waits for them, so rerunning it resumes every run.
+    sweep then waits for them, so rerunning it resumes every run. ``stop``: a threading.Event
+    that does the same when this runs in a thread of its own (signals reach the main thread only).
+    ``env``: added to every child's environment. A run without a ``run_dir`` gets the folder its
+    `pipeline train` named (its "run folder: ..." line).
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     pool = slots(jobs, gpus)
@@ -216,13 +228,15 @@ def run_commands(runs: list[SweepRun], jobs: int, program: list[str], log_dir: P
                 run = todo.pop(0)
                 path = log_dir / f"{run.name}.log"
                 fh = open(path, "w")
-                env = {**os.environ, **pool[slot].env}
-                before[run.name] = _mtime(run.run_dir / "metrics.json")
-                proc = subprocess.Popen([*program, *run.argv], stdout=fh, stderr=subprocess.STDOUT, env=env)
+                child_env = {**os.environ, **pool[slot].env, **(env or {})}
+                before[run.name] = _mtime(run.run_dir / "metrics.json") if run.run_dir else None
+                proc = subprocess.Popen([*program, *run.argv], stdout=fh, stderr=subprocess.STDOUT, env=child_env)
                 running[slot] = (proc, run, time.perf_counter(), fh)
             if not running:
                 break
             time.sleep(0.2)
+            if stop is not None and stop.is_set():
+                raise Stopped()
             for slot, (proc, run, t0, fh) in list(running.items()):
                 rc = proc.poll()
                 if rc is None:
@@ -231,6 +245,8 @@ def run_commands(runs: list[SweepRun], jobs: int, program: list[str], log_dir: P
                 del running[slot]
                 free.append(slot)
                 path = log_dir / f"{run.name}.log"
+                if run.run_dir is None and rc == 0:
+                    run.run_dir = _named_run_dir(path)
                 seconds = time.perf_counter() - t0
                 reused = rc == 0 and before[run.name] is not None and \
                     _mtime(run.run_dir / "metrics.json") == before[run.name]
