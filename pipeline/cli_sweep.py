@@ -109,14 +109,15 @@ def sweep(
                    err=True)
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    failed = {}
+    failed, not_started = {}, 0
     if not gather_only:
         gpus = _gpus()
         n = jobs or sw.default_jobs(gpus)
         typer.echo(f"sweep {out_dir}: {len(runs)} runs ({len(runs) // len(seed_list)} settings x {len(seed_list)} "
                    f"seeds), {min(n, len(runs))} at once" + (f" on {gpus} GPU(s)" if gpus else " on CPU"))
         status = sw.run_commands(runs, min(n, len(runs)), sw.program(), out_dir / "logs", log=typer.echo, gpus=gpus)
-        failed = {k: v for k, v in status.items() if v["rc"] != 0}
+        failed = {k: v for k, v in status.items() if v["rc"] not in (0, None)}
+        not_started = sum(v["rc"] is None for v in status.values())
     rows = sw.gather(runs)
     keys, summary = sw.summarise(runs, rows)
     title = f"sweep on {Path(cache).name}: recipe {recipe}, seeds {','.join(map(str, seed_list))}"
@@ -127,7 +128,8 @@ def sweep(
     if failed:
         for name, st in failed.items():
             typer.echo(f"  failed {name}: {st['error']}  (log {st['log'] or '-'})", err=True)
-        raise RunFailedError(f"{len(failed)} of {len(runs)} runs failed (their logs above); rerun the same command "
-                             "to retry them (finished runs are reused)")
+        raise RunFailedError(f"{len(failed)} of {len(runs)} runs failed (their logs above)"
+                             + (f", {not_started} not started" if not_started else "")
+                             + "; rerun the same command to retry them (finished runs are reused)")
     if gather_only and missing:
         typer.echo(f"{len(missing)} of {len(runs)} runs not finished yet", err=True)
