@@ -65,6 +65,7 @@ from stages.heads.common import (
     track_loaded,
     validate_choice,
 )
+from stages.heads.facts import SCALE_256, PaperRecipe, Protocol
 from stages.heads.registry import DataKeys, Head, Reference, register_head
 
 __all__ = ["ActionClipCfg", "ClsTokenAggregator", "VisualPrompt", "ActionClipHead", "video_text_kl_loss"]
@@ -195,6 +196,22 @@ def _ref(label: str, prompt: str, expected: int) -> Reference:
         Reference("ActionCLIP MeanP, ViT-B/16, 8 frames, K400", {"prompt": "meanp", **_B16}, 0,
                   "ActionCLIP (arXiv:2109.08472); no parameters by construction"),
     ),
+    paper_recipe=PaperRecipe(
+        "ActionCLIP prompt values (its stage-three recipe's visual-prompt part): AdamW lr 5e-5, betas "
+        "(0.9, 0.98), weight decay 0.2 on all parameters, 50 epochs, 5 warm-up, batch 128; test: "
+        "per-template softmax, then mean",
+        {"epochs": 50, "global_batch": 128, "lr": 5e-5, "weight_decay": 0.2, "decay_all": True,
+         "beta1": 0.9, "beta2": 0.98, "warmup_epochs": 5.0, "label_smoothing": 0.0}, 128,
+        head={"template_average": "score"},
+        note="ActionCLIP publishes no recipe over frozen features: `paper` is the visual prompt's values "
+             "of its end-to-end recipe"),
+    protocol=Protocol(
+        "actionclip", 8, "segment", 8, "1x1", SCALE_256, "scores", template_average="score",
+        paper="8 frames, one view, scale 256 then crop 224; per-template softmax over the 16 "
+              "templates, then the mean",
+        differs="segment t gives frame int((t + 1/2) n / 8) (TSN); ActionCLIP's code takes "
+                "int(t n / 8 + (n / 8 - 1) / 2), at most one frame earlier"),
+    # published: SPEC.md quotes no accuracy of ActionCLIP's tables yet
 )
 class ActionClipHead(Head):
     """Visual prompt + symmetric-KL video-text matching against M frozen templates per class."""

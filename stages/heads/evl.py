@@ -43,6 +43,7 @@ from torch import nn
 
 from cache.errors import CacheMismatchError, ConfigError
 from stages.heads.common import QuickGELU
+from stages.heads.facts import PaperRecipe, Protocol
 from stages.heads.registry import DataKeys, Head, Reference, register_head
 
 __all__ = ["BACKBONE_WEIGHT_KEYS", "EVLCfg", "FrozenQK", "TemporalCrossAttention", "DecoderLayer", "EVLHead"]
@@ -227,6 +228,19 @@ def _paper(label: str, layers: int, frames: int, tca: bool, expected: int) -> Re
         _paper("4 layers, 32 frames, no TCA", 4, 32, False, 28_778_128),
         _paper("4 layers, 8 frames, TCA", 4, 8, True, 33_183_376),
     ),
+    paper_recipe=PaperRecipe(
+        "EVL (K400, ViT-B/16, 8 frames): AdamW lr 4e-4, weight decay 0.05 on all parameters, cosine, "
+        "no warm-up, 50k steps at batch 256 (~53 epochs), fp16 on GPU",
+        {"epochs": 53, "global_batch": 256, "lr": 4e-4, "weight_decay": 0.05, "decay_all": True,
+         "beta1": 0.9, "beta2": 0.999, "warmup_epochs": 0.0, "label_smoothing": 0.0}, 256, cuda={"amp": "fp16"}),
+    protocol=Protocol(
+        "evl", 8, "dense", 16, "3x1", 1.0, "scores",
+        paper="dense 8 x 16, 3 temporal x 1 spatial views (clip starts at 0, 1/2, 1 of the slack, "
+              "round(slack / 2 * c)), softmax averaged, short side 224",
+        differs="the short side is resized bicubic (antialiased) on uint8 frames; EVL's code resizes "
+                "the normalised frames bilinearly, the long side rounded down"),
+    # view bank: none (bench/bench_viewbank.py: the plain cache's mean was highest, within the spread)
+    # published: SPEC.md quotes no accuracy of EVL's tables yet
 )
 class EVLHead(Head):
     def __init__(self, cfg: EVLCfg):

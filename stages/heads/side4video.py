@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cache.errors import CacheMismatchError, ConfigError
+from stages.heads.facts import CROPS_TSN, SCALE_256, PaperRecipe, Protocol
 from stages.heads.registry import DataKeys, Head, Reference, register_head
 
 __all__ = ["Side4VideoCfg", "Side4Video", "side_taps", "shift_cls", "SideBlock"]
@@ -178,6 +179,23 @@ _SOURCE = "Side4Video (Yao et al. 2023), K400 ViT-B/16 8 frames; trainable param
         Reference("base: 12 blocks x 320", {"preset": "base", "num_blocks": 12, "side_width": 320, **_DIMS_B16},
                   21_185_232, _SOURCE),
     ),
+    paper_recipe=PaperRecipe(
+        "Side4Video (K400, ViT-B/16): AdamW lr 1e-3, weight decay 0.15 on all parameters, betas "
+        "(0.9, 0.999), 30 epochs, 4 warm-up, label smoothing 0.1, batch 32 x 8 = 256",
+        {"epochs": 30, "global_batch": 256, "lr": 1e-3, "weight_decay": 0.15, "decay_all": True,
+         "beta1": 0.9, "beta2": 0.999, "warmup_epochs": 4.0, "label_smoothing": 0.1}, 256),
+    protocol=Protocol(
+        "side4video", 8, "segment-start", 8, "4x3", SCALE_256, "scores",
+        paper="8 frames x 3 spatial crops x 4 temporal clips (its model zoo's 8x3x4), i.e. "
+              "4 clips x 3 crops = 12 views stacked crop by crop, softmax averaged; clip c "
+              "takes frame int(offset_c + t * n / 8), the 4 offsets spread from 0 to n / 8 - 1; "
+              "scale 256 then crop 224",
+        differs=CROPS_TSN),
+    # `extract --train-aug K`, from bench/bench_viewbank.py (README, stage two): on the demo world no K
+    # beat the plain cache beyond the spread over seeds; Side4Video's mean was highest with banks, and
+    # one augmented view costs no more bytes than the plain view
+    view_bank=1,
+    # published: SPEC.md quotes no accuracy of Side4Video's tables yet
 )
 class Side4Video(Head):
     """Side network over cached frozen-ViT tokens plus a pixel stem; logits from its pooled stream."""

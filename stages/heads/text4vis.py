@@ -41,6 +41,7 @@ from stages.heads.common import (
     track_loaded,
     validate_choice,
 )
+from stages.heads.facts import CROPS_TSN, SCALE_256, PaperRecipe, Protocol
 from stages.heads.registry import DataKeys, Head, Reference, register_head
 
 __all__ = ["Text4VisCfg", "Text4VisHead"]
@@ -75,6 +76,19 @@ class Text4VisCfg:
         Reference("Text4Vis T1D, frozen W, ViT-B/16, 8 frames, K400", {"temporal": "t1d", **_B16}, None,
                   "Text4Vis (arXiv:2207.01297); no published count"),
     ),
+    paper_recipe=PaperRecipe(
+        "Text4Vis head values (its stage-three recipe's temporal-module part): AdamW lr 5e-5, weight "
+        "decay 0.2 on all parameters, betas (0.9, 0.999), 30 epochs, 5 warm-up, batch 256",
+        {"epochs": 30, "global_batch": 256, "lr": 5e-5, "weight_decay": 0.2, "decay_all": True,
+         "beta1": 0.9, "beta2": 0.999, "warmup_epochs": 5.0, "label_smoothing": 0.0}, 256,
+        note="Text4Vis publishes no recipe for a head over frozen features: `paper` is the temporal "
+             "module's values of its end-to-end recipe"),
+    protocol=Protocol(
+        "text4vis", 8, "segment-start", 8, "4x3", SCALE_256, "embeddings",
+        paper="4 clips x 3 crops (the test code Side4Video inherits: the same frames and views), "
+              "video embeddings averaged over views then normalised, scale 256 then crop 224",
+        differs=CROPS_TSN),
+    # published: SPEC.md quotes no accuracy of Text4Vis's tables yet
 )
 class Text4VisHead(Head):
     """Temporal module, then cosine similarity to a frozen (or trainable) classifier W."""
