@@ -26,7 +26,8 @@ IN_MEMORY_LIMIT = 2 << 30  # bytes of one array above which it is read per video
 # from bench/bench_viewbank.py; README, stage two). Heads without one: no view bank. Applied by
 # `extract --for-head` (and so `make extract` / `make train`) unless the user sets --train-aug,
 # --train-views or --no-view-bank. This mapping is what the heads this package ships register.
-VIEW_BANK_DEFAULTS: dict[str, int] = {n: k for n in list_heads() if (k := get_head_entry(n).view_bank)}
+VIEW_BANK_DEFAULTS: dict[str, int] = {n: e.view_bank for n in list_heads() if (e := get_head_entry(n)).view_bank
+                                      and e.head_cls.__module__.startswith("stages.heads.")}
 
 
 def recommended_train_aug(head: str) -> int | None:
