@@ -75,10 +75,11 @@ def published_table(entries) -> dict:
     {head: [PublishedResult as a dict, ...]}, "openai_weights": {arch: "sha256:..." of OpenAI's
     checkpoint, as open_clip's download address names it}} (imports open_clip)."""
     results = {e.name: [asdict(r) for r in e.published] for e in entries if e.published}
-    weights = {}
-    for arch in sorted({r["backbone"] for rs in results.values() for r in rs if r["pretrained"] == "openai"}):
+    archs = sorted({r["backbone"] for rs in results.values() for r in rs if r["pretrained"] == "openai"})
+    if archs:
         from open_clip.pretrained import get_pretrained_cfg
-
+    weights = {}
+    for arch in archs:
         url = (get_pretrained_cfg(arch, "openai") or {}).get("url", "")
         digest = url.rstrip("/").split("/")[-2] if url.count("/") > 1 else ""
         if len(digest) == 64:  # OpenAI's address holds the file's sha256 (its loader checks it)

@@ -61,7 +61,7 @@ class PublishedResult:
     ``paper_result`` says the rule): the same stage (``train``: a head over the frozen backbone;
     ``finetune``: end to end), head, dataset, backbone with OpenAI's weights, frames, sampling
     (and dense stride), test views and shots (0: the full train set). Only figures the papers
-    state (as /shared/SPEC.md quotes them): never a figure read off a plot or recomputed."""
+    state (as the project's SPEC quotes their tables): never a figure read off a plot or recomputed."""
 
     dataset: str                    # the dataset registry's name: k400 | ucf101 | hmdb51 | ssv2
     backbone: str                   # open_clip model name, e.g. ViT-B-16
