@@ -60,8 +60,10 @@ class PublishedResult:
     ``pipeline runs`` prints ``top1`` beside a run whose setting is this one (pipeline/runs_table.py
     ``paper_result`` says the rule): the same stage (``train``: a head over the frozen backbone;
     ``finetune``: end to end), head, dataset, backbone with OpenAI's weights, frames, sampling
-    (and dense stride), test views and shots (0: the full train set). Only figures the papers
-    state (as the project's SPEC quotes their tables): never a figure read off a plot or recomputed."""
+    (and dense stride), test views and shots (0: the full train set). Only figures a table states
+    (the official repository's model zoo or the paper's), ``source`` naming it: never a figure read
+    off a plot or recomputed. A table row whose setting these fields cannot say (views no file
+    states, a sampling the project has no mode for, a start from other weights) is left out."""
 
     dataset: str                    # the dataset registry's name: k400 | ucf101 | hmdb51 | ssv2
     backbone: str                   # open_clip model name, e.g. ViT-B-16
