@@ -192,3 +192,92 @@ def test_the_papers_top1_beside_a_matching_run_and_nothing_beside_others(runs, m
     assert code == 0 and "paper     top1 61.5%  top5 90.4%  (Test paper, Table 2: demo, clipcache-tiny" in out
     code, out, _ = cli_in_process(capsys, "runs", "show", "oneshot", "--root", runs)
     assert code == 0 and "paper " not in out
+
+
+# ----------------------------------------------------------------------------- the shipped figures
+SHIPPED = ("evl", "side4video", "text4vis", "actionclip")
+
+
+def _evl_b16_8(**changes) -> dict:
+    """A run's setting (``run_setting``'s form) as EVL's ViT-B/16 8-frame row was measured in, changed."""
+    setting = {"stage": "train", "head": "evl", "dataset": "k400", "backbone": "ViT-B-16", "pretrained": "openai",
+               "weights": "tag:openai", "frames": 8, "sampling": "dense", "stride": 16, "views": "3x1",
+               "eval_split": "val", "shots": 0, "whole": True}
+    return {**setting, **changes}
+
+
+def _shipped_top1(setting: dict) -> list[float]:
+    """The top-1 of every shipped result (pipeline/option_defaults.json) whose setting is ``setting``."""
+    from pipeline.runs_table import published_results, setting_matches
+
+    table = published_results()
+    return [r["top1"] for r in table["results"].get(setting["head"], [])
+            if setting_matches({**r, "head": setting["head"]}, setting, table["openai_weights"])]
+
+
+def test_a_shipped_figure_is_found_for_its_setting_and_not_for_another():
+    assert _shipped_top1(_evl_b16_8()) == [82.9]
+    assert _shipped_top1(_evl_b16_8(frames=16)) == []  # EVL's 16-frame row was tested at 1 clip x 3 crops
+    assert _shipped_top1(_evl_b16_8(frames=16, views="1x3")) == [83.6]
+    assert _shipped_top1(_evl_b16_8(frames=32, stride=8, views="1x3")) == [84.2]
+    assert _shipped_top1(_evl_b16_8(backbone="ViT-L-14-quickgelu")) == [86.3]
+    for other in ({"stride": 8}, {"sampling": "segment"}, {"views": "1x1"}, {"backbone": "ViT-B-32"},
+                  {"dataset": "ssv2"}, {"pretrained": "laion2b_s34b_b88k", "weights": "tag:laion2b_s34b_b88k"},
+                  {"stage": "finetune"}):
+        assert _shipped_top1(_evl_b16_8(**other)) == [], other
+    # the 336px row is left out: no file says its test views
+    assert _shipped_top1(_evl_b16_8(backbone="ViT-L-14-336", frames=32, stride=8, views="1x3")) == []
+    side = _evl_b16_8(head="side4video", sampling="segment-start", stride=8, views="4x3")
+    assert _shipped_top1(side) == [83.6] and _shipped_top1({**side, "views": "1x1"}) == []
+    # Text4Vis and ActionCLIP published end-to-end results: stage three's, never a head over frozen features
+    t4v = {**side, "head": "text4vis"}
+    assert _shipped_top1(t4v) == [] and _shipped_top1({**t4v, "stage": "finetune"}) == [82.9]
+
+
+def test_a_stage_three_run_finds_its_paradigms_figure():
+    """Stage three's setting comes from the run's config.json alone: its paradigm is the head the
+    figures are registered on."""
+    from pathlib import Path
+
+    from pipeline.runs_table import paper_result
+    from stages.runs import RunRecord
+
+    def run(paradigm: str, **finetune) -> RunRecord:
+        ft = {"paradigm": paradigm, "model": "ViT-B-16", "frames": 8, "sampling": "segment", "stride": 8,
+              "views": "1x1", "eval_split": "val", **finetune}
+        config = {"stage": "finetune", "finetune": ft, "dataset": {"name": "k400"},
+                  "backbone": {"arch": ft["model"], "pretrained": "openai", "weights": "tag:openai"}}
+        return RunRecord(Path(paradigm), config, None, {}, "done")
+
+    paper = paper_result(run("actionclip"))
+    assert paper is not None and (paper["top1"], paper["top5"]) == (81.09, 95.49)
+    assert "sallymmx/ActionCLIP README.md" in paper["source"]
+    assert paper_result(run("actionclip", frames=32))["top1"] == 82.32
+    assert paper_result(run("actionclip", views="4x3")) is None
+    assert paper_result(run("text4vis")) is None  # Text4Vis tested 4 clips x 3 crops, segment-start
+    t4v = paper_result(run("text4vis", sampling="segment-start", views="4x3", model="ViT-B-32", frames=16))
+    assert t4v is not None and t4v["top1"] == 80.5 and t4v["top5"] is None
+
+
+def test_the_shipped_results_say_settings_the_pipeline_can_run():
+    from open_clip.pretrained import list_pretrained_tags_by_model
+
+    from pipeline.datasets.core import list_datasets
+    from pipeline.runs_table import published_results
+    from stages.finetune import PARADIGMS
+    from stages.video import SAMPLING_MODES, parse_views
+
+    table = published_results()
+    assert sorted(table["results"]) == sorted(SHIPPED)
+    for head in SHIPPED:
+        for r in get_head_entry(head).published:
+            assert r.stage in ("train", "finetune") and r.sampling in SAMPLING_MODES, r
+            assert r.dataset in list_datasets() and r.shots == 0 and r.source, r
+            parse_views(r.views)
+            assert r.sampling != "dense" or r.stride >= 1, r
+            assert r.stage == "train" or head in PARADIGMS, r  # stage three's lookup is by paradigm
+            assert r.pretrained == "openai" and "openai" in list_pretrained_tags_by_model(r.backbone), r
+            assert r.backbone in table["openai_weights"], r
+        rows = [(r.stage, r.dataset, r.backbone, r.frames, r.sampling, r.stride, r.views)
+                for r in get_head_entry(head).published]
+        assert len(set(rows)) == len(rows), head  # one figure per setting
