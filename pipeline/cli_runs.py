@@ -45,7 +45,8 @@ def runs_ls(
     reverse: bool = typer.Option(False, "--reverse", help="Reverse the order."),
     fmt: str = typer.Option("table", "--format", help="table | csv | json | md"),
 ):
-    """One row per run: head, options that differ from its defaults, cache, epochs, accuracy, time, status."""
+    """One row per run: head, options that differ from its defaults, cache, epochs, accuracy (and the paper's
+    top-1 where the run's setting is one a paper published), time, status."""
     from pipeline.runs_table import FORMATS, RUN_COLUMNS, render, run_row, select_runs
     from stages.runs import RUN_STATES
 
@@ -68,8 +69,8 @@ def runs_ls(
 def runs_show(run: str = typer.Argument(..., help="Run folder, or its name (or a unique prefix) under --root."),
               root: Optional[Path] = RootOpt,
               as_json: bool = typer.Option(False, "--json", help="Print config, metrics and status as JSON.")):
-    """Config, metrics, status and the files of one run."""
-    from pipeline.runs_table import changed_options, resolve_run, run_row
+    """Config, metrics, status and the files of one run; the paper's top-1 where its setting is published."""
+    from pipeline.runs_table import changed_options, paper_result, resolve_run, run_row
 
     rec = resolve_run(run, _root(root))
     if rec.problems:
@@ -90,6 +91,12 @@ def runs_show(run: str = typer.Argument(..., help="Run folder, or its name (or a
         best, last = rec.best(key), rec.last(key)
         if last is not None:
             typer.echo(f"{key:<9} last {last:.1f}%" + (f"  best {best:.1f}%" if best is not None else ""))
+    paper = paper_result(rec)  # the paper's figure for this run's setting, where one was published
+    if paper is not None:
+        typer.echo(f"paper     top1 {paper['top1']:.1f}%" + (f"  top5 {paper['top5']:.1f}%" if paper["top5"] is not None
+                                                              else "")
+                   + f"  ({paper['source']}: {paper['dataset']}, {paper['backbone']} {paper['pretrained']}, "
+                     f"{paper['frames']} frames {paper['sampling']}, {paper['views']} views)")
     for h in rec.history:
         val = (h.get("val") or {}).get("top1")
         loss = h.get("train_loss")

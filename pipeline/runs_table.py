@@ -2,8 +2,9 @@
 
 A row per run folder (stages.runs.read_run): the head, the options that differ from that
 head's defaults (so dozens of runs of one head read as what was varied), the cache and data
-source, epochs, best and last top-1 / top-5 / mean-class, time and status. Output as a rich
-table on a terminal, or csv / json / md for papers and scripts.
+source, epochs, best and last top-1 / top-5 / mean-class, the paper's top-1 where the run's
+setting is one a paper published (``paper_result``), time and status. Output as a rich table on a
+terminal, or csv / json / md for papers and scripts.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from cache.errors import ConfigError
 from stages.runs import RunRecord, list_runs, read_run
 
 __all__ = ["RUN_COLUMNS", "SORT_KEYS", "changed_options", "value_source", "value_text", "run_row", "select_runs", "render", "resolve_run",
-           "compare_rows", "check_plot_path", "plot_curves", "cell_text", "FORMATS"]
+           "compare_rows", "check_plot_path", "plot_curves", "cell_text", "FORMATS", "published_table",
+           "published_results", "run_setting", "setting_matches", "paper_result"]
 
-RUN_COLUMNS = ("run", "head", "options", "cache", "source", "epochs", "best_top1", "last_top1", "last_top5",
-               "last_mean_class", "seconds", "status")
+RUN_COLUMNS = ("run", "head", "options", "cache", "source", "epochs", "best_top1", "last_top1", "paper_top1",
+               "last_top5", "last_mean_class", "seconds", "status")
 SORT_KEYS = ("run", "head", "best_top1", "last_top1", "seconds", "status", "started")
 FORMATS = ("table", "csv", "json", "md")
 # settings that say where or how fast a run ran, not what it is
@@ -38,8 +40,9 @@ DEFAULTS_FILE = Path(__file__).with_name("option_defaults.json")
 
 def live_option_defaults() -> dict:
     """{"train": TrainCfg's defaults, "finetune": FinetuneCfg's, "heads": {head: its options' defaults},
-    "recipes": {"train" | "finetune": {head or paradigm: {recipe: {"values", "head"}}}}}, from the
-    classes and presets themselves (imports torch), as JSON values."""
+    "recipes": {"train" | "finetune": {head or paradigm: {recipe: {"values", "head"}}}},
+    "published": the papers' results the heads register (``published_table``)}, from the classes,
+    presets and registry themselves (imports torch), as JSON values."""
     from stages.finetune import PARADIGMS, FinetuneCfg
     from stages.heads import DIM_FIELDS, get_head_entry, list_heads
     from stages.recipes import RECIPES, stage_three_recipe, stage_two_recipe
@@ -54,7 +57,8 @@ def live_option_defaults() -> dict:
                "finetune": {p: {n: {"values": (r := stage_three_recipe(p, n)).values, "head": r.head}
                                 for n in RECIPES if n != "demo"} for p in PARADIGMS}}
     return json.loads(json.dumps({"train": asdict(TrainCfg()), "finetune": asdict(FinetuneCfg()), "heads": heads,
-                                  "recipes": recipes}))
+                                  "recipes": recipes,
+                                  "published": published_table([get_head_entry(n) for n in shipped])}))
 
 
 @functools.lru_cache(maxsize=1)
@@ -63,6 +67,124 @@ def _option_defaults() -> dict:
         return json.loads(DEFAULTS_FILE.read_text())
     except (OSError, ValueError):  # not shipped: ask the classes
         return live_option_defaults()
+
+
+# ----------------------------------------------------------------------------- the papers' figures
+def published_table(entries) -> dict:
+    """The lookup ``paper_result`` reads, from registry entries (stages.heads.HeadEntry): {"results":
+    {head: [PublishedResult as a dict, ...]}, "openai_weights": {arch: "sha256:..." of OpenAI's
+    checkpoint, as open_clip's download address names it}} (imports open_clip)."""
+    results = {e.name: [asdict(r) for r in e.published] for e in entries if e.published}
+    archs = sorted({r["backbone"] for rs in results.values() for r in rs if r["pretrained"] == "openai"})
+    if archs:
+        from open_clip.pretrained import get_pretrained_cfg
+    weights = {}
+    for arch in archs:
+        url = (get_pretrained_cfg(arch, "openai") or {}).get("url", "")
+        digest = url.rstrip("/").split("/")[-2] if url.count("/") > 1 else ""
+        if len(digest) == 64:  # OpenAI's address holds the file's sha256 (its loader checks it)
+            weights[arch] = f"sha256:{digest}"
+    return {"results": results, "openai_weights": weights}
+
+
+def published_results() -> dict:
+    """The shipped lookup of the papers' results (pipeline/option_defaults.json, "published")."""
+    return _option_defaults().get("published") or {"results": {}, "openai_weights": {}}
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_info(path: str):
+    """A cache's metadata (CacheMeta) read without torch: a Zarr folder, or a WebDataset export's
+    header; None when it is gone or unreadable."""
+    from cache.errors import PipelineError
+    from cache.meta import CacheMeta
+
+    p = Path(path)
+    try:
+        if p.is_file():  # a WebDataset header: the exported cache's metadata is in it
+            return CacheMeta.from_dict(json.loads(p.read_text())["meta"])
+        from cache.store import open_store
+
+        return open_store(p).info
+    except (PipelineError, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def run_setting(rec: RunRecord) -> dict | None:
+    """What a run was trained and tested on, in the terms of the papers' results: stage, head (stage
+    three: the paradigm), dataset, backbone (arch, pretrained tag, weights id), test frames, sampling
+    (and dense stride), test views, shots, and whether it trained on the whole train set of every
+    class. Stage two reads the run's config.json and its cache's metadata; stage three its config.json.
+    None when it cannot be told (a run without config, a cache that is gone)."""
+    if not rec.config:
+        return None
+    if rec.stage == "finetune":
+        ft = rec.config.get("finetune") or {}
+        bb = rec.config.get("backbone") or {}
+        return {"stage": "finetune", "head": ft.get("paradigm", ""),
+                "dataset": (rec.config.get("dataset") or {}).get("name", ""),
+                "backbone": bb.get("arch") or ft.get("model", ""), "pretrained": bb.get("pretrained", ""),
+                "weights": bb.get("weights", ""), "frames": ft.get("frames"), "sampling": ft.get("sampling"),
+                "stride": ft.get("stride"), "views": ft.get("views"), "eval_split": ft.get("eval_split", "val"),
+                "shots": 0, "whole": True}
+    train = rec.config.get("train") or {}
+    info = _cache_info(rec.cache) if rec.cache else None
+    if info is None:
+        return None
+    split = train.get("eval_split", "val")
+    view = info.views.get(split)
+    return {"stage": "train", "head": rec.head, "dataset": info.dataset.name, "backbone": info.backbone.arch,
+            "pretrained": info.backbone.pretrained, "weights": info.backbone.weights, "frames": info.dims.frames,
+            "sampling": info.config.sampling, "stride": info.config.stride,
+            "views": f"{view.clips}x{view.crops}" if view is not None else "", "eval_split": split,
+            "shots": int(train.get("shots") or 0),
+            "whole": float(train.get("fraction", 1.0)) == 1.0 and not train.get("train_classes")
+            and not train.get("test_classes")}
+
+
+def _arch(name: str) -> str:
+    return name[:-len("-quickgelu")] if name.endswith("-quickgelu") else name  # the same model, its activation named
+
+
+def setting_matches(result: dict, setting: dict, openai_weights: dict | None = None) -> bool:
+    """Whether a run's ``setting`` (``run_setting``) is the one a published ``result`` was measured in:
+    the same stage, head, dataset, backbone (arch, with OpenAI's weights by tag or by the checkpoint
+    file's sha256 where the paper used them), test frames, sampling (and stride when dense), test
+    views and shots, tested on val or test after training on every class's whole train set."""
+    s = setting
+    if (s["stage"], s["head"], s["dataset"]) != (result["stage"], result["head"], result["dataset"]):
+        return False
+    if _arch(str(s["backbone"])) != _arch(result["backbone"]):
+        return False
+    if result["pretrained"] == "openai":
+        known = (openai_weights or {}).get(result["backbone"])
+        if s["pretrained"] != "openai" and not (known and s["weights"] == known):
+            return False
+    elif s["pretrained"] != result["pretrained"]:
+        return False
+    if (s["frames"], s["sampling"], s["views"]) != (result["frames"], result["sampling"], result["views"]):
+        return False
+    if result["sampling"] == "dense" and s["stride"] != result["stride"]:
+        return False
+    return s["shots"] == result["shots"] and s["whole"] and s["eval_split"] in ("val", "test")
+
+
+def paper_result(rec: RunRecord, table: dict | None = None) -> dict | None:
+    """The published result (a dict of PublishedResult's fields, with "head") whose setting is the
+    run's (``setting_matches``); None when no paper published one. ``table``: ``published_table``'s
+    form (default: the shipped one). The cache is read only for a head with published results."""
+    table = published_results() if table is None else table
+    if not rec.config:
+        return None
+    head = (rec.config.get("finetune") or {}).get("paradigm", "") if rec.stage == "finetune" else rec.head
+    candidates = [{**r, "head": head} for r in (table.get("results") or {}).get(head, [])]
+    candidates = [r for r in candidates if r["stage"] == rec.stage]
+    if not candidates:
+        return None
+    setting = run_setting(rec)
+    if setting is None:
+        return None
+    return next((r for r in candidates if setting_matches(r, setting, table.get("openai_weights"))), None)
 
 
 def _defaults(rec: RunRecord, recipe: bool = True) -> tuple[dict, dict]:
@@ -131,6 +253,8 @@ def run_row(rec: RunRecord) -> dict:
         "epochs": f"{rec.epochs_done}/{total}" if total is not None else str(rec.epochs_done),
         "best_top1": rec.best("top1"),
         "last_top1": rec.last("top1"),
+        "paper_top1": (paper := paper_result(rec)) and paper["top1"],
+        "paper_source": paper and paper["source"],
         "last_top5": rec.last("top5"),
         "last_mean_class": rec.last("mean_class"),
         "seconds": round(rec.seconds, 1) if rec.seconds is not None else None,

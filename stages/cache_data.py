@@ -10,11 +10,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cache.errors import CacheMismatchError, DatasetError
+from cache.errors import CacheMismatchError, ConfigError, DatasetError
 from cache.meta import CacheMeta, extract_command
 from stages.backbone import CLIP_MEAN, CLIP_STD
 from cache.store import DONE, FeatureStore
-from stages.heads import DataKeys, resolve_layers
+from stages.heads import DataKeys, get_head_entry, list_heads, resolve_layers
 
 __all__ = ["HeadInputs", "CacheSplit", "pixel_stats", "epoch_seed", "view_pick", "view_tensor", "check_cache_for_head",
            "select_videos", "extraction_hint", "head_data_keys", "VIEW_BANK_DEFAULTS", "recommended_train_aug",
@@ -22,17 +22,21 @@ __all__ = ["HeadInputs", "CacheSplit", "pixel_stats", "epoch_seed", "view_pick",
 
 IN_MEMORY_LIMIT = 2 << 30  # bytes of one array above which it is read per video instead
 
-# `extract --train-aug K` per head, from bench/bench_viewbank.py (README, stage two): on the demo
-# world no K beat the plain cache beyond the spread over seeds; Side4Video's mean was highest
-# with banks and one augmented view costs no more bytes than the plain view, EVL's was highest
-# on the plain cache. Heads not named here: no view bank. Applied by `extract --for-head` (and so
-# `make extract` / `make train`) unless the user sets --train-aug, --train-views or --no-view-bank.
-VIEW_BANK_DEFAULTS: dict[str, int] = {"side4video": 1}
+# `extract --train-aug K` per head: each head registers its own (``register_head(..., view_bank=K)``,
+# from bench/bench_viewbank.py; README, stage two). Heads without one: no view bank. Applied by
+# `extract --for-head` (and so `make extract` / `make train`) unless the user sets --train-aug,
+# --train-views or --no-view-bank. This mapping is what the heads this package ships register.
+VIEW_BANK_DEFAULTS: dict[str, int] = {n: e.view_bank for n in list_heads() if (e := get_head_entry(n)).view_bank
+                                      and e.head_cls.__module__.startswith("stages.heads.")}
 
 
 def recommended_train_aug(head: str) -> int | None:
-    """The view bank (K augmented train views) measured best for ``head``; None: the plain cache."""
-    return VIEW_BANK_DEFAULTS.get(head)
+    """The view bank (K augmented train views) measured best for ``head`` (its registered
+    ``view_bank``); None: the plain cache."""
+    try:
+        return get_head_entry(head).view_bank or None
+    except ConfigError:  # not a registered head
+        return None
 
 
 def recommended_view_bank(heads: list[str]) -> int | None:

@@ -139,8 +139,8 @@ class ExtractPlan:
 def add_head_needs(cfg: ExtractCfg, heads: list[str], num_classes: int, view_bank: bool = True) -> ExtractCfg:
     """``cfg`` widened to hold what each head in ``heads`` reads with its default options:
     their blocks added to --layers, patch tokens and uint8 frames switched on where needed; and
-    the heads' measured view bank (stages/cache_data.py VIEW_BANK_DEFAULTS) unless ``cfg`` sets
-    its own --train-aug or --train-views, or ``view_bank`` is off."""
+    the heads' measured view bank (each head registers its own, ``register_head(..., view_bank=K)``)
+    unless ``cfg`` sets its own --train-aug or --train-views, or ``view_bank`` is off."""
     from dataclasses import replace
 
     from stages.cache_data import head_data_keys, recommended_view_bank

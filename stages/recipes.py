@@ -6,7 +6,7 @@ ActionCLIP train and test with. Here each is a preset:
 - ``--recipe paper`` (the default of ``pipeline train`` and ``pipeline finetune``): the published
   optimiser, weight-decay set, schedule, warm-up, label smoothing and *global* batch of the head
   or paradigm. Heads without a published recipe of their own say what ``paper`` means for them
-  (``RECIPE_NOTES``).
+  (the ``note`` of their registered ``PaperRecipe``).
 - ``--recipe quick``: the generic small-data recipe the project used before (stage two: lr 1e-3,
   batch 32, 10 epochs, 1 warm-up epoch; stage three: the former stage-three defaults with 10
   epochs and 1 warm-up epoch). It has no fixed global batch: the per-step batch is the global
@@ -25,6 +25,11 @@ and saved in the run's config.json (``TrainCfg`` / ``FinetuneCfg`` hold them, ``
 Test protocols (``pipeline extract --protocol NAME``): frames, sampling, val/test views, the
 resize rule and the paper's rule for averaging over views, recorded in the cache metadata
 (``CacheMeta.protocol``); stage two evaluates with that averaging rule unless told otherwise.
+
+A head's facts live in the head's own file: its paper recipe and test protocol are registered
+with it (``register_head(..., paper_recipe=..., protocol=...)``, stages/heads/facts.py), and this
+module reads them from the registry; adding a head with a paper recipe touches that file alone.
+The quick and demo presets and stage three's paradigm recipes are here.
 """
 
 from __future__ import annotations
@@ -34,14 +39,31 @@ from dataclasses import dataclass, field
 
 from cache.errors import ConfigError
 from cache.meta import CacheMeta
+from stages.heads.facts import SCALE_256, PaperRecipe, Protocol
 
 __all__ = ["RECIPES", "DEMO_HEADS", "PROTOCOLS", "protocol_for_heads", "Recipe", "Protocol", "stage_two_recipe", "stage_three_recipe",
            "resolve_recipe", "accumulation_steps", "effective_global_batch", "get_protocol", "resolve_protocol",
-           "protocol_record", "protocol_eval_overrides", "resize_side", "describe_recipe"]
+           "protocol_record", "protocol_eval_overrides", "resize_side", "describe_recipe", "paper_recipe"]
 
 RECIPES = ("paper", "quick", "demo")
-PROTOCOLS = ("evl", "text4vis", "side4video", "actionclip")
-SCALE_256 = 256 / 224  # "scale 256, crop 224": the short side at 256/224 of the input size
+
+
+def __getattr__(name: str):
+    if name == "PROTOCOLS":  # the registered heads' protocols (reading them imports the heads)
+        from stages.heads import list_protocols
+
+        return tuple(list_protocols())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _entry(head: str):
+    """The registry entry of ``head``; None for a name no head has (a paradigm's)."""
+    from stages.heads import get_head_entry
+
+    try:
+        return get_head_entry(head)
+    except ConfigError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -61,27 +83,6 @@ _QUICK_TWO = {"epochs": 10, "batch_size": 32, "global_batch": 0, "lr": 1e-3, "we
               "decay_all": False, "beta1": 0.9, "beta2": 0.999, "warmup_epochs": 1.0, "label_smoothing": 0.0}
 _PER_STEP = 32  # default per-step batch of the paper recipes (memory); the global batch comes by accumulation
 
-_PAPER_TWO = {
-    "evl": ("EVL (K400, ViT-B/16, 8 frames): AdamW lr 4e-4, weight decay 0.05 on all parameters, cosine, "
-            "no warm-up, 50k steps at batch 256 (~53 epochs), fp16 on GPU",
-            {"epochs": 53, "global_batch": 256, "lr": 4e-4, "weight_decay": 0.05, "decay_all": True,
-             "beta1": 0.9, "beta2": 0.999, "warmup_epochs": 0.0, "label_smoothing": 0.0}, 256, {}),
-    "side4video": ("Side4Video (K400, ViT-B/16): AdamW lr 1e-3, weight decay 0.15 on all parameters, betas "
-                   "(0.9, 0.999), 30 epochs, 4 warm-up, label smoothing 0.1, batch 32 x 8 = 256",
-                   {"epochs": 30, "global_batch": 256, "lr": 1e-3, "weight_decay": 0.15, "decay_all": True,
-                    "beta1": 0.9, "beta2": 0.999, "warmup_epochs": 4.0, "label_smoothing": 0.1}, 256, {}),
-    "text4vis": ("Text4Vis head values (its stage-three recipe's temporal-module part): AdamW lr 5e-5, weight "
-                 "decay 0.2 on all parameters, betas (0.9, 0.999), 30 epochs, 5 warm-up, batch 256",
-                 {"epochs": 30, "global_batch": 256, "lr": 5e-5, "weight_decay": 0.2, "decay_all": True,
-                  "beta1": 0.9, "beta2": 0.999, "warmup_epochs": 5.0, "label_smoothing": 0.0}, 256, {}),
-    "actionclip": ("ActionCLIP prompt values (its stage-three recipe's visual-prompt part): AdamW lr 5e-5, betas "
-                   "(0.9, 0.98), weight decay 0.2 on all parameters, 50 epochs, 5 warm-up, batch 128; test: "
-                   "per-template softmax, then mean",
-                   {"epochs": 50, "global_batch": 128, "lr": 5e-5, "weight_decay": 0.2, "decay_all": True,
-                    "beta1": 0.9, "beta2": 0.98, "warmup_epochs": 5.0, "label_smoothing": 0.0}, 128,
-                   {"template_average": "score"}),
-}
-
 # `demo`: the settings `make demo` trains every head with on the demo world (the demo CLIP: 64 px,
 # 4 blocks of width 128, E = 64; 144 train videos): the quick recipe at batch 16 for 30 epochs, heads
 # sized for that backbone, on one torch thread so the float order (and the table) follows no machine.
@@ -97,12 +98,6 @@ _DEMO_TWO: dict[str, tuple[dict, dict]] = {
 _DEMO_BASE = {**_QUICK_TWO, "epochs": 30, "batch_size": 16, "threads": 1}
 DEMO_HEADS = tuple(_DEMO_TWO)
 
-RECIPE_NOTES = {
-    "text4vis": "Text4Vis publishes no recipe for a head over frozen features: `paper` is the temporal "
-                "module's values of its end-to-end recipe",
-    "actionclip": "ActionCLIP publishes no recipe over frozen features: `paper` is the visual prompt's values "
-                  "of its end-to-end recipe",
-}
 _NO_PAPER = "no published recipe for this head: `paper` means the quick recipe"
 
 
@@ -113,12 +108,12 @@ def stage_two_recipe(head: str, name: str = "paper", cuda: bool = False) -> Reci
     the whole global batch at once: accumulating micro-batches of 32 would contrast 32 videos
     where the paper contrasts 128 (cheap on cached features)."""
     _check_name(name)
-    if name == "paper" and head in _PAPER_TWO:
-        source, values, ref, head_opts = _PAPER_TWO[head]
-        values = {"batch_size": values["global_batch"] if _batch_loss(head) else _PER_STEP, **values}
-        if head == "evl" and cuda:
-            values["amp"] = "fp16"
-        return Recipe("paper", head, source, values, ref, dict(head_opts), note=RECIPE_NOTES.get(head, ""))
+    paper = paper_recipe(head) if name == "paper" else None
+    if paper is not None:
+        values = {"batch_size": paper.values["global_batch"] if _batch_loss(head) else _PER_STEP, **paper.values}
+        if cuda:
+            values.update(paper.cuda)
+        return Recipe("paper", head, paper.source, values, paper.ref_batch, dict(paper.head), note=paper.note)
     if name == "demo":
         values, head_opts = _DEMO_TWO.get(head, ({}, {}))
         return Recipe("demo", head, "demo: the demo world's settings (quick at batch 16, 30 epochs, one thread"
@@ -129,13 +124,15 @@ def stage_two_recipe(head: str, name: str = "paper", cuda: bool = False) -> Reci
                   dict(_QUICK_TWO), 32, note=note)
 
 
-def _batch_loss(head: str) -> bool:
-    from stages.heads import get_head_entry
+def paper_recipe(head: str) -> PaperRecipe | None:
+    """The stage-two recipe head ``head`` registers from its paper (None: it has none)."""
+    entry = _entry(head)
+    return entry.paper_recipe if entry is not None else None
 
-    try:
-        return bool(get_head_entry(head).head_cls.batch_loss)
-    except Exception:  # not a registered head (a paradigm name): no such property
-        return False
+
+def _batch_loss(head: str) -> bool:
+    entry = _entry(head)  # not a registered head (a paradigm name): no such property
+    return bool(entry.head_cls.batch_loss) if entry is not None else False
 
 
 # ----------------------------------------------------------------------------- stage three
@@ -236,45 +233,10 @@ def describe_recipe(recipe: Recipe) -> str:
 
 
 # ----------------------------------------------------------------------------- test protocols
-@dataclass(frozen=True)
-class Protocol:
-    name: str
-    frames: int
-    sampling: str                   # segment | dense
-    stride: int                     # dense stride
-    views: str                      # CxS of the val/test splits
-    resize_ratio: float             # short side = round(input size x ratio), then crop the input size
-    eval_average: str               # stage two's multi-view rule: scores (softmax averaged) | embeddings
-    template_average: str = ""      # ActionCLIP: "score" = per-template softmax, then mean
-    paper: str = ""                 # the paper's protocol, as published
-    differs: str = ""               # what the project does differently, and why
+def _protocol(name: str) -> Protocol | None:
+    from stages.heads import find_protocol
 
-
-_CROPS_TSN = ("the 3 crops sit at 0, 1/2 and 1 of the free room along the long side; their code takes 0, 4 and 2 "
-              "quarters of it (rounded down) across the width (left, right, centre): a few pixels apart on a "
-              "landscape video, while on a portrait one theirs are the centre crop three times")
-_PROTOCOLS = {
-    "evl": Protocol("evl", 8, "dense", 16, "3x1", 1.0, "scores",
-                    paper="dense 8 x 16, 3 temporal x 1 spatial views (clip starts at 0, 1/2, 1 of the slack, "
-                          "round(slack / 2 * c)), softmax averaged, short side 224",
-                    differs="the short side is resized bicubic (antialiased) on uint8 frames; EVL's code resizes "
-                            "the normalised frames bilinearly, the long side rounded down"),
-    "side4video": Protocol("side4video", 8, "segment-start", 8, "4x3", SCALE_256, "scores",
-                           paper="8 frames x 3 spatial crops x 4 temporal clips (its model zoo's 8x3x4), i.e. "
-                                 "4 clips x 3 crops = 12 views stacked crop by crop, softmax averaged; clip c "
-                                 "takes frame int(offset_c + t * n / 8), the 4 offsets spread from 0 to n / 8 - 1; "
-                                 "scale 256 then crop 224",
-                           differs=_CROPS_TSN),
-    "text4vis": Protocol("text4vis", 8, "segment-start", 8, "4x3", SCALE_256, "embeddings",
-                         paper="4 clips x 3 crops (the test code Side4Video inherits: the same frames and views), "
-                               "video embeddings averaged over views then normalised, scale 256 then crop 224",
-                         differs=_CROPS_TSN),
-    "actionclip": Protocol("actionclip", 8, "segment", 8, "1x1", SCALE_256, "scores", template_average="score",
-                           paper="8 frames, one view, scale 256 then crop 224; per-template softmax over the 16 "
-                                 "templates, then the mean",
-                           differs="segment t gives frame int((t + 1/2) n / 8) (TSN); ActionCLIP's code takes "
-                                   "int(t n / 8 + (n / 8 - 1) / 2), at most one frame earlier"),
-}
+    return find_protocol(name)
 
 
 def protocol_for_heads(heads: list[str]) -> str:
@@ -282,12 +244,13 @@ def protocol_for_heads(heads: list[str]) -> str:
     own, when the heads that have one test on the same frames and views (Text4Vis and Side4Video
     share theirs); "" when none has one. Heads whose papers test on different frames cannot share
     one cache's val views: one ConfigError naming them and the way out."""
-    named = [h for h in dict.fromkeys(heads) if h in _PROTOCOLS]
+    own = {h: p for h in dict.fromkeys(heads) if (p := _protocol(h)) is not None}
+    named = list(own)
     groups: dict[tuple, list[str]] = {}
     for h in named:
-        groups.setdefault(tuple(getattr(_PROTOCOLS[h], k) for k in _PROTO_KEYS), []).append(h)
+        groups.setdefault(tuple(getattr(own[h], k) for k in _PROTO_KEYS), []).append(h)
     if len(groups) > 1:
-        text = "; ".join(f"{', '.join(hs)}: {_describe_views(_PROTOCOLS[hs[0]])}" for hs in groups.values())
+        text = "; ".join(f"{', '.join(hs)}: {_describe_views(own[hs[0]])}" for hs in groups.values())
         raise ConfigError(f"--for-head {','.join(heads)}: these papers test on different frames ({text}), which one "
                           "cache cannot hold: extract once per head, or pass --protocol NAME (or --protocol none: "
                           "one centre view) for all of them")
@@ -300,9 +263,13 @@ def _describe_views(p: Protocol) -> str:
 
 
 def get_protocol(name: str) -> Protocol:
-    if name not in _PROTOCOLS:
-        raise ConfigError(f"unknown protocol '{name}'; choose one of {', '.join(PROTOCOLS)}")
-    return _PROTOCOLS[name]
+    """The test protocol ``name`` (each is registered by the head it is named after)."""
+    p = _protocol(name)
+    if p is None:
+        from stages.heads import list_protocols
+
+        raise ConfigError(f"unknown protocol '{name}'; choose one of {', '.join(list_protocols())}")
+    return p
 
 
 _PROTO_KEYS = ("frames", "sampling", "stride", "views", "resize_ratio")
@@ -360,8 +327,8 @@ def protocol_eval_overrides(meta: CacheMeta | None, head: str) -> tuple[dict, di
         return {}, {}
     from stages.heads import get_head_entry
 
-    own = _PROTOCOLS.get(head)
-    cached = _PROTOCOLS.get(proto.name)
+    own = _protocol(head)
+    cached = _protocol(proto.name)
     if own is not None and cached is not None and not proto.overridden and \
             all(getattr(own, k) == getattr(cached, k) for k in _PROTO_KEYS):
         eval_average, template_average = own.eval_average, own.template_average  # its own paper's rule, same views

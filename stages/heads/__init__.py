@@ -7,17 +7,22 @@ from stages.heads.registry import (  # noqa: F401
     DIM_FIELDS,
     DataKeys,
     Head,
+    PaperRecipe,
+    Protocol,
+    PublishedResult,
     Reference,
     create_head,
     get_head_entry,
     list_heads,
     make_cfg,
     example_batch,
+    find_protocol,
+    list_protocols,
     register_head,
     resolve_layers,
 )
 
-_SKIP = {"registry", "common", "counts"}
+_SKIP = {"registry", "common", "counts", "facts"}
 for _mod in pkgutil.iter_modules(__path__):
     if _mod.name not in _SKIP and not _mod.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_mod.name}")

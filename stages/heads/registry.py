@@ -18,17 +18,23 @@ from torch import nn
 
 from cache.errors import ConfigError
 from stages.config import closest, coerce_option
+from stages.heads.facts import PaperRecipe, Protocol, PublishedResult
 
 __all__ = [
     "DIM_FIELDS",
     "DataKeys",
     "Head",
     "HeadEntry",
+    "PaperRecipe",
+    "Protocol",
+    "PublishedResult",
     "Reference",
     "register_head",
     "create_head",
     "get_head_entry",
     "list_heads",
+    "list_protocols",
+    "find_protocol",
     "make_cfg",
     "example_batch",
     "resolve_layers",
@@ -165,26 +171,42 @@ class Reference:
 
 @dataclass
 class HeadEntry:
+    """A registered head and its paper's facts (stages/heads/facts.py): the recipe ``--recipe paper``
+    trains it with, the test protocol ``extract --for-head`` caches for it, the view bank (K
+    augmented train views) it was measured best with (None: the plain cache), and the results its
+    paper publishes."""
+
     name: str
     head_cls: type
     cfg_cls: type
     tiny: dict = field(default_factory=dict)
     references: tuple[Reference, ...] = ()
+    paper_recipe: PaperRecipe | None = None
+    protocol: Protocol | None = None
+    view_bank: int | None = None
+    published: tuple[PublishedResult, ...] = ()
 
 
 _REGISTRY: dict[str, HeadEntry] = {}
 
 
 def register_head(name: str, cfg_cls: type, tiny: dict | None = None,
-                  references: tuple[Reference, ...] = ()) -> Callable[[type], type]:
-    """Class decorator: ``@register_head("evl", EVLCfg, tiny={...})``."""
+                  references: tuple[Reference, ...] = (), *, paper_recipe: PaperRecipe | None = None,
+                  protocol: Protocol | None = None, view_bank: int | None = None,
+                  published: tuple[PublishedResult, ...] = ()) -> Callable[[type], type]:
+    """Class decorator: ``@register_head("evl", EVLCfg, tiny={...}, paper_recipe=..., protocol=...)``.
+
+    A protocol is named as its head (``--protocol evl``)."""
+    if protocol is not None and protocol.name != name:
+        raise RuntimeError(f"head '{name}' registers a protocol named '{protocol.name}': name it as the head")
 
     def wrap(head_cls: type) -> type:
         if name in _REGISTRY:
             raise RuntimeError(f"head '{name}' registered twice")
         head_cls.name = name
         head_cls.cfg_cls = cfg_cls
-        _REGISTRY[name] = HeadEntry(name, head_cls, cfg_cls, dict(tiny or {}), tuple(references))
+        _REGISTRY[name] = HeadEntry(name, head_cls, cfg_cls, dict(tiny or {}), tuple(references), paper_recipe,
+                                    protocol, view_bank, tuple(published))
         return head_cls
 
     return wrap
@@ -192,6 +214,17 @@ def register_head(name: str, cfg_cls: type, tiny: dict | None = None,
 
 def list_heads() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def list_protocols() -> list[str]:
+    """The test protocols the registered heads bring (each named as its head)."""
+    return sorted(n for n, e in _REGISTRY.items() if e.protocol is not None)
+
+
+def find_protocol(name: str) -> Protocol | None:
+    """The test protocol named ``name`` (a head's), None when no head registers one by that name."""
+    entry = _REGISTRY.get(name)
+    return entry.protocol if entry is not None else None
 
 
 def get_head_entry(name: str) -> HeadEntry:

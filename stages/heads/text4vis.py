@@ -41,12 +41,27 @@ from stages.heads.common import (
     track_loaded,
     validate_choice,
 )
+from stages.heads.facts import CROPS_TSN, SCALE_256, PaperRecipe, Protocol, PublishedResult
 from stages.heads.registry import DataKeys, Head, Reference, register_head
 
 __all__ = ["Text4VisCfg", "Text4VisHead"]
 
 TEMPORAL = ("tap", "ttrans", "t1d")
 _B16 = {"embed_dim": 512, "frames": 8, "num_classes": 400}
+
+# Kinetics-400 top-1 of the official repository's Model Zoo (README.md, "Kinetics-400" table), end to
+# end (stage three, the text4vis paradigm: the visual encoder trains from OpenAI's CLIP). Its "#Frame"
+# is frames x spatial crops x temporal clips: "8x3x4" is 8 frames, views 4x3; "32x3x1" is views 1x3.
+# The test sampling is its test code's (segment-start). No top-5 given. Its "ViT-L/14*" is the plain
+# ViT-L/14 (the star marks the model used for zero-shot). Left out: the ActivityNet, UCF-101 and
+# HMDB-51 tables: those runs start from a Kinetics-400 model, not OpenAI's weights (and ActivityNet is
+# not in the project's dataset registry).
+_ZOO = "Text4Vis (arXiv:2207.01297): whwu95/Text4Vis README.md, Model Zoo, Kinetics-400 table"
+
+
+def _k400(backbone: str, frames: int, views: str, top1: float) -> PublishedResult:
+    return PublishedResult(dataset="k400", backbone=backbone, frames=frames, views=views, top1=top1,
+                           sampling="segment-start", stage="finetune", source=_ZOO)
 
 
 @dataclass
@@ -74,6 +89,27 @@ class Text4VisCfg:
                   "Text4Vis (arXiv:2207.01297); no published count (no parameters by construction)"),
         Reference("Text4Vis T1D, frozen W, ViT-B/16, 8 frames, K400", {"temporal": "t1d", **_B16}, None,
                   "Text4Vis (arXiv:2207.01297); no published count"),
+    ),
+    paper_recipe=PaperRecipe(
+        "Text4Vis head values (its stage-three recipe's temporal-module part): AdamW lr 5e-5, weight "
+        "decay 0.2 on all parameters, betas (0.9, 0.999), 30 epochs, 5 warm-up, batch 256",
+        {"epochs": 30, "global_batch": 256, "lr": 5e-5, "weight_decay": 0.2, "decay_all": True,
+         "beta1": 0.9, "beta2": 0.999, "warmup_epochs": 5.0, "label_smoothing": 0.0}, 256,
+        note="Text4Vis publishes no recipe for a head over frozen features: `paper` is the temporal "
+             "module's values of its end-to-end recipe"),
+    protocol=Protocol(
+        "text4vis", 8, "segment-start", 8, "4x3", SCALE_256, "embeddings",
+        paper="4 clips x 3 crops (the test code Side4Video inherits: the same frames and views), "
+              "video embeddings averaged over views then normalised, scale 256 then crop 224",
+        differs=CROPS_TSN),
+    published=(
+        _k400("ViT-B-32", 8, "4x3", 80.0),
+        _k400("ViT-B-32", 16, "4x3", 80.5),
+        _k400("ViT-B-16", 8, "4x3", 82.9),
+        _k400("ViT-B-16", 16, "4x3", 83.6),
+        _k400("ViT-L-14", 8, "4x3", 86.4),
+        _k400("ViT-L-14-336", 8, "4x3", 87.1),
+        _k400("ViT-L-14-336", 32, "1x3", 87.8),
     ),
 )
 class Text4VisHead(Head):
