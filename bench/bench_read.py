@@ -51,7 +51,8 @@ HEADS = {  # head -> DataKeys fields
 
 def build_cache(path: Path, videos: int, dtype: str, shard: int = 16):
     """A ViT-B/16-shaped cache of random values (the same random shard repeated: bytes, not content, matter)."""
-    from cache.store import DONE, ArraySpec, create_store
+    from cache.source import ArraySpec
+    from cache.store import DONE, create_store
 
     if path.exists():  # a complete one of the same size (--keep) is reused
         from cache.store import open_store

@@ -154,7 +154,7 @@ def build_cache(w: World) -> float:
 
 def build_runs(w: World, count: int) -> float:
     """``count`` finished run folders, written by the run log train uses (seconds taken)."""
-    from cache.store import atomic_write_text
+    from cache.files import atomic_write_text
     from stages.runs import RunLog
     from stages.train import TrainCfg
 

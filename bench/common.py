@@ -227,7 +227,7 @@ def secs(s: float) -> str:
 
 def human(n) -> str:
     """Bytes as the project prints them; '-' for None."""
-    from cache.store import human_bytes
+    from cache.files import human_bytes
 
     return "-" if n is None else human_bytes(n)
 

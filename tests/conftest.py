@@ -133,7 +133,9 @@ def plant_non_finite(path: Path, split: str, shard: int, rows: list[int] | None 
 
     import zarr
 
-    from cache.store import atomic_write_text, file_checksum, open_store
+    from cache.files import atomic_write_text
+    from cache.integrity import file_checksum
+    from cache.store import open_store
 
     st = open_store(path)
     a, b = st.shard_range(split, shard)

@@ -20,7 +20,8 @@ import torch
 
 from cache.errors import CacheError, ConfigError
 from cache.quant import dequantize_int8, quantize_int8
-from cache.store import DONE, FAILED, PENDING, ArraySpec, create_store, open_store
+from cache.source import ArraySpec
+from cache.store import DONE, FAILED, PENDING, create_store, open_store
 from conftest import cli_in_process, demo_args
 from stages.runs import finished_metrics
 

@@ -19,7 +19,8 @@ import stages.evaluate
 from stages.dist import rank_batches
 import stages.train as T
 from cache.quant import dequantize_int8, quantize_int8
-from cache.store import DONE, ArraySpec, create_store, open_store
+from cache.source import ArraySpec
+from cache.store import DONE, create_store, open_store
 from cache.wds import export_wds
 from stages.cache_data import CacheSplit, HeadInputs, select_videos
 from stages.heads import DataKeys

@@ -15,8 +15,8 @@ import torch
 from cache.errors import CacheError
 from cache.meta import CacheMeta
 from cache.quant import QUANT_SUFFIXES, dequantize_int8
-from cache.source import DONE, FAILED, CacheSource
-from cache.store import ArraySpec, FeatureStore
+from cache.source import DONE, FAILED, ArraySpec, CacheSource
+from cache.store import FeatureStore
 from cache.wds import WdsCache, export_wds
 from stages.cache_data import CacheSplit, HeadInputs, select_videos
 from stages.heads import DataKeys
