@@ -50,7 +50,6 @@ import numpy as np
 import zarr
 
 from cache.errors import CacheError, CacheMismatchError
-from cache.meta import FORMAT_VERSION, Record, StoreMeta
 from cache.files import atomic_write_text, creation_lock, read_json
 from cache.integrity import (
     CHECKSUMS,
@@ -61,6 +60,7 @@ from cache.integrity import (
     static_checksums,
     write_checksums,
 )
+from cache.meta import FORMAT_VERSION, Record, StoreMeta
 from cache.quant import FP16_MAX, QUANT_SUFFIXES, dequantize_int8, finite_rows, quantize_int8
 from cache.source import DONE, FAILED, PENDING, ArraySpec, CacheSource
 
