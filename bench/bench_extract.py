@@ -54,8 +54,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (base_parser, console as make_console, cpu_self, fmt_rate as fps, int_list,  # noqa: E402
                           load_avg, make_table, name_list, now, quiet, repeat_until, torch_threads)
 from cache.datasets import DatasetSpec  # noqa: E402
-from cache.store import ArraySpec, open_store  # noqa: E402
-from cache.store import human_bytes as human  # noqa: E402
+from cache.files import human_bytes as human  # noqa: E402
+from cache.source import ArraySpec  # noqa: E402
+from cache.store import open_store  # noqa: E402
 from pipeline.datasets import load_dataset  # noqa: E402
 from pipeline.demo_data import DemoCfg, generate_demo  # noqa: E402
 from stages.backbone import BackboneInfo, FrozenCLIP, load_clip, model_config, parse_layers  # noqa: E402

@@ -27,7 +27,6 @@ warm read.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -38,6 +37,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import base_parser, console as make_console, make_table  # noqa: E402
 
 T, L, D, P, E, H = 8, 4, 768, 196, 512, 224
 DEPTH = 12
@@ -51,7 +52,8 @@ HEADS = {  # head -> DataKeys fields
 
 def build_cache(path: Path, videos: int, dtype: str, shard: int = 16):
     """A ViT-B/16-shaped cache of random values (the same random shard repeated: bytes, not content, matter)."""
-    from cache.store import DONE, ArraySpec, create_store
+    from cache.source import ArraySpec
+    from cache.store import DONE, create_store
 
     if path.exists():  # a complete one of the same size (--keep) is reused
         from cache.store import open_store
@@ -98,21 +100,16 @@ def timed(fn) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--root", default="artifacts/bench-read")
+    ap = base_parser(__doc__, quick="24 videos, 2 reps, fewer loader settings", root="artifacts/bench-read", reps=3,
+                     keep="keep the caches (default: removed at the end)")
     ap.add_argument("--videos", type=int, default=None, help="videos per cache (default 64; 24 with --quick)")
-    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--quick", action="store_true", help="24 videos, 2 reps, fewer loader settings")
-    ap.add_argument("--keep", action="store_true", help="keep the caches (default: removed at the end)")
     args = ap.parse_args()
     if args.quick:
         args.reps = 2
     args.videos = args.videos or (24 if args.quick else 64)
 
     import torch
-    from rich.console import Console
-    from rich.table import Table
     from torch.utils.data import DataLoader
 
     from stages.cache_data import CacheSplit, HeadInputs, select_videos
@@ -194,15 +191,14 @@ def main() -> None:
                 best(lambda: [None for _ in CacheLoader(sources["off"], plan, "cpu", workers=2)]))
             del sources
     load = os.getloadavg()
-    table = Table(title=f"bench_read.py: ViT-B/16-shaped cache, {n} videos, batch 8, device {args.device}, "
-                        f"best of {args.reps}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-                        f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
-    for col in ("cache", "head", "path", "MB/s", "videos/s", "% of cat"):
-        table.add_column(col, justify="right" if col in ("MB/s", "videos/s", "% of cat") else "left")
-    for dt, head, path, mbs, vps, pct in rows:
-        table.add_row("fp16" if dt == "float16" else "int8", head, path, f"{mbs:,.0f}" if mbs >= 10 else f"{mbs:.2f}",
-                      f"{vps:,.1f}", f"{pct:.0f}")
-    console = Console(width=150)
+    table = make_table(f"bench_read.py: ViT-B/16-shaped cache, {n} videos, batch 8, device {args.device}, "
+                       f"best of {args.reps}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+                       f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}",
+                       ("cache", "head", "path", "MB/s", "videos/s", "% of cat"),
+                       [("fp16" if dt == "float16" else "int8", head, path,
+                         f"{mbs:,.0f}" if mbs >= 10 else f"{mbs:.2f}", f"{vps:,.1f}", f"{pct:.0f}")
+                        for dt, head, path, mbs, vps, pct in rows], left=("head", "path"))
+    console = make_console(150)
     console.print(table)
     ratio = {}
     for head in HEADS:

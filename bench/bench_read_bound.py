@@ -26,7 +26,6 @@ video, ``np.take(out=)``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -36,6 +35,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench.common import base_parser, console, make_table  # noqa: E402
 
 
 def _best_rates(paths: dict, nbytes: int, reps: int) -> dict[str, float]:
@@ -53,15 +54,12 @@ def _best_rates(paths: dict, nbytes: int, reps: int) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = base_parser(__doc__, quick=None, reps=3)
     ap.add_argument("cache", help="a cache bench_read.py built (--keep)")
     ap.add_argument("--head", default="EVL", choices=["EVL", "Side4Video"])
-    ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
 
     import torch
-    from rich.console import Console
-    from rich.table import Table
 
     import bench_read as B
     from cache.store import open_store
@@ -161,14 +159,11 @@ def main() -> None:
              "memcpy of a batch (DRAM bandwidth)": memcpy}
     best = _best_rates(paths, nbytes, args.reps)
     load = os.getloadavg()
-    table = Table(title=f"bench_read_bound.py: {args.head}'s arrays of {args.cache} ({nbytes / 1e6:.0f} MB, {n} videos), "
-                        f"best of {args.reps}; load {load[0]:.1f}")
-    table.add_column("path")
-    table.add_column("MB/s", justify="right")
-    table.add_column("% of cat-like", justify="right")
-    for name, v in best.items():
-        table.add_row(name, f"{v:,.0f}", f"{100 * v / best['cat-like (128 KB buffer)']:.0f}")
-    Console(width=140).print(table)
+    table = make_table(f"bench_read_bound.py: {args.head}'s arrays of {args.cache} ({nbytes / 1e6:.0f} MB, {n} videos), "
+                       f"best of {args.reps}; load {load[0]:.1f}", ("path", "MB/s", "% of cat-like"),
+                       [(name, f"{v:,.0f}", f"{100 * v / best['cat-like (128 KB buffer)']:.0f}")
+                        for name, v in best.items()])
+    console(140).print(table)
 
     # the preloaded path's gather alone: out of the arrays in RAM into one reused batch buffer
     mem = src_on.memory
@@ -203,14 +198,11 @@ def main() -> None:
     gathers = {"torch copy_ per video (the loader's way)": per_video_copy, "torch.index_select(out=)": index_select,
                "np.copyto per video": np_copyto, "np.take(out=)": np_take}
     gbest = _best_rates(gathers, moved, args.reps)
-    table = Table(title=f"the preloaded path's gather alone: batches of 8 out of RAM ({moved / 1e6:.0f} MB an epoch), "
-                        f"best of {args.reps}; load {os.getloadavg()[0]:.1f}")
-    table.add_column("gather")
-    table.add_column("MB/s", justify="right")
-    table.add_column("% of memcpy", justify="right")
-    for name, v in gbest.items():
-        table.add_row(name, f"{v:,.0f}", f"{100 * v / best['memcpy of a batch (DRAM bandwidth)']:.0f}")
-    Console(width=140).print(table)
+    table = make_table(f"the preloaded path's gather alone: batches of 8 out of RAM ({moved / 1e6:.0f} MB an epoch), "
+                       f"best of {args.reps}; load {os.getloadavg()[0]:.1f}", ("gather", "MB/s", "% of memcpy"),
+                       [(name, f"{v:,.0f}", f"{100 * v / best['memcpy of a batch (DRAM bandwidth)']:.0f}")
+                        for name, v in gbest.items()])
+    console(140).print(table)
 
 
 if __name__ == "__main__":

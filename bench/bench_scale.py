@@ -154,7 +154,7 @@ def build_cache(w: World) -> float:
 
 def build_runs(w: World, count: int) -> float:
     """``count`` finished run folders, written by the run log train uses (seconds taken)."""
-    from cache.store import atomic_write_text
+    from cache.files import atomic_write_text
     from stages.runs import RunLog
     from stages.train import TrainCfg
 
@@ -280,12 +280,11 @@ def timed(fn: Callable[[], dict | None], gc_off: bool = False) -> tuple[float, f
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = base_parser(__doc__, quick="2,400 vs 24,000 videos (and 10 vs 100 run folders)")
+    ap = base_parser(__doc__, quick="2,400 vs 24,000 videos (and 10 vs 100 run folders)", reps=2,
+                     keep="keep the built caches and run folders (for --root reuse)")
     ap.add_argument("--sizes", default="", help="small,large train videos (default 24000,240000; --quick 2400,24000)")
-    ap.add_argument("--reps", type=int, default=2, help="repeats per operation and size, best kept (default 2)")
     ap.add_argument("--only", default="", help="comma list of operation name prefixes to time (default: all)")
     ap.add_argument("--root", default="", help="where the caches are built (default: a fresh /tmp/scale-* folder)")
-    ap.add_argument("--keep", action="store_true", help="keep the built caches and run folders (for --root reuse)")
     ap.add_argument("--md", action="store_true", help="also print the table as markdown (RESULTS.md)")
     ap.add_argument("--gc-off", action="store_true", help="diagnostic: time with Python's cyclic garbage collector "
                                                           "off (what the code costs without the collector's passes "

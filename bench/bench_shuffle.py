@@ -12,20 +12,21 @@ The demo world's train list is sorted by class, the worst case for it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from datetime import date
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import base_parser, md_table  # noqa: E402  (sets HF_HUB_OFFLINE=1)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--root", default="artifacts/bench-shuffle")
+    ap = base_parser(__doc__, quick="a smoke run", root="artifacts/bench-shuffle")
     ap.add_argument("--classes", type=int, default=6)
     ap.add_argument("--train", type=int, default=16, help="train videos per class")
     ap.add_argument("--val", type=int, default=4, help="val videos per class")
@@ -33,7 +34,6 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
         args.classes, args.train, args.val, args.pretrain_steps, args.epochs, args.seeds = 4, 6, 2, 10, 2, "0"
@@ -85,10 +85,9 @@ def main() -> None:
     (root / "shuffle.json").write_text(json.dumps(out, indent=1))
     print(f"\n{date.today().isoformat()}, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}, "
           f"{out['seconds'] / 60:.0f} min, videos {out['videos']}")
-    print("| head | shuffle | top-1 % per seed | mean +- std |")
-    print("|---|---|---|---|")
-    for r in rows:
-        print(f"| evl | {r['shuffle']} | {' / '.join(f'{a:.1f}' for a in r['top1'])} | {r['mean']:.1f} +- {r['std']:.1f} |")
+    print(md_table(("head", "shuffle", "top-1 % per seed", "mean +- std"),
+                   [("evl", r["shuffle"], " / ".join(f"{a:.1f}" for a in r["top1"]), f"{r['mean']:.1f} +- {r['std']:.1f}")
+                    for r in rows]))
 
 
 if __name__ == "__main__":

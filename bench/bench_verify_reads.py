@@ -29,7 +29,6 @@ the bytes the epoch reads, which is where a first-read check costs most.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -38,6 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench.common import base_parser, console, make_table  # noqa: E402
 
 HEADS = {  # head-shaped reads -> DataKeys fields
     "T-Trans (frame_emb)": {"frame_emb": True},
@@ -48,19 +49,13 @@ MODES = {"off": (False, False), "on, after the check": (True, True), "on, unchec
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--root", default="artifacts/bench-verify-reads")
+    ap = base_parser(__doc__, quick="24 videos, 2 reps", root="artifacts/bench-verify-reads", reps=3,
+                     keep="keep the cache (default: removed at the end)")
     ap.add_argument("--videos", type=int, default=None, help="videos in the cache (default 64; 24 with --quick)")
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="24 videos, 2 reps")
-    ap.add_argument("--keep", action="store_true", help="keep the cache (default: removed at the end)")
     args = ap.parse_args()
     if args.quick:
         args.reps = 2
     args.videos = args.videos or (24 if args.quick else 64)
-
-    from rich.console import Console
-    from rich.table import Table
 
     from bench_read import build_cache
     from cache.store import open_store
@@ -108,14 +103,13 @@ def main() -> None:
             (a, b), (a0, b0) = best[m], best["off"]
             rows.append((head, m, nbytes / a / 1e6, a, a / a0, b, b / b0))
     load = os.getloadavg()
-    table = Table(title=f"bench_verify_reads.py: ViT-B/16-shaped fp16 cache, {n} videos, loader epoch (workers 0, "
-                        f"preload off, batch 8), best of {args.reps}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-                        f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
-    for col in ("read", "verify_reads", "epoch 1 MB/s", "epoch 1 s", "x off", "epoch 2 s", "x off "):
-        table.add_column(col, justify="left" if col in ("read", "verify_reads") else "right")
-    for head, m, mbs, a, ra, b, rb in rows:
-        table.add_row(head, m, f"{mbs:,.0f}", f"{a:.3f}", f"{ra:.2f}", f"{b:.3f}", f"{rb:.2f}")
-    Console(width=150).print(table)
+    table = make_table(f"bench_verify_reads.py: ViT-B/16-shaped fp16 cache, {n} videos, loader epoch (workers 0, "
+                       f"preload off, batch 8), best of {args.reps}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+                       f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}",
+                       ("read", "verify_reads", "epoch 1 MB/s", "epoch 1 s", "x off", "epoch 2 s", "x off "),
+                       [(head, m, f"{mbs:,.0f}", f"{a:.3f}", f"{ra:.2f}", f"{b:.3f}", f"{rb:.2f}")
+                        for head, m, mbs, a, ra, b, rb in rows], left=("verify_reads",))
+    console(150).print(table)
     if not args.keep:
         shutil.rmtree(path, ignore_errors=True)
 

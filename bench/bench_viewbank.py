@@ -30,8 +30,7 @@ HEADS = {  # sized as pipeline/demo_run.py's DEMO_HEADS
 
 
 def main() -> None:
-    ap = base_parser(__doc__, quick="a smoke run (minutes)")
-    ap.add_argument("--root", default="artifacts/bench-viewbank")
+    ap = base_parser(__doc__, quick="a smoke run (minutes)", root="artifacts/bench-viewbank")
     ap.add_argument("--classes", type=int, default=6)
     ap.add_argument("--train", type=int, default=4, help="train videos per class")
     ap.add_argument("--val", type=int, default=4, help="val videos per class")

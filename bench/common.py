@@ -89,24 +89,35 @@ def name_list(text: str, default: Sequence[str] = ()) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()] if text else list(default)
 
 
-def base_parser(doc: str | None, workdir: str = "", *, quick: str = "smaller sizes, fewer repeats",
-                device: str | None = None, threads: bool = False, repeats: bool = False) -> argparse.ArgumentParser:
-    """An ArgumentParser with the flags the benches share: --quick, --workdir (default
+def base_parser(doc: str | None, workdir: str = "", *, quick: str | None = "smaller sizes, fewer repeats",
+                device: str | None = None, threads: bool = False, repeats: bool = False, root: str = "",
+                reps: int = 0, keep: str = "") -> argparse.ArgumentParser:
+    """An ArgumentParser with the flags the benches share: --quick (help ``quick``; None: no such
+    flag), --workdir (default
     ``artifacts/<workdir>``; omitted when ``workdir`` is ''), and on request --device (default
-    ``device``), --threads (torch threads, 0 = the bench's default) and --repeats (0 = default).
+    ``device``), --threads (torch threads, 0 = the bench's default), --repeats (0 = default),
+    --root (default ``root``: the bench's folder, relative to the working directory), --reps
+    (default ``reps``: repeats, best kept) and --keep (``keep``: what it keeps).
     The description is the docstring's first paragraph; the whole docstring is the epilog."""
     first = (doc or "").strip().split("\n\n")[0]
     ap = argparse.ArgumentParser(description=first, epilog=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help=quick)
+    if quick is not None:
+        ap.add_argument("--quick", action="store_true", help=quick)
     if workdir:
         ap.add_argument("--workdir", default=str(REPO / "artifacts" / workdir),
                         help="data, caches and runs (reused between runs)")
+    if root:
+        ap.add_argument("--root", default=root, help="data and caches (default: %(default)s)")
     if device is not None:
         ap.add_argument("--device", default=device, help="cpu | cuda | auto")
     if threads:
         ap.add_argument("--threads", type=int, default=0, help="torch threads (0: the bench's default)")
     if repeats:
         ap.add_argument("--repeats", type=int, default=0, help="repeats per measurement, best kept (0: default)")
+    if reps:
+        ap.add_argument("--reps", type=int, default=reps, help="repeats per measurement, best kept (default: %(default)s)")
+    if keep:
+        ap.add_argument("--keep", action="store_true", help=keep)
     return ap
 
 
@@ -227,7 +238,7 @@ def secs(s: float) -> str:
 
 def human(n) -> str:
     """Bytes as the project prints them; '-' for None."""
-    from cache.store import human_bytes
+    from cache.files import human_bytes
 
     return "-" if n is None else human_bytes(n)
 

@@ -161,7 +161,7 @@ class Record:
 @dataclass(kw_only=True)
 class SplitMeta(Record):
     num_videos: int
-    arrays: list[dict]               # ArraySpec.to_json() of each per-video array (cache/store.py)
+    arrays: list[dict]               # ArraySpec.to_json() of each per-video array (cache/source.py)
 
 
 @dataclass(kw_only=True)

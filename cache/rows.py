@@ -12,8 +12,8 @@ the caller's output (a shared-memory or pinned tensor's memory): one copy, page 
 An array stored any other way (a codec this module does not know) is read through zarr instead:
 ``RawArray.direct`` says which. Chunks never written read as the array's fill value, as zarr's;
 but a shard file is never taken for "never written" on its absence alone: ``check(shard, fd)``
-(the store's, FeatureStore._check_shard: its status and records say which shards were written,
-their sizes and checksums) is asked at every open, and for a missing file, and raises
+(the store's, cache/integrity.py ``StoreIntegrity._check_shard``: its status and records say
+which shards were written, their sizes and checksums) is asked at every open, and for a missing file, and raises
 ``ShardReadError`` for a shard that was written and is gone, or is not the file that was written.
 
 A shard file that cannot be read as written (shorter than its index, an index whose crc32c does not

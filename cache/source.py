@@ -7,26 +7,50 @@ class names and text embeddings. One contract test (tests/test_source_contract.p
 assertions against a cache and its export. Which back-end a path names is decided in one place
 above this floor (stages/sources.py ``open_source``).
 
-Status codes live here because they are part of the contract: every back-end says PENDING, DONE
-or FAILED per video, the same way.
+Status codes and ``ArraySpec`` live here because they are part of the contract: every back-end
+says PENDING, DONE or FAILED per video, the same way, and describes its per-video arrays with the
+same specs (the store lays its arrays out from them: cache/store.py).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from cache.errors import CacheError
 from cache.meta import CacheMeta
 
-if TYPE_CHECKING:
-    from cache.store import ArraySpec
-
-__all__ = ["PENDING", "DONE", "FAILED", "CacheSource"]
+__all__ = ["PENDING", "DONE", "FAILED", "ArraySpec", "CacheSource"]
 
 PENDING, DONE, FAILED = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One per-video array: its shape per video (after N), dtype and storage."""
+
+    name: str
+    shape: tuple[int, ...]          # per video, e.g. (V, T, L, D)
+    dtype: str                      # "float16" | "int8" (quantised per token) | "uint8"
+    layer_axis: int | None = None   # chunk this axis (of the per-video shape) one by one
+
+    def nbytes(self, outliers: int = 4) -> int:
+        n = math.prod(self.shape)
+        if self.dtype == "int8":
+            tokens = n // self.shape[-1]
+            return n + tokens * (2 + 4 * outliers)
+        return n * np.dtype(self.dtype).itemsize
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "layer_axis": self.layer_axis}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ArraySpec":
+        return cls(d["name"], tuple(d["shape"]), d["dtype"], d.get("layer_axis"))
 
 
 class CacheSource(Protocol):

@@ -61,8 +61,9 @@ import numpy as np
 from cache.errors import CacheError, CacheMismatchError, ConfigError
 from cache.meta import StoreMeta
 from cache.quant import QUANT_SUFFIXES, dequantize_int8
-from cache.source import CacheSource
-from cache.store import DONE, FAILED, FeatureStore, atomic_write_text
+from cache.files import atomic_write_text
+from cache.source import DONE, FAILED, ArraySpec, CacheSource
+from cache.store import FeatureStore
 
 __all__ = [
     "WDS_FORMAT",
@@ -647,8 +648,6 @@ class WdsCache(CacheSource):
                                     for split, urls in sorted(self._shards.items())})
 
     def specs(self, split: str):
-        from cache.store import ArraySpec
-
         return {d["name"]: ArraySpec.from_json(d) for d in self._layout.splits[split].arrays}
 
     def num_videos(self, split: str) -> int:

@@ -260,7 +260,9 @@ def cache_ls(root: Optional[Path] = typer.Argument(None, help="Cache root (defau
     from rich.console import Console
     from rich.table import Table
 
-    from cache.store import default_cache_root, human_bytes, list_stores
+    from cache.files import human_bytes
+    from cache.paths import default_cache_root
+    from cache.store import list_stores
 
     if root is not None and not root.is_dir():
         raise CacheError(f"cache root {root} " + ("is not a folder" if root.exists() else "does not exist"))
@@ -296,7 +298,8 @@ def cache_info(path: Path = typer.Argument(..., help="Cache folder."),
                as_json: bool = typer.Option(False, "--json", help="Print the metadata as JSON.")):
     """Size, videos done/failed/pending, layers, dtype and how the cache was made."""
     from cache.meta import extract_command
-    from cache.store import human_bytes, open_store
+    from cache.files import human_bytes
+    from cache.store import open_store
 
     st = open_store(path)
     meta = st.info
@@ -405,7 +408,7 @@ def _dataset_from_cache(st):
 
 # ----------------------------------------------------------------------------- stage two
 def _resolve_cache(cache: Optional[Path], dataset: str, cache_root: Optional[Path]) -> Path:
-    from cache.store import default_cache_root, latest_cache
+    from cache.paths import default_cache_root, latest_cache
 
     if cache is not None:
         return cache
@@ -842,7 +845,8 @@ def cache_export(
     partial: bool = typer.Option(False, "--partial", help="Export the done videos of an incomplete cache."),
 ):
     """Export the done videos as WebDataset shards NAME-<split>-000000.tar, plus NAME-header.json."""
-    from cache.store import human_bytes, open_store
+    from cache.files import human_bytes
+    from cache.store import open_store
     from cache.wds import export_wds
 
     if format_ != "wds":
@@ -864,7 +868,9 @@ def cache_export(
 @cache_app.command("finalize")
 def cache_finalize(path: Path = typer.Argument(..., help="Cache folder written by several ranks or nodes.")):
     """After a multi-node extraction: check every video is done or failed, write summary.json."""
-    from cache.store import human_bytes, keyed_root, mark_latest, open_store
+    from cache.files import human_bytes
+    from cache.paths import keyed_root, mark_latest
+    from cache.store import open_store
 
     st = open_store(path)
     pending = {s: st.pending_shards(s) for s in st.splits}

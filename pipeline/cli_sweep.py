@@ -54,7 +54,7 @@ def sweep(
     import yaml
     from rich.console import Console
 
-    from cache.store import default_cache_root, latest_cache
+    from cache.paths import default_cache_root, latest_cache
     from pipeline import sweep as sw
 
     file = {}

@@ -33,7 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from cache.errors import ConfigError
-from cache.store import FeatureStore, artifacts_root, atomic_write_text, open_store
+from cache.files import atomic_write_text
+from cache.paths import artifacts_root
+from cache.store import FeatureStore, open_store
 from stages.runs import finished_metrics
 from stages.cache_data import select_videos
 from stages.heads import get_head_entry, list_heads

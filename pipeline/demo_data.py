@@ -42,7 +42,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from cache.errors import ConfigError, DatasetError
-from cache.store import atomic_write_text
+from cache.files import atomic_write_text, read_json
 
 __all__ = [
     "DemoCfg",
@@ -662,13 +662,6 @@ def _manifest_body(cfg: DemoCfg, classes: list[str]) -> dict:
             "classes": classes}
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def _same(manifest: dict | None, cfg: DemoCfg) -> bool:
     return (
         isinstance(manifest, dict)
@@ -701,13 +694,13 @@ def generate_demo(out_dir: str | Path, cfg: DemoCfg | None = None, progress: boo
 
     manifest_path = root / MANIFEST
     partial_path = root / PARTIAL_MANIFEST
-    done = _read_json(manifest_path)
+    done = read_json(manifest_path)
     if _same(done, cfg) and _finished(ds, items):
         return ds
 
     # Same cfg (finished but damaged, or interrupted): finished videos are kept, since each
     # was renamed into place only when complete. Anything else of ours is removed first.
-    same_cfg = _same(done, cfg) or _same(_read_json(partial_path), cfg)
+    same_cfg = _same(done, cfg) or _same(read_json(partial_path), cfg)
     ours = manifest_path.exists() or partial_path.exists()
     if manifest_path.exists():
         manifest_path.unlink()

@@ -47,7 +47,7 @@ def _paths(root: Path | None) -> dict[str, Path]:
     """Where the demo's parts go under the artifacts root: its CLIP, summary and ablation under
     demo/, the cache and the runs where every command looks for them (caches/, runs/), so
     `pipeline train --dataset demo` and `pipeline runs ls` find what `make demo` made."""
-    from cache.store import artifacts_root
+    from cache.paths import artifacts_root
 
     root = Path(root) if root is not None else artifacts_root()
     return {"root": root, "demo": root / "demo", "clip": root / "demo" / "demo_clip.pt", "caches": root / "caches",

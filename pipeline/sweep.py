@@ -359,7 +359,7 @@ def _csv(rows: list[dict]) -> str:
 
 
 def write_tables(out_dir: Path, rows: list[dict], keys: list[str], summary: list[dict], title: str) -> dict[str, Path]:
-    from cache.store import atomic_write_text
+    from cache.files import atomic_write_text
 
     files = {"results": out_dir / "results.csv", "summary_csv": out_dir / "summary.csv",
              "summary_md": out_dir / "summary.md"}
@@ -371,7 +371,7 @@ def write_tables(out_dir: Path, rows: list[dict], keys: list[str], summary: list
 
 def sweep_dir(cache_name: str, heads: list[str], grid: dict, seeds: list[int], base_argv: list[str]) -> Path:
     """The default folder of a sweep: one per cache and settings, so rerunning it finds its runs."""
-    from cache.store import artifacts_root
+    from cache.paths import artifacts_root
 
     spec = json.dumps({"heads": heads, "grid": grid, "seeds": seeds, "base": base_argv}, sort_keys=True)
     return artifacts_root() / "sweeps" / f"{_SAFE.sub('_', cache_name)}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"

@@ -292,7 +292,7 @@ def write_experiment(run_dir: str | Path, resolved: dict, head_options: dict | N
     """Write ``run_dir/config.yaml`` (``experiment_record``), atomically."""
     import yaml
 
-    from cache.store import atomic_write_text
+    from cache.files import atomic_write_text
 
     run_dir = Path(run_dir)
     record = experiment_record(resolved, head_options, dataset_args)

@@ -26,20 +26,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from cache.datasets import DatasetSpec
 from cache.errors import CacheError, ConfigError, ModelError, RunFailedError, decode_failure_reason
+from cache.files import human_bytes
 from cache.meta import (BackboneMeta, CacheMeta, DatasetMeta, Dims, ExtractRecord, Preprocess, ProtocolRecord,
                         ViewBank, ViewCount, key_content)
+from cache.paths import default_cache_root, keyed_root, latest_cache, mark_latest
 from cache.quant import FP16_MAX, finite_rows
+from cache.source import ArraySpec
 from cache.store import (
     DONE,
     FAILED,
-    ArraySpec,
     FeatureStore,
     create_store,
-    default_cache_root,
-    human_bytes,
-    keyed_root,
-    latest_cache,
-    mark_latest,
     open_store,
     repair_static,
 )

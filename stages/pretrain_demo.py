@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from cache.errors import ConfigError
-from cache.store import atomic_write_text
+from cache.files import atomic_write_text, read_json
 from stages.backbone import ACTIVATION_KEY, load_clip, model_activation, pixel_stats, resolve_model_name
 from stages.runs import param_groups
 
@@ -445,14 +445,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _save_atomic(state: dict, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -502,7 +494,7 @@ def pretrain_demo_clip(out_path: str | os.PathLike, render: Render, eval_prompts
         torch.set_num_threads(threads)
     try:
         # ---- reuse
-        meta = _read_json(meta_path)
+        meta = read_json(meta_path, dict)
         if (meta is not None and all(meta.get(k) == v for k, v in want.items()) and out_path.is_file()
                 and meta.get("weights_sha256") == _sha256(out_path)):
             if meta.get("eval_prompts") == _eval_spec(eval_prompts):

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cache.errors import ConfigError, TrainingError
-from cache.store import artifacts_root, atomic_write_text
+from cache.files import atomic_write_text
+from cache.paths import artifacts_root
 
 __all__ = ["RunLog", "RunRecord", "read_run", "list_runs", "default_runs_root", "entry_metrics", "RUN_STATES",
            "RESUME_FREE", "check_resumable", "existing_run", "finished_metrics", "remove_unstarted", "AMP_CHOICES", "autocast_dtype",
@@ -501,6 +502,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _read_json(path: Path, what: str, problems: list[str]) -> dict | None:
+    # not cache/files.py read_json: a run's listing says why a file did not read (unreadable, not
+    # an object), where read_json only answers None
     if not path.exists():
         return None
     try:

@@ -27,6 +27,35 @@ def demo_small(tmp_path_factory):
                          progress=False)
 
 
+def extract_in_process(data, out: Path, *, shard: tuple[int, int] = (0, 1), run: dict | None = None, **cfg):
+    """Extract a tiny cache into ``out`` in this process (a CLI process costs seconds of imports per
+    call): ``run_extraction`` of ``ExtractCfg(model="tiny", workers=0, **cfg)``, quiet, restoring the
+    torch thread count it changes. ``data``: a DatasetSpec, or the root of a generated demo dataset
+    (``demo_small.root``), read as the "demo" dataset. ``run``: more arguments of run_extraction
+    (``refresh``, ``retry_failed``, ...). Returns its result."""
+    import torch
+
+    from cache.datasets import DatasetSpec
+    from pipeline.datasets import load_dataset
+    from stages.extract import ExtractCfg, plan_extraction, run_extraction
+
+    spec = data if isinstance(data, DatasetSpec) else load_dataset("demo", data_root=data)
+    threads = torch.get_num_threads()
+    try:
+        plan = plan_extraction(spec, ExtractCfg(**{"model": "tiny", "workers": 0, **cfg}), out=out)
+        return run_extraction(plan, shard=shard, progress=False, log=lambda *a, **k: None, **(run or {}))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def extracted_store(data, out: Path, **kw):
+    """``extract_in_process`` (same arguments), then the cache opened: a FeatureStore."""
+    from cache.store import open_store
+
+    extract_in_process(data, out, **kw)
+    return open_store(out)
+
+
 def run_cli(*args: str, check: bool = False, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `pipeline ...` in a fresh process (exit codes, stderr, signals are all real)."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
@@ -133,7 +162,9 @@ def plant_non_finite(path: Path, split: str, shard: int, rows: list[int] | None 
 
     import zarr
 
-    from cache.store import atomic_write_text, file_checksum, open_store
+    from cache.files import atomic_write_text
+    from cache.integrity import file_checksum
+    from cache.store import open_store
 
     st = open_store(path)
     a, b = st.shard_range(split, shard)

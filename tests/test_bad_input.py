@@ -587,7 +587,7 @@ def test_concurrent_creators_exclude_each_other_and_leave_no_lock(tmp_path):
     import threading
     import time
 
-    from cache.store import _creation_lock
+    from cache.files import creation_lock as _creation_lock
 
     target, inside, log = tmp_path / "cache", [], []
 

@@ -8,12 +8,11 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 import framecode as fc
 from cache.datasets import DatasetSpec, VideoItem
 from cache.errors import DatasetError
-from conftest import run_cli
+from conftest import extract_in_process, run_cli
 from pipeline.datasets import DATASETS, DatasetArgs, get_dataset, list_datasets, load_dataset, register_dataset
 
 # ---------------------------------------------------------------------------------------------
@@ -66,16 +65,9 @@ def test_a_layout_registered_in_a_test_module_is_loaded_by_name(flat_root):
 def test_extract_runs_on_the_registered_layout(flat_root, tmp_path):
     from cache.meta import extract_command
     from cache.store import DONE, open_store
-    from stages.extract import ExtractCfg, plan_extraction, run_extraction
 
     spec = load_dataset("flat", data_root=flat_root)
-    threads = torch.get_num_threads()
-    try:
-        plan = plan_extraction(spec, ExtractCfg(model="tiny", workers=1, text="none", frames=4, shard_size=2),
-                               out=tmp_path / "cache")
-        res = run_extraction(plan, shard=(0, 1), progress=False, log=lambda *a, **k: None)
-    finally:
-        torch.set_num_threads(threads)
+    res = extract_in_process(spec, tmp_path / "cache", workers=1, text="none", frames=4, shard_size=2)
     assert res.videos == 5
     st = open_store(tmp_path / "cache")
     assert st.splits == ["train"]

@@ -21,7 +21,7 @@ def test_reduced_demo_end_to_end(tmp_path, capsys):
     assert saved["cache"] == summary["cache"]
     assert (tmp_path / "art" / "demo" / "compare-init" / "summary.md").exists()
     # the cache and the runs are where every command looks: the CLI finds them by dataset
-    from cache.store import latest_cache
+    from cache.paths import latest_cache
 
     assert latest_cache(tmp_path / "art" / "caches", "demo").resolve() == Path(summary["cache"]).resolve()
     assert all(Path(h["run_dir"]).parent == tmp_path / "art" / "runs" for h in summary["heads"].values())

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cache.store import DONE, FAILED, FAULT_ENV, open_store
-from conftest import committed, demo_args, popen_cli, run_cli
+from conftest import committed, demo_args, extract_in_process, popen_cli, run_cli
 
 
 def _assert_same_features(a, b, splits=None, rows=None):
@@ -243,16 +243,7 @@ def test_cache_cli_ls_info_verify(reference, tmp_path):
 def test_encoder_utilisation_is_measured_and_a_waiting_gpu_is_named(demo_small, tmp_path):
     import dataclasses
 
-    from pipeline.datasets import load_dataset
-    from stages.extract import ExtractCfg, plan_extraction, run_extraction
-
-    threads = torch.get_num_threads()
-    try:
-        plan = plan_extraction(load_dataset("demo", data_root=demo_small.root),
-                               ExtractCfg(model="tiny", workers=1, text="none"), out=tmp_path / "cache")
-        res = run_extraction(plan, shard=(0, 1), progress=False, log=lambda *a, **k: None)
-    finally:
-        torch.set_num_threads(threads)
+    res = extract_in_process(demo_small.root, tmp_path / "cache", workers=1, text="none")
     assert res.videos == 20 and res.device == "cpu" and res.workers == 1
     assert 0 < res.encoder_seconds < res.encode_seconds < res.seconds and 0 < res.encoder_busy < 1
     assert res.waiting_hint() == ""  # on CPU decoding and encoding share the cores: no advice

@@ -20,8 +20,9 @@ import torch
 
 from cache.errors import CacheError, ConfigError
 from cache.quant import dequantize_int8, quantize_int8
-from cache.store import DONE, FAILED, PENDING, ArraySpec, create_store, open_store
-from conftest import cli_in_process, demo_args
+from cache.source import ArraySpec
+from cache.store import DONE, FAILED, PENDING, create_store, open_store
+from conftest import cli_in_process, demo_args, extract_in_process
 from stages.runs import finished_metrics
 
 EXTRACT = ("--text", "none", "--layers", "last1", "--shard-size", "4", "--workers", "0")
@@ -168,17 +169,8 @@ def test_writers_refuse_non_finite_done_rows_and_write_failed_rows_quietly(tmp_p
 # ----------------------------------------------------------------------------- stage two: finite options and weights
 @pytest.fixture(scope="module")
 def cache(demo_small, tmp_path_factory):
-    from stages.extract import ExtractCfg, plan_extraction, run_extraction
-    from pipeline.datasets import load_dataset
-
     out = tmp_path_factory.mktemp("finite") / "cache"
-    cfg = ExtractCfg(model="tiny", layers="last1", text="none", workers=0, shard_size=4)
-    threads = torch.get_num_threads()
-    try:
-        run_extraction(plan_extraction(load_dataset("demo", data_root=demo_small.root), cfg, out=out), shard=(0, 1),
-                       progress=False, log=lambda *a, **k: None)
-    finally:
-        torch.set_num_threads(threads)
+    extract_in_process(demo_small.root, out, layers="last1", text="none", shard_size=4)
     return out
 
 

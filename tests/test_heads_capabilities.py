@@ -16,7 +16,7 @@ from torch import nn
 
 from cache.errors import ConfigError
 from cache.meta import ProtocolRecord
-from cache.store import open_store
+from conftest import extracted_store
 from stages.evaluate import evaluate_run
 from stages.heads import DataKeys, Head, create_head, example_batch, get_head_entry, register_head
 from stages.recipes import protocol_eval_overrides
@@ -58,18 +58,7 @@ class FrameMLPHead(Head):
 @pytest.fixture(scope="module")
 def store(demo_small, tmp_path_factory):
     """demo_small (4 classes) through the tiny CLIP, extracted in this process."""
-    from pipeline.datasets import load_dataset
-    from stages.extract import ExtractCfg, plan_extraction, run_extraction
-
-    out = tmp_path_factory.mktemp("newhead") / "cache"
-    threads = torch.get_num_threads()
-    try:
-        plan = plan_extraction(load_dataset("demo", data_root=demo_small.root),
-                               ExtractCfg(model="tiny", workers=0, text="clip_single"), out=out)
-        run_extraction(plan, shard=(0, 1), progress=False, log=lambda *a, **k: None)
-    finally:
-        torch.set_num_threads(threads)
-    return open_store(out)
+    return extracted_store(demo_small.root, tmp_path_factory.mktemp("newhead") / "cache", text="clip_single")
 
 
 def test_a_head_registered_from_a_test_module_trains_through_train_head(store, tmp_path):

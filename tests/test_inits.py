@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from cache.store import open_store
+from conftest import extracted_store
 from stages.cache_data import select_videos
 from stages.classifiers import classifier_matrix
 from stages.train import TrainCfg, build_head, train_head
@@ -27,18 +27,7 @@ HEAD = {"layers": 1, "pos_rows": 8}
 @pytest.fixture(scope="module")
 def store(demo_small, tmp_path_factory):
     """demo_small (4 classes x 3 train / 2 val) through the tiny CLIP, extracted in this process."""
-    from pipeline.datasets import load_dataset
-    from stages.extract import ExtractCfg, plan_extraction, run_extraction
-
-    out = tmp_path_factory.mktemp("inits") / "cache"
-    threads = torch.get_num_threads()
-    try:
-        plan = plan_extraction(load_dataset("demo", data_root=demo_small.root),
-                               ExtractCfg(model="tiny", workers=0, text="clip_single"), out=out)
-        run_extraction(plan, shard=(0, 1), progress=False, log=lambda *a, **k: None)
-    finally:
-        torch.set_num_threads(threads)
-    return open_store(out)
+    return extracted_store(demo_small.root, tmp_path_factory.mktemp("inits") / "cache", text="clip_single")
 
 
 def _head(store, trainable: bool = False):

@@ -14,32 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from cache.errors import CacheError, TrainingError
 from cache.store import DONE, FAULT_ENV, FAULT_EXIT, PENDING, open_store
-from conftest import cli_in_process, demo_args, plant_non_finite, run_cli
+from conftest import cli_in_process, demo_args, extract_in_process, plant_non_finite, run_cli
 
 EXTRACT = dict(model="tiny", layers="all", shard_size=2, text="clip_single", workers=0)
 CLI_EXTRACT = ("--layers", "all", "--shard-size", "2", "--text", "clip_single", "--workers", "0")
 
 
-def _plan(ds_root, out, **over):
-    from pipeline.datasets import load_dataset
-    from stages.extract import ExtractCfg, plan_extraction
-
-    return plan_extraction(load_dataset("demo", data_root=ds_root), ExtractCfg(**{**EXTRACT, **over}), out=out)
-
-
 def _extract(ds_root, out, **kw):
     """run_extraction in this process (a CLI process costs seconds of imports per call)."""
-    from stages.extract import run_extraction
-
-    threads = torch.get_num_threads()
-    try:
-        return run_extraction(_plan(ds_root, out), shard=(0, 1), progress=False, log=lambda *a, **k: None, **kw)
-    finally:
-        torch.set_num_threads(threads)
+    return extract_in_process(ds_root, out, run=kw, **EXTRACT)
 
 
 def _train(cache, run_dir, **kw):
@@ -269,7 +255,7 @@ def test_replaced_source_is_refused_by_name_and_refresh_redoes_it(reference, dem
 
 def test_a_missing_video_added_later_is_named_and_retry_failed_takes_it(demo_small, tmp_path):
     from pipeline.datasets import load_dataset
-    from stages.extract import ExtractCfg, SourcesChangedError, plan_extraction, run_extraction
+    from stages.extract import SourcesChangedError
 
     videos = tmp_path / "videos"
     videos.mkdir()
@@ -283,13 +269,7 @@ def test_a_missing_video_added_later_is_named_and_retry_failed_takes_it(demo_sma
     def extract(**kw):
         ds = load_dataset("custom", video_root=videos, train_list=tmp_path / "list.txt",
                           classes=demo_small.classes_file)
-        plan = plan_extraction(ds, ExtractCfg(model="tiny", layers="all", shard_size=2, text="none", workers=0),
-                               out=tmp_path / "cache")
-        threads = torch.get_num_threads()
-        try:
-            return run_extraction(plan, shard=(0, 1), progress=False, log=lambda *a, **k: None, **kw)
-        finally:
-            torch.set_num_threads(threads)
+        return extract_in_process(ds, tmp_path / "cache", run=kw, layers="all", shard_size=2, text="none")
 
     extract()
     assert open_store(tmp_path / "cache").status("train").tolist() == [DONE, 2, DONE]

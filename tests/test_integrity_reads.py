@@ -20,12 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import stages.train as T
 from cache.errors import CacheError
 from cache.store import FeatureStore, open_store
-from conftest import cli_in_process
+from conftest import cli_in_process, extracted_store
 from stages.cache_data import CacheSplit, HeadInputs, select_videos
 from stages.heads import DataKeys
 from stages.loader import CacheLoader, WdsLoader, ZarrBatches, epoch_plan
@@ -40,19 +39,8 @@ EVL = ["--set", "epochs=3", "--set", "batch_size=4", "--set", "num_layers=1", "-
 @pytest.fixture(scope="module")
 def clean(demo_small, tmp_path_factory):
     """A sound extracted cache (patch tokens of every layer, shards of 2 videos)."""
-    from pipeline.datasets import load_dataset
-    from stages.extract import ExtractCfg, plan_extraction, run_extraction
-
-    out = tmp_path_factory.mktemp("reads") / "cache"
-    threads = torch.get_num_threads()
-    try:
-        plan = plan_extraction(load_dataset("demo", data_root=demo_small.root),
-                               ExtractCfg(model="tiny", workers=0, text="none", layers="all", patch=True,
-                                          shard_size=2), out=out)
-        run_extraction(plan, shard=(0, 1), progress=False, log=lambda *a, **k: None)
-    finally:
-        torch.set_num_threads(threads)
-    st = open_store(out)
+    st = extracted_store(demo_small.root, tmp_path_factory.mktemp("reads") / "cache", text="none", layers="all",
+                         patch=True, shard_size=2)
     assert st.is_complete() and st.verify() == []
     return st
 

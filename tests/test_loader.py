@@ -19,8 +19,10 @@ import stages.evaluate
 from stages.dist import rank_batches
 import stages.train as T
 from cache.quant import dequantize_int8, quantize_int8
-from cache.store import DONE, ArraySpec, create_store, open_store
+from cache.source import ArraySpec
+from cache.store import DONE, create_store, open_store
 from cache.wds import export_wds
+from conftest import extracted_store
 from stages.cache_data import CacheSplit, HeadInputs, select_videos
 from stages.heads import DataKeys
 from stages.loader import (CacheLoader, WdsLoader, ZarrBatches, block_order, dequantize_int8_torch, epoch_plan,
@@ -32,16 +34,8 @@ KEYS = DataKeys(frame_emb=True, cls_layers=(-1, 1), patch_layers=(2, -1), frames
 
 
 def _extract(spec, out, **cfg):
-    from stages.extract import ExtractCfg, plan_extraction, run_extraction
-
-    threads = torch.get_num_threads()
-    try:
-        plan = plan_extraction(spec, ExtractCfg(model="tiny", workers=0, text="none", layers="all", patch=True,
-                                                store_frames=True, shard_size=4, **cfg), out=out)
-        run_extraction(plan, shard=(0, 1), progress=False, log=lambda *a, **k: None)
-    finally:
-        torch.set_num_threads(threads)
-    return open_store(out)
+    return extracted_store(spec, out, **{"text": "none", "layers": "all", "patch": True, "store_frames": True,
+                                         "shard_size": 4, **cfg})
 
 
 @pytest.fixture(scope="module")

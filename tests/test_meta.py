@@ -13,7 +13,8 @@ import pytest
 from cache.datasets import DatasetSpec, VideoItem
 from cache.errors import CacheError
 from cache.meta import SCHEMA_VERSION, CacheMeta, ExtractRecord, Preprocess, extract_command, key_content
-from cache.store import ArraySpec, create_store, open_store
+from cache.source import ArraySpec
+from cache.store import create_store, open_store
 
 ROOT = "/data/vids"
 

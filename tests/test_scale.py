@@ -10,7 +10,7 @@ import torch
 
 from cache.errors import ConfigError
 from cache.store import DONE, FAULT_ENV, open_store
-from conftest import demo_args, n_committed, run_cli, torchrun
+from conftest import demo_args, extracted_store, n_committed, run_cli, torchrun
 
 OPTS = ("--layers", "all", "--patch", "--shard-size", "2", "--text", "clip_single", "--workers", "0")
 
@@ -22,17 +22,7 @@ def reference(demo_small, tmp_path_factory):
 
 
 def _extract_in_process(ds, out, shard=(0, 1)):
-    from pipeline.datasets import load_dataset
-    from stages.extract import ExtractCfg, plan_extraction, run_extraction
-
-    threads = torch.get_num_threads()
-    try:
-        cfg = ExtractCfg(model="tiny", layers="all", patch=True, shard_size=2, text="clip_single", workers=0)
-        plan = plan_extraction(load_dataset("demo", data_root=ds.root), cfg, out=out)
-        run_extraction(plan, shard=shard, progress=False, log=lambda *a, **k: None)
-    finally:
-        torch.set_num_threads(threads)
-    return open_store(out)
+    return extracted_store(ds.root, out, shard=shard, layers="all", patch=True, shard_size=2, text="clip_single")
 
 
 def _assert_same_cache(st, ref):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import zarr
 
-from cache.store import DONE, FAILED, ArraySpec, create_store, open_store
+from cache.source import ArraySpec
+from cache.store import DONE, FAILED, create_store, open_store
 from cache.wds import export_wds, iter_tar_samples, load_npy
 from conftest import plant_non_finite
 

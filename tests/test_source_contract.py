@@ -15,9 +15,10 @@ import torch
 from cache.errors import CacheError
 from cache.meta import CacheMeta
 from cache.quant import QUANT_SUFFIXES, dequantize_int8
-from cache.source import DONE, FAILED, CacheSource
-from cache.store import ArraySpec, FeatureStore
+from cache.source import DONE, FAILED, ArraySpec, CacheSource
+from cache.store import FeatureStore
 from cache.wds import WdsCache, export_wds
+from conftest import extract_in_process
 from stages.cache_data import CacheSplit, HeadInputs, select_videos
 from stages.heads import DataKeys
 from stages.sources import is_wds, open_source, split_dataset
@@ -32,7 +33,6 @@ def made(request, demo_small, tmp_path_factory):
     """A cache with every array kind, 2 views per video and two undecodable train videos, extracted
     for real, and its WebDataset export (several shards per split)."""
     from pipeline.datasets import load_dataset
-    from stages.extract import ExtractCfg, plan_extraction, run_extraction
 
     tmp = tmp_path_factory.mktemp(f"contract_{request.param}")
     root = Path(demo_small.video_root)
@@ -43,14 +43,8 @@ def made(request, demo_small, tmp_path_factory):
     (tmp / "train.txt").write_text("\n".join(lines) + "\n")
     spec = load_dataset("custom", video_root=root, train_list=tmp / "train.txt", val_list=demo_small.val_list,
                         classes=demo_small.classes_file)
-    threads = torch.get_num_threads()
-    try:
-        plan = plan_extraction(spec, ExtractCfg(model="tiny", workers=0, layers="all", patch=True, store_frames=True,
-                                                views="2x1", train_views="2x1", text="clip_single", shard_size=3,
-                                                dtype=request.param), out=tmp / "cache")
-        run_extraction(plan, shard=(0, 1), progress=False, log=lambda *a, **k: None)
-    finally:
-        torch.set_num_threads(threads)
+    extract_in_process(spec, tmp / "cache", layers="all", patch=True, store_frames=True, views="2x1", train_views="2x1",
+                       text="clip_single", shard_size=3, dtype=request.param)
     export_wds(FeatureStore(tmp / "cache"), tmp / "wds", name="c", shard_bytes="60KB")
     return {"spec": spec, "zarr": tmp / "cache", "wds": tmp / "wds" / "c-header.json", "dtype": request.param}
 

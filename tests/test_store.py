@@ -5,7 +5,8 @@ import pytest
 
 from cache.errors import CacheError, CacheMismatchError
 from cache.quant import dequantize_int8, quantize_int8
-from cache.store import DONE, FAILED, PENDING, ArraySpec, create_store, open_store
+from cache.source import ArraySpec
+from cache.store import DONE, FAILED, PENDING, create_store, open_store
 
 
 def _make(tmp_path, dtype="float16", n=5, shard=2, key="k1"):

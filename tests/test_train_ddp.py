@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cache.store import open_store
 from cache.wds import export_wds
-from conftest import ROOT, torchrun
+from conftest import ROOT, extracted_store, torchrun
 from stages.train import TrainCfg, train_head
 
 RUNS = {  # name -> (train options, head options)
@@ -37,20 +36,9 @@ RUNS = {  # name -> (train options, head options)
 @pytest.fixture(scope="module")
 def ddp_job(demo_small, tmp_path_factory):
     """One 2-rank torchrun job running every run of RUNS plus the streaming ones, and a WDS export."""
-    from pipeline.datasets import load_dataset
-    from stages.extract import ExtractCfg, plan_extraction, run_extraction
-
     tmp = tmp_path_factory.mktemp("ddp")
-    threads = torch.get_num_threads()
-    try:
-        plan = plan_extraction(load_dataset("demo", data_root=demo_small.root),
-                               ExtractCfg(model="tiny", workers=0, layers="all", patch=True,
-                                          store_frames=True, text="clip_single,clip_actionclip",
-                                          shard_size=4), out=tmp / "cache")
-        run_extraction(plan, shard=(0, 1), progress=False, log=lambda *a, **k: None)
-    finally:
-        torch.set_num_threads(threads)
-    store = open_store(tmp / "cache")
+    store = extracted_store(demo_small.root, tmp / "cache", layers="all", patch=True, store_frames=True,
+                            text="clip_single,clip_actionclip", shard_size=4)
     export_wds(store, tmp / "wds", name="d", shard_bytes="2KB")  # several train shards per rank
     export_wds(store, tmp / "wds1", name="d", shard_bytes="1GB")  # one train shard: rank 1 gets none
     runs = [{"name": n, "train": t, "head": h} for n, (t, h) in RUNS.items()]

@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from cache.errors import ConfigError
-from cache.store import open_store
-from conftest import demo_args, run_cli
+from conftest import demo_args, extracted_store, run_cli
 from stages.cache_data import CacheSplit, HeadInputs, select_videos
 from stages.heads import DataKeys
 from stages.video import VIEW_PARAM_COLUMNS, SamplingCfg, decode_clips, decode_video, make_views
@@ -28,17 +27,7 @@ COL = {name: i for i, name in enumerate(VIEW_PARAM_COLUMNS)}
 
 
 def _extract(spec, out, shard=(0, 1), **cfg):
-    """In-process extraction (no interpreter start-up); restores the thread count it changes."""
-    from stages.extract import ExtractCfg, plan_extraction, run_extraction
-
-    threads = torch.get_num_threads()
-    try:
-        plan = plan_extraction(spec, ExtractCfg(model="tiny", workers=0, text="none", store_frames=True, **cfg),
-                               out=out)
-        run_extraction(plan, shard=shard, progress=False, log=lambda *a, **k: None)
-    finally:
-        torch.set_num_threads(threads)
-    return open_store(out)
+    return extracted_store(spec, out, shard=shard, **{"text": "none", "store_frames": True, **cfg})
 
 
 @pytest.fixture(scope="module")

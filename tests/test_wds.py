@@ -11,28 +11,15 @@ import pytest
 import torch
 
 from cache.quant import QUANT_SUFFIXES
-from cache.store import DONE, FAILED, open_store
+from cache.store import DONE, FAILED
 import cache.wds as _wds_module
 from cache.wds import WdsCache, export_wds, iter_tar_samples, load_npy, parse_bytes
-from conftest import run_cli
+from conftest import extracted_store, run_cli
 from stages.cache_data import CacheSplit, HeadInputs, select_videos
 from stages.heads import DataKeys
 from stages.evaluate import evaluate_run
 from stages.train import TrainCfg, train_head
 from stages.wds_data import WdsSplit, open_wds_source
-
-
-def _extract(spec, out, **cfg):
-    """In-process extraction (no interpreter start-up); restores the thread count it changes."""
-    from stages.extract import ExtractCfg, plan_extraction, run_extraction
-
-    threads = torch.get_num_threads()
-    try:
-        plan = plan_extraction(spec, ExtractCfg(model="tiny", workers=0, **cfg), out=out)
-        run_extraction(plan, shard=(0, 1), progress=False, log=lambda *a, **k: None)
-    finally:
-        torch.set_num_threads(threads)
-    return open_store(out)
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +37,8 @@ def mixed_cache(demo_small, tmp_path_factory):
     lst.write_text("\n".join(lines) + "\n")
     spec = load_dataset("custom", video_root=root, train_list=lst, val_list=demo_small.val_list,
                         classes=demo_small.classes_file)
-    return _extract(spec, tmp / "cache", layers="all", patch=True, store_frames=True, views="2x1",
-                    train_views="2x1", text="clip_single", shard_size=3)
+    return extracted_store(spec, tmp / "cache", layers="all", patch=True, store_frames=True, views="2x1",
+                           train_views="2x1", text="clip_single", shard_size=3)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +46,8 @@ def int8_cache(demo_small, tmp_path_factory):
     from pipeline.datasets import load_dataset
 
     spec = load_dataset("demo", data_root=demo_small.root)
-    return _extract(spec, tmp_path_factory.mktemp("wds_int8") / "cache", layers="all", patch=True, dtype="int8",
-                    text="none", shard_size=4)
+    return extracted_store(spec, tmp_path_factory.mktemp("wds_int8") / "cache", layers="all", patch=True,
+                           dtype="int8", text="none", shard_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +59,8 @@ def medium(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wds_medium")
     ds = generate_demo(tmp / "data", DemoCfg(num_classes=6, train_per_class=8, val_per_class=6, frames=8, size=48,
                                              seed=5), progress=False)
-    st = _extract(load_dataset("demo", data_root=ds.root), tmp / "cache", layers="none", text="clip_single",
-                  shard_size=8)
+    st = extracted_store(load_dataset("demo", data_root=ds.root), tmp / "cache", layers="none",
+                         text="clip_single", shard_size=8)
     export_wds(st, tmp / "wds", name="med", shard_bytes="24KB")
     return st, tmp / "wds"
 
