@@ -367,8 +367,8 @@ class Finetuner:
                 text = self.model.text_inputs(labels, b["template"].to(self.device))  # e.g. (B, ctx) tokens
                 with autocast(self.device, self.amp_dtype):
                     out = self.ddp(video, text)
-                loss, share = self.model.loss(out, labels, valid, counts[j], n_valid, cfg.label_smoothing, self.dist)
-                value += share
+                loss, part = self.model.loss(out, labels, valid, counts[j], n_valid, cfg.label_smoothing, self.dist)
+                value += part  # this micro-batch's part of the global batch's loss
                 self.scaler.scale(loss * self.dist.world).backward()
         step = self.sched.last_epoch + 1  # this optimiser step, counted over the whole run
         if not math.isfinite(value):  # the global batch's loss, the same on every rank: all stop here
