@@ -296,11 +296,12 @@ class Finetuner:
 
         # Optimiser: encoders at lr * backbone_ratio, the head at lr; decay on every parameter
         # (decay_all, the papers' recipes) or none on gains and biases.
+        parts = [("visual", list(clip.visual.named_parameters()), cfg.lr * cfg.backbone_ratio),
+                 ("head", list(head.named_parameters()), cfg.lr),
+                 *self.model.trained_parts(cfg)]  # e.g. ActionCLIP's text tower and logit scale
         groups = []
-        for name, module, lr in (("visual", clip.visual, cfg.lr * cfg.backbone_ratio),
-                                 ("head", head, cfg.lr)):
-            groups += param_groups(list(module.named_parameters()), lr, cfg.weight_decay, cfg.decay_all, name)
-        groups += self.model.param_groups(cfg)  # e.g. ActionCLIP's text tower and logit scale
+        for name, named, lr in parts:
+            groups += param_groups(named, lr, cfg.weight_decay, cfg.decay_all, name)
         self.opt = torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
         self.named_trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 

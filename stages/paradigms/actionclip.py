@@ -15,7 +15,6 @@ from torch import nn
 from cache.errors import ConfigError
 from stages.dist import DistContext
 from stages.paradigms.base import Paradigm, gather_outputs, register_paradigm
-from stages.runs import param_groups
 from stages.text import TEMPLATE_SETS, clip_text_embeddings
 
 __all__ = ["ActionCLIP", "text_param_names"]
@@ -59,15 +58,13 @@ class ActionCLIP(Paradigm):
                 p.requires_grad_(True)
         self.clip.logit_scale.requires_grad_(bool(cfg.train_logit_scale))
 
-    def param_groups(self, cfg) -> list[dict]:
+    def trained_parts(self, cfg) -> list[tuple[str, list, float]]:
         lr = cfg.lr * cfg.backbone_ratio  # the encoders' lr
         names = set(text_param_names(self.clip))
-        groups = param_groups([(n, p) for n, p in self.clip.named_parameters() if n in names],
-                              lr, cfg.weight_decay, cfg.decay_all, "text")
+        parts = [("text", [(n, p) for n, p in self.clip.named_parameters() if n in names], lr)]
         if cfg.train_logit_scale:  # CLIP's own parameter, at the encoders' lr (ActionCLIP trains it with the model)
-            groups += param_groups([("logit_scale", self.clip.logit_scale)], lr, cfg.weight_decay, cfg.decay_all,
-                                   "logit_scale")
-        return groups
+            parts.append(("logit_scale", [("logit_scale", self.clip.logit_scale)], lr))
+        return parts
 
     def text_inputs(self, labels: torch.Tensor, templates: torch.Tensor) -> torch.Tensor | None:
         return self.tokens[labels, templates]  # (B, ctx): each sample's label under its drawn template

@@ -48,8 +48,9 @@ class Paradigm(nn.Module):
         Called once on CPU, before the model moves to ``device``."""
         self.clip.visual.requires_grad_(True)
 
-    def param_groups(self, cfg) -> list[dict]:
-        """AdamW groups beyond the visual tower's and the head's (e.g. the text tower)."""
+    def trained_parts(self, cfg) -> list[tuple[str, list, float]]:
+        """What trains beyond the visual tower and the head: (optimiser group name, named
+        parameters, lr) for each part (e.g. the text tower); the loop builds the groups."""
         return []
 
     # ------------------------------------------------------------------ training
