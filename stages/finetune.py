@@ -1,16 +1,10 @@
 """Stage three: end-to-end fine-tuning from raw video (Text4Vis, ActionCLIP).
 
-For the paradigms whose backbone must train, so that no cache can stand in for it:
-
-- ``text4vis`` (Wu et al., arXiv:2207.01297): the CLIP visual encoder and the temporal module of
-  the stage-two ``text4vis`` head train; the classifier is the frozen matrix of class text
-  embeddings, computed once with the CLIP text tower from the dataset's class names and the
-  template "a video of a person {}."; cross-entropy on ``scale * cos(video, W)``.
-- ``actionclip`` (Wang et al., arXiv:2109.08472): the visual encoder, the text encoder and the
-  visual prompt of the stage-two ``actionclip`` head train; every training sample is matched
-  with the text of its label under one random template of the 16 (drawn per sample), with the
-  symmetric KL loss between softmax(scale * video-text similarity) and the row-normalised
-  same-label matrix; the test averages the 16 templates (the head's evaluation rule).
+For the paradigms whose backbone must train, so that no cache can stand in for it: ``text4vis``
+(Wu et al., arXiv:2207.01297) and ``actionclip`` (Wang et al., arXiv:2109.08472). Each is an object
+in stages/paradigms/ (open_clip's task objects are the pattern) that owns the model assembly (what
+trains beside the visual tower), the loss (the head's own) and the evaluation rule; this module is
+the loop around them: data, optimiser, steps, evaluation, the run folder.
 
 The temporal module / visual prompt *is* the stage-two head (``create_head``), fed by frame
 embeddings the trainable encoder computes on the fly, so a head's definition lives in one place.
@@ -56,7 +50,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -68,13 +61,13 @@ from stages.checkpoint import load_checkpoint, save_checkpoint
 from stages.dist import DistContext, dist_device, rank_batches
 from stages.heads import get_head_entry, make_cfg
 from stages.heads.common import validate_choice
-from stages.heads.actionclip import video_text_kl_loss
+from stages.heads.actionclip import video_text_kl_loss  # re-exported: the loss ActionCLIP fine-tuning uses
 from stages.config import OptionSet, parse_set, split_options, validate_sampling, write_experiment
 from stages.evaluate import evaluate_head
+from stages.paradigms import Paradigm, get_paradigm, list_paradigms
 from stages.recipes import accumulation_steps
 from stages.runs import (AMP_CHOICES, RunLog, autocast, autocast_dtype, check_finite_weights, default_runs_root,
                          lr_factor, param_groups, settle_run, step_overflow_stops)
-from stages.text import TEMPLATE_SETS, clip_text_embeddings
 from stages.video import SamplingCfg, decode_clips, parse_views
 
 __all__ = [
@@ -84,16 +77,13 @@ __all__ = [
     "video_text_kl_loss",
     "DistContext",
     "VideoClips",
-    "FinetuneModel",
     "Finetuner",
     "finetune",
     "load_finetuned",
     "export_finetuned",
 ]
 
-PARADIGMS = ("text4vis", "actionclip")
-DEFAULT_EPOCHS = {"text4vis": 30, "actionclip": 50}
-TEXT4VIS_TEMPLATE = TEMPLATE_SETS["single"][0]  # "a video of a person {}."
+PARADIGMS = list_paradigms()  # ("text4vis", "actionclip"): stages/paradigms/
 CKPT_FORMAT = "clipcache-finetune/1"
 
 
@@ -135,18 +125,16 @@ class FinetuneCfg:
     recipe: str = ""                  # the preset these values came from (stages/recipes.py); a record only
 
     def resolved_epochs(self) -> int:
-        return DEFAULT_EPOCHS[self.paradigm] if self.epochs < 0 else self.epochs
+        return get_paradigm(self.paradigm).default_epochs if self.epochs < 0 else self.epochs
 
     def validate(self) -> None:
-        if self.paradigm not in PARADIGMS:
-            raise ConfigError(f"unknown paradigm '{self.paradigm}'; choose one of {', '.join(PARADIGMS)}")
+        paradigm = get_paradigm(self.paradigm)  # an unknown paradigm is refused here
         validate_sampling(self.frames, self.sampling, self.stride, self.views)
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.global_batch < 0:
             raise ConfigError(f"global_batch must be >= 0 (0 = batch_size), got {self.global_batch}")
-        if self.train_logit_scale and self.paradigm != "actionclip":
-            raise ConfigError("train_logit_scale applies to actionclip only (Text4Vis keeps a fixed scale)")
+        paradigm.validate(self)  # what this paradigm cannot use (e.g. train_logit_scale for text4vis)
         validate_choice("amp", self.amp, AMP_CHOICES)
         validate_choice("activation", self.activation, ACTIVATION_CHOICES)
         if self.eval_average not in ("", "scores", "embeddings"):
@@ -179,8 +167,7 @@ def split_finetune_overrides(pairs, paradigm: str, where: str = "--set", options
     ``aug.x`` goes to the augmentation, ``head.x`` to the head, ``finetune.x`` to fine-tuning; a
     bare key is a fine-tuning option when FinetuneCfg has it, else a head option.
     """
-    if paradigm not in PARADIGMS:
-        raise ConfigError(f"unknown paradigm '{paradigm}'; choose one of {', '.join(PARADIGMS)}")
+    get_paradigm(paradigm)  # an unknown paradigm is refused here
     values = dict(pairs) if isinstance(pairs, dict) else parse_set(pairs)
     sets = [OptionSet("finetune", FinetuneCfg, "fine-tuning options", exclude=("paradigm", "recipe")),
             OptionSet("head", get_head_entry(paradigm).cfg_cls, f"head '{paradigm}' options"),
@@ -248,37 +235,6 @@ def collate_clips(items: list[dict]) -> dict:
             else [it[k] for it in items] for k in items[0]}
 
 
-# ----------------------------------------------------------------------------- model
-class FinetuneModel(nn.Module):
-    """The whole open_clip model (its visual tower, and for ActionCLIP its text tower, train)
-    plus the stage-two head that turns frame embeddings into a video embedding / logits."""
-
-    def __init__(self, clip: nn.Module, head: nn.Module, paradigm: str):
-        super().__init__()
-        self.clip, self.head, self.paradigm = clip, head, paradigm
-
-    def encode_frames(self, video: torch.Tensor) -> torch.Tensor:
-        """(B, T, 3, S, S) normalised -> (B, T, E) frame embeddings."""
-        B, T = video.shape[:2]
-        return self.clip.encode_image(video.flatten(0, 1)).view(B, T, -1)  # (B*T, 3, S, S) -> (B*T, E) -> (B, T, E)
-
-    def forward(self, video: torch.Tensor, tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        frame_emb = self.encode_frames(video)
-        if self.paradigm == "text4vis":
-            return self.head({"frame_emb": frame_emb})  # logits (B, K), video_emb (B, E)
-        out = {"video_emb": self.head.prompt(frame_emb.float())}  # (B, E)
-        if tokens is not None:
-            out["text_emb"] = self.clip.encode_text(tokens)  # (B, E)
-            if self.clip.logit_scale.requires_grad:  # trainable (ActionCLIP): clamped at 100 as CLIP does
-                out["logit_scale"] = self.clip.logit_scale.exp().clamp(max=100.0)
-        return out
-
-
-def _text_param_names(clip: nn.Module) -> list[str]:
-    return [n for n, _ in clip.named_parameters()
-            if not n.startswith("visual.") and n not in ("logit_scale", "logit_bias")]
-
-
 def _normalize_chw(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """(..., 3, S, S) uint8 -> float normalised with the model's mean/std."""
     return (x.float().div_(255.0) - mean) / std
@@ -315,34 +271,17 @@ class Finetuner:
         classes = list(spec.classes)
         K = len(classes)
 
-        values = {"num_classes": K, "embed_dim": self.info.embed_dim, "frames": cfg.frames}
-        if cfg.paradigm == "actionclip":
-            values["num_templates"] = len(TEMPLATE_SETS["actionclip"])
+        paradigm = get_paradigm(cfg.paradigm)
+        values = {"num_classes": K, "embed_dim": self.info.embed_dim, "frames": cfg.frames, **paradigm.head_values()}
         values.update(head_overrides or {})
         torch.manual_seed(cfg.seed)  # the head's initial weights depend on the seed alone
         head = get_head_entry(cfg.paradigm).head_cls(make_cfg(cfg.paradigm, values))
 
-        clip.visual.requires_grad_(True)
-        if cfg.paradigm == "text4vis":
-            # W: the frozen text tower's embeddings of "a video of a person {class}.", once.
-            w = clip_text_embeddings(clip, self.tokenizer, classes, [TEXT4VIS_TEMPLATE])[:, 0]  # (K, 1, E) -> (K, E)
-            head.set_classifier(torch.from_numpy(w))
-            self.tokens = None
-        else:
-            templates = TEMPLATE_SETS["actionclip"]
-            if head.cfg.num_templates != len(templates):
-                raise ConfigError(f"actionclip fine-tuning uses the {len(templates)} ActionCLIP templates; "
-                                  f"num_templates must be {len(templates)}")
-            prompts = [t.format(c) for c in classes for t in templates]
-            self.tokens = self.tokenizer(prompts).view(K, len(templates), -1).to(self.device)  # (K, M, ctx)
-            names = set(_text_param_names(clip))
-            for n, p in clip.named_parameters():
-                if n in names:
-                    p.requires_grad_(True)
-            clip.logit_scale.requires_grad_(bool(cfg.train_logit_scale))
+        model = paradigm(clip, head)
+        model.assemble(cfg, self.tokenizer, classes, self.device)  # what trains, what the loss needs
         if cfg.grad_checkpointing:
             clip.set_grad_checkpointing(True)
-        self.model = FinetuneModel(clip, head, cfg.paradigm).to(self.device)
+        self.model: Paradigm = model.to(self.device)
         self.model.train()
         self.trainable = {"visual": sum(p.numel() for p in clip.visual.parameters() if p.requires_grad),
                           "text": sum(p.numel() for n, p in clip.named_parameters()
@@ -357,17 +296,12 @@ class Finetuner:
 
         # Optimiser: encoders at lr * backbone_ratio, the head at lr; decay on every parameter
         # (decay_all, the papers' recipes) or none on gains and biases.
+        parts = [("visual", list(clip.visual.named_parameters()), cfg.lr * cfg.backbone_ratio),
+                 ("head", list(head.named_parameters()), cfg.lr),
+                 *self.model.trained_parts(cfg)]  # e.g. ActionCLIP's text tower and logit scale
         groups = []
-        for name, module, lr in (("visual", clip.visual, cfg.lr * cfg.backbone_ratio),
-                                 ("head", head, cfg.lr)):
-            groups += param_groups(list(module.named_parameters()), lr, cfg.weight_decay, cfg.decay_all, name)
-        if cfg.paradigm == "actionclip":
-            names = set(_text_param_names(clip))
-            groups += param_groups([(n, p) for n, p in clip.named_parameters() if n in names],
-                                   cfg.lr * cfg.backbone_ratio, cfg.weight_decay, cfg.decay_all, "text")
-        if cfg.train_logit_scale:  # CLIP's own parameter, at the encoders' lr (ActionCLIP trains it with the model)
-            groups += param_groups([("logit_scale", clip.logit_scale)], cfg.lr * cfg.backbone_ratio,
-                                   cfg.weight_decay, cfg.decay_all, "logit_scale")
+        for name, named, lr in parts:
+            groups += param_groups(named, lr, cfg.weight_decay, cfg.decay_all, name)
         self.opt = torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
         self.named_trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
@@ -375,9 +309,8 @@ class Finetuner:
         clips_n, crops_n = parse_views(cfg.views)
         self.sampling_eval = SamplingCfg(cfg.frames, cfg.sampling, cfg.stride, clips_n, crops_n)
         size = self.info.image_size
-        M = len(TEMPLATE_SETS["actionclip"]) if cfg.paradigm == "actionclip" else 0
         self.train_data = VideoClips(spec.splits[cfg.train_split], self.sampling_train, size, train=True,
-                                     seed=cfg.seed, aug=self.aug, num_templates=M)
+                                     seed=cfg.seed, aug=self.aug, num_templates=paradigm.train_templates)
         self.eval_data = VideoClips(spec.splits[cfg.eval_split], self.sampling_eval, size, train=False, seed=cfg.seed,
                                     resize=eval_resize(size, self.aug))  # the paradigm's test scale, then crops
         self.epochs = cfg.resolved_epochs()
@@ -407,12 +340,9 @@ class Finetuner:
     # ------------------------------------------------------------------ one step
     def step(self, batch: dict | list[dict]) -> float | None:
         """Forward, backward and AdamW on one global batch (this rank's slice of it), given whole or
-        as micro-batches (gradient accumulation); returns the global batch's loss.
-
-        Text4Vis (cross-entropy): every micro-batch adds its summed loss / the global batch's valid
-        count, so accumulated gradients equal the whole batch's. ActionCLIP: the contrastive loss
-        of each micro-batch (over its world-wide videos) weighted by its share of the global batch;
-        its in-batch negatives are the micro-batch's, not the whole global batch's."""
+        as micro-batches (gradient accumulation); returns the global batch's loss. Each micro-batch's
+        loss is the paradigm's (``Paradigm.loss``: its share of the global batch's), scaled by the
+        world size in the backward pass so that DDP's gradient average is the global loss's gradient."""
         cfg = self.cfg
         group = batch if isinstance(batch, list) else [batch]
         for b in group:
@@ -435,30 +365,12 @@ class Finetuner:
                 video = b["video"].to(self.device, non_blocking=True)  # (B, T, 3, S, S) uint8
                 video = _normalize_chw(video, self.mean, self.std)
                 labels = b["label"].to(self.device)
-                tokens = None
-                if self.tokens is not None:
-                    tokens = self.tokens[labels, b["template"].to(self.device)]  # (B, ctx)
+                text = self.model.text_inputs(labels, b["template"].to(self.device))  # e.g. (B, ctx) tokens
                 with autocast(self.device, self.amp_dtype):
-                    out = self.ddp(video, tokens)
-                if cfg.paradigm == "text4vis":
-                    per = F.cross_entropy(out["logits"].float(), labels, reduction="none",
-                                          label_smoothing=cfg.label_smoothing)
-                    local = (per * valid).sum()
-                    loss_for_grad = local / n_valid * self.dist.world
-                    value += float(self.dist.all_sum(local.detach()).item()) / n_valid
-                else:
-                    keep = self.dist.all_cat(valid).bool()
-                    video_g = self.dist.all_cat_with_grad(out["video_emb"].float())[keep]  # (B_global, E)
-                    text_g = self.dist.all_cat_with_grad(out["text_emb"].float())[keep]
-                    labels_g = self.dist.all_cat(labels)[keep]
-                    scale = out["logit_scale"].float() if "logit_scale" in out else self.model.head.cfg.logit_scale
-                    loss = video_text_kl_loss(video_g, text_g, labels_g, scale, cfg.label_smoothing)
-                    share = counts[j] / n_valid  # 1.0 without accumulation
-                    if share != 1.0:
-                        loss = loss * share
-                    loss_for_grad = loss * self.dist.world
-                    value += float(loss.item())
-                self.scaler.scale(loss_for_grad).backward()
+                    out = self.ddp(video, text)
+                loss, part = self.model.loss(out, labels, valid, counts[j], n_valid, cfg.label_smoothing, self.dist)
+                value += part  # this micro-batch's part of the global batch's loss
+                self.scaler.scale(loss * self.dist.world).backward()
         step = self.sched.last_epoch + 1  # this optimiser step, counted over the whole run
         if not math.isfinite(value):  # the global batch's loss, the same on every rank: all stop here
             raise TrainingError(f"fine-tuning stopped: the loss is {value} at optimiser step {step}; lower the "
@@ -539,14 +451,9 @@ class Finetuner:
         data, failed = self.eval_embeddings()
         if not sum(self.dist.all_objects(len(data))):
             raise DatasetError(f"no '{self.cfg.eval_split}' video could be decoded")
-        head = self.model.head
-        if self.cfg.paradigm == "actionclip":
-            # the 16 templates of every class through the (fine-tuned) text encoder
-            text = clip_text_embeddings(self.model.clip, self.tokenizer, list(self.spec.classes),
-                                        TEMPLATE_SETS["actionclip"], device=str(self.device))  # (K, M, E)
-            head.set_classifier(torch.from_numpy(text))
-        average = self.cfg.eval_average or ("embeddings" if self.cfg.paradigm == "text4vis" else "scores")
-        metrics = evaluate_head(head, data, self.device, batch_size=64, average=average, amp_dtype=self.amp_dtype,
+        self.model.prepare_eval(self.tokenizer, list(self.spec.classes), self.device)  # e.g. the text classifier
+        average = self.cfg.eval_average or self.model.eval_average
+        metrics = evaluate_head(self.model.head, data, self.device, batch_size=64, average=average, amp_dtype=self.amp_dtype,
                                 dist_ctx=self.dist, split=False)  # each rank scores its own videos
         self.model.train()
         metrics["failed"] = len(failed)
@@ -700,7 +607,7 @@ def load_finetuned(run_dir: str | Path) -> tuple[nn.Module, nn.Module, dict]:
     clip = load_clip(ft["model"], None, device="cpu", seed=ft["init_seed"], activation=act)
     head_cfg = {k: v for k, v in resolved["head"].items() if k != "name"}
     head = get_head_entry(resolved["head"]["name"]).head_cls(make_cfg(resolved["head"]["name"], head_cfg))
-    model = FinetuneModel(clip, head, ft["paradigm"])
+    model = get_paradigm(ft["paradigm"])(clip, head)  # the state dict's layout: clip.*, head.*
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:

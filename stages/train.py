@@ -498,13 +498,20 @@ def _accumulation_groups(data, cfg: TrainCfg, ctx: DistContext, epoch: int, step
         yield group
 
 
-def _accumulate(model, head, group: list[dict], cfg: TrainCfg, ctx: DistContext, device, amp_dtype, scaler,
-                params) -> float:
-    """Backward of one global batch given as micro-batches: each micro-batch's mean loss (over the
-    whole world's share of it) weighted by its size, the gradients divided by the global batch's
-    size, so the update equals one step on the whole batch for per-sample losses (cross-entropy)
-    up to float summation order. BatchNorm statistics and ActionCLIP's in-batch contrast see one
-    micro-batch at a time. Returns the global batch's mean loss."""
+def _train_step(model, head, group: list[dict], cfg: TrainCfg, ctx: DistContext, device, amp_dtype, opt, sched,
+                scaler, params, named, accumulate: bool, epoch: int, step: int) -> float:
+    """One optimiser step on one global batch, given as micro-batches (a whole batch is a group of one).
+
+    Every micro-batch's loss is that of the whole world's share of it: the head's outputs are gathered
+    (this rank's slice keeps its graph) and the backward pass scales the loss by the world size, so
+    DDP's gradient average is the gradient of the one-process loss. ``accumulate`` (global_batch >
+    batch_size x ranks): each micro-batch's mean loss is weighted by its size and the summed gradients
+    are divided by the global batch's size, so the update equals one step on the whole batch for
+    per-sample losses (cross-entropy) up to float summation order; BatchNorm statistics and
+    ActionCLIP's in-batch contrast see one micro-batch at a time. Otherwise the mean loss of the one
+    batch back-propagates as it is. Returns the global batch's mean loss; a non-finite one (the same
+    on every rank) stops the run before the update."""
+    opt.zero_grad(set_to_none=True)
     total, n_total = 0.0, 0
     for j, batch in enumerate(group):
         batch = _to(batch, device)
@@ -514,19 +521,27 @@ def _accumulate(model, head, group: list[dict], cfg: TrainCfg, ctx: DistContext,
         with sync:
             with autocast(device, amp_dtype):
                 out = model(batch)
-                if ctx.enabled:
+                if ctx.enabled:  # every rank: the loss of the whole global (micro-)batch
                     out, labels = _global_batch(out, labels, valid, ctx)
                 n = int(labels.shape[0])
-                loss = head.loss(out, labels, cfg.label_smoothing) * n if n else None
+                loss = head.loss(out, labels, cfg.label_smoothing) if n else None
+                if loss is not None and accumulate:
+                    loss = loss * n  # the micro-batch's sum; the gradients are divided by the total below
             if loss is None:  # padding only, on every rank: nothing to add
                 continue
-            scaler.scale(loss * ctx.world if ctx.enabled else loss).backward()
+            scaler.scale(loss * ctx.world if ctx.enabled else loss).backward()  # DDP averages over ranks
         total += float(loss.item())
         n_total += n
-    for p in params:
-        if p.grad is not None:
-            p.grad.div_(max(n_total, 1))
-    return total / max(n_total, 1)
+    if accumulate:
+        for p in params:
+            if p.grad is not None:
+                p.grad.div_(max(n_total, 1))
+    value = total / max(n_total, 1) if accumulate else total
+    if not math.isfinite(value):  # the global batch's loss: every rank stops here
+        raise TrainingError(_loss_stop(value, epoch, step))
+    _optimizer_step(opt, scaler, sched, cfg, params)
+    check_finite_weights(named, f"epoch {epoch + 1}, step {step}")
+    return value
 
 
 def _optimizer_step(opt, scaler, sched, cfg: TrainCfg, params) -> None:
@@ -607,36 +622,15 @@ def _epochs(model, head, opt, sched, scaler, params, named, train_data, eval_dat
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: same stream whether resumed or not
         train_data.set_epoch(epoch, cfg.seed)
-        batches = _epoch_batches(train_data, step_cfg, ctx, epoch, steps_per_epoch, device) if accum == 1 else \
-            _accumulation_groups(train_data, cfg, ctx, epoch, steps_per_epoch, device, accum)
+        if accum == 1:  # each batch is one optimiser step: a group of one micro-batch
+            groups = ([b] for b in _epoch_batches(train_data, step_cfg, ctx, epoch, steps_per_epoch, device))
+        else:
+            groups = _accumulation_groups(train_data, cfg, ctx, epoch, steps_per_epoch, device, accum)
         model.train()
         losses = []
-        for batch in batches:
-            if isinstance(batch, list):  # micro-batches of one optimiser step (gradient accumulation)
-                opt.zero_grad(set_to_none=True)
-                losses.append(_accumulate(model, head, batch, cfg, ctx, device, amp_dtype, scaler, params))
-                if not math.isfinite(losses[-1]):  # the global batch's loss: every rank stops here
-                    raise TrainingError(_loss_stop(losses[-1], epoch, len(losses)))
-                _optimizer_step(opt, scaler, sched, cfg, params)
-                check_finite_weights(named, f"epoch {epoch + 1}, step {len(losses)}")
-                bar.update(1)
-                bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs}, loss {losses[-1]:.3f}", refresh=False)
-                continue
-            batch = _to(batch, device)
-            labels = batch["label"]
-            valid = batch.pop("valid", None)
-            with autocast(device, amp_dtype):
-                out = model(batch)
-                if ctx.enabled:  # every rank: the loss of the whole global batch
-                    out, labels = _global_batch(out, labels, valid, ctx)
-                loss = head.loss(out, labels, cfg.label_smoothing)
-            if not torch.isfinite(loss.detach()):  # every rank sees the same global loss: all stop here
-                raise TrainingError(_loss_stop(loss.item(), epoch, len(losses) + 1))
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss * ctx.world if ctx.enabled else loss).backward()  # DDP averages over ranks
-            _optimizer_step(opt, scaler, sched, cfg, params)
-            losses.append(loss.item())
-            check_finite_weights(named, f"epoch {epoch + 1}, step {len(losses)}")
+        for group in groups:
+            losses.append(_train_step(model, head, group, cfg, ctx, device, amp_dtype, opt, sched, scaler, params,
+                                      named, accum > 1, epoch, len(losses) + 1))
             bar.update(1)
             bar.set_postfix_str(f"epoch {epoch + 1}/{cfg.epochs}, loss {losses[-1]:.3f}", refresh=False)
         ctx.sync_buffers(head)

@@ -111,8 +111,8 @@ def video_text_kl_loss(video: torch.Tensor, text: torch.Tensor, labels: torch.Te
     """ActionCLIP's matching loss over (video i, text of sample j) pairs, text given per sample.
 
     KL(gt || softmax(scale * sim)) video->text and text->video, batchmean, averaged; gt is the
-    row-normalised same-label matrix. Shared with stage three, whose text comes from a
-    trainable text encoder rather than this head's fixed table.
+    row-normalised same-label matrix. ``ActionClipHead.loss`` computes it; in stage three the
+    text comes from a trainable text encoder rather than this head's fixed table.
     """
     sim = cosine_logits(video.float(), text.float(), scale)  # (B videos, B texts)
     same = (labels[:, None] == labels[None, :]).float()  # symmetric
@@ -311,12 +311,20 @@ class ActionClipHead(Head):
         return torch.randint(M, (n,), generator=self._generator).to(device)
 
     def loss(self, out: dict[str, torch.Tensor], labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-        """Symmetric KL between softmax(scale * video-text similarity) and the same-label matrix."""
-        self._check_ready()
+        """Symmetric KL between softmax(scale * video-text similarity) and the same-label matrix.
+
+        ``out["text_emb"]`` (B, E), when given, is each sample's text from a trainable text encoder
+        (stage three) in place of this head's frozen table; ``out["logit_scale"]`` a learned scale in
+        place of the cfg's."""
         video = out["video_emb"].float()
         B = video.shape[0]
-        if self.training:
+        if "text_emb" in out:
+            text = out["text_emb"]
+        elif self.training:
+            self._check_ready()
             text = self.text[labels, self._draw_templates(B, labels.device)]  # (B, E), one template each
         else:
+            self._check_ready()
             text = self.class_embedding()[labels]  # (B, E)
-        return video_text_kl_loss(video, text, labels, self.cfg.logit_scale, label_smoothing)
+        scale = out["logit_scale"].float() if "logit_scale" in out else self.cfg.logit_scale
+        return video_text_kl_loss(video, text, labels, scale, label_smoothing)
