@@ -35,7 +35,7 @@ import numpy as np
 from cache.errors import ConfigError
 from cache.store import FeatureStore, artifacts_root, atomic_write_text, open_store
 from stages.runs import finished_metrics
-from stages.cache_data import select_videos
+from stages.data.zarr_split import select_videos
 from stages.heads import get_head_entry, list_heads
 from stages.classifiers import CLASSIFIER_INITS, classifier_matrix
 from stages.train import TrainCfg, build_head, classifier_options, parse_class_spec, train_head

@@ -130,7 +130,7 @@ def stage_two_recipe(head: str, name: str = "paper", cuda: bool = False) -> Reci
 
 
 def _batch_loss(head: str) -> bool:
-    from stages.heads import get_head_entry
+    from stages.heads.registry import get_head_entry
 
     try:
         return bool(get_head_entry(head).head_cls.batch_loss)
@@ -358,7 +358,7 @@ def protocol_eval_overrides(meta: CacheMeta | None, head: str) -> tuple[dict, di
     proto = meta.protocol if meta is not None else None
     if not proto:
         return {}, {}
-    from stages.heads import get_head_entry
+    from stages.heads.registry import get_head_entry
 
     own = _PROTOCOLS.get(head)
     cached = _PROTOCOLS.get(proto.name)

@@ -3,9 +3,8 @@
 import importlib
 import pkgutil
 
+from stages.heads.needs import DIM_FIELDS, DataKeys, resolve_layers  # noqa: F401
 from stages.heads.registry import (  # noqa: F401
-    DIM_FIELDS,
-    DataKeys,
     Head,
     Reference,
     create_head,
@@ -14,10 +13,9 @@ from stages.heads.registry import (  # noqa: F401
     make_cfg,
     example_batch,
     register_head,
-    resolve_layers,
 )
 
-_SKIP = {"registry", "common", "counts"}
+_SKIP = {"registry", "common", "counts", "needs", "closed_form"}  # shared parts, not heads
 for _mod in pkgutil.iter_modules(__path__):
     if _mod.name not in _SKIP and not _mod.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_mod.name}")
