@@ -323,6 +323,22 @@ def test_known_cycles_are_still_there():
     assert not stale, f"fixed, remove from KNOWN_CYCLES: {stale}"
 
 
+def test_stage_one_stands_on_no_part_of_stage_two():
+    """Stage one names what a head reads from a cache through stages/heads/ (needs.py, the
+    registry), never through stage two's data wing: nothing it reaches, at any remove, is in
+    stages/data/."""
+    modules = project_modules()
+    graph = import_graph(modules)
+    reached, todo = set(), ["stages.extract"]
+    while todo:
+        for d in graph[todo.pop()]:
+            if d not in reached:
+                reached.add(d)
+                todo.append(d)
+    assert "stages.heads.needs" in reached
+    assert not sorted(m for m in reached if m == "stages.data" or m.startswith("stages.data."))
+
+
 def test_the_longest_chain_of_imports_in_stages_is_short():
     modules = project_modules()
     chain = longest_chain(import_graph(modules), modules)
