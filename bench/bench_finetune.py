@@ -118,10 +118,10 @@ def child(args) -> None:
         from torch.utils.data import DataLoader
 
         from cache.store import open_store
-        from stages.cache_data import CacheSplit, check_cache_for_head, select_videos
+        from stages.data.zarr_split import CacheSplit, check_cache_for_head, select_videos
         from stages.runs import lr_factor, param_groups
         from stages.classifiers import classifier_matrix
-        from stages.evaluate import collate_items
+        from stages.data.batch import collate_items
         from stages.train import TrainCfg, build_head
 
         store = open_store(args.cache)

@@ -11,7 +11,7 @@ patch; T-Trans: frame embeddings):
 * `FeatureStore.read` per video, fp16 and fp32 (the read the old path made);
 * the old loader: CacheSplit + torch DataLoader, batch 8, workers 0 / 1 / 2 (its default rule:
   arrays under 2 GiB as float32 held in RAM, the rest read per video), one pass each (it is slow);
-* the new loader (stages/loader.py): workers 0 / 1 / 2, preload on / off, block shuffle; its
+* the new loader (stages/data/loader.py): workers 0 / 1 / 2, preload on / off, block shuffle; its
   stored-dtype batches (what a GPU would receive: `--device cuda` adds the host->device copy and
   the on-device conversion), plus one row with the conversion to float32 on the CPU.
 
@@ -112,10 +112,10 @@ def main() -> None:
     import torch
     from torch.utils.data import DataLoader
 
-    from stages.cache_data import CacheSplit, HeadInputs, select_videos
+    from stages.data.zarr_split import CacheSplit, HeadInputs, select_videos
     from stages.heads import DataKeys
-    from stages.loader import CacheLoader, ZarrBatches, epoch_plan
-    from stages.train import collate_items
+    from stages.data.loader import CacheLoader, ZarrBatches, epoch_plan
+    from stages.data.batch import collate_items
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -6,7 +6,7 @@
 Rows, per repeat, measured one after the other on the same files (warm page cache):
 - `cat`-like: each file read into one 128 KB buffer that stays in the CPU cache (what `cat > /dev/null`
   measures: no byte is ever written to DRAM);
-- the loader (stages/loader.py, stored dtype, workers 0): batches of 8 videos written into a
+- the loader (stages/data/loader.py, stored dtype, workers 0): batches of 8 videos written into a
   batch-sized buffer, as a batch must be to be handed to a head or copied to a GPU; with preload
   off (read from the files) and on (copied out of the arrays held in RAM);
 - `preadv` of each whole file into one large buffer (the plain way to land the bytes in RAM):
@@ -63,9 +63,9 @@ def main() -> None:
 
     import bench_read as B
     from cache.store import open_store
-    from stages.cache_data import CacheSplit, HeadInputs
+    from stages.data.zarr_split import CacheSplit, HeadInputs
     from stages.heads import DataKeys
-    from stages.loader import CacheLoader, ZarrBatches, epoch_plan
+    from stages.data.loader import CacheLoader, ZarrBatches, epoch_plan
 
     torch.set_num_threads(1)
     st = open_store(args.cache)

@@ -1,4 +1,4 @@
-"""Block-shuffled epochs (`--set shuffle=block`, stages/loader.py) against the full shuffle: EVL's
+"""Block-shuffled epochs (`--set shuffle=block`, stages/data/loader.py) against the full shuffle: EVL's
 top-1 on the demo world over several seeds, same cache, same everything else.
 
 Block shuffle reads runs of consecutive videos (blocks of the batch size, shuffled, then videos

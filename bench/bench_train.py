@@ -25,7 +25,7 @@ What is measured:
    batch size B):
    - cache:    stage two's loader exactly as ``train_head`` drives it: the split from
                ``split_dataset``, per epoch ``set_epoch`` + ``epoch_plan`` (the config's shuffle)
-               -> ``stages.loader.train_loader`` (the config's workers and preload, ``auto``:
+               -> ``stages.data.loader.train_loader`` (the config's workers and preload, ``auto``:
                the head's arrays held in RAM in their stored dtype when they fit) -> batches
                converted by ``device_batch`` on the head's device -> forward / backward / AdamW
                step: the loop of ``_fit_sgd`` without evaluation and checkpointing (the
@@ -94,8 +94,8 @@ MB = 1 << 20
 
 def cache_split(store, run: "HeadRun", keys, idx):
     """The training split as train_head makes it (``split_dataset``: a CacheSplit, nothing read)."""
-    from stages.cache_data import check_cache_for_head
-    from stages.sources import split_dataset
+    from stages.data.zarr_split import check_cache_for_head
+    from stages.data.open import split_dataset
 
     inputs = check_cache_for_head(store, keys, run.name, ["train"])
     return split_dataset(store, inputs["train"], idx, train=True)
@@ -103,7 +103,7 @@ def cache_split(store, run: "HeadRun", keys, idx):
 
 def loader_epoch(data, cfg, epoch: int, batch: int, device, preload: str):
     """One epoch of stage two's loader, as train_head's _epoch_batches makes it (one process)."""
-    from stages.loader import epoch_plan, train_loader
+    from stages.data.loader import epoch_plan, train_loader
 
     data.set_epoch(epoch, cfg.seed)
     plan = epoch_plan(len(data), batch, 1, 0, cfg.seed, epoch, cfg.shuffle)
@@ -166,7 +166,7 @@ def ratio(x: float) -> str:
 
 
 def collate(items: list[dict]) -> dict[str, torch.Tensor]:
-    from stages.evaluate import collate_items  # the online DataLoader's collate
+    from stages.data.batch import collate_items  # the online DataLoader's collate
 
     return collate_items(items)
 
@@ -300,8 +300,8 @@ class OnlineBackbone:
 # ----------------------------------------------------------------------------- child: one mode of one head
 def child(spec: dict) -> dict:
     from cache.store import open_store
-    from stages.cache_data import select_videos
-    from stages.loader import make_source
+    from stages.data.zarr_split import select_videos
+    from stages.data.loader import make_source
     from stages.video import SamplingCfg
 
     mode, run = spec["mode"], HeadRun(**spec["head"])
@@ -460,8 +460,8 @@ def head_flops(store, run: HeadRun, B: int) -> tuple[int, int, int]:
     """(forward+backward, forward, B) FLOPs of the head on one real cache batch of B videos."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from stages.cache_data import select_videos
-    from stages.loader import train_loader
+    from stages.data.zarr_split import select_videos
+    from stages.data.loader import train_loader
 
     head, cfg = make_head(store, run)
     idx = select_videos(store, "train")[:B]
@@ -535,9 +535,9 @@ def layer_index(pos: list[int]):
 
 
 def read_rates(store, run: HeadRun, B: int) -> dict:
-    from stages.cache_data import check_cache_for_head, select_videos
+    from stages.data.zarr_split import check_cache_for_head, select_videos
     from stages.heads import resolve_layers
-    from stages.loader import CacheLoader, epoch_plan, make_source
+    from stages.data.loader import CacheLoader, epoch_plan, make_source
 
     head, cfg = make_head(store, run)
     keys = head.data_keys()
@@ -744,7 +744,7 @@ def main() -> None:
     console.print(t1)
     console.print("measured ratio = online epoch / cache epoch, wall time (CPU seconds of the process in brackets: "
                   "less sensitive to other load on the machine). cache = stage two's loader as train_head drives it "
-                  "(stages.loader.train_loader, preload auto, stored dtype converted by device_batch); streamed = "
+                  "(stages.data.loader.train_loader, preload auto, stored dtype converted by device_batch); streamed = "
                   "the same with preload off, every batch read from the shard files (est. = cache epoch + the warm "
                   "loader read time of table 3, where not run). FLOP ceiling "
                   "= (backbone fwd + head fwd+bwd) / head fwd+bwd, per batch; closeness = measured / ceiling. Peak "
@@ -806,7 +806,7 @@ def main() -> None:
                    f"{1000 * rd['loader']['warm'] / rd['videos']:.1f}")
     if not args.no_read:
         console.print(t3)
-        console.print("* useful bytes (only the head's layers) per second. loader = stages.loader batches of B in "
+        console.print("* useful bytes (only the head's layers) per second. loader = stages.data.loader batches of B in "
                       "the stored dtype (what a GPU would receive), no float32 conversion.", highlight=False)
 
     # ------------------------------------------------------------------ notes

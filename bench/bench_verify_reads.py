@@ -8,7 +8,7 @@ sound, so in a run the first epoch pays nothing either, unless a file changed; a
 forked before it read anything inherits them.
 
 Timed here, on a ViT-B/16-shaped synthetic cache (bench/bench_read.py's ``build_cache``, fp16),
-per head-shaped read: two epochs of the loader (stages/loader.py, workers 0, preload off, batch 8,
+per head-shaped read: two epochs of the loader (stages/data/loader.py, workers 0, preload off, batch 8,
 stored dtype: no head compute, so the ratio is an upper bound of a training epoch's) on a freshly
 opened store (the first epoch also parses the shard indexes and touches the batch buffers), best
 of ``--reps`` (the three stores opened first, untimed; then their first epochs, then their second
@@ -59,9 +59,9 @@ def main() -> None:
 
     from bench_read import build_cache
     from cache.store import open_store
-    from stages.cache_data import CacheSplit, HeadInputs, select_videos
+    from stages.data.zarr_split import CacheSplit, HeadInputs, select_videos
     from stages.heads import DataKeys
-    from stages.loader import CacheLoader, ZarrBatches, epoch_plan
+    from stages.data.loader import CacheLoader, ZarrBatches, epoch_plan
 
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)

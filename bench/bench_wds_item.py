@@ -1,5 +1,5 @@
 """Per-sample cost of turning a WebDataset sample into a head's input: select, then convert
-(what stages/wds_data.py does) vs convert the whole stored array, then select (what it did);
+(what stages/data/wds_split.py does) vs convert the whole stored array, then select (what it did);
 and what the member checksums (crc32c, header format 2) cost on export and on read.
 
 ViT-B/16 shapes (8 frames, 197 tokens of 768 for cls/patch). The selection is one training

@@ -319,6 +319,12 @@ class ProtocolRecord(Record):
     overridden: list[str] = field(default_factory=list)
 
 
+# CLIP's pixel normalisation: what a model whose preprocess_cfg does not say its own is fed
+# (stages/backbone.py), and so the pixel stats of a cache that records no ``Preprocess``.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
 @dataclass(kw_only=True)
 class Preprocess(Record):
     mean: list[float]

@@ -5,7 +5,7 @@ A Zarr store (cache/store.py ``FeatureStore``) and a WebDataset export (cache/wd
 is: its typed metadata (``info``), splits, per-video labels and status, array specs, array reads,
 class names and text embeddings. One contract test (tests/test_source_contract.py) runs the same
 assertions against a cache and its export. Which back-end a path names is decided in one place
-above this floor (stages/sources.py ``open_source``).
+above this floor (stages/data/open.py ``open_source``).
 
 Status codes and ``ArraySpec`` live here because they are part of the contract: every back-end
 says PENDING, DONE or FAILED per video, the same way, and describes its per-video arrays with the

@@ -436,7 +436,7 @@ class FeatureStore(StoreIntegrity, CacheSource):
         to put them (e.g. a shared-memory tensor's numpy view), shaped (len(rows), ...).
 
         The bytes are read straight from the shard files (cache/rows.py), one system call per run
-        of consecutive chunks, no float conversion: the stage-two loader's read (stages/loader.py).
+        of consecutive chunks, no float conversion: the stage-two loader's read (stages/data/loader.py).
         A shard that does not read back (damaged after the reader's start-of-run check) is one
         CacheError naming the array, the file and the fix.
         """

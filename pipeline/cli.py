@@ -594,11 +594,11 @@ def _protocol_eval(path, cfg, head_over: dict, train_over: dict):
     import dataclasses as dc
 
     from stages.recipes import protocol_eval_overrides
-    from stages.sources import is_wds
+    from stages.data.open import is_wds
 
     if not isinstance(path, Path) or is_wds(path):
         return cfg, head_over, {"train": {}, "head": {}}
-    from stages.sources import open_source
+    from stages.data.open import open_source
 
     meta = open_source(path).info
     train_p, head_p = protocol_eval_overrides(meta, cfg.head)
@@ -895,8 +895,8 @@ def cache_finalize(path: Path = typer.Argument(..., help="Cache folder written b
 
 
 def _wds_source(wds: str, header: str, eval_shards: str, shuffle: int, resample: bool, cfg, cache: Optional[Path]):
-    """`train --wds`: the export as train_head's data source (stages/wds_data.py)."""
-    from stages.wds_data import open_wds_source
+    """`train --wds`: the export as train_head's data source (stages/data/wds_split.py)."""
+    from stages.data.wds_split import open_wds_source
 
     if cache is not None:
         raise ConfigError("give either --cache (a Zarr cache) or --wds (WebDataset shards), not both")

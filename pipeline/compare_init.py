@@ -37,7 +37,7 @@ from cache.files import atomic_write_text
 from cache.paths import artifacts_root
 from cache.store import FeatureStore, open_store
 from stages.runs import finished_metrics
-from stages.cache_data import select_videos
+from stages.data.zarr_split import select_videos
 from stages.heads import get_head_entry, list_heads
 from stages.classifiers import CLASSIFIER_INITS, classifier_matrix
 from stages.train import TrainCfg, build_head, classifier_options, parse_class_spec, train_head

@@ -43,7 +43,7 @@ recorded and raised when the window closes (a second one exits at once, with the
 
 Forked DataLoader workers inherit the handler: there it ignores SIGINT (a terminal's Ctrl-C
 reaches the whole process group; the main process stops the workers itself). Workers get
-SIGTERM from torch's own handler. Stage two's loader workers (stages/loader.py) set their own
+SIGTERM from torch's own handler. Stage two's loader workers (stages/data/loader.py) set their own
 first thing: SIGINT ignored, SIGTERM the default action, since the inherited handler also ignores
 SIGTERM, and a worker that ignores ``Process.terminate()`` kept the finished command from exiting.
 """

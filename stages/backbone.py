@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from cache.errors import ConfigError, ModelError
+from cache.meta import CLIP_MEAN, CLIP_STD  # CLIP's pixel normalisation (a model's, unless it says its own)
 
 __all__ = [
     "ACTIVATIONS",
@@ -156,9 +157,6 @@ _OPENAI_KEYS = ("input_resolution", "context_length", "vocab_size")
 # centre; 3: both ends and the centre of the long side); bicubic interpolation with antialiasing.
 RESIZE_RULE = "short_side_then_square_crop"
 INTERPOLATION = "bicubic_antialias"
-# CLIP's pixel normalisation, for a model whose preprocess_cfg does not say its own
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def pixel_stats(visual) -> tuple[tuple, tuple]:

@@ -7,7 +7,7 @@ and the benchmarks build the same W from the same values:
 - ``clip_text``: the cache's class text embeddings (a text set of the backbone's own text tower);
 - ``random_normal`` / ``orthogonal``: seeded by ``seed`` alone, never by the global torch RNG;
 - ``lda``: linear discriminant analysis on the frame-mean embeddings of the training videos
-  ``train_idx`` (stages/heads/lda.py), rows centred;
+  ``train_idx`` (stages/heads/closed_form.py), rows centred;
 - ``minilm``: MiniLM sentence embeddings of the class names, projected to E by a seeded
   orthonormal map (``_project``).
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from cache.errors import ConfigError
 from cache.store import FeatureStore
-from stages.heads import Head
+from stages.heads.registry import Head
 
 __all__ = ["CLASSIFIER_INITS", "classifier_matrix", "text_classifier"]
 
@@ -86,7 +86,7 @@ def classifier_matrix(init: str, store: FeatureStore, head: Head, classes: list[
         if len(shape) == 3:
             w = w.unsqueeze(1).expand(shape).contiguous()
     elif init == "lda":
-        from stages.heads.lda import lda_classifier
+        from stages.heads.closed_form import lda_classifier
 
         if train_idx is None:
             raise ConfigError("the LDA initialisation needs training videos")

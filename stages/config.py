@@ -28,7 +28,10 @@ own options (cache, head, recipe, dataset, ...), at top level or one level down 
 
 Precedence (the CLI applies it): defaults < recipe < experiment file < --set < flags given on the
 command line. Every run folder records its resolved config as ``config.yaml`` in this format
-(``experiment_record``), so ``--config RUN/config.yaml`` runs it again under the same run id.
+(stages/runs.py ``experiment_record``), so ``--config RUN/config.yaml`` runs it again under the
+same run id.
+
+A leaf: this module imports no other stage module (run folders, heads and the sampler stand on it).
 """
 
 from __future__ import annotations
@@ -42,8 +45,8 @@ from typing import Any, Iterable, Mapping
 
 from cache.errors import ConfigError
 
-__all__ = ["coerce_option", "OptionSet", "parse_set", "split_options", "load_experiment", "experiment_record",
-           "write_experiment", "SAMPLING_KEYS", "SAMPLING_MODES", "validate_sampling", "closest"]
+__all__ = ["coerce_option", "OptionSet", "parse_set", "split_options", "load_experiment", "closest",
+           "validate_choice"]
 
 TRUE = ("true", "yes", "on", "1")
 FLOAT32_MAX = 3.4028234663852886e38
@@ -137,6 +140,13 @@ def coerce_option(field, key: str, value: Any) -> Any:
                if not (isinstance(x, str) and not x.strip())]
         return tuple(out) if m.group(1).lower() == "tuple" else out
     return _scalar(kind, key, value)
+
+
+def validate_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    """A cfg string option must be one of ``choices`` (a ConfigError listing them otherwise)."""
+    if value not in choices:
+        raise ConfigError(f"option '{name}' must be one of {', '.join(choices)}; got '{value}'")
+    return value
 
 
 # ----------------------------------------------------------------------------- keys to option sets
@@ -249,78 +259,3 @@ def load_experiment(path: str | Path) -> dict[str, Any]:
         else:
             flat[key] = value
     return flat
-
-
-def experiment_record(resolved: dict, head_options: dict | None = None, dataset_args: dict | None = None) -> dict:
-    """A run's resolved config (config.json's dict) as an experiment file that runs it again:
-    the command's options at top level, each option set as a section. Head dims that come from
-    the cache (num_classes, widths, ...) are left out, so the file also fits another cache.
-    ``head_options``: the head options to record (stage three: those given, which name its run);
-    ``dataset_args``: stage three's dataset options (DatasetSpec.args)."""
-    from stages.heads import DIM_FIELDS
-
-    if resolved.get("stage") == "finetune":
-        ft = dict(resolved["finetune"])
-        out: dict[str, Any] = {"paradigm": ft.pop("paradigm"), "recipe": ft.pop("recipe", "")}
-        ds = resolved.get("dataset", {})
-        out["dataset"] = ds.get("name", "")
-        out.update({k: v for k, v in (dataset_args or {}).items()})
-        out["finetune"] = ft
-        out["aug"] = dict(resolved.get("augment", {}))
-        head = dict(head_options if head_options is not None else
-                    {k: v for k, v in resolved["head"].items() if k != "name"})
-        if head:
-            out["head"] = head
-        return out
-    train = dict(resolved["train"])
-    head = {k: v for k, v in resolved["head"].items() if k not in DIM_FIELDS and k != "num_templates"}
-    source = str(resolved.get("source", ""))
-    out = {"head": {"name": train.pop("head"), **{k: v for k, v in head.items() if k != "name"}},
-           ("wds" if source.startswith("wds:") else "cache"): _absolute(resolved["cache"]),
-           "recipe": train.pop("recipe", ""), "train": train}
-    return out
-
-
-def _absolute(path: str) -> str:
-    if "://" in path or path.startswith("pipe:"):
-        return path
-    return str(Path(path).resolve())
-
-
-def write_experiment(run_dir: str | Path, resolved: dict, head_options: dict | None = None,
-                     dataset_args: dict | None = None) -> Path:
-    """Write ``run_dir/config.yaml`` (``experiment_record``), atomically."""
-    import yaml
-
-    from cache.files import atomic_write_text
-
-    run_dir = Path(run_dir)
-    record = experiment_record(resolved, head_options, dataset_args)
-    stage = "finetune" if "paradigm" in record else "train"
-    text = (f"# clipcache experiment: the resolved config of run {run_dir.name}.\n"
-            f"# Run it again (same run id): pipeline {stage} --config {run_dir / 'config.yaml'}\n"
-            + yaml.safe_dump(record, sort_keys=False, default_flow_style=False))
-    atomic_write_text(run_dir / "config.yaml", text)
-    return run_dir / "config.yaml"
-
-
-# ----------------------------------------------------------------------------- sampling
-SAMPLING_KEYS = ("frames", "sampling", "stride", "views")
-from stages.video import SAMPLING_MODES  # noqa: E402  (the modes the sampler knows)
-
-
-def validate_sampling(frames: int, sampling: str, stride: int, views: str | None = None,
-                      flags: bool = False) -> None:
-    """The one check of the sampling options (stage one and stage three): frames >= 1, a known
-    mode, stride >= 1, CxS views. ``flags``: name them as the CLI flags (--frames)."""
-    from stages.video import parse_views
-
-    name = (lambda k: f"--{k}") if flags else (lambda k: k)
-    if frames < 1:
-        raise ConfigError(f"{name('frames')} must be at least 1, got {frames}")
-    if stride < 1:
-        raise ConfigError(f"{name('stride')} must be at least 1 (1 = consecutive frames), got {stride}")
-    if sampling not in SAMPLING_MODES:
-        raise ConfigError(f"{name('sampling')} must be one of {', '.join(SAMPLING_MODES)}, got '{sampling}'")
-    if views is not None:
-        parse_views(views)

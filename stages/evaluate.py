@@ -3,8 +3,8 @@
 Shared by stage two (evaluation every ``eval_every`` epochs, and ``pipeline evaluate`` on a run
 folder, possibly on another dataset's cache) and stage three (a fine-tuned backbone's frame
 embeddings through its head). Metrics are top-1, top-5 and mean-class accuracy in percent.
-``collate_items`` and ``to_device`` are the batch plumbing every stage-two loader uses; a split's
-dataset comes from stages/sources.py, whatever the source.
+A split's dataset comes from stages/data/open.py, whatever the source; its batches from
+stages/data/loader.py (the batch plumbing, ``collate_items`` and ``to_device``: stages/data/batch.py).
 """
 
 from __future__ import annotations
@@ -18,17 +18,18 @@ from torch.utils.data import IterableDataset, Subset
 
 from cache.errors import CacheMismatchError, ConfigError, DatasetError
 from cache.store import FeatureStore
-from stages.cache_data import CacheSplit, check_cache_for_head, select_videos
 from stages.checkpoint import load_checkpoint
 from stages.classifiers import text_classifier
+from stages.config import validate_choice
+from stages.data.batch import to_device
+from stages.data.loader import eval_loader
+from stages.data.open import open_source, split_dataset
+from stages.data.zarr_split import CacheSplit, check_cache_for_head, select_videos
 from stages.dist import DistContext
-from stages.heads import Head, get_head_entry, make_cfg
-from stages.heads.common import validate_choice
-from stages.loader import eval_loader
+from stages.heads.registry import Head, get_head_entry, make_cfg
 from stages.runs import autocast
-from stages.sources import open_source, split_dataset
 
-__all__ = ["EVAL_AVERAGES", "accuracy_metrics", "collate_items", "to_device", "view_scores", "evaluate_head", "evaluate_run"]
+__all__ = ["EVAL_AVERAGES", "accuracy_metrics", "view_scores", "evaluate_head", "evaluate_run"]
 
 EVAL_AVERAGES = ("scores", "embeddings")
 
@@ -43,16 +44,6 @@ def accuracy_metrics(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, fl
     per_class = [correct1[labels == c].float().mean().item() for c in labels.unique()]
     return {"top1": 100 * correct1.float().mean().item(), "top5": 100 * correct5.float().mean().item(),
             "mean_class": 100 * float(np.mean(per_class)), "n": int(len(labels))}
-
-
-def collate_items(items: list[dict]) -> dict[str, torch.Tensor]:
-    """Stack a list of per-video tensor dicts into one batch dict (the collate of stage two)."""
-    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """A batch dict on ``device`` (non-blocking: pinned host memory copies asynchronously)."""
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -100,7 +91,7 @@ def evaluate_head(head: Head, data: CacheSplit, device: torch.device, batch_size
     if ctx.enabled and split:
         data = data.rank_subset(ctx.rank, ctx.world) if isinstance(data, IterableDataset) else \
             Subset(data, range(ctx.rank, len(data), ctx.world))
-    loader = eval_loader(data, batch_size, device)  # stored bytes, converted on the device (stages/loader.py)
+    loader = eval_loader(data, batch_size, device)  # stored bytes, converted on the device (stages/data/loader.py)
     all_scores, all_labels = [], []
     for batch in loader:
         batch = to_device(batch, device)
@@ -117,7 +108,7 @@ def evaluate_head(head: Head, data: CacheSplit, device: torch.device, batch_size
 
 
 # ----------------------------------------------------------------------------- streaming sources
-# A source other than a Zarr FeatureStore (stages/wds_data.WdsSource: WebDataset shards) builds its
+# A source other than a Zarr FeatureStore (stages/data/wds_split.WdsSource: WebDataset shards) builds its
 # own dataset per split: an IterableDataset that shuffles itself through a buffer, seeded by
 # set_epoch. Everything else treats it as a store (meta, labels, status, text, aux).
 def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, split: str = "val",

@@ -42,12 +42,11 @@ from cache.store import (
 )
 from stages.backbone import (BackboneInfo, FrozenCLIP, clip_identity, load_clip, model_config, parse_layers,
                              resolve_model_name, weights_id)
-from stages.config import validate_sampling
 from stages.dist import check_device
 from stages.text import TEXT_SETS, compute_text_sets
 from stages.recipes import protocol_record, resize_side
 from stages.video import (VIEW_PARAM_COLUMNS, AugViewCfg, SamplingCfg, augmented_views, decode_video,
-                          layout_key, make_views, normalize, parse_views)
+                          layout_key, make_views, normalize, parse_views, validate_sampling)
 
 __all__ = ["ExtractCfg", "ExtractPlan", "plan_extraction", "run_extraction", "default_cache_root", "latest_cache"]
 
@@ -140,7 +139,8 @@ def add_head_needs(cfg: ExtractCfg, heads: list[str], num_classes: int, view_ban
     unless ``cfg`` sets its own --train-aug or --train-views, or ``view_bank`` is off."""
     from dataclasses import replace
 
-    from stages.cache_data import head_data_keys, recommended_view_bank
+    from stages.heads.needs import recommended_view_bank
+    from stages.heads.registry import head_data_keys
 
     info = BackboneInfo.from_config(model_config(cfg.model))
     dims = {"num_classes": num_classes, "embed_dim": info.embed_dim, "width": info.width, "frames": cfg.frames,

@@ -59,16 +59,15 @@ from stages.backbone import (ACTIVATION_CHOICES, ACTIVATION_KEY, BackboneInfo, l
                              model_config, pixel_stats, resolve_activation, resolve_model_name, weights_id)
 from stages.checkpoint import load_checkpoint, save_checkpoint
 from stages.dist import DistContext, dist_device, rank_batches
-from stages.heads import get_head_entry, make_cfg
-from stages.heads.common import validate_choice
+from stages.heads.registry import get_head_entry, make_cfg
 from stages.heads.actionclip import video_text_kl_loss  # re-exported: the loss ActionCLIP fine-tuning uses
-from stages.config import OptionSet, parse_set, split_options, validate_sampling, write_experiment
+from stages.config import OptionSet, parse_set, split_options, validate_choice
 from stages.evaluate import evaluate_head
 from stages.paradigms import Paradigm, get_paradigm, list_paradigms
 from stages.recipes import accumulation_steps
 from stages.runs import (AMP_CHOICES, RunLog, autocast, autocast_dtype, check_finite_weights, default_runs_root,
-                         lr_factor, param_groups, settle_run, step_overflow_stops)
-from stages.video import SamplingCfg, decode_clips, parse_views
+                         lr_factor, param_groups, settle_run, step_overflow_stops, write_experiment)
+from stages.video import SamplingCfg, decode_clips, parse_views, validate_sampling
 
 __all__ = [
     "PARADIGMS",

@@ -50,7 +50,7 @@ RECIPES = ("paper", "quick", "demo")
 
 def __getattr__(name: str):
     if name == "PROTOCOLS":  # the registered heads' protocols (reading them imports the heads)
-        from stages.heads import list_protocols
+        from stages.heads.registry import list_protocols
 
         return tuple(list_protocols())
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -58,7 +58,7 @@ def __getattr__(name: str):
 
 def _entry(head: str):
     """The registry entry of ``head``; None for a name no head has (a paradigm's)."""
-    from stages.heads import get_head_entry
+    from stages.heads.registry import get_head_entry
 
     try:
         return get_head_entry(head)
@@ -234,7 +234,7 @@ def describe_recipe(recipe: Recipe) -> str:
 
 # ----------------------------------------------------------------------------- test protocols
 def _protocol(name: str) -> Protocol | None:
-    from stages.heads import find_protocol
+    from stages.heads.registry import find_protocol
 
     return find_protocol(name)
 
@@ -266,7 +266,7 @@ def get_protocol(name: str) -> Protocol:
     """The test protocol ``name`` (each is registered by the head it is named after)."""
     p = _protocol(name)
     if p is None:
-        from stages.heads import list_protocols
+        from stages.heads.registry import list_protocols
 
         raise ConfigError(f"unknown protocol '{name}'; choose one of {', '.join(list_protocols())}")
     return p
@@ -325,7 +325,7 @@ def protocol_eval_overrides(meta: CacheMeta | None, head: str) -> tuple[dict, di
     proto = meta.protocol if meta is not None else None
     if not proto:
         return {}, {}
-    from stages.heads import get_head_entry
+    from stages.heads.registry import get_head_entry
 
     own = _protocol(head)
     cached = _protocol(proto.name)

@@ -5,8 +5,9 @@ curves.png. This module is the bookkeeping both stages share, beside each other 
 the other: where run folders go (``default_runs_root``), what a folder already holding a run
 means (``existing_run``, ``check_resumable``, ``remove_unstarted``), the optimiser parts
 (``param_groups``, ``lr_factor``), mixed precision (``autocast_dtype``, ``autocast``) and the curves
-(``plot_curves``); checkpoints themselves are stages/checkpoint.py. It also adds what a table of
-many runs needs:
+(``plot_curves``), and the resolved config as an experiment file that runs it again
+(``experiment_record``, ``write_experiment``: config.yaml); checkpoints themselves are
+stages/checkpoint.py. It also adds what a table of many runs needs:
 
     status.json        {"state": running | finished | failed | interrupted, "pid", "host",
                         "started", "updated", "epoch", "epochs", "reason"?}
@@ -30,15 +31,17 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cache.errors import ConfigError, TrainingError
 from cache.files import atomic_write_text
 from cache.paths import artifacts_root
+from stages.config import validate_choice
 
 __all__ = ["RunLog", "RunRecord", "read_run", "list_runs", "default_runs_root", "entry_metrics", "RUN_STATES",
            "RESUME_FREE", "check_resumable", "existing_run", "finished_metrics", "remove_unstarted", "AMP_CHOICES", "autocast_dtype",
            "autocast", "lr_factor", "param_groups", "plot_curves", "settle_run", "make_run_dir", "check_finite_weights",
-           "step_overflow_stops"]
+           "step_overflow_stops", "experiment_record", "write_experiment"]
 
 RUN_STATES = ("running", "finished", "failed", "interrupted", "stopped", "corrupt")
 
@@ -190,8 +193,6 @@ def autocast_dtype(cfg, device):
     """Autocast dtype of ``cfg.amp`` on ``device``: "auto" is off on CPU, bf16 on GPUs that support
     it, fp16 (with a GradScaler in the trainers) on older ones; None means no autocast."""
     import torch
-
-    from stages.heads.common import validate_choice
 
     validate_choice("amp", cfg.amp, AMP_CHOICES)
     if cfg.amp == "none" or (cfg.amp == "auto" and device.type != "cuda"):
@@ -555,3 +556,55 @@ def list_runs(root: str | Path) -> list[RunRecord]:
             except ConfigError as exc:  # shown as corrupt, not hidden
                 out.append(RunRecord(child, {}, None, {}, "corrupt", [str(exc)]))
     return out
+
+
+# --------------------------------------------------------------------------- the resolved experiment record
+def experiment_record(resolved: dict, head_options: dict | None = None, dataset_args: dict | None = None) -> dict:
+    """A run's resolved config (config.json's dict) as an experiment file that runs it again:
+    the command's options at top level, each option set as a section. Head dims that come from
+    the cache (num_classes, widths, ...) are left out, so the file also fits another cache.
+    ``head_options``: the head options to record (stage three: those given, which name its run);
+    ``dataset_args``: stage three's dataset options (DatasetSpec.args)."""
+    from stages.heads.needs import DIM_FIELDS
+
+    if resolved.get("stage") == "finetune":
+        ft = dict(resolved["finetune"])
+        out: dict[str, Any] = {"paradigm": ft.pop("paradigm"), "recipe": ft.pop("recipe", "")}
+        ds = resolved.get("dataset", {})
+        out["dataset"] = ds.get("name", "")
+        out.update({k: v for k, v in (dataset_args or {}).items()})
+        out["finetune"] = ft
+        out["aug"] = dict(resolved.get("augment", {}))
+        head = dict(head_options if head_options is not None else
+                    {k: v for k, v in resolved["head"].items() if k != "name"})
+        if head:
+            out["head"] = head
+        return out
+    train = dict(resolved["train"])
+    head = {k: v for k, v in resolved["head"].items() if k not in DIM_FIELDS and k != "num_templates"}
+    source = str(resolved.get("source", ""))
+    out = {"head": {"name": train.pop("head"), **{k: v for k, v in head.items() if k != "name"}},
+           ("wds" if source.startswith("wds:") else "cache"): _absolute(resolved["cache"]),
+           "recipe": train.pop("recipe", ""), "train": train}
+    return out
+
+
+def _absolute(path: str) -> str:
+    if "://" in path or path.startswith("pipe:"):
+        return path
+    return str(Path(path).resolve())
+
+
+def write_experiment(run_dir: str | Path, resolved: dict, head_options: dict | None = None,
+                     dataset_args: dict | None = None) -> Path:
+    """Write ``run_dir/config.yaml`` (``experiment_record``), atomically."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    record = experiment_record(resolved, head_options, dataset_args)
+    stage = "finetune" if "paradigm" in record else "train"
+    text = (f"# clipcache experiment: the resolved config of run {run_dir.name}.\n"
+            f"# Run it again (same run id): pipeline {stage} --config {run_dir / 'config.yaml'}\n"
+            + yaml.safe_dump(record, sort_keys=False, default_flow_style=False))
+    atomic_write_text(run_dir / "config.yaml", text)
+    return run_dir / "config.yaml"

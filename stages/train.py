@@ -40,19 +40,21 @@ from torch.utils.data import Dataset, IterableDataset
 
 from cache.errors import ConfigError, DatasetError, TrainingError
 from cache.store import PENDING, FeatureStore
-from stages.cache_data import check_cache_for_head, select_videos
-from stages.loader import PRELOADS, SHUFFLES, epoch_plan, train_loader
 from stages.checkpoint import load_checkpoint, save_checkpoint
 from stages.classifiers import CLASSIFIER_INITS, classifier_matrix, text_classifier
-from stages.config import OptionSet, parse_set, split_options, write_experiment
+from stages.config import OptionSet, parse_set, split_options, validate_choice
+from stages.data.batch import collate_items
+from stages.data.batch import to_device as _to  # the loop's short name for it
+from stages.data.loader import PRELOADS, SHUFFLES, epoch_plan, train_loader
+from stages.data.open import open_source, split_dataset
+from stages.data.zarr_split import check_cache_for_head, select_videos
 from stages.dist import DistContext, dist_device
-from stages.evaluate import EVAL_AVERAGES, collate_items, evaluate_head
-from stages.evaluate import to_device as _to  # the loop's short name for it
-from stages.sources import open_source, split_dataset
+from stages.evaluate import EVAL_AVERAGES, evaluate_head
 from stages.runs import (ADDED_LATER, AMP_CHOICES, RunLog, autocast, autocast_dtype, check_finite_weights,
-                         default_runs_root, lr_factor, make_run_dir, param_groups, remove_unstarted, settle_run)
-from stages.heads import DIM_FIELDS, Head, get_head_entry, make_cfg
-from stages.heads.common import validate_choice
+                         default_runs_root, lr_factor, make_run_dir, param_groups, remove_unstarted, settle_run,
+                         write_experiment)
+from stages.heads.needs import DIM_FIELDS
+from stages.heads.registry import Head, get_head_entry, make_cfg
 from stages.recipes import accumulation_steps
 
 __all__ = ["TrainCfg", "parse_class_spec", "split_overrides", "build_head", "build_optimizer", "classifier_options",
@@ -253,7 +255,7 @@ def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: 
     Under torchrun every rank calls this (module docstring); rank 0 writes the run folder.
     """
     cfg.validate()
-    store = open_source(cache)  # a Zarr FeatureStore or a WebDataset export (stages/sources.py)
+    store = open_source(cache)  # a Zarr FeatureStore or a WebDataset export (stages/data/open.py)
     ctx = DistContext.from_env()
     device = dist_device(cfg.device, ctx)
     ctx.start(device)
@@ -390,7 +392,7 @@ def _all_items(data) -> list[dict]:
 
 def cached_backbone_weights(store: FeatureStore, keys) -> dict[int, dict[str, torch.Tensor]]:
     """The frozen backbone blocks a head reads (``keys.backbone_weights``), from the cache's aux arrays."""
-    from stages.heads import resolve_layers
+    from stages.heads.needs import resolve_layers
 
     depth = store.info.dims.depth
     out: dict[int, dict[str, torch.Tensor]] = {}

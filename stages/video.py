@@ -30,7 +30,9 @@ from cache.errors import ConfigError, VideoDecodeError
 __all__ = [
     "SamplingCfg",
     "SAMPLING_MODES",
+    "SAMPLING_KEYS",
     "parse_views",
+    "validate_sampling",
     "clip_indices",
     "layout_key",
     "Decoded",
@@ -76,6 +78,24 @@ def parse_views(text: str) -> tuple[int, int]:
     if clips < 1 or crops not in (1, 3):
         raise ConfigError(f"views {text}: need at least 1 clip and 1 or 3 crops")
     return clips, crops
+
+
+SAMPLING_KEYS = ("frames", "sampling", "stride", "views")
+
+
+def validate_sampling(frames: int, sampling: str, stride: int, views: str | None = None,
+                      flags: bool = False) -> None:
+    """The one check of the sampling options (stage one and stage three): frames >= 1, a known
+    mode, stride >= 1, CxS views. ``flags``: name them as the CLI flags (--frames)."""
+    name = (lambda k: f"--{k}") if flags else (lambda k: k)
+    if frames < 1:
+        raise ConfigError(f"{name('frames')} must be at least 1, got {frames}")
+    if stride < 1:
+        raise ConfigError(f"{name('stride')} must be at least 1 (1 = consecutive frames), got {stride}")
+    if sampling not in SAMPLING_MODES:
+        raise ConfigError(f"{name('sampling')} must be one of {', '.join(SAMPLING_MODES)}, got '{sampling}'")
+    if views is not None:
+        parse_views(views)
 
 
 def clip_indices(num_frames: int, cfg: SamplingCfg, rng: np.random.Generator | None = None) -> list[list[int]]:

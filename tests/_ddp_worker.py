@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from cache.errors import PipelineError
 from stages.train import TrainCfg, train_head
-from stages.wds_data import open_wds_source
+from stages.data.wds_split import open_wds_source
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from cache.errors import ConfigError
 from cache.store import open_store
 from conftest import demo_args, run_cli
 from pipeline.compare_init import compare_init, run_name
-from stages.cache_data import select_videos
+from stages.data.zarr_split import select_videos
 from stages.classifiers import classifier_matrix
 from stages.train import build_head
 

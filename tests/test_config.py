@@ -13,11 +13,12 @@ import yaml
 from cache.errors import ConfigError
 from conftest import demo_args, run_cli
 from stages.augment import AugmentCfg
-from stages.config import coerce_option, load_experiment, validate_sampling
+from stages.config import coerce_option, load_experiment
 from stages.extract import ExtractCfg
 from stages.finetune import FinetuneCfg, split_finetune_overrides
 from stages.heads import make_cfg
 from stages.train import TrainCfg, split_overrides
+from stages.video import validate_sampling
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -80,7 +80,7 @@ def test_stage_one_finds_the_protocol_registered_here():
 
 
 def test_the_view_bank_default_is_the_heads_own():
-    from stages.cache_data import VIEW_BANK_DEFAULTS, recommended_train_aug, recommended_view_bank
+    from stages.heads.needs import VIEW_BANK_DEFAULTS, recommended_train_aug, recommended_view_bank
 
     assert recommended_train_aug(NAME) == 3 and recommended_view_bank(["side4video", NAME]) == 3
     assert recommended_train_aug("no_such_head") is None

@@ -10,8 +10,8 @@ from sklearn.linear_model import LogisticRegression
 
 from cache.errors import ConfigError, DatasetError
 from stages.heads import create_head, get_head_entry
+from stages.heads.closed_form import fit_lda, lda_classifier
 from stages.heads.common import TemporalConv1D, TemporalTransformer, cosine_logits
-from stages.heads.lda import fit_lda, lda_classifier
 
 E, K, T = 16, 4, 6
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import extracted_store
-from stages.cache_data import select_videos
+from stages.data.zarr_split import select_videos
 from stages.classifiers import classifier_matrix
 from stages.train import TrainCfg, build_head, train_head
 

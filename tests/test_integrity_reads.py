@@ -25,9 +25,9 @@ import stages.train as T
 from cache.errors import CacheError
 from cache.store import FeatureStore, open_store
 from conftest import cli_in_process, extracted_store
-from stages.cache_data import CacheSplit, HeadInputs, select_videos
+from stages.data.zarr_split import CacheSplit, HeadInputs, select_videos
 from stages.heads import DataKeys
-from stages.loader import CacheLoader, WdsLoader, ZarrBatches, epoch_plan
+from stages.data.loader import CacheLoader, WdsLoader, ZarrBatches, epoch_plan
 from stages.runs import finished_metrics
 
 KEYS = DataKeys(frame_emb=True, cls_layers=(-1,), patch_layers=(-1,))
@@ -297,7 +297,7 @@ def test_a_shard_deleted_mid_run_while_streaming_stops_the_run(cache, tmp_path, 
                                                                 shard, workers):
     """Arrays that do not fit in RAM (as on K400): auto preload is off, for training and evaluation
     alike, and every epoch reads the files."""
-    import stages.loader as L
+    import stages.data.loader as L
 
     monkeypatch.setattr(L, "PRELOAD_LIMIT", 0)
     file = _shard_file(cache, shard, split, array)
@@ -350,7 +350,7 @@ def _export(path: Path, out: Path) -> Path:
 @pytest.mark.parametrize("how", ["truncate", "delete"])
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_damaged_webdataset_shard_is_one_line_in_workers_too(cache, tmp_path, workers, how):
-    from stages.wds_data import open_wds_source
+    from stages.data.wds_split import open_wds_source
 
     header = _export(cache, tmp_path / "wds")
     src = open_wds_source(str(header), shuffle=0)
@@ -418,7 +418,7 @@ def test_a_damaged_npy_member_of_an_intact_tar_is_one_line(cache, tmp_path):
     """Bytes changed inside a member of a version 1 export (no member checksums; tar has none over
     member data): the .npy header no longer parses; that is the shard's damage, named, not a
     ValueError traceback."""
-    from stages.wds_data import open_wds_source
+    from stages.data.wds_split import open_wds_source
 
     header = _export(cache, tmp_path / "wds")
     _as_version_1(header)
@@ -458,7 +458,7 @@ def test_a_member_larger_than_the_header_says_is_refused_unread(clean, tmp_path,
     """A shard whose first frame_emb member is 256 MB (a hole on disk, zeros when read): both
     readers refuse it from its tar header, in one line naming it, without reading it into memory
     (a version 1 header bounds the size by the array spec)."""
-    from stages.wds_data import open_wds_source
+    from stages.data.wds_split import open_wds_source
 
     header = _export(clean.path, tmp_path / "wds")
     if version == 1:

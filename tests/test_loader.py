@@ -1,4 +1,4 @@
-"""Stage two's loader (stages/loader.py): stored bytes read by row runs, converted on the device.
+"""Stage two's loader (stages/data/loader.py): stored bytes read by row runs, converted on the device.
 
 The reference everywhere is the old path, kept reachable: CacheSplit / WdsSplit items (float32
 per video, FeatureStore.read + view_tensor) stacked by a torch DataLoader. The new loader must
@@ -23,11 +23,11 @@ from cache.source import ArraySpec
 from cache.store import DONE, create_store, open_store
 from cache.wds import export_wds
 from conftest import extracted_store
-from stages.cache_data import CacheSplit, HeadInputs, select_videos
+from stages.data.zarr_split import CacheSplit, HeadInputs, select_videos
 from stages.heads import DataKeys
-from stages.loader import (CacheLoader, WdsLoader, ZarrBatches, block_order, dequantize_int8_torch, epoch_plan,
+from stages.data.loader import (CacheLoader, WdsLoader, ZarrBatches, block_order, dequantize_int8_torch, epoch_plan,
                            eval_loader, train_loader)
-from stages.wds_data import open_wds_source
+from stages.data.wds_split import open_wds_source
 
 # every array kind, layers out of order (positions are picked, not a range)
 KEYS = DataKeys(frame_emb=True, cls_layers=(-1, 1), patch_layers=(2, -1), frames=True)

@@ -130,9 +130,9 @@ sys.path.insert(0, sys.argv[1])
 from pipeline import signals
 signals.install()  # as the CLI does: the workers are forked with its handler in place
 from cache.store import open_store
-from stages.cache_data import CacheSplit, HeadInputs, select_videos
+from stages.data.zarr_split import CacheSplit, HeadInputs, select_videos
 from stages.heads import DataKeys
-from stages.loader import CacheLoader, ZarrBatches
+from stages.data.loader import CacheLoader, ZarrBatches
 st = open_store(sys.argv[2])
 data = CacheSplit(st, HeadInputs(st, DataKeys(patch_layers=(-1,)), "train"), select_videos(st, "train"),
                   train=True, preload=False)
@@ -181,9 +181,9 @@ def test_loader_workers_killed_under_the_run_are_one_line(reference):
     ends in one line (RunFailedError, exit 1) that says what happened, not a RuntimeError traceback."""
     from cache.errors import RunFailedError
     from cache.store import open_store
-    from stages.cache_data import CacheSplit, HeadInputs, select_videos
+    from stages.data.zarr_split import CacheSplit, HeadInputs, select_videos
     from stages.heads import DataKeys
-    from stages.loader import CacheLoader, ZarrBatches
+    from stages.data.loader import CacheLoader, ZarrBatches
 
     st = open_store(reference[0].path)
     data = CacheSplit(st, HeadInputs(st, DataKeys(frame_emb=True), "train"), select_videos(st, "train"), train=True,

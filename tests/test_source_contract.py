@@ -1,5 +1,5 @@
 """One contract, every cache back-end (cache/source.py CacheSource): a real Zarr cache and its
-WebDataset export, opened through stages/sources.py, must give the same metadata, labels,
+WebDataset export, opened through stages/data/open.py, must give the same metadata, labels,
 status, specs and array values, each checked against what was extracted (the dataset's lists,
 the videos that could not be decoded, the bytes in the Zarr chunks)."""
 
@@ -19,10 +19,10 @@ from cache.source import DONE, FAILED, ArraySpec, CacheSource
 from cache.store import FeatureStore
 from cache.wds import WdsCache, export_wds
 from conftest import extract_in_process
-from stages.cache_data import CacheSplit, HeadInputs, select_videos
+from stages.data.zarr_split import CacheSplit, HeadInputs, select_videos
 from stages.heads import DataKeys
-from stages.sources import is_wds, open_source, split_dataset
-from stages.wds_data import WdsSource, WdsSplit
+from stages.data.open import is_wds, open_source, split_dataset
+from stages.data.wds_split import WdsSource, WdsSplit
 
 BACKENDS = ("zarr", "wds")
 BAD = {"truncated.mp4", "missing.mp4"}  # train videos that cannot be decoded: FAILED everywhere
@@ -147,7 +147,7 @@ def test_text_and_aux(source, made):
 
 
 def test_split_dataset_gives_the_same_eval_items(made):
-    """What stage two reads, through stages/sources.py: the same items from either back-end."""
+    """What stage two reads, through stages/data/open.py: the same items from either back-end."""
     keys = DataKeys(frame_emb=True, cls_layers=(1,), patch_layers=(-1,), frames=True)
     got = {}
     for backend in BACKENDS:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from cache.errors import ConfigError
 from conftest import demo_args, extracted_store, run_cli
-from stages.cache_data import CacheSplit, HeadInputs, select_videos
+from stages.data.zarr_split import CacheSplit, HeadInputs, select_videos
 from stages.heads import DataKeys
 from stages.video import VIEW_PARAM_COLUMNS, SamplingCfg, decode_clips, decode_video, make_views
 
@@ -186,7 +186,7 @@ def test_stage_two_draws_each_view_equally_often(bank, tmp_path):
     from scipy.stats import chisquare
 
     from cache.wds import export_wds
-    from stages.wds_data import open_wds_source
+    from stages.data.wds_split import open_wds_source
 
     idx = select_videos(bank, "train")
     inputs = HeadInputs(bank, DataKeys(frame_emb=True), "train")
@@ -238,7 +238,8 @@ def test_dry_run_prints_the_cost_of_the_bank(demo_small, tmp_path):
 
 
 def test_refusal_hint_keeps_the_bank_or_recommends_the_heads(plain, bank):
-    from stages.cache_data import extraction_hint, recommended_train_aug
+    from stages.data.zarr_split import extraction_hint
+    from stages.heads.needs import recommended_train_aug
 
     need = DataKeys(patch_layers=(-1,), frames=True)  # neither cache has patch tokens
     assert f"--train-aug {K} --aug-seed 0 --aug-area 0.4" in extraction_hint(bank, need, "evl")

@@ -1,5 +1,5 @@
 """The measured view-bank defaults reach the user: `extract --for-head H` adds the head's
-`--train-aug` (stages/cache_data.py VIEW_BANK_DEFAULTS) unless the user chose otherwise, and says
+`--train-aug` (stages/heads/needs.py VIEW_BANK_DEFAULTS) unless the user chose otherwise, and says
 so; the rebuilding command of a cache without a bank names no bank options."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import run_cli
-from stages.cache_data import VIEW_BANK_DEFAULTS, recommended_train_aug, recommended_view_bank
+from stages.heads.needs import VIEW_BANK_DEFAULTS, recommended_train_aug, recommended_view_bank
 
 
 def _dry(demo_small, *extra):

@@ -1,4 +1,4 @@
-"""WebDataset export (cache/wds.py) and stage two streaming from shards (stages/wds_data.py)."""
+"""WebDataset export (cache/wds.py) and stage two streaming from shards (stages/data/wds_split.py)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from cache.store import DONE, FAILED
 import cache.wds as _wds_module
 from cache.wds import WdsCache, export_wds, iter_tar_samples, load_npy, parse_bytes
 from conftest import extracted_store, run_cli
-from stages.cache_data import CacheSplit, HeadInputs, select_videos
+from stages.data.zarr_split import CacheSplit, HeadInputs, select_videos
 from stages.heads import DataKeys
 from stages.evaluate import evaluate_run
 from stages.train import TrainCfg, train_head
-from stages.wds_data import WdsSplit, open_wds_source
+from stages.data.wds_split import WdsSplit, open_wds_source
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +211,7 @@ def test_streamed_items_equal_cache_split_items(mixed_cache, tmp_path, monkeypat
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
         assert sorted(it["frame_emb"].numpy().tobytes() for it in loader) == every, epoch
     # nodes: rank r of 2 reads shards r, r+2, ...; together every selected video exactly once
-    import stages.wds_data as wd
+    import stages.data.wds_split as wd
 
     parts = []
     for rank in range(2):

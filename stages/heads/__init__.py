@@ -3,9 +3,8 @@
 import importlib
 import pkgutil
 
+from stages.heads.needs import DIM_FIELDS, DataKeys, resolve_layers  # noqa: F401
 from stages.heads.registry import (  # noqa: F401
-    DIM_FIELDS,
-    DataKeys,
     Head,
     PaperRecipe,
     Protocol,
@@ -19,10 +18,9 @@ from stages.heads.registry import (  # noqa: F401
     find_protocol,
     list_protocols,
     register_head,
-    resolve_layers,
 )
 
-_SKIP = {"registry", "common", "counts", "facts"}
+_SKIP = {"registry", "common", "counts", "facts", "needs", "closed_form"}  # shared parts, not heads
 for _mod in pkgutil.iter_modules(__path__):
     if _mod.name not in _SKIP and not _mod.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_mod.name}")

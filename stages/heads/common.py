@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cache.errors import ConfigError
+from stages.config import validate_choice  # the heads' options are checked by the one rule
 from stages.heads.registry import DataKeys, Head
 
 __all__ = [
@@ -39,7 +40,6 @@ __all__ = [
     "frame_mean",
     "track_loaded",
     "validate_choice",
-    "full_class_weights",
     "ClosedFormHead",
 ]
 
@@ -194,39 +194,6 @@ class TemporalConv1D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x.transpose(1, 2)).transpose(1, 2)  # (B, T, E) -> (B, E, T) -> (B, T, E)
         return x + y if self.residual else y
-
-
-def validate_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
-    """A cfg string option must be one of ``choices`` (a ConfigError listing them otherwise)."""
-    if value not in choices:
-        raise ConfigError(f"option '{name}' must be one of {', '.join(choices)}; got '{value}'")
-    return value
-
-
-# Logit given to a class that had no training sample in a closed-form fit: finite (no NaN in a
-# softmax or a loss) but far below any fitted class, so it is never predicted.
-ABSENT_CLASS_LOGIT = -1.0e4
-
-
-def full_class_weights(coef: np.ndarray, intercept: np.ndarray, classes: np.ndarray,
-                       num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Scikit-learn ``coef_``/``intercept_`` over the fitted ``classes_`` -> (K, E), (K,).
-
-    Binary estimators keep one row w (the log-odds of classes_[1]); it becomes the two rows
-    -w/2, +w/2 (and the same for the intercept), whose softmax is exactly sigmoid(w.x + b).
-    Classes absent from the fit get a zero row and :data:`ABSENT_CLASS_LOGIT` as intercept.
-    """
-    coef = np.asarray(coef, dtype=np.float64)
-    intercept = np.asarray(intercept, dtype=np.float64).reshape(-1)
-    classes = np.asarray(classes).astype(np.int64)
-    if coef.shape[0] == 1 and len(classes) == 2:
-        coef = np.concatenate([-coef / 2, coef / 2])  # (1, E) -> (2, E)
-        intercept = np.concatenate([-intercept / 2, intercept / 2])
-    full_w = np.zeros((num_classes, coef.shape[1]), dtype=np.float64)
-    full_b = np.full((num_classes,), ABSENT_CLASS_LOGIT, dtype=np.float64)
-    full_w[classes] = coef
-    full_b[classes] = intercept
-    return full_w, full_b
 
 
 class ClosedFormHead(Head):

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cache.errors import ConfigError
-from stages.heads.common import ClosedFormHead, full_class_weights
+from stages.heads.closed_form import full_class_weights
+from stages.heads.common import ClosedFormHead
 from stages.heads.registry import register_head
 
 __all__ = ["LinearProbeCfg", "LinearProbeHead"]

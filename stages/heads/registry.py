@@ -19,6 +19,7 @@ from torch import nn
 from cache.errors import ConfigError
 from stages.config import closest, coerce_option
 from stages.heads.facts import PaperRecipe, Protocol, PublishedResult
+from stages.heads.needs import DIM_FIELDS, DataKeys, note_view_bank, resolve_layers  # what a head reads (re-exported)
 
 __all__ = [
     "DIM_FIELDS",
@@ -38,52 +39,8 @@ __all__ = [
     "make_cfg",
     "example_batch",
     "resolve_layers",
+    "head_data_keys",
 ]
-
-# Config fields a head may declare that stage two fills from the cache metadata.
-#   num_classes K, embed_dim E (final embedding), width D (backbone token width),
-#   frames T, num_patches P, depth N (backbone blocks), backbone_heads (D / 64 for ViT),
-#   image_size, patch_size.
-DIM_FIELDS = (
-    "num_classes",
-    "embed_dim",
-    "width",
-    "frames",
-    "num_patches",
-    "depth",
-    "backbone_heads",
-    "image_size",
-    "patch_size",
-)
-
-
-@dataclass(frozen=True)
-class DataKeys:
-    """What a head reads from the cache.
-
-    Layers are backbone block numbers, 1-based (1..N), or negative counted from the end
-    (-1 is the last block), so a head can ask for "the last M" without knowing N.
-    ``backbone_weights`` names frozen backbone parameters (per tapped block) a head needs,
-    e.g. ("ln_1", "in_proj") for EVL's temporal cross attention.
-    """
-
-    frame_emb: bool = False
-    cls_layers: tuple[int, ...] = ()
-    patch_layers: tuple[int, ...] = ()
-    frames: bool = False
-    backbone_weights: tuple[str, ...] = ()
-
-
-def resolve_layers(layers: tuple[int, ...], depth: int) -> tuple[int, ...]:
-    """Turn relative (negative) block numbers into absolute 1-based ones."""
-    out = []
-    for layer in layers:
-        absolute = depth + 1 + layer if layer < 0 else layer
-        if not 1 <= absolute <= depth:
-            raise ConfigError(f"layer {layer} does not exist in a backbone of {depth} blocks")
-        out.append(absolute)
-    return tuple(out)
-
 
 class Head(nn.Module):
     """Base class of every head.
@@ -207,6 +164,7 @@ def register_head(name: str, cfg_cls: type, tiny: dict | None = None,
         head_cls.cfg_cls = cfg_cls
         _REGISTRY[name] = HeadEntry(name, head_cls, cfg_cls, dict(tiny or {}), tuple(references), paper_recipe,
                                     protocol, view_bank, tuple(published))
+        note_view_bank(name, view_bank, shipped=head_cls.__module__.startswith("stages.heads."))
         return head_cls
 
     return wrap
@@ -273,3 +231,22 @@ def example_batch(head: Head, batch_size: int = 4, generator: torch.Generator | 
     if keys.frames:
         batch["frames"] = torch.randn(B, T, 3, cfg.image_size, cfg.image_size, generator=g)
     return batch
+
+
+def head_data_keys(name: str, dims: dict, overrides: dict | None = None) -> DataKeys:
+    """What head ``name`` (its defaults plus ``overrides``) reads from a cache of backbone
+    ``dims`` (the DIM_FIELDS of a cache's metadata), with absolute block numbers: what stage
+    one must extract for it (`pipeline extract --for-head`). A head the backbone cannot hold
+    is a ConfigError that says so."""
+    entry = get_head_entry(name)
+    fields = {f.name for f in dataclasses.fields(entry.cfg_cls)}
+    values = {k: v for k, v in dims.items() if k in fields and k in DIM_FIELDS}
+    values.update(overrides or {})
+    try:
+        keys = entry.head_cls(make_cfg(name, values)).data_keys()
+    except ConfigError as exc:
+        raise ConfigError(f"head '{name}' does not fit this backbone ({dims.get('depth')} blocks, width "
+                          f"{dims.get('width')}): {exc}; pick a deeper --model (make: MODEL=...)") from None
+    depth = int(dims["depth"])
+    return dataclasses.replace(keys, cls_layers=resolve_layers(keys.cls_layers, depth),
+                               patch_layers=resolve_layers(keys.patch_layers, depth))

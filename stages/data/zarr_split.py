@@ -10,41 +10,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cache.errors import CacheMismatchError, ConfigError, DatasetError
-from cache.meta import CacheMeta, extract_command
-from stages.backbone import CLIP_MEAN, CLIP_STD
+from cache.errors import CacheMismatchError, DatasetError
+from cache.meta import extract_command
 from cache.store import DONE, FeatureStore
-from stages.heads import DataKeys, get_head_entry, list_heads, resolve_layers
+from stages.data.batch import epoch_seed, pixel_stats, view_pick, view_tensor
+from stages.heads.needs import DataKeys, recommended_train_aug, resolve_layers
 
-__all__ = ["HeadInputs", "CacheSplit", "pixel_stats", "epoch_seed", "view_pick", "view_tensor", "check_cache_for_head",
-           "select_videos", "extraction_hint", "head_data_keys", "VIEW_BANK_DEFAULTS", "recommended_train_aug",
-           "recommended_view_bank"]
+__all__ = ["HeadInputs", "CacheSplit", "check_cache_for_head", "select_videos", "extraction_hint"]
 
 IN_MEMORY_LIMIT = 2 << 30  # bytes of one array above which it is read per video instead
-
-# `extract --train-aug K` per head: each head registers its own (``register_head(..., view_bank=K)``,
-# from bench/bench_viewbank.py; README, stage two). Heads without one: no view bank. Applied by
-# `extract --for-head` (and so `make extract` / `make train`) unless the user sets --train-aug,
-# --train-views or --no-view-bank. This mapping is what the heads this package ships register.
-VIEW_BANK_DEFAULTS: dict[str, int] = {n: e.view_bank for n in list_heads() if (e := get_head_entry(n)).view_bank
-                                      and e.head_cls.__module__.startswith("stages.heads.")}
-
-
-def recommended_train_aug(head: str) -> int | None:
-    """The view bank (K augmented train views) measured best for ``head`` (its registered
-    ``view_bank``); None: the plain cache."""
-    try:
-        return get_head_entry(head).view_bank or None
-    except ConfigError:  # not a registered head
-        return None
-
-
-def recommended_view_bank(heads: list[str]) -> int | None:
-    """The view bank of a cache made for several heads: the largest K any of them was measured best
-    with (EVL's plain-cache lead over a K = 1 bank was within the spread over seeds); None when
-    none of them has one."""
-    ks = [k for k in (recommended_train_aug(h) for h in heads) if k]
-    return max(ks) if ks else None
 
 
 class HeadInputs:
@@ -83,14 +57,6 @@ class HeadInputs:
         return names + (["frames"] if self.keys.frames else [])
 
 
-def pixel_stats(meta: CacheMeta) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's pixel mean and std recorded in the cache, shaped (3, 1, 1)."""
-    pre = meta.preprocess
-    mean = torch.tensor(pre.mean if pre else CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(pre.std if pre else CLIP_STD).view(3, 1, 1)
-    return mean, std
-
-
 def extraction_hint(store: FeatureStore, keys: DataKeys, head: str = "") -> str:
     """The extraction command that would produce a cache holding what ``keys`` needs (with the
     cache's view bank, or ``head``'s recommended one when the cache has none)."""
@@ -104,30 +70,6 @@ def extraction_hint(store: FeatureStore, keys: DataKeys, head: str = "") -> str:
     if k and not cfg.train_aug:  # the cache's own bank is in the command
         command += f" --train-aug {k}"
     return command
-
-
-def head_data_keys(name: str, dims: dict, overrides: dict | None = None) -> DataKeys:
-    """What head ``name`` (its defaults plus ``overrides``) reads from a cache of backbone
-    ``dims`` (the DIM_FIELDS of a cache's metadata), with absolute block numbers: what stage
-    one must extract for it (`pipeline extract --for-head`). A head the backbone cannot hold
-    is a ConfigError that says so."""
-    import dataclasses
-
-    from cache.errors import ConfigError
-    from stages.heads import DIM_FIELDS, get_head_entry, make_cfg
-
-    entry = get_head_entry(name)
-    fields = {f.name for f in dataclasses.fields(entry.cfg_cls)}
-    values = {k: v for k, v in dims.items() if k in fields and k in DIM_FIELDS}
-    values.update(overrides or {})
-    try:
-        keys = entry.head_cls(make_cfg(name, values)).data_keys()
-    except ConfigError as exc:
-        raise ConfigError(f"head '{name}' does not fit this backbone ({dims.get('depth')} blocks, width "
-                          f"{dims.get('width')}): {exc}; pick a deeper --model (make: MODEL=...)") from None
-    depth = int(dims["depth"])
-    return dataclasses.replace(keys, cls_layers=resolve_layers(keys.cls_layers, depth),
-                               patch_layers=resolve_layers(keys.patch_layers, depth))
 
 
 def check_cache_for_head(store: FeatureStore, keys: DataKeys, head_name: str, splits: list[str]) -> dict[str, HeadInputs]:
@@ -176,7 +118,7 @@ class CacheSplit(Dataset):
 
     Training (``train=True``): one view per sample, drawn at random when several were cached.
     Evaluation: every view, with a leading V axis (multi-view test).
-    ``preload=False``: nothing is read here (stage two's loader, stages/loader.py, reads the
+    ``preload=False``: nothing is read here (stage two's loader, stages/data/loader.py, reads the
     stored bytes itself; items are then read per video).
     """
 
@@ -217,27 +159,3 @@ class CacheSplit(Dataset):
             arr = self.memory[name][i] if name in self.memory else self._read(name, int(self.indices[i]))
             item[name] = view_tensor(name, arr, pick, self.train, self.mean, self.std)
         return item
-
-
-def epoch_seed(epoch: int, seed: int) -> int:
-    """The seed of one epoch's random view draws (the same for the Zarr and the streamed data)."""
-    return seed * 100003 + epoch
-
-
-def view_pick(epoch_seed: int, position: int, views: int, train: bool) -> slice:
-    """Which cached views a sample yields: in training one view drawn from (epoch, position in
-    the selection), so that the Zarr cache and the shards draw the same; in evaluation all."""
-    if train and views > 1:
-        view = int(np.random.default_rng((epoch_seed, position)).integers(views))
-        return slice(view, view + 1)
-    return slice(None)
-
-
-def view_tensor(name: str, arr: np.ndarray, pick: slice, train: bool, mean: torch.Tensor,
-                std: torch.Tensor) -> torch.Tensor:
-    """One video's array (V, T, ...) -> the tensor a head gets: the picked views (training: the
-    single drawn view, no V axis); uint8 frames normalised to (.., T, 3, H, W) floats."""
-    t = torch.from_numpy(np.ascontiguousarray(arr[pick]))  # (V or 1, T, ...)
-    if name == "frames":
-        t = (t.movedim(-1, -3).float() / 255.0 - mean) / std  # (V, T, 3, H, W)
-    return t[0] if train else t

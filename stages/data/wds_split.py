@@ -34,7 +34,7 @@ from torch.utils.data import IterableDataset
 from cache.errors import CacheError, CacheMismatchError
 from cache.wds import (WdsCache, expand_shards, header_for, iter_tar_samples, member_names, sample_array,
                        sample_info)
-from stages.cache_data import epoch_seed, pixel_stats, view_pick, view_tensor
+from stages.data.batch import epoch_seed, pixel_stats, view_pick, view_tensor
 
 __all__ = ["WdsSource", "WdsSplit", "open_wds_source", "node_info"]
 
@@ -185,7 +185,7 @@ class WdsSplit(IterableDataset):
         return other
 
     def raw_view(self) -> "WdsSplit":
-        """A copy whose items hold the arrays as stored (stages/loader.py converts them on the
+        """A copy whose items hold the arrays as stored (stages/data/loader.py converts them on the
         device): the drawn view (training) or every view, the head's layers, fp16 / uint8 as is
         and int8 as its parts NAME.q, NAME.scale, NAME.oidx, NAME.oval; same order, same videos."""
         other = copy.copy(self)

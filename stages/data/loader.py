@@ -18,7 +18,7 @@ of what the page cache delivers (issue 13). This one moves the bytes as they are
 * ``shuffle="block"``: an epoch order that shuffles blocks of consecutive videos, then videos
   within a window of blocks, so that a batch reads a few long runs instead of B scattered rows.
 
-WebDataset shards (stages/wds_data.WdsSplit) get the same treatment: samples decoded to
+WebDataset shards (stages/data/wds_split.WdsSplit) get the same treatment: samples decoded to
 stored-dtype tensors, stacked in the worker into shared memory, converted by ``device_batch``.
 """
 
@@ -36,8 +36,9 @@ import numpy as np
 import torch
 
 from cache.errors import PipelineError, RunFailedError
-from stages.backbone import CLIP_MEAN, CLIP_STD
-from stages.cache_data import CacheSplit, view_pick
+from cache.meta import CLIP_MEAN, CLIP_STD
+from stages.data.batch import collate_items, view_pick
+from stages.data.zarr_split import CacheSplit
 
 __all__ = ["PRELOAD_FRACTION", "PRELOAD_LIMIT", "SHUFFLES", "PRELOADS", "device_batch", "dequantize_int8_torch",
            "epoch_plan", "block_order", "ZarrBatches", "CacheLoader", "WdsLoader", "train_loader", "eval_loader",
@@ -595,7 +596,6 @@ def eval_loader(data, batch_size: int, device, workers: int = 0, preload: str = 
     if not isinstance(data, CacheSplit):  # items already in memory (stage three's embeddings): batched as they are
         from torch.utils.data import DataLoader
 
-        from stages.evaluate import collate_items
         return DataLoader(Subset(data, positions), batch_size=batch_size, collate_fn=collate_items)
     plan = [positions[i:i + batch_size] for i in range(0, len(positions), batch_size)]
     return CacheLoader(make_source(data, preload), plan, device, workers=workers, masked=False,

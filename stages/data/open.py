@@ -19,8 +19,8 @@ import numpy as np
 
 from cache.source import CacheSource
 from cache.store import open_store
-from stages.cache_data import CacheSplit
-from stages.wds_data import WdsSource, open_wds_source
+from stages.data.wds_split import WdsSource, open_wds_source
+from stages.data.zarr_split import CacheSplit
 
 __all__ = ["is_wds", "open_source", "split_dataset"]
 
@@ -39,7 +39,7 @@ def open_source(location: str | os.PathLike | CacheSource, source_id: str = "", 
                 eval_shards: str | None = None, train_split: str = "train", eval_split: str = "val",
                 shuffle: int = 0, resample: bool = False) -> CacheSource:
     """A cache (a folder) or an export (its header, or shards of ``train_split``; the other options
-    apply to exports only: stages/wds_data.py ``open_wds_source``). An open source is returned
+    apply to exports only: stages/data/wds_split.py ``open_wds_source``). An open source is returned
     as it is. ``source_id``: what a run recorded as its source (``wds:`` for shards)."""
     if not isinstance(location, (str, os.PathLike)):
         return location
@@ -52,7 +52,7 @@ def open_source(location: str | os.PathLike | CacheSource, source_id: str = "", 
 def split_dataset(source: CacheSource, inputs, indices: np.ndarray, train: bool,
                   label_map: dict[int, int] | None = None):
     """The selected videos ``indices`` of one split (``inputs``: what the head reads, a
-    stages.cache_data.HeadInputs) as a torch dataset: streamed from shards for an export opened
+    stages.data.zarr_split.HeadInputs) as a torch dataset: streamed from shards for an export opened
     for streaming, else read per video."""
     if isinstance(source, WdsSource):
         return source.split_dataset(inputs, indices, train=train, label_map=label_map)
