@@ -70,6 +70,7 @@ def runs_show(run: str = typer.Argument(..., help="Run folder, or its name (or a
               as_json: bool = typer.Option(False, "--json", help="Print config, metrics and status as JSON.")):
     """Config, metrics, status and the files of one run."""
     from pipeline.runs_table import changed_options, resolve_run, run_row
+    from stages.run_outputs import OUTPUT_FILES
 
     rec = resolve_run(run, _root(root))
     if rec.problems:
@@ -95,7 +96,7 @@ def runs_show(run: str = typer.Argument(..., help="Run folder, or its name (or a
         loss = h.get("train_loss")
         typer.echo(f"  epoch {h.get('epoch')}: loss {'-' if loss is None else f'{loss:.4f}'}"
                    + ("" if val is None else f"  val top1 {val:.1f}%"))
-    for name in ("config.json", "metrics.json", "curves.png", "last.pt"):
+    for name in ("config.json", "metrics.json", "curves.png", "last.pt", *OUTPUT_FILES):
         if (rec.path / name).exists():
             typer.echo(f"file      {rec.path / name}")
     if any(rec.path.glob("events.out.tfevents.*")):

@@ -83,14 +83,16 @@ def view_scores(head: Head, batch: dict[str, torch.Tensor], embeddings: bool, cl
 
 def evaluate_head(head: Head, data: CacheSplit, device: torch.device, batch_size: int = 64,
                   average: str = "scores", classifier: torch.Tensor | None = None,
-                  amp_dtype=None, dist_ctx: DistContext | None = None, split: bool = True) -> dict[str, float]:
+                  amp_dtype=None, dist_ctx: DistContext | None = None, split: bool = True,
+                  keep: dict | None = None) -> dict[str, float]:
     """Multi-view evaluation: run each view, average scores (or embeddings, Text4Vis style).
 
     ``classifier`` (K', E) given: logits come from cosine similarity of the head's video
     embedding with it (zero-shot on other classes, cross-dataset evaluation). Under torchrun
     (``dist_ctx`` with several ranks) each rank scores every world-th video and the scores are
     gathered: every rank returns the metrics of the whole set (``split=False``: each rank's
-    ``data`` is already its own share).
+    ``data`` is already its own share). ``keep``: a dict that receives the (N, K) "scores" and (N,)
+    "labels" evaluated (stages/run_outputs.py writes a run's per-class results from them).
     """
     head.eval()
     ctx = dist_ctx or DistContext()
@@ -113,7 +115,10 @@ def evaluate_head(head: Head, data: CacheSplit, device: torch.device, batch_size
     labels = [x for p in parts for x in p[1]]
     if not scores:
         raise DatasetError("no videos to evaluate")
-    return accuracy_metrics(torch.cat(scores), torch.cat(labels))
+    scores, labels = torch.cat(scores), torch.cat(labels)
+    if keep is not None:
+        keep.update(scores=scores, labels=labels)
+    return accuracy_metrics(scores, labels)
 
 
 # ----------------------------------------------------------------------------- streaming sources
