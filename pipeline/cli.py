@@ -420,7 +420,7 @@ def _resolve_cache(cache: Optional[Path], dataset: str, cache_root: Optional[Pat
 # with their types; those that set a config field are written under the field's name in config.yaml.
 TRAIN_FILE_OPTIONS = {"head": "str", "cache": "path", "dataset": "str", "cache_root": "path", "run_dir": "path",
                       "recipe": "str", "wds": "str", "wds_header": "str", "wds_eval": "str", "wds_shuffle": "int",
-                      "wds_resample": "bool", "allow_partial": "bool"}
+                      "wds_resample": "bool", "allow_partial": "bool", "head_module": "path"}
 TRAIN_FLAG_FIELDS = {"shots": "shots", "fraction": "fraction", "train_classes": "train_classes",
                      "test_classes": "test_classes", "init": "classifier_init", "batch": "batch_size",
                      "global_batch": "global_batch", "epochs": "epochs"}
@@ -498,11 +498,17 @@ def train(
     global_batch: GlobalBatch = None,
     allow_partial: bool = typer.Option(False, "--allow-partial",
                                        help="Train on the done videos of an unfinished cache (said loudly)."),
+    head_module: Optional[Path] = typer.Option(None, "--head-module", help="A .py file of your own that registers "
+                                               "heads (register_head); --head then names one of them."),
 ):
     """Stage two: train a head from a cache and evaluate it."""
     from stages.train import split_overrides, train_head
 
     o, file_keys, flags = _experiment_file(ctx, config, TRAIN_FILE_OPTIONS, TRAIN_FLAG_FIELDS)
+    if o["head_module"] is not None:
+        from stages.head_check import load_head_module
+
+        load_head_module(o["head_module"])
     head = o["head"]
     if not head:
         raise ConfigError("no head given: pass --head NAME (see `pipeline heads`), or head: NAME in the --config file")
@@ -687,11 +693,16 @@ def heads(
     backbone: str = typer.Option("ViT-B-16", help="open_clip model name whose dims the heads are built for."),
     classes: Optional[int] = typer.Option(None, help="Number of classes (default: each paper setting's, 400)."),
     frames: Optional[int] = typer.Option(None, help="Frames per clip (default: each paper setting's)."),
+    check: Optional[Path] = typer.Option(None, "--check", help="A .py file of your own that registers heads: run "
+                                         "the head contract on each (shape, finite, gradients); exit 1 on a failure."),
 ):
     """Print each head configuration and its trainable parameter count (from the real modules)."""
     from rich.console import Console
     from rich.table import Table
 
+    if check is not None:
+        _check_heads(check)
+        return
     from stages.heads.counts import reference_rows
 
     for flag, value in (("--classes", classes), ("--frames", frames)):
@@ -711,6 +722,21 @@ def heads(
                                        ("exact" if count == 0 else "differs"))
         table.add_row(row["head"], row["label"], f"{count:,}", "" if exp is None else f"{exp:,}", diff)
     Console(width=140).print(table)
+
+
+def _check_heads(path: Path) -> None:
+    """`heads --check FILE`: one line per contract check of each head the file registers."""
+    from stages.head_check import check_head, load_head_module
+
+    failed = total = 0
+    for name in load_head_module(path, flag="--check"):
+        for what, ok, detail in check_head(name):
+            total += 1
+            failed += not ok
+            typer.echo(f"{'ok  ' if ok else 'FAIL'}  {name}  {what}: {detail}")
+    typer.echo(f"{total - failed} of {total} checks passed" + (f", {failed} failed" if failed else ""))
+    if failed:
+        raise typer.Exit(1)
 
 
 # ----------------------------------------------------------------------------- stage three
