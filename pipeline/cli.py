@@ -858,19 +858,29 @@ def finetune_export(
 @cache_app.command("export")
 def cache_export(
     path: Path = typer.Argument(..., help="Cache folder."),
-    format_: str = typer.Option("wds", "--format", help="Export format: wds (WebDataset tar shards)."),
-    out: Optional[Path] = typer.Option(None, help="Folder for the shards (default: <cache>-wds next to the cache)."),
+    format_: str = typer.Option("wds", "--format", help="Export format: wds (WebDataset tar shards) | npy (one "
+                                "memory-mappable .npy per tap and split, and index.json)."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the export (default: <cache>-wds or <cache>-npy next "
+                                                  "to the cache)."),
     shard_bytes: str = typer.Option("1GB", help="Shard size limit: 1GB, 500MB, 64MiB or bytes."),
     name: str = typer.Option("", help="Shard name prefix NAME (default: the cache folder's name)."),
     split: list[str] = typer.Option([], "--split", help="Export only this split (repeatable; default: all)."),
     partial: bool = typer.Option(False, "--partial", help="Export the done videos of an incomplete cache."),
+    array: list[str] = typer.Option([], "--array", help="npy: export only this cache array (frame_emb, cls, patch, "
+                                                        "frames; repeatable; default: all)."),
 ):
-    """Export the done videos as WebDataset shards NAME-<split>-000000.tar, plus NAME-header.json."""
+    """Export the done videos as WebDataset shards NAME-<split>-000000.tar plus NAME-header.json, or as .npy files."""
     from cache.store import human_bytes, open_store
     from cache.wds import export_wds
 
-    if format_ != "wds":
-        raise ConfigError(f"--format must be wds (WebDataset shards), got '{format_}'")
+    if format_ not in ("wds", "npy"):
+        raise ConfigError(f"--format must be wds (WebDataset shards) or npy (numpy arrays), got '{format_}'")
+    if format_ == "npy":
+        from pipeline.export_npy import export_npy_command
+
+        return export_npy_command(path, out, split, array, partial)
+    if array:
+        raise ConfigError("--array picks the arrays of an npy export (--format npy); a WebDataset export holds them all")
     st = open_store(path)
     dest = out or st.path.parent / f"{st.path.name}-wds"
     res = export_wds(st, dest, name=name or None, shard_bytes=shard_bytes, splits=split or None, partial=partial,
