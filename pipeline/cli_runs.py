@@ -43,17 +43,25 @@ def runs_ls(
                                         "stopped | corrupt."),
     sort: str = typer.Option("started", help="Sort by: started | run | head | best_top1 | last_top1 | seconds | status."),
     reverse: bool = typer.Option(False, "--reverse", help="Reverse the order."),
-    fmt: str = typer.Option("table", "--format", help="table | csv | json | md"),
+    fmt: str = typer.Option("table", "--format", help="table | csv | json (every column) | md | latex (compact, "
+                                                      "for a paper: seeds folded into mean +- std)"),
 ):
     """One row per run: head, options that differ from its defaults, cache, epochs, accuracy, time, status."""
+    from pipeline.paper_table import PAPER_FORMATS, paper_rows, render_paper
     from pipeline.runs_table import FORMATS, RUN_COLUMNS, render, run_row, select_runs
     from stages.runs import RUN_STATES
 
-    if fmt not in FORMATS:
-        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
+    if fmt not in FORMATS + PAPER_FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(dict.fromkeys(FORMATS + PAPER_FORMATS))}, got '{fmt}'")
     if status and status not in RUN_STATES:
         raise ConfigError(f"--status must be one of {', '.join(RUN_STATES)}, got '{status}'")
     runs = select_runs(_root(root), cache=cache, head=head, status=status, sort=sort, reverse=reverse)
+    if fmt in PAPER_FORMATS:
+        rows, left_out = paper_rows(runs, _root(root))
+        typer.echo(render_paper(rows, fmt))
+        if left_out:
+            typer.echo(f"{left_out} unfinished run(s) left out (`pipeline runs ls` lists them)", err=True)
+        return
     rows = [run_row(r) for r in runs]
     if fmt != "table":
         typer.echo(render(rows, fmt, (*RUN_COLUMNS, "path")))

@@ -29,10 +29,18 @@ import numpy as np
 
 from cache.store import FeatureStore, atomic_write_text
 
-__all__ = ["OUTPUT_FILES", "is_new_best", "best_epoch", "eval_outputs", "write_eval_outputs", "plot_confusion"]
+__all__ = ["OUTPUT_FILES", "data_record", "is_new_best", "best_epoch", "eval_outputs", "write_eval_outputs", "plot_confusion"]
 
 OUTPUT_FILES = ("best.pt", "per_class.csv", "confusion.csv", "confusion.png", "predictions.csv")
 TOP_K = 5
+
+
+def data_record(store, split: str) -> dict:
+    """What a paper table says of a run's data (metrics.json "data"): backbone, frames, evaluated views."""
+    info = store.info
+    views = info.views.get(split)
+    return {"backbone": info.backbone.arch, "frames": int(info.dims.frames),
+            "views": [int(views.clips), int(views.crops)] if views else None}
 
 
 def _top1(entry: dict) -> float | None:

@@ -55,7 +55,7 @@ from stages.runs import (ADDED_LATER, AMP_CHOICES, RunLog, autocast, autocast_dt
 from stages.heads import DIM_FIELDS, Head, get_head_entry, make_cfg
 from stages.heads.common import validate_choice
 from stages.recipes import accumulation_steps
-from stages.run_outputs import is_new_best, write_eval_outputs
+from stages.run_outputs import data_record, is_new_best, write_eval_outputs
 
 __all__ = ["TrainCfg", "parse_class_spec", "split_overrides", "build_head", "build_optimizer", "classifier_options",
            "train_head", "cached_backbone_weights"]
@@ -377,7 +377,7 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
         result = {"head": cfg.head, "final": metrics, "history": history, "train_videos": int(len(shot_idx)),
                   "eval_videos": int(len(eval_idx)), "trainable_params": head.num_trainable(),
                   "seconds": time.perf_counter() - t0, "world_size": ctx.world, "rank": ctx.rank,
-                  "run_dir": str(run_dir)}
+                  "run_dir": str(run_dir), "data": data_record(store, cfg.eval_split)}
         runlog.complete(result, cfg.head)  # rank 0 only
         ctx.barrier()
         return result
