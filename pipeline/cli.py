@@ -678,9 +678,16 @@ def evaluate(
     average: str = typer.Option("scores", help="Multi-view: average scores or embeddings."),
     allow_partial: bool = typer.Option(False, "--allow-partial",
                                        help="Evaluate on the done videos of an unfinished cache (said loudly)."),
+    head_module: Optional[Path] = typer.Option(None, "--head-module", help="The .py file that registers the run's "
+                                               "head, for a head of your own (as given to train)."),
 ):
     """Evaluate a trained run on its cache or on another dataset's cache."""
     from stages.evaluate import evaluate_run
+
+    if head_module is not None:
+        from stages.head_check import load_head_module
+
+        load_head_module(head_module)
 
     res = evaluate_run(run, cache, split=split, text_set=text_set, eval_average=average, allow_partial=allow_partial)
     typer.echo(f"{res['cache']} [{split}]: top1 {res['top1']:.1f}%  top5 {res['top5']:.1f}%  "

@@ -120,6 +120,8 @@ def test_a_head_from_a_user_file_trains_from_the_cli(demo_small, files, tmp_path
     assert (run / "best.pt").exists() and (run / "predictions.csv").exists()
     again = run_cli(*args, check=True)  # the same command reuses the finished run
     assert "meanmax: top1" in again.stdout and json.loads((run / "metrics.json").read_text()) == metrics
+    evaluated = run_cli("evaluate", "--run", run, "--head-module", files / "good.py", check=True)
+    assert f"top1 {metrics['final']['top1']:.1f}%" in evaluated.stdout
     # without the file the head is unknown: one line naming the heads there are
     proc = run_cli("train", "--head", "meanmax", "--cache", cache, "--no-progress")
     assert proc.returncode == 2 and "unknown head 'meanmax'" in proc.stderr
