@@ -689,10 +689,14 @@ def evaluate(
 
         load_head_module(head_module)
 
-    res = evaluate_run(run, cache, split=split, text_set=text_set, eval_average=average, allow_partial=allow_partial)
+    outputs = run / f"eval-{split}" if cache is None else None  # on its own cache: per-class results, predictions
+    res = evaluate_run(run, cache, split=split, text_set=text_set, eval_average=average, allow_partial=allow_partial,
+                       outputs=outputs)
     typer.echo(f"{res['cache']} [{split}]: top1 {res['top1']:.1f}%  top5 {res['top5']:.1f}%  "
                f"mean-class {res['mean_class']:.1f}%  ({res['n']} videos"
                + (", classifier swapped to this cache's classes)" if res["swapped_classifier"] else ")"))
+    if outputs is not None:
+        typer.echo(f"per_class.csv, confusion.csv/.png, predictions.csv in {outputs}")
 
 
 @app.command()

@@ -12,6 +12,9 @@ place), after the final evaluation of `pipeline train` on its eval split (val by
     best.pt           the checkpoint of the evaluated epoch with the highest val top-1 (a tie keeps
                       the earlier epoch), in last.pt's format
 
+`pipeline evaluate --run RUN --split test` (on the run's own cache) writes the same three files
+for that split into RUN/eval-test/.
+
 The scores are those the evaluation ranks by: softmax probabilities averaged over the views, or
 the cosine scores of the averaged embedding (``eval_average=embeddings``, a swapped classifier).
 Class indices are those of the cache's class list (a run on a class subset keeps the originals);
@@ -29,7 +32,8 @@ import numpy as np
 
 from cache.store import FeatureStore, atomic_write_text
 
-__all__ = ["OUTPUT_FILES", "data_record", "is_new_best", "best_epoch", "eval_outputs", "write_eval_outputs", "plot_confusion"]
+__all__ = ["OUTPUT_FILES", "data_record", "is_new_best", "best_epoch", "eval_outputs", "write_eval_outputs", "write_scores",
+           "plot_confusion"]
 
 OUTPUT_FILES = ("best.pt", "per_class.csv", "confusion.csv", "confusion.png", "predictions.csv")
 TOP_K = 5
@@ -146,7 +150,14 @@ def write_eval_outputs(run_dir: Path, head, data, device, *, store, split: str, 
     kept: dict = {}
     metrics = evaluate_head(head, data, device, average=average, classifier=classifier, amp_dtype=amp_dtype,
                             keep=kept)
-    scores, labels = kept["scores"].numpy(), kept["labels"].numpy()
+    write_scores(run_dir, kept["scores"].numpy(), kept["labels"].numpy(), store=store, split=split, indices=indices,
+                 classes=classes, title=title)
+    return metrics
+
+
+def write_scores(out_dir: Path, scores: np.ndarray, labels: np.ndarray, *, store, split: str, indices: np.ndarray,
+                 classes: list[int] | None, title: str = "") -> None:
+    """per_class.csv, confusion.csv / .png and predictions.csv of an evaluation's scores, into ``out_dir``."""
     all_names = store.class_names()
     class_ids = list(classes) if classes is not None else list(range(scores.shape[1]))
     names = [all_names[c] if c < len(all_names) else str(c) for c in class_ids]
@@ -154,8 +165,8 @@ def write_eval_outputs(run_dir: Path, head, data, device, *, store, split: str, 
     items = store.items(split) if isinstance(store, FeatureStore) else []
     paths = [items[v][0] if v < len(items) else "" for v in videos]
     out = eval_outputs(scores, labels, class_ids, names, videos, paths)
-    run_dir = Path(run_dir)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("per_class.csv", "confusion.csv", "predictions.csv"):
-        atomic_write_text(run_dir / name, out[name])
-    plot_confusion(out["_matrix"], names, run_dir / "confusion.png", title or f"{run_dir.name} ({split})")
-    return metrics
+        atomic_write_text(out_dir / name, out[name])
+    plot_confusion(out["_matrix"], names, out_dir / "confusion.png", title or f"{out_dir.name} ({split})")

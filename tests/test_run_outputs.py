@@ -109,4 +109,14 @@ def test_the_cli_run_lists_its_files_and_force_starts_clean(cache, tmp_path):
         assert (run / name).exists(), name
     show = run_cli("runs", "show", run, check=True).stdout
     assert "best.pt" in show and "predictions.csv" in show
-    json.loads((run / "metrics.json").read_text())
+    # `pipeline evaluate` of a split on the run's own cache writes the same files for it (here val: the same)
+    proc = run_cli("evaluate", "--run", run, "--split", "val", check=True)
+    assert str(run / "eval-val") in proc.stdout
+    for name in ("per_class.csv", "confusion.csv", "predictions.csv"):
+        assert (run / "eval-val" / name).read_text() == (run / name).read_text(), name
+    assert (run / "eval-val" / "confusion.png").exists()
+    # --force starts over: the old run's outputs go before the new run starts (this one fails at its first step)
+    proc = run_cli(*args, "--set", "lr=1e38", "--force")
+    assert proc.returncode != 0 and "lower the learning rate" in proc.stderr
+    for name in ("best.pt", "last.pt", "per_class.csv", "confusion.csv", "confusion.png", "predictions.csv"):
+        assert not (run / name).exists(), name
