@@ -42,7 +42,7 @@ __all__ = ["NPY_FORMAT", "NPY_VERSION", "array_names", "read_array", "export_npy
 NPY_FORMAT = "clipcache-npy"
 NPY_VERSION = 1
 INDEX = "index.json"
-_ROWS = 256  # videos read per step (bounded memory whatever the split's size)
+_STEP_BYTES = 256 << 20  # videos read per step: about this many bytes (bounded memory whatever the split's size)
 
 
 def array_names(store, split: str) -> list[str]:
@@ -162,8 +162,9 @@ def export_npy(store: FeatureStore, out: str | Path, splits: list[str] | None = 
                 shape, dtype = _row_shape(store, split, name)
                 rel = f"{split}/{name}.npy"
                 arr = np.lib.format.open_memmap(tmp / rel, mode="w+", dtype=dtype, shape=(len(rows), *shape))
-                for a in range(0, len(rows), _ROWS):
-                    arr[a:a + _ROWS] = read_array(store, split, name, rows[a:a + _ROWS])
+                step = max(1, min(1024, _STEP_BYTES // max(1, int(np.prod(shape)) * 4)))
+                for a in range(0, len(rows), step):
+                    arr[a:a + step] = read_array(store, split, name, rows[a:a + step])
                 arr.flush()
                 del arr
                 total += (tmp / rel).stat().st_size

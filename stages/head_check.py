@@ -47,6 +47,8 @@ def load_head_module(path: str | Path, flag: str = "--head-module") -> list[str]
     spec = importlib.util.spec_from_file_location(name, real)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up while the file runs
+    if str(real.parent) not in sys.path:  # as `python mymod.py` would: the file's own folder imports
+        sys.path.append(str(real.parent))
     try:
         spec.loader.exec_module(module)
     except BaseException as exc:

@@ -32,7 +32,7 @@ import numpy as np
 
 from cache.store import FeatureStore, atomic_write_text
 
-__all__ = ["OUTPUT_FILES", "data_record", "is_new_best", "best_epoch", "eval_outputs", "write_eval_outputs", "write_scores",
+__all__ = ["OUTPUT_FILES", "data_record", "is_new_best", "save_best", "best_epoch", "eval_outputs", "write_eval_outputs", "write_scores",
            "plot_confusion"]
 
 OUTPUT_FILES = ("best.pt", "per_class.csv", "confusion.csv", "confusion.png", "predictions.csv")
@@ -66,6 +66,14 @@ def best_epoch(history: list[dict]) -> int | None:
 def is_new_best(history: list[dict]) -> bool:
     """Is the last entry of ``history`` (just evaluated) the best so far, strictly above every earlier one?"""
     return bool(history) and _top1(history[-1]) is not None and best_epoch(history) == int(history[-1]["epoch"])
+
+
+def save_best(state: dict, run_dir: Path) -> None:
+    """Write ``state`` (a checkpoint in last.pt's format) as run_dir/best.pt, atomically. The loop
+    calls it before it writes last.pt: a kill in between redoes that epoch, and best.pt again."""
+    from stages.checkpoint import save_checkpoint
+
+    save_checkpoint(state, Path(run_dir) / "best.pt")
 
 
 def eval_outputs(scores: np.ndarray, labels: np.ndarray, class_ids: list[int], names: list[str],

@@ -55,7 +55,7 @@ from stages.runs import (ADDED_LATER, AMP_CHOICES, RunLog, autocast, autocast_dt
 from stages.heads import DIM_FIELDS, Head, get_head_entry, make_cfg
 from stages.heads.common import validate_choice
 from stages.recipes import accumulation_steps
-from stages.run_outputs import data_record, is_new_best, write_eval_outputs
+from stages.run_outputs import data_record, is_new_best, save_best, write_eval_outputs
 
 __all__ = ["TrainCfg", "parse_class_spec", "split_overrides", "build_head", "build_optimizer", "classifier_options",
            "train_head", "cached_backbone_weights"]
@@ -359,8 +359,9 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
             metrics = evaluate_head(head, eval_data, device, average="scores", amp_dtype=amp_dtype, dist_ctx=ctx)
             history.append({"epoch": 1, "train_loss": None, **{f"val_{k}": v for k, v in metrics.items()}})
             if ctx.main:
-                for name in ("best.pt", "last.pt"):  # fitted once: its one evaluation is its best
-                    save_checkpoint({"head": head.state_dict(), "config": resolved, "epoch": 1}, run_dir / name)
+                state = {"head": head.state_dict(), "config": resolved, "epoch": 1}
+                save_best(state, run_dir)  # fitted once: its one evaluation is its best
+                save_checkpoint(state, run_dir / "last.pt")
         elif cfg.epochs == 0:  # evaluation only: zero-shot with the installed classifier
             metrics = evaluate_head(head, eval_data, device, average=cfg.eval_average, classifier=eval_classifier,
                                     amp_dtype=amp_dtype, dist_ctx=ctx)
@@ -664,7 +665,7 @@ def _epochs(model, head, opt, sched, scaler, params, named, train_data, eval_dat
             state = {"head": head.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                      "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history, "config": resolved}
             if is_new_best(history):  # before last.pt: a kill in between redoes this epoch, best.pt again
-                save_checkpoint(state, ckpt_path.with_name("best.pt"))
+                save_best(state, ckpt_path.parent)
             save_checkpoint(state, ckpt_path)
         ctx.barrier()
     return metrics, history
