@@ -425,7 +425,7 @@ def _resolve_cache(cache: Optional[Path], dataset: str, cache_root: Optional[Pat
 # with their types; those that set a config field are written under the field's name in config.yaml.
 TRAIN_FILE_OPTIONS = {"head": "str", "cache": "path", "dataset": "str", "cache_root": "path", "run_dir": "path",
                       "recipe": "str", "wds": "str", "wds_header": "str", "wds_eval": "str", "wds_shuffle": "int",
-                      "wds_resample": "bool", "allow_partial": "bool"}
+                      "wds_resample": "bool", "allow_partial": "bool", "head_module": "path"}
 TRAIN_FLAG_FIELDS = {"shots": "shots", "fraction": "fraction", "train_classes": "train_classes",
                      "test_classes": "test_classes", "init": "classifier_init", "batch": "batch_size",
                      "global_batch": "global_batch", "epochs": "epochs"}
@@ -503,11 +503,17 @@ def train(
     global_batch: GlobalBatch = None,
     allow_partial: bool = typer.Option(False, "--allow-partial",
                                        help="Train on the done videos of an unfinished cache (said loudly)."),
+    head_module: Optional[Path] = typer.Option(None, "--head-module", help="A .py file of your own that registers "
+                                               "heads (register_head); --head then names one of them."),
 ):
     """Stage two: train a head from a cache and evaluate it."""
     from stages.train import split_overrides, train_head
 
     o, file_keys, flags = _experiment_file(ctx, config, TRAIN_FILE_OPTIONS, TRAIN_FLAG_FIELDS)
+    if o["head_module"] is not None:
+        from stages.head_check import load_head_module
+
+        load_head_module(o["head_module"])
     head = o["head"]
     if not head:
         raise ConfigError("no head given: pass --head NAME (see `pipeline heads`), or head: NAME in the --config file")
@@ -677,14 +683,25 @@ def evaluate(
     average: str = typer.Option("scores", help="Multi-view: average scores or embeddings."),
     allow_partial: bool = typer.Option(False, "--allow-partial",
                                        help="Evaluate on the done videos of an unfinished cache (said loudly)."),
+    head_module: Optional[Path] = typer.Option(None, "--head-module", help="The .py file that registers the run's "
+                                               "head, for a head of your own (as given to train)."),
 ):
     """Evaluate a trained run on its cache or on another dataset's cache."""
     from stages.evaluate import evaluate_run
 
-    res = evaluate_run(run, cache, split=split, text_set=text_set, eval_average=average, allow_partial=allow_partial)
+    if head_module is not None:
+        from stages.head_check import load_head_module
+
+        load_head_module(head_module)
+
+    outputs = run / f"eval-{split}" if cache is None else None  # on its own cache: per-class results, predictions
+    res = evaluate_run(run, cache, split=split, text_set=text_set, eval_average=average, allow_partial=allow_partial,
+                       outputs=outputs)
     typer.echo(f"{res['cache']} [{split}]: top1 {res['top1']:.1f}%  top5 {res['top5']:.1f}%  "
                f"mean-class {res['mean_class']:.1f}%  ({res['n']} videos"
                + (", classifier swapped to this cache's classes)" if res["swapped_classifier"] else ")"))
+    if outputs is not None:
+        typer.echo(f"per_class.csv, confusion.csv/.png, predictions.csv in {outputs}")
 
 
 @app.command()
@@ -692,11 +709,16 @@ def heads(
     backbone: str = typer.Option("ViT-B-16", help="open_clip model name whose dims the heads are built for."),
     classes: Optional[int] = typer.Option(None, help="Number of classes (default: each paper setting's, 400)."),
     frames: Optional[int] = typer.Option(None, help="Frames per clip (default: each paper setting's)."),
+    check: Optional[Path] = typer.Option(None, "--check", help="A .py file of your own that registers heads: run "
+                                         "the head contract on each (shape, finite, gradients); exit 1 on a failure."),
 ):
     """Print each head configuration and its trainable parameter count (from the real modules)."""
     from rich.console import Console
     from rich.table import Table
 
+    if check is not None:
+        _check_heads(check)
+        return
     from stages.heads.counts import reference_rows
 
     for flag, value in (("--classes", classes), ("--frames", frames)):
@@ -716,6 +738,21 @@ def heads(
                                        ("exact" if count == 0 else "differs"))
         table.add_row(row["head"], row["label"], f"{count:,}", "" if exp is None else f"{exp:,}", diff)
     Console(width=140).print(table)
+
+
+def _check_heads(path: Path) -> None:
+    """`heads --check FILE`: one line per contract check of each head the file registers."""
+    from stages.head_check import check_head, load_head_module
+
+    failed = total = 0
+    for name in load_head_module(path, flag="--check"):
+        for what, ok, detail in check_head(name):
+            total += 1
+            failed += not ok
+            typer.echo(f"{'ok  ' if ok else 'FAIL'}  {name}  {what}: {detail}")
+    typer.echo(f"{total - failed} of {total} checks passed" + (f", {failed} failed" if failed else ""))
+    if failed:
+        raise typer.Exit(1)
 
 
 # ----------------------------------------------------------------------------- stage three
@@ -837,20 +874,30 @@ def finetune_export(
 @cache_app.command("export")
 def cache_export(
     path: Path = typer.Argument(..., help="Cache folder."),
-    format_: str = typer.Option("wds", "--format", help="Export format: wds (WebDataset tar shards)."),
-    out: Optional[Path] = typer.Option(None, help="Folder for the shards (default: <cache>-wds next to the cache)."),
+    format_: str = typer.Option("wds", "--format", help="Export format: wds (WebDataset tar shards) | npy (one "
+                                "memory-mappable .npy per tap and split, and index.json)."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the export (default: <cache>-wds or <cache>-npy next "
+                                                  "to the cache)."),
     shard_bytes: str = typer.Option("1GB", help="Shard size limit: 1GB, 500MB, 64MiB or bytes."),
     name: str = typer.Option("", help="Shard name prefix NAME (default: the cache folder's name)."),
     split: list[str] = typer.Option([], "--split", help="Export only this split (repeatable; default: all)."),
     partial: bool = typer.Option(False, "--partial", help="Export the done videos of an incomplete cache."),
+    array: list[str] = typer.Option([], "--array", help="npy: export only this cache array (frame_emb, cls, patch, "
+                                                        "frames; repeatable; default: all)."),
 ):
-    """Export the done videos as WebDataset shards NAME-<split>-000000.tar, plus NAME-header.json."""
+    """Export the done videos as WebDataset shards NAME-<split>-000000.tar plus NAME-header.json, or as .npy files."""
     from cache.files import human_bytes
     from cache.store import open_store
     from cache.wds import export_wds
 
-    if format_ != "wds":
-        raise ConfigError(f"--format must be wds (WebDataset shards), got '{format_}'")
+    if format_ not in ("wds", "npy"):
+        raise ConfigError(f"--format must be wds (WebDataset shards) or npy (numpy arrays), got '{format_}'")
+    if format_ == "npy":
+        from pipeline.export_npy import export_npy_command
+
+        return export_npy_command(path, out, split, array, partial)
+    if array:
+        raise ConfigError("--array picks the arrays of an npy export (--format npy); a WebDataset export holds them all")
     st = open_store(path)
     dest = out or st.path.parent / f"{st.path.name}-wds"
     res = export_wds(st, dest, name=name or None, shard_bytes=shard_bytes, splits=split or None, partial=partial,

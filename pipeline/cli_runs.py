@@ -43,18 +43,26 @@ def runs_ls(
                                         "stopped | corrupt."),
     sort: str = typer.Option("started", help="Sort by: started | run | head | best_top1 | last_top1 | seconds | status."),
     reverse: bool = typer.Option(False, "--reverse", help="Reverse the order."),
-    fmt: str = typer.Option("table", "--format", help="table | csv | json | md"),
+    fmt: str = typer.Option("table", "--format", help="table | csv | json (every column) | md | latex (compact, "
+                                                      "for a paper: seeds folded into mean +- std)"),
 ):
     """One row per run: head, options that differ from its defaults, cache, epochs, accuracy (and the paper's
     top-1 where the run's setting is one a paper published), time, status."""
+    from pipeline.paper_table import PAPER_FORMATS, paper_rows, render_paper
     from pipeline.runs_table import FORMATS, RUN_COLUMNS, render, run_row, select_runs
     from stages.runs import RUN_STATES
 
-    if fmt not in FORMATS:
-        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
+    if fmt not in FORMATS + PAPER_FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(dict.fromkeys(FORMATS + PAPER_FORMATS))}, got '{fmt}'")
     if status and status not in RUN_STATES:
         raise ConfigError(f"--status must be one of {', '.join(RUN_STATES)}, got '{status}'")
     runs = select_runs(_root(root), cache=cache, head=head, status=status, sort=sort, reverse=reverse)
+    if fmt in PAPER_FORMATS:
+        rows, left_out = paper_rows(runs, _root(root))
+        typer.echo(render_paper(rows, fmt))
+        if left_out:
+            typer.echo(f"{left_out} unfinished run(s) left out (`pipeline runs ls` lists them)", err=True)
+        return
     rows = [run_row(r) for r in runs]
     if fmt != "table":
         typer.echo(render(rows, fmt, (*RUN_COLUMNS, "path")))
@@ -71,6 +79,7 @@ def runs_show(run: str = typer.Argument(..., help="Run folder, or its name (or a
               as_json: bool = typer.Option(False, "--json", help="Print config, metrics and status as JSON.")):
     """Config, metrics, status and the files of one run; the paper's top-1 where its setting is published."""
     from pipeline.runs_table import changed_options, paper_result, resolve_run, run_row
+    from stages.run_outputs import OUTPUT_FILES
 
     rec = resolve_run(run, _root(root))
     if rec.problems:
@@ -102,7 +111,7 @@ def runs_show(run: str = typer.Argument(..., help="Run folder, or its name (or a
         loss = h.get("train_loss")
         typer.echo(f"  epoch {h.get('epoch')}: loss {'-' if loss is None else f'{loss:.4f}'}"
                    + ("" if val is None else f"  val top1 {val:.1f}%"))
-    for name in ("config.json", "metrics.json", "curves.png", "last.pt"):
+    for name in ("config.json", "metrics.json", "curves.png", "last.pt", *OUTPUT_FILES):
         if (rec.path / name).exists():
             typer.echo(f"file      {rec.path / name}")
     if any(rec.path.glob("events.out.tfevents.*")):

@@ -74,14 +74,16 @@ def view_scores(head: Head, batch: dict[str, torch.Tensor], embeddings: bool, cl
 
 def evaluate_head(head: Head, data: CacheSplit, device: torch.device, batch_size: int = 64,
                   average: str = "scores", classifier: torch.Tensor | None = None,
-                  amp_dtype=None, dist_ctx: DistContext | None = None, split: bool = True) -> dict[str, float]:
+                  amp_dtype=None, dist_ctx: DistContext | None = None, split: bool = True,
+                  keep: dict | None = None) -> dict[str, float]:
     """Multi-view evaluation: run each view, average scores (or embeddings, Text4Vis style).
 
     ``classifier`` (K', E) given: logits come from cosine similarity of the head's video
     embedding with it (zero-shot on other classes, cross-dataset evaluation). Under torchrun
     (``dist_ctx`` with several ranks) each rank scores every world-th video and the scores are
     gathered: every rank returns the metrics of the whole set (``split=False``: each rank's
-    ``data`` is already its own share).
+    ``data`` is already its own share). ``keep``: a dict that receives the (N, K) "scores" and (N,)
+    "labels" evaluated (stages/run_outputs.py writes a run's per-class results from them).
     """
     head.eval()
     ctx = dist_ctx or DistContext()
@@ -104,7 +106,10 @@ def evaluate_head(head: Head, data: CacheSplit, device: torch.device, batch_size
     labels = [x for p in parts for x in p[1]]
     if not scores:
         raise DatasetError("no videos to evaluate")
-    return accuracy_metrics(torch.cat(scores), torch.cat(labels))
+    scores, labels = torch.cat(scores), torch.cat(labels)
+    if keep is not None:
+        keep.update(scores=scores, labels=labels)
+    return accuracy_metrics(scores, labels)
 
 
 # ----------------------------------------------------------------------------- streaming sources
@@ -112,13 +117,15 @@ def evaluate_head(head: Head, data: CacheSplit, device: torch.device, batch_size
 # own dataset per split: an IterableDataset that shuffles itself through a buffer, seeded by
 # set_epoch. Everything else treats it as a store (meta, labels, status, text, aux).
 def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, split: str = "val",
-                 text_set: str = "", eval_average: str = "scores", allow_partial: bool = False) -> dict:
+                 text_set: str = "", eval_average: str = "scores", allow_partial: bool = False,
+                 outputs: str | Path | None = None) -> dict:
     """Evaluate a trained run, on its own cache or on another one (cross-dataset zero-shot).
 
     A cache is a Zarr folder or a WebDataset export's header: a run trained from shards is
     re-evaluated from its shards. On another dataset's cache the head's classifier is swapped for that cache's class text
     embeddings (cosine similarity with the head's video embedding), so the other cache must
-    come from the same backbone weights and sampling.
+    come from the same backbone weights and sampling. ``outputs``: a folder to write the per-class
+    results, confusion matrix and predictions into (stages/run_outputs.py).
     """
     run_dir = Path(run_dir)
     ckpt_path = run_dir / "last.pt"
@@ -156,5 +163,11 @@ def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, split: st
     classifier = None
     if swap:
         classifier = text_classifier(target, head, text_set or resolved["train"].get("text_set", ""))
-    metrics = evaluate_head(head, data, torch.device("cpu"), average=eval_average, classifier=classifier)
+    kept: dict = {}
+    metrics = evaluate_head(head, data, torch.device("cpu"), average=eval_average, classifier=classifier, keep=kept)
+    if outputs is not None:
+        from stages.run_outputs import write_scores
+
+        write_scores(Path(outputs), kept["scores"].numpy(), kept["labels"].numpy(), store=target, split=split,
+                     indices=idx, classes=None, title=f"{name} ({split})")
     return {"run": str(run_dir), "cache": str(target.path), "split": split, "swapped_classifier": swap, **metrics}

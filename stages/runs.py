@@ -37,6 +37,7 @@ from cache.errors import ConfigError, TrainingError
 from cache.files import atomic_write_text
 from cache.paths import artifacts_root
 from stages.config import validate_choice
+from stages.run_outputs import OUTPUT_FILES
 
 __all__ = ["RunLog", "RunRecord", "read_run", "list_runs", "default_runs_root", "entry_metrics", "RUN_STATES",
            "RESUME_FREE", "check_resumable", "existing_run", "finished_metrics", "remove_unstarted", "AMP_CHOICES", "autocast_dtype",
@@ -366,7 +367,7 @@ class RunLog:
         if not self.enabled:
             return
         make_run_dir(self.run_dir)
-        for stale in ("last.pt", "metrics.json", "curves.png") if fresh else ():
+        for stale in ("last.pt", "metrics.json", "curves.png", *OUTPUT_FILES) if fresh else ():
             (self.run_dir / stale).unlink(missing_ok=True)  # --force: the old run goes before the new one starts
         atomic_write_text(self.run_dir / "config.json", json.dumps(resolved, indent=1))
         self.start(resolved, epochs=epochs, start_epoch=start_epoch)

@@ -1,7 +1,8 @@
 """Stage two: train (or fit) one head from a cache, evaluate, write a run folder.
 
 Run folder: config.json (resolved), last.pt (atomic, every epoch; `resume` continues from it),
-metrics.json (history + final), curves.png. Deterministic on CPU for a given seed: the
+best.pt (the best val top-1 epoch's), metrics.json (history + final), curves.png, and the final
+evaluation's per-class results and predictions (stages/run_outputs.py). Deterministic on CPU for a given seed: the
 shuffle order and the RNG state of each epoch derive from (seed, epoch), so a run killed
 after epoch k and resumed ends with the metrics of an uninterrupted run.
 
@@ -56,6 +57,7 @@ from stages.runs import (ADDED_LATER, AMP_CHOICES, RunLog, autocast, autocast_dt
 from stages.heads.needs import DIM_FIELDS
 from stages.heads.registry import Head, get_head_entry, make_cfg
 from stages.recipes import accumulation_steps
+from stages.run_outputs import data_record, is_new_best, save_best, write_eval_outputs
 
 __all__ = ["TrainCfg", "parse_class_spec", "split_overrides", "build_head", "build_optimizer", "classifier_options",
            "train_head", "cached_backbone_weights"]
@@ -359,7 +361,9 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
             metrics = evaluate_head(head, eval_data, device, average="scores", amp_dtype=amp_dtype, dist_ctx=ctx)
             history.append({"epoch": 1, "train_loss": None, **{f"val_{k}": v for k, v in metrics.items()}})
             if ctx.main:
-                save_checkpoint({"head": head.state_dict(), "config": resolved, "epoch": 1}, run_dir / "last.pt")
+                state = {"head": head.state_dict(), "config": resolved, "epoch": 1}
+                save_best(state, run_dir)  # fitted once: its one evaluation is its best
+                save_checkpoint(state, run_dir / "last.pt")
         elif cfg.epochs == 0:  # evaluation only: zero-shot with the installed classifier
             metrics = evaluate_head(head, eval_data, device, average=cfg.eval_average, classifier=eval_classifier,
                                     amp_dtype=amp_dtype, dist_ctx=ctx)
@@ -369,10 +373,14 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
                                         resume, progress, log, eval_classifier, ctx, len(train_idx), runlog)
         if head.uses_sklearn or cfg.epochs == 0:
             runlog.epoch(history[-1])
+        if ctx.main:  # per_class.csv, confusion.csv/.png, predictions.csv (stages/run_outputs.py)
+            write_eval_outputs(run_dir, head, eval_data, device, store=store, split=cfg.eval_split, indices=eval_idx,
+                               classes=eval_classes, average="scores" if head.uses_sklearn else cfg.eval_average,
+                               classifier=eval_classifier, amp_dtype=amp_dtype, title=f"{cfg.head} ({cfg.eval_split})")
         result = {"head": cfg.head, "final": metrics, "history": history, "train_videos": int(len(shot_idx)),
                   "eval_videos": int(len(eval_idx)), "trainable_params": head.num_trainable(),
                   "seconds": time.perf_counter() - t0, "world_size": ctx.world, "rank": ctx.rank,
-                  "run_dir": str(run_dir)}
+                  "run_dir": str(run_dir), "data": data_record(store, cfg.eval_split)}
         runlog.complete(result, cfg.head)  # rank 0 only
         ctx.barrier()
         return result
@@ -650,8 +658,10 @@ def _epochs(model, head, opt, sched, scaler, params, named, train_data, eval_dat
                 + (f", val top1 {metrics['top1']:.1f}%" if "val" in entry else ""))
             bar.refresh()
         if ctx.main:
-            save_checkpoint({"head": head.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                          "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history,
-                          "config": resolved}, ckpt_path)
+            state = {"head": head.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "scaler": scaler.state_dict(), "epoch": epoch + 1, "history": history, "config": resolved}
+            if is_new_best(history):  # before last.pt: a kill in between redoes this epoch, best.pt again
+                save_best(state, ckpt_path.parent)
+            save_checkpoint(state, ckpt_path)
         ctx.barrier()
     return metrics, history

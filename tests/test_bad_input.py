@@ -412,7 +412,8 @@ for line in sys.stdin:
 
 def test_help_and_listing_commands_import_no_torch(cache, two_runs, tmp_path):
     commands = [["--help"], ["cache", "ls", cache.parent], ["cache", "info", cache], ["cache", "verify", cache],
-                ["runs", "ls", "--root", two_runs], ["runs", "show", "a", "--root", two_runs],
+                ["runs", "ls", "--root", two_runs], ["runs", "ls", "--root", two_runs, "--format", "latex"],
+                ["runs", "show", "a", "--root", two_runs],
                 ["runs", "compare", "a", "b", "--root", two_runs, "--out", tmp_path / "c.png"]]
     r = subprocess.run([sys.executable, "-c", _MODULES_AFTER], capture_output=True, text=True, timeout=120,
                        cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)},

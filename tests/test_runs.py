@@ -89,8 +89,8 @@ def test_runs_ls_shows_every_run_with_its_state_options_and_metrics(runs_root, c
     assert {r["head"] for r in _rows(runs_root, "--head", "tap")} == {"tap"}
     assert len(_rows(runs_root, "--status", "failed")) == 1
     assert len(_rows(runs_root, "--cache", str(cache.path))) == 4
-    md = _runs(runs_root, "ls", "--format", "md").stdout.splitlines()
-    assert md[0].startswith("| run | head |") and len(md) == 2 + 4
+    md = _runs(runs_root, "ls", "--format", "md").stdout.splitlines()  # compact: finished runs (tests/test_paper_table.py)
+    assert md[0].startswith("| head | setting |") and len(md) == 2 + 3
     data = json.loads(_runs(runs_root, "ls", "--format", "json", "--sort", "last_top1", "--reverse").stdout)
     tops = [d["last_top1"] if d["last_top1"] is not None else -1 for d in data]
     assert tops == sorted(tops, reverse=True)

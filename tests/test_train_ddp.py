@@ -98,8 +98,11 @@ def test_closed_form_and_eval_only_runs_give_the_whole_set_metrics(ddp_job, tmp_
     names = sorted(p.name for p in (runs / "tap").iterdir())
     events = [n for n in names if n.startswith("events.out.tfevents.")]
     assert len(events) == 1  # one TensorBoard writer: rank 0's
-    assert [n for n in names if n not in events] == ["config.json", "config.yaml", "curves.png", "last.pt",
-                                                     "metrics.json", "status.json"]
+    assert [n for n in names if n not in events] == ["best.pt", "config.json", "config.yaml", "confusion.csv",
+                                                     "confusion.png", "curves.png", "last.pt", "metrics.json",
+                                                     "per_class.csv", "predictions.csv", "status.json"]
+    preds = (runs / "tap" / "predictions.csv").read_text().splitlines()
+    assert len(preds) == 1 + 8  # every eval video once, written by rank 0 from the whole set
     assert json.loads((runs / "tap" / "status.json").read_text())["state"] == "finished"
 
 
