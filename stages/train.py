@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,15 +49,16 @@ from stages.config import OptionSet, parse_set, split_options, write_experiment
 from stages.dist import DistContext, dist_device
 from stages.evaluate import EVAL_AVERAGES, collate_items, evaluate_head
 from stages.evaluate import to_device as _to  # the loop's short name for it
-from stages.sources import open_source, split_dataset
+from stages.sources import is_wds, open_source, split_dataset
 from stages.runs import (ADDED_LATER, AMP_CHOICES, RunLog, autocast, autocast_dtype, check_finite_weights,
                          default_runs_root, lr_factor, make_run_dir, param_groups, remove_unstarted, settle_run)
 from stages.heads import DIM_FIELDS, Head, get_head_entry, make_cfg
 from stages.heads.common import validate_choice
-from stages.recipes import accumulation_steps
+from stages.recipes import accumulation_steps, protocol_eval_overrides, resolve_recipe, stage_two_recipe
+from stages.resolve import Resolved, file_layer, find_cache, value_sources, world_size
 
-__all__ = ["TrainCfg", "parse_class_spec", "split_overrides", "build_head", "build_optimizer", "classifier_options",
-           "train_head", "cached_backbone_weights"]
+__all__ = ["TrainCfg", "parse_class_spec", "split_overrides", "resolve_train", "build_head", "build_optimizer",
+           "classifier_options", "train_head", "cached_backbone_weights"]
 
 
 @dataclass
@@ -179,6 +181,73 @@ def split_overrides(pairs, head: str = "", where: str = "--set", options=()) -> 
     untyped = {k: v for k, v in values.items() if k.startswith("head.") or (k not in fields and "." not in k)}
     typed = split_options({k: v for k, v in values.items() if k not in untyped}, sets, where, options)
     return typed["train"], {k.removeprefix("head."): v for k, v in untyped.items()}
+
+
+def resolve_train(head: str, recipe: str | None = "paper", *, file: dict | None = None, sets=(),
+                  flags: dict | None = None, cache=None, dataset: str = "demo", cache_root=None,
+                  wds: dict | None = None, where: str = "config file", options=()) -> Resolved:
+    """Stage two's options, resolved as stages/resolve.py says, and the source it reads.
+
+    TrainCfg's defaults < the head's preset ``recipe`` (None: no preset, the defaults alone) <
+    ``file`` (an experiment file's keys, as ``split_overrides`` takes them; ``where`` and
+    ``options`` name them in an error) < ``sets`` (--set pairs, or {key: value}) < ``flags``
+    ({TrainCfg field: value} given explicitly); then a Zarr cache's test protocol sets the
+    evaluation options none of them set. The source: ``wds`` ({"spec", "header", "eval_spec",
+    "shuffle", "resample"}: a WebDataset export, opened with the resolved splits), else ``cache``
+    (a location or an open source), else the last cache extracted for ``dataset``.
+    """
+    file_train, file_head = split_overrides(file or {}, head, where, options)
+    set_train, set_head = split_overrides(sets, head)
+    you = {**set_train, **(flags or {})}
+    defaults = {f.name: getattr(TrainCfg(), f.name) for f in dataclasses.fields(TrainCfg)}
+    if recipe:
+        device = str({**file_train, **you}.get("device", "auto"))
+        rec = stage_two_recipe(head, recipe, cuda=device.startswith("cuda") or (device == "auto"
+                                                                                and torch.cuda.is_available()))
+        explicit = {**file_layer(file_train, {**defaults, **rec.values}, you), **you}
+        values, lines = resolve_recipe(rec, explicit, defaults, world=world_size())
+        preset = (rec.values, rec.head)
+    else:
+        values, lines, preset = {**defaults, **file_train, **you}, [], ({}, {})
+    values.update(head=head, recipe=recipe or "")
+    cfg = TrainCfg(**values)
+    cfg.validate()
+    head_over = {**preset[1], **file_head, **set_head}
+    out = Resolved(cfg, head_over, lines=lines)
+    if wds:
+        if cache is not None:
+            raise ConfigError("give either --cache (a Zarr cache) or --wds (WebDataset shards), not both")
+        if wds.get("shuffle", 1000) < 0:
+            raise ConfigError(f"--wds-shuffle must be >= 0, got {wds['shuffle']}")
+        from stages.wds_data import open_wds_source
+
+        out.source = open_wds_source(**wds, train_split=cfg.train_split, eval_split=cfg.eval_split)
+        out.notes += [out.source.note] if out.source.note else []  # a version 1 export: its members unchecked
+    elif isinstance(cache, (str, os.PathLike)) or cache is None:
+        out.source, line = find_cache(cache, dataset, cache_root)
+        out.lines += [line] if line else []
+    else:
+        out.source = cache
+    name, *protocol = _cache_protocol(out.source, cfg.head, {**file_train, **you}, head_over)
+    if any(protocol):
+        out.lines.append(f"protocol {name} of the cache: evaluate with "
+                         + ", ".join(f"{k}={v}" for k, v in {**protocol[0], **protocol[1]}.items()))
+        out.cfg = dataclasses.replace(cfg, **protocol[0])
+        out.head = {**head_over, **protocol[1]}
+    out.sources = value_sources(preset, protocol, (file_train, file_head), (you, set_head))
+    return out
+
+
+def _cache_protocol(source, head: str, train_given: dict, head_given: dict) -> tuple[str, dict, dict]:
+    """(protocol name, TrainCfg values, head values) a Zarr cache's test protocol implies for
+    evaluation, less those given; an export's protocol is not applied."""
+    if not isinstance(source, (str, os.PathLike, FeatureStore)) or \
+            isinstance(source, (str, os.PathLike)) and is_wds(source):
+        return "", {}, {}
+    meta = open_source(source).info
+    train_p, head_p = protocol_eval_overrides(meta, head)
+    return (meta.protocol.name if meta.protocol else "", {k: v for k, v in train_p.items() if k not in train_given},
+            {k: v for k, v in head_p.items() if k not in head_given})
 
 
 # ----------------------------------------------------------------------------- head + classifier
