@@ -1,4 +1,6 @@
-"""The `pipeline` command. It parses, validates and calls one stage function per command.
+"""The `pipeline` command. Each command parses, calls its stage's resolve (stages/resolve.py: defaults
+< recipe < experiment file < --set < flags, plus the cache's protocol) and calls the stage function.
+The `cache` commands are in cli_cache.py, `runs` in cli_runs.py, shared options in cli_options.py.
 
 Every error a user can cause is a PipelineError: one line on stderr, exit status 2.
 """
