@@ -1,4 +1,6 @@
-"""The `pipeline` command. It parses, validates and calls one stage function per command.
+"""The `pipeline` command. Each command parses, calls its stage's resolve (stages/resolve.py: defaults
+< recipe < experiment file < --set < flags, plus the cache's protocol) and calls the stage function.
+The `cache` commands are in cli_cache.py, `runs` in cli_runs.py, shared options in cli_options.py.
 
 Every error a user can cause is a PipelineError: one line on stderr, exit status 2.
 """
@@ -14,18 +16,21 @@ if __name__ == "__main__":  # `python -m pipeline.cli`: handle SIGINT/SIGTERM be
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Optional
 
 import typer
 
-from cache.errors import CacheError, ConfigError, PipelineError
+from cache.errors import ConfigError, PipelineError
+from pipeline.cli_cache import cache_app, report_extraction
+from pipeline.cli_options import (COMPARE_FILE_OPTIONS, FINETUNE_FILE_OPTIONS, FINETUNE_FLAG_FIELDS, TRAIN_FILE_OPTIONS,
+                                  TRAIN_FLAG_FIELDS, Activation, ClassesFile, ConfigFile, DataRoot, DatasetName, Frames,
+                                  GlobalBatch, InitSeed, Model, PerStepBatch, Pretrained, SplitId, TestList, TrainList,
+                                  ValList, VideoRoot, echo_err, experiment_file, say)
 from pipeline.cli_runs import runs_app
 from pipeline.cli_sweep import sweep
-from pipeline.datasets import list_datasets
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="clipcache: cache frozen CLIP features of videos once, train heads from the cache many times.")
-cache_app = typer.Typer(no_args_is_help=True, help="Inspect feature caches.")
 
 
 def _version(value: bool) -> None:
@@ -46,10 +51,6 @@ def _app_options(show_version: bool = typer.Option(False, "--version", callback=
 app.add_typer(cache_app, name="cache")
 app.add_typer(runs_app, name="runs")
 app.command()(sweep)
-
-
-def _echo_err(msg: str) -> None:
-    typer.echo(msg, err=True)
 
 
 def _parse_shard(text: str) -> tuple[int, int]:
@@ -79,33 +80,6 @@ def demo_data(
     ds = generate_demo(out, DemoCfg(num_classes=classes, train_per_class=train_per_class,
                                     val_per_class=val_per_class, frames=frames, seed=seed, world=world))
     typer.echo(f"demo data in {ds.root}: {len(ds.classes)} classes; lists {ds.train_list.name}, {ds.val_list.name}")
-
-
-# ----------------------------------------------------------------------------- shared options
-# The options of every command that reads a dataset's videos (extract, finetune), declared once.
-DatasetName = Annotated[str, typer.Option(help=" | ".join(list_datasets()))]
-DataRoot = Annotated[Optional[Path], typer.Option(help="Dataset folder (official layout or demo folder).")]
-VideoRoot = Annotated[Optional[Path], typer.Option(help="Folder the list paths are relative to.")]
-TrainList = Annotated[Optional[Path], typer.Option(
-    help="Train list: 'path label' lines (videos), or 'folder num_frames label' lines (frame folders).")]
-ValList = Annotated[Optional[Path], typer.Option(help="Val list.")]
-TestList = Annotated[Optional[Path], typer.Option(help="Test list.")]
-ClassesFile = Annotated[Optional[Path], typer.Option(help="Class names: one per line, or CSV id,name.")]
-SplitId = Annotated[int, typer.Option(help="Official split number (UCF-101, HMDB-51).")]
-Pretrained = Annotated[str, typer.Option(help="open_clip pretrained tag or a local checkpoint path; auto: openai "
-                                              "for an open_clip model that has it, a random init for the built-in "
-                                              "tiny / small / demo; none: a random init.")]
-Model = Annotated[str, typer.Option(help="open_clip model name (ViT-B-16, ViT-L-14, ...), or the built-in tiny / "
-                                         "small / demo.")]
-InitSeed = Annotated[int, typer.Option(help="Seed of the random init when no --pretrained is given.")]
-Activation = Annotated[str, typer.Option(
-    help="MLP activation the weights were trained with: auto (from the tag, the checkpoint or the model name; "
-         "a checkpoint that cannot say is refused) | gelu | quick_gelu (OpenAI-trained weights).")]
-Frames = Annotated[int, typer.Option(help="Frames per clip (T).")]
-PerStepBatch = Annotated[Optional[int], typer.Option(
-    help="Videos per step and process (the global batch is reached by gradient accumulation).")]
-GlobalBatch = Annotated[Optional[int], typer.Option(
-    help="Videos per optimiser step (default: the recipe's); the recipe's lr is scaled linearly unless lr is set.")]
 
 
 # ----------------------------------------------------------------------------- extract
@@ -172,42 +146,22 @@ def extract(
 ):
     """Stage one: decode videos, run the frozen CLIP once, write the feature cache."""
     from pipeline.datasets import load_dataset
-    from stages.extract import ExtractCfg, add_head_needs, describe_plan, plan_extraction, run_extraction
-    from stages.recipes import protocol_for_heads, resolve_protocol
+    from stages.extract import describe_plan, plan_extraction, resolve_extract, run_extraction
 
     if not 0 <= max_failed <= 1:
         raise ConfigError(f"--max-failed must be a fraction in [0, 1], got {max_failed}")
     rank_world = _parse_shard(shard) if shard else None  # None: torchrun's RANK/WORLD_SIZE, or 0/1
-    heads = [h.strip() for h in for_head.split(",") if h.strip()]
-    if not protocol and heads:  # the papers' test views by default
-        protocol = protocol_for_heads(heads)
-        if protocol and _main_rank():
-            typer.echo(f"--for-head {','.join(heads)}: the paper's test protocol {protocol} (--protocol none: one "
-                       "centre view)")
-    protocol = "" if protocol == "none" else protocol
-    given = {"frames": frames, "sampling": sampling, "stride": stride, "views": views, "resize_ratio": resize_ratio}
-    sample, _record, proto_lines = resolve_protocol(protocol, {k: v for k, v in given.items() if v is not None},
-                                                    {k: getattr(ExtractCfg(), k) for k in given})
     spec = load_dataset(dataset, data_root=data_root, video_root=video_root, train_list=train_list,
                         val_list=val_list, test_list=test_list, classes=classes, split_id=split_id)
-    from stages.backbone import resolve_pretrained
-
-    pretrained, why = resolve_pretrained(model, pretrained)
-    if why and pretrained and _main_rank():  # a default chose real weights: say which
-        typer.echo(why)
-    cfg = ExtractCfg(model=model, pretrained=pretrained, init_seed=init_seed, layers=layers, patch=patch,
-                     store_frames=store_frames, train_views=train_views, dtype=dtype, text=text,
-                     batch_frames=batch_frames, workers=workers, shard_size=shard_size, device=device,
-                     protocol=protocol, activation=activation, hash_sources=hash_sources,
-                     train_aug=train_aug, aug_seed=aug_seed, aug_area=aug_area, **sample)
-    for line in proto_lines if _main_rank() else ():
-        typer.echo(line)
-    if heads:
-        cfg = add_head_needs(cfg, heads, len(spec.classes), view_bank=not no_view_bank)
-        bank = "" if cfg.train_aug is None else f", view bank --train-aug {cfg.train_aug}" + (
-            "" if train_aug is not None else " (the heads' measured default; --no-view-bank: plain train views)")
-        typer.echo(f"for {', '.join(heads)}: layers {cfg.layers}, patch tokens {'yes' if cfg.patch else 'no'}, "
-                   f"uint8 frames {'yes' if cfg.store_frames else 'no'}{bank}")
+    flags = dict(model=model, pretrained=pretrained, init_seed=init_seed, layers=layers, patch=patch,
+                 store_frames=store_frames, train_views=train_views, dtype=dtype, text=text, batch_frames=batch_frames,
+                 workers=workers, shard_size=shard_size, device=device, activation=activation,
+                 hash_sources=hash_sources, train_aug=train_aug, aug_seed=aug_seed, aug_area=aug_area, frames=frames,
+                 sampling=sampling, stride=stride, views=views, resize_ratio=resize_ratio)
+    r = resolve_extract(flags, protocol=protocol, heads=[h.strip() for h in for_head.split(",") if h.strip()],
+                        num_classes=len(spec.classes), view_bank=not no_view_bank)
+    cfg = r.cfg
+    say(r.lines)
     plan = plan_extraction(spec, cfg, out=out, cache_root=cache_root)
     if dry_run:
         for line in describe_plan(plan):
@@ -222,254 +176,10 @@ def extract(
                        + weights_to_fetch(arch, cfg.pretrained) + ")"))
         return
     res = run_extraction(plan, shard=rank_world, progress=progress, refresh=refresh, retry_failed=retry_failed)
-    _report_extraction(res, max_failed)
-
-
-def _report_extraction(res, max_failed: float = 1.0) -> None:
-    if res.reused:
-        _check_failures(res.summary, max_failed)
-        return
-    fps = res.frames / res.seconds if res.seconds else 0.0
-    typer.echo(f"cache {res.path}: {res.videos} videos encoded, {res.failed} failed, "
-               f"{res.frames} frames in {res.seconds:.1f}s ({fps:.0f} frames/s, "
-               f"encoder busy {100 * res.encoder_busy:.0f}% of the encode phase)")
-    if res.waiting_hint():
-        typer.echo(res.waiting_hint())
-    for split, fails in res.summary.get("failures", {}).items():
-        for f in fails:
-            typer.echo(f"  failed [{split}] {f['path']}: {f['reason']}")
-    if not res.summary.get("complete", False):
-        typer.echo("cache not complete yet (other shard ranges pending); run the remaining ranks, or rerun without --shard")
-    _check_failures(res.summary, max_failed)
-
-
-def _check_failures(summary: dict, max_failed: float) -> None:
-    """After the summary: exit 1 when every video (or more than --max-failed of them) failed."""
-    from cache.errors import RunFailedError
-    from stages.extract import failure_verdict
-
-    verdict = failure_verdict(summary, max_failed)
-    if verdict:
-        raise RunFailedError(f"extraction failed: {verdict}")
-
-
-# ----------------------------------------------------------------------------- cache ls/info/verify
-@cache_app.command("ls")
-def cache_ls(root: Optional[Path] = typer.Argument(None, help="Cache root (default: artifacts/caches).")):
-    """List the caches under a root."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from cache.files import human_bytes
-    from cache.paths import default_cache_root
-    from cache.store import list_stores
-
-    if root is not None and not root.is_dir():
-        raise CacheError(f"cache root {root} " + ("is not a folder" if root.exists() else "does not exist"))
-    damaged: list[tuple[Path, str]] = []
-    stores = list_stores(root or default_cache_root(), damaged)
-    table = Table("cache", "dataset", "model", "layers", "dtype", "done", "failed", "pending", "size")
-    rows = []
-    for st in stores:
-        try:
-            meta = st.info
-            done = failed = pending = 0
-            for s in st.splits:
-                c = st.counts(s)
-                done, failed, pending = done + c["done"], failed + c["failed"], pending + c["pending"]
-            rows.append((st.path.name, [meta.dataset.name, meta.backbone.arch, str(meta.layers), meta.dtype,
-                                        str(done), str(failed), str(pending), human_bytes(st.size_bytes())]))
-        except CacheError as exc:  # it opened, but its metadata or status arrays do not read
-            damaged.append((st.path, str(exc)))
-    for path, _why in damaged:
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-        rows.append((path.name, ["DAMAGED", "-", "-", "-", "-", "-", "-", human_bytes(size)]))
-    for name, cells in sorted(rows):
-        table.add_row(name, *cells)
-    Console(width=None if sys.stdout.isatty() else 200).print(table)  # piped: whole cache names, not 80 columns
-    for path, why in sorted(damaged):
-        typer.echo(f"damaged {path.name}: {why}")
-    if not rows:
-        typer.echo(f"no caches under {root or default_cache_root()}")
-
-
-@cache_app.command("info")
-def cache_info(path: Path = typer.Argument(..., help="Cache folder."),
-               as_json: bool = typer.Option(False, "--json", help="Print the metadata as JSON.")):
-    """Size, videos done/failed/pending, layers, dtype and how the cache was made."""
-    from cache.meta import extract_command
-    from cache.files import human_bytes
-    from cache.store import open_store
-
-    st = open_store(path)
-    meta = st.info
-    if as_json:
-        typer.echo(json.dumps({"meta": st.meta, "summary": st.summary()}, indent=1))
-        return
-    cfg = meta.config
-    typer.echo(f"cache     {st.path}")
-    typer.echo(f"key       {st.key}")
-    typer.echo(f"size      {human_bytes(st.size_bytes())}")
-    typer.echo(f"dataset   {meta.dataset.name} ({meta.dims.num_classes} classes)")
-    typer.echo(f"model     {meta.backbone.arch}  weights {meta.backbone.weights}")
-    typer.echo(f"layers    {meta.layers}  patch tokens: {'yes' if cfg.patch else 'no'}  "
-               f"frames: {'yes' if cfg.store_frames else 'no'}  dtype {meta.dtype}")
-    views = ", ".join(f"{s} {v.clips}x{v.crops}" for s, v in meta.views.items())
-    typer.echo(f"sampling  {cfg.frames} frames, {cfg.sampling}  views {views}")
-    typer.echo(f"text      {', '.join(st.text_names()) or 'none'}")
-    for s in st.splits:
-        c = st.counts(s)
-        typer.echo(f"{s:<9} {st.num_videos(s)} videos: done {c['done']}, failed {c['failed']}, pending {c['pending']}")
-        for f in st.failures(s):
-            typer.echo(f"          failed {f['path']}: {f['reason']}")
-        records = st.video_records(s)
-        if records:
-            per = {}
-            for r in records:
-                per[r["decoder"]] = per.get(r["decoder"], 0) + 1
-            typer.echo(f"          decoded by {', '.join(f'{k} {v}' for k, v in sorted(per.items()))}")
-            paths = st.items(s)
-            for r in records:
-                if r["warnings"]:
-                    typer.echo(f"          warning {paths[r['index']][0]}: {'; '.join(r['warnings'])}")
-    typer.echo(f"made by   {extract_command(meta, out=str(st.path))}")
-
-
-@cache_app.command("verify")
-def cache_verify(path: Path = typer.Argument(..., help="Cache folder.")):
-    """Check a cache: the files it was built with and every committed shard against their checksums, labels
-    against the manifest, status against the shard records, done videos hold finite data, failures have reasons."""
-    from cache.store import open_store
-
-    st = open_store(path)
-    problems = st.verify()
-    for s in st.splits:
-        c = st.counts(s)
-        typer.echo(f"{s}: done {c['done']}, failed {c['failed']}, pending {c['pending']}")
-    if problems:
-        for p in problems[:50]:
-            typer.echo(f"problem: {p}")
-        if len(problems) > 50:
-            typer.echo(f"problem: ... and {len(problems) - 50} more")
-        raise CacheError(f"cache {path} failed verification: {len(problems)} problem(s); "
-                         f"repair it with `pipeline cache repair {path}`")
-    typer.echo("ok: status and data agree, no NaN/inf in done videos"
-               + (", every file matches its checksum" if st.has_checksums else
-                  " (made before checksums: files not checked)"))
-
-
-@cache_app.command("repair")
-def cache_repair(path: Path = typer.Argument(..., help="Cache folder."),
-                 progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")):
-    """Repair (and finish) a cache in place: rebuild its damaged files, redo its damaged or pending shards (and those
-    with done videos holding NaN/inf: every check `cache verify` makes) with the extraction recorded in its
-    metadata, then verify it."""
-    import dataclasses
-
-    from cache.meta import extract_command
-    from cache.store import open_store
-    from stages.extract import ExtractCfg, plan_extraction, run_extraction
-
-    st = open_store(path)
-    problems = st.verify()  # what `cache verify` checks, NaN/inf in done videos included
-    if not problems and st.is_complete():
-        typer.echo(f"ok: cache {path} is complete and verified, nothing to repair")
-        return
-    meta = st.info
-    spec = _dataset_from_cache(st)
-    known = {f.name for f in dataclasses.fields(ExtractCfg)}
-    cfg = ExtractCfg(**{k: v for k, v in meta.config.to_dict().items() if k in known})
-    plan = plan_extraction(spec, cfg, out=st.path) if spec is not None else None
-    if plan is None or plan.key != st.key:
-        raise CacheError(f"cannot rebuild the request of cache {path} from its metadata "
-                         f"({'manifest damaged' if spec is None else 'the videos or lists changed'}); "
-                         f"rerun the command that made it: {extract_command(meta, out=str(path))}")
-    _report_extraction(run_extraction(plan, shard=(0, 1), progress=progress, finite=True))
-    typer.echo(f"ok: cache {path} repaired and verified")
-
-
-def _dataset_from_cache(st):
-    """The DatasetSpec a cache was extracted from, rebuilt from its manifest and metadata (None
-    when the manifest is unreadable)."""
-    from pipeline.datasets import DatasetSpec, VideoItem
-
-    try:
-        manifest = st.manifest
-    except CacheError:
-        return None
-    ds = st.info.dataset
-    counts = manifest.get("num_frames", {})
-    splits = {}
-    for split in st.splits:
-        frames = counts.get(split) or [None] * len(manifest["splits"][split])
-        splits[split] = [VideoItem(p, int(lab), n) for (p, lab), n in zip(manifest["splits"][split], frames)]
-    return DatasetSpec(ds.name, list(ds.classes), splits, ds.video_root, dict(ds.sources))
+    report_extraction(res, max_failed)
 
 
 # ----------------------------------------------------------------------------- stage two
-def _resolve_cache(cache: Optional[Path], dataset: str, cache_root: Optional[Path]) -> Path:
-    from cache.paths import default_cache_root, latest_cache
-
-    if cache is not None:
-        return cache
-    found = latest_cache(cache_root or default_cache_root(), dataset)
-    if found is None:
-        raise ConfigError(f"no cache given and none extracted yet for dataset '{dataset}' under "
-                          f"{cache_root or default_cache_root()}: run `pipeline extract --dataset {dataset} "
-                          "--data-root DIR` first, or pass --cache PATH")
-    typer.echo(f"cache: {found} (the last one extracted for dataset '{dataset}'; --cache PATH picks another)")
-    return found
-
-
-# Options of `train` and `finetune` an experiment file may hold at top level (the others: --set's keys),
-# with their types; those that set a config field are written under the field's name in config.yaml.
-TRAIN_FILE_OPTIONS = {"head": "str", "cache": "path", "dataset": "str", "cache_root": "path", "run_dir": "path",
-                      "recipe": "str", "wds": "str", "wds_header": "str", "wds_eval": "str", "wds_shuffle": "int",
-                      "wds_resample": "bool", "allow_partial": "bool", "head_module": "path"}
-TRAIN_FLAG_FIELDS = {"shots": "shots", "fraction": "fraction", "train_classes": "train_classes",
-                     "test_classes": "test_classes", "init": "classifier_init", "batch": "batch_size",
-                     "global_batch": "global_batch", "epochs": "epochs"}
-ConfigFile = Annotated[Optional[Path], typer.Option(
-    "--config", help="Experiment file (YAML): the keys of --set, and this command's options, at top level or under "
-                     "sections (see configs/). Precedence: recipe < this file < --set < flags given here. A run "
-                     "folder's config.yaml runs that run again.")]
-
-
-def _given(ctx: typer.Context, name: str) -> bool:
-    """Was option ``name`` given on the command line (or by its environment variable)? A flag given
-    equal to its default counts: it still overrides the experiment file and --set."""
-    source = ctx.get_parameter_source(name)  # typer's own copy of click's ParameterSource: compared by name
-    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
-
-
-def _experiment_file(ctx: typer.Context, config: Optional[Path], own: dict, flag_fields: dict):
-    """The command's options, the experiment file's other keys and the flags given that set a config field.
-
-    own: {option: type} the file may set (a flag given on the command line wins); flag_fields:
-    {flag option: config field} (the file may name either). Returns (options, file keys, {field: flag value}).
-    """
-    from stages.config import coerce_option, load_experiment
-
-    where = f"config file {config}"
-    file = load_experiment(config) if config is not None else {}
-    if "head.name" in file and "head" in own:
-        file["head"] = file.pop("head.name")
-    opts = {}
-    for name, kind in own.items():
-        if name in file and not _given(ctx, name):
-            try:
-                value = coerce_option("str" if kind == "path" else kind, name, file.pop(name))
-            except ConfigError as exc:
-                raise ConfigError(f"{where}: {exc}") from None
-            opts[name] = Path(value) if kind == "path" else value
-        else:
-            file.pop(name, None)
-            opts[name] = ctx.params[name]
-    rest = {flag_fields.get(k, k): v for k, v in file.items()}
-    flags = {field: ctx.params[name] for name, field in flag_fields.items() if _given(ctx, name)}
-    return opts, rest, flags
-
-
 @app.command()
 def train(
     ctx: typer.Context,
@@ -507,9 +217,9 @@ def train(
                                                "heads (register_head); --head then names one of them."),
 ):
     """Stage two: train a head from a cache and evaluate it."""
-    from stages.train import split_overrides, train_head
+    from stages.train import resolve_train, train_head
 
-    o, file_keys, flags = _experiment_file(ctx, config, TRAIN_FILE_OPTIONS, TRAIN_FLAG_FIELDS)
+    o, file_keys, flags = experiment_file(ctx, config, TRAIN_FILE_OPTIONS, TRAIN_FLAG_FIELDS)
     if o["head_module"] is not None:
         from stages.head_check import load_head_module
 
@@ -517,18 +227,16 @@ def train(
     head = o["head"]
     if not head:
         raise ConfigError("no head given: pass --head NAME (see `pipeline heads`), or head: NAME in the --config file")
-    file_train, file_head = split_overrides(file_keys, head, f"config file {config}",
-                                            [*TRAIN_FILE_OPTIONS, *TRAIN_FLAG_FIELDS])
-    set_train, set_head = split_overrides(set_, head)
-    train_over = {**file_train, **set_train, **flags}  # recipe < file < --set < flags given
-    cfg, head_over, rec = _train_recipe(head, o["recipe"], {**set_train, **flags}, {**file_head, **set_head},
-                                        file_train)
-    path = _wds_source(o["wds"], o["wds_header"], o["wds_eval"], o["wds_shuffle"], o["wds_resample"], cfg,
-                       o["cache"]) if o["wds"] else _resolve_cache(o["cache"], o["dataset"], o["cache_root"])
-    cfg, head_over, by_protocol = _protocol_eval(path, cfg, head_over, train_over)
-    sources = _value_sources(rec, by_protocol, file_train, file_head, {**set_train, **flags}, set_head)
-    res = train_head(path, cfg, head_over, run_dir=o["run_dir"], resume=resume, progress=progress,
-                     allow_partial=o["allow_partial"], force=force, sources=sources)
+    wds = {"spec": o["wds"], "header": o["wds_header"] or None, "eval_spec": o["wds_eval"] or None,
+           "shuffle": o["wds_shuffle"], "resample": o["wds_resample"]} if o["wds"] else None
+    r = resolve_train(head, o["recipe"], file=file_keys, sets=set_, flags=flags, cache=o["cache"], dataset=o["dataset"],
+                      cache_root=o["cache_root"], wds=wds, where=f"config file {config}",
+                      options=[*TRAIN_FILE_OPTIONS, *TRAIN_FLAG_FIELDS])
+    for note in r.notes:
+        echo_err(note)
+    say(r.lines)
+    res = train_head(r.source, r.cfg, r.head, run_dir=o["run_dir"], resume=resume, progress=progress,
+                     allow_partial=o["allow_partial"], force=force, sources=r.sources)
     if res.get("rank", 0):  # under torchrun, rank 0 reports
         return
     fin = res["final"]
@@ -538,86 +246,9 @@ def train(
     typer.echo(f"run folder: {res['run_dir']}")
 
 
-def _main_rank() -> bool:
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
-
-
-def _file_over(file_over: dict, base: dict, explicit: dict) -> dict:
-    """The experiment file's values that change ``base`` (defaults and recipe), so the recipe's
-    'overridden by you' line names only those; its lr stays whenever a global batch is given, so
-    the linear lr rule never rescales an lr the file sets."""
-    out = {k: v for k, v in file_over.items() if base.get(k) != v}
-    if "lr" in file_over and ("global_batch" in out or "global_batch" in explicit):
-        out["lr"] = file_over["lr"]
-    return out
-
-
-def _train_recipe(head: str, recipe: str, train_over: dict, head_over: dict, file_over: dict | None = None):
-    """TrainCfg from the head's preset (stages/recipes.py), then the experiment file's values
-    (``file_over``), then --set and the flags given (``train_over``); printed."""
-    import dataclasses as dc
-    import os
-
-    import torch
-
-    from stages.recipes import resolve_recipe, stage_two_recipe
-    from stages.train import TrainCfg
-
-    explicit = dict(train_over)
-    device = str({**(file_over or {}), **explicit}.get("device", "auto"))
-    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    rec = stage_two_recipe(head, recipe, cuda=cuda)
-    defaults = {f.name: getattr(TrainCfg(), f.name) for f in dc.fields(TrainCfg)}
-    explicit = {**_file_over(file_over or {}, {**defaults, **rec.values}, explicit), **explicit}
-    values, lines = resolve_recipe(rec, explicit, defaults, world=int(os.environ.get("WORLD_SIZE", "1")))
-    values.update(head=head, recipe=recipe)
-    cfg = TrainCfg(**values)
-    cfg.validate()
-    if _main_rank():
-        for line in lines:
-            typer.echo(line)
-    return cfg, {**rec.head, **head_over}, rec
-
-
-def _value_sources(rec, by_protocol: dict, file_train: dict, file_head: dict, you_train: dict,
-                   you_head: dict) -> dict:
-    """Where each option's value came from, for those not at their default: {"train": {key: "recipe" |
-    "cache protocol" | "file" | "you"}, "head": {...}}; later sources win, as in the resolution
-    (`runs compare` prints them beside each value)."""
-    def section(*layers: tuple[str, dict]) -> dict:
-        return {k: name for name, keys in layers for k in keys}
-
-    return {"train": section(("recipe", rec.values), ("cache protocol", by_protocol["train"]), ("file", file_train),
-                             ("you", you_train)),
-            "head": section(("recipe", rec.head), ("cache protocol", by_protocol["head"]), ("file", file_head),
-                            ("you", you_head))}
-
-
-def _protocol_eval(path, cfg, head_over: dict, train_over: dict):
-    """A cache extracted with --protocol evaluates by that paper's view-averaging rule unless told otherwise."""
-    import dataclasses as dc
-
-    from stages.recipes import protocol_eval_overrides
-    from stages.data.open import is_wds
-
-    if not isinstance(path, Path) or is_wds(path):
-        return cfg, head_over, {"train": {}, "head": {}}
-    from stages.data.open import open_source
-
-    meta = open_source(path).info
-    train_p, head_p = protocol_eval_overrides(meta, cfg.head)
-    train_p = {k: v for k, v in train_p.items() if k not in train_over}
-    head_p = {k: v for k, v in head_p.items() if k not in head_over}
-    if (train_p or head_p) and _main_rank():
-        typer.echo(f"protocol {meta.protocol.name} of the cache: evaluate with "
-                   + ", ".join(f"{k}={v}" for k, v in {**train_p, **head_p}.items()))
-    return dc.replace(cfg, **train_p), {**head_over, **head_p}, {"train": train_p, "head": head_p}
-
-
 @app.command("compare-init")
 def compare_init_cmd(
+    ctx: typer.Context,
     cache: Optional[Path] = typer.Option(None, help="Cache folder (default: the last extracted cache of --dataset)."),
     dataset: str = typer.Option("demo", help="Dataset whose last cache is used when --cache is not given."),
     cache_root: Optional[Path] = typer.Option(None, help="Where keyed caches are (default artifacts/caches)."),
@@ -627,9 +258,13 @@ def compare_init_cmd(
     seeds: str = typer.Option("0,1,2", help="Comma list of seeds."),
     shots: str = typer.Option("1,2,0", help="Comma list of K training videos per class (0: all): the table's columns."),
     frozen: str = typer.Option("both", help="both | frozen | tuned: keep W as initialised, train it, or both."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs per run (default: the training default)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs per run (default: the recipe's, or the training default)."),
+    config: ConfigFile = None,
     set_: list[str] = typer.Option([], "--set", help="Override: key=value (training option or head option; "
                                                      "head.key=value forces a head option). Repeatable."),
+    recipe: str = typer.Option("", help="paper | quick | demo: the head's stage-two recipe, as `pipeline train` "
+                                        "resolves it (docs/recipes.md). Default: none, the training defaults (quick's "
+                                        "values). Options override it."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default: artifacts/compare-init/<cache>-<hash>)."),
     corr_classes: int = typer.Option(20, help="Classes shown in the W correlation maps (0: no maps)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -639,6 +274,7 @@ def compare_init_cmd(
 
     from pipeline.compare_init import compare_init, summary_table
     from stages.classifiers import CLASSIFIER_INITS
+    from stages.resolve import find_cache
     from stages.train import split_overrides
 
     def int_list(text: str, flag: str) -> list[int]:
@@ -652,20 +288,23 @@ def compare_init_cmd(
             raise ConfigError(f"{flag} must hold integers >= 0, got {min(values)}")
         return values
 
+    o, file_keys, flags = experiment_file(ctx, config, COMPARE_FILE_OPTIONS, {"epochs": "epochs"})
     if epochs is not None and epochs < 0:
         raise ConfigError(f"--epochs must be 0 or more, got {epochs}")
     if corr_classes < 0:
         raise ConfigError(f"--corr-classes must be 0 or more (0: no maps), got {corr_classes}")
     modes = {"both": (True, False), "frozen": (True,), "tuned": (False,)}
-    if frozen not in modes:
-        raise ConfigError(f"--frozen must be one of {', '.join(modes)}, got '{frozen}'")
-    init_list = [x.strip() for x in inits.split(",") if x.strip()] or list(CLASSIFIER_INITS)
-    train_over, head_over = split_overrides(set_, head)
-    path = _resolve_cache(cache, dataset, cache_root)
-    res = compare_init(path, head=head, inits=init_list, seeds=int_list(seeds, "--seeds"),
-                       shots=int_list(shots, "--shots"), frozen=modes[frozen], epochs=epochs, head_overrides=head_over,
-                       train_overrides=train_over, out_dir=out, corr_classes=corr_classes, progress=progress,
-                       log=typer.echo)
+    if o["frozen"] not in modes:
+        raise ConfigError(f"--frozen must be one of {', '.join(modes)}, got '{o['frozen']}'")
+    init_list = [x.strip() for x in o["inits"].split(",") if x.strip()] or list(CLASSIFIER_INITS)
+    train_over, head_over = split_overrides(set_, o["head"])
+    path, line = find_cache(o["cache"], o["dataset"], o["cache_root"])
+    say([line] if line else [])
+    res = compare_init(path, head=o["head"], inits=init_list, seeds=int_list(o["seeds"], "--seeds"),
+                       shots=int_list(o["shots"], "--shots"), frozen=modes[o["frozen"]], epochs=flags.get("epochs"),
+                       head_overrides=head_over, train_overrides=train_over, recipe=o["recipe"] or None,
+                       file=file_keys, where=f"config file {config}", out_dir=out, corr_classes=corr_classes,
+                       progress=progress, log=typer.echo)
     console = Console(width=120)
     for table in summary_table(res):
         console.print(table)
@@ -756,15 +395,6 @@ def _check_heads(path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- stage three
-FINETUNE_FILE_OPTIONS = {"paradigm": "str", "dataset": "str", "data_root": "path", "video_root": "path",
-                         "train_list": "path", "val_list": "path", "test_list": "path", "classes": "path",
-                         "split_id": "int", "run_dir": "path", "recipe": "str"}
-FINETUNE_FLAG_FIELDS = {"model": "model", "pretrained": "pretrained", "init_seed": "init_seed",
-                        "activation": "activation", "frames": "frames", "views": "views", "epochs": "epochs",
-                        "grad_checkpointing": "grad_checkpointing", "batch": "batch_size",
-                        "global_batch": "global_batch"}
-
-
 @app.command()
 def finetune(
     ctx: typer.Context,
@@ -801,47 +431,24 @@ def finetune(
     global_batch: GlobalBatch = None,
 ):
     """Stage three: fine-tune CLIP end to end from raw video (Text4Vis or ActionCLIP). Runs under torchrun too."""
-    import dataclasses as dc
-    import os
-
     from pipeline.datasets import load_dataset
     from stages.augment import AugmentCfg
-    from stages.finetune import FinetuneCfg, finetune as run_finetune, split_finetune_overrides
-    from stages.recipes import resolve_recipe, stage_three_recipe
+    from stages.finetune import finetune as run_finetune, resolve_finetune
 
-    o, file_keys, flags = _experiment_file(ctx, config, FINETUNE_FILE_OPTIONS, FINETUNE_FLAG_FIELDS)
+    o, file_keys, flags = experiment_file(ctx, config, FINETUNE_FILE_OPTIONS, FINETUNE_FLAG_FIELDS)
     paradigm = o["paradigm"]
     if not paradigm:
         raise ConfigError("no paradigm given: pass --paradigm text4vis|actionclip, or paradigm: in the --config file")
     if flags.get("epochs") is not None and flags["epochs"] < 0:
         raise ConfigError(f"--epochs must be 0 or more, got {flags['epochs']}")
-    file_ft, file_aug, file_head = split_finetune_overrides(file_keys, paradigm, f"config file {config}",
-                                                            [*FINETUNE_FILE_OPTIONS, *FINETUNE_FLAG_FIELDS])
-    set_ft, set_aug, set_head = split_finetune_overrides(set_, paradigm)
-    ft_over = {**set_ft, **{k: v for k, v in flags.items() if v is not None}}
-    rec = stage_three_recipe(paradigm, o["recipe"])
-    defaults = dc.asdict(FinetuneCfg(paradigm=paradigm))
-    ft_over = {**_file_over(file_ft, {**defaults, **rec.values}, ft_over), **ft_over}  # file < --set < flags
-    values, lines = resolve_recipe(rec, ft_over, defaults, world=int(os.environ.get("WORLD_SIZE", "1")))
-    cfg = FinetuneCfg(**{**values, "recipe": o["recipe"]})
-    from stages.backbone import resolve_pretrained
-
-    weights, why = resolve_pretrained(cfg.model, cfg.pretrained if "pretrained" in {**file_ft, **ft_over} else "auto")
-    cfg = dc.replace(cfg, pretrained=weights)
-    if why and weights:
-        lines.append(f"  {why}")
-    aug_over = {**rec.augment, **file_aug, **set_aug}
-    head_over = {**rec.head, **file_head, **set_head}
-    lines.append("  augmentation: " + (", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                 for k, v in aug_over.items()) or "generic (AugmentCfg defaults)"))
-    if _main_rank():
-        for line in lines:
-            typer.echo(line)
-    cfg.validate()
+    r = resolve_finetune(paradigm, o["recipe"], file=file_keys, sets=set_, flags=flags, where=f"config file {config}",
+                         options=[*FINETUNE_FILE_OPTIONS, *FINETUNE_FLAG_FIELDS])
+    cfg = r.cfg
+    say(r.lines)
     spec = load_dataset(o["dataset"], data_root=o["data_root"], video_root=o["video_root"],
                         train_list=o["train_list"], val_list=o["val_list"], test_list=o["test_list"],
                         classes=o["classes"], split_id=o["split_id"])
-    res = run_finetune(spec, cfg, head_over, AugmentCfg(**aug_over), run_dir=o["run_dir"], resume=resume,
+    res = run_finetune(spec, cfg, r.head, AugmentCfg(**r.augment), run_dir=o["run_dir"], resume=resume,
                        progress=progress, log=typer.echo, force=force)
     if res["rank"] != 0:
         return
@@ -868,92 +475,6 @@ def finetune_export(
     config = Path(run) / "config.json"
     model = json.loads(config.read_text())["finetune"]["model"] if config.exists() else "<model>"
     typer.echo(f"wrote {path}; build a cache from it with: pipeline extract --model {model} --pretrained {path} ...")
-
-
-# ----------------------------------------------------------------------------- scale out: export, finalize
-@cache_app.command("export")
-def cache_export(
-    path: Path = typer.Argument(..., help="Cache folder."),
-    format_: str = typer.Option("wds", "--format", help="Export format: wds (WebDataset tar shards) | npy (one "
-                                "memory-mappable .npy per tap and split, and index.json)."),
-    out: Optional[Path] = typer.Option(None, help="Folder for the export (default: <cache>-wds or <cache>-npy next "
-                                                  "to the cache)."),
-    shard_bytes: str = typer.Option("1GB", help="Shard size limit: 1GB, 500MB, 64MiB or bytes."),
-    name: str = typer.Option("", help="Shard name prefix NAME (default: the cache folder's name)."),
-    split: list[str] = typer.Option([], "--split", help="Export only this split (repeatable; default: all)."),
-    partial: bool = typer.Option(False, "--partial", help="Export the done videos of an incomplete cache."),
-    array: list[str] = typer.Option([], "--array", help="npy: export only this cache array (frame_emb, cls, patch, "
-                                                        "frames; repeatable; default: all)."),
-):
-    """Export the done videos as WebDataset shards NAME-<split>-000000.tar plus NAME-header.json, or as .npy files."""
-    from cache.files import human_bytes
-    from cache.store import open_store
-    from cache.wds import export_wds
-
-    if format_ not in ("wds", "npy"):
-        raise ConfigError(f"--format must be wds (WebDataset shards) or npy (numpy arrays), got '{format_}'")
-    if format_ == "npy":
-        from pipeline.export_npy import export_npy_command
-
-        return export_npy_command(path, out, split, array, partial)
-    if array:
-        raise ConfigError("--array picks the arrays of an npy export (--format npy); a WebDataset export holds them all")
-    st = open_store(path)
-    dest = out or st.path.parent / f"{st.path.name}-wds"
-    res = export_wds(st, dest, name=name or None, shard_bytes=shard_bytes, splits=split or None, partial=partial,
-                     log=typer.echo)
-    for s, info in res["splits"].items():
-        c = info["counts"]
-        typer.echo(f"{s}: {info['samples']} videos in {len(info['shards'])} shard(s)"
-                   + (f" ({c['failed']} failed, {c['pending']} pending: not exported)" if c["failed"] or c["pending"]
-                      else ""))
-    typer.echo(f"export {dest}: {human_bytes(res['bytes'])} (cache {human_bytes(st.size_bytes())}) "
-               f"in {res['seconds']:.1f}s")
-    typer.echo(f"header {dest / (res['name'] + '-header.json')}")
-
-
-@cache_app.command("finalize")
-def cache_finalize(path: Path = typer.Argument(..., help="Cache folder written by several ranks or nodes.")):
-    """After a multi-node extraction: check every video is done or failed, write summary.json."""
-    from cache.files import human_bytes
-    from cache.paths import keyed_root, mark_latest
-    from cache.store import open_store
-
-    st = open_store(path)
-    pending = {s: st.pending_shards(s) for s in st.splits}
-    if any(pending.values()):
-        parts = []
-        for s, shards in pending.items():
-            for k in shards:
-                a, b = st.shard_range(s, k)
-                parts.append(f"{s} shard {k} (videos {a}-{b - 1})")
-        n = sum(st.counts(s)["pending"] for s in st.splits)
-        raise CacheError(f"cache {path} is not complete: {n} pending video(s) in {len(parts)} shard(s): "
-                         f"{', '.join(parts[:20])}{' ...' if len(parts) > 20 else ''}; rerun the rank(s) that own "
-                         "them with the same command and their --shard i/n")
-    summary = st.write_summary()
-    for s in st.splits:
-        c = summary["splits"][s]
-        typer.echo(f"{s}: done {c['done']}, failed {c['failed']}, pending 0")
-        for f in summary["failures"][s]:
-            typer.echo(f"  failed [{s}] {f['path']}: {f['reason']}")
-    mark_latest(st.path, st.info.dataset.name, keyed_root(st.path, st.key))
-    typer.echo(f"cache {st.path} complete ({human_bytes(summary['bytes'])}); summary {st.path / 'summary.json'}")
-
-
-def _wds_source(wds: str, header: str, eval_shards: str, shuffle: int, resample: bool, cfg, cache: Optional[Path]):
-    """`train --wds`: the export as train_head's data source (stages/data/wds_split.py)."""
-    from stages.data.wds_split import open_wds_source
-
-    if cache is not None:
-        raise ConfigError("give either --cache (a Zarr cache) or --wds (WebDataset shards), not both")
-    if shuffle < 0:
-        raise ConfigError(f"--wds-shuffle must be >= 0, got {shuffle}")
-    src = open_wds_source(wds, header=header or None, eval_spec=eval_shards or None, train_split=cfg.train_split,
-                          eval_split=cfg.eval_split, shuffle=shuffle, resample=resample)
-    if src.note:
-        typer.echo(src.note, err=True)  # a version 1 export: read, but its members are unchecked
-    return src
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -1020,9 +541,9 @@ def _click_error(exc: Exception) -> int | None:
     ctx = getattr(exc, "ctx", None)
     hint = ""
     if isinstance(exc, errors.UsageError) and ctx is not None:
-        _echo_err(ctx.get_usage())
+        echo_err(ctx.get_usage())
         hint = f" (see `{ctx.command_path} --help`)"
-    _echo_err("error: " + " ".join(exc.format_message().split()) + hint)
+    echo_err("error: " + " ".join(exc.format_message().split()) + hint)
     return exc.exit_code
 
 
@@ -1043,21 +564,21 @@ def main(argv: list[str] | None = None) -> None:
         code = app(args=argv, standalone_mode=False)
         signals.check()  # a stop some library swallowed still ends as one
     except signals.Interrupted as exc:
-        _echo_err(signals.LINE)
+        echo_err(signals.LINE)
         sys.exit(exc.exit_code)
     except PipelineError as exc:
-        _echo_err(f"error: {exc}")
+        echo_err(f"error: {exc}")
         sys.exit(exc.exit_code)
     except Exception as exc:
         if signals.received():  # a failure caused by the stop (e.g. a DataLoader worker killed with us)
-            _echo_err(signals.LINE)
+            echo_err(signals.LINE)
             sys.exit(signals.exit_code())
         status = _click_error(exc)
         if status is not None:
             sys.exit(status)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             where = f" writing {exc.filename}" if exc.filename else ""
-            _echo_err(f"error: disk full{where} ({exc.strerror}): free some space, then rerun the same command "
+            echo_err(f"error: disk full{where} ({exc.strerror}): free some space, then rerun the same command "
                       "to resume")
             sys.exit(1)
         raise

@@ -79,7 +79,7 @@ def runs_show(run: str = typer.Argument(..., help="Run folder, or its name (or a
               as_json: bool = typer.Option(False, "--json", help="Print config, metrics and status as JSON.")):
     """Config, metrics, status and the files of one run; the paper's top-1 where its setting is published."""
     from pipeline.runs_table import changed_options, paper_result, resolve_run, run_row
-    from stages.run_outputs import OUTPUT_FILES
+    from stages.runs import OUTPUT_FILES
 
     rec = resolve_run(run, _root(root))
     if rec.problems:

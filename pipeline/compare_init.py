@@ -40,7 +40,7 @@ from stages.runs import finished_metrics
 from stages.data.zarr_split import select_videos
 from stages.heads import get_head_entry, list_heads
 from stages.classifiers import CLASSIFIER_INITS, classifier_matrix
-from stages.train import TrainCfg, build_head, classifier_options, parse_class_spec, train_head
+from stages.train import TrainCfg, build_head, classifier_options, parse_class_spec, resolve_train, train_head
 
 __all__ = ["compare_init", "classifier_heads", "correlation_matrix", "paper_table", "summary_table", "run_name"]
 
@@ -94,13 +94,17 @@ def _unique(values, what: str) -> list:
 
 def compare_init(cache_path, *, head: str = "text4vis", inits=CLASSIFIER_INITS, seeds=(0, 1, 2), shots=(1, 2, 0),
                  frozen=(True, False), epochs: int | None = None, head_overrides: dict | None = None,
-                 train_overrides: dict | None = None, out_dir=None, corr_classes: int = 20, progress: bool = False,
+                 train_overrides: dict | None = None, recipe: str | None = None, file: dict | None = None,
+                 where: str = "config file", out_dir=None, corr_classes: int = 20, progress: bool = False,
                  log=print) -> dict:
     """Train ``head`` once per (init, seed, shots, frozen) on one cache; write tables and plots.
 
     ``shots`` 0 = all training videos; ``frozen`` True keeps W as initialised, False trains it
-    (the head's ``trainable_classifier`` option). ``epochs`` None = TrainCfg's default (or
-    ``train_overrides['epochs']``). Returns {"out_dir", "results", "summary", "correlation", "files", ...}.
+    (the head's ``trainable_classifier`` option). The other options resolve as `pipeline train`'s
+    (stages.train.resolve_train): TrainCfg's defaults < the head's ``recipe`` (None: none) <
+    ``file`` (an experiment file's keys, named ``where`` in an error; the grid's own keys in it
+    are left to the grid) < ``train_overrides`` / ``head_overrides`` (--set) < ``epochs``; then
+    the cache's test protocol. Returns {"out_dir", "results", "summary", "correlation", "files", ...}.
     """
     store = cache_path if isinstance(cache_path, FeatureStore) else open_store(cache_path)
     head_overrides = dict(head_overrides or {})
@@ -132,9 +136,15 @@ def compare_init(cache_path, *, head: str = "text4vis", inits=CLASSIFIER_INITS, 
     unknown = sorted(set(train_overrides) - train_fields)
     if unknown:
         raise ConfigError(f"unknown training option(s) {', '.join(unknown)}; valid: {', '.join(sorted(train_fields))}")
-    base = TrainCfg(head=head, **train_overrides)
-    if epochs is not None:
-        base = dataclasses.replace(base, epochs=int(epochs))
+    grid = {*_GRID_TRAIN_KEYS, "trainable_classifier"}  # a run's config.yaml holds them: the grid sets them
+    file = {k: v for k, v in (file or {}).items() if k.split(".")[-1] not in grid}
+    sets = {**{f"train.{k}": v for k, v in train_overrides.items()},
+            **{f"head.{k}": v for k, v in head_overrides.items()}}
+    resolved = resolve_train(head, recipe, file=file, sets=sets, cache=store, where=where,
+                             flags=None if epochs is None else {"epochs": int(epochs)})
+    base, head_overrides = resolved.cfg, resolved.head
+    for line in resolved.lines:
+        log(line)
     if base.epochs < 1:
         raise ConfigError(f"epochs must be >= 1, got {base.epochs}")
 
@@ -185,7 +195,8 @@ def compare_init(cache_path, *, head: str = "text4vis", inits=CLASSIFIER_INITS, 
                 log(f"[{n}/{len(grid)}] {name}: the run folder holds other settings; training again")
                 for stale in ("metrics.json", "last.pt"):
                     (run_dir / stale).unlink(missing_ok=True)
-            res = train_head(store, cfg, over, run_dir=run_dir, resume=state == "resume", progress=progress, log=log)
+            res = train_head(store, cfg, over, run_dir=run_dir, resume=state == "resume", progress=progress, log=log,
+                             sources=resolved.sources)
         fin = res["final"]
         log(f"[{n}/{len(grid)}] {name}: top1 {fin['top1']:.1f}%  top5 {fin['top5']:.1f}%  "
             f"mean-class {fin['mean_class']:.1f}%  " + ("(reused)" if state == "done" else f"({res['seconds']:.1f}s)"))

@@ -138,7 +138,14 @@ def _run_demo(paths: dict[str, Path], spec, pre: dict, cache: Path, ext, quick: 
     from pipeline.compare_init import compare_init
     from pipeline.sweep import Stopped, SweepRun, program, run_commands
     from stages.runs import finished_metrics
-    from stages.train import TrainCfg, train_head
+    from stages.train import resolve_train, train_head
+
+    def run(head: str, recipe: str | None, head_options: dict | None = None, log=print, **flags) -> dict:
+        """One head trained as `pipeline train` resolves it (``flags``: TrainCfg values given)."""
+        r = resolve_train(head, recipe, sets={f"head.{k}": v for k, v in (head_options or {}).items()}, flags=flags,
+                          cache=cache)
+        return train_head(r.source, r.cfg, r.head, runs_root=paths["runs"], progress=False, log=log, reuse=True,
+                          sources=r.sources)
 
     root = paths["demo"]
     # Steps 4 and 5-6 side by side: the heads as `pipeline train --recipe demo` processes (the very
@@ -165,13 +172,11 @@ def _run_demo(paths: dict[str, Path], spec, pre: dict, cache: Path, ext, quick: 
     try:
         _say("[5/6] zero-shot with the demo CLIP's text classifier")
         K = len(spec.classes)
-        zs = train_head(cache, TrainCfg(head="text4vis", epochs=0, seed=0),
-                        {"temporal": "tap"}, runs_root=paths["runs"], progress=False, reuse=True)
+        zs = run("text4vis", None, {"temporal": "tap"}, epochs=0, seed=0)
         half = ",".join(str(c) for c in range(K // 2))
         other = ",".join(str(c) for c in range(K // 2, K))
-        zs_split = train_head(cache, TrainCfg(head="text4vis", epochs=2 if quick else 20, batch_size=16, seed=0,
-                                              train_classes=half, test_classes=other),
-                              DEMO_HEADS["text4vis"]["head"], runs_root=paths["runs"], progress=False, reuse=True)
+        zs_split = run("text4vis", None, DEMO_HEADS["text4vis"]["head"], epochs=2 if quick else 20, batch_size=16,
+                       seed=0, train_classes=half, test_classes=other)
 
         _say("[6/6] compare-init: classifier initialisations in few-shot")
         ci = compare_init(cache, head="text4vis", seeds=seeds if not quick else (0,), shots=(1, 2, 0),

@@ -11,7 +11,8 @@ __all__ = ["export_npy_command"]
 
 def export_npy_command(path: Path, out: Path | None, splits: list[str], arrays: list[str], partial: bool) -> None:
     from cache.npy_export import export_npy
-    from cache.store import human_bytes, open_store
+    from cache.files import human_bytes
+    from cache.store import open_store
 
     st = open_store(path)
     dest = out or st.path.parent / f"{st.path.name}-npy"

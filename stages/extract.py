@@ -17,7 +17,7 @@ import sys
 import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,14 +41,16 @@ from cache.store import (
     repair_static,
 )
 from stages.backbone import (BackboneInfo, FrozenCLIP, clip_identity, load_clip, model_config, parse_layers,
-                             resolve_model_name, weights_id)
+                             resolve_model_name, resolve_pretrained, weights_id)
 from stages.dist import check_device
 from stages.text import TEXT_SETS, compute_text_sets
-from stages.recipes import protocol_record, resize_side
+from stages.recipes import protocol_for_heads, protocol_record, resize_side, resolve_protocol
+from stages.resolve import Resolved
 from stages.video import (VIEW_PARAM_COLUMNS, AugViewCfg, SamplingCfg, augmented_views, decode_video,
                           layout_key, make_views, normalize, parse_views, validate_sampling)
 
-__all__ = ["ExtractCfg", "ExtractPlan", "plan_extraction", "run_extraction", "default_cache_root", "latest_cache"]
+__all__ = ["ExtractCfg", "ExtractPlan", "resolve_extract", "add_head_needs", "plan_extraction", "run_extraction",
+           "default_cache_root", "latest_cache"]
 
 # Bump when decoding/sampling/cropping changes what lands in a cache (part of the cache key).
 # 2: frame-exact decoding (decord's random access only where exact; rotation; best stream).
@@ -157,6 +159,40 @@ def add_head_needs(cfg: ExtractCfg, heads: list[str], num_classes: int, view_ban
         train_aug = recommended_view_bank(heads)
     return replace(cfg, layers=",".join(map(str, sorted(layers))) or "none", patch=patch, store_frames=frames,
                    train_aug=train_aug)
+
+
+def resolve_extract(flags: dict | None = None, *, protocol: str = "", heads=(), num_classes: int = 0,
+                    view_bank: bool = True) -> Resolved:
+    """Stage one's options, resolved as stages/resolve.py says: ExtractCfg's defaults < the test
+    ``protocol`` (""  with ``heads``: their papers' own; "none": none) < ``flags`` (ExtractCfg values
+    given; a sampling option None is not given); then what ``heads`` read with their default
+    options (``add_head_needs``; ``num_classes``: the dataset's). ``pretrained`` 'auto' picks the
+    weights (stages.backbone.resolve_pretrained)."""
+    flags, heads, lines = dict(flags or {}), list(heads), []
+    if not protocol and heads:  # the papers' test views by default
+        protocol = protocol_for_heads(heads)
+        if protocol:
+            lines.append(f"--for-head {','.join(heads)}: the paper's test protocol {protocol} (--protocol none: one "
+                         "centre view)")
+    protocol = "" if protocol == "none" else protocol
+    keys = ("frames", "sampling", "stride", "views", "resize_ratio")
+    given = {k: flags.pop(k) for k in keys if k in flags}
+    sample, _record, proto_lines = resolve_protocol(protocol, {k: v for k, v in given.items() if v is not None},
+                                                    {k: getattr(ExtractCfg(), k) for k in keys})
+    cfg = ExtractCfg(**{**flags, **sample, "protocol": protocol})
+    pretrained, why = resolve_pretrained(cfg.model, cfg.pretrained)
+    cfg = replace(cfg, pretrained=pretrained)
+    if why and pretrained:  # a default chose real weights: say which
+        lines.append(why)
+    lines += proto_lines
+    if heads:
+        cfg = add_head_needs(cfg, heads, num_classes, view_bank=view_bank)
+        bank = "" if cfg.train_aug is None else f", view bank --train-aug {cfg.train_aug}" + (
+            "" if flags.get("train_aug") is not None else " (the heads' measured default; --no-view-bank: plain "
+                                                          "train views)")
+        lines.append(f"for {', '.join(heads)}: layers {cfg.layers}, patch tokens {'yes' if cfg.patch else 'no'}, "
+                     f"uint8 frames {'yes' if cfg.store_frames else 'no'}{bank}")
+    return Resolved(cfg, lines=lines)
 
 
 def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,

@@ -45,7 +45,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +56,8 @@ from torch.utils.data import DataLoader, Dataset
 from cache.errors import ConfigError, DatasetError, ModelError, TrainingError, decode_failure_reason
 from stages.augment import AugmentCfg, augment_clip, build_train_transform, eval_resize, eval_views
 from stages.backbone import (ACTIVATION_CHOICES, ACTIVATION_KEY, BackboneInfo, load_clip, model_activation,
-                             model_config, pixel_stats, resolve_activation, resolve_model_name, weights_id)
+                             model_config, pixel_stats, resolve_activation, resolve_model_name, resolve_pretrained,
+                             weights_id)
 from stages.checkpoint import load_checkpoint, save_checkpoint
 from stages.dist import DistContext, dist_device, rank_batches
 from stages.heads.registry import get_head_entry, make_cfg
@@ -64,7 +65,8 @@ from stages.heads.actionclip import video_text_kl_loss  # re-exported: the loss 
 from stages.config import OptionSet, parse_set, split_options, validate_choice
 from stages.evaluate import evaluate_head
 from stages.paradigms import Paradigm, get_paradigm, list_paradigms
-from stages.recipes import accumulation_steps
+from stages.recipes import accumulation_steps, resolve_recipe, stage_three_recipe
+from stages.resolve import Resolved, file_layer, world_size
 from stages.runs import (AMP_CHOICES, RunLog, autocast, autocast_dtype, check_finite_weights, default_runs_root,
                          lr_factor, param_groups, settle_run, step_overflow_stops, write_experiment)
 from stages.video import SamplingCfg, decode_clips, parse_views, validate_sampling
@@ -73,6 +75,7 @@ __all__ = [
     "PARADIGMS",
     "FinetuneCfg",
     "split_finetune_overrides",
+    "resolve_finetune",
     "video_text_kl_loss",
     "DistContext",
     "VideoClips",
@@ -174,6 +177,31 @@ def split_finetune_overrides(pairs, paradigm: str, where: str = "--set", options
     out = split_options(values, sets, where, options)
     make_cfg(paradigm, out["head"])  # the head's options build a head, before any work
     return out["finetune"], out["aug"], out["head"]
+
+
+def resolve_finetune(paradigm: str, recipe: str = "paper", *, file: dict | None = None, sets=(),
+                     flags: dict | None = None, where: str = "config file", options=()) -> Resolved:
+    """Stage three's options, resolved as stages/resolve.py says: FinetuneCfg's defaults < the
+    paradigm's preset ``recipe`` < ``file`` (an experiment file's keys) < ``sets`` (--set pairs or
+    {key: value}) < ``flags`` ({FinetuneCfg field: value} given explicitly); the same layers for
+    the head options and the augmentation. ``pretrained`` 'auto' (unless set) picks the weights."""
+    file_ft, file_aug, file_head = split_finetune_overrides(file or {}, paradigm, where, options)
+    set_ft, set_aug, set_head = split_finetune_overrides(sets, paradigm)
+    you = {**set_ft, **{k: v for k, v in (flags or {}).items() if v is not None}}
+    rec = stage_three_recipe(paradigm, recipe)
+    defaults = asdict(FinetuneCfg(paradigm=paradigm))
+    explicit = {**file_layer(file_ft, {**defaults, **rec.values}, you), **you}  # file < --set < flags
+    values, lines = resolve_recipe(rec, explicit, defaults, world=world_size())
+    cfg = FinetuneCfg(**{**values, "recipe": recipe})
+    weights, why = resolve_pretrained(cfg.model, cfg.pretrained if "pretrained" in {**file_ft, **explicit} else "auto")
+    cfg = replace(cfg, pretrained=weights)
+    if why and weights:
+        lines.append(f"  {why}")
+    aug = {**rec.augment, **file_aug, **set_aug}
+    lines.append("  augmentation: " + (", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                 for k, v in aug.items()) or "generic (AugmentCfg defaults)"))
+    cfg.validate()
+    return Resolved(cfg, {**rec.head, **file_head, **set_head}, aug, lines=lines)
 
 
 # ----------------------------------------------------------------------------- data

@@ -30,12 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.store import FeatureStore, atomic_write_text
+from cache.files import atomic_write_text
+from cache.store import FeatureStore
+from stages.runs import OUTPUT_FILES  # what a finished run keeps beside last.pt (re-exported)
 
-__all__ = ["OUTPUT_FILES", "data_record", "is_new_best", "save_best", "best_epoch", "eval_outputs", "write_eval_outputs", "write_scores",
+__all__ = ["OUTPUT_FILES", "data_record", "is_new_best", "save_best", "best_epoch", "eval_outputs", "write_scores",
            "plot_confusion"]
 
-OUTPUT_FILES = ("best.pt", "per_class.csv", "confusion.csv", "confusion.png", "predictions.csv")
 TOP_K = 5
 
 
@@ -144,23 +145,6 @@ def plot_confusion(conf: np.ndarray, names: list[str], path: Path, title: str) -
     finally:
         plt.close(fig)
         tmp.unlink(missing_ok=True)
-
-
-def write_eval_outputs(run_dir: Path, head, data, device, *, store, split: str, indices: np.ndarray,
-                       classes: list[int] | None, average: str = "scores", classifier=None, amp_dtype=None,
-                       title: str = "") -> dict:
-    """Evaluate ``head`` on ``data`` (the selected videos ``indices`` of ``split``, in that order)
-    once more, on this process alone, and write per_class.csv, confusion.csv / .png and
-    predictions.csv into ``run_dir``. ``classes``: the cache's class of each label (None: all).
-    Returns the metrics of this pass."""
-    from stages.evaluate import evaluate_head
-
-    kept: dict = {}
-    metrics = evaluate_head(head, data, device, average=average, classifier=classifier, amp_dtype=amp_dtype,
-                            keep=kept)
-    write_scores(run_dir, kept["scores"].numpy(), kept["labels"].numpy(), store=store, split=split, indices=indices,
-                 classes=classes, title=title)
-    return metrics
 
 
 def write_scores(out_dir: Path, scores: np.ndarray, labels: np.ndarray, *, store, split: str, indices: np.ndarray,

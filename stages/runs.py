@@ -37,12 +37,14 @@ from cache.errors import ConfigError, TrainingError
 from cache.files import atomic_write_text
 from cache.paths import artifacts_root
 from stages.config import validate_choice
-from stages.run_outputs import OUTPUT_FILES
 
 __all__ = ["RunLog", "RunRecord", "read_run", "list_runs", "default_runs_root", "entry_metrics", "RUN_STATES",
            "RESUME_FREE", "check_resumable", "existing_run", "finished_metrics", "remove_unstarted", "AMP_CHOICES", "autocast_dtype",
            "autocast", "lr_factor", "param_groups", "plot_curves", "settle_run", "make_run_dir", "check_finite_weights",
-           "step_overflow_stops", "experiment_record", "write_experiment"]
+           "step_overflow_stops", "experiment_record", "write_experiment", "OUTPUT_FILES"]
+
+# What a finished run keeps beside last.pt and metrics.json (stages/run_outputs.py writes them)
+OUTPUT_FILES = ("best.pt", "per_class.csv", "confusion.csv", "confusion.png", "predictions.csv")
 
 RUN_STATES = ("running", "finished", "failed", "interrupted", "stopped", "corrupt")
 

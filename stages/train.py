@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,7 +48,7 @@ from stages.config import OptionSet, parse_set, split_options, validate_choice
 from stages.data.batch import collate_items
 from stages.data.batch import to_device as _to  # the loop's short name for it
 from stages.data.loader import PRELOADS, SHUFFLES, epoch_plan, train_loader
-from stages.data.open import open_source, split_dataset
+from stages.data.open import is_wds, open_source, split_dataset
 from stages.data.zarr_split import check_cache_for_head, select_videos
 from stages.dist import DistContext, dist_device
 from stages.evaluate import EVAL_AVERAGES, evaluate_head
@@ -56,11 +57,12 @@ from stages.runs import (ADDED_LATER, AMP_CHOICES, RunLog, autocast, autocast_dt
                          write_experiment)
 from stages.heads.needs import DIM_FIELDS
 from stages.heads.registry import Head, get_head_entry, make_cfg
-from stages.recipes import accumulation_steps
-from stages.run_outputs import data_record, is_new_best, save_best, write_eval_outputs
+from stages.recipes import accumulation_steps, protocol_eval_overrides, resolve_recipe, stage_two_recipe
+from stages.resolve import Resolved, file_layer, find_cache, value_sources, world_size
+from stages.run_outputs import data_record, is_new_best, save_best, write_scores
 
-__all__ = ["TrainCfg", "parse_class_spec", "split_overrides", "build_head", "build_optimizer", "classifier_options",
-           "train_head", "cached_backbone_weights"]
+__all__ = ["TrainCfg", "parse_class_spec", "split_overrides", "resolve_train", "build_head", "build_optimizer",
+           "classifier_options", "train_head", "cached_backbone_weights"]
 
 
 @dataclass
@@ -185,6 +187,73 @@ def split_overrides(pairs, head: str = "", where: str = "--set", options=()) -> 
     return typed["train"], {k.removeprefix("head."): v for k, v in untyped.items()}
 
 
+def resolve_train(head: str, recipe: str | None = "paper", *, file: dict | None = None, sets=(),
+                  flags: dict | None = None, cache=None, dataset: str = "demo", cache_root=None,
+                  wds: dict | None = None, where: str = "config file", options=()) -> Resolved:
+    """Stage two's options, resolved as stages/resolve.py says, and the source it reads.
+
+    TrainCfg's defaults < the head's preset ``recipe`` (None: no preset, the defaults alone) <
+    ``file`` (an experiment file's keys, as ``split_overrides`` takes them; ``where`` and
+    ``options`` name them in an error) < ``sets`` (--set pairs, or {key: value}) < ``flags``
+    ({TrainCfg field: value} given explicitly); then a Zarr cache's test protocol sets the
+    evaluation options none of them set. The source: ``wds`` ({"spec", "header", "eval_spec",
+    "shuffle", "resample"}: a WebDataset export, opened with the resolved splits), else ``cache``
+    (a location or an open source), else the last cache extracted for ``dataset``.
+    """
+    file_train, file_head = split_overrides(file or {}, head, where, options)
+    set_train, set_head = split_overrides(sets, head)
+    you = {**set_train, **(flags or {})}
+    defaults = {f.name: getattr(TrainCfg(), f.name) for f in dataclasses.fields(TrainCfg)}
+    if recipe:
+        device = str({**file_train, **you}.get("device", "auto"))
+        rec = stage_two_recipe(head, recipe, cuda=device.startswith("cuda") or (device == "auto"
+                                                                                and torch.cuda.is_available()))
+        explicit = {**file_layer(file_train, {**defaults, **rec.values}, you), **you}
+        values, lines = resolve_recipe(rec, explicit, defaults, world=world_size())
+        preset = (rec.values, rec.head)
+    else:
+        values, lines, preset = {**defaults, **file_train, **you}, [], ({}, {})
+    values.update(head=head, recipe=recipe or "")
+    cfg = TrainCfg(**values)
+    cfg.validate()
+    head_over = {**preset[1], **file_head, **set_head}
+    out = Resolved(cfg, head_over, lines=lines)
+    if wds:
+        if cache is not None:
+            raise ConfigError("give either --cache (a Zarr cache) or --wds (WebDataset shards), not both")
+        if wds.get("shuffle", 1000) < 0:
+            raise ConfigError(f"--wds-shuffle must be >= 0, got {wds['shuffle']}")
+        from stages.data.wds_split import open_wds_source
+
+        out.source = open_wds_source(**wds, train_split=cfg.train_split, eval_split=cfg.eval_split)
+        out.notes += [out.source.note] if out.source.note else []  # a version 1 export: its members unchecked
+    elif isinstance(cache, (str, os.PathLike)) or cache is None:
+        out.source, line = find_cache(cache, dataset, cache_root)
+        out.lines += [line] if line else []
+    else:
+        out.source = cache
+    name, *protocol = _cache_protocol(out.source, cfg.head, {**file_train, **you}, head_over)
+    if any(protocol):
+        out.lines.append(f"protocol {name} of the cache: evaluate with "
+                         + ", ".join(f"{k}={v}" for k, v in {**protocol[0], **protocol[1]}.items()))
+        out.cfg = dataclasses.replace(cfg, **protocol[0])
+        out.head = {**head_over, **protocol[1]}
+    out.sources = value_sources(preset, protocol, (file_train, file_head), (you, set_head))
+    return out
+
+
+def _cache_protocol(source, head: str, train_given: dict, head_given: dict) -> tuple[str, dict, dict]:
+    """(protocol name, TrainCfg values, head values) a Zarr cache's test protocol implies for
+    evaluation, less those given; an export's protocol is not applied."""
+    if not isinstance(source, (str, os.PathLike, FeatureStore)) or \
+            isinstance(source, (str, os.PathLike)) and is_wds(source):
+        return "", {}, {}
+    meta = open_source(source).info
+    train_p, head_p = protocol_eval_overrides(meta, head)
+    return (meta.protocol.name if meta.protocol else "", {k: v for k, v in train_p.items() if k not in train_given},
+            {k: v for k, v in head_p.items() if k not in head_given})
+
+
 # ----------------------------------------------------------------------------- head + classifier
 def build_head(name: str, store: FeatureStore, overrides: dict, num_classes: int | None = None) -> Head:
     """Create a head with its dims filled from the cache metadata, then the user's overrides."""
@@ -272,6 +341,21 @@ def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: 
     finally:
         torch.set_num_threads(threads0)
         ctx.stop()
+
+
+def _write_eval_outputs(run_dir: Path, head, data, device, *, store, split: str, indices: np.ndarray,
+                       classes: list[int] | None, average: str = "scores", classifier=None, amp_dtype=None,
+                       title: str = "") -> dict:
+    """Evaluate ``head`` on ``data`` (the selected videos ``indices`` of ``split``, in that order)
+    once more, on this process alone, and write per_class.csv, confusion.csv / .png and
+    predictions.csv into ``run_dir``. ``classes``: the cache's class of each label (None: all).
+    Returns the metrics of this pass."""
+    kept: dict = {}
+    metrics = evaluate_head(head, data, device, average=average, classifier=classifier, amp_dtype=amp_dtype,
+                            keep=kept)
+    write_scores(run_dir, kept["scores"].numpy(), kept["labels"].numpy(), store=store, split=split, indices=indices,
+                 classes=classes, title=title)
+    return metrics
 
 
 def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, resume: bool, progress: bool, log,
@@ -374,7 +458,7 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
         if head.uses_sklearn or cfg.epochs == 0:
             runlog.epoch(history[-1])
         if ctx.main:  # per_class.csv, confusion.csv/.png, predictions.csv (stages/run_outputs.py)
-            write_eval_outputs(run_dir, head, eval_data, device, store=store, split=cfg.eval_split, indices=eval_idx,
+            _write_eval_outputs(run_dir, head, eval_data, device, store=store, split=cfg.eval_split, indices=eval_idx,
                                classes=eval_classes, average="scores" if head.uses_sklearn else cfg.eval_average,
                                classifier=eval_classifier, amp_dtype=amp_dtype, title=f"{cfg.head} ({cfg.eval_split})")
         result = {"head": cfg.head, "final": metrics, "history": history, "train_videos": int(len(shot_idx)),

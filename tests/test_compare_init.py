@@ -185,3 +185,38 @@ def test_cli_prints_table_and_files(cache, tmp_path):
                  "correlation_minilm.png"):
         assert str(out / name) in proc.stdout and (out / name).exists()
     assert len(_read_csv(out / "results.csv")) == 2
+
+
+def test_cli_resolves_recipe_config_and_set_as_train_does(cache, tmp_path):
+    """compare-init's runs resolve as `pipeline train`'s (issue 21 item 5): recipe < --config < --set <
+    flags; a run's config.yaml serves as the file, its seed / shots / init left to the grid."""
+    import dataclasses
+    import json
+
+    from stages.config import load_experiment
+    from stages.train import resolve_train
+
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("head:\n  name: text4vis\n  layers: 1\n  pos_rows: 8\nrecipe: quick\n"
+                   "train:\n  lr: 0.002\n  weight_decay: 0.1\n  seed: 7\n  shots: 3\n  epochs: 3\n")
+    out = tmp_path / "out"
+    proc = run_cli("compare-init", "--cache", cache, "--config", exp, "--out", out, "--inits", "orthogonal",
+                   "--seeds", "0", "--shots", "1", "--frozen", "frozen", "--set", "weight_decay=0.2", "--epochs", "1",
+                   "--corr-classes", "0", "--no-progress", check=True)
+    assert "recipe quick for text4vis" in proc.stdout
+    saved = json.loads((out / "runs" / run_name("orthogonal", 0, 1, True) / "config.json").read_text())
+    train = saved["train"]
+    assert (train["recipe"], train["lr"], train["weight_decay"], train["epochs"]) == ("quick", 0.002, 0.2, 1)
+    assert (train["seed"], train["shots"], train["classifier_init"]) == (0, 1, "orthogonal")  # the grid's
+    assert (saved["head"]["layers"], saved["head"]["pos_rows"]) == (1, 8)
+    assert saved["sources"]["train"]["lr"] == "file" and saved["sources"]["train"]["weight_decay"] == "you"
+    # `pipeline train` with the same file, --set and flag resolves to the same options
+    file = {k: v for k, v in load_experiment(exp).items() if k not in ("head.name", "recipe")}
+    same = resolve_train("text4vis", "quick", file=file, sets=["weight_decay=0.2"], flags={"epochs": 1}, cache=cache)
+    grid = {"seed": 0, "shots": 1, "classifier_init": "orthogonal"}
+    assert json.loads(json.dumps({**dataclasses.asdict(same.cfg), **grid})) == train
+    # the run's config.yaml as the file runs the same settings again: reused
+    again = run_cli("compare-init", "--cache", cache, "--config", out / "runs" / run_name("orthogonal", 0, 1, True)
+                    / "config.yaml", "--out", out, "--inits", "orthogonal", "--seeds", "0", "--shots", "1", "--frozen",
+                    "frozen", "--corr-classes", "0", "--no-progress", check=True)
+    assert "(reused)" in again.stdout
