@@ -25,10 +25,9 @@ import sys
 import tempfile
 import time
 import zlib
-
-import google_crc32c
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

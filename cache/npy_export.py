@@ -34,8 +34,8 @@ from typing import Callable
 import numpy as np
 
 from cache.errors import CacheError, CacheMismatchError, ConfigError
-from cache.store import FeatureStore, atomic_write_text
 from cache.source import DONE, FAILED, PENDING
+from cache.store import FeatureStore, atomic_write_text
 
 __all__ = ["NPY_FORMAT", "NPY_VERSION", "array_names", "read_array", "export_npy", "NpyExport", "open_npy_export"]
 

@@ -59,9 +59,9 @@ import google_crc32c
 import numpy as np
 
 from cache.errors import CacheError, CacheMismatchError, ConfigError
+from cache.files import atomic_write_text
 from cache.meta import StoreMeta
 from cache.quant import QUANT_SUFFIXES, dequantize_int8
-from cache.files import atomic_write_text
 from cache.source import DONE, FAILED, ArraySpec, CacheSource
 from cache.store import FeatureStore
 

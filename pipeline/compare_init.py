@@ -36,10 +36,10 @@ from cache.errors import ConfigError
 from cache.files import atomic_write_text
 from cache.paths import artifacts_root
 from cache.store import FeatureStore, open_store
-from stages.runs import finished_metrics
+from stages.classifiers import CLASSIFIER_INITS, classifier_matrix
 from stages.data.zarr_split import select_videos
 from stages.heads import get_head_entry, list_heads
-from stages.classifiers import CLASSIFIER_INITS, classifier_matrix
+from stages.runs import finished_metrics
 from stages.train import TrainCfg, build_head, classifier_options, parse_class_spec, resolve_train, train_head
 
 __all__ = ["compare_init", "classifier_heads", "correlation_matrix", "paper_table", "summary_table", "run_name"]

@@ -43,9 +43,9 @@ from cache.store import (
 from stages.backbone import (BackboneInfo, FrozenCLIP, clip_identity, load_clip, model_config, parse_layers,
                              resolve_model_name, resolve_pretrained, weights_id)
 from stages.dist import check_device
-from stages.text import TEXT_SETS, compute_text_sets
 from stages.recipes import protocol_for_heads, protocol_record, resize_side, resolve_protocol
 from stages.resolve import Resolved
+from stages.text import TEXT_SETS, compute_text_sets
 from stages.video import (VIEW_PARAM_COLUMNS, AugViewCfg, SamplingCfg, augmented_views, decode_video,
                           layout_key, make_views, normalize, parse_views, validate_sampling)
 

@@ -59,11 +59,11 @@ from stages.backbone import (ACTIVATION_CHOICES, ACTIVATION_KEY, BackboneInfo, l
                              model_config, pixel_stats, resolve_activation, resolve_model_name, resolve_pretrained,
                              weights_id)
 from stages.checkpoint import load_checkpoint, save_checkpoint
-from stages.dist import DistContext, dist_device, rank_batches
-from stages.heads.registry import get_head_entry, make_cfg
-from stages.heads.actionclip import video_text_kl_loss  # re-exported: the loss ActionCLIP fine-tuning uses
 from stages.config import OptionSet, parse_set, split_options, validate_choice
+from stages.dist import DistContext, dist_device, rank_batches
 from stages.evaluate import evaluate_head
+from stages.heads.actionclip import video_text_kl_loss  # re-exported: the loss ActionCLIP fine-tuning uses
+from stages.heads.registry import get_head_entry, make_cfg
 from stages.paradigms import Paradigm, get_paradigm, list_paradigms
 from stages.recipes import accumulation_steps, resolve_recipe, stage_three_recipe
 from stages.resolve import Resolved, file_layer, world_size

@@ -52,14 +52,14 @@ from stages.data.open import is_wds, open_source, split_dataset
 from stages.data.zarr_split import check_cache_for_head, select_videos
 from stages.dist import DistContext, dist_device
 from stages.evaluate import EVAL_AVERAGES, evaluate_head
-from stages.runs import (ADDED_LATER, AMP_CHOICES, RunLog, autocast, autocast_dtype, check_finite_weights,
-                         default_runs_root, lr_factor, make_run_dir, param_groups, remove_unstarted, settle_run,
-                         write_experiment)
 from stages.heads.needs import DIM_FIELDS
 from stages.heads.registry import Head, get_head_entry, make_cfg
 from stages.recipes import accumulation_steps, protocol_eval_overrides, resolve_recipe, stage_two_recipe
 from stages.resolve import Resolved, file_layer, find_cache, value_sources, world_size
 from stages.run_outputs import data_record, is_new_best, save_best, write_scores
+from stages.runs import (ADDED_LATER, AMP_CHOICES, RunLog, autocast, autocast_dtype, check_finite_weights,
+                         default_runs_root, lr_factor, make_run_dir, param_groups, remove_unstarted, settle_run,
+                         write_experiment)
 
 __all__ = ["TrainCfg", "parse_class_spec", "split_overrides", "resolve_train", "build_head", "build_optimizer",
            "classifier_options", "train_head", "cached_backbone_weights"]

@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 from cache.errors import PipelineError
-from stages.train import TrainCfg, train_head
 from stages.data.wds_split import open_wds_source
+from stages.train import TrainCfg, train_head
 
 
 def main() -> None:

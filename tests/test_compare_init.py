@@ -13,8 +13,8 @@ from cache.errors import ConfigError
 from cache.store import open_store
 from conftest import demo_args, run_cli
 from pipeline.compare_init import compare_init, run_name
-from stages.data.zarr_split import select_videos
 from stages.classifiers import classifier_matrix
+from stages.data.zarr_split import select_videos
 from stages.train import build_head
 
 HEAD = {"layers": 1, "pos_rows": 8}

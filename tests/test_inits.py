@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from conftest import extracted_store
-from stages.data.zarr_split import select_videos
 from stages.classifiers import classifier_matrix
+from stages.data.zarr_split import select_videos
 from stages.train import TrainCfg, build_head, train_head
 
 HEAD = {"layers": 1, "pos_rows": 8}

@@ -25,9 +25,9 @@ import stages.train as T
 from cache.errors import CacheError
 from cache.store import FeatureStore, open_store
 from conftest import cli_in_process, extracted_store
+from stages.data.loader import CacheLoader, WdsLoader, ZarrBatches, epoch_plan
 from stages.data.zarr_split import CacheSplit, HeadInputs, select_videos
 from stages.heads import DataKeys
-from stages.data.loader import CacheLoader, WdsLoader, ZarrBatches, epoch_plan
 from stages.runs import finished_metrics
 
 KEYS = DataKeys(frame_emb=True, cls_layers=(-1,), patch_layers=(-1,))

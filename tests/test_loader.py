@@ -16,18 +16,18 @@ import torch
 from torch.utils.data import DataLoader
 
 import stages.evaluate
-from stages.dist import rank_batches
 import stages.train as T
 from cache.quant import dequantize_int8, quantize_int8
 from cache.source import ArraySpec
 from cache.store import DONE, create_store, open_store
 from cache.wds import export_wds
 from conftest import extracted_store
-from stages.data.zarr_split import CacheSplit, HeadInputs, select_videos
-from stages.heads import DataKeys
 from stages.data.loader import (CacheLoader, WdsLoader, ZarrBatches, block_order, dequantize_int8_torch, epoch_plan,
                            eval_loader, train_loader)
 from stages.data.wds_split import open_wds_source
+from stages.data.zarr_split import CacheSplit, HeadInputs, select_videos
+from stages.dist import rank_batches
+from stages.heads import DataKeys
 
 # every array kind, layers out of order (positions are picked, not a range)
 KEYS = DataKeys(frame_emb=True, cls_layers=(-1, 1), patch_layers=(2, -1), frames=True)

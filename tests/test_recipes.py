@@ -16,8 +16,8 @@ import math
 import pytest
 import torch
 
-from conftest import demo_args, run_cli
 from cache.errors import ConfigError
+from conftest import demo_args, run_cli
 from stages.heads import create_head
 from stages.recipes import (accumulation_steps, get_protocol, resolve_protocol, resolve_recipe, stage_three_recipe,
                             stage_two_recipe)

@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from test_signals import ENV, LINE, _handles_sigterm, _train_args, reference, train_reference  # noqa: F401 - fixtures
 from stages.runs import finished_metrics
+from test_signals import ENV, LINE, _handles_sigterm, _train_args, reference, train_reference  # noqa: F401 - fixtures
 
 WORKERS = ["--set", "workers=2", "--set", "preload=off"]  # the workers read the shard files themselves
 

@@ -19,10 +19,10 @@ from cache.source import DONE, FAILED, ArraySpec, CacheSource
 from cache.store import FeatureStore
 from cache.wds import WdsCache, export_wds
 from conftest import extract_in_process
-from stages.data.zarr_split import CacheSplit, HeadInputs, select_videos
-from stages.heads import DataKeys
 from stages.data.open import is_wds, open_source, split_dataset
 from stages.data.wds_split import WdsSource, WdsSplit
+from stages.data.zarr_split import CacheSplit, HeadInputs, select_videos
+from stages.heads import DataKeys
 
 BACKENDS = ("zarr", "wds")
 BAD = {"truncated.mp4", "missing.mp4"}  # train videos that cannot be decoded: FAILED everywhere

@@ -435,3 +435,53 @@ def test_checker_measures_the_longest_chain(tmp_path):
     graph["stages.leaf"]["stages.top"] = 1  # a circle: the chain still ends, each module once
     chain = longest_chain(graph, modules)
     assert len(chain) == len(set(chain)) == 6 and chain[:3] == ["stages.user", "stages.pkg", "stages.pkg.inner"]
+
+
+# ----------------------------------------------------------------------------- import order
+FIRST_PARTY = {*PACKAGES, "clipcache", "conftest"} | {p.stem for p in (ROOT / "tests").glob("*.py")}
+
+
+def _section(module: str) -> int:
+    """isort's sections: __future__, the standard library, third party, this project (tests' helpers too)."""
+    import sys
+
+    top = module.lstrip(".").split(".")[0]
+    if top == "__future__":
+        return 0
+    if module.startswith(".") or top in FIRST_PARTY:
+        return 3
+    return 1 if top in sys.stdlib_module_names else 2
+
+
+def import_order_problems(path: Path, root: Path = ROOT) -> list[str]:
+    """The module's leading block of imports against isort's order (what ruff's I001 checks, less
+    the line wrapping): sections in order, and in each, ``import x`` lines before ``from x import``
+    lines, each sorted by module name. A file marked ``# isort: skip_file`` says why it is exempt."""
+    text = path.read_text()
+    if "# isort: skip_file" in text:
+        return []
+    body = ast.parse(text, str(path)).body
+    start = 1 if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) else 0
+    keys = []
+    for node in body[start:]:
+        if not isinstance(node, (ast.Import, ast.ImportFrom)):
+            break
+        name = node.names[0].name if isinstance(node, ast.Import) else "." * node.level + (node.module or "")
+        keys.append(((_section(name), isinstance(node, ast.ImportFrom), name.lower()), node.lineno, name))
+    return [f"{path.relative_to(root)}:{b[1]}: {b[2]} after {a[2]}" for a, b in zip(keys, keys[1:]) if b[0] < a[0]]
+
+
+def test_imports_are_in_isort_order():
+    files = [p for pkg in (*PACKAGES, "clipcache", "tests") for p in sorted((ROOT / pkg).rglob("*.py"))]
+    problems = [p for f in files for p in import_order_problems(f)]
+    assert not problems, "imports out of isort order:\n" + "\n".join(problems)
+
+
+def test_the_import_order_check_sees_a_misplaced_import(tmp_path):
+    probe = tmp_path / "m.py"
+    probe.write_text('"""doc"""\nimport sys\nimport os\nfrom pathlib import Path\n\nimport numpy\n\nfrom cache import meta\n')
+    assert import_order_problems(probe, tmp_path) == ["m.py:3: os after sys"]
+    probe.write_text("import os\nimport sys\nfrom pathlib import Path\n\nimport numpy\n\nfrom cache import meta\nimport json\n")
+    assert import_order_problems(probe, tmp_path) == ["m.py:8: json after cache"]
+    probe.write_text("import os\nfrom pathlib import Path\n\nimport numpy\nfrom torch import nn\n\nfrom cache import meta\n")
+    assert import_order_problems(probe, tmp_path) == []

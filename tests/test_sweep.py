@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from cache.errors import ConfigError
 from conftest import demo_args, run_cli
 from pipeline.sweep import parse_grid, plan_sweep, summarise
-from cache.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import torch
 from cache.errors import ConfigError
 from cache.store import open_store
 from conftest import demo_args, kill_mid_run, popen_cli, run_cli
-from stages.data.zarr_split import select_videos
 from stages.classifiers import classifier_matrix, text_classifier
+from stages.data.zarr_split import select_videos
 from stages.train import TrainCfg, build_head, train_head
 
 TINY_HEAD_SETS = {

@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 
+import cache.wds as _wds_module
 from cache.quant import QUANT_SUFFIXES
 from cache.store import DONE, FAILED
-import cache.wds as _wds_module
 from cache.wds import WdsCache, export_wds, iter_tar_samples, load_npy, parse_bytes
 from conftest import extracted_store, run_cli
-from stages.data.zarr_split import CacheSplit, HeadInputs, select_videos
-from stages.heads import DataKeys
-from stages.evaluate import evaluate_run
-from stages.train import TrainCfg, train_head
 from stages.data.wds_split import WdsSplit, open_wds_source
+from stages.data.zarr_split import CacheSplit, HeadInputs, select_videos
+from stages.evaluate import evaluate_run
+from stages.heads import DataKeys
+from stages.train import TrainCfg, train_head
 
 
 @pytest.fixture(scope="module")
