@@ -268,6 +268,8 @@ def compare_init_cmd(
     out: Optional[Path] = typer.Option(None, help="Output folder (default: artifacts/compare-init/<cache>-<hash>)."),
     corr_classes: int = typer.Option(20, help="Classes shown in the W correlation maps (0: no maps)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    jobs: int = typer.Option(1, help="Runs at once, each in its own process on cores / jobs threads (1: in this "
+                                     "process). The results equal a one-process grid's."),
 ):
     """Text4Vis classifier-init ablation: train per init x seed x shots x frozen/tuned W, tabulate, plot."""
     from rich.console import Console
@@ -304,7 +306,7 @@ def compare_init_cmd(
                        shots=int_list(o["shots"], "--shots"), frozen=modes[o["frozen"]], epochs=flags.get("epochs"),
                        head_overrides=head_over, train_overrides=train_over, recipe=o["recipe"] or None,
                        file=file_keys, where=f"config file {config}", out_dir=out, corr_classes=corr_classes,
-                       progress=progress, log=typer.echo)
+                       progress=progress, log=typer.echo, jobs=jobs)
     console = Console(width=120)
     for table in summary_table(res):
         console.print(table)

@@ -96,6 +96,7 @@ def compare_init(cache_path, *, head: str = "text4vis", inits=CLASSIFIER_INITS, 
                  frozen=(True, False), epochs: int | None = None, head_overrides: dict | None = None,
                  train_overrides: dict | None = None, recipe: str | None = None, file: dict | None = None,
                  where: str = "config file", out_dir=None, corr_classes: int = 20, progress: bool = False,
+                 jobs: int = 1,
                  log=print) -> dict:
     """Train ``head`` once per (init, seed, shots, frozen) on one cache; write tables and plots.
 
@@ -125,6 +126,8 @@ def compare_init(cache_path, *, head: str = "text4vis", inits=CLASSIFIER_INITS, 
     if any(k < 0 for k in shots):
         raise ConfigError(f"shots must be >= 0 (0 = all training videos), got {shots}")
     frozen = [bool(f) for f in _unique(frozen, "frozen/tuned setting")]
+    if int(jobs) < 1:
+        raise ConfigError(f"jobs must be >= 1 (1: in this process), got {jobs}")
     if corr_classes < 0:
         raise ConfigError(f"corr_classes must be >= 0 (0 = no correlation maps), got {corr_classes}")
     for key, flag in _GRID_TRAIN_KEYS.items():
@@ -181,22 +184,31 @@ def compare_init(cache_path, *, head: str = "text4vis", inits=CLASSIFIER_INITS, 
     # ---- the runs
     grid = [(i, fz, k, s) for i in inits for fz in frozen for k in shots for s in seeds]
     rows, histories = [], {}
+    plans = []  # (n, grid point, cfg, name, run_dir, state, finished result or None, head options)
     for n, (init, fz, k, seed) in enumerate(grid, 1):
         cfg = dataclasses.replace(base, classifier_init=init, seed=seed, shots=k)
         name = run_name(init, seed, k, fz)
         run_dir = out_dir / "runs" / name
         expected = {"train": _jsonable(dataclasses.asdict(cfg)), "head": head_cfg[fz], "cache_key": store.key}
         res, state = _finished_run(run_dir, expected)
-        if res is None:
-            over = dict(head_overrides)
-            if "trainable_classifier" in cfg_fields:
-                over["trainable_classifier"] = not fz
-            if state == "changed":  # drop the old results first: a kill mid-run must not leave them "finished"
-                log(f"[{n}/{len(grid)}] {name}: the run folder holds other settings; training again")
-                for stale in ("metrics.json", "last.pt"):
-                    (run_dir / stale).unlink(missing_ok=True)
-            res = train_head(store, cfg, over, run_dir=run_dir, resume=state == "resume", progress=progress, log=log,
-                             sources=resolved.sources)
+        over = dict(head_overrides)
+        if "trainable_classifier" in cfg_fields:
+            over["trainable_classifier"] = not fz
+        if res is None and state == "changed":  # drop the old results first: a kill mid-run must not leave them
+            log(f"[{n}/{len(grid)}] {name}: the run folder holds other settings; training again")
+            for stale in ("metrics.json", "last.pt"):
+                (run_dir / stale).unlink(missing_ok=True)
+        plans.append((n, (init, fz, k, seed), cfg, name, run_dir, state, res, over))
+    todo = [p for p in plans if p[6] is None]
+    if jobs > 1 and len(todo) > 1:  # the runs in parallel processes, each on its share of the cores
+        done = _train_in_pool(store.path, todo, jobs, resolved.sources, log, len(grid))
+    else:
+        done = {}
+        for n, point, cfg, name, run_dir, state, _, over in todo:
+            done[name] = train_head(store, cfg, over, run_dir=run_dir, resume=state == "resume", progress=progress,
+                                    log=log, sources=resolved.sources)
+    for n, (init, fz, k, seed), cfg, name, run_dir, state, res, over in plans:
+        res = res if res is not None else done[name]
         fin = res["final"]
         log(f"[{n}/{len(grid)}] {name}: top1 {fin['top1']:.1f}%  top5 {fin['top5']:.1f}%  "
             f"mean-class {fin['mean_class']:.1f}%  " + ("(reused)" if state == "done" else f"({res['seconds']:.1f}s)"))
@@ -247,6 +259,41 @@ def compare_init(cache_path, *, head: str = "text4vis", inits=CLASSIFIER_INITS, 
     return {"out_dir": out_dir, "results": rows, "summary": summary, "correlation": corr,
             "files": {k: Path(v) for k, v in files.items()}, "head": head, "epochs": base.epochs,
             "cache": str(store.path), "seeds": seeds}
+
+
+def _train_one(cache: str, cfg, over: dict, run_dir: str, resume: bool, sources: dict, threads: int) -> dict:
+    """One run of the grid in a worker process (``jobs`` > 1), on ``threads`` torch threads unless
+    the config pins its own."""
+    import torch
+
+    if not cfg.threads:
+        torch.set_num_threads(threads)
+    return train_head(cache, cfg, over, run_dir=run_dir, resume=resume, progress=False, log=lambda *a, **k: None,
+                      sources=sources)
+
+
+def _train_in_pool(cache: Path, todo: list, jobs: int, sources: dict, log, total: int) -> dict:
+    """The grid's unfinished runs in ``jobs`` processes (spawned: no torch state forked); each
+    gets cores // jobs threads. A stop (Ctrl-C reaches the workers too) cancels what has not started;
+    a rerun resumes the rest, as it would in one process."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    log(f"compare-init: {len(todo)} runs in {jobs} processes ({threads} thread(s) each)")
+    out = {}
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_train_one, str(cache), cfg, over, str(run_dir), state == "resume", sources,
+                               threads): name for n, point, cfg, name, run_dir, state, _, over in todo}
+        try:
+            for fut in as_completed(futures):
+                out[futures[fut]] = fut.result()
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise
+    return out
 
 
 def _finished_run(run_dir: Path, expected: dict) -> tuple[dict | None, str]:

@@ -220,3 +220,22 @@ def test_cli_resolves_recipe_config_and_set_as_train_does(cache, tmp_path):
                     / "config.yaml", "--out", out, "--inits", "orthogonal", "--seeds", "0", "--shots", "1", "--frozen",
                     "frozen", "--corr-classes", "0", "--no-progress", check=True)
     assert "(reused)" in again.stdout
+
+
+def test_jobs_trains_the_grid_in_processes_with_the_same_results(ablation, cache, tmp_path):
+    """--jobs 2: the unfinished runs in two spawned processes (one thread each on this box); every
+    run's metrics and loss curve equal the in-process grid's (the fixture ran it on one thread)."""
+    import json
+
+    res, out, _ = ablation
+    grid = {**GRID, "inits": ("clip_text",), "frozen": (True,)}  # 4 runs of the fixture's grid
+    lines: list[str] = []
+    par = compare_init(cache, out_dir=tmp_path / "par", log=lines.append, jobs=2, **grid)
+    assert any("4 runs in 2 processes" in ln for ln in lines)
+    assert not any(r["reused"] for r in par["results"])
+    for r in par["results"]:
+        name = run_name(r["init"], r["seed"], r["shots"], r["classifier"] == "frozen")
+        ours = json.loads((tmp_path / "par" / "runs" / name / "metrics.json").read_text())
+        theirs = json.loads((out / "runs" / name / "metrics.json").read_text())
+        assert ours["final"] == theirs["final"]
+        assert [h["train_loss"] for h in ours["history"]] == [h["train_loss"] for h in theirs["history"]]
