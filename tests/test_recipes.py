@@ -392,3 +392,17 @@ def test_for_head_takes_the_papers_test_protocol_by_default(demo_small):
     moved = types.SimpleNamespace(protocol=ProtocolRecord(name="side4video", eval_average="scores",
                                                           overridden=["views"]))
     assert protocol_eval_overrides(moved, "text4vis")[0] == {"eval_average": "scores"}
+
+
+@pytest.mark.parametrize("paradigm", ["text4vis", "actionclip"])
+def test_stage_three_paper_recipe_tests_with_the_paradigms_protocol(paradigm):
+    """--recipe paper evaluates fine-tuning on the views the paper tests with (the protocol its head
+    registers: Text4Vis 4 clips x 3 crops at segment starts); views given by the user win."""
+    proto = get_protocol(paradigm)
+    rec = stage_three_recipe(paradigm, "paper")
+    assert (rec.values["views"], rec.values["sampling"]) == (proto.views, proto.sampling)
+    assert f"{proto.sampling} sampling" in rec.source
+    values, _ = resolve_recipe(rec, {"views": "1x1"}, {})
+    assert values["views"] == "1x1"
+    quick = stage_three_recipe(paradigm, "quick")
+    assert "views" not in quick.values and "sampling" not in quick.values
