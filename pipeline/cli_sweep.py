@@ -33,7 +33,8 @@ def sweep(
     set_: list[str] = typer.Option([], "--set", help="key=v1,v2,...: sweep a training or head option over these "
                                                      "values (one value: fixed for every run; a JSON list for values "
                                                      "with commas). Repeatable: the grid is every combination."),
-    seeds: str = typer.Option("0", help="Seeds, comma-separated: each setting runs once per seed."),
+    seeds: Optional[str] = typer.Option(None, help="Seeds, comma-separated: each setting runs once per seed "
+                                                   "(default: the --grid file's seeds, else 0)."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="Experiment file (YAML) of lists: head, seeds and "
                                                              "option keys, each a value or a list (--set wins)."),
     recipe: str = typer.Option("paper", help="Recipe of every run (paper | quick | demo), as for `pipeline train`."),
@@ -71,10 +72,14 @@ def sweep(
     heads = [h.strip() for h in head.split(",") if h.strip()] if head else \
         [str(h) for h in (from_file if isinstance(from_file, list) else [from_file])]
     file.pop("heads", None)
-    seed_list = _ints(seeds, "--seeds")
-    if "seeds" in file and seeds == "0":
-        seed_list = [int(s) for s in (file["seeds"] if isinstance(file["seeds"], list) else [file["seeds"]])]
-    file.pop("seeds", None)
+    in_file = file.pop("seeds", None)
+    if seeds is not None:  # given: wins over the file, as every flag does
+        seed_list = _ints(seeds, "--seeds")
+    elif in_file is not None:
+        listed = in_file if isinstance(in_file, list) else [in_file]
+        seed_list = _ints(",".join(map(str, listed)), f"--grid {grid} seeds")
+    else:
+        seed_list = [0]
     values = sw.parse_grid(set_, file)
 
     from stages.heads import get_head_entry
