@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 from typing import Optional
@@ -98,13 +99,15 @@ def sweep(
     if not Path(cache).is_dir():
         raise ConfigError(f"cache {cache} does not exist (or is not a folder): pass --cache PATH of an extracted cache")
     base = ["--cache", str(Path(cache).resolve()), "--recipe", recipe]
+    config_digest = ""
     if config is not None:
         if not config.is_file():
             raise ConfigError(f"--config {config}: no such file")
         base += ["--config", str(config.resolve())]
+        config_digest = hashlib.sha256(config.read_bytes()).hexdigest()
     if epochs is not None:
         base += ["--epochs", str(epochs)]
-    out_dir = (out or sw.sweep_dir(Path(cache).name, heads, values, seed_list, base)).resolve()
+    out_dir = (out or sw.sweep_dir(Path(cache).name, heads, values, seed_list, base, config_digest)).resolve()
     runs = sw.plan_sweep(heads, values, seed_list, base, out_dir, sample, sample_seed)
 
     if print_commands:
@@ -136,5 +139,9 @@ def sweep(
         raise RunFailedError(f"{len(failed)} of {len(runs)} runs failed (their logs above)"
                              + (f", {not_started} not started" if not_started else "")
                              + "; rerun the same command to retry them (finished runs are reused)")
-    if gather_only and missing:
-        typer.echo(f"{len(missing)} of {len(runs)} runs not finished yet", err=True)
+    other = [r["run_dir"] for r in rows if r["state"] == "other settings"]
+    if other:
+        typer.echo(f"{len(other)} run folder(s) hold a run with other settings, left out of the table: {other[0]}"
+                   + (" ..." if len(other) > 1 else ""), err=True)
+    if gather_only and len(missing) > len(other):
+        typer.echo(f"{len(missing) - len(other)} of {len(runs)} runs not finished yet", err=True)

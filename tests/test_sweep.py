@@ -109,6 +109,16 @@ def test_sweep_runs_in_parallel_gives_the_table_and_reuses_its_runs(cache, tmp_p
     assert gathered.returncode == 0 and "reused" not in gathered.stdout
     assert _read_csv(tmp_path / "sw" / "results.csv") == results
 
+    # a folder holding another run (a scheduler wrote other settings there) is not counted as this one
+    config_path = Path(results[0]["run_dir"]) / "config.json"
+    config = json.loads(config_path.read_text())
+    config["train"]["lr"] = 0.5
+    config_path.write_text(json.dumps(config))
+    gathered = run_cli(*args, "--gather", env=env)
+    assert gathered.returncode == 0 and "1 run folder(s) hold a run with other settings" in gathered.stderr
+    states = [r["state"] for r in _read_csv(tmp_path / "sw" / "results.csv")]
+    assert states == ["other settings", "done", "done", "done"]
+
 
 def test_a_bad_option_is_one_line_before_any_run_and_a_failing_run_fails_the_sweep(cache, tmp_path):
     env = {"CLIPCACHE_ROOT": str(tmp_path / "root")}
