@@ -46,11 +46,11 @@ from stages.dist import check_device
 from stages.recipes import protocol_for_heads, protocol_record, resize_side, resolve_protocol
 from stages.resolve import Resolved
 from stages.text import TEXT_SETS, compute_text_sets
-from stages.video import (VIEW_PARAM_COLUMNS, AugViewCfg, SamplingCfg, augmented_views, decode_video,
-                          layout_key, make_views, normalize, parse_views, validate_sampling)
+from stages.video import (AugViewCfg, SamplingCfg, augmented_views, decode_video, layout_key, make_views, normalize,
+                          parse_views, validate_sampling, view_param_columns)
 
-__all__ = ["ExtractCfg", "ExtractPlan", "resolve_extract", "add_head_needs", "plan_extraction", "run_extraction",
-           "default_cache_root", "latest_cache"]
+__all__ = ["ExtractCfg", "ExtractPlan", "resolve_extract", "add_head_needs", "paper_pipeline", "plan_extraction",
+           "run_extraction", "default_cache_root", "latest_cache"]
 
 # Bump when decoding/sampling/cropping changes what lands in a cache (part of the cache key).
 # 2: frame-exact decoding (decord's random access only where exact; rotation; best stream).
@@ -74,6 +74,8 @@ class ExtractCfg:
     train_aug: int | None = None     # view bank: K augmented views per train video (None: the fixed views above)
     aug_seed: int = 0                # seed of the view bank's draws (with the split and video index)
     aug_area: float = 0.4            # smallest area fraction of the view bank's random resized crop (largest 1)
+    aug_recipe: str = "light"        # what the view bank draws: light (crop aug_area-1, flip) | paper (aug_heads' pipeline)
+    aug_heads: str = ""              # comma list of the heads whose paper train pipeline the bank draws (--for-head)
     dtype: str = "fp16"              # fp16 | int8 (per-token, for cls/patch)
     text: str = "all"                # comma list of TEXT_SETS, all, or none
     batch_frames: int = 128          # frames per encoder call
@@ -98,7 +100,10 @@ class ExtractCfg:
                 raise ConfigError(f"{flag} must be {need}, got {getattr(self, flag[2:].replace('-', '_'))}")
         check_device(self.device)
 
-    def aug_views(self) -> AugViewCfg:
+    def aug_views(self):
+        """What the view bank draws: AugViewCfg (light) or the heads' paper TrainPipeline."""
+        if self.aug_recipe == "paper":
+            return paper_pipeline(self.aug_heads)[1]
         return AugViewCfg(area=(float(self.aug_area), 1.0))
 
     def text_sets(self) -> list[str]:
@@ -166,9 +171,11 @@ def resolve_extract(flags: dict | None = None, *, protocol: str = "", heads=(), 
     """Stage one's options, resolved as stages/resolve.py says: ExtractCfg's defaults < the test
     ``protocol`` (""  with ``heads``: their papers' own; "none": none) < ``flags`` (ExtractCfg values
     given; a sampling option None is not given); then what ``heads`` read with their default
-    options (``add_head_needs``; ``num_classes``: the dataset's). ``pretrained`` 'auto' picks the
+    options (``add_head_needs``; ``num_classes``: the dataset's) and the view bank's recipe
+    (``aug_recipe`` in ``flags``, None: paper for heads with a train pipeline, else light). ``pretrained`` 'auto' picks the
     weights (stages.backbone.resolve_pretrained)."""
     flags, heads, lines = dict(flags or {}), list(heads), []
+    asked_recipe = flags.pop("aug_recipe", None)  # None: paper for heads with a train pipeline, else light
     if not protocol and heads:  # the papers' test views by default
         protocol = protocol_for_heads(heads)
         if protocol:
@@ -192,7 +199,58 @@ def resolve_extract(flags: dict | None = None, *, protocol: str = "", heads=(), 
                                                           "train views)")
         lines.append(f"for {', '.join(heads)}: layers {cfg.layers}, patch tokens {'yes' if cfg.patch else 'no'}, "
                      f"uint8 frames {'yes' if cfg.store_frames else 'no'}{bank}")
+    cfg, recipe_lines = _resolve_aug_recipe(cfg, asked_recipe, heads)
+    lines += recipe_lines
     return Resolved(cfg, lines=lines)
+
+
+def _resolve_aug_recipe(cfg: ExtractCfg, asked: str | None, heads: list[str]) -> tuple[ExtractCfg, list[str]]:
+    """The view bank's recipe: ``asked`` (--aug-recipe) when given, else "paper" when a view bank
+    is drawn for --for-head heads with a paper train pipeline (all the same one), "light"
+    otherwise. Heads whose pipelines differ under the default: light, said in a line; asked for
+    paper: the ConfigError of ``paper_pipeline``."""
+    from stages.heads.registry import AUG_RECIPES, paper_train_pipeline
+
+    if asked is not None and asked not in AUG_RECIPES:
+        raise ConfigError(f"--aug-recipe must be one of {', '.join(AUG_RECIPES)}, got '{asked}'")
+    if cfg.train_aug is None:
+        if asked is not None:
+            raise ConfigError("--aug-recipe says what the view bank draws, and there is none: add --train-aug K")
+        return replace(cfg, aug_recipe="light", aug_heads=""), []
+    with_pipeline = [h for h in heads if paper_train_pipeline(h) is not None]
+    if asked == "light" or (asked is None and not with_pipeline):
+        return replace(cfg, aug_recipe="light", aug_heads=""), []
+    if asked is None:
+        pipes = {paper_train_pipeline(h).describe() for h in with_pipeline}
+        if len(pipes) > 1:
+            return replace(cfg, aug_recipe="light", aug_heads=""), [
+                f"view bank: the light recipe ({', '.join(with_pipeline)} train with different paper pipelines; "
+                "--aug-recipe paper needs one: extract a cache per head)"]
+    cfg = replace(cfg, aug_recipe="paper", aug_heads=",".join(with_pipeline or heads))
+    names, pipeline = paper_pipeline(cfg.aug_heads)
+    if cfg.aug_area != ExtractCfg().aug_area:
+        raise ConfigError("--aug-area sets the light recipe's crop; the paper recipe draws its head's own "
+                          "(pass --aug-recipe light to set it)")
+    return cfg, [f"view bank: the paper train pipeline of {', '.join(names)}: {pipeline.describe()} "
+                 "(--aug-recipe light: crop 0.4-1 and flip)"]
+
+
+def paper_pipeline(heads: str):
+    """(head names, their one TrainPipeline) for ``--aug-recipe paper`` over the comma list
+    ``heads``; a ConfigError (one line) when none of them has one or theirs differ."""
+    from stages.heads.registry import list_heads, paper_train_pipeline
+
+    names = [h.strip() for h in heads.split(",") if h.strip()]
+    pipes = {h: paper_train_pipeline(h) for h in names}
+    pipes = {h: p for h, p in pipes.items() if p is not None}
+    if not pipes:
+        having = [h for h in list_heads() if paper_train_pipeline(h) is not None]
+        raise ConfigError("--aug-recipe paper draws a head's paper train pipeline: name the head with --for-head "
+                          f"(one of {', '.join(having)}){f'; {heads} has none' if names else ''}")
+    if len({p.key().__repr__() for p in pipes.values()}) > 1:
+        raise ConfigError(f"--for-head {','.join(names)}: their papers' train pipelines differ, and one view bank "
+                          "draws one: pass --aug-recipe light, or extract a separate cache per head")
+    return list(pipes), next(iter(pipes.values()))
 
 
 def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
@@ -233,7 +291,8 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
         if cfg.store_frames:
             arrays.append(ArraySpec("frames", (V, T, S_img, S_img, 3), "uint8"))
         if bank and split == "train":
-            arrays.append(ArraySpec("view_params", (V, len(VIEW_PARAM_COLUMNS) + T), "float32"))
+            arrays.append(ArraySpec("view_params", (V, len(view_param_columns(cfg.aug_views(), T)) - 1 + T),
+                                    "float32"))
         split_arrays[split] = arrays
         bytes_per_video[split] = sum(a.nbytes() for a in arrays)
     if cfg.shard_size > 0:
@@ -268,7 +327,9 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
                   patch_size=info.patch_size),
         layers=list(layers),
         views={s: ViewCount(clips=v[0], crops=v[1]) for s, v in views.items()},
-        view_bank=ViewBank(**bank, split="train", param_columns=[*VIEW_PARAM_COLUMNS, f"index_0..{T - 1}"])
+        view_bank=ViewBank(**bank, split="train", param_columns=view_param_columns(cfg.aug_views(), T),
+                           **({"heads": paper_pipeline(cfg.aug_heads)[0],
+                               "description": cfg.aug_views().describe()} if cfg.aug_recipe == "paper" else {}))
         if bank else None,
         dtype=cfg.dtype,
         int8_outliers=4,
@@ -294,9 +355,14 @@ def _view_bank(cfg: ExtractCfg) -> dict | None:
                           f"(got {cfg.train_views})")
     if not 0 < cfg.aug_area <= 1:
         raise ConfigError(f"--aug-area must be in (0, 1], got {cfg.aug_area}")
+    if cfg.aug_recipe not in ("light", "paper"):
+        raise ConfigError(f"--aug-recipe must be one of paper, light, got '{cfg.aug_recipe}'")
     aug = cfg.aug_views()
-    return {"views": cfg.train_aug, "seed": int(cfg.aug_seed), "area": list(aug.area), "ratio": list(aug.ratio),
+    bank = {"views": cfg.train_aug, "seed": int(cfg.aug_seed), "area": list(aug.area), "ratio": list(aug.ratio),
             "flip": aug.flip}
+    if cfg.aug_recipe == "paper":  # the light bank's key stays what it always was
+        bank.update(recipe="paper", pipeline=aug.key())
+    return bank
 
 
 def view_rngs(seed: int, split: str, index: int) -> tuple[np.random.Generator, np.random.Generator]:
@@ -963,9 +1029,9 @@ def describe_plan(plan: ExtractPlan) -> list[str]:
         # per video: K views of every array but the parameters, which one plain view does not have
         one = sum(a.nbytes() // K for a in plan.split_arrays[split] if a.name != "view_params")
         bank_bytes = plan.bytes_per_video[split] * n
-        lines.append(f"views  {split}: a bank of {K} augmented view(s) per video (seed {bank.seed}, crop area "
-                     f"{bank.area[0]:g}-{bank.area[1]:g}, flip {bank.flip:g}): {human_bytes(bank_bytes)}, "
-                     f"{human_bytes(bank_bytes - one * n)} more than one view")
+        lines.append(f"views  {split}: a bank of {K} augmented view(s) per video (seed {bank.seed}, "
+                     f"{bank.describe()}): {human_bytes(bank_bytes)}, {human_bytes(bank_bytes - one * n)} more than "
+                     "one view")
     total = plan.total_bytes()
     free = free_bytes(plan.path.parent)
     lines.append(f"total  {human_bytes(total)} needed, {human_bytes(free)} free on {plan.path.parent}"
