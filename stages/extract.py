@@ -231,8 +231,14 @@ def _resolve_aug_recipe(cfg: ExtractCfg, asked: str | None, heads: list[str]) ->
     if cfg.aug_area != ExtractCfg().aug_area:
         raise ConfigError("--aug-area sets the light recipe's crop; the paper recipe draws its head's own "
                           "(pass --aug-recipe light to set it)")
-    return cfg, [f"view bank: the paper train pipeline of {', '.join(names)}: {pipeline.describe()} "
-                 "(--aug-recipe light: crop 0.4-1 and flip)"]
+    lines = [f"view bank: the paper train pipeline of {', '.join(names)}: {pipeline.describe()} "
+             "(--aug-recipe light: crop 0.4-1 and flip)"]
+    if (pipeline.clip == "dense") != (cfg.sampling == "dense"):  # the clips follow the cache's --sampling
+        paper = "a random dense clip" if pipeline.clip == "dense" else "random TSN offsets"
+        ours = "dense clips" if cfg.sampling == "dense" else "TSN offsets"
+        lines.append(f"view bank: the paper draws {paper}; this cache samples --sampling {cfg.sampling}, so the "
+                     f"bank's clips are random {ours}")
+    return cfg, lines
 
 
 def paper_pipeline(heads: str):
@@ -427,12 +433,13 @@ class _DecodeJobs(Dataset):
     record: source size / mtime_ns (sha256), and for a decoded video the decoder and its warnings;
     with "view_params" (V, P) in a view bank's split).
 
-    ``banks[split] = (seed, AugViewCfg)``: that split's V views are random clips with a random
-    resized crop and flip each, drawn from view_rngs(seed, split, index)."""
+    ``banks[split] = (seed, AugViewCfg or TrainPipeline)``: that split's V views are random clips,
+    each augmented as the light recipe (random resized crop, flip) or a head's paper train pipeline
+    says, drawn from view_rngs(seed, split, index)."""
 
     def __init__(self, jobs: list[tuple[str, int, str, int | None]], sampling: dict[str, SamplingCfg], size: int,
                  resize: int | None = None, hash_sources: bool = False,
-                 banks: dict[str, tuple[int, AugViewCfg]] | None = None):
+                 banks: dict[str, tuple[int, object]] | None = None):
         self.jobs, self.sampling, self.size, self.resize = jobs, sampling, size, resize
         self.hash_sources, self.banks = hash_sources, banks or {}
 

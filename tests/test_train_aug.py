@@ -290,9 +290,13 @@ def test_cli_chooses_prints_and_refuses_the_recipe(capsys, demo_small):
     assert "view bank: the paper train pipeline of side4video" in out
     assert "paper train pipeline of side4video: random TSN offsets" in out and "grayscale p 0.2" in out
     code, out, err = _dry(capsys, demo_small, "--for-head", "side4video", "--aug-recipe", "light")
-    assert code == 0 and "light: random clip, random resized crop area 0.4-1" in out and "paper" not in out
+    assert code == 0 and "light: random clip, random resized crop area 0.4-1" in out
+    assert "paper train pipeline" not in out
     code, out, _ = _dry(capsys, demo_small, "--for-head", "evl", "--train-aug", "2")
     assert code == 0 and "RandAugment n 4 m 7 (the same ops for every frame)" in out and "no flip" in out
+    assert "this cache samples" not in out  # EVL's protocol samples dense clips, as its train code
+    code, out, _ = _dry(capsys, demo_small, "--for-head", "evl", "--train-aug", "2", "--protocol", "none")
+    assert code == 0 and "the paper draws a random dense clip; this cache samples --sampling segment" in out
     code, out, _ = _dry(capsys, demo_small, "--train-aug", "2")
     assert code == 0 and "light: random clip" in out  # no head: light
     # different pipelines by default: light, said; asked for paper: one line, exit 2
