@@ -471,9 +471,6 @@ def extract_command(meta: CacheMeta | dict, *, layers: list[int] | None = None, 
             continue  # no view bank: its seed, area and recipe say nothing
         if key == "aug_recipe" and value == "light" or key == "aug_area" and cfg.get("aug_recipe") == "paper":
             continue  # light: the default, as before --aug-recipe; paper: the pipeline's own crop
-        if key == "aug_heads":  # the heads whose paper pipeline the bank draws
-            parts += ["--for-head", str(value)]
-            continue
         if isinstance(value, bool):
             if value:
                 parts.append(_BOOL_FLAGS.get(key, f"--{key.replace('_', '-')}"))

@@ -74,7 +74,7 @@ class ExtractCfg:
     train_aug: int | None = None     # view bank: K augmented views per train video (None: the fixed views above)
     aug_seed: int = 0                # seed of the view bank's draws (with the split and video index)
     aug_area: float = 0.4            # smallest area fraction of the view bank's random resized crop (largest 1)
-    aug_recipe: str = "light"        # what the view bank draws: light (crop aug_area-1, flip) | paper (aug_heads' pipeline)
+    aug_recipe: str = "light"        # what the view bank draws: light (crop aug_area-1, flip) | paper (aug_heads')
     aug_heads: str = ""              # comma list of the heads whose paper train pipeline the bank draws (--for-head)
     dtype: str = "fp16"              # fp16 | int8 (per-token, for cls/patch)
     text: str = "all"                # comma list of TEXT_SETS, all, or none
@@ -172,10 +172,11 @@ def resolve_extract(flags: dict | None = None, *, protocol: str = "", heads=(), 
     ``protocol`` (""  with ``heads``: their papers' own; "none": none) < ``flags`` (ExtractCfg values
     given; a sampling option None is not given); then what ``heads`` read with their default
     options (``add_head_needs``; ``num_classes``: the dataset's) and the view bank's recipe
-    (``aug_recipe`` in ``flags``, None: paper for heads with a train pipeline, else light). ``pretrained`` 'auto' picks the
-    weights (stages.backbone.resolve_pretrained)."""
+    (``aug_recipe`` in ``flags``; None: paper for heads with a train pipeline, else light).
+    ``pretrained`` 'auto' picks the weights (stages.backbone.resolve_pretrained)."""
     flags, heads, lines = dict(flags or {}), list(heads), []
     asked_recipe = flags.pop("aug_recipe", None)  # None: paper for heads with a train pipeline, else light
+    aug_heads = flags.pop("aug_heads", None) or ""  # the heads whose pipeline the bank draws (default: ``heads``)
     if not protocol and heads:  # the papers' test views by default
         protocol = protocol_for_heads(heads)
         if protocol:
@@ -199,29 +200,35 @@ def resolve_extract(flags: dict | None = None, *, protocol: str = "", heads=(), 
                                                           "train views)")
         lines.append(f"for {', '.join(heads)}: layers {cfg.layers}, patch tokens {'yes' if cfg.patch else 'no'}, "
                      f"uint8 frames {'yes' if cfg.store_frames else 'no'}{bank}")
-    cfg, recipe_lines = _resolve_aug_recipe(cfg, asked_recipe, heads)
+    aug_for = [h.strip() for h in aug_heads.split(",") if h.strip()] or heads
+    cfg, recipe_lines = _resolve_aug_recipe(cfg, asked_recipe, aug_for, named=bool(aug_heads))
     lines += recipe_lines
     return Resolved(cfg, lines=lines)
 
 
-def _resolve_aug_recipe(cfg: ExtractCfg, asked: str | None, heads: list[str]) -> tuple[ExtractCfg, list[str]]:
+def _resolve_aug_recipe(cfg: ExtractCfg, asked: str | None, heads: list[str],
+                        named: bool = False) -> tuple[ExtractCfg, list[str]]:
     """The view bank's recipe: ``asked`` (--aug-recipe) when given, else "paper" when a view bank
-    is drawn for --for-head heads with a paper train pipeline (all the same one), "light"
-    otherwise. Heads whose pipelines differ under the default: light, said in a line; asked for
-    paper: the ConfigError of ``paper_pipeline``."""
+    is drawn for ``heads`` (--aug-heads, else --for-head) with a paper train pipeline (all the
+    same one), "light" otherwise. Heads whose pipelines differ under the default: light, said in
+    a line; asked for paper: the ConfigError of ``paper_pipeline``. ``named``: --aug-heads given
+    (it says paper)."""
     from stages.heads.registry import AUG_RECIPES, paper_train_pipeline
 
     if asked is not None and asked not in AUG_RECIPES:
         raise ConfigError(f"--aug-recipe must be one of {', '.join(AUG_RECIPES)}, got '{asked}'")
     if cfg.train_aug is None:
-        if asked is not None:
-            raise ConfigError("--aug-recipe says what the view bank draws, and there is none: add --train-aug K")
+        if asked is not None or named:
+            raise ConfigError(f"{'--aug-recipe' if asked is not None else '--aug-heads'} says what the view bank "
+                              "draws, and there is none: add --train-aug K")
         return replace(cfg, aug_recipe="light", aug_heads=""), []
     with_pipeline = [h for h in heads if paper_train_pipeline(h) is not None]
+    if asked is None and named:
+        asked = "paper"
     if asked == "light" or (asked is None and not with_pipeline):
         return replace(cfg, aug_recipe="light", aug_heads=""), []
     if asked is None:
-        pipes = {paper_train_pipeline(h).describe() for h in with_pipeline}
+        pipes = {repr(paper_train_pipeline(h).key()) for h in with_pipeline}
         if len(pipes) > 1:
             return replace(cfg, aug_recipe="light", aug_heads=""), [
                 f"view bank: the light recipe ({', '.join(with_pipeline)} train with different paper pipelines; "
@@ -251,9 +258,10 @@ def paper_pipeline(heads: str):
     pipes = {h: p for h, p in pipes.items() if p is not None}
     if not pipes:
         having = [h for h in list_heads() if paper_train_pipeline(h) is not None]
-        raise ConfigError("--aug-recipe paper draws a head's paper train pipeline: name the head with --for-head "
+        raise ConfigError("--aug-recipe paper draws a head's paper train pipeline: name the head with --for-head H "
+                          "(or --aug-heads H) "
                           f"(one of {', '.join(having)}){f'; {heads} has none' if names else ''}")
-    if len({p.key().__repr__() for p in pipes.values()}) > 1:
+    if len({repr(p.key()) for p in pipes.values()}) > 1:
         raise ConfigError(f"--for-head {','.join(names)}: their papers' train pipelines differ, and one view bank "
                           "draws one: pass --aug-recipe light, or extract a separate cache per head")
     return list(pipes), next(iter(pipes.values()))

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import shlex
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -23,7 +25,8 @@ from cache.errors import ConfigError
 from cache.meta import LIGHT_VIEW_PARAM_COLUMNS, ViewBank
 from conftest import cli_in_process, extracted_store
 from stages.heads.facts import SCALE_256, TrainPipeline
-from stages.heads.registry import list_heads, paper_train_pipeline, train_pipeline_for
+from stages.heads.registry import (DataKeys, Head, get_head_entry, list_heads, paper_train_pipeline, register_head,
+                                   train_pipeline_for)
 from stages.video import (RA_OPS, VIEW_PARAM_COLUMNS, AugViewCfg, Decoded, SamplingCfg, apply_view_params,
                           augmented_views, decode_video, draw_view_params, view_param_columns)
 
@@ -68,7 +71,9 @@ def _check_ra(rows, col, slots: list[str], magnitude: int, height: int, width: i
 
 # ----------------------------------------------------------------------------- what each head registers
 def test_each_shipped_head_registers_its_papers_pipeline_or_none():
-    for head in list_heads():
+    shipped = [h for h in list_heads() if get_head_entry(h).head_cls.__module__.startswith("stages.heads.")]
+    assert {"tap", "linear_probe", "lda", *PAPER_HEADS} <= set(shipped)
+    for head in shipped:
         assert (paper_train_pipeline(head) is not None) == (head in PAPER_HEADS), head
     evl = paper_train_pipeline("evl")
     assert (evl.clip, evl.flip, evl.ra_ops, evl.ra_magnitude, evl.ra_per_frame, evl.area, evl.resize_ratio,
@@ -83,6 +88,38 @@ def test_each_shipped_head_registers_its_papers_pipeline_or_none():
     assert (ac.crop, ac.ms_scales, ac.flip, ac.jitter, ac.brightness, ac.contrast, ac.saturation, ac.hue,
             ac.grayscale, ac.ra_ops, ac.ra_magnitude, ac.ra_per_frame) == (
         "multiscale", (1.0, 0.875, 0.75, 0.66), 0.5, 0.8, 0.4, 0.4, 0.2, 0.1, 0.2, 2, 9, True)
+
+
+@dataclass
+class _AugHeadCfg:
+    num_classes: int = 4
+    embed_dim: int = 32
+
+
+OWN = TrainPipeline("a test head's paper: always flipped and gray", flip=1.0, grayscale=1.0, area=(0.5, 1.0))
+
+
+@register_head("test_aug_head", _AugHeadCfg, train_aug=OWN)
+class _AugHead(Head):
+    """A head registered in this file: its pipeline is all the view bank learns of its paper."""
+
+    def data_keys(self) -> DataKeys:
+        return DataKeys(frame_emb=True)
+
+    def forward(self, batch):
+        return {"logits": batch["frame_emb"].float().mean(dim=1)[:, :4]}
+
+
+def test_a_head_registered_elsewhere_brings_its_pipeline():
+    from stages.extract import paper_pipeline
+
+    assert train_pipeline_for("test_aug_head") is OWN
+    assert paper_pipeline("tap,test_aug_head") == (["test_aug_head"], OWN)
+    rows, col = _draws("test_aug_head", 50)
+    assert rows[:, col["flip"]].all() and rows[:, col["grayscale"]].all()
+    views, _ = augmented_views(Decoded(clips=[_still_clip()], decoder="t", warnings=[], indices=[list(range(T))],
+                                       num_frames=T), SIZE, OWN, np.random.default_rng(0))
+    assert (views[..., 0] == views[..., 1]).all() and (views[..., 1] == views[..., 2]).all()  # gray
 
 
 def test_train_pipeline_for_is_the_lookup_of_online_training():
@@ -312,6 +349,8 @@ def test_cli_chooses_prints_and_refuses_the_recipe(capsys, demo_small):
         code, out, err = _dry(capsys, demo_small, *extra)
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert code == 2 and len(lines) == 1 and words in lines[0], (extra, err)
+    code, out, _ = _dry(capsys, demo_small, "--train-aug", "2", "--aug-heads", "tap,text4vis")  # names the heads
+    assert code == 0 and "paper train pipeline of text4vis: random TSN offsets" in out
     # same pipeline: side4video and text4vis share a bank
     code, out, _ = _dry(capsys, demo_small, "--for-head", "side4video,text4vis", "--aug-recipe", "paper")
     assert code == 0 and "paper train pipeline of side4video, text4vis" in out
@@ -326,7 +365,10 @@ def test_cache_info_and_the_rebuilding_command_name_the_pipeline(capsys, spec, t
     assert "view bank train: 2 view(s) per video, seed 0; paper train pipeline of actionclip" in out
     assert "RandAugment n 2 m 9 (per frame)" in out
     cmd = extract_command(store.info)
-    assert "--train-aug 2" in cmd and "--aug-recipe paper --for-head actionclip" in cmd and "--aug-area" not in cmd
+    assert "--train-aug 2" in cmd and "--aug-recipe paper --aug-heads actionclip" in cmd and "--aug-area" not in cmd
+    code, out, err = cli_in_process(capsys, *shlex.split(cmd)[1:], "--dry-run")
+    assert code == 0, err
+    assert f"(key {store.key})" in out  # the printed command makes this very cache
     light = extracted_store(spec, tmp_path / "light", text="none", frames=T, train_aug=1)
     code, out, _ = cli_in_process(capsys, "cache", "info", light.path)
     assert "seed 0; light: random clip, random resized crop area 0.4-1 bicubic, flip p 0.5" in out
