@@ -102,6 +102,15 @@ class Text4VisCfg:
         paper="4 clips x 3 crops (the test code Side4Video inherits: the same frames and views), "
               "video embeddings averaged over views then normalised, scale 256 then crop 224",
         differs=CROPS_TSN),
+    protocols=(
+        Protocol(
+            "text4vis-ssv2", 8, "segment-start", 8, "4x3", 1.0, "embeddings", resize_to="240x320",
+            paper="Something-Something v2: frames resized to 240 x 320 (H x W), then its test crops of 224; "
+                  "its test code changes only the scale for SSv2",
+            differs="SPEC section 7 gives only the 240 x 320 scale: frames, sampling and views are Text4Vis's "
+                    "K400 protocol's (8 frames, 4 clips x 3 crops, segment starts). Frames resized bicubic "
+                    "(antialiased); its code resizes PIL images bilinearly"),
+    ),
     published=(
         _k400("ViT-B-32", 8, "4x3", 80.0),
         _k400("ViT-B-32", 16, "4x3", 80.5),
