@@ -278,13 +278,13 @@ _PROTO_KEYS = ("frames", "sampling", "stride", "views", "resize_ratio", "resize_
 def resolve_protocol(name: str, explicit: dict, defaults: dict) -> tuple[dict, dict | None, list[str]]:
     """Extraction settings: the protocol's (when ``name``), then the user's explicit flags.
 
-    Returns (ExtractCfg values for frames, sampling, stride, views, resize_ratio, resize_to), the metadata
+    Returns (ExtractCfg values for frames, sampling, stride, views, resize_ratio, and resize_to where set), the metadata
     record of the protocol (None without one) and lines describing it.
     """
     if not name:
-        return {**{k: defaults[k] for k in _PROTO_KEYS}, **explicit}, None, []
+        return {**{k: defaults[k] for k in _PROTO_KEYS if defaults.get(k, "") != ""}, **explicit}, None, []
     p = get_protocol(name)
-    values = {k: getattr(p, k) for k in _PROTO_KEYS}
+    values = {k: getattr(p, k) for k in _PROTO_KEYS if getattr(p, k) != ""}  # resize_to only where a protocol sets it
     values.update(explicit)
     over = {k: v for k, v in explicit.items() if v != getattr(p, k)}
     record = protocol_record(name, values)
