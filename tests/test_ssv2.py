@@ -230,3 +230,14 @@ def test_stage_three_augmentation_is_the_pixels_torchvisions_flip_gave(recipe):
         assert torch.equal(got, augment_clip(clip, old, [seed, 0, seed, 1])), seed
         flips.add(flipped)
     assert flips == {True, False}
+
+
+def test_stage_three_takes_the_swaps_from_the_dataset(mirror_spec, demo_small):
+    from stages.finetune import DistContext, FinetuneCfg, Finetuner
+
+    cfg = FinetuneCfg(paradigm="text4vis", model="tiny", frames=4, epochs=1, batch_size=4, workers=0)
+    tuner = Finetuner(mirror_spec, cfg, {"layers": "1", "pos_rows": "8"}, dist_ctx=DistContext(), log=lambda *a: None)
+    assert tuner.train_data.swaps == (1, 0, 2, 3) and tuner.eval_data.swaps is None
+    plain = load_dataset("demo", data_root=demo_small.root)
+    tuner = Finetuner(plain, cfg, {"layers": "1", "pos_rows": "8"}, dist_ctx=DistContext(), log=lambda *a: None)
+    assert tuner.train_data.swaps is None
