@@ -159,6 +159,15 @@ def test_flipped_views_of_mirrored_classes_read_the_mirror_label(mirror_bank, tm
     assert [int(ev[i]["label"]) for i in range(len(idx))] == labels.tolist()
 
 
+def test_stage_two_says_so(mirror_bank, demo_small, tmp_path):
+    from stages.train import resolve_train
+
+    lines = resolve_train("tap", "quick", cache=str(mirror_bank.path)).lines
+    assert any("flipped view of a left/right class trains with its mirror's label (classes 0/1)" in x for x in lines)
+    plain = extracted_store(demo_small.root, tmp_path / "plain", frames=4, layers="none", text="none")
+    assert not any("flipped view" in x for x in resolve_train("tap", "quick", cache=str(plain.path)).lines)
+
+
 def test_a_dataset_whose_flips_swap_nothing_reads_its_labels_as_before(demo_small, tmp_path):
     spec = load_dataset("demo", data_root=demo_small.root)
     assert not spec.flip_swaps
