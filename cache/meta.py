@@ -32,6 +32,7 @@ from typing import Any, Sequence
 
 from cache.datasets import DatasetSpec
 from cache.errors import CacheError
+from cache.flips import SWAPPING_BEFORE_RECORDED, swap_table
 
 __all__ = [
     "FORMAT_VERSION",
@@ -209,6 +210,7 @@ class KeyContent(Record):
     view_bank: dict | None = _optional()          # only with --train-aug
     dense_starts: str | None = _optional()        # "spread": dense test clips from the first to the last start
     view_order: str | None = _optional()          # "crop-major": several clips and crops, crops outermost
+    resize_to: list[int] | None = _optional()     # [H, W]: frames resized to H x W before the crops (SSv2 tests)
 
     def key(self) -> str:
         return _digest(self.to_dict())[:16]
@@ -245,6 +247,7 @@ class ExtractRecord(Record):
     resize_ratio: float = 1.0
     protocol: str = ""
     hash_sources: bool = False
+    resize_to: str = ""
 
 
 @dataclass(kw_only=True)
@@ -254,6 +257,17 @@ class DatasetMeta(Record):
     sources: dict[str, str] = field(default_factory=dict)   # files it was built from
     args: dict[str, Any] = field(default_factory=dict)      # load_dataset arguments (absolute paths)
     classes: list[str] = field(default_factory=list)
+    flip_swaps: bool = _optional(False)   # flips swap the left/right class pairs' labels (cache/flips.py)
+
+    def swap_table(self) -> tuple[int, ...] | None:
+        """The label of a mirrored clip of each class (cache/flips.py ``swap_table``), or None when
+        this dataset's flips change no label. A cache made before the flag was recorded swaps when
+        its dataset is one whose registration swaps (``SWAPPING_BEFORE_RECORDED``)."""
+        old = self._absent is not None and "flip_swaps" in self._absent and self.name in SWAPPING_BEFORE_RECORDED
+        if not (self.flip_swaps or old):
+            return None
+        table = swap_table(self.classes)
+        return table if table != tuple(range(len(self.classes))) else None
 
 
 @dataclass(kw_only=True)
@@ -387,6 +401,7 @@ class CacheMeta(StoreMeta):
     text_sets: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
     resize_short_side: int | None = None
+    resize_to: list[int] | None = _optional()       # [H, W]: frames resized to exactly H x W, not by the short side
     protocol: ProtocolRecord | None = None
     preprocess: Preprocess | None = _optional()   # set when the model is loaded (its pixel mean and std)
     schema: int = SCHEMA_VERSION
@@ -408,11 +423,11 @@ def key_content(dataset: DatasetSpec, *, preprocess_version: int, model: str, we
                 layers: Sequence[int], patch: bool, frames_stored: bool, frames: int, sampling: str, stride: int,
                 views: dict[str, tuple[int, int]], image_size: int, dtype: str, text_sets: Sequence[str],
                 resize_short_side: int | None = None, view_bank: dict | None = None,
-                layout: dict | None = None) -> KeyContent:
+                layout: dict | None = None, resize_to: Sequence[int] | None = None) -> KeyContent:
     """What decides a cache's bytes, from a dataset and the resolved request. Paths under the
     dataset's video root are recorded relative to it (a moved dataset keeps its key); ``clip`` is
-    the backbone identity (where its activation was learnt from is left out); ``resize_short_side``
-    and ``view_bank`` only when used, so caches without them keep the keys they always had; ``layout``
+    the backbone identity (where its activation was learnt from is left out); ``resize_short_side``,
+    ``view_bank`` and ``resize_to`` only when used, so caches without them keep the keys they always had; ``layout``
     (stages.video.layout_key) only where the view-layout rules changed what a cache holds."""
     root = str(dataset.video_root)
 
@@ -429,7 +444,7 @@ def key_content(dataset: DatasetSpec, *, preprocess_version: int, model: str, we
         sampling=SamplingRecord(frames=frames, mode=sampling, stride=stride if sampling == "dense" else None),
         views={s: list(v) for s, v in views.items()}, image_size=image_size, dtype=dtype,
         text=sorted(text_sets), resize_short_side=resize_short_side, view_bank=view_bank or None,
-        **(layout or {}),
+        resize_to=list(resize_to) if resize_to else None, **(layout or {}),
     )
 
 

@@ -98,7 +98,8 @@ def extract(
     init_seed: InitSeed = 0,
     activation: Activation = "auto",
     frames: Optional[int] = typer.Option(None, help="Frames per clip (T); default 8, or the protocol's."),
-    sampling: Optional[str] = typer.Option(None, help="segment (TSN) | segment-start | dense; default segment, or the "
+    sampling: Optional[str] = typer.Option(None, help="segment (TSN) | segment-start | segment-interior | dense; "
+                                                    "default segment, or the "
                                                     "protocol's."),
     stride: Optional[int] = typer.Option(None, help="Frame stride for dense sampling (default 8, or the protocol's)."),
     layers: str = typer.Option("last4", help="Blocks to tap: lastK | all | none | 8,10,12 (1-based)."),
@@ -108,11 +109,14 @@ def extract(
     views: Optional[str] = typer.Option(None, help="CxS views (temporal clips x spatial crops) for val/test "
                                                    "(default 1x1, or the protocol's)."),
     train_views: str = typer.Option("1x1", help="CxS views for the train split."),
-    protocol: str = typer.Option("", help="A paper's test protocol: evl | text4vis | side4video | actionclip "
+    protocol: str = typer.Option("", help="A paper's test protocol: evl | text4vis | side4video | actionclip, "
+                                          "or side4video-ssv2 | text4vis-ssv2 (Something-Something v2) "
                                           "(frames, sampling, views, resize, view averaging); flags override it. "
                                           "Default: the --for-head heads' own; none: one centre view."),
     resize_ratio: Optional[float] = typer.Option(None, help="Short side = input size x this before cropping "
                                                             "(1: EVL/CLIP; 1.142857: scale 256 for 224)."),
+    resize_to: Optional[str] = typer.Option(None, help="HxW: resize frames to exactly H x W before cropping, "
+                                                       "whatever their aspect ratio (SSv2 tests: 256x320)."),
     train_aug: Optional[int] = typer.Option(None, help="View bank: K augmented views per train video (random "
                                                       "clip, random resized crop, flip), drawn once, seeded."),
     aug_seed: int = typer.Option(0, help="Seed of the view bank (with each video's split and index)."),
@@ -164,7 +168,7 @@ def extract(
                  workers=workers, shard_size=shard_size, device=device, activation=activation,
                  hash_sources=hash_sources, train_aug=train_aug, aug_seed=aug_seed, aug_area=aug_area,
                  aug_recipe=aug_recipe, aug_heads=aug_heads, frames=frames,
-                 sampling=sampling, stride=stride, views=views, resize_ratio=resize_ratio)
+                 sampling=sampling, stride=stride, views=views, resize_ratio=resize_ratio, resize_to=resize_to)
     r = resolve_extract(flags, protocol=protocol, heads=[h.strip() for h in for_head.split(",") if h.strip()],
                         num_classes=len(spec.classes), view_bank=not no_view_bank)
     cfg = r.cfg

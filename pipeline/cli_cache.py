@@ -115,6 +115,14 @@ def cache_info(path: Path = typer.Argument(..., help="Cache folder."),
     if meta.view_bank is not None:
         bank = meta.view_bank
         typer.echo(f"view bank {bank.split}: {bank.views} view(s) per video, seed {bank.seed}; {bank.describe()}")
+    if meta.resize_to:
+        typer.echo(f"resize    frames to {meta.resize_to[0]}x{meta.resize_to[1]} (H x W) before the crops")
+    if meta.protocol:
+        typer.echo(f"protocol  {meta.protocol.name}: {meta.protocol.paper}")
+    swaps = meta.dataset.swap_table()
+    if swaps is not None:
+        pairs = ", ".join(f"{i}/{j}" for i, j in enumerate(swaps) if i < j)
+        typer.echo(f"flips     swap the labels of the left/right classes {pairs} (flipped training views)")
     typer.echo(f"text      {', '.join(st.text_names()) or 'none'}")
     for s in st.splits:
         c = st.counts(s)

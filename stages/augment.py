@@ -34,7 +34,8 @@ import torch
 from cache.errors import ConfigError
 from stages.video import make_views
 
-__all__ = ["AugmentCfg", "MultiScaleCrop", "build_train_transform", "augment_clip", "eval_resize", "eval_views"]
+__all__ = ["AugmentCfg", "MultiScaleCrop", "HorizontalFlip", "build_train_transform", "augment_clip",
+           "augment_clip_flip", "eval_resize", "eval_views"]
 
 
 CROPS = ("random_resized", "multiscale")
@@ -116,6 +117,24 @@ class MultiScaleCrop:
                                           interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
 
 
+class HorizontalFlip:
+    """v2.RandomHorizontalFlip whose draw can be read back: it draws ``torch.rand(1)`` where and as
+    torchvision's does (mirror when below ``p``; drawn even at p 0), so the draws of the ops around
+    it and every augmented clip stay what they were with torchvision's, and it keeps whether it
+    mirrored the last clip in ``flipped`` (``augment_clip_flip``): a Something-Something v2 clip's
+    label must follow its flip (cache/flips.py)."""
+
+    def __init__(self, p: float):
+        self.p = p
+        self.flipped = False
+
+    def __call__(self, clip):
+        from torchvision.transforms import v2
+
+        self.flipped = bool(torch.rand(1) < self.p)
+        return v2.functional.horizontal_flip(clip) if self.flipped else clip
+
+
 def build_train_transform(size: int, cfg: AugmentCfg | None = None):
     """The v2 pipeline for one clip: (T, 3, H, W) uint8 Video -> (T, 3, size, size) uint8 Video."""
     from torchvision.transforms import v2
@@ -132,7 +151,7 @@ def build_train_transform(size: int, cfg: AugmentCfg | None = None):
         ops.append(v2.RandomResizedCrop(size, scale=(cfg.scale_min, cfg.scale_max),
                                         ratio=(cfg.ratio_min, cfg.ratio_max),
                                         interpolation=v2.InterpolationMode.BICUBIC, antialias=True))
-    ops.append(v2.RandomHorizontalFlip(cfg.flip))
+    ops.append(HorizontalFlip(cfg.flip))
     if cfg.jitter:
         ops.append(v2.RandomApply([v2.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)],
                                   p=cfg.jitter))
@@ -156,6 +175,14 @@ def augment_clip(frames: np.ndarray, transform, seed: int | list[int]) -> torch.
         torch.manual_seed(int(s) & ((1 << 63) - 1))
         out = transform(clip)
     return out.as_subclass(torch.Tensor).contiguous()
+
+
+def augment_clip_flip(frames: np.ndarray, transform, seed: int | list[int]) -> tuple[torch.Tensor, bool]:
+    """``augment_clip``, and whether the clip was mirrored (the transform's ``HorizontalFlip``; False
+    for a transform without one)."""
+    out = augment_clip(frames, transform, seed)
+    flips = [t for t in getattr(transform, "transforms", [transform]) if isinstance(t, HorizontalFlip)]
+    return out, any(t.flipped for t in flips)
 
 
 def eval_resize(size: int, cfg: AugmentCfg | None = None) -> int:

@@ -47,7 +47,7 @@ from stages.recipes import protocol_for_heads, protocol_record, resize_side, res
 from stages.resolve import Resolved
 from stages.text import TEXT_SETS, compute_text_sets
 from stages.video import (AugViewCfg, SamplingCfg, augmented_views, decode_video, layout_key, make_views, normalize,
-                          parse_views, validate_sampling, view_param_columns)
+                          parse_frame_size, parse_views, validate_sampling, view_param_columns)
 
 __all__ = ["ExtractCfg", "ExtractPlan", "resolve_extract", "add_head_needs", "paper_pipeline", "plan_extraction",
            "run_extraction", "default_cache_root", "latest_cache"]
@@ -85,6 +85,7 @@ class ExtractCfg:
     resize_ratio: float = 1.0        # short side = round(input size x ratio) before the crops (256/224: "scale 256")
     protocol: str = ""               # a paper's test protocol these settings came from (stages/recipes.py)
     hash_sources: bool = False       # also record each source video's sha256 (not only size + mtime)
+    resize_to: str = ""              # HxW: frames resized to exactly H x W before the crops (SSv2's 256x320), not by the short side
 
     def validate(self) -> None:
         """Every numeric option range-checked: one ConfigError naming the flag (nothing written yet)."""
@@ -183,7 +184,7 @@ def resolve_extract(flags: dict | None = None, *, protocol: str = "", heads=(), 
             lines.append(f"--for-head {','.join(heads)}: the paper's test protocol {protocol} (--protocol none: one "
                          "centre view)")
     protocol = "" if protocol == "none" else protocol
-    keys = ("frames", "sampling", "stride", "views", "resize_ratio")
+    keys = ("frames", "sampling", "stride", "views", "resize_ratio", "resize_to")
     given = {k: flags.pop(k) for k in keys if k in flags}
     sample, _record, proto_lines = resolve_protocol(protocol, {k: v for k, v in given.items() if v is not None},
                                                     {k: getattr(ExtractCfg(), k) for k in keys})
@@ -275,10 +276,17 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
     cfg.validate()
     if cfg.resize_ratio < 1.0:
         raise ConfigError(f"--resize-ratio must be >= 1 (the short side is never below the crop), got {cfg.resize_ratio}")
+    frame_size = parse_frame_size(cfg.resize_to)
+    if frame_size is not None and cfg.resize_ratio != 1.0:
+        raise ConfigError(f"--resize-to {cfg.resize_to} and --resize-ratio {cfg.resize_ratio:g} both say how to resize: "
+                          "give one")
     protocol = protocol_record(cfg.protocol, asdict(cfg))  # an unknown name is refused here
     arch = resolve_model_name(cfg.model)
     info = BackboneInfo.from_config(model_config(cfg.model))
     layers = parse_layers(cfg.layers, info.depth)
+    if frame_size is not None and min(frame_size) < info.image_size:
+        raise ConfigError(f"--resize-to {cfg.resize_to}: frames of {frame_size[0]}x{frame_size[1]} are smaller than "
+                          f"the model's {info.image_size} px input")
     if (cfg.patch and not layers):
         raise ConfigError("--patch needs tapped layers (--layers)")
     text_sets = cfg.text_sets()
@@ -321,7 +329,8 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
                           sampling=cfg.sampling, stride=cfg.stride, views=views, image_size=S_img, dtype=cfg.dtype,
                           text_sets=text_sets, view_bank=bank,
                           resize_short_side=resize_side(S_img, cfg.resize_ratio) if cfg.resize_ratio != 1.0 else None,
-                          layout=layout_key(cfg.sampling, [v for s, v in views.items() if not (bank and s == "train")]))
+                          layout=layout_key(cfg.sampling, [v for s, v in views.items() if not (bank and s == "train")]),
+                          resize_to=frame_size)
     key = content.key()
     if out:
         path = Path(out)
@@ -331,9 +340,11 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
     meta = CacheMeta(
         key=key,
         content=content,
-        config=ExtractRecord.from_dict(asdict(cfg)),
+        # resize_to left out while unused: the metadata of every other cache stays as it was
+        config=ExtractRecord.from_dict({k: v for k, v in asdict(cfg).items() if k != "resize_to" or v}),
         dataset=DatasetMeta(name=dataset.name, video_root=video_root, sources=dict(getattr(dataset, "sources", {})),
-                            args=dict(getattr(dataset, "args", {})), classes=list(dataset.classes)),
+                            args=dict(getattr(dataset, "args", {})), classes=list(dataset.classes),
+                            flip_swaps=bool(getattr(dataset, "flip_swaps", False))),
         backbone=BackboneMeta(arch=arch, pretrained=cfg.pretrained, weights=wid, **asdict(info),
                               num_patches=info.num_patches, **ident),
         dims=Dims(num_classes=len(dataset.classes), embed_dim=info.embed_dim, width=info.width, frames=T,
@@ -350,6 +361,7 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
         text_sets=text_sets,
         versions=_versions(),
         resize_short_side=resize_side(S_img, cfg.resize_ratio),
+        resize_to=list(frame_size) if frame_size else None,
         protocol=ProtocolRecord(**protocol) if protocol else None,
     )
     _check_writable(path.parent)
@@ -447,8 +459,9 @@ class _DecodeJobs(Dataset):
 
     def __init__(self, jobs: list[tuple[str, int, str, int | None]], sampling: dict[str, SamplingCfg], size: int,
                  resize: int | None = None, hash_sources: bool = False,
-                 banks: dict[str, tuple[int, object]] | None = None):
+                 banks: dict[str, tuple[int, object]] | None = None, frame_size: tuple[int, int] | None = None):
         self.jobs, self.sampling, self.size, self.resize = jobs, sampling, size, resize
+        self.frame_size = frame_size  # (H, W): fixed-view frames resized to exactly this (SSv2 tests)
         self.hash_sources, self.banks = hash_sources, banks or {}
 
     def __len__(self) -> int:
@@ -468,7 +481,7 @@ class _DecodeJobs(Dataset):
                 return split, index, views, None, info
             out = decode_video(path, samp, num_frames)
             info.update(decoder=out.decoder, warnings=list(out.warnings))
-            return split, index, make_views(out.clips, self.size, samp.crops, self.resize), None, info
+            return split, index, make_views(out.clips, self.size, samp.crops, self.resize, self.frame_size), None, info
         except Exception as exc:  # the run goes on; a decoder crash on one file must not stop it
             return split, index, None, decode_failure_reason(exc), info
 
@@ -779,7 +792,8 @@ def encode_jobs(store, plan, frozen, jobs, sampling, items, device, progress, re
         torch.set_num_threads(max(1, min(threads0, (os.cpu_count() or 1) - workers)))
     result.threads = torch.get_num_threads()
     resize = resize_side(plan.info.image_size, plan.cfg.resize_ratio)
-    loader = DataLoader(_DecodeJobs(jobs, sampling, plan.info.image_size, resize, cfg.hash_sources, banks),
+    loader = DataLoader(_DecodeJobs(jobs, sampling, plan.info.image_size, resize, cfg.hash_sources, banks,
+                                    parse_frame_size(plan.cfg.resize_to)),
                         batch_size=1, shuffle=False, num_workers=workers, collate_fn=_first,
                         prefetch_factor=4 if workers else None,
                         persistent_workers=False)

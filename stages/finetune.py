@@ -58,7 +58,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cache.errors import ConfigError, DatasetError, ModelError, TrainingError, decode_failure_reason
-from stages.augment import AugmentCfg, augment_clip, build_train_transform, eval_resize, eval_views
+from cache.flips import flip_label, swap_table
+from stages.augment import AugmentCfg, augment_clip_flip, build_train_transform, eval_resize, eval_views
 from stages.backbone import (ACTIVATION_CHOICES, ACTIVATION_KEY, BackboneInfo, load_clip, model_activation,
                              model_config, pixel_stats, resolve_activation, resolve_model_name, resolve_pretrained,
                              weights_id)
@@ -219,8 +220,10 @@ class VideoClips(Dataset):
     """
 
     def __init__(self, items: list, sampling: SamplingCfg, size: int, train: bool, seed: int = 0,
-                 aug: AugmentCfg | None = None, num_templates: int = 0, resize: int | None = None):
+                 aug: AugmentCfg | None = None, num_templates: int = 0, resize: int | None = None,
+                 swaps: tuple[int, ...] | None = None):
         self.items, self.sampling, self.size, self.train = list(items), sampling, size, train
+        self.swaps = swaps  # the label of a mirrored clip per class (cache/flips.py), for a dataset whose flips swap labels
         self.resize = resize or size  # evaluation: the short side before the crops (the test scale)
         self.seed, self.num_templates, self.epoch = seed, num_templates, 0
         self.transform = build_train_transform(size, aug) if train else None
@@ -244,12 +247,13 @@ class VideoClips(Dataset):
         if i < 0:
             return self._empty(-1, 0, "")
         item = self.items[i]
-        template = 0
+        template, label = 0, item.label
         try:
             if self.train:
                 rng = np.random.default_rng([self.seed, self.epoch, i])
                 clips, _ = decode_clips(item.path, self.sampling, item.num_frames, rng=rng)
-                video = augment_clip(clips[0], self.transform, [self.seed, self.epoch, i, 1])  # (T, 3, S, S)
+                video, flipped = augment_clip_flip(clips[0], self.transform, [self.seed, self.epoch, i, 1])  # (T, 3, S, S)
+                label = flip_label(item.label, flipped, self.swaps)
                 if self.num_templates:
                     template = int(rng.integers(self.num_templates))
             else:
@@ -257,7 +261,7 @@ class VideoClips(Dataset):
                 video = eval_views(clips, self.size, self.sampling.crops, self.resize)  # (V, T, 3, S, S)
         except Exception as exc:  # a video that does not decode (or crashes its decoder) must not stop the run
             return self._empty(i, item.label, decode_failure_reason(exc))
-        return {"video": video, "label": torch.tensor(item.label), "index": torch.tensor(i),
+        return {"video": video, "label": torch.tensor(label), "index": torch.tensor(i),
                 "valid": torch.tensor(True), "template": torch.tensor(template), "error": ""}
 
 
@@ -351,7 +355,8 @@ class Finetuner:
         self.sampling_eval = SamplingCfg(cfg.frames, cfg.sampling, cfg.stride, clips_n, crops_n)
         size = self.info.image_size
         self.train_data = VideoClips(spec.splits[cfg.train_split], self.sampling_train, size, train=True,
-                                     seed=cfg.seed, aug=self.aug, num_templates=paradigm.train_templates)
+                                     seed=cfg.seed, aug=self.aug, num_templates=paradigm.train_templates,
+                                     swaps=swap_table(spec.classes) if getattr(spec, "flip_swaps", False) else None)
         self.eval_data = VideoClips(spec.splits[cfg.eval_split], self.sampling_eval, size, train=False, seed=cfg.seed,
                                     resize=eval_resize(size, self.aug))  # the paradigm's test scale, then crops
         self.epochs = cfg.resolved_epochs()

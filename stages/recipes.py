@@ -289,24 +289,26 @@ def get_protocol(name: str) -> Protocol:
     return p
 
 
-_PROTO_KEYS = ("frames", "sampling", "stride", "views", "resize_ratio")
+_PROTO_KEYS = ("frames", "sampling", "stride", "views", "resize_ratio", "resize_to")
 
 
 def resolve_protocol(name: str, explicit: dict, defaults: dict) -> tuple[dict, dict | None, list[str]]:
     """Extraction settings: the protocol's (when ``name``), then the user's explicit flags.
 
-    Returns (ExtractCfg values for frames, sampling, stride, views, resize_ratio), the metadata
+    Returns (ExtractCfg values for frames, sampling, stride, views, resize_ratio, and resize_to where set), the metadata
     record of the protocol (None without one) and lines describing it.
     """
     if not name:
-        return {**{k: defaults[k] for k in _PROTO_KEYS}, **explicit}, None, []
+        return {**{k: defaults[k] for k in _PROTO_KEYS if defaults.get(k, "") != ""}, **explicit}, None, []
     p = get_protocol(name)
-    values = {k: getattr(p, k) for k in _PROTO_KEYS}
+    values = {k: getattr(p, k) for k in _PROTO_KEYS if getattr(p, k) != ""}  # resize_to only where a protocol sets it
     values.update(explicit)
     over = {k: v for k, v in explicit.items() if v != getattr(p, k)}
     record = protocol_record(name, values)
     short = "short side = input size" if values["resize_ratio"] == 1.0 else \
         f"short side = {values['resize_ratio']:.4g} x input size (256 for 224)"
+    if values.get("resize_to"):
+        short = f"frames resized to {values['resize_to']} (H x W)"
     lines = [f"protocol {p.name}: {values['frames']} frames, {values['sampling']} sampling"
              + (f" (stride {values['stride']})" if values["sampling"] == "dense" else "")
              + f", {values['views']} views, {short}, then centre/3-crop; eval averages "

@@ -45,7 +45,7 @@ from cache.store import PENDING, FeatureStore
 from stages.checkpoint import load_checkpoint, save_checkpoint
 from stages.classifiers import CLASSIFIER_INITS, classifier_matrix, text_classifier
 from stages.config import OptionSet, parse_set, split_options, validate_choice
-from stages.data.batch import collate_items
+from stages.data.batch import collate_items, label_swap
 from stages.data.batch import to_device as _to  # the loop's short name for it
 from stages.data.loader import PRELOADS, SHUFFLES, epoch_plan, train_loader
 from stages.data.open import is_wds, open_source, split_dataset
@@ -238,8 +238,20 @@ def resolve_train(head: str, recipe: str | None = "paper", *, file: dict | None 
                          + ", ".join(f"{k}={v}" for k, v in {**protocol[0], **protocol[1]}.items()))
         out.cfg = dataclasses.replace(cfg, **protocol[0])
         out.head = {**head_over, **protocol[1]}
+    out.lines += _flip_swap_lines(out.source, cfg.train_split)
     out.sources = value_sources(preset, protocol, (file_train, file_head), (you, set_head))
     return out
+
+
+def _flip_swap_lines(source, split: str) -> list[str]:
+    """What stage two says when a view bank's flipped views train with their mirror class's label
+    (Something-Something v2's left/right classes, cache/flips.py); nothing for any other cache."""
+    meta = source.info if hasattr(source, "info") else open_source(source).info
+    swap = label_swap(meta, split)
+    if swap is None:
+        return []
+    pairs = ", ".join(f"{i}/{j}" for i, j in enumerate(swap.table) if i < j)
+    return [f"view bank: a flipped view of a left/right class trains with its mirror's label (classes {pairs})"]
 
 
 def _cache_protocol(source, head: str, train_given: dict, head_given: dict) -> tuple[str, dict, dict]:

@@ -39,6 +39,8 @@ __all__ = [
     "decode_video",
     "decode_clips",
     "resize_short_side",
+    "resize_frames",
+    "parse_frame_size",
     "spatial_crops",
     "make_views",
     "VIEW_PARAM_COLUMNS",
@@ -54,13 +56,14 @@ __all__ = [
 ]
 
 
-SAMPLING_MODES = ("segment", "segment-start", "dense")
+SAMPLING_MODES = ("segment", "segment-start", "segment-interior", "dense")
 
 
 @dataclass(frozen=True)
 class SamplingCfg:
     """How frames are taken from a video: ``mode`` "segment" (TSN, segment centres),
-    "segment-start" (Text4Vis / Side4Video's test sampling) or "dense" (stride); see clip_indices."""
+    "segment-start" (Text4Vis / Side4Video's test sampling), "segment-interior" (Side4Video's
+    Something-Something v2 test sampling) or "dense" (stride); see clip_indices."""
 
     frames: int = 8
     mode: str = "segment"
@@ -110,6 +113,10 @@ def clip_indices(num_frames: int, cfg: SamplingCfg, rng: np.random.Generator | N
     - segment-start: each segment's start shifted by the clip's offset, the C offsets spread evenly
       from 0 to n / T - 1 frames and truncated, ``int(offset + t * n / T)`` (Text4Vis's and
       Side4Video's test code; C = 1: the segment starts);
+    - segment-interior: segments of (n - 1) / T frames; clip c takes frame
+      ``round(seg * t) + int(seg / (C + 1) * (c + 1))`` of segment t (round half to even), offsets
+      at (c + 1) / (C + 1) of a segment: Side4Video's Something-Something v2 test code (C = 1: the
+      segment middles, rounded down);
     - dense: T frames ``stride`` apart from a start; the C starts spread evenly from the first to
       the last possible start, ``round(slack / (C - 1) * c)`` (EVL's test code), one clip: the
       middle start, ``slack // 2``. A video shorter than the span repeats its last frame.
@@ -119,10 +126,15 @@ def clip_indices(num_frames: int, cfg: SamplingCfg, rng: np.random.Generator | N
     T, C = cfg.frames, cfg.clips
     out = []
     for c in range(C):
-        if cfg.mode in ("segment", "segment-start"):
+        if cfg.mode in ("segment", "segment-start", "segment-interior"):
             seg = num_frames / T
             if rng is not None:
                 offs = rng.random(T)
+            elif cfg.mode == "segment-interior":
+                step = (num_frames - 1) / T
+                shift = int(step / (C + 1) * (c + 1))
+                out.append([min(int(np.round(step * t)) + shift, num_frames - 1) for t in range(T)])
+                continue
             elif cfg.mode == "segment-start":
                 start = int(np.linspace(0, seg - 1, num=C)[c])  # truncated toward 0, as numpy's int cast
                 out.append([int(start + seg * t) % num_frames for t in range(T)])
@@ -548,6 +560,27 @@ def resize_short_side(frames: torch.Tensor, size: int) -> torch.Tensor:
     return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
+def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> (T, height, width, 3) uint8, whatever the aspect ratio (bicubic,
+    antialiased, as resize_short_side): the fixed test scale of Something-Something v2 (256 x 320)."""
+    x = frames.permute(0, 3, 1, 2).float()  # (T, 3, H, W)
+    x = F.interpolate(x, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def parse_frame_size(text: str) -> tuple[int, int] | None:
+    """'256x320' -> (256, 320): frames resized to H x W before the crops; '' -> None (the short-side rule)."""
+    if not text:
+        return None
+    try:
+        h, w = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--resize-to must look like HxW (e.g. 256x320), got '{text}'") from None
+    if h < 1 or w < 1:
+        raise ConfigError(f"--resize-to {text}: height and width must be positive")
+    return h, w
+
+
 def spatial_crops(frames: torch.Tensor, size: int, crops: int) -> list[torch.Tensor]:
     """Square crops of the short-side-resized clip: centre, or left/centre/right (top/centre/bottom)."""
     T, H, W, _ = frames.shape
@@ -560,14 +593,23 @@ def spatial_crops(frames: torch.Tensor, size: int, crops: int) -> list[torch.Ten
     return [frames[:, y:y + size, x:x + size] for y, x in starts]
 
 
-def make_views(clips: Sequence[np.ndarray], size: int, crops: int, resize: int | None = None) -> np.ndarray:
+def make_views(clips: Sequence[np.ndarray], size: int, crops: int, resize: int | None = None,
+               frame_size: tuple[int, int] | None = None) -> np.ndarray:
     """C clips of (T, H, W, 3) -> (V = S*C, T, size, size, 3) uint8, crop-major: view s * C + c is
     crop s of clip c, the order EVL's, Text4Vis's and Side4Video's test code stack their views in
     (every clip of the first crop, then of the next). The short side is first resized to ``resize``
-    (default ``size``; e.g. 256 for 224 crops)."""
+    (default ``size``; e.g. 256 for 224 crops), or, with ``frame_size`` (H, W), the frames to
+    exactly H x W (Something-Something v2's 256 x 320)."""
     per_clip = []
     for clip in clips:
-        resized = resize_short_side(torch.from_numpy(np.ascontiguousarray(clip)), resize or size)
+        frames = torch.from_numpy(np.ascontiguousarray(clip))
+        if frame_size is not None:
+            if min(frame_size) < size:
+                raise ConfigError(f"frames resized to {frame_size[0]}x{frame_size[1]} are smaller than the "
+                                  f"{size} px crop")
+            resized = resize_frames(frames, *frame_size)
+        else:
+            resized = resize_short_side(frames, resize or size)
         per_clip.append([v.contiguous() for v in spatial_crops(resized, size, crops)])
     return torch.stack([views[s] for s in range(crops) for views in per_clip]).numpy()
 

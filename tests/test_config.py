@@ -79,7 +79,7 @@ def test_keys_go_to_their_option_set_and_unknown_keys_name_the_closest():
 
 def test_sampling_is_validated_once_for_extract_and_finetune():
     for bad, expect in (({"frames": 0}, "frames must be at least 1"), ({"stride": 0}, "stride must be at least 1"),
-                        ({"sampling": "random"}, "sampling must be one of segment, segment-start, dense"),
+                        ({"sampling": "random"}, "sampling must be one of segment, segment-start, segment-interior, dense"),
                         ({"views": "2y3"}, "views must look like CxS")):
         with pytest.raises(ConfigError) as a:
             FinetuneCfg(**bad).validate()

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
+from cache.errors import ConfigError
 from conftest import demo_args, run_cli
 from framecode import indices, write_video
 from stages.recipes import get_protocol
-from stages.video import SamplingCfg, decode_video, layout_key, make_views, parse_views
+from stages.video import SamplingCfg, decode_video, layout_key, make_views, parse_views, resize_frames
 
 
 def _sampling(name: str) -> SamplingCfg:
@@ -40,6 +42,10 @@ EXPECTED = {
     # one clip at the segment centres, int((t + 1/2) * 10); its `differs` line names ActionCLIP's
     # own rule, one frame earlier here
     "actionclip": (80, [[5, 15, 25, 35, 45, 55, 65, 75]]),
+    # Side4Video on SSv2 (100 frames): segments of 99 / 8 = 12.375, clip c adds int(12.375 / 3 * (c + 1))
+    # = 4, 8 to round(12.375 t) = 0, 12, 25, 37, 50, 62, 74, 87 (round half to even: 61.875 -> 62)
+    "side4video-ssv2": (100, [[4, 16, 29, 41, 54, 66, 78, 91], [8, 20, 33, 45, 58, 70, 82, 95]]),
+    "text4vis-ssv2": (100, _TSN4),  # its SSv2 test changes only the scale
 }
 
 
@@ -116,3 +122,57 @@ def test_side4video_protocol_cache_holds_the_papers_views(demo_small, tmp_path):
     # the demo's 8-frame videos give 4 equal clips: crop-major order puts 4 equal views first
     frames = st.read("val", "frames", 0)
     assert all(np.array_equal(frames[c], frames[0]) for c in range(4)) and not np.array_equal(frames[0], frames[4])
+
+
+def test_ssv2_protocols_resize_frames_to_a_fixed_size_then_crop():
+    """Side4Video tests SSv2 on frames resized to 256 x 320 (H x W), Text4Vis on 240 x 320, whatever
+    the video's aspect ratio; the 3 crops of 224 then sit at x 0, 48, 96 (where TSN's
+    GroupFullResSample puts them) and mid-height."""
+    assert (get_protocol("side4video-ssv2").resize_to, get_protocol("text4vis-ssv2").resize_to) == ("256x320", "240x320")
+    assert get_protocol("side4video-ssv2").views == "2x3" and get_protocol("side4video-ssv2").eval_average == "scores"
+    assert get_protocol("text4vis-ssv2").eval_average == "embeddings"
+    rng = np.random.default_rng(1)
+    clips = [rng.integers(0, 256, size=(2, 90, 200, 3), dtype=np.uint8) for _ in range(2)]  # 20:9, not 5:4
+    for (h, w) in ((256, 320), (240, 320)):
+        views = make_views(clips, 224, 3, frame_size=(h, w))
+        assert views.shape == (6, 2, 224, 224, 3)
+        y = (h - 224) // 2
+        for s, x in enumerate((0, 48, 96)):
+            for c in range(2):
+                whole = resize_frames(torch.from_numpy(clips[c]), h, w).numpy()
+                assert whole.shape == (2, h, w, 3)
+                np.testing.assert_array_equal(views[s * 2 + c], whole[:, y:y + 224, x:x + 224])
+
+
+def test_ssv2_protocol_cache_records_its_resize_and_other_keys_stay(demo_small, tmp_path):
+    """`extract --protocol side4video-ssv2`: 2 x 3 val views from 256 x 320 frames; the cache records
+    the resize (key, metadata, `cache info`, the rebuilding command); a cache without it keeps its key."""
+    from cache.store import open_store
+    from stages.extract import ExtractCfg, plan_extraction
+
+    out = tmp_path / "cache"
+    proc = run_cli(*demo_args(demo_small, out, "--protocol", "side4video-ssv2", "--layers", "none", "--text", "none",
+                              "--frames-uint8"), check=True)
+    assert "protocol side4video-ssv2: 8 frames, segment-interior sampling, 2x3 views, frames resized to 256x320" \
+        in proc.stdout
+    st = open_store(out)
+    assert st.meta["resize_to"] == [256, 320] and st.meta["content"]["resize_to"] == [256, 320]
+    assert st.meta["views"]["val"] == {"clips": 2, "crops": 3} and st.meta["config"]["resize_to"] == "256x320"
+    path = st.items("val")[0][0]
+    want = make_views(decode_video(path, _sampling("side4video-ssv2")).clips, 32, 3, frame_size=(256, 320))
+    np.testing.assert_array_equal(st.read("val", "frames", 0), want)
+    info = run_cli("cache", "info", str(out), check=True).stdout
+    assert "resize    frames to 256x320 (H x W) before the crops" in info and "protocol  side4video-ssv2" in info
+    assert "--resize-to 256x320" in info and "--protocol side4video-ssv2" in info
+    from pipeline.datasets import load_dataset
+
+    spec = load_dataset("demo", data_root=demo_small.root)
+    plain = plan_extraction(spec, ExtractCfg(model="tiny", text="none"), out=tmp_path / "p")
+    assert "resize_to" not in plain.meta.to_dict() and "resize_to" not in plain.meta.to_dict()["config"]
+    assert "resize_to" not in plain.meta.content.to_dict()
+    other = plan_extraction(spec, ExtractCfg(model="tiny", text="none", resize_to="40x48"), out=tmp_path / "q")
+    assert other.key != plain.key
+    for bad, msg in (({"resize_to": "40x48", "resize_ratio": 1.5}, "give one"),
+                     ({"resize_to": "16x48"}, "smaller than"), ({"resize_to": "40"}, "HxW")):
+        with pytest.raises(ConfigError, match=msg):
+            plan_extraction(spec, ExtractCfg(model="tiny", text="none", **bad), out=tmp_path / "r")

@@ -103,18 +103,23 @@ class DatasetEntry:
     split_ids: tuple[int, ...] = ()
     # the folder tree the loader reads and where its files come from, shown when data_root is missing
     layout: str = ""
+    # a horizontal flip swaps the labels of the left/right class pairs (cache/flips.py): SSv2
+    flip_swaps: bool = False
 
 
 _REGISTRY: dict[str, DatasetEntry] = {}
 
 
 def register_dataset(name: str, loader: Callable[[DatasetArgs], DatasetSpec], *, help: str = "",
-                     default_root: bool = True, split_ids: Sequence[int] = (), layout: str = "") -> DatasetEntry:
+                     default_root: bool = True, split_ids: Sequence[int] = (), layout: str = "",
+                     flip_swaps: bool = False) -> DatasetEntry:
     """Make ``name`` a dataset `load_dataset` (and ``--dataset``) accepts. ``layout``: the tree
-    under data_root the loader reads and where its files come from (printed when it is missing)."""
+    under data_root the loader reads and where its files come from (printed when it is missing).
+    ``flip_swaps``: a horizontal flip swaps the labels of the classes whose names differ only by
+    left <-> right (cache/flips.py), as in Something-Something v2."""
     if name in _REGISTRY:
         raise RuntimeError(f"dataset '{name}' registered twice")
-    entry = DatasetEntry(name, loader, help, default_root, tuple(split_ids), layout.strip("\n"))
+    entry = DatasetEntry(name, loader, help, default_root, tuple(split_ids), layout.strip("\n"), flip_swaps)
     _REGISTRY[name] = entry
     return entry
 
@@ -164,6 +169,7 @@ def load_dataset(
                  for k, v in given.items() if v is not None}
     if entry.split_ids:
         spec.args["split_id"] = split_id
+    spec.flip_swaps = entry.flip_swaps
     return spec
 
 

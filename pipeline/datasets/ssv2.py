@@ -138,7 +138,7 @@ def load_ssv2(args: DatasetArgs) -> DatasetSpec:
 
 
 register_dataset("ssv2", load_ssv2, help="Something-Something v2: the official JSON files, videos <id>.webm",
-                 layout="""
+                 flip_swaps=True, layout="""
   DATA_ROOT/labels/something-something-v2-train.json, -validation.json, -labels.json
                                       the official label files (also found in DATA_ROOT or DATA_ROOT/annotations/)
   DATA_ROOT/20bn-something-something-v2/<id>.webm   the videos (or DATA_ROOT/videos/)

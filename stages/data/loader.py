@@ -230,6 +230,10 @@ class ZarrBatches:
         if self.train and self.views > 1:
             small["view"] = torch.tensor([view_pick(seed, int(p), self.views, True).start for p in pos],
                                          dtype=torch.int64)
+        per_view = getattr(self.data, "view_labels", None)
+        if self.train and per_view is not None:  # flipped views of mirrored classes (SSv2): the drawn view's label
+            views = small["view"].numpy() if "view" in small else np.zeros(n, dtype=np.int64)
+            small["label"] = torch.from_numpy(per_view[pos, views])
         return small
 
 

@@ -32,9 +32,9 @@ import torch
 from torch.utils.data import IterableDataset
 
 from cache.errors import CacheError, CacheMismatchError
-from cache.wds import (WdsCache, expand_shards, header_for, iter_tar_samples, member_names, sample_array,
+from cache.wds import (WdsCache, expand_shards, header_for, iter_tar_samples, load_npy, member_names, sample_array,
                        sample_info)
-from stages.data.batch import epoch_seed, pixel_stats, view_pick, view_tensor
+from stages.data.batch import epoch_seed, label_swap, pixel_stats, view_label, view_pick, view_tensor
 
 __all__ = ["WdsSource", "WdsSplit", "open_wds_source", "node_info"]
 
@@ -115,6 +115,10 @@ class WdsSplit(IterableDataset):
         self.wanted = wanted = inputs.array_names()
         self.stored = {n: specs[n].dtype for n in wanted}
         self.members = {"json"} | {m for n in wanted for m in member_names(n, specs[n].dtype)}
+        # flipped views of mirrored classes (SSv2's left/right) swap labels: read each sample's view parameters
+        self.swap = label_swap(source.info, self.split) if train else None
+        if self.swap is not None:
+            self.members |= set(member_names("view_params", specs["view_params"].dtype))
         self.mean, self.std = pixel_stats(source.info)
         self.views = specs[wanted[0]].shape[0] if wanted else 1
         self.epoch_seed = 0
@@ -257,11 +261,12 @@ class WdsSplit(IterableDataset):
 
     def _decode(self, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
         info = sample["__info__"]
-        label = int(info["label"])
-        if self.label_map:
-            label = self.label_map[label]
-        item: dict[str, torch.Tensor] = {"label": torch.tensor(label, dtype=torch.int64)}
         pick = view_pick(self.epoch_seed, self.pos[info["index"]], self.views, self.train)
+        flipped = False
+        if self.swap is not None:
+            flipped = bool(load_npy(sample["view_params.npy"])[pick.start or 0, self.swap.column] > 0.5)
+        label = view_label(int(info["label"]), flipped, self.swap, self.label_map)
+        item: dict[str, torch.Tensor] = {"label": torch.tensor(label, dtype=torch.int64)}
         if getattr(self, "raw", False):
             for name in self.wanted:
                 layers = self.inputs.layer_pos(name)

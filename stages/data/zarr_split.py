@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from cache.errors import CacheMismatchError, DatasetError
 from cache.meta import extract_command
 from cache.store import DONE, FeatureStore
-from stages.data.batch import epoch_seed, pixel_stats, view_pick, view_tensor
+from stages.data.batch import epoch_seed, label_swap, pixel_stats, view_labels, view_pick, view_tensor
 from stages.heads.needs import DataKeys, recommended_train_aug, resolve_layers
 
 __all__ = ["HeadInputs", "CacheSplit", "check_cache_for_head", "select_videos", "extraction_hint"]
@@ -128,6 +128,13 @@ class CacheSplit(Dataset):
         split = inputs.split
         labels = store.labels(split)[self.indices]
         self.labels = np.array([label_map[int(x)] for x in labels] if label_map else labels, dtype=np.int64)
+        # (N, V) label of each training view where flipped views swap labels (SSv2's left/right
+        # classes in a view bank), else None: every view has its video's label
+        self.view_labels: np.ndarray | None = None
+        swap = label_swap(store.info, split) if train else None
+        if swap is not None:
+            params = store.read(split, "view_params", self.indices)  # (N, V, P)
+            self.view_labels = view_labels(labels, params, swap, label_map)
         self.memory: dict[str, np.ndarray] = {}
         specs = store.specs(split)
         self.wanted = wanted = inputs.array_names()
@@ -153,8 +160,9 @@ class CacheSplit(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        item: dict[str, torch.Tensor] = {"label": torch.tensor(self.labels[i])}
         pick = view_pick(self.epoch_seed, i, self.views, self.train)
+        label = self.labels[i] if self.view_labels is None else self.view_labels[i, pick.start or 0]
+        item: dict[str, torch.Tensor] = {"label": torch.tensor(label)}
         for name in self.wanted:
             arr = self.memory[name][i] if name in self.memory else self._read(name, int(self.indices[i]))
             item[name] = view_tensor(name, arr, pick, self.train, self.mean, self.std)

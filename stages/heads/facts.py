@@ -40,7 +40,8 @@ class PaperRecipe:
 
 @dataclass(frozen=True)
 class Protocol:
-    """A paper's test protocol (``pipeline extract --protocol NAME``), named as its head."""
+    """A paper's test protocol (``pipeline extract --protocol NAME``), named as its head, or
+    ``HEAD-DATASET`` for a dataset its paper tests otherwise (``side4video-ssv2``)."""
 
     name: str
     frames: int
@@ -52,6 +53,7 @@ class Protocol:
     template_average: str = ""      # ActionCLIP: "score" = per-template softmax, then mean
     paper: str = ""                 # the paper's protocol, as published
     differs: str = ""               # what the project does differently, and why
+    resize_to: str = ""             # HxW: frames resized to exactly H x W before the crops (SSv2), not by the short side
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,7 @@ class HeadEntry:
     view_bank: int | None = None
     published: tuple[PublishedResult, ...] = ()
     train_aug: TrainPipeline | None = None
+    protocols: tuple[Protocol, ...] = ()   # the paper's protocols for other datasets, named HEAD-DATASET
 
 
 _REGISTRY: dict[str, HeadEntry] = {}
@@ -158,12 +159,17 @@ def register_head(name: str, cfg_cls: type, tiny: dict | None = None,
                   references: tuple[Reference, ...] = (), *, paper_recipe: PaperRecipe | None = None,
                   protocol: Protocol | None = None, view_bank: int | None = None,
                   published: tuple[PublishedResult, ...] = (),
-                  train_aug: TrainPipeline | None = None) -> Callable[[type], type]:
+                  train_aug: TrainPipeline | None = None,
+                  protocols: tuple[Protocol, ...] = ()) -> Callable[[type], type]:
     """Class decorator: ``@register_head("evl", EVLCfg, tiny={...}, paper_recipe=..., protocol=...)``.
 
-    A protocol is named as its head (``--protocol evl``)."""
+    A protocol is named as its head (``--protocol evl``); ``protocols``: the paper's test protocols
+    for other datasets, each named HEAD-DATASET (``--protocol side4video-ssv2``)."""
     if protocol is not None and protocol.name != name:
         raise RuntimeError(f"head '{name}' registers a protocol named '{protocol.name}': name it as the head")
+    for extra in protocols:
+        if not extra.name.startswith(f"{name}-"):
+            raise RuntimeError(f"head '{name}' registers a protocol named '{extra.name}': name it {name}-DATASET")
 
     def wrap(head_cls: type) -> type:
         if name in _REGISTRY:
@@ -171,7 +177,7 @@ def register_head(name: str, cfg_cls: type, tiny: dict | None = None,
         head_cls.name = name
         head_cls.cfg_cls = cfg_cls
         _REGISTRY[name] = HeadEntry(name, head_cls, cfg_cls, dict(tiny or {}), tuple(references), paper_recipe,
-                                    protocol, view_bank, tuple(published), train_aug)
+                                    protocol, view_bank, tuple(published), train_aug, tuple(protocols))
         note_view_bank(name, view_bank, shipped=head_cls.__module__.startswith("stages.heads."))
         return head_cls
 
@@ -206,15 +212,23 @@ def list_heads() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _all_protocols() -> dict[str, Protocol]:
+    out = {}
+    for name, e in _REGISTRY.items():
+        if e.protocol is not None:
+            out[name] = e.protocol
+        out.update((p.name, p) for p in e.protocols)
+    return out
+
+
 def list_protocols() -> list[str]:
-    """The test protocols the registered heads bring (each named as its head)."""
-    return sorted(n for n, e in _REGISTRY.items() if e.protocol is not None)
+    """The test protocols the registered heads bring (each named as its head, or HEAD-DATASET)."""
+    return sorted(_all_protocols())
 
 
 def find_protocol(name: str) -> Protocol | None:
     """The test protocol named ``name`` (a head's), None when no head registers one by that name."""
-    entry = _REGISTRY.get(name)
-    return entry.protocol if entry is not None else None
+    return _all_protocols().get(name)
 
 
 def get_head_entry(name: str) -> HeadEntry:

@@ -191,6 +191,17 @@ _SOURCE = "Side4Video (Yao et al. 2023), K400 ViT-B/16 8 frames; trainable param
               "takes frame int(offset_c + t * n / 8), the 4 offsets spread from 0 to n / 8 - 1; "
               "scale 256 then crop 224",
         differs=CROPS_TSN),
+    protocols=(
+        Protocol(
+            "side4video-ssv2", 8, "segment-interior", 8, "2x3", 1.0, "scores", resize_to="256x320",
+            paper="Something-Something v2: 8 frames x 3 spatial crops x 2 temporal clips, softmax averaged; "
+                  "segments of (n - 1) / 8 frames, clip c takes frame round(seg * t) + int(seg / 3 * (c + 1)) "
+                  "(offsets at 1/3 and 2/3 of each segment); frames resized to 256 x 320 (H x W), then 3 crops "
+                  "of 224 (its datasets/sth.py and test_vision.py)",
+            differs="frames resized bicubic (antialiased) on uint8; its code resizes PIL images bilinearly. "
+                    "On 256 x 320 frames the 3 crops sit where its code puts them (x 0, 48, 96; y 16), "
+                    "stacked left, centre, right where its code stacks left, right, centre"),
+    ),
     # `extract --train-aug K`, from bench/bench_viewbank.py (README, stage two): on the demo world no K
     # beat the plain cache beyond the spread over seeds; Side4Video's mean was highest with banks, and
     # one augmented view costs no more bytes than the plain view
