@@ -36,7 +36,7 @@ def _demo_heads() -> dict[str, dict]:
 
 
 DEMO_HEADS: dict[str, dict] = _demo_heads()
-# 250 steps of 64 captioned frames: 4.4 CPU-minutes on one thread (400 x 128 took 9.9), what keeps
+# 250 steps of 64 captioned frames: about 4.9 CPU-minutes on one thread (400 x 128 took 9.9), what keeps
 # `make demo` with the install under 15 minutes on a quiet 2-core box; the table stays pinned (one thread)
 PRETRAIN_STEPS = 250
 PRETRAIN_BATCH = 64
