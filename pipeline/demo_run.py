@@ -36,7 +36,10 @@ def _demo_heads() -> dict[str, dict]:
 
 
 DEMO_HEADS: dict[str, dict] = _demo_heads()
-PRETRAIN_STEPS = 400
+# 250 steps of 64 captioned frames: about 4.9 CPU-minutes on one thread (400 x 128 took 9.9), what keeps
+# `make demo` with the install under 15 minutes on a quiet 2-core box; the table stays pinned (one thread)
+PRETRAIN_STEPS = 250
+PRETRAIN_BATCH = 64
 
 
 def _say(msg: str) -> None:
@@ -97,10 +100,10 @@ def _prepare(paths: dict[str, Path], data: Path, quick: bool, pretrain_steps: in
     ckpt = paths["clip"]
     # a step budget, not a time budget: the same demo CLIP (and the same table) on any machine
     pre_cfg = PretrainCfg(model="demo", minutes=0, max_steps=20 if quick else pretrain_steps,
-                          batch_size=32 if quick else 128)
+                          batch_size=32 if quick else PRETRAIN_BATCH)
     _say(f"[2/6] demo CLIP -> {ckpt} (contrastive pretraining on the world's frames and captions"
-         + ("; done once, then reused)" if ckpt.exists() else f": {pre_cfg.max_steps} steps, once, about 3-15 "
-            "minutes on a 2-core box depending on its load; every later demo command reuses it)"))
+         + ("; done once, then reused)" if ckpt.exists() else f": {pre_cfg.max_steps} steps, once, about 5 "
+            "minutes on a quiet 2-core box, more under load; every later demo command reuses it)"))
 
     def render(rng):
         """A still and its caption; half the captions shortened so the text tower learns the
