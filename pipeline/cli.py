@@ -170,7 +170,7 @@ def extract(
                  aug_recipe=aug_recipe, aug_heads=aug_heads, frames=frames,
                  sampling=sampling, stride=stride, views=views, resize_ratio=resize_ratio, resize_to=resize_to)
     r = resolve_extract(flags, protocol=protocol, heads=[h.strip() for h in for_head.split(",") if h.strip()],
-                        num_classes=len(spec.classes), view_bank=not no_view_bank)
+                        num_classes=len(spec.classes), view_bank=not no_view_bank, dataset=spec.name)
     cfg = r.cfg
     say(r.lines)
     plan = plan_extraction(spec, cfg, out=out, cache_root=cache_root)

@@ -168,10 +168,11 @@ def add_head_needs(cfg: ExtractCfg, heads: list[str], num_classes: int, view_ban
 
 
 def resolve_extract(flags: dict | None = None, *, protocol: str = "", heads=(), num_classes: int = 0,
-                    view_bank: bool = True) -> Resolved:
+                    view_bank: bool = True, dataset: str = "") -> Resolved:
     """Stage one's options, resolved as stages/resolve.py says: ExtractCfg's defaults < the test
     ``protocol`` (""  with ``heads``: their papers' own; "none": none) < ``flags`` (ExtractCfg values
-    given; a sampling option None is not given); then what ``heads`` read with their default
+    given; a sampling option None is not given; ``dataset``: a paper's protocol for that dataset,
+    e.g. side4video-ssv2, wins over its head's); then what ``heads`` read with their default
     options (``add_head_needs``; ``num_classes``: the dataset's) and the view bank's recipe
     (``aug_recipe`` in ``flags``; None: paper for heads with a train pipeline, else light).
     ``pretrained`` 'auto' picks the weights (stages.backbone.resolve_pretrained)."""
@@ -179,7 +180,7 @@ def resolve_extract(flags: dict | None = None, *, protocol: str = "", heads=(), 
     asked_recipe = flags.pop("aug_recipe", None)  # None: paper for heads with a train pipeline, else light
     aug_heads = flags.pop("aug_heads", None) or ""  # the heads whose pipeline the bank draws (default: ``heads``)
     if not protocol and heads:  # the papers' test views by default
-        protocol = protocol_for_heads(heads)
+        protocol = protocol_for_heads(heads, dataset)
         if protocol:
             lines.append(f"--for-head {','.join(heads)}: the paper's test protocol {protocol} (--protocol none: one "
                          "centre view)")

@@ -256,12 +256,14 @@ def _protocol(name: str) -> Protocol | None:
     return find_protocol(name)
 
 
-def protocol_for_heads(heads: list[str]) -> str:
+def protocol_for_heads(heads: list[str], dataset: str = "") -> str:
     """The test protocol a cache for ``heads`` (``extract --for-head``) gets by default: the papers'
     own, when the heads that have one test on the same frames and views (Text4Vis and Side4Video
-    share theirs); "" when none has one. Heads whose papers test on different frames cannot share
-    one cache's val views: one ConfigError naming them and the way out."""
-    own = {h: p for h in dict.fromkeys(heads) if (p := _protocol(h)) is not None}
+    share theirs); "" when none has one. On a ``dataset`` for which a paper tests otherwise (a
+    protocol registered as HEAD-DATASET, e.g. side4video-ssv2) that one. Heads whose papers test on
+    different frames cannot share one cache's val views: one ConfigError naming them and the way out."""
+    own = {h: p for h in dict.fromkeys(heads)
+           if (p := (_protocol(f"{h}-{dataset}") if dataset else None) or _protocol(h)) is not None}
     named = list(own)
     groups: dict[tuple, list[str]] = {}
     for h in named:
@@ -271,7 +273,7 @@ def protocol_for_heads(heads: list[str]) -> str:
         raise ConfigError(f"--for-head {','.join(heads)}: these papers test on different frames ({text}), which one "
                           "cache cannot hold: extract once per head, or pass --protocol NAME (or --protocol none: "
                           "one centre view) for all of them")
-    return named[0] if named else ""
+    return own[named[0]].name if named else ""
 
 
 def _describe_views(p: Protocol) -> str:

@@ -176,3 +176,17 @@ def test_ssv2_protocol_cache_records_its_resize_and_other_keys_stay(demo_small, 
                      ({"resize_to": "16x48"}, "smaller than"), ({"resize_to": "40"}, "HxW")):
         with pytest.raises(ConfigError, match=msg):
             plan_extraction(spec, ExtractCfg(model="tiny", text="none", **bad), out=tmp_path / "r")
+
+
+def test_for_head_on_ssv2_takes_the_papers_ssv2_protocol():
+    """`extract --for-head H --dataset ssv2`: the protocol the paper tests SSv2 with where it
+    registers one (HEAD-ssv2), the head's own elsewhere; two SSv2 protocols on other views refuse."""
+    from stages.recipes import protocol_for_heads
+
+    assert protocol_for_heads(["side4video"], "ssv2") == "side4video-ssv2"
+    assert protocol_for_heads(["text4vis"], "ssv2") == "text4vis-ssv2"
+    assert protocol_for_heads(["side4video"], "k400") == "side4video"
+    assert protocol_for_heads(["side4video"]) == "side4video"
+    assert protocol_for_heads(["evl"], "ssv2") == "evl"  # EVL registers no SSv2 protocol
+    with pytest.raises(ConfigError, match="test on different frames"):
+        protocol_for_heads(["side4video", "text4vis"], "ssv2")
