@@ -354,9 +354,12 @@ class Finetuner:
         clips_n, crops_n = parse_views(cfg.views)
         self.sampling_eval = SamplingCfg(cfg.frames, cfg.sampling, cfg.stride, clips_n, crops_n)
         size = self.info.image_size
+        swaps = swap_table(spec.classes) if getattr(spec, "flip_swaps", False) else None
+        if swaps is not None and self.aug.flip > 0:
+            pairs = ", ".join(f"{i}/{j}" for i, j in enumerate(swaps) if i < j)
+            log(f"flipped clips train with their mirror class's label ({spec.name}: the left/right classes {pairs})")
         self.train_data = VideoClips(spec.splits[cfg.train_split], self.sampling_train, size, train=True,
-                                     seed=cfg.seed, aug=self.aug, num_templates=paradigm.train_templates,
-                                     swaps=swap_table(spec.classes) if getattr(spec, "flip_swaps", False) else None)
+                                     seed=cfg.seed, aug=self.aug, num_templates=paradigm.train_templates, swaps=swaps)
         self.eval_data = VideoClips(spec.splits[cfg.eval_split], self.sampling_eval, size, train=False, seed=cfg.seed,
                                     resize=eval_resize(size, self.aug))  # the paradigm's test scale, then crops
         self.epochs = cfg.resolved_epochs()

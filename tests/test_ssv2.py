@@ -245,8 +245,13 @@ def test_stage_three_takes_the_swaps_from_the_dataset(mirror_spec, demo_small):
     from stages.finetune import DistContext, FinetuneCfg, Finetuner
 
     cfg = FinetuneCfg(paradigm="text4vis", model="tiny", frames=4, epochs=1, batch_size=4, workers=0)
-    tuner = Finetuner(mirror_spec, cfg, {"layers": "1", "pos_rows": "8"}, dist_ctx=DistContext(), log=lambda *a: None)
+    lines: list[str] = []
+    tuner = Finetuner(mirror_spec, cfg, {"layers": "1", "pos_rows": "8"}, dist_ctx=DistContext(),
+                      log=lambda *a: lines.append(" ".join(map(str, a))))
     assert tuner.train_data.swaps == (1, 0, 2, 3) and tuner.eval_data.swaps is None
+    assert any("mirror class's label" in ln and "0/1" in ln for ln in lines), lines
     plain = load_dataset("demo", data_root=demo_small.root)
-    tuner = Finetuner(plain, cfg, {"layers": "1", "pos_rows": "8"}, dist_ctx=DistContext(), log=lambda *a: None)
-    assert tuner.train_data.swaps is None
+    lines.clear()
+    tuner = Finetuner(plain, cfg, {"layers": "1", "pos_rows": "8"}, dist_ctx=DistContext(),
+                      log=lambda *a: lines.append(" ".join(map(str, a))))
+    assert tuner.train_data.swaps is None and not any("mirror" in ln for ln in lines)
