@@ -18,6 +18,7 @@ import os
 import re
 import sys
 import tempfile
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -46,6 +47,7 @@ __all__ = [
     "draw_resized_crop",
     "resized_crop_view",
     "augmented_views",
+    "view_rngs",
     "normalize",
 ]
 
@@ -644,3 +646,11 @@ def augmented_views(decoded: Decoded, size: int, cfg: AugViewCfg,
         views.append(resized_crop_view(clip, box, flip, size))
         params.append([float(flip), *box, H, W, decoded.num_frames, *idx])
     return np.stack(views), np.asarray(params, dtype=np.float32)
+
+
+def view_rngs(seed: int, split: str, index: int) -> tuple[np.random.Generator, np.random.Generator]:
+    """The two generators of one video's view bank (its clips, then its crops and flips): a
+    function of (cache seed, split, index) alone, so reruns, resumes and any number of workers
+    or ranks draw the same views."""
+    temporal, spatial = np.random.SeedSequence([int(seed), zlib.crc32(split.encode()), int(index)]).spawn(2)
+    return np.random.default_rng(temporal), np.random.default_rng(spatial)
