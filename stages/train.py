@@ -335,6 +335,8 @@ def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: 
     Under torchrun every rank calls this (module docstring); rank 0 writes the run folder.
     """
     cfg.validate()
+    if not cfg.online and cfg.online_aug != TrainCfg.online_aug:  # says nothing without --online: one record
+        cfg = dataclasses.replace(cfg, online_aug=TrainCfg.online_aug)
     store = open_source(cache)  # a Zarr FeatureStore or a WebDataset export (stages/data/open.py)
     ctx = DistContext.from_env()
     device = dist_device(cfg.device, ctx)
