@@ -16,6 +16,8 @@ Columns: top-1 mean +- sample std over seeds, each seed's top-1, wall per epoch 
 and evaluation wall / epochs), total wall of the row (its seeds), the bytes of the train split of
 the cache the row reads (online: the raw videos it decodes) and the extraction wall of that cache.
 
+Caches hold every array the demo's heads read (all layers, patch tokens, uint8 frames), or only frame
+embeddings when every --heads head reads nothing else (text4vis, actionclip, tap: "-slim" caches).
 Data: the demo world and the demo CLIP copied from --assets (``make demo``'s, read-only) into the
 work folder; caches and runs are written there and reused. ``--tiny``: a generated 4-class world
 and the tiny random-init model, 2 epochs, one seed (a smoke run of the whole bench in a minute).
@@ -37,6 +39,7 @@ from bench.common import (base_parser, console, dir_bytes, human, int_list, load
                           md_table, mean_spread, name_list, now, quiet, results_header)
 
 HEADS = ("evl", "side4video", "text4vis")
+FRAME_EMB_HEADS = {"text4vis", "actionclip", "tap"}  # heads that read frame embeddings only: slim caches
 ROWS = ("online-paper", "online-none", "cache", "bank")
 TINY_HEADS = {"evl": {"num_layers": 1}, "side4video": {"preset": "custom", "num_blocks": 2, "side_width": 32},
               "text4vis": {"temporal": "ttrans", "layers": 1, "pos_rows": 8}, "actionclip": {"layers": 1, "pos_rows": 8}}
@@ -81,15 +84,18 @@ def prepare(args, work: Path) -> tuple:
         for name in ("demo_clip.pt", "demo_clip.pt.json"):
             if (assets / "demo" / name).exists():
                 shutil.copy2(assets / "demo" / name, work / name)
-    return load_dataset("demo", data_root=data), {"model": "demo", "pretrained": str(clip.resolve()), "frames": 8,
-                                                  "layers": "all", "patch": True, "store_frames": True, "text": "all"}
+    ecfg = {"model": "demo", "pretrained": str(clip.resolve()), "frames": 8, "layers": "all", "patch": True,
+            "store_frames": True, "text": "all"}
+    if set(name_list(args.heads)) <= FRAME_EMB_HEADS:  # what these heads read: frame embeddings (and text)
+        ecfg.update(layers="none", patch=False, store_frames=False)
+    return load_dataset("demo", data_root=data), ecfg
 
 
 def cache_for(spec, ecfg: dict, work: Path, bank: int | None, bank_aug: str) -> tuple[Path, float]:
     """The cache (plain, or a view bank of ``bank`` views) in ``work``, extracted unless there; its extraction wall."""
     from bench.common import extract_cache
 
-    name = "cache-plain" if bank is None else f"cache-bank{bank}"
+    name = ("cache-plain" if bank is None else f"cache-bank{bank}") + ("-slim" if ecfg["layers"] == "none" else "")
     out = work / name
     cfg = dict(ecfg)
     if bank is not None:
@@ -160,9 +166,7 @@ def main(argv=None) -> int:
     start_load, t_all = load_avg(), now()
     torch.set_num_threads(1)
     spec, ecfg = prepare(args, work)
-    caches = {"cache": cache_for(spec, ecfg, work, None, "")}
-    for k in banks:
-        caches[f"bank{k}"] = cache_for(spec, ecfg, work, k, args.bank_aug)
+    caches: dict = {}  # extracted when a row first needs it (rows print as they finish)
     video_bytes = sum(Path(it.path).stat().st_size for it in spec.splits["train"])
     bank_note = args.bank_aug or "light (today's draw)"
     plan = []  # (row label, cache key, online aug or "", note)
@@ -182,6 +186,9 @@ def main(argv=None) -> int:
             if online == "fresh":
                 online, note = fresh_aug(args, head)
                 label = label.format(aug=online)
+            if key not in caches:
+                caches[key] = cache_for(spec, ecfg, work, int(key[4:]) if key.startswith("bank") else None,
+                                        args.bank_aug if key.startswith("bank") else "")
             cache, extract_s = caches[key]
             runs = [run_one(cache, head, s, args, online, work, label.split(" ")[0] + (online or key)) for s in seeds]
             top = [r["top1"] for r in runs]

@@ -16,12 +16,12 @@ import torch
 
 from cache.errors import ConfigError
 from cache.store import open_store
+from conftest import cli_in_process, extract_in_process
 from stages.data.loader import epoch_plan, train_loader
 from stages.data.online import OnlineSplit, label_after_flip, online_aug_cfg
 from stages.data.open import split_dataset
 from stages.data.zarr_split import check_cache_for_head, select_videos
 from stages.train import TrainCfg, build_head, train_head
-from tests.conftest import cli_in_process, extract_in_process
 
 TINY = {"evl": {"num_layers": 1}, "side4video": {"preset": "custom", "num_blocks": 2, "side_width": 32}, "tap": {}}
 
