@@ -180,3 +180,17 @@ def test_closed_form_heads_and_exports_are_refused(cache, tmp_path):
     with pytest.raises(ConfigError, match="closed form"):
         train_head(cache, TrainCfg(head="lda", online=True, online_aug="none"), {}, run_dir=tmp_path / "r",
                    progress=False)
+
+
+@pytest.mark.slow
+def test_the_cache_vs_online_bench_runs_tiny(tmp_path):
+    """bench/bench_cache_vs_online.py --tiny: every row of one head, its table written."""
+    from bench.bench_cache_vs_online import main
+
+    assert main(["--tiny", "--workdir", str(tmp_path), "--heads", "tap", "--banks", "1", "--fresh", "light"]) == 0
+    table = (tmp_path / "tiny" / "table.md").read_text()
+    for row in ("online light", "online none (control)", "plain cache", "bank K=1"):
+        assert f"| tap | {row}" in table
+    records = json.loads((tmp_path / "tiny" / "results.json").read_text())
+    control, plain = (next(r for r in records if r["row"].startswith(x)) for x in ("online none", "plain cache"))
+    assert control["losses"][0] == pytest.approx(plain["losses"][0], rel=1e-5) and control["top1"] == plain["top1"]
