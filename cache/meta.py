@@ -47,6 +47,7 @@ __all__ = [
     "Dims",
     "ViewCount",
     "ViewBank",
+    "LIGHT_VIEW_PARAM_COLUMNS",
     "ProtocolRecord",
     "Preprocess",
     "key_content",
@@ -233,6 +234,8 @@ class ExtractRecord(Record):
     train_aug: int | None = None
     aug_seed: int = 0
     aug_area: float = 0.4
+    aug_recipe: str = "light"
+    aug_heads: str = ""
     dtype: str = "fp16"
     text: str = "all"
     batch_frames: int = 128
@@ -296,7 +299,11 @@ class ViewCount(Record):
 
 @dataclass(kw_only=True)
 class ViewBank(Record):
-    """K augmented views per video of one split, drawn at extraction (--train-aug)."""
+    """K augmented views per video of one split, drawn at extraction (--train-aug): the light
+    recipe (crop ``area`` / ``ratio``, ``flip``) or a head's paper train pipeline (``recipe``
+    "paper": ``pipeline`` its drawn values, ``heads`` the heads it is of, ``description`` one line).
+    ``param_columns``: the names of view_params' columns, the last one ``index_0..T-1`` standing
+    for the T frame indices (``column_names``); empty in caches made before it was recorded."""
 
     views: int
     seed: int
@@ -305,6 +312,38 @@ class ViewBank(Record):
     flip: float
     split: str = "train"
     param_columns: list[str] = field(default_factory=list)
+    recipe: str = _optional("light")
+    pipeline: dict = _optional(factory=dict)
+    heads: list[str] = _optional(factory=list)
+    description: str = _optional("")
+
+    def column_names(self, frames: int) -> list[str]:
+        """One name per column of view_params (P = len): the recorded names with the frame indices
+        spelled ``index_0`` ... ``index_{T-1}``; a cache that recorded none: the light layout
+        (LIGHT_VIEW_PARAM_COLUMNS, then the T indices), which every such cache has."""
+        names = list(self.param_columns) or [*LIGHT_VIEW_PARAM_COLUMNS, f"index_0..{frames - 1}"]
+        if names and names[-1].startswith("index_0.."):
+            names = names[:-1] + [f"index_{t}" for t in range(frames)]
+        return names
+
+    def column(self, name: str, frames: int) -> int:
+        """The position of column ``name`` in view_params; a CacheError naming the columns when absent."""
+        names = self.column_names(frames)
+        if name not in names:
+            raise CacheError(f"the view bank records no column '{name}' (it has {', '.join(names)})")
+        return names.index(name)
+
+    def describe(self) -> str:
+        """One line: what the bank draws."""
+        if self.recipe == "paper":
+            return f"paper train pipeline of {', '.join(self.heads)}: {self.description}"
+        return (f"light: random clip, random resized crop area {self.area[0]:g}-{self.area[1]:g} bicubic, "
+                f"flip p {self.flip:g}")
+
+
+# view_params' first columns as every view bank records them (stages.video.VIEW_PARAM_COLUMNS): what a
+# cache made before the names were recorded holds, followed by the T frame indices
+LIGHT_VIEW_PARAM_COLUMNS = ("flip", "crop_y", "crop_x", "crop_h", "crop_w", "frame_h", "frame_w", "num_frames")
 
 
 @dataclass(kw_only=True)
@@ -428,8 +467,10 @@ def extract_command(meta: CacheMeta | dict, *, layers: list[int] | None = None, 
     for key, value in cfg.items():
         if key in _RUNTIME_ONLY or value in ("", None):
             continue
-        if key in ("aug_seed", "aug_area") and cfg.get("train_aug") is None:  # no view bank: its seed and area say nothing
-            continue
+        if key in ("aug_seed", "aug_area", "aug_recipe", "aug_heads") and cfg.get("train_aug") is None:
+            continue  # no view bank: its seed, area and recipe say nothing
+        if key == "aug_recipe" and value == "light" or key == "aug_area" and cfg.get("aug_recipe") == "paper":
+            continue  # light: the default, as before --aug-recipe; paper: the pipeline's own crop
         if isinstance(value, bool):
             if value:
                 parts.append(_BOOL_FLAGS.get(key, f"--{key.replace('_', '-')}"))

@@ -117,6 +117,12 @@ def extract(
                                                       "clip, random resized crop, flip), drawn once, seeded."),
     aug_seed: int = typer.Option(0, help="Seed of the view bank (with each video's split and index)."),
     aug_area: float = typer.Option(0.4, help="Smallest area fraction of the view bank's random resized crop."),
+    aug_recipe: Optional[str] = typer.Option(None, help="What the view bank draws: paper (the --for-head head's "
+                                                       "official train pipeline) | light (random resized crop "
+                                                       "--aug-area-1 and flip). Default: paper when --for-head names "
+                                                       "a head with one, else light."),
+    aug_heads: str = typer.Option("", help="The heads whose paper train pipeline the view bank draws (default: "
+                                           "--for-head's); implies --aug-recipe paper."),
     no_view_bank: bool = typer.Option(False, "--no-view-bank", help="With --for-head: keep the plain train views, "
                                                                     "not the heads' measured view bank."),
     dtype: str = typer.Option("fp16", help="fp16 | int8 (per-token int8 for CLS/patch tokens)."),
@@ -156,7 +162,8 @@ def extract(
     flags = dict(model=model, pretrained=pretrained, init_seed=init_seed, layers=layers, patch=patch,
                  store_frames=store_frames, train_views=train_views, dtype=dtype, text=text, batch_frames=batch_frames,
                  workers=workers, shard_size=shard_size, device=device, activation=activation,
-                 hash_sources=hash_sources, train_aug=train_aug, aug_seed=aug_seed, aug_area=aug_area, frames=frames,
+                 hash_sources=hash_sources, train_aug=train_aug, aug_seed=aug_seed, aug_area=aug_area,
+                 aug_recipe=aug_recipe, aug_heads=aug_heads, frames=frames,
                  sampling=sampling, stride=stride, views=views, resize_ratio=resize_ratio)
     r = resolve_extract(flags, protocol=protocol, heads=[h.strip() for h in for_head.split(",") if h.strip()],
                         num_classes=len(spec.classes), view_bank=not no_view_bank)

@@ -112,6 +112,9 @@ def cache_info(path: Path = typer.Argument(..., help="Cache folder."),
                f"frames: {'yes' if cfg.store_frames else 'no'}  dtype {meta.dtype}")
     views = ", ".join(f"{s} {v.clips}x{v.crops}" for s, v in meta.views.items())
     typer.echo(f"sampling  {cfg.frames} frames, {cfg.sampling}  views {views}")
+    if meta.view_bank is not None:
+        bank = meta.view_bank
+        typer.echo(f"view bank {bank.split}: {bank.views} view(s) per video, seed {bank.seed}; {bank.describe()}")
     typer.echo(f"text      {', '.join(st.text_names()) or 'none'}")
     for s in st.splits:
         c = st.counts(s)

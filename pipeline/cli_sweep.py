@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 from typing import Optional
@@ -33,7 +34,8 @@ def sweep(
     set_: list[str] = typer.Option([], "--set", help="key=v1,v2,...: sweep a training or head option over these "
                                                      "values (one value: fixed for every run; a JSON list for values "
                                                      "with commas). Repeatable: the grid is every combination."),
-    seeds: str = typer.Option("0", help="Seeds, comma-separated: each setting runs once per seed."),
+    seeds: Optional[str] = typer.Option(None, help="Seeds, comma-separated: each setting runs once per seed "
+                                                   "(default: the --grid file's seeds, else 0)."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="Experiment file (YAML) of lists: head, seeds and "
                                                              "option keys, each a value or a list (--set wins)."),
     recipe: str = typer.Option("paper", help="Recipe of every run (paper | quick | demo), as for `pipeline train`."),
@@ -71,10 +73,14 @@ def sweep(
     heads = [h.strip() for h in head.split(",") if h.strip()] if head else \
         [str(h) for h in (from_file if isinstance(from_file, list) else [from_file])]
     file.pop("heads", None)
-    seed_list = _ints(seeds, "--seeds")
-    if "seeds" in file and seeds == "0":
-        seed_list = [int(s) for s in (file["seeds"] if isinstance(file["seeds"], list) else [file["seeds"]])]
-    file.pop("seeds", None)
+    in_file = file.pop("seeds", None)
+    if seeds is not None:  # given: wins over the file, as every flag does
+        seed_list = _ints(seeds, "--seeds")
+    elif in_file is not None:
+        listed = in_file if isinstance(in_file, list) else [in_file]
+        seed_list = _ints(",".join(map(str, listed)), f"--grid {grid} seeds")
+    else:
+        seed_list = [0]
     values = sw.parse_grid(set_, file)
 
     from stages.heads import get_head_entry
@@ -93,13 +99,15 @@ def sweep(
     if not Path(cache).is_dir():
         raise ConfigError(f"cache {cache} does not exist (or is not a folder): pass --cache PATH of an extracted cache")
     base = ["--cache", str(Path(cache).resolve()), "--recipe", recipe]
+    config_digest = ""
     if config is not None:
         if not config.is_file():
             raise ConfigError(f"--config {config}: no such file")
         base += ["--config", str(config.resolve())]
+        config_digest = hashlib.sha256(config.read_bytes()).hexdigest()
     if epochs is not None:
         base += ["--epochs", str(epochs)]
-    out_dir = (out or sw.sweep_dir(Path(cache).name, heads, values, seed_list, base)).resolve()
+    out_dir = (out or sw.sweep_dir(Path(cache).name, heads, values, seed_list, base, config_digest)).resolve()
     runs = sw.plan_sweep(heads, values, seed_list, base, out_dir, sample, sample_seed)
 
     if print_commands:
@@ -131,5 +139,9 @@ def sweep(
         raise RunFailedError(f"{len(failed)} of {len(runs)} runs failed (their logs above)"
                              + (f", {not_started} not started" if not_started else "")
                              + "; rerun the same command to retry them (finished runs are reused)")
-    if gather_only and missing:
-        typer.echo(f"{len(missing)} of {len(runs)} runs not finished yet", err=True)
+    other = [r["run_dir"] for r in rows if r["state"] == "other settings"]
+    if other:
+        typer.echo(f"{len(other)} run folder(s) hold a run with other settings, left out of the table: {other[0]}"
+                   + (" ..." if len(other) > 1 else ""), err=True)
+    if gather_only and len(missing) > len(other):
+        typer.echo(f"{len(missing) - len(other)} of {len(runs)} runs not finished yet", err=True)

@@ -282,7 +282,10 @@ def gather(runs: list[SweepRun]) -> list[dict]:
     rows = []
     for run in runs:
         m = finished_metrics(run.run_dir)
-        row = {"head": run.head, **run.values, "seed": run.seed, "state": "done" if m else "missing"}
+        state = "done" if m else "missing"
+        if m and not _is_this_run(run):  # e.g. --gather over folders a scheduler filled with other settings
+            m, state = None, "other settings"
+        row = {"head": run.head, **run.values, "seed": run.seed, "state": state}
         if m:
             row.update({k: float(m["final"][k]) for k in METRICS if k in m["final"]})
             row.update({"trainable_params": m.get("trainable_params"), "seconds": round(float(m.get("seconds", 0)), 2),
@@ -290,6 +293,30 @@ def gather(runs: list[SweepRun]) -> list[dict]:
         row["run_dir"] = str(run.run_dir)
         rows.append(row)
     return rows
+
+
+def _same(given: str, recorded) -> bool:
+    try:
+        return float(given) == float(recorded)
+    except (TypeError, ValueError):
+        return str(given).lower() == str(recorded).lower()
+
+
+def _is_this_run(run: SweepRun) -> bool:
+    """Whether the run folder's config.json is this run's: its head, seed and swept values (a value
+    compared as a number where both read as one: "3e-4" is 0.0003)."""
+    try:
+        config = json.loads((Path(run.run_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    train, head = config.get("train") or {}, config.get("head") or {}
+    if head.get("name") != run.head or train.get("seed") != run.seed:
+        return False
+    for key, value in run.values.items():
+        section = train if key in train else head
+        if key in section and not _same(value, section[key]):
+            return False
+    return True
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -369,11 +396,16 @@ def write_tables(out_dir: Path, rows: list[dict], keys: list[str], summary: list
     return files
 
 
-def sweep_dir(cache_name: str, heads: list[str], grid: dict, seeds: list[int], base_argv: list[str]) -> Path:
-    """The default folder of a sweep: one per cache and settings, so rerunning it finds its runs."""
+def sweep_dir(cache_name: str, heads: list[str], grid: dict, seeds: list[int], base_argv: list[str],
+              config_digest: str = "") -> Path:
+    """The default folder of a sweep: one per cache and settings, so rerunning it finds its runs
+    (``config_digest``: of the --config file's contents, so an edited file is another sweep)."""
     from cache.paths import artifacts_root
 
-    spec = json.dumps({"heads": heads, "grid": grid, "seeds": seeds, "base": base_argv}, sort_keys=True)
+    spec = {"heads": heads, "grid": grid, "seeds": seeds, "base": base_argv}
+    if config_digest:
+        spec["config"] = config_digest
+    spec = json.dumps(spec, sort_keys=True)
     return artifacts_root() / "sweeps" / f"{_SAFE.sub('_', cache_name)}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
 
 

@@ -45,11 +45,11 @@ from stages.dist import check_device
 from stages.recipes import protocol_for_heads, protocol_record, resize_side, resolve_protocol
 from stages.resolve import Resolved
 from stages.text import TEXT_SETS, compute_text_sets
-from stages.video import (VIEW_PARAM_COLUMNS, AugViewCfg, SamplingCfg, augmented_views, decode_video,
-                          layout_key, make_views, normalize, parse_views, validate_sampling, view_rngs)
+from stages.video import (AugViewCfg, SamplingCfg, augmented_views, decode_video, layout_key, make_views, normalize,
+                          parse_views, validate_sampling, view_param_columns, view_rngs)
 
-__all__ = ["ExtractCfg", "ExtractPlan", "resolve_extract", "add_head_needs", "plan_extraction", "run_extraction",
-           "default_cache_root", "latest_cache"]
+__all__ = ["ExtractCfg", "ExtractPlan", "resolve_extract", "add_head_needs", "paper_pipeline", "plan_extraction",
+           "run_extraction", "default_cache_root", "latest_cache"]
 
 # Bump when decoding/sampling/cropping changes what lands in a cache (part of the cache key).
 # 2: frame-exact decoding (decord's random access only where exact; rotation; best stream).
@@ -73,6 +73,8 @@ class ExtractCfg:
     train_aug: int | None = None     # view bank: K augmented views per train video (None: the fixed views above)
     aug_seed: int = 0                # seed of the view bank's draws (with the split and video index)
     aug_area: float = 0.4            # smallest area fraction of the view bank's random resized crop (largest 1)
+    aug_recipe: str = "light"        # what the view bank draws: light (crop aug_area-1, flip) | paper (aug_heads')
+    aug_heads: str = ""              # comma list of the heads whose paper train pipeline the bank draws (--for-head)
     dtype: str = "fp16"              # fp16 | int8 (per-token, for cls/patch)
     text: str = "all"                # comma list of TEXT_SETS, all, or none
     batch_frames: int = 128          # frames per encoder call
@@ -97,7 +99,10 @@ class ExtractCfg:
                 raise ConfigError(f"{flag} must be {need}, got {getattr(self, flag[2:].replace('-', '_'))}")
         check_device(self.device)
 
-    def aug_views(self) -> AugViewCfg:
+    def aug_views(self):
+        """What the view bank draws: AugViewCfg (light) or the heads' paper TrainPipeline."""
+        if self.aug_recipe == "paper":
+            return paper_pipeline(self.aug_heads)[1]
         return AugViewCfg(area=(float(self.aug_area), 1.0))
 
     def text_sets(self) -> list[str]:
@@ -165,9 +170,12 @@ def resolve_extract(flags: dict | None = None, *, protocol: str = "", heads=(), 
     """Stage one's options, resolved as stages/resolve.py says: ExtractCfg's defaults < the test
     ``protocol`` (""  with ``heads``: their papers' own; "none": none) < ``flags`` (ExtractCfg values
     given; a sampling option None is not given); then what ``heads`` read with their default
-    options (``add_head_needs``; ``num_classes``: the dataset's). ``pretrained`` 'auto' picks the
-    weights (stages.backbone.resolve_pretrained)."""
+    options (``add_head_needs``; ``num_classes``: the dataset's) and the view bank's recipe
+    (``aug_recipe`` in ``flags``; None: paper for heads with a train pipeline, else light).
+    ``pretrained`` 'auto' picks the weights (stages.backbone.resolve_pretrained)."""
     flags, heads, lines = dict(flags or {}), list(heads), []
+    asked_recipe = flags.pop("aug_recipe", None)  # None: paper for heads with a train pipeline, else light
+    aug_heads = flags.pop("aug_heads", None) or ""  # the heads whose pipeline the bank draws (default: ``heads``)
     if not protocol and heads:  # the papers' test views by default
         protocol = protocol_for_heads(heads)
         if protocol:
@@ -191,7 +199,71 @@ def resolve_extract(flags: dict | None = None, *, protocol: str = "", heads=(), 
                                                           "train views)")
         lines.append(f"for {', '.join(heads)}: layers {cfg.layers}, patch tokens {'yes' if cfg.patch else 'no'}, "
                      f"uint8 frames {'yes' if cfg.store_frames else 'no'}{bank}")
+    aug_for = [h.strip() for h in aug_heads.split(",") if h.strip()] or heads
+    cfg, recipe_lines = _resolve_aug_recipe(cfg, asked_recipe, aug_for, named=bool(aug_heads))
+    lines += recipe_lines
     return Resolved(cfg, lines=lines)
+
+
+def _resolve_aug_recipe(cfg: ExtractCfg, asked: str | None, heads: list[str],
+                        named: bool = False) -> tuple[ExtractCfg, list[str]]:
+    """The view bank's recipe: ``asked`` (--aug-recipe) when given, else "paper" when a view bank
+    is drawn for ``heads`` (--aug-heads, else --for-head) with a paper train pipeline (all the
+    same one), "light" otherwise. Heads whose pipelines differ under the default: light, said in
+    a line; asked for paper: the ConfigError of ``paper_pipeline``. ``named``: --aug-heads given
+    (it says paper)."""
+    from stages.heads.registry import AUG_RECIPES, paper_train_pipeline
+
+    if asked is not None and asked not in AUG_RECIPES:
+        raise ConfigError(f"--aug-recipe must be one of {', '.join(AUG_RECIPES)}, got '{asked}'")
+    if cfg.train_aug is None:
+        if asked is not None or named:
+            raise ConfigError(f"{'--aug-recipe' if asked is not None else '--aug-heads'} says what the view bank "
+                              "draws, and there is none: add --train-aug K")
+        return replace(cfg, aug_recipe="light", aug_heads=""), []
+    with_pipeline = [h for h in heads if paper_train_pipeline(h) is not None]
+    if asked is None and named:
+        asked = "paper"
+    if asked == "light" or (asked is None and not with_pipeline):
+        return replace(cfg, aug_recipe="light", aug_heads=""), []
+    if asked is None:
+        pipes = {repr(paper_train_pipeline(h).key()) for h in with_pipeline}
+        if len(pipes) > 1:
+            return replace(cfg, aug_recipe="light", aug_heads=""), [
+                f"view bank: the light recipe ({', '.join(with_pipeline)} train with different paper pipelines; "
+                "--aug-recipe paper needs one: extract a cache per head)"]
+    cfg = replace(cfg, aug_recipe="paper", aug_heads=",".join(with_pipeline or heads))
+    names, pipeline = paper_pipeline(cfg.aug_heads)
+    if cfg.aug_area != ExtractCfg().aug_area:
+        raise ConfigError("--aug-area sets the light recipe's crop; the paper recipe draws its head's own "
+                          "(pass --aug-recipe light to set it)")
+    lines = [f"view bank: the paper train pipeline of {', '.join(names)}: {pipeline.describe()} "
+             "(--aug-recipe light: crop 0.4-1 and flip)"]
+    if (pipeline.clip == "dense") != (cfg.sampling == "dense"):  # the clips follow the cache's --sampling
+        paper = "a random dense clip" if pipeline.clip == "dense" else "random TSN offsets"
+        ours = "dense clips" if cfg.sampling == "dense" else "TSN offsets"
+        lines.append(f"view bank: the paper draws {paper}; this cache samples --sampling {cfg.sampling}, so the "
+                     f"bank's clips are random {ours}")
+    return cfg, lines
+
+
+def paper_pipeline(heads: str):
+    """(head names, their one TrainPipeline) for ``--aug-recipe paper`` over the comma list
+    ``heads``; a ConfigError (one line) when none of them has one or theirs differ."""
+    from stages.heads.registry import list_heads, paper_train_pipeline
+
+    names = [h.strip() for h in heads.split(",") if h.strip()]
+    pipes = {h: paper_train_pipeline(h) for h in names}
+    pipes = {h: p for h, p in pipes.items() if p is not None}
+    if not pipes:
+        having = [h for h in list_heads() if paper_train_pipeline(h) is not None]
+        raise ConfigError("--aug-recipe paper draws a head's paper train pipeline: name the head with --for-head H "
+                          "(or --aug-heads H) "
+                          f"(one of {', '.join(having)}){f'; {heads} has none' if names else ''}")
+    if len({repr(p.key()) for p in pipes.values()}) > 1:
+        raise ConfigError(f"--for-head {','.join(names)}: their papers' train pipelines differ, and one view bank "
+                          "draws one: pass --aug-recipe light, or extract a separate cache per head")
+    return list(pipes), next(iter(pipes.values()))
 
 
 def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
@@ -232,7 +304,8 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
         if cfg.store_frames:
             arrays.append(ArraySpec("frames", (V, T, S_img, S_img, 3), "uint8"))
         if bank and split == "train":
-            arrays.append(ArraySpec("view_params", (V, len(VIEW_PARAM_COLUMNS) + T), "float32"))
+            arrays.append(ArraySpec("view_params", (V, len(view_param_columns(cfg.aug_views(), T)) - 1 + T),
+                                    "float32"))
         split_arrays[split] = arrays
         bytes_per_video[split] = sum(a.nbytes() for a in arrays)
     if cfg.shard_size > 0:
@@ -267,7 +340,9 @@ def plan_extraction(dataset, cfg: ExtractCfg, out: str | Path | None = None,
                   patch_size=info.patch_size),
         layers=list(layers),
         views={s: ViewCount(clips=v[0], crops=v[1]) for s, v in views.items()},
-        view_bank=ViewBank(**bank, split="train", param_columns=[*VIEW_PARAM_COLUMNS, f"index_0..{T - 1}"])
+        view_bank=ViewBank(**bank, split="train", param_columns=view_param_columns(cfg.aug_views(), T),
+                           **({"heads": paper_pipeline(cfg.aug_heads)[0],
+                               "description": cfg.aug_views().describe()} if cfg.aug_recipe == "paper" else {}))
         if bank else None,
         dtype=cfg.dtype,
         int8_outliers=4,
@@ -293,9 +368,14 @@ def _view_bank(cfg: ExtractCfg) -> dict | None:
                           f"(got {cfg.train_views})")
     if not 0 < cfg.aug_area <= 1:
         raise ConfigError(f"--aug-area must be in (0, 1], got {cfg.aug_area}")
+    if cfg.aug_recipe not in ("light", "paper"):
+        raise ConfigError(f"--aug-recipe must be one of paper, light, got '{cfg.aug_recipe}'")
     aug = cfg.aug_views()
-    return {"views": cfg.train_aug, "seed": int(cfg.aug_seed), "area": list(aug.area), "ratio": list(aug.ratio),
+    bank = {"views": cfg.train_aug, "seed": int(cfg.aug_seed), "area": list(aug.area), "ratio": list(aug.ratio),
             "flip": aug.flip}
+    if cfg.aug_recipe == "paper":  # the light bank's key stays what it always was
+        bank.update(recipe="paper", pipeline=aug.key())
+    return bank
 
 
 def _check_writable(folder: Path) -> None:
@@ -352,12 +432,13 @@ class _DecodeJobs(Dataset):
     record: source size / mtime_ns (sha256), and for a decoded video the decoder and its warnings;
     with "view_params" (V, P) in a view bank's split).
 
-    ``banks[split] = (seed, AugViewCfg)``: that split's V views are random clips with a random
-    resized crop and flip each, drawn from view_rngs(seed, split, index)."""
+    ``banks[split] = (seed, AugViewCfg or TrainPipeline)``: that split's V views are random clips,
+    each augmented as the light recipe (random resized crop, flip) or a head's paper train pipeline
+    says, drawn from view_rngs(seed, split, index)."""
 
     def __init__(self, jobs: list[tuple[str, int, str, int | None]], sampling: dict[str, SamplingCfg], size: int,
                  resize: int | None = None, hash_sources: bool = False,
-                 banks: dict[str, tuple[int, AugViewCfg]] | None = None):
+                 banks: dict[str, tuple[int, object]] | None = None):
         self.jobs, self.sampling, self.size, self.resize = jobs, sampling, size, resize
         self.hash_sources, self.banks = hash_sources, banks or {}
 
@@ -954,9 +1035,9 @@ def describe_plan(plan: ExtractPlan) -> list[str]:
         # per video: K views of every array but the parameters, which one plain view does not have
         one = sum(a.nbytes() // K for a in plan.split_arrays[split] if a.name != "view_params")
         bank_bytes = plan.bytes_per_video[split] * n
-        lines.append(f"views  {split}: a bank of {K} augmented view(s) per video (seed {bank.seed}, crop area "
-                     f"{bank.area[0]:g}-{bank.area[1]:g}, flip {bank.flip:g}): {human_bytes(bank_bytes)}, "
-                     f"{human_bytes(bank_bytes - one * n)} more than one view")
+        lines.append(f"views  {split}: a bank of {K} augmented view(s) per video (seed {bank.seed}, "
+                     f"{bank.describe()}): {human_bytes(bank_bytes)}, {human_bytes(bank_bytes - one * n)} more than "
+                     "one view")
     total = plan.total_bytes()
     free = free_bytes(plan.path.parent)
     lines.append(f"total  {human_bytes(total)} needed, {human_bytes(free)} free on {plan.path.parent}"

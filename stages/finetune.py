@@ -29,7 +29,11 @@ batch; each global batch (a seeded permutation) is cut into equal per-rank slice
 masked-out entries when it does not divide. ActionCLIP's contrastive loss sees the whole global
 batch: video and text embeddings are all-gathered (the local slice keeps its gradient) and every
 rank computes the same global loss; the backward pass scales it by the world size so that DDP's
-gradient average equals the gradient of the global loss. With the same global batch a run on n
+gradient average equals the gradient of the global loss (a value every rank uses whole, the trained
+logit scale, has its gradient divided by the world size: ``paradigms.base.replicated``). Under
+gradient accumulation the contrast still spans the whole global batch: the micro-batches' embeddings
+are cached, the loss is taken over all of them, and each micro-batch is run again to back-propagate
+its share (``Finetuner._global_contrast``). With the same global batch a run on n
 processes computes the same losses as a run on one (checked in tests/test_finetune.py).
 
 Run folder (as stage two): config.json, last.pt (atomic, every epoch; ``resume`` continues from
@@ -262,6 +266,16 @@ def collate_clips(items: list[dict]) -> dict:
             else [it[k] for it in items] for k in items[0]}
 
 
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(device: torch.device, state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
 def _normalize_chw(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """(..., 3, S, S) uint8 -> float normalised with the model's mean/std."""
     return (x.float().div_(255.0) - mean) / std
@@ -343,6 +357,10 @@ class Finetuner:
         self.epochs = cfg.resolved_epochs()
         self.global_batch = cfg.global_batch or cfg.batch_size  # videos per optimiser step
         self.accum = accumulation_steps(cfg.batch_size, cfg.global_batch, self.dist.world)
+        if paradigm.contrast_keys and self.accum > 1:
+            log(f"{cfg.paradigm} contrasts each global batch of {self.global_batch} videos at once, as its paper: "
+                f"{self.accum} micro-batches of {cfg.batch_size} per process, their embeddings cached (a second "
+                "forward per micro-batch)")
         self.steps_per_epoch = max(1, math.ceil(len(self.train_data) / self.global_batch))
         total = self.steps_per_epoch * max(self.epochs, 1)
         warmup = int(round(cfg.warmup_epochs * self.steps_per_epoch))
@@ -382,22 +400,19 @@ class Finetuner:
             return None
         last = max(j for j, c in enumerate(counts) if c)
         self.opt.zero_grad(set_to_none=True)
-        value = 0.0
-        for j, b in enumerate(group):
-            if not counts[j]:
-                continue
-            sync = self.ddp.no_sync() if self.dist.enabled and j < last else contextlib.nullcontext()
-            with sync:
-                valid = b["valid"].to(self.device, torch.float32)
-                video = b["video"].to(self.device, non_blocking=True)  # (B, T, 3, S, S) uint8
-                video = _normalize_chw(video, self.mean, self.std)
-                labels = b["label"].to(self.device)
-                text = self.model.text_inputs(labels, b["template"].to(self.device))  # e.g. (B, ctx) tokens
-                with autocast(self.device, self.amp_dtype):
-                    out = self.ddp(video, text)
-                loss, part = self.model.loss(out, labels, valid, counts[j], n_valid, cfg.label_smoothing, self.dist)
-                value += part  # this micro-batch's part of the global batch's loss
-                self.scaler.scale(loss * self.dist.world).backward()
+        todo = [(j, self._inputs(b)) for j, b in enumerate(group) if counts[j]]
+        if self.model.contrast_keys and len(todo) > 1:
+            value = self._global_contrast(todo, n_valid)
+        else:
+            value = 0.0
+            for j, (valid, video, labels, text) in todo:
+                with self._sync(j < last):
+                    with autocast(self.device, self.amp_dtype):
+                        out = self.ddp(_normalize_chw(video, self.mean, self.std), text)
+                    loss, part = self.model.loss(out, labels, valid, counts[j], n_valid, cfg.label_smoothing,
+                                                 self.dist)
+                    value += part  # this micro-batch's part of the global batch's loss
+                    self.scaler.scale(loss * self.dist.world).backward()
         step = self.sched.last_epoch + 1  # this optimiser step, counted over the whole run
         if not math.isfinite(value):  # the global batch's loss, the same on every rank: all stop here
             raise TrainingError(f"fine-tuning stopped: the loss is {value} at optimiser step {step}; lower the "
@@ -410,6 +425,52 @@ class Finetuner:
         self.scaler.update()
         self.sched.step()
         check_finite_weights(self.named_trainable, f"step {step}")
+        return value
+
+    def _inputs(self, b: dict) -> tuple:
+        """A micro-batch on the device: valid mask, uint8 video (B, T, 3, S, S), labels, text inputs."""
+        valid = b["valid"].to(self.device, torch.float32)
+        video = b["video"].to(self.device, non_blocking=True)
+        labels = b["label"].to(self.device)
+        return valid, video, labels, self.model.text_inputs(labels, b["template"].to(self.device))  # e.g. tokens
+
+    def _sync(self, skip: bool):
+        """DDP's gradient all-reduce off for all but the last micro-batch of a global batch."""
+        return self.ddp.no_sync() if self.dist.enabled and skip else contextlib.nullcontext()
+
+    def _global_contrast(self, todo: list, n_valid: int) -> float:
+        """One contrast over the whole accumulated global batch (ActionCLIP's paper contrasts 128
+        videos; memory holds 32 per step) at the memory of one micro-batch, by caching embeddings:
+        (1) every micro-batch forward without a graph, keeping the contrasted outputs and the RNG
+        state; (2) the loss over all of them at once (gathered over ranks as before), back-propagated
+        to those outputs only; (3) every micro-batch forward again from the same RNG state, with
+        a graph, back-propagating the outputs' gradients (a second forward: about 1.3x the compute of
+        a step). The gradient is the one-big-batch gradient (tests/test_recipes.py checks it)."""
+        keys = self.model.contrast_keys
+        cached, states = [], []
+        with torch.no_grad():
+            for _, (valid, video, labels, text) in todo:
+                states.append(_rng_state(self.device))
+                with autocast(self.device, self.amp_dtype):
+                    out = self.model(_normalize_chw(video, self.mean, self.std), text)
+                cached.append({k: v.detach().float() for k, v in out.items()})
+        whole = {k: torch.cat([c[k] for c in cached]).requires_grad_(True) for k in keys}
+        if "logit_scale" in cached[0]:  # one value, the same in every micro-batch
+            whole["logit_scale"] = cached[0]["logit_scale"].clone().requires_grad_(True)
+        valid = torch.cat([t[1][0] for t in todo])
+        labels = torch.cat([t[1][2] for t in todo])
+        loss, value = self.model.loss(whole, labels, valid, n_valid, n_valid, self.cfg.label_smoothing, self.dist)
+        loss.backward()  # to the cached outputs (float32, unscaled)
+        rows = np.cumsum([0] + [c[keys[0]].shape[0] for c in cached])
+        for n, (_, (valid, video, labels, text)) in enumerate(todo):
+            with self._sync(n < len(todo) - 1):
+                _set_rng_state(self.device, states[n])
+                with autocast(self.device, self.amp_dtype):
+                    out = self.ddp(_normalize_chw(video, self.mean, self.std), text)
+                surrogate = sum((out[k].float() * whole[k].grad[rows[n]:rows[n + 1]]).sum() for k in keys)
+                if "logit_scale" in whole and n == len(todo) - 1:  # its gradient once, with the last one
+                    surrogate = surrogate + (out["logit_scale"].float() * whole["logit_scale"].grad).sum()
+                self.scaler.scale(surrogate * self.dist.world).backward()
         return value
 
     def train_batches(self, epoch: int):
@@ -502,9 +563,12 @@ class Finetuner:
 
 # ----------------------------------------------------------------------------- the run
 def _resolved(spec, cfg: FinetuneCfg, aug: AugmentCfg, tuner: Finetuner | None, head_overrides: dict) -> dict:
+    section = asdict(cfg)
+    if get_paradigm(cfg.paradigm).contrast_keys and cfg.global_batch > cfg.batch_size:
+        section["contrast"] = "global batch"  # accumulated micro-batches are contrasted as one (since 2026-12-07)
     return {
         "stage": "finetune",
-        "finetune": asdict(cfg),
+        "finetune": section,
         "augment": asdict(aug),
         "head": {"name": cfg.paradigm, **(asdict(tuner.model.head.cfg) if tuner else head_overrides)},
         "backbone": {"arch": resolve_model_name(cfg.model), "pretrained": cfg.pretrained,

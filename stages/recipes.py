@@ -169,11 +169,28 @@ def stage_three_recipe(paradigm: str, name: str = "paper") -> Recipe:
         raise ConfigError("recipe 'demo' is for stage two (`pipeline train`); fine-tune with paper or quick")
     if name == "paper" and paradigm in _PAPER_THREE:
         source, values, ref, head_opts, aug = _PAPER_THREE[paradigm]
-        return Recipe("paper", paradigm, source, {"batch_size": _PER_STEP, **values}, ref, dict(head_opts), dict(aug))
+        test, described = _paper_test_views(paradigm)
+        return Recipe("paper", paradigm, source + described, {"batch_size": _PER_STEP, **values, **test}, ref,
+                      dict(head_opts), dict(aug))
     return Recipe(name, paradigm, "quick: the generic fine-tuning defaults (head lr 5e-5, encoders 5e-6, weight "
                                   "decay 0.2 on weights, betas (0.9, 0.98), batch 32, 10 epochs, 1 warm-up; generic "
                                   "augmentation)", dict(_QUICK_THREE), 32,
                   note="" if name == "quick" else "no published recipe: `paper` is the quick recipe")
+
+
+def _paper_test_views(paradigm: str) -> tuple[dict, str]:
+    """The FinetuneCfg evaluation values of the test protocol the paradigm's head registers (its
+    sampling and CxS views; the test scale is the recipe's ``resize_ratio``) and how the recipe's
+    line says them. Training keeps random TSN offsets: segment and segment-start draw the same."""
+    p = _protocol(paradigm)
+    if p is None:
+        return {}, ""
+    values = {"sampling": p.sampling, "views": p.views}
+    if p.sampling == "dense":
+        values["stride"] = p.stride
+    clips, crops = (int(x) for x in p.views.split("x"))
+    return values, (f"; tested as the paper: {clips} clip(s) x {crops} crop(s), {p.sampling} sampling "
+                    f"(protocol {p.name})")
 
 
 def _check_name(name: str) -> None:

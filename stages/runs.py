@@ -572,6 +572,7 @@ def experiment_record(resolved: dict, head_options: dict | None = None, dataset_
 
     if resolved.get("stage") == "finetune":
         ft = dict(resolved["finetune"])
+        ft.pop("contrast", None)  # a record of what the code does, not an option
         out: dict[str, Any] = {"paradigm": ft.pop("paradigm"), "recipe": ft.pop("recipe", "")}
         ds = resolved.get("dataset", {})
         out["dataset"] = ds.get("name", "")

@@ -47,6 +47,10 @@ __all__ = [
     "draw_resized_crop",
     "resized_crop_view",
     "augmented_views",
+    "RA_OPS",
+    "view_param_columns",
+    "draw_view_params",
+    "apply_view_params",
     "view_rngs",
     "normalize",
 ]
@@ -633,18 +637,27 @@ def resized_crop_view(clip: np.ndarray, box: tuple[int, int, int, int], flip: bo
     return out.contiguous().numpy()
 
 
-def augmented_views(decoded: Decoded, size: int, cfg: AugViewCfg,
-                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def augmented_views(decoded: Decoded, size: int, cfg, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """The K clips of ``decoded`` (K random clips, see clip_indices with an rng) as K augmented
-    views: (K, T, size, size, 3) uint8, and their parameters (K, 8 + T) float32 laid out as
-    VIEW_PARAM_COLUMNS followed by the T frame indices."""
+    views: (K, T, size, size, 3) uint8, and their parameters (K, P) float32 laid out as
+    ``view_param_columns(cfg, T)``: VIEW_PARAM_COLUMNS, the pipeline's own columns, then the T
+    frame indices. ``cfg``: an AugViewCfg (the light bank: crop and flip, 8 + T columns, the draws
+    and bytes it always made) or a paper pipeline (stages.heads.facts.TrainPipeline, its head's
+    ``train_pipeline_for``): every parameter drawn from ``rng``, recorded, and applied from the
+    recorded row (``apply_view_params``), so a row reproduces its view exactly."""
     views, params = [], []
     for clip, idx in zip(decoded.clips, decoded.indices):
         H, W = clip.shape[1:3]
-        box = draw_resized_crop(rng, H, W, cfg.area, cfg.ratio)
-        flip = bool(rng.random() < cfg.flip)
-        views.append(resized_crop_view(clip, box, flip, size))
-        params.append([float(flip), *box, H, W, decoded.num_frames, *idx])
+        if isinstance(cfg, AugViewCfg):
+            box = draw_resized_crop(rng, H, W, cfg.area, cfg.ratio)
+            flip = bool(rng.random() < cfg.flip)
+            views.append(resized_crop_view(clip, box, flip, size))
+            params.append([float(flip), *box, H, W, decoded.num_frames, *idx])
+            continue
+        drawn = draw_view_params(rng, H, W, len(idx), size, cfg)
+        row = np.asarray([*drawn[:7], decoded.num_frames, *drawn[7:], *idx], dtype=np.float32)
+        views.append(apply_view_params(clip, row, cfg, size))
+        params.append(row)
     return np.stack(views), np.asarray(params, dtype=np.float32)
 
 
@@ -654,3 +667,197 @@ def view_rngs(seed: int, split: str, index: int) -> tuple[np.random.Generator, n
     or ranks draw the same views."""
     temporal, spatial = np.random.SeedSequence([int(seed), zlib.crc32(split.encode()), int(index)]).spawn(2)
     return np.random.default_rng(temporal), np.random.default_rng(spatial)
+
+
+# ----------------------------------------------------------------------------- paper train pipelines
+# torchvision's RandAugment op table (transforms.v2.RandAugment, 31 magnitude bins): name, the
+# magnitudes over the bins for a (height, width) image, whether a sign is drawn. Op ids are the
+# positions here (recorded in view_params); tests/test_train_aug.py checks it against torchvision's.
+RA_OPS: tuple[tuple[str, Callable | None, bool], ...] = (
+    ("Identity", None, False),
+    ("ShearX", lambda n, h, w: torch.linspace(0.0, 0.3, n), True),
+    ("ShearY", lambda n, h, w: torch.linspace(0.0, 0.3, n), True),
+    ("TranslateX", lambda n, h, w: torch.linspace(0.0, 150.0 / 331.0 * w, n), True),
+    ("TranslateY", lambda n, h, w: torch.linspace(0.0, 150.0 / 331.0 * h, n), True),
+    ("Rotate", lambda n, h, w: torch.linspace(0.0, 30.0, n), True),
+    ("Brightness", lambda n, h, w: torch.linspace(0.0, 0.9, n), True),
+    ("Color", lambda n, h, w: torch.linspace(0.0, 0.9, n), True),
+    ("Contrast", lambda n, h, w: torch.linspace(0.0, 0.9, n), True),
+    ("Sharpness", lambda n, h, w: torch.linspace(0.0, 0.9, n), True),
+    ("Posterize", lambda n, h, w: 8 - (torch.arange(n) / ((n - 1) / 4)).round().int(), False),
+    ("Solarize", lambda n, h, w: torch.linspace(1.0, 0.0, n), False),
+    ("AutoContrast", None, False),
+    ("Equalize", None, False),
+)
+RA_BINS = 31
+_MS_GRID = ((0, 0), (4, 0), (0, 4), (4, 4), (2, 2), (0, 2), (4, 2), (2, 4), (2, 0), (1, 1), (3, 1), (1, 3), (3, 3))
+
+
+def view_param_columns(cfg, frames: int) -> list[str]:
+    """The column names of a view bank's ``view_params`` as its metadata records them: the
+    VIEW_PARAM_COLUMNS, a paper pipeline's own columns, then ``index_0..T-1`` (one name for the
+    T frame indices). Light (AugViewCfg): the 8 + T columns it always had. A paper pipeline adds
+    ``resize_h, resize_w`` (the frame the crop box is in; 0: the decoded frame), with colour jitter
+    ``jitter`` (applied 1/0), its four factors and ``jitter_order_0..3``, with grayscale its flag,
+    and RandAugment ``ra_op_i, ra_mag_i`` (op id in RA_OPS, signed magnitude) per op, per frame
+    ``ra_op_i_fT`` when drawn per frame. crop_* is then the box in the resized frame."""
+    return [*VIEW_PARAM_COLUMNS, *_paper_columns(cfg, frames), f"index_0..{frames - 1}"]
+
+
+def _paper_columns(cfg, frames: int) -> list[str]:
+    if isinstance(cfg, AugViewCfg):
+        return []
+    cols = ["resize_h", "resize_w"]
+    if cfg.jitter:
+        cols += ["jitter", "brightness", "contrast", "saturation", "hue", *(f"jitter_order_{i}" for i in range(4))]
+    if cfg.grayscale:
+        cols.append("grayscale")
+    if cfg.ra_ops:
+        groups = [f"_f{t}" for t in range(frames)] if cfg.ra_per_frame else [""]
+        cols += [f"ra_{kind}_{i}{g}" for g in groups for i in range(cfg.ra_ops) for kind in ("op", "mag")]
+    return cols
+
+
+def _resized_size(height: int, width: int, side: int) -> tuple[int, int]:
+    scale = side / min(height, width)
+    return max(side, round(height * scale)), max(side, round(width * scale))
+
+
+def _draw_ra(rng: np.random.Generator, cfg, height: int, width: int, groups: int) -> list[float]:
+    out = []
+    for _ in range(groups * cfg.ra_ops):
+        op = int(rng.integers(len(RA_OPS)))
+        _name, mags, signed = RA_OPS[op]
+        mag = 0.0 if mags is None else float(mags(RA_BINS, height, width)[cfg.ra_magnitude])
+        if signed and rng.random() <= 0.5:
+            mag = -mag
+        out += [op, mag]
+    return out
+
+
+def draw_view_params(rng: np.random.Generator, height: int, width: int, frames: int, size: int, cfg) -> list[float]:
+    """One view's random parameters under paper pipeline ``cfg`` for a decoded (height, width)
+    clip of ``frames`` frames, drawn from ``rng`` in the pipeline's order: [flip, crop_y, crop_x,
+    crop_h, crop_w, frame_h, frame_w, then the pipeline's own columns (``view_param_columns``
+    without num_frames and the indices, which are the caller's)]."""
+    rh = rw = 0
+    H, W = height, width
+    if cfg.resize_ratio:
+        rh, rw = H, W = _resized_size(height, width, int(round(size * cfg.resize_ratio)))
+    groups = frames if cfg.ra_per_frame else 1
+    ra = _draw_ra(rng, cfg, H, W, groups) if cfg.ra_ops and cfg.ra_before_crop else []
+    if cfg.crop == "multiscale":
+        base = min(H, W)
+        sides = [max(1, int(base * s)) for s in cfg.ms_scales]
+        sides = [size if abs(x - size) < 3 else x for x in sides]  # TSN snaps a side within 3 px of the input
+        pairs = [(w, h) for i, h in enumerate(sides) for j, w in enumerate(sides)
+                 if abs(i - j) <= cfg.ms_max_distort and w <= W and h <= H] or [(min(W, H), min(W, H))]
+        cw, ch = pairs[int(rng.integers(len(pairs)))]
+        gx, gy = _MS_GRID[int(rng.integers(len(_MS_GRID)))]
+        box = ((H - ch) // 4 * gy, (W - cw) // 4 * gx, ch, cw)
+    else:
+        box = draw_resized_crop(rng, H, W, tuple(cfg.area), tuple(cfg.ratio))
+    flip = bool(cfg.flip and rng.random() < cfg.flip)
+    row = [float(flip), *box, height, width, rh, rw]
+    if cfg.jitter:
+        apply = bool(rng.random() < cfg.jitter)
+        b, c, s = (float(rng.uniform(max(0.0, 1 - v), 1 + v)) for v in (cfg.brightness, cfg.contrast, cfg.saturation))
+        hue = float(rng.uniform(-cfg.hue, cfg.hue))
+        row += [float(apply), b, c, s, hue, *(float(i) for i in rng.permutation(4))]
+    if cfg.grayscale:
+        row.append(float(rng.random() < cfg.grayscale))
+    if cfg.ra_ops and not cfg.ra_before_crop:
+        ra = _draw_ra(rng, cfg, size, size, groups)
+    return row + ra
+
+
+def _interp(name: str):
+    from torchvision.transforms.v2 import InterpolationMode
+
+    modes = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
+    if name not in modes:
+        raise ConfigError(f"train pipeline interpolation must be one of {', '.join(modes)}, got '{name}'")
+    return modes[name]
+
+
+def _ra_apply(x: torch.Tensor, op: int, mag: float) -> torch.Tensor:
+    """One RandAugment op on uint8 (..., 3, H, W), as torchvision.transforms.v2.RandAugment applies
+    it (nearest interpolation, fill 0)."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    name, near = RA_OPS[op][0], InterpolationMode.NEAREST
+    if name == "Identity":
+        return x
+    if name in ("ShearX", "ShearY"):
+        shear = math.degrees(math.atan(mag))
+        return TF.affine(x, angle=0.0, translate=[0, 0], scale=1.0, interpolation=near, fill=None, center=[0, 0],
+                         shear=[shear, 0.0] if name == "ShearX" else [0.0, shear])
+    if name in ("TranslateX", "TranslateY"):
+        return TF.affine(x, angle=0.0, translate=[int(mag), 0] if name == "TranslateX" else [0, int(mag)],
+                         scale=1.0, interpolation=near, shear=[0.0, 0.0], fill=None)
+    if name == "Rotate":
+        return TF.rotate(x, angle=mag, interpolation=near, fill=None)
+    if name == "Posterize":
+        return TF.posterize(x, bits=int(mag))
+    if name == "Solarize":
+        return TF.solarize(x, threshold=255.0 * mag)
+    if name == "AutoContrast":
+        return TF.autocontrast(x)
+    if name == "Equalize":
+        return TF.equalize(x)
+    adjust = {"Brightness": TF.adjust_brightness, "Color": TF.adjust_saturation, "Contrast": TF.adjust_contrast,
+              "Sharpness": TF.adjust_sharpness}[name]
+    return adjust(x, 1.0 + mag)
+
+
+def _ra_row(x: torch.Tensor, cfg, values: np.ndarray) -> torch.Tensor:
+    n = cfg.ra_ops
+    pairs = values.reshape(-1, n, 2)  # (groups, ops, [op, magnitude])
+    if not cfg.ra_per_frame:
+        for op, mag in pairs[0]:
+            x = _ra_apply(x, int(op), float(mag))
+        return x
+    frames = []
+    for t, ops in enumerate(pairs):
+        f = x[t:t + 1]
+        for op, mag in ops:
+            f = _ra_apply(f, int(op), float(mag))
+        frames.append(f)
+    return torch.cat(frames)
+
+
+def apply_view_params(clip: np.ndarray, row: np.ndarray, cfg, size: int) -> np.ndarray:
+    """(T, H, W, 3) uint8 decoded clip -> (T, size, size, 3) uint8: the view a recorded
+    ``view_params`` row (laid out as ``view_param_columns(cfg, T)``) says, under paper pipeline
+    ``cfg``, with torchvision.transforms.v2.functional. Re-applied to the decoded frames of the
+    row's indices it gives the stored view exactly."""
+    from torchvision.transforms.v2 import functional as TF
+
+    T = clip.shape[0]
+    names = view_param_columns(cfg, T)[:-1]
+    col = {n: i for i, n in enumerate(names)}
+    v = np.asarray(row, dtype=np.float32)
+    interp = _interp(cfg.interpolation)
+    x = torch.from_numpy(np.ascontiguousarray(clip)).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8
+    rh, rw = int(v[col["resize_h"]]), int(v[col["resize_w"]])
+    if rh:
+        x = TF.resize(x, [rh, rw], interpolation=interp, antialias=True)
+    ra = v[len(names) - 2 * cfg.ra_ops * (T if cfg.ra_per_frame else 1):len(names)] if cfg.ra_ops else None
+    if ra is not None and cfg.ra_before_crop:
+        x = _ra_row(x, cfg, ra)
+    y, x0, h, w = (int(v[col[k]]) for k in ("crop_y", "crop_x", "crop_h", "crop_w"))
+    x = TF.resized_crop(x, y, x0, h, w, [size, size], interpolation=interp, antialias=True)
+    if v[col["flip"]]:
+        x = TF.horizontal_flip(x)
+    if cfg.jitter and v[col["jitter"]]:
+        adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+        factors = [float(v[col[k]]) for k in ("brightness", "contrast", "saturation", "hue")]
+        for i in range(4):
+            fn = int(v[col[f"jitter_order_{i}"]])
+            x = adjust[fn](x, factors[fn])
+    if cfg.grayscale and v[col["grayscale"]]:
+        x = TF.rgb_to_grayscale(x, num_output_channels=3)
+    if ra is not None and not cfg.ra_before_crop:
+        x = _ra_row(x, cfg, ra)
+    return x.permute(0, 2, 3, 1).contiguous().numpy()

@@ -225,6 +225,23 @@ def test_torchrun_two_processes_match_one_process(actionclip_run, demo_small, tm
     assert proc.stdout.count("finetune actionclip: top1") == 1  # rank 0 reports, once
 
 
+@pytest.mark.slow
+def test_torchrun_accumulated_contrast_matches_one_process(actionclip_run, demo_small, tmp_path):
+    """2 processes x 2 micro-batches of 1 video: ActionCLIP still contrasts the whole global batch of
+    4 (cached embeddings gathered over ranks, the graphs rebuilt per micro-batch under no_sync)."""
+    run1, _ = actionclip_run
+    run2 = tmp_path / "ddp-accum"
+    args = _ft_args(demo_small, "actionclip", run2, 2, "--set", "lr=1e-4", "--views", "2x3", "--set", "batch_size=1",
+                    "--set", "global_batch=4")
+    proc = torchrun("-m", "pipeline.cli", *args, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "contrasts each global batch of 4 videos at once" in proc.stdout
+    one, two = _metrics(run1), _metrics(run2)
+    assert two["first_step_loss"] == pytest.approx(one["first_step_loss"], rel=1e-5)
+    for a, b in zip(one["history"], two["history"]):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+
+
 def test_sigkill_and_resume_continue_from_the_last_checkpoint(text4vis_run, demo_small, tmp_path):
     ref_run, _ = text4vis_run
     run = tmp_path / "run"

@@ -392,3 +392,51 @@ def test_for_head_takes_the_papers_test_protocol_by_default(demo_small):
     moved = types.SimpleNamespace(protocol=ProtocolRecord(name="side4video", eval_average="scores",
                                                           overridden=["views"]))
     assert protocol_eval_overrides(moved, "text4vis")[0] == {"eval_average": "scores"}
+
+
+@pytest.mark.parametrize("paradigm", ["text4vis", "actionclip"])
+def test_stage_three_paper_recipe_tests_with_the_paradigms_protocol(paradigm):
+    """--recipe paper evaluates fine-tuning on the views the paper tests with (the protocol its head
+    registers: Text4Vis 4 clips x 3 crops at segment starts); views given by the user win."""
+    proto = get_protocol(paradigm)
+    rec = stage_three_recipe(paradigm, "paper")
+    assert (rec.values["views"], rec.values["sampling"]) == (proto.views, proto.sampling)
+    assert f"{proto.sampling} sampling" in rec.source
+    values, _ = resolve_recipe(rec, {"views": "1x1"}, {})
+    assert values["views"] == "1x1"
+    quick = stage_three_recipe(paradigm, "quick")
+    assert "views" not in quick.values and "sampling" not in quick.values
+
+
+def test_stage_three_accumulated_contrast_spans_the_global_batch(demo_small):
+    """ActionCLIP's contrast under accumulation: micro-batches of 1 and 3 give the loss and the
+    gradient of one contrast over all 4 videos (embeddings cached, second forward), not the sum of
+    two small contrasts."""
+    kw = dict(batch_size=4, warmup_epochs=0.0, train_logit_scale=True)
+    big = _tuner(demo_small, "actionclip", "quick", **kw)
+    acc = _tuner(demo_small, "actionclip", "quick", **kw)
+    batch = next(iter(big.train_batches(0)))
+    assert batch["video"].shape[0] == 4
+    torch.manual_seed(0)
+    loss_big = big.step(batch)
+    torch.manual_seed(0)
+    loss_acc = acc.step(_split(batch, [slice(0, 1), slice(1, 4)]))
+    assert loss_acc == pytest.approx(loss_big, rel=1e-5)
+    pairs = [(n, p.grad, q.grad) for (n, p), q in zip(big.model.named_parameters(), acc.model.parameters())
+             if p.grad is not None]
+    names = {n for n, _, _ in pairs}
+    assert "clip.logit_scale" in names and any(n.startswith("clip.visual.") for n in names)
+    assert any(n.startswith("clip.transformer.") for n in names)  # the text tower trains too
+    scale = max(g.abs().max().item() for _, g, _ in pairs)
+    assert scale > 1e-4
+    for name, g_big, g_acc in pairs:
+        assert g_acc is not None, name
+        torch.testing.assert_close(g_acc, g_big, rtol=1e-4, atol=1e-5 * scale, msg=name)
+    # the former rule (a contrast per micro-batch, weighted by its share) is another loss: the test can fail
+    from stages.paradigms.actionclip import ActionCLIP
+
+    old = _tuner(demo_small, "actionclip", "quick", **kw)
+    old.model.contrast_keys = ()  # this instance falls back to one contrast per micro-batch
+    torch.manual_seed(0)
+    loss_micro = old.step(_split(batch, [slice(0, 1), slice(1, 4)]))
+    assert isinstance(old.model, ActionCLIP) and abs(loss_micro - loss_big) > 1e-3

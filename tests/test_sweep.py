@@ -109,6 +109,16 @@ def test_sweep_runs_in_parallel_gives_the_table_and_reuses_its_runs(cache, tmp_p
     assert gathered.returncode == 0 and "reused" not in gathered.stdout
     assert _read_csv(tmp_path / "sw" / "results.csv") == results
 
+    # a folder holding another run (a scheduler wrote other settings there) is not counted as this one
+    config_path = Path(results[0]["run_dir"]) / "config.json"
+    config = json.loads(config_path.read_text())
+    config["train"]["lr"] = 0.5
+    config_path.write_text(json.dumps(config))
+    gathered = run_cli(*args, "--gather", env=env)
+    assert gathered.returncode == 0 and "1 run folder(s) hold a run with other settings" in gathered.stderr
+    states = [r["state"] for r in _read_csv(tmp_path / "sw" / "results.csv")]
+    assert states == ["other settings", "done", "done", "done"]
+
 
 def test_a_bad_option_is_one_line_before_any_run_and_a_failing_run_fails_the_sweep(cache, tmp_path):
     env = {"CLIPCACHE_ROOT": str(tmp_path / "root")}
@@ -125,3 +135,86 @@ def test_a_bad_option_is_one_line_before_any_run_and_a_failing_run_fails_the_swe
     assert "FAILED (exit 2)" in proc.stdout and "1 of 2 runs failed" in proc.stderr
     rows = _read_csv(tmp_path / "sw" / "results.csv")
     assert [r["state"] for r in rows] == ["done", "missing"]
+
+
+def _children(pid: int) -> list[int]:
+    """Live (not zombie) processes whose parent is ``pid``, read from /proc."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow  # two runs of 60 epochs, stopped and resumed: minutes on a loaded 2-core box
+def test_ctrl_c_stops_every_run_with_a_checkpoint_and_a_rerun_resumes_them(cache, tmp_path):
+    """SIGINT to a sweep: its `train` children get it too, checkpoint and exit; the sweep says so
+    in one line and exits 130 with no process left behind; the same command then resumes every
+    stopped run from its checkpoint and finishes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    out = tmp_path / "sw"
+    args = ["sweep", "--cache", str(cache), "--head", "tap", "--set", "batch_size=2", "--seeds", "0,1",
+            "--epochs", "60", "--jobs", "2", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CLIPCACHE_ROOT": str(tmp_path / "root")}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
+    deadline, kids = time.time() + 240, []
+    while time.time() < deadline and proc.poll() is None:  # both runs started, one has a checkpoint
+        kids = _children(proc.pid)
+        if len(kids) == 2 and list(out.glob("runs/*/last.pt")):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None and len(kids) == 2, "the sweep ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert len(stderr.strip().splitlines()) == 1 and "interrupted" in stderr, stderr
+    assert not any(_alive(pid) for pid in kids), "a run outlived the sweep"
+    stopped = [json.loads(p.read_text()) for p in out.glob("runs/*/metrics.json")]
+    assert stopped and all(m.get("final") is None for m in stopped)  # no run claims to have finished
+
+    again = run_cli(*args, env={"CLIPCACHE_ROOT": str(tmp_path / "root")})
+    assert again.returncode == 0, again.stderr[-2000:]
+    logs = " ".join(p.read_text() for p in (out / "logs").glob("*.log"))
+    assert "resuming" in logs and "from epoch" in logs
+    rows = _read_csv(out / "results.csv")
+    assert len(rows) == 2 and {r["state"] for r in rows} == {"done"}
+    for r in rows:
+        history = json.loads((Path(r["run_dir"]) / "metrics.json").read_text())["history"]
+        assert len(history) == 60
+
+
+def test_seeds_come_from_the_flag_else_the_grid_file_else_zero(cache, tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("head: tap\nseeds: [3, 4]\nlr: [1e-3]\n")
+    base = ["sweep", "--cache", cache, "--grid", grid, "--print-commands", "--out", tmp_path / "sw"]
+
+    def seeds(*extra) -> list[int]:
+        proc = run_cli(*base, *extra, env={"CLIPCACHE_ROOT": str(tmp_path / "root")})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        argvs = [shlex.split(ln) for ln in proc.stdout.splitlines() if ln.startswith("pipeline train")]
+        return [int(x.split("=", 1)[1]) for a in argvs for x in a if x.startswith("seed=")]
+
+    assert seeds() == [3, 4]                   # the file's
+    assert seeds("--seeds", "0") == [0]        # a flag given wins, even the default's value
+    assert seeds("--seeds", "1,2") == [1, 2]
+    grid.write_text("head: tap\nlr: [1e-3]\n")
+    assert seeds() == [0]

@@ -65,7 +65,7 @@ from stages.heads.common import (
     track_loaded,
     validate_choice,
 )
-from stages.heads.facts import SCALE_256, PaperRecipe, Protocol, PublishedResult
+from stages.heads.facts import SCALE_256, PaperRecipe, Protocol, PublishedResult, TrainPipeline
 from stages.heads.registry import DataKeys, Head, Reference, register_head
 
 __all__ = ["ActionClipCfg", "ClsTokenAggregator", "VisualPrompt", "ActionClipHead", "video_text_kl_loss"]
@@ -224,6 +224,15 @@ def _ref(label: str, prompt: str, expected: int) -> Reference:
               "templates, then the mean",
         differs="segment t gives frame int((t + 1/2) n / 8) (TSN); ActionCLIP's code takes "
                 "int(t n / 8 + (n / 8 - 1) / 2), at most one frame earlier"),
+    # its K400 config (SPEC section 7; its HMDB/UCF configs set RandAugment N 0); scale 256 first as the
+    # project's stage-three ActionCLIP recipe (stages/recipes.py)
+    train_aug=TrainPipeline(
+        "ActionCLIP's K400 train code (SPEC section 7): random TSN offsets, RandAugment N2 M9 drawn per frame, "
+        "multi-scale crop (1, .875, .75, .66), flip p 0.5, colour jitter p 0.8 (0.4, 0.4, 0.2, 0.1), "
+        "grayscale p 0.2",
+        clip="segment", resize_ratio=SCALE_256, crop="multiscale", ms_scales=(1.0, 0.875, 0.75, 0.66),
+        ms_max_distort=1, interpolation="bilinear", flip=0.5, jitter=0.8, brightness=0.4, contrast=0.4,
+        saturation=0.2, hue=0.1, grayscale=0.2, ra_ops=2, ra_magnitude=9, ra_per_frame=True, ra_before_crop=True),
     published=(
         _k400("ViT-B-32", 8, 78.36, 94.25),
         _k400("ViT-B-16", 8, 81.09, 95.49),

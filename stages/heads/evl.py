@@ -43,7 +43,7 @@ from torch import nn
 
 from cache.errors import CacheMismatchError, ConfigError
 from stages.heads.common import QuickGELU
-from stages.heads.facts import PaperRecipe, Protocol, PublishedResult
+from stages.heads.facts import PaperRecipe, Protocol, PublishedResult, TrainPipeline
 from stages.heads.registry import DataKeys, Head, Reference, register_head
 
 __all__ = ["BACKBONE_WEIGHT_KEYS", "EVLCfg", "FrozenQK", "TemporalCrossAttention", "DecoderLayer", "EVLHead"]
@@ -256,6 +256,12 @@ def _k400(backbone: str, frames: int, stride: int, views: str, top1: float, top5
         differs="the short side is resized bicubic (antialiased) on uint8 frames; EVL's code resizes "
                 "the normalised frames bilinearly, the long side rounded down"),
     # view bank: none (bench/bench_viewbank.py: the plain cache's mean was highest, within the spread)
+    train_aug=TrainPipeline(
+        "EVL's train code (SPEC section 7): a random dense clip, RandAugment m7 n4 with the same ops for every "
+        "frame (its rand-m7-n4-mstd0.5-inc1 here as torchvision's op table at bin 7), then a random resized "
+        "crop 0.08-1 bilinear of the whole frame; no flip (its --no_mirror is parsed, never used)",
+        clip="dense", crop="random_resized", area=(0.08, 1.0), interpolation="bilinear", flip=0.0,
+        ra_ops=4, ra_magnitude=7, ra_per_frame=False, ra_before_crop=True),
     published=(
         _k400("ViT-B-16", 8, 16, "3x1", 82.9, 95.7),
         _k400("ViT-B-16", 16, 16, "1x3", 83.6, 96.3),

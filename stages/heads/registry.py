@@ -18,8 +18,9 @@ from torch import nn
 
 from cache.errors import ConfigError
 from stages.config import closest, coerce_option
-from stages.heads.facts import PaperRecipe, Protocol, PublishedResult
+from stages.heads.facts import PaperRecipe, Protocol, PublishedResult, TrainPipeline
 from stages.heads.needs import DIM_FIELDS, DataKeys, note_view_bank, resolve_layers  # what a head reads (re-exported)
+from stages.video import AugViewCfg
 
 __all__ = [
     "DIM_FIELDS",
@@ -30,6 +31,10 @@ __all__ = [
     "Protocol",
     "PublishedResult",
     "Reference",
+    "TrainPipeline",
+    "AUG_RECIPES",
+    "train_pipeline_for",
+    "paper_train_pipeline",
     "register_head",
     "create_head",
     "get_head_entry",
@@ -129,9 +134,10 @@ class Reference:
 @dataclass
 class HeadEntry:
     """A registered head and its paper's facts (stages/heads/facts.py): the recipe ``--recipe paper``
-    trains it with, the test protocol ``extract --for-head`` caches for it, the view bank (K
-    augmented train views) it was measured best with (None: the plain cache), and the results its
-    paper publishes."""
+    trains it with, the test protocol ``extract --for-head`` caches for it, its official train
+    pipeline (what the view bank and online training draw under ``--aug-recipe paper``; None: the
+    paper has none), the view bank (K augmented train views) it was measured best with (None: the
+    plain cache), and the results its paper publishes."""
 
     name: str
     head_cls: type
@@ -142,6 +148,7 @@ class HeadEntry:
     protocol: Protocol | None = None
     view_bank: int | None = None
     published: tuple[PublishedResult, ...] = ()
+    train_aug: TrainPipeline | None = None
 
 
 _REGISTRY: dict[str, HeadEntry] = {}
@@ -150,7 +157,8 @@ _REGISTRY: dict[str, HeadEntry] = {}
 def register_head(name: str, cfg_cls: type, tiny: dict | None = None,
                   references: tuple[Reference, ...] = (), *, paper_recipe: PaperRecipe | None = None,
                   protocol: Protocol | None = None, view_bank: int | None = None,
-                  published: tuple[PublishedResult, ...] = ()) -> Callable[[type], type]:
+                  published: tuple[PublishedResult, ...] = (),
+                  train_aug: TrainPipeline | None = None) -> Callable[[type], type]:
     """Class decorator: ``@register_head("evl", EVLCfg, tiny={...}, paper_recipe=..., protocol=...)``.
 
     A protocol is named as its head (``--protocol evl``)."""
@@ -163,11 +171,35 @@ def register_head(name: str, cfg_cls: type, tiny: dict | None = None,
         head_cls.name = name
         head_cls.cfg_cls = cfg_cls
         _REGISTRY[name] = HeadEntry(name, head_cls, cfg_cls, dict(tiny or {}), tuple(references), paper_recipe,
-                                    protocol, view_bank, tuple(published))
+                                    protocol, view_bank, tuple(published), train_aug)
         note_view_bank(name, view_bank, shipped=head_cls.__module__.startswith("stages.heads."))
         return head_cls
 
     return wrap
+
+
+AUG_RECIPES = ("paper", "light")
+
+
+def paper_train_pipeline(name: str) -> TrainPipeline | None:
+    """Head ``name``'s official train pipeline (``register_head(..., train_aug=)``), None when its
+    paper has none (tap, linear_probe, lda)."""
+    return get_head_entry(name).train_aug
+
+
+def train_pipeline_for(head: str, recipe: str = "paper"):
+    """What ``stages.video.augmented_views`` draws for ``head`` under ``recipe``: "paper" -> its
+    TrainPipeline (a ConfigError when its paper has none), "light" -> AugViewCfg() (the view
+    bank's crop 0.4-1 and flip). An unknown recipe or head: a ConfigError, one line."""
+    if recipe not in AUG_RECIPES:
+        raise ConfigError(f"--aug-recipe must be one of {', '.join(AUG_RECIPES)}, got '{recipe}'")
+    pipeline = paper_train_pipeline(head)
+    if recipe == "light":
+        return AugViewCfg()
+    if pipeline is None:
+        raise ConfigError(f"head '{head}' has no paper train pipeline (its paper publishes none): use "
+                          "--aug-recipe light")
+    return pipeline
 
 
 def list_heads() -> list[str]:

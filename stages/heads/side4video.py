@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cache.errors import CacheMismatchError, ConfigError
-from stages.heads.facts import CROPS_TSN, SCALE_256, PaperRecipe, Protocol, PublishedResult
+from stages.heads.facts import CROPS_TSN, SCALE_256, PaperRecipe, Protocol, PublishedResult, TrainPipeline
 from stages.heads.registry import DataKeys, Head, Reference, register_head
 
 __all__ = ["Side4VideoCfg", "Side4Video", "side_taps", "shift_cls", "SideBlock"]
@@ -195,6 +195,12 @@ _SOURCE = "Side4Video (Yao et al. 2023), K400 ViT-B/16 8 frames; trainable param
     # beat the plain cache beyond the spread over seeds; Side4Video's mean was highest with banks, and
     # one augmented view costs no more bytes than the plain view
     view_bank=1,
+    # its K400 train pipeline (SPEC section 7; RandAugment only in its SSv2 configs)
+    train_aug=TrainPipeline(
+        "Side4Video's K400 train code (SPEC section 7): random TSN offsets, scale 256 (for 224), random "
+        "resized crop 0.08-1, flip p 0.5, grayscale p 0.2",
+        clip="segment", resize_ratio=SCALE_256, crop="random_resized", area=(0.08, 1.0), interpolation="bilinear",
+        flip=0.5, grayscale=0.2),
     # Kinetics-400 top-1 of the Model Zoo in the official repository's Recognition/README.md (its top
     # README shows the results as an image only), ViT-B/16 (OpenAI's CLIP, frozen; the released 12 x
     # 320 side network), "8x3x4" = 8 frames x 3 crops x 4 clips: views 4x3, its test code's sampling

@@ -41,7 +41,7 @@ from stages.heads.common import (
     track_loaded,
     validate_choice,
 )
-from stages.heads.facts import CROPS_TSN, SCALE_256, PaperRecipe, Protocol, PublishedResult
+from stages.heads.facts import CROPS_TSN, SCALE_256, PaperRecipe, Protocol, PublishedResult, TrainPipeline
 from stages.heads.registry import DataKeys, Head, Reference, register_head
 
 __all__ = ["Text4VisCfg", "Text4VisHead"]
@@ -102,6 +102,11 @@ class Text4VisCfg:
         paper="4 clips x 3 crops (the test code Side4Video inherits: the same frames and views), "
               "video embeddings averaged over views then normalised, scale 256 then crop 224",
         differs=CROPS_TSN),
+    train_aug=TrainPipeline(
+        "Text4Vis's train code (SPEC section 7): random TSN offsets, scale 256 (for 224), random resized crop "
+        "0.08-1, flip p 0.5, grayscale p 0.2, no colour jitter",
+        clip="segment", resize_ratio=SCALE_256, crop="random_resized", area=(0.08, 1.0), interpolation="bilinear",
+        flip=0.5, grayscale=0.2),
     published=(
         _k400("ViT-B-32", 8, "4x3", 80.0),
         _k400("ViT-B-32", 16, "4x3", 80.5),

@@ -2,9 +2,10 @@
 the visual prompt of the stage-two ``actionclip`` head train; every training sample is matched with
 the text of its label under one of the 16 templates (drawn per sample by the data), with the head's
 symmetric KL loss between softmax(scale * video-text similarity) and the row-normalised same-label
-matrix, over the whole global (micro-)batch; the scale is CLIP's ``logit_scale`` when it trains
-(clamped at 100, as CLIP does), else the head's. The test averages the 16 templates of every class
-through the fine-tuned text encoder (the head's evaluation rule) and the views' scores.
+matrix, over the whole global batch (accumulated micro-batches included: stages/finetune.py); the
+scale is CLIP's ``logit_scale`` when it trains (clamped at 100, as CLIP does), else the head's. The
+test averages the 16 templates of every class through the fine-tuned text encoder (the head's
+evaluation rule) and the views' scores.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from torch import nn
 
 from cache.errors import ConfigError
 from stages.dist import DistContext
-from stages.paradigms.base import Paradigm, gather_outputs, register_paradigm
+from stages.paradigms.base import Paradigm, gather_outputs, register_paradigm, replicated
 from stages.text import TEMPLATE_SETS, clip_text_embeddings
 
 __all__ = ["ActionCLIP", "text_param_names"]
 
 TEMPLATES = TEMPLATE_SETS["actionclip"]
+CONTRASTED = ("video_emb", "text_emb")  # the outputs the loss matches across the batch
 
 
 def text_param_names(clip: nn.Module) -> list[str]:
@@ -36,6 +38,7 @@ class ActionCLIP(Paradigm):
     default_epochs = 50
     eval_average = "scores"
     train_templates = len(TEMPLATES)
+    contrast_keys = CONTRASTED
 
     def __init__(self, clip: nn.Module, head: nn.Module):
         super().__init__(clip, head)
@@ -79,11 +82,12 @@ class ActionCLIP(Paradigm):
 
     def loss(self, out: dict[str, torch.Tensor], labels: torch.Tensor, valid: torch.Tensor, count: int,
              n_valid: int, label_smoothing: float, dist: DistContext) -> tuple[torch.Tensor, float]:
-        """The head's loss on the gathered micro-batch (its in-batch negatives span every rank, not
-        the whole accumulated global batch), weighted by the micro-batch's share of the global batch."""
-        gathered, labels_g = gather_outputs(out, ("video_emb", "text_emb"), labels, valid, dist)
-        if "logit_scale" in out:
-            gathered["logit_scale"] = out["logit_scale"]
+        """The head's loss on the gathered batch (its in-batch negatives span every rank), weighted by
+        the batch's share of the global batch. Under accumulation the loop passes the whole global
+        batch's embeddings at once (``contrast_keys``), so one contrast spans all of it, as the paper's."""
+        gathered, labels_g = gather_outputs(out, CONTRASTED, labels, valid, dist)
+        if "logit_scale" in out:  # the same on every rank: its gradient counted once
+            gathered["logit_scale"] = replicated(out["logit_scale"], dist)
         loss = self.head.loss(gathered, labels_g, label_smoothing)
         share = count / n_valid  # 1.0 without accumulation
         if share != 1.0:

@@ -15,7 +15,7 @@ from torch import nn
 from cache.errors import ConfigError
 from stages.dist import DistContext
 
-__all__ = ["Paradigm", "register_paradigm", "get_paradigm", "list_paradigms", "gather_outputs"]
+__all__ = ["Paradigm", "register_paradigm", "get_paradigm", "list_paradigms", "gather_outputs", "replicated"]
 
 _PARADIGMS: dict[str, type["Paradigm"]] = {}
 
@@ -28,6 +28,8 @@ class Paradigm(nn.Module):
     default_epochs = 0        # the paper's epochs (FinetuneCfg.epochs = -1)
     eval_average = "scores"   # multi-view evaluation: "scores" | "embeddings" (FinetuneCfg.eval_average = "")
     train_templates = 0       # text templates drawn per training sample (0: none)
+    contrast_keys: tuple[str, ...] = ()  # outputs the loss contrasts across the batch (ActionCLIP: video and text
+    #                                      embeddings): under accumulation one contrast spans the global batch
 
     def __init__(self, clip: nn.Module, head: nn.Module):
         super().__init__()
@@ -101,3 +103,13 @@ def gather_outputs(out: dict[str, torch.Tensor], keys, labels: torch.Tensor, val
     keep = dist.all_cat(valid).bool()
     gathered = {k: dist.all_cat_with_grad(out[k].float())[keep] for k in keys}
     return gathered, dist.all_cat(labels)[keep]
+
+
+def replicated(x: torch.Tensor, dist: DistContext) -> torch.Tensor:
+    """``x`` as it enters a loss every rank computes whole (e.g. a trained logit scale): the same
+    value, its gradient divided by the world size, so that the backward pass's world-size scaling and
+    DDP's average give the global loss's gradient once rather than ``world`` times."""
+    if not dist.enabled or dist.world == 1:
+        return x
+    share = x / dist.world
+    return share + (x - share).detach()
