@@ -4,13 +4,13 @@ without gradients), side by side on the demo world with the pretrained demo CLIP
 
 Rows per head (same recipe, epochs and seeds; evaluation always on the plain cache's val split):
 
-- online paper: ``train --online --online-aug paper`` (the head's official train pipeline; light,
-  today's view-bank draw, when this build has no ``train_pipeline_for``: the row says so);
+- online paper: ``train --online --online-aug paper`` (a fresh view each epoch drawn with the head's
+  official train pipeline; light, the view bank's light draw, for a head without one: the row says so);
 - online none: ``--online-aug none``, the cache's own views decoded again: the control, which must
   match the plain cache (same losses and top-1 to float noise);
 - plain cache: one fixed view per video, extracted once;
-- bank K: ``extract --train-aug K`` (K views per video drawn at extraction; the loader draws one
-  per epoch), for each K of --banks.
+- bank K: ``extract --train-aug K --aug-recipe paper --aug-heads H`` (K views per video drawn at
+  extraction with the head's train pipeline; the loader draws one per epoch), for each K of --banks.
 
 Columns: top-1 mean +- sample std over seeds, each seed's top-1, wall per epoch (the run's training
 and evaluation wall / epochs), total wall of the row (its seeds), the bytes of the train split of
@@ -57,8 +57,8 @@ def parse_args(argv=None):
     ap.add_argument("--recipe", default="demo", help="stage two recipe (default: %(default)s)")
     ap.add_argument("--workers", type=int, default=1, help="online decode workers (default: %(default)s)")
     ap.add_argument("--fresh", default="paper", help="the online row's augmentation: paper | light")
-    ap.add_argument("--bank-aug", default="", help="the view bank's draws (extract --aug-recipe, where this build has "
-                    "it; '' = its default)")
+    ap.add_argument("--bank-aug", default="paper", help="the view bank's draws: paper (each head's train pipeline, "
+                    "extract --aug-recipe paper --aug-heads H) | light (default: %(default)s)")
     ap.add_argument("--tiny", action="store_true", help="a generated tiny world and model, 2 epochs, 1 seed (smoke)")
     ap.add_argument("--md", default="", help="also write the markdown table here (default: WORKDIR/table.md)")
     return ap.parse_args(argv)
@@ -91,17 +91,18 @@ def prepare(args, work: Path) -> tuple:
     return load_dataset("demo", data_root=data), ecfg
 
 
-def cache_for(spec, ecfg: dict, work: Path, bank: int | None, bank_aug: str) -> tuple[Path, float]:
-    """The cache (plain, or a view bank of ``bank`` views) in ``work``, extracted unless there; its extraction wall."""
+def cache_for(spec, ecfg: dict, work: Path, bank: int | None, bank_aug: str, head: str) -> tuple[Path, float]:
+    """The cache (plain, or a view bank of ``bank`` views drawn with ``bank_aug``: paper = ``head``'s
+    train pipeline, a bank per head) in ``work``, extracted unless there; its extraction wall."""
     from bench.common import extract_cache
 
-    name = ("cache-plain" if bank is None else f"cache-bank{bank}") + ("-slim" if ecfg["layers"] == "none" else "")
-    out = work / name
+    name = "cache-plain" if bank is None else f"cache-bank{bank}-{bank_aug}" + (f"-{head}" if bank_aug == "paper" else "")
+    out = work / (name + ("-slim" if ecfg["layers"] == "none" else ""))
     cfg = dict(ecfg)
     if bank is not None:
-        cfg["train_aug"] = bank
-        if bank_aug:
-            cfg["aug_recipe"] = bank_aug
+        cfg.update(train_aug=bank, aug_recipe=bank_aug)
+        if bank_aug == "paper":
+            cfg["aug_heads"] = head
     timing = out.with_suffix(".json")
     if out.exists() and timing.exists():
         return out, json.loads(timing.read_text())["seconds"]
@@ -136,17 +137,17 @@ def _tiny_sets(head: str) -> dict:
 
 
 def fresh_aug(args, head: str) -> tuple[str, str]:
-    """(the online row's --online-aug, a note when paper is not available in this build)."""
+    """(the online row's --online-aug, a note when the head has no paper pipeline)."""
     from cache.errors import ConfigError
     from stages.data.online import online_aug_cfg
 
     if args.fresh != "paper":
         return args.fresh, ""
     try:
-        online_aug_cfg("paper", head, args.recipe)
+        online_aug_cfg("paper", head)
         return "paper", ""
     except ConfigError:
-        return "light", "paper pipeline not in this build: light"
+        return "light", "no paper pipeline for this head: light"
 
 
 def main(argv=None) -> int:
@@ -168,7 +169,7 @@ def main(argv=None) -> int:
     spec, ecfg = prepare(args, work)
     caches: dict = {}  # extracted when a row first needs it (rows print as they finish)
     video_bytes = sum(Path(it.path).stat().st_size for it in spec.splits["train"])
-    bank_note = args.bank_aug or "light (today's draw)"
+    bank_note = args.bank_aug
     plan = []  # (row label, cache key, online aug or "", note)
     for row in rows:
         if row == "online-paper":
@@ -186,9 +187,11 @@ def main(argv=None) -> int:
             if online == "fresh":
                 online, note = fresh_aug(args, head)
                 label = label.format(aug=online)
+            if key.startswith("bank") and args.bank_aug == "paper":
+                key = f"{key}-{head}"  # a paper bank draws one head's pipeline
             if key not in caches:
-                caches[key] = cache_for(spec, ecfg, work, int(key[4:]) if key.startswith("bank") else None,
-                                        args.bank_aug if key.startswith("bank") else "")
+                caches[key] = cache_for(spec, ecfg, work, int(key[4:].split("-")[0]) if key.startswith("bank") else None,
+                                        args.bank_aug, head)
             cache, extract_s = caches[key]
             runs = [run_one(cache, head, s, args, online, work, label.split(" ")[0] + (online or key)) for s in seeds]
             top = [r["top1"] for r in runs]

@@ -53,6 +53,7 @@ from stages.data.open import is_wds, open_source, split_dataset
 from stages.data.zarr_split import check_cache_for_head, select_videos
 from stages.dist import DistContext, dist_device
 from stages.evaluate import EVAL_AVERAGES, evaluate_head
+from stages.heads.facts import TrainPipeline
 from stages.heads.needs import DIM_FIELDS
 from stages.heads.registry import Head, get_head_entry, make_cfg
 from stages.recipes import accumulation_steps, protocol_eval_overrides, resolve_recipe, stage_two_recipe
@@ -497,15 +498,21 @@ def _online_split(store, cfg: TrainCfg, head: Head, inputs, train_idx: np.ndarra
     if head.uses_sklearn or cfg.epochs == 0:
         raise ConfigError(f"--online streams fresh views into gradient steps; head '{cfg.head}' "
                           f"{'is fitted once in closed form' if head.uses_sklearn else 'trains no epochs'}: drop --online")
-    aug = online_aug_cfg(cfg.online_aug, cfg.head, cfg.recipe)
+    aug = online_aug_cfg(cfg.online_aug, cfg.head)
     check_online_reachable(store, cfg.train_split, train_idx)
     meta = store.info
     log(f"online: '{cfg.train_split}' streamed from {len(np.unique(train_idx))} raw videos, decoded each epoch "
         f"({cfg.workers or 'no'} worker{'s' if cfg.workers != 1 else ''}), through the frozen {meta.backbone.arch} "
         f"({meta.config.pretrained or 'random init'}), stored as {meta.dtype}; views: {cfg.online_aug}"
-        + (" (the cache's own: the control)" if aug is None else " (fresh per epoch)")
+        + (" (the cache's own: the control)" if aug is None else f" (fresh per epoch: {_describe_aug(aug)})")
         + f"; '{cfg.eval_split}' evaluated from the cache")
     return OnlineSplit(store, inputs, train_idx, aug, label_map=train_map)
+
+
+def _describe_aug(aug) -> str:
+    if isinstance(aug, TrainPipeline):
+        return aug.describe()
+    return f"random clip, random resized crop area {aug.area[0]:g}-{aug.area[1]:g} bicubic, flip p {aug.flip:g}"
 
 
 def _all_items(data) -> list[dict]:

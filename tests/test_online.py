@@ -59,6 +59,23 @@ def test_the_control_batches_are_the_cache_loaders(cache, head):
     assert "frames" in got[0] if head == "side4video" else "patch" in got[0]
 
 
+def test_the_control_redraws_a_paper_view_bank(demo_small, tmp_path):
+    """On a view-bank cache (side4video's paper pipeline, 2 views) --online-aug none draws the bank's
+    own views again: the batches of the cache's loader, view pick included."""
+    extract_in_process(demo_small.root, tmp_path / "bank", layers="all", patch=True, store_frames=True, text="none",
+                       train_aug=2, aug_recipe="paper", aug_heads="side4video")
+    store = open_store(tmp_path / "bank")
+    assert store.info.view_bank.recipe == "paper"
+    cached, online = _splits(store, "side4video", None)
+    plan = epoch_plan(len(cached), 6, 1, 0, seed=3, epoch=0)
+    for data in (cached, online):
+        data.set_epoch(0, 3)
+    for g, w in zip(train_loader(online, plan, "cpu"), train_loader(cached, plan, "cpu")):
+        assert sorted(g) == sorted(w)
+        for k in w:
+            torch.testing.assert_close(g[k], w[k], rtol=0, atol=1e-3 if g[k].is_floating_point() else 0)
+
+
 @pytest.mark.parametrize("head", ["evl", "side4video"])
 def test_online_none_trains_as_the_plain_cache(cache, tmp_path, head):
     cfg = TrainCfg(head=head, epochs=2, batch_size=4, lr=1e-3, threads=1)
@@ -87,8 +104,8 @@ def test_online_enters_the_run_id_and_the_record(cache, tmp_path):
 
 
 def test_fresh_draws_change_per_epoch_and_repeat_for_a_seed(cache):
-    _, online = _splits(cache, "side4video", online_aug_cfg("light", "side4video", ""))
-    _, again = _splits(cache, "side4video", online_aug_cfg("light", "side4video", ""))
+    _, online = _splits(cache, "side4video", online_aug_cfg("light", "side4video"))
+    _, again = _splits(cache, "side4video", online_aug_cfg("light", "side4video"))
 
     def views(data, epoch, seed):
         data.set_epoch(epoch, seed)
@@ -105,13 +122,12 @@ def test_fresh_draws_change_per_epoch_and_repeat_for_a_seed(cache):
 
 
 def test_paper_is_the_heads_train_pipeline_or_one_clear_error():
-    try:
-        from stages.heads import train_pipeline_for
-    except ImportError:
-        with pytest.raises(ConfigError, match="train_pipeline_for.*--online-aug light"):
-            online_aug_cfg("paper", "evl", "paper")
-        return
-    assert online_aug_cfg("paper", "evl", "paper") == train_pipeline_for("evl", "paper")
+    from stages.heads.registry import train_pipeline_for
+
+    for head in ("evl", "side4video", "text4vis"):
+        assert online_aug_cfg("paper", head) == train_pipeline_for(head, "paper")
+    with pytest.raises(ConfigError, match="head 'tap' has none.*--online-aug light"):
+        online_aug_cfg("paper", "tap")
 
 
 def test_the_flip_hook_keeps_labels_outside_ssv2():
@@ -119,7 +135,7 @@ def test_the_flip_hook_keeps_labels_outside_ssv2():
 
 
 def test_workers_do_not_change_the_batches(cache):
-    _, online = _splits(cache, "tap", online_aug_cfg("light", "tap", ""))
+    _, online = _splits(cache, "tap", online_aug_cfg("light", "tap"))
     online.set_epoch(2, 1)
     plan = epoch_plan(len(online), 6, 1, 0, seed=1, epoch=2)
     one = list(train_loader(online, plan, "cpu", workers=0))
@@ -187,7 +203,8 @@ def test_the_cache_vs_online_bench_runs_tiny(tmp_path):
     """bench/bench_cache_vs_online.py --tiny: every row of one head, its table written."""
     from bench.bench_cache_vs_online import main
 
-    assert main(["--tiny", "--workdir", str(tmp_path), "--heads", "tap", "--banks", "1", "--fresh", "light"]) == 0
+    assert main(["--tiny", "--workdir", str(tmp_path), "--heads", "tap", "--banks", "1", "--fresh", "light",
+                 "--bank-aug", "light"]) == 0
     table = (tmp_path / "tiny" / "table.md").read_text()
     for row in ("online light", "online none (control)", "plain cache", "bank K=1"):
         assert f"| tap | {row}" in table

@@ -13,9 +13,10 @@ The view each video gets (``ONLINE_AUGS``):
 
 - ``none``: the cache's own views, decoded and cropped exactly as extraction did (fixed views, or
   the view bank's draws from ``view_rngs``): the control, which trains as the plain cache does;
-- ``light``: a fresh ``augmented_views`` draw with ``AugViewCfg()`` (today's view bank);
+- ``light``: a fresh ``augmented_views`` draw with ``AugViewCfg()`` (the view bank's light draw);
 - ``paper``: a fresh draw with the head's official train pipeline
-  (``stages.heads.train_pipeline_for(head, recipe)``).
+  (``stages.heads.registry.train_pipeline_for(head, "paper")``: RandAugment, crops, flip, jitter,
+  grayscale as its paper; the clip drawn with the cache's sampling, as the view bank does).
 
 Fresh draws come from a seed of (run seed, epoch, video index, copy) alone, so the number of
 workers and a resume do not change them. A horizontal flip passes the label through
@@ -31,15 +32,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cache.errors import ConfigError, DatasetError, ModelError, VideoDecodeError
+from cache.meta import ViewBank
 from cache.quant import quantize_int8
 from cache.store import FeatureStore
 from stages.backbone import BackboneInfo, FrozenCLIP, load_clip, model_config, weights_id
 from stages.data.batch import collate_items, epoch_seed, pixel_stats, view_pick
 from stages.data.loader import device_batch
 from stages.data.zarr_split import HeadInputs
+from stages.heads.facts import TrainPipeline
 from stages.video import AugViewCfg, SamplingCfg, augmented_views, decode_video, make_views, normalize, view_rngs
 
-__all__ = ["ONLINE_AUGS", "label_after_flip", "online_aug_cfg", "check_online_reachable", "OnlineSplit",
+__all__ = ["ONLINE_AUGS", "label_after_flip", "online_aug_cfg", "bank_aug", "check_online_reachable", "OnlineSplit",
            "OnlineLoader"]
 
 ONLINE_AUGS = ("paper", "light", "none")
@@ -52,21 +55,30 @@ def label_after_flip(label: int, flipped: bool) -> int:
     return label
 
 
-def online_aug_cfg(aug: str, head: str, recipe: str):
-    """What ``augmented_views`` draws with for ``--online-aug`` (None for ``none``)."""
+def online_aug_cfg(aug: str, head: str):
+    """What ``augmented_views`` draws with for ``--online-aug`` (None for ``none``): light's AugViewCfg,
+    or under paper the head's TrainPipeline (stages.heads.registry.train_pipeline_for)."""
     if aug not in ONLINE_AUGS:
         raise ConfigError(f"online_aug must be one of {', '.join(ONLINE_AUGS)}, got {aug!r}")
     if aug == "none":
         return None
     if aug == "light":
         return AugViewCfg()
+    from stages.heads.registry import train_pipeline_for
+
     try:
-        from stages.heads import train_pipeline_for
-    except ImportError:
-        raise ConfigError("--online-aug paper draws the head's official train pipeline "
-                          "(stages.heads.train_pipeline_for), which this build does not have yet: use "
-                          "--online-aug light (today's view-bank draw) or none (the cache's own views)") from None
-    return train_pipeline_for(head, recipe or "paper")
+        return train_pipeline_for(head, "paper")
+    except ConfigError:
+        raise ConfigError(f"--online-aug paper draws the head's official train pipeline, and head '{head}' has "
+                          "none (its paper publishes none): use --online-aug light (the view bank's light draw) "
+                          "or none (the cache's own views)") from None
+
+
+def bank_aug(bank: ViewBank):
+    """What a cache's view bank drew its views with: its paper TrainPipeline, or the light AugViewCfg."""
+    if bank.recipe == "paper" and bank.pipeline:
+        return TrainPipeline(source="", **{k: tuple(v) if isinstance(v, list) else v for k, v in bank.pipeline.items()})
+    return AugViewCfg(area=tuple(bank.area), ratio=tuple(bank.ratio), flip=bank.flip)
 
 
 def _split_paths(store: FeatureStore, split: str, indices: np.ndarray) -> tuple[list[str], list[int | None]]:
@@ -126,8 +138,7 @@ class OnlineSplit(Dataset):
         self.fixed = SamplingCfg(cfg.frames, cfg.sampling, cfg.stride, clips, crops)
         self.fresh = SamplingCfg(cfg.frames, cfg.sampling, cfg.stride, 1, 1)
         bank = meta.view_bank if meta.view_bank is not None and meta.view_bank.split == split else None
-        self.bank = None if bank is None else (bank.seed, AugViewCfg(area=tuple(bank.area), ratio=tuple(bank.ratio),
-                                                                      flip=bank.flip), bank.views)
+        self.bank = None if bank is None else (bank.seed, bank_aug(bank), bank.views)
         self.views = bank.views if bank is not None else clips * crops  # the cache's views of a video
         self.epoch, self.seed, self.epoch_seed = 0, 0, 0
         self.mean, self.std = pixel_stats(meta)
