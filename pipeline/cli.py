@@ -226,6 +226,11 @@ def train(
                                        help="Train on the done videos of an unfinished cache (said loudly)."),
     head_module: Optional[Path] = typer.Option(None, "--head-module", help="A .py file of your own that registers "
                                                "heads (register_head); --head then names one of them."),
+    online: bool = typer.Option(False, "--online", help="Stream the train split from the raw videos the cache was "
+                                "extracted from, through its frozen backbone, fresh views every epoch (evaluation "
+                                "stays on the cache)."),
+    online_aug: str = typer.Option("paper", help="--online views: paper (the head's official train pipeline) | light "
+                                   "(today's view-bank draw) | none (the cache's own views: trains as the cache)."),
 ):
     """Stage two: train a head from a cache and evaluate it."""
     from stages.train import resolve_train, train_head

@@ -47,7 +47,7 @@ TRAIN_FILE_OPTIONS = {"head": "str", "cache": "path", "dataset": "str", "cache_r
                       "wds_resample": "bool", "allow_partial": "bool", "head_module": "path"}
 TRAIN_FLAG_FIELDS = {"shots": "shots", "fraction": "fraction", "train_classes": "train_classes",
                      "test_classes": "test_classes", "init": "classifier_init", "batch": "batch_size",
-                     "global_batch": "global_batch", "epochs": "epochs"}
+                     "global_batch": "global_batch", "epochs": "epochs", "online": "online", "online_aug": "online_aug"}
 # compare-init's grid may be in the file too (a run's config.yaml holds train.seed, train.shots, ...: the
 # grid sets those)
 COMPARE_FILE_OPTIONS = {"head": "str", "cache": "path", "dataset": "str", "cache_root": "path", "recipe": "str",

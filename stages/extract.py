@@ -15,7 +15,6 @@ import resource
 import shutil
 import sys
 import time
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -47,7 +46,7 @@ from stages.recipes import protocol_for_heads, protocol_record, resize_side, res
 from stages.resolve import Resolved
 from stages.text import TEXT_SETS, compute_text_sets
 from stages.video import (AugViewCfg, SamplingCfg, augmented_views, decode_video, layout_key, make_views, normalize,
-                          parse_frame_size, parse_views, validate_sampling, view_param_columns)
+                          parse_frame_size, parse_views, validate_sampling, view_param_columns, view_rngs)
 
 __all__ = ["ExtractCfg", "ExtractPlan", "resolve_extract", "add_head_needs", "paper_pipeline", "plan_extraction",
            "run_extraction", "default_cache_root", "latest_cache"]
@@ -390,14 +389,6 @@ def _view_bank(cfg: ExtractCfg) -> dict | None:
     if cfg.aug_recipe == "paper":  # the light bank's key stays what it always was
         bank.update(recipe="paper", pipeline=aug.key())
     return bank
-
-
-def view_rngs(seed: int, split: str, index: int) -> tuple[np.random.Generator, np.random.Generator]:
-    """The two generators of one video's view bank (its clips, then its crops and flips): a
-    function of (cache seed, split, index) alone, so reruns, resumes and any number of workers
-    or ranks draw the same views."""
-    temporal, spatial = np.random.SeedSequence([int(seed), zlib.crc32(split.encode()), int(index)]).spawn(2)
-    return np.random.default_rng(temporal), np.random.default_rng(spatial)
 
 
 def _check_writable(folder: Path) -> None:

@@ -66,7 +66,7 @@ def default_runs_root() -> Path:
 RESUME_FREE = {"device", "workers", "eval_batch_size", "eval_every", "cache", "recipe", "preload", "sources",
                "verify_reads"}
 # options added after runs were written: a checkpoint without one was made with its default
-ADDED_LATER = {"shuffle": "full", "threads": 0, "repeat_shots": "auto"}
+ADDED_LATER = {"shuffle": "full", "threads": 0, "repeat_shots": "auto", "online": False, "online_aug": "paper"}
 
 
 def check_resumable(old: dict, new: dict, path: Path, fix: str = "use another --run-dir or drop --resume") -> None:

@@ -48,10 +48,12 @@ from stages.config import OptionSet, parse_set, split_options, validate_choice
 from stages.data.batch import collate_items, label_swap
 from stages.data.batch import to_device as _to  # the loop's short name for it
 from stages.data.loader import PRELOADS, SHUFFLES, epoch_plan, train_loader
+from stages.data.online import ONLINE_AUGS, OnlineSplit, check_online_reachable, online_aug_cfg
 from stages.data.open import is_wds, open_source, split_dataset
 from stages.data.zarr_split import check_cache_for_head, select_videos
 from stages.dist import DistContext, dist_device
 from stages.evaluate import EVAL_AVERAGES, evaluate_head
+from stages.heads.facts import TrainPipeline
 from stages.heads.needs import DIM_FIELDS
 from stages.heads.registry import Head, get_head_entry, make_cfg
 from stages.recipes import accumulation_steps, protocol_eval_overrides, resolve_recipe, stage_two_recipe
@@ -106,6 +108,11 @@ class TrainCfg:
     verify_reads: bool = False
     recipe: str = ""                  # the preset these values came from (stages/recipes.py); a record only
     threads: int = 0                  # torch intra-op threads for the run (0: as set); 1 pins the float order
+    # stream the train split from the raw videos the cache was extracted from, through its frozen backbone
+    # (stages/data/online.py): fresh views every epoch; evaluation stays on the cache
+    online: bool = False
+    online_aug: str = "paper"         # online views: paper (the head's train pipeline) | light (today's view-bank
+                                      # draw) | none (the cache's own views: the control, trains as the cache)
 
     def validate(self) -> None:
         """One clear ConfigError for a value no run can use (before anything is written)."""
@@ -137,6 +144,7 @@ class TrainCfg:
         validate_choice("shuffle", self.shuffle, SHUFFLES)
         validate_choice("preload", self.preload, PRELOADS)
         validate_choice("repeat_shots", self.repeat_shots, ("auto", "on", "off"))
+        validate_choice("online_aug", self.online_aug, ONLINE_AUGS)
 
     @property
     def repeats_shots(self) -> bool:
@@ -295,6 +303,8 @@ def _run_id(cfg: TrainCfg, head: Head, store: FeatureStore, partial: str = "") -
     train = {k: v for k, v in asdict(cfg).items() if k != "recipe"}  # the same values name the same run
     train = {k: v for k, v in train.items() if k not in ("preload", "verify_reads")
              and not (k in ADDED_LATER and v == ADDED_LATER[k])}
+    if not cfg.online:  # the augmentation of a run from the cache is the cache's
+        train.pop("online_aug", None)
     if cfg.shots:  # what repeat_shots does, not how it was said (auto follows the recipe, which is not hashed)
         train["repeat_shots"] = cfg.repeats_shots
     else:
@@ -338,6 +348,8 @@ def train_head(cache: str | Path | FeatureStore, cfg: TrainCfg, head_overrides: 
     Under torchrun every rank calls this (module docstring); rank 0 writes the run folder.
     """
     cfg.validate()
+    if not cfg.online and cfg.online_aug != TrainCfg.online_aug:  # says nothing without --online: one record
+        cfg = dataclasses.replace(cfg, online_aug=TrainCfg.online_aug)
     store = open_source(cache)  # a Zarr FeatureStore or a WebDataset export (stages/data/open.py)
     ctx = DistContext.from_env()
     device = dist_device(cfg.device, ctx)
@@ -406,7 +418,10 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
     train_map = {c: i for i, c in enumerate(train_classes)} if train_classes is not None else None
     eval_map = {c: i for i, c in enumerate(eval_classes)} if eval_classes is not None else None
 
-    train_data = split_dataset(store, inputs[cfg.train_split], train_idx, train=True, label_map=train_map)
+    if cfg.online:
+        train_data = _online_split(store, cfg, head, inputs[cfg.train_split], train_idx, train_map, log)
+    else:
+        train_data = split_dataset(store, inputs[cfg.train_split], train_idx, train=True, label_map=train_map)
     eval_data = split_dataset(store, inputs[cfg.eval_split], eval_idx, train=False, label_map=eval_map)
     if ctx.enabled and isinstance(train_data, IterableDataset) and cfg.epochs > 0 and not head.uses_sklearn:
         # every rank must fill its slice of each global batch; checked by all ranks together before
@@ -485,6 +500,31 @@ def _train_head(store, cfg: TrainCfg, head_overrides: dict, run_dir, runs_root, 
         if created:
             remove_unstarted(run_dir)
         raise
+
+
+def _online_split(store, cfg: TrainCfg, head: Head, inputs, train_idx: np.ndarray, train_map, log) -> OnlineSplit:
+    """The train split streamed from the cache's raw videos (``--online``), checked before any run folder exists."""
+    if not isinstance(store, FeatureStore):
+        raise ConfigError("--online decodes the videos a Zarr cache records; a WebDataset export records no "
+                          "videos: train from the cache")
+    if head.uses_sklearn or cfg.epochs == 0:
+        raise ConfigError(f"--online streams fresh views into gradient steps; head '{cfg.head}' "
+                          f"{'is fitted once in closed form' if head.uses_sklearn else 'trains no epochs'}: drop --online")
+    aug = online_aug_cfg(cfg.online_aug, cfg.head)
+    check_online_reachable(store, cfg.train_split, train_idx)
+    meta = store.info
+    log(f"online: '{cfg.train_split}' streamed from {len(np.unique(train_idx))} raw videos, decoded each epoch "
+        f"({cfg.workers or 'no'} worker{'s' if cfg.workers != 1 else ''}), through the frozen {meta.backbone.arch} "
+        f"({meta.config.pretrained or 'random init'}), stored as {meta.dtype}; views: {cfg.online_aug}"
+        + (" (the cache's own: the control)" if aug is None else f" (fresh per epoch: {_describe_aug(aug)})")
+        + f"; '{cfg.eval_split}' evaluated from the cache")
+    return OnlineSplit(store, inputs, train_idx, aug, label_map=train_map)
+
+
+def _describe_aug(aug) -> str:
+    if isinstance(aug, TrainPipeline):
+        return aug.describe()
+    return f"random clip, random resized crop area {aug.area[0]:g}-{aug.area[1]:g} bicubic, flip p {aug.flip:g}"
 
 
 def _all_items(data) -> list[dict]:

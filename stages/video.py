@@ -18,6 +18,7 @@ import os
 import re
 import sys
 import tempfile
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -52,6 +53,7 @@ __all__ = [
     "view_param_columns",
     "draw_view_params",
     "apply_view_params",
+    "view_rngs",
     "normalize",
 ]
 
@@ -699,6 +701,14 @@ def augmented_views(decoded: Decoded, size: int, cfg, rng: np.random.Generator) 
         views.append(apply_view_params(clip, row, cfg, size))
         params.append(row)
     return np.stack(views), np.asarray(params, dtype=np.float32)
+
+
+def view_rngs(seed: int, split: str, index: int) -> tuple[np.random.Generator, np.random.Generator]:
+    """The two generators of one video's view bank (its clips, then its crops and flips): a
+    function of (cache seed, split, index) alone, so reruns, resumes and any number of workers
+    or ranks draw the same views."""
+    temporal, spatial = np.random.SeedSequence([int(seed), zlib.crc32(split.encode()), int(index)]).spawn(2)
+    return np.random.default_rng(temporal), np.random.default_rng(spatial)
 
 
 # ----------------------------------------------------------------------------- paper train pipelines

@@ -579,11 +579,14 @@ def make_source(data, preload: str = "auto") -> ZarrBatches:
 def train_loader(data, plan: list[list[int]] | None, device, workers: int = 0, preload: str = "auto",
                  masked: bool = True, batch_size: int = 0, drop_last: bool = False):
     """One epoch's batches (``data.set_epoch`` already called): a CacheSplit read by ``plan``
-    (lists of positions, -1 padding), or a WdsSplit streamed ``batch_size`` at a time."""
+    (lists of positions, -1 padding), an OnlineSplit decoded and encoded by it, or a WdsSplit
+    streamed ``batch_size`` at a time."""
     from torch.utils.data import IterableDataset
 
     if isinstance(data, IterableDataset):
         return WdsLoader(data, batch_size, device, workers, drop_last=drop_last)
+    if not isinstance(data, CacheSplit):  # a split that makes its own batches (stages/data/online.py)
+        return data.loader(plan, device, workers)
     return CacheLoader(make_source(data, preload), plan, device, workers=workers, masked=masked,
                        seed=data.epoch_seed)
 
