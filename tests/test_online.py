@@ -18,7 +18,7 @@ from cache.errors import ConfigError
 from cache.store import open_store
 from conftest import cli_in_process, extract_in_process
 from stages.data.loader import epoch_plan, train_loader
-from stages.data.online import OnlineSplit, label_after_flip, online_aug_cfg
+from stages.data.online import OnlineSplit, online_aug_cfg
 from stages.data.open import split_dataset
 from stages.data.zarr_split import check_cache_for_head, select_videos
 from stages.train import TrainCfg, build_head, train_head
@@ -128,10 +128,6 @@ def test_paper_is_the_heads_train_pipeline_or_one_clear_error():
         assert online_aug_cfg("paper", head) == train_pipeline_for(head, "paper")
     with pytest.raises(ConfigError, match="head 'tap' has none.*--online-aug light"):
         online_aug_cfg("paper", "tap")
-
-
-def test_the_flip_hook_keeps_labels_outside_ssv2():
-    assert label_after_flip(5, True) == 5 and label_after_flip(5, False) == 5
 
 
 def test_workers_do_not_change_the_batches(cache):

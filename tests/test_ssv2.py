@@ -255,3 +255,28 @@ def test_stage_three_takes_the_swaps_from_the_dataset(mirror_spec, demo_small):
     tuner = Finetuner(plain, cfg, {"layers": "1", "pos_rows": "8"}, dist_ctx=DistContext(),
                       log=lambda *a: lines.append(" ".join(map(str, a))))
     assert tuner.train_data.swaps is None and not any("mirror" in ln for ln in lines)
+
+
+def test_online_fresh_views_that_flip_read_the_mirror_label(mirror_bank):
+    """train --online: a fresh mirrored view of a left/right class trains with its mirror's label
+    (the cache records the dataset's swaps), any other view or class keeps its own."""
+    from stages.data.online import OnlineSplit
+    from stages.data.zarr_split import check_cache_for_head
+    from stages.train import build_head
+    from stages.video import AugViewCfg
+
+    st = mirror_bank
+    head = build_head("tap", st, {})
+    inputs = check_cache_for_head(st, head.data_keys(), "tap", ["train"])["train"]
+    idx = select_videos(st, "train")
+    ds = OnlineSplit(st, inputs, idx, AugViewCfg())
+    stored = st.labels("train")[idx]
+    seen = set()
+    for epoch in range(3):
+        ds.set_epoch(epoch, 0)
+        for i in range(len(ds)):
+            _, flipped = ds.view(i)
+            want = flip_label(int(stored[i]), flipped, (1, 0, 2, 3))
+            assert int(ds[i]["label"]) == want
+            seen.add((int(stored[i]) in (0, 1), flipped))
+    assert seen == {(True, True), (True, False), (False, True), (False, False)}  # the test can tell them apart

@@ -19,8 +19,9 @@ The view each video gets (``ONLINE_AUGS``):
   grayscale as its paper; the clip drawn with the cache's sampling, as the view bank does).
 
 Fresh draws come from a seed of (run seed, epoch, video index, copy) alone, so the number of
-workers and a resume do not change them. A horizontal flip passes the label through
-``label_after_flip`` (the hook for Something-Something's left/right classes).
+workers and a resume do not change them. A mirrored view of a dataset whose flips swap labels
+(Something-Something v2's left/right classes, recorded in the cache) trains with its mirror class's
+label, as the view bank's flipped views do (``stages.data.batch.view_label``).
 """
 
 from __future__ import annotations
@@ -36,23 +37,17 @@ from cache.meta import ViewBank
 from cache.quant import quantize_int8
 from cache.store import FeatureStore
 from stages.backbone import BackboneInfo, FrozenCLIP, load_clip, model_config, weights_id
-from stages.data.batch import collate_items, epoch_seed, pixel_stats, view_pick
+from stages.data.batch import LabelSwap, collate_items, epoch_seed, pixel_stats, view_label, view_pick
 from stages.data.loader import device_batch
 from stages.data.zarr_split import HeadInputs
 from stages.heads.facts import TrainPipeline
 from stages.video import AugViewCfg, SamplingCfg, augmented_views, decode_video, make_views, normalize, view_rngs
 
-__all__ = ["ONLINE_AUGS", "label_after_flip", "online_aug_cfg", "bank_aug", "check_online_reachable", "OnlineSplit",
+__all__ = ["ONLINE_AUGS", "online_aug_cfg", "bank_aug", "check_online_reachable", "OnlineSplit",
            "OnlineLoader"]
 
 ONLINE_AUGS = ("paper", "light", "none")
 _SALT = 0x6F6E6C  # "onl": the fresh draws' stream, apart from the view bank's
-
-
-def label_after_flip(label: int, flipped: bool) -> int:
-    """The label of a video whose view was mirrored. The hook for Something-Something v2, whose
-    left/right classes swap under a flip (SPEC section 7); every other dataset keeps its label."""
-    return label
 
 
 def online_aug_cfg(aug: str, head: str):
@@ -122,8 +117,10 @@ class OnlineSplit(Dataset):
         self.store, self.inputs, self.aug = store, inputs, aug
         self.split = split = inputs.split
         self.indices = np.asarray(indices, dtype=np.int64)
-        labels = store.labels(split)[self.indices]
-        self.labels = np.array([label_map[int(x)] for x in labels] if label_map else labels, dtype=np.int64)
+        self.labels = store.labels(split)[self.indices].astype(np.int64)  # as stored: a flip may swap them first
+        self.label_map = label_map
+        table = meta.dataset.swap_table()  # SSv2: the mirror class of each class; None: flips keep labels
+        self.swap = None if table is None else LabelSwap(tuple(table), 0)
         self.paths, self.num_frames = _split_paths(store, split, self.indices)
         seen: dict[int, int] = {}
         self.copies = []  # a video repeated in the selection (K-shot repeats): the how-manieth copy
@@ -175,7 +172,7 @@ class OnlineSplit(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         frames, flipped = self.view(max(i, 0))  # -1: a rank's padding (the first video), masked out
-        label = label_after_flip(int(self.labels[max(i, 0)]), flipped)
+        label = view_label(int(self.labels[max(i, 0)]), flipped, self.swap, self.label_map)
         return {"frames": torch.from_numpy(np.ascontiguousarray(frames)), "label": torch.tensor(label),
                 "valid": torch.tensor(i >= 0)}
 
