@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 from bench.common import (base_parser, console, dir_bytes, human, int_list, load_avg, load_line, make_table,

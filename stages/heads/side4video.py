@@ -216,8 +216,8 @@ _SOURCE = "Side4Video (Yao et al. 2023), K400 ViT-B/16 8 frames; trainable param
     # README shows the results as an image only), ViT-B/16 (OpenAI's CLIP, frozen; the released 12 x
     # 320 side network), "8x3x4" = 8 frames x 3 crops x 4 clips: views 4x3, its test code's sampling
     # (segment-start). No top-5 given. Left out: Something-Something V2 (ViT-B/16, 8x3x4, 70.6): its
-    # SSv2 test takes clip offsets at (c + 1) / (C + 1) of each segment on frames resized to 256 x 320
-    # (SPEC section 7, which reads 2 clips there), which none of the project's sampling modes is;
+    # sampling is now modelled (protocol side4video-ssv2, segment-interior at 256 x 320), but the zoo's
+    # "8x3x4" and the SSv2 test code SPEC section 7 reads (2 clips) disagree on the views;
     # Something-Something V1 (59.4): not a dataset of the project's registry.
     published=(
         PublishedResult(dataset="k400", backbone="ViT-B-16", frames=8, views="4x3", top1=83.6,
