@@ -108,6 +108,27 @@ def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float 
     return fired and proc.returncode == -signal.SIGKILL
 
 
+def stopped_after_first_checkpoint(monkeypatch, train) -> None:
+    """Run ``train()`` (a stage-two run) as if Ctrl-C came right after its first epoch checkpoint
+    was written: the KeyboardInterrupt is raised, the checkpoint is on disk."""
+    import stages.train as T
+
+    real_save, saves = T.save_checkpoint, []
+
+    def stop_after_first_checkpoint(obj, path):
+        if saves:
+            raise KeyboardInterrupt("stopped")
+        saves.append(path)
+        real_save(obj, path)
+
+    monkeypatch.setattr(T, "save_checkpoint", stop_after_first_checkpoint)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train()
+    finally:
+        monkeypatch.undo()
+
+
 def kill_mid_run(start: Callable[[], subprocess.Popen], ready: Callable[[], bool], mid_run: Callable[[], bool],
                  reset: Callable[[], None], attempts: int = 4, timeout: float = 120) -> int:
     """Start a run, SIGKILL it once ``ready()`` (e.g. a first checkpoint or shard is committed)

@@ -16,7 +16,7 @@ import torch
 
 from cache.errors import ConfigError
 from cache.store import open_store
-from conftest import cli_in_process, extract_in_process
+from conftest import cli_in_process, extract_in_process, stopped_after_first_checkpoint
 from stages.data.loader import epoch_plan, train_loader
 from stages.data.online import OnlineSplit, online_aug_cfg
 from stages.data.open import split_dataset
@@ -141,22 +141,10 @@ def test_workers_do_not_change_the_batches(cache):
 
 
 def test_a_resumed_online_run_ends_as_an_uninterrupted_one(cache, tmp_path, monkeypatch):
-    import stages.train as T
-
     cfg = TrainCfg(head="evl", epochs=3, batch_size=4, lr=1e-2, threads=1, online=True, online_aug="light")
     ref = train_head(cache, cfg, TINY["evl"], run_dir=tmp_path / "ref", progress=False)
-    real_save, saves = T.save_checkpoint, []
-
-    def stop_after_first_checkpoint(obj, path):
-        if saves:
-            raise KeyboardInterrupt("stopped")
-        saves.append(path)
-        real_save(obj, path)
-
-    monkeypatch.setattr(T, "save_checkpoint", stop_after_first_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        train_head(cache, cfg, TINY["evl"], run_dir=tmp_path / "run", progress=False)
-    monkeypatch.undo()
+    stopped_after_first_checkpoint(
+        monkeypatch, lambda: train_head(cache, cfg, TINY["evl"], run_dir=tmp_path / "run", progress=False))
     got = train_head(cache, cfg, TINY["evl"], run_dir=tmp_path / "run", resume=True, progress=False)
     assert [h["train_loss"] for h in got["history"]] == pytest.approx([h["train_loss"] for h in ref["history"]],
                                                                       rel=1e-6)

@@ -11,7 +11,7 @@ import torch
 
 from cache.errors import ConfigError
 from cache.store import open_store
-from conftest import demo_args, kill_mid_run, popen_cli, run_cli
+from conftest import demo_args, kill_mid_run, popen_cli, run_cli, stopped_after_first_checkpoint
 from stages.classifiers import classifier_matrix, text_classifier
 from stages.data.zarr_split import select_videos
 from stages.train import TrainCfg, build_head, train_head
@@ -228,25 +228,13 @@ def test_zero_shot_class_split_swaps_the_text_classifier(full_cache, tmp_path):
 
 
 def test_a_stopped_run_resumes_exactly_and_other_options_are_refused(full_cache, tmp_path, monkeypatch):
-    import stages.train as T
-
     # actionclip: its template draws must continue across the resume; eval_every=2: the epoch
     # of the checkpoint did not evaluate
     cfg = TrainCfg(head="actionclip", epochs=3, batch_size=4, lr=1e-2, eval_every=2)
     over = {"layers": 1, "pos_rows": 8}
     ref = train_head(full_cache, cfg, over, run_dir=tmp_path / "ref", progress=False)
-    real_save, saves = T.save_checkpoint, []
-
-    def stop_after_first_checkpoint(obj, path):
-        if saves:
-            raise KeyboardInterrupt("stopped")
-        saves.append(path)
-        real_save(obj, path)
-
-    monkeypatch.setattr(T, "save_checkpoint", stop_after_first_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        train_head(full_cache, cfg, over, run_dir=tmp_path / "run", progress=False)
-    monkeypatch.undo()
+    stopped_after_first_checkpoint(
+        monkeypatch, lambda: train_head(full_cache, cfg, over, run_dir=tmp_path / "run", progress=False))
     config = (tmp_path / "run" / "config.json").read_text()
     with pytest.raises(ConfigError, match=r"other options \(train.lr\)"):
         train_head(full_cache, dataclasses.replace(cfg, lr=5e-3), over, run_dir=tmp_path / "run", resume=True,
