@@ -20,6 +20,9 @@ import threading
 import time
 from pathlib import Path
 
+if __name__ == "__main__":  # `make demo`: before torch loads (DEMO_HEADS below imports it); see PRETRAIN_THREADS
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import typer
 
 from cache.errors import PipelineError, RunFailedError
@@ -37,9 +40,17 @@ def _demo_heads() -> dict[str, dict]:
 
 DEMO_HEADS: dict[str, dict] = _demo_heads()
 # 250 steps of 64 captioned frames: about 4.9 CPU-minutes on one thread (400 x 128 took 9.9), what keeps
-# `make demo` with the install under 15 minutes on a quiet 2-core box; the table stays pinned (one thread)
+# `make demo` with the install under 15 minutes on a quiet 2-core box
 PRETRAIN_STEPS = 250
 PRETRAIN_BATCH = 64
+# The pretraining runs on 2 torch threads, every other step on 1. A fixed count keeps the float
+# summation order, and with it the demo CLIP, the cache and the table, the same on any core count
+# and under any load (measured: the same bits with the 2 threads confined to one core, under a
+# competing busy process, and alone; tests/test_pretrain_demo.py). On a quiet 2-core box 2 threads
+# are about 1.4x faster than 1. OMP_WAIT_POLICY=PASSIVE (set by `python -m pipeline.demo_run`
+# before torch loads): a waiting thread sleeps instead of spinning, so a busy box costs about what
+# one thread would (42 s against 40 for 30 steps beside a busy process; spinning threads took 64).
+PRETRAIN_THREADS = 2
 
 
 def _say(msg: str) -> None:
@@ -67,10 +78,10 @@ def run_demo(root: Path | None = None, data: Path = Path("data/demo"), quick: bo
     t_all = time.perf_counter()
     paths = _paths(root)
     paths["demo"].mkdir(parents=True, exist_ok=True)
-    # One torch thread for every step: the float summation order, and from it every cached feature
-    # and the table, is then the same on any machine and under any load (timing the thread count, as
-    # the pretraining once did, made the table follow the load). On a busy 2-core box one thread is
-    # also the faster choice: a second one stalls on the descheduled first.
+    # A fixed torch thread count for every step (1; the pretraining PRETRAIN_THREADS): the float
+    # summation order, and from it every cached feature and the table, is then the same on any
+    # machine and under any load (timing the thread count, as the pretraining once did, made the
+    # table follow the load). The heads run one thread per process, two processes side by side.
     threads0 = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -122,7 +133,8 @@ def _prepare(paths: dict[str, Path], data: Path, quick: bool, pretrain_steps: in
     world = WORLDS[demo_cfg.world]
     prompts = {"colour x shape": [f"a {c} {s}" for c in world.colours for s in world.shapes]}
     pre = pretrain_demo_clip(ckpt, render, prompts, pre_cfg, progress=not quick, log=_say,
-                             data_tag=f"demo world={demo_cfg.world} captions=varied", threads=1)
+                             data_tag=f"demo world={demo_cfg.world} captions=varied",
+                             threads=PRETRAIN_THREADS)
 
     _say("[3/6] extract the cache once (every block, patch tokens, frames, every text set: what each demo head reads)")
     spec = load_dataset("demo", data_root=ds.root)
@@ -153,20 +165,25 @@ def _run_demo(paths: dict[str, Path], spec, pre: dict, cache: Path, ext, quick: 
     root = paths["demo"]
     # Steps 4 and 5-6 side by side: the heads as `pipeline train --recipe demo` processes (the very
     # command `make train DATASET=demo HEAD=...` runs, so it finds these runs finished) while this
-    # process runs the zero-shot rows and compare-init. Each side runs on one thread: the table is
-    # what a sequential run gives, in about half the time on two cores.
+    # process runs the zero-shot rows and compare-init, then takes the heads not yet started from
+    # the same work list. Each side runs on one thread: the table is what a sequential run gives,
+    # in about half the time on two cores. The longest heads go first (Side4Video and EVL take
+    # about as long as steps 5-6 together); the short ones fill in at the end.
     _say("[4/6] train heads from the cache (recipe demo: what `make train DATASET=demo HEAD=...` runs), "
-         "one process beside steps 5-6")
+         "in processes beside steps 5-6")
+    longest_first = sorted(DEMO_HEADS, key=lambda n: {"side4video": 0, "evl": 1}.get(n, 2))
     runs = [SweepRun(name, name, {}, 0, ["train", "--cache", str(cache), "--head", name, "--recipe", "demo",
                                          "--no-progress", *(["--epochs", "2"] if quick else [])], None)
-            for name in DEMO_HEADS]
+            for name in longest_first]
+    work = list(runs)  # taken from by both sides
     status: dict = {}
     stop = threading.Event()
+    child_env = {"CLIPCACHE_ROOT": str(paths["root"].resolve())}
 
     def heads() -> None:
         try:
-            status.update(run_commands(runs, 1, program(), root / "logs", log=lambda m: _say("      " + m),
-                                       env={"CLIPCACHE_ROOT": str(paths["root"].resolve())}, stop=stop))
+            status.update(run_commands(work, 1, program(), root / "logs", log=lambda m: _say("      " + m),
+                                       env=child_env, stop=stop, shared=True))
         except Stopped:
             pass
 
@@ -186,14 +203,17 @@ def _run_demo(paths: dict[str, Path], spec, pre: dict, cache: Path, ext, quick: 
                           frozen=(True,), epochs=2 if quick else 20,
                           head_overrides={"temporal": "ttrans", "layers": 1, "pos_rows": 16},
                           out_dir=root / "compare-init", progress=False, log=_say)
+        mine = run_commands(work, 1, program(), root / "logs", log=lambda m: _say("      " + m), env=child_env,
+                            shared=True)
         while worker.is_alive():
             worker.join(0.5)
     finally:
         stop.set()  # a stop (or a failure) here: the head processes stop too, each at a checkpoint
         worker.join()
+    status.update(mine)
 
     rows = []
-    for run in runs:
+    for run in sorted(runs, key=lambda r: list(DEMO_HEADS).index(r.name)):  # the table in DEMO_HEADS' order
         st = status.get(run.name, {})
         res = finished_metrics(run.run_dir) if run.run_dir is not None else None
         if res is None:

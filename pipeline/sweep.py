@@ -202,7 +202,7 @@ class Stopped(Exception):
 
 
 def run_commands(runs: list[SweepRun], jobs: int, program: list[str], log_dir: Path, log=print,
-                 gpus: int = 0, env: dict | None = None, stop=None) -> dict[str, dict]:
+                 gpus: int = 0, env: dict | None = None, stop=None, shared: bool = False) -> dict[str, dict]:
     """Run each command in a pool of ``jobs`` processes; {name: {"rc", "seconds", "log", "error"}}.
 
     A run that ends with exit 2 (a usage or config error: every run would repeat it) stops the
@@ -211,12 +211,15 @@ def run_commands(runs: list[SweepRun], jobs: int, program: list[str], log_dir: P
     sweep then waits for them, so rerunning it resumes every run. ``stop``: a threading.Event
     that does the same when this runs in a thread of its own (signals reach the main thread only).
     ``env``: added to every child's environment. A run without a ``run_dir`` gets the folder its
-    `pipeline train` named (its "run folder: ..." line).
+    `pipeline train` named (its "run folder: ..." line). ``shared``: ``runs`` is a work list that
+    other threads calling this too take runs from (each run starts once, in whichever caller has a
+    free slot first; the result holds the runs this caller ran).
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     pool = slots(jobs, gpus)
     free = list(range(len(pool)))
-    todo = list(runs)
+    total = len(runs)
+    todo = runs if shared else list(runs)
     running: dict[int, tuple[subprocess.Popen, SweepRun, float, object]] = {}
     out: dict[str, dict] = {}
     before: dict[str, float | None] = {}
@@ -224,8 +227,11 @@ def run_commands(runs: list[SweepRun], jobs: int, program: list[str], log_dir: P
     try:
         while todo or running:
             while todo and free and not stop_starting:
+                try:
+                    run = todo.pop(0)  # atomic: another caller sharing the list may have emptied it
+                except IndexError:
+                    break
                 slot = free.pop(0)
-                run = todo.pop(0)
                 path = log_dir / f"{run.name}.log"
                 fh = open(path, "w")
                 child_env = {**os.environ, **pool[slot].env, **(env or {})}
@@ -252,14 +258,14 @@ def run_commands(runs: list[SweepRun], jobs: int, program: list[str], log_dir: P
                     _mtime(run.run_dir / "metrics.json") == before[run.name]
                 out[run.name] = {"rc": rc, "seconds": seconds, "log": str(path), "reused": reused,
                                  "error": _last_error(path) if rc else ""}
-                done = len(out)
+                done = f"[{len(out)}/{total}] " if not shared else ""
                 state = ("reused (finished before)" if reused else f"ok ({seconds:.1f}s)") if rc == 0 else \
                     f"FAILED (exit {rc}): {out[run.name]['error']}"
-                log(f"[{done}/{len(runs)}] {run.name}: {state}")
+                log(f"{done}{run.name}: {state}")
                 if rc == 2 and not stop_starting:
                     stop_starting = True
                     log(f"a usage/config error: starting no more runs ({len(todo)} not started)")
-        for run in todo:
+        for run in todo if not shared else ():  # shared: another caller may still start them
             out[run.name] = {"rc": None, "seconds": 0.0, "log": "", "reused": False, "error": "not started"}
         return out
     finally:

@@ -188,3 +188,44 @@ def test_demo_clip_learns_colour_and_shape_words(tmp_path):
     assert acc > 3 * (1 / 12), meta["zero_shot"]
     assert meta["zero_shot"]["colour"]["accuracy"] > 0.6
     assert meta["final_loss"] < meta["first_loss"] - 1.0
+
+
+_PINNED_CHILD = """
+import hashlib, os, sys
+from pathlib import Path
+if sys.argv[2] == "one-core":
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+from pipeline.demo_data import render_frame_with_caption
+from pipeline.demo_run import PRETRAIN_BATCH, PRETRAIN_THREADS
+from stages.pretrain_demo import PretrainCfg, pretrain_demo_clip
+cfg = PretrainCfg(model="demo", minutes=0, max_steps=3, batch_size=PRETRAIN_BATCH, warmup_steps=1, eval_frames=16)
+meta = pretrain_demo_clip(Path(sys.argv[1]), lambda rng: render_frame_with_caption(rng, cfg.image_size, "rich"),
+                          None, cfg, progress=False, log=lambda s: None, threads=PRETRAIN_THREADS)
+import torch
+state = torch.load(sys.argv[1], map_location="cpu", weights_only=False)
+state = state.get("state_dict", state)
+digest = hashlib.sha256()
+for name in sorted(k for k, v in state.items() if torch.is_tensor(v)):
+    digest.update(name.encode() + state[name].contiguous().numpy().tobytes())
+print(meta["threads"], digest.hexdigest())  # the file's own sha256 also hashes its temporary name
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_setaffinity") or len(__import__("os").sched_getaffinity(0)) < 2,
+                    reason="needs two cores to confine one run to one of them")
+def test_demo_pretraining_threads_give_the_same_weights_on_one_core_or_two(tmp_path):
+    """`make demo` pretrains on a fixed 2 threads (with OMP_WAIT_POLICY=PASSIVE): the demo model's
+    weights, and so the table, must not depend on how many cores those threads get."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    got = {}
+    for cores in ("all", "one-core"):
+        out = subprocess.run([sys.executable, "-c", _PINNED_CHILD, str(tmp_path / f"{cores}.pt"), cores], env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        got[cores] = out.stdout.split()[-2:]
+    assert got["all"][0] == "2", got
+    assert got["all"] == got["one-core"]

@@ -218,3 +218,29 @@ def test_seeds_come_from_the_flag_else_the_grid_file_else_zero(cache, tmp_path):
     assert seeds("--seeds", "1,2") == [1, 2]
     grid.write_text("head: tap\nlr: [1e-3]\n")
     assert seeds() == [0]
+
+
+def test_two_callers_sharing_one_work_list_start_each_run_once(tmp_path):
+    """`make demo`'s heads: a thread and the main thread take runs from one list (run_commands
+    shared=True); every run starts exactly once and each caller reports the runs it ran."""
+    import sys
+    import threading
+
+    from pipeline.sweep import SweepRun, run_commands
+
+    record = tmp_path / "started"
+    program = [sys.executable, "-c", "import sys, time; open(sys.argv[1], 'a').write(sys.argv[2] + '\\n'); "
+               "time.sleep(0.2)"]
+    names = [f"r{i}" for i in range(7)]
+    work = [SweepRun(n, "tap", {}, 0, [str(record), n], None) for n in names]
+    got: dict = {}
+    other = threading.Thread(target=lambda: got.update(thread=run_commands(work, 1, program, tmp_path / "a",
+                                                                           log=lambda m: None, shared=True)))
+    other.start()
+    mine = run_commands(work, 1, program, tmp_path / "b", log=lambda m: None, shared=True)
+    other.join()
+    assert work == []
+    assert sorted(record.read_text().split()) == names  # each once
+    assert set(mine) | set(got["thread"]) == set(names) and not set(mine) & set(got["thread"])
+    assert mine and got["thread"]  # both took a share
+    assert all(r["rc"] == 0 for r in [*mine.values(), *got["thread"].values()])
