@@ -39,8 +39,8 @@ def _demo_heads() -> dict[str, dict]:
 
 
 DEMO_HEADS: dict[str, dict] = _demo_heads()
-# 250 steps of 64 captioned frames: about 4.9 CPU-minutes on one thread (400 x 128 took 9.9), what keeps
-# `make demo` with the install under 15 minutes on a quiet 2-core box
+# 250 steps of 64 captioned frames: 3.2 min on a quiet 2-core box (PRETRAIN_THREADS; 4.5 on one thread,
+# 400 x 128 took 9.9), what keeps `make demo` with the install under 15 minutes there
 PRETRAIN_STEPS = 250
 PRETRAIN_BATCH = 64
 # The pretraining runs on 2 torch threads, every other step on 1. A fixed count keeps the float
@@ -113,7 +113,7 @@ def _prepare(paths: dict[str, Path], data: Path, quick: bool, pretrain_steps: in
     pre_cfg = PretrainCfg(model="demo", minutes=0, max_steps=20 if quick else pretrain_steps,
                           batch_size=32 if quick else PRETRAIN_BATCH)
     _say(f"[2/6] demo CLIP -> {ckpt} (contrastive pretraining on the world's frames and captions"
-         + ("; done once, then reused)" if ckpt.exists() else f": {pre_cfg.max_steps} steps, once, about 5 "
+         + ("; done once, then reused)" if ckpt.exists() else f": {pre_cfg.max_steps} steps, once, about 3 "
             "minutes on a quiet 2-core box, more under load; every later demo command reuses it)"))
 
     def render(rng):

@@ -273,3 +273,26 @@ def test_the_shipped_option_defaults_are_the_classes_own():
 
     assert json.loads(DEFAULTS_FILE.read_text()) == live_option_defaults(), (
         f"{DEFAULTS_FILE.name} is out of date: run `python -m pipeline.runs_table` to write it again")
+
+
+def test_curves_are_redrawn_at_most_every_interval_and_when_a_run_stops(tmp_path, monkeypatch):
+    """metrics.json follows every evaluated epoch; curves.png the first one, then at most every
+    CURVES_EVERY_S, and the epochs it lacks are drawn when the run stops (a 20-epoch run drew it
+    20 times, most of a short run's time)."""
+    import stages.runs as R
+
+    monkeypatch.setattr(R, "CURVES_EVERY_S", 3600.0)
+    log = R.RunLog(tmp_path / "r")
+    log.begin({"head": "tap"}, fresh=True, epochs=3)
+    history: list[dict] = []
+    for ep in (1, 2):
+        history.append({"epoch": ep, "train_loss": 1.0 / ep, "val": {"top1": 10.0 * ep}})
+        log.epoch(history[-1], history, "tap")
+        if ep == 1:
+            first = (tmp_path / "r" / "curves.png").read_bytes()
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["history"][-1]["epoch"] == 2
+    assert (tmp_path / "r" / "curves.png").read_bytes() == first  # epoch 2 not drawn yet
+    log.fail(KeyboardInterrupt())
+    stopped = (tmp_path / "r" / "curves.png").read_bytes()
+    assert stopped[:4] == b"\x89PNG" and stopped != first  # drawn with epoch 2 on the stop
+    assert json.loads((tmp_path / "r" / "status.json").read_text())["state"] == "interrupted"
