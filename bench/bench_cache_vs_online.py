@@ -18,8 +18,8 @@ the cache the row reads (online: the raw videos it decodes) and the extraction w
 
 Caches hold every array the demo's heads read (all layers, patch tokens, uint8 frames), or only frame
 embeddings when every --heads head reads nothing else (text4vis, actionclip, tap: "-slim" caches).
-Data: the demo world and the demo CLIP copied from --assets (``make demo``'s, read-only) into the
-work folder; caches and runs are written there and reused. ``--tiny``: a generated 4-class world
+Data: the demo world and the demo CLIP copied from --data / --clip (``make demo``'s, read-only) into
+the work folder; caches and runs are written there and reused. ``--tiny``: a generated 4-class world
 and the tiny random-init model, 2 epochs, one seed (a smoke run of the whole bench in a minute).
 
     OMP_NUM_THREADS=1 nice python bench/bench_cache_vs_online.py            # the full table
@@ -34,7 +34,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from bench.common import (base_parser, console, dir_bytes, human, int_list, load_avg, load_line, make_table,
+from bench.common import (REPO, base_parser, console, dir_bytes, human, int_list, load_avg, load_line, make_table,
                           md_table, mean_spread, name_list, now, quiet, results_header)
 
 HEADS = ("evl", "side4video", "text4vis")
@@ -46,8 +46,10 @@ TINY_HEADS = {"evl": {"num_layers": 1}, "side4video": {"preset": "custom", "num_
 
 def parse_args(argv=None):
     ap = base_parser(__doc__, "bench_cache_vs_online", quick=None)
-    ap.add_argument("--assets", default="/work/demo_assets", help="make demo's outputs: data/demo, demo/demo_clip.pt "
-                    "(copied, never written)")
+    ap.add_argument("--data", default=str(REPO / "data" / "demo"), help="make demo's world (copied, never written; "
+                    "default: %(default)s)")
+    ap.add_argument("--clip", default=str(REPO / "artifacts" / "demo" / "demo_clip.pt"),
+                    help="make demo's demo CLIP (copied with its .json; default: %(default)s)")
     ap.add_argument("--heads", default=",".join(HEADS), help="heads (default: %(default)s)")
     ap.add_argument("--rows", default=",".join(ROWS), help="rows (default: %(default)s)")
     ap.add_argument("--banks", default="1,4,16", help="view bank sizes K (default: %(default)s)")
@@ -75,14 +77,17 @@ def prepare(args, work: Path) -> tuple:
                                                            size=48, seed=3), progress=False)
         return load_dataset("demo", data_root=ds.root), {"model": "tiny", "layers": "all", "patch": True,
                                                           "store_frames": True, "text": "clip_single,clip_text4vis", "workers": 0}
-    assets = Path(args.assets)
+    src_data, src_clip = Path(args.data), Path(args.clip)
+    for src in (src_data, src_clip):
+        if not src.exists():
+            sys.exit(f"error: {src} does not exist: run `make demo` first (or pass --data / --clip)")
     data, clip = work / "data" / "demo", work / "demo_clip.pt"
     if not data.exists():
-        shutil.copytree(assets / "data" / "demo", data)
+        shutil.copytree(src_data, data)
     if not clip.exists():
-        for name in ("demo_clip.pt", "demo_clip.pt.json"):
-            if (assets / "demo" / name).exists():
-                shutil.copy2(assets / "demo" / name, work / name)
+        for src in (src_clip, src_clip.with_name(src_clip.name + ".json")):
+            if src.exists():
+                shutil.copy2(src, work / src.name.replace(src_clip.name, "demo_clip.pt"))
     ecfg = {"model": "demo", "pretrained": str(clip.resolve()), "frames": 8, "layers": "all", "patch": True,
             "store_frames": True, "text": "all"}
     if set(name_list(args.heads)) <= FRAME_EMB_HEADS:  # what these heads read: frame embeddings (and text)
