@@ -34,6 +34,8 @@ import shutil
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root first
+
 from bench.common import (REPO, base_parser, console, dir_bytes, human, int_list, load_avg, load_line, make_table,
                           md_table, mean_spread, name_list, now, quiet, results_header)
 
