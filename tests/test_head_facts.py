@@ -92,7 +92,7 @@ def test_the_shipped_heads_register_their_papers_facts_in_their_own_files():
         entry = get_head_entry(name)
         assert entry.paper_recipe is not None and entry.protocol is not None and entry.protocol.name == name
         assert entry.head_cls.__module__ == f"stages.heads.{name}"
-    assert get_head_entry("side4video").view_bank == 1 and get_head_entry("evl").view_bank is None
+    assert get_head_entry("side4video").view_bank is None and get_head_entry("evl").view_bank is None
     assert get_head_entry("tap").paper_recipe is None and get_head_entry("tap").protocol is None
 
 

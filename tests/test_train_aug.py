@@ -322,11 +322,11 @@ def _dry(capsys, demo_small, *extra):
 
 
 def test_cli_chooses_prints_and_refuses_the_recipe(capsys, demo_small):
-    code, out, err = _dry(capsys, demo_small, "--for-head", "side4video")
+    code, out, err = _dry(capsys, demo_small, "--for-head", "side4video", "--train-aug", "2")
     assert code == 0, err
     assert "view bank: the paper train pipeline of side4video" in out
     assert "paper train pipeline of side4video: random TSN offsets" in out and "grayscale p 0.2" in out
-    code, out, err = _dry(capsys, demo_small, "--for-head", "side4video", "--aug-recipe", "light")
+    code, out, err = _dry(capsys, demo_small, "--for-head", "side4video", "--train-aug", "2", "--aug-recipe", "light")
     assert code == 0 and "light: random clip, random resized crop area 0.4-1" in out
     assert "paper train pipeline" not in out
     code, out, _ = _dry(capsys, demo_small, "--for-head", "evl", "--train-aug", "2")
@@ -337,10 +337,10 @@ def test_cli_chooses_prints_and_refuses_the_recipe(capsys, demo_small):
     code, out, _ = _dry(capsys, demo_small, "--train-aug", "2")
     assert code == 0 and "light: random clip" in out  # no head: light
     # different pipelines by default: light, said; asked for paper: one line, exit 2
-    code, out, _ = _dry(capsys, demo_small, "--for-head", "evl,side4video", "--protocol", "none")
+    code, out, _ = _dry(capsys, demo_small, "--for-head", "evl,side4video", "--protocol", "none", "--train-aug", "2")
     assert code == 0 and "the light recipe (evl, side4video train with different paper pipelines" in out
     for extra, words in (
-            (("--for-head", "evl,side4video", "--protocol", "none", "--aug-recipe", "paper"),
+            (("--for-head", "evl,side4video", "--protocol", "none", "--train-aug", "2", "--aug-recipe", "paper"),
              "pass --aug-recipe light, or extract a separate cache per head"),
             (("--train-aug", "2", "--aug-recipe", "paper"), "name the head with --for-head"),
             (("--for-head", "side4video", "--aug-recipe", "strong"), "--aug-recipe must be one of paper, light"),
@@ -352,7 +352,8 @@ def test_cli_chooses_prints_and_refuses_the_recipe(capsys, demo_small):
     code, out, _ = _dry(capsys, demo_small, "--train-aug", "2", "--aug-heads", "tap,text4vis")  # names the heads
     assert code == 0 and "paper train pipeline of text4vis: random TSN offsets" in out
     # same pipeline: side4video and text4vis share a bank
-    code, out, _ = _dry(capsys, demo_small, "--for-head", "side4video,text4vis", "--aug-recipe", "paper")
+    code, out, _ = _dry(capsys, demo_small, "--for-head", "side4video,text4vis", "--train-aug", "2", "--aug-recipe",
+                        "paper")
     assert code == 0 and "paper train pipeline of side4video, text4vis" in out
 
 

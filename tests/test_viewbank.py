@@ -244,4 +244,5 @@ def test_refusal_hint_keeps_the_bank_or_recommends_the_heads(plain, bank):
     need = DataKeys(patch_layers=(-1,), frames=True)  # neither cache has patch tokens
     assert f"--train-aug {K} --aug-seed 0 --aug-area 0.4" in extraction_hint(bank, need, "evl")
     assert "--train-aug" not in extraction_hint(plain, need, "evl") and recommended_train_aug("evl") is None
-    assert f"--train-aug {recommended_train_aug('side4video')}" in extraction_hint(plain, need, "side4video")
+    assert recommended_train_aug("side4video") is None  # no shipped head has a bank default
+    assert "--train-aug" not in extraction_hint(plain, need, "side4video")

@@ -1,48 +1,82 @@
-"""The measured view-bank defaults reach the user: `extract --for-head H` adds the head's
-`--train-aug` (stages/heads/needs.py VIEW_BANK_DEFAULTS) unless the user chose otherwise, and says
-so; the rebuilding command of a cache without a bank names no bank options."""
+"""A head's registered view-bank default reaches the user: `extract --for-head H` adds H's
+`--train-aug K` (``register_head(..., view_bank=K)``, noted in stages/heads/needs.py) unless the user
+chose otherwise, and says so; the rebuilding command of a cache without a bank names no bank
+options. No shipped head registers one (bench/bench_cache_vs_online.py: the plain cache reached
+the online runs with fresh paper views), so the mechanism is exercised with a head registered here.
+"""
 
 from __future__ import annotations
 
-import pytest
+from dataclasses import dataclass
 
-from conftest import run_cli
+import pytest
+import torch
+from torch import nn
+
+from conftest import cli_in_process
+from stages.heads import DataKeys, Head, register_head
 from stages.heads.needs import VIEW_BANK_DEFAULTS, recommended_train_aug, recommended_view_bank
 
-
-def _dry(demo_small, *extra):
-    proc = run_cli("extract", "--dataset", "demo", "--data-root", demo_small.root, "--model", "small", "--layers",
-                   "last1", "--dry-run", *extra)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
+BANKED = "test_banked_head"
+K = 2
 
 
-def test_for_head_applies_the_measured_view_bank(demo_small):
-    K = VIEW_BANK_DEFAULTS["side4video"]
-    out = _dry(demo_small, "--for-head", "side4video")
+@dataclass
+class BankedCfg:
+    num_classes: int = 400
+    embed_dim: int = 512
+
+
+@register_head(BANKED, BankedCfg, tiny={"num_classes": 4, "embed_dim": 32}, view_bank=K)
+class BankedHead(Head):
+    """Frame mean -> linear, with a registered view-bank default of K views."""
+
+    def __init__(self, cfg: BankedCfg):
+        super().__init__(cfg)
+        self.fc = nn.Linear(cfg.embed_dim, cfg.num_classes)
+
+    def data_keys(self) -> DataKeys:
+        return DataKeys(frame_emb=True)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"logits": self.fc(batch["frame_emb"].float().mean(dim=1))}
+
+
+def _dry(capsys, demo_small, *extra):
+    code, out, err = cli_in_process(capsys, "extract", "--dataset", "demo", "--data-root", demo_small.root, "--model",
+                                    "small", "--layers", "last1", "--text", "none", "--dry-run", *extra)
+    assert code == 0, err
+    return out
+
+
+def test_for_head_applies_the_registered_view_bank(capsys, demo_small):
+    out = _dry(capsys, demo_small, "--for-head", BANKED)
     assert f"view bank --train-aug {K} (the heads' measured default" in out
     assert f"views  train: a bank of {K} augmented view(s) per video" in out  # the plan holds it
-    both = _dry(demo_small, "--for-head", "evl,side4video", "--protocol", "none")
+    both = _dry(capsys, demo_small, "--for-head", f"evl,{BANKED}", "--protocol", "none")
     assert f"view bank --train-aug {K}" in both
 
 
-@pytest.mark.parametrize("extra", [("--for-head", "evl"), ("--for-head", "side4video", "--no-view-bank"),
-                                   ("--for-head", "side4video", "--train-views", "2x1"), ()])
-def test_no_view_bank_where_none_is_measured_best_or_the_user_says_so(demo_small, extra):
-    out = _dry(demo_small, *extra)
+@pytest.mark.parametrize("extra", [("--for-head", "evl"), ("--for-head", "side4video"), ("--for-head", "text4vis"),
+                                   ("--for-head", BANKED, "--no-view-bank"),
+                                   ("--for-head", BANKED, "--train-views", "2x1"), ()])
+def test_no_view_bank_where_none_is_registered_or_the_user_says_so(capsys, demo_small, extra):
+    out = _dry(capsys, demo_small, *extra)
     assert "view bank" not in out and "augmented view" not in out
 
 
-def test_the_users_train_aug_wins(demo_small):
-    out = _dry(demo_small, "--for-head", "side4video", "--train-aug", "2")
-    assert "view bank --train-aug 2" in out and "measured default" not in out
-    assert "a bank of 2 augmented view(s)" in out
+def test_the_users_train_aug_wins(capsys, demo_small):
+    out = _dry(capsys, demo_small, "--for-head", BANKED, "--train-aug", "3")
+    assert "view bank --train-aug 3" in out and "measured default" not in out
+    assert "a bank of 3 augmented view(s)" in out
 
 
 def test_recommendation_for_several_heads():
-    assert recommended_train_aug("evl") is None and recommended_view_bank(["evl"]) is None
-    assert recommended_view_bank(["evl", "side4video"]) == VIEW_BANK_DEFAULTS["side4video"]
-    assert recommended_view_bank([]) is None
+    for shipped in ("evl", "side4video", "text4vis", "actionclip"):
+        assert recommended_train_aug(shipped) is None and shipped not in VIEW_BANK_DEFAULTS
+    assert recommended_train_aug(BANKED) == K and BANKED not in VIEW_BANK_DEFAULTS  # a test head: not shipped
+    assert recommended_view_bank(["evl", BANKED]) == K
+    assert recommended_view_bank(["evl", "side4video"]) is None and recommended_view_bank([]) is None
 
 
 def test_extract_command_names_bank_options_only_with_a_bank():

@@ -61,9 +61,11 @@ def resolve_layers(layers: tuple[int, ...], depth: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-# `extract --train-aug K` per head: each head registers its own (``register_head(..., view_bank=K)``,
-# measured with bench/bench_viewbank.py; docs/viewbank.md), and the registry notes it here, so this
-# leaf answers without importing a head. Heads without one: no view bank. Applied by `extract
+# `extract --train-aug K` per head: each head registers its own (``register_head(..., view_bank=K)``:
+# the smallest K whose top-1 reaches the head's online run with fresh paper views, measured with
+# bench/bench_cache_vs_online.py; docs/viewbank.md), and the registry notes it here, so this leaf
+# answers without importing a head. Heads without one: no view bank (the plain cache reached the
+# online runs of EVL, Side4Video and Text4Vis on the demo world, so no shipped head has one). Applied by `extract
 # --for-head` (and so `make extract` / `make train`) unless the user sets --train-aug,
 # --train-views or --no-view-bank. VIEW_BANK_DEFAULTS: the heads this package ships.
 VIEW_BANK_DEFAULTS: dict[str, int] = {}
@@ -85,8 +87,7 @@ def recommended_train_aug(head: str) -> int | None:
 
 
 def recommended_view_bank(heads: list[str]) -> int | None:
-    """The view bank of a cache made for several heads: the largest K any of them was measured best
-    with (EVL's plain-cache lead over a K = 1 bank was within the spread over seeds); None when
-    none of them has one."""
+    """The view bank of a cache made for several heads: the largest K any of them registers; None
+    when none of them has one."""
     ks = [k for k in (recommended_train_aug(h) for h in heads) if k]
     return max(ks) if ks else None
