@@ -28,8 +28,8 @@ class DatasetSpec:
     sources: dict[str, str]  # what files it was built from (paths), for the cache metadata / key
     # the load_dataset arguments it was built with (absolute paths): what rebuilds it exactly
     args: dict = field(default_factory=dict)
-    # a horizontal flip turns a clip of one class into one of its left/right mirror (cache/flips.py):
-    # registered with the layout (Something-Something v2), recorded in the cache metadata
+    # a horizontal flip turns a clip of one class into one of its mirror class (cache/flips.py):
+    # registered with the layout (Something-Something v2, the demo world), recorded in the cache metadata
     flip_swaps: bool = False
 
     @property

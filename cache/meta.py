@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 from cache.datasets import DatasetSpec
 from cache.errors import CacheError
-from cache.flips import SWAPPING_BEFORE_RECORDED, swap_table
+from cache.flips import SWAPPING_BEFORE_RECORDED, label_swaps
 
 __all__ = [
     "FORMAT_VERSION",
@@ -257,17 +257,14 @@ class DatasetMeta(Record):
     sources: dict[str, str] = field(default_factory=dict)   # files it was built from
     args: dict[str, Any] = field(default_factory=dict)      # load_dataset arguments (absolute paths)
     classes: list[str] = field(default_factory=list)
-    flip_swaps: bool = _optional(False)   # flips swap the left/right class pairs' labels (cache/flips.py)
+    flip_swaps: bool = _optional(False)   # flips swap the mirror class pairs' labels (cache/flips.py)
 
     def swap_table(self) -> tuple[int, ...] | None:
         """The label of a mirrored clip of each class (cache/flips.py ``swap_table``), or None when
         this dataset's flips change no label. A cache made before the flag was recorded swaps when
         its dataset is one whose registration swaps (``SWAPPING_BEFORE_RECORDED``)."""
         old = self._absent is not None and "flip_swaps" in self._absent and self.name in SWAPPING_BEFORE_RECORDED
-        if not (self.flip_swaps or old):
-            return None
-        table = swap_table(self.classes)
-        return table if table != tuple(range(len(self.classes))) else None
+        return label_swaps(self.classes, self.flip_swaps or old)
 
 
 @dataclass(kw_only=True)

@@ -122,7 +122,7 @@ def cache_info(path: Path = typer.Argument(..., help="Cache folder."),
     swaps = meta.dataset.swap_table()
     if swaps is not None:
         pairs = ", ".join(f"{i}/{j}" for i, j in enumerate(swaps) if i < j)
-        typer.echo(f"flips     swap the labels of the left/right classes {pairs} (flipped training views)")
+        typer.echo(f"flips     swap the labels of the mirror classes {pairs} (flipped training views)")
     typer.echo(f"text      {', '.join(st.text_names()) or 'none'}")
     for s in st.splits:
         c = st.counts(s)

@@ -58,7 +58,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cache.errors import ConfigError, DatasetError, ModelError, TrainingError, decode_failure_reason
-from cache.flips import flip_label, swap_table
+from cache.flips import flip_label, label_swaps
 from stages.augment import AugmentCfg, augment_clip_flip, build_train_transform, eval_resize, eval_views
 from stages.backbone import (ACTIVATION_CHOICES, ACTIVATION_KEY, BackboneInfo, load_clip, model_activation,
                              model_config, pixel_stats, resolve_activation, resolve_model_name, resolve_pretrained,
@@ -354,10 +354,10 @@ class Finetuner:
         clips_n, crops_n = parse_views(cfg.views)
         self.sampling_eval = SamplingCfg(cfg.frames, cfg.sampling, cfg.stride, clips_n, crops_n)
         size = self.info.image_size
-        swaps = swap_table(spec.classes) if getattr(spec, "flip_swaps", False) else None
+        swaps = label_swaps(spec.classes, getattr(spec, "flip_swaps", False))
         if swaps is not None and self.aug.flip > 0:
             pairs = ", ".join(f"{i}/{j}" for i, j in enumerate(swaps) if i < j)
-            log(f"flipped clips train with their mirror class's label ({spec.name}: the left/right classes {pairs})")
+            log(f"flipped clips train with their mirror class's label ({spec.name}: the mirror classes {pairs})")
         self.train_data = VideoClips(spec.splits[cfg.train_split], self.sampling_train, size, train=True,
                                      seed=cfg.seed, aug=self.aug, num_templates=paradigm.train_templates, swaps=swaps)
         self.eval_data = VideoClips(spec.splits[cfg.eval_split], self.sampling_eval, size, train=False, seed=cfg.seed,

@@ -253,13 +253,13 @@ def resolve_train(head: str, recipe: str | None = "paper", *, file: dict | None 
 
 def _flip_swap_lines(source, split: str) -> list[str]:
     """What stage two says when a view bank's flipped views train with their mirror class's label
-    (Something-Something v2's left/right classes, cache/flips.py); nothing for any other cache."""
+    (Something-Something v2's left/right classes, the demo's rotations, cache/flips.py); nothing for any other cache."""
     meta = source.info if hasattr(source, "info") else open_source(source).info
     swap = label_swap(meta, split)
     if swap is None:
         return []
     pairs = ", ".join(f"{i}/{j}" for i, j in enumerate(swap.table) if i < j)
-    return [f"view bank: a flipped view of a left/right class trains with its mirror's label (classes {pairs})"]
+    return [f"view bank: a flipped view of a mirror class trains with its mirror's label (classes {pairs})"]
 
 
 def _cache_protocol(source, head: str, train_given: dict, head_given: dict) -> tuple[str, dict, dict]:

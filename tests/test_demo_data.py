@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 
 from cache.errors import ConfigError, DatasetError
+from cache.flips import mirror_name, mirror_pairs
 from pipeline import demo_data
+from pipeline.datasets import get_dataset
 from pipeline.demo_data import (
+    ACTIONS,
     COLOURS,
     SHAPES,
     DemoCfg,
@@ -213,19 +216,49 @@ def test_motion_classes_really_move(motion):
         assert np.hypot(*(s[-1, :2] - s[0, :2])) < 2
 
 
+def _rotation_steps(frames, k):
+    """Per-frame change of a k-fold symmetric object's angle (radians x k; > 0 = clockwise on screen)."""
+    f = frames.astype(np.int16)
+    angles = []
+    for m in (f.max(-1) - f.min(-1)) > 90:
+        ys, xs = np.nonzero(m)
+        angles.append(np.angle(np.exp(1j * k * np.arctan2(ys - ys.mean(), xs - xs.mean())).sum()))
+    return np.angle(np.exp(1j * np.diff(angles)))
+
+
 def test_rotation_directions_in_memory():
     for name, sign in (("red star rotating clockwise", 1), ("blue cross rotating counter-clockwise", -1)):
         frames, captions = render_class_clip(name, frames=6, size=96, world="rich",
                                              rng=np.random.default_rng(0))
         assert frames.shape == (6, 96, 128, 3) and len(captions) == 6
-        f = frames.astype(np.int16)
-        k = 5 if "star" in name else 4  # rotational symmetry order
-        angles = []
-        for m in (f.max(-1) - f.min(-1)) > 90:
-            ys, xs = np.nonzero(m)
-            angles.append(np.angle(np.exp(1j * k * np.arctan2(ys - ys.mean(), xs - xs.mean())).sum()))
-        step = np.angle(np.exp(1j * np.diff(angles)))
+        step = _rotation_steps(frames, 5 if "star" in name else 4)  # rotational symmetry order
         assert np.all(sign * step > 0), step
+
+
+def test_a_mirrored_clip_shows_the_class_the_flip_rule_names():
+    """The demo registers flip_swaps: a horizontally flipped clip of a rotation (or a left/right move)
+    is a clip of its mirror class, the one cache/flips.py names, and a flip keeps the other classes."""
+    assert get_dataset("demo").flip_swaps
+    for name in ("red star rotating clockwise", "blue cross rotating counter-clockwise"):
+        frames, _ = render_class_clip(name, frames=6, size=96, world="rich", rng=np.random.default_rng(1))
+        mirrored = np.ascontiguousarray(frames[:, :, ::-1])
+        other = mirror_name(name)
+        assert other != name and other in ("red star rotating counter-clockwise", "blue cross rotating clockwise")
+        sign = 1 if other.endswith(" clockwise") and "counter" not in other else -1
+        step = _rotation_steps(mirrored, 5 if "star" in name else 4)
+        assert np.all(sign * step > 0), (name, step)
+    frames, _ = render_class_clip("red square moving right", frames=6, size=96, world="rich",
+                                  rng=np.random.default_rng(2))
+    assert mirror_name("red square moving right") == "red square moving left"
+    xs = [np.nonzero(((f.astype(np.int16).max(-1) - f.astype(np.int16).min(-1)) > 90))[1].mean()
+          for f in frames[:, :, ::-1]]
+    assert np.all(np.diff(xs) < 0)  # mirrored, it moves left
+    for kept in ("red square growing", "red square shrinking", "red square moving up", "red square bouncing"):
+        assert mirror_name(kept) == kept
+    classes = [f"red square {a}" for a in ACTIONS]
+    pairs = {(classes[i], classes[j]) for i, j in mirror_pairs(classes)}
+    assert pairs == {("red square moving left", "red square moving right"),
+                     ("red square rotating clockwise", "red square rotating counter-clockwise")}
 
 
 def test_rerun_reuses_and_resumes(small, tmp_path):

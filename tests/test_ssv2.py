@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from cache.flips import flip_label, flip_labels, mirror_name, mirror_pairs, swap_table
+from cache.meta import DatasetMeta
 from conftest import extracted_store
 from pipeline.datasets import builtin_classnames, get_dataset, load_dataset, register_dataset
 from pipeline.datasets.lists import spec_from_lists
@@ -59,6 +60,13 @@ def test_the_rule_reads_names_not_positions():
     assert mirror_name("bright leftover") == "bright leftover"  # whole words only
     shuffled = ["b from right to left", "x", "b from left to right", "Left turn", "right turn", "Right turn"]
     assert mirror_pairs(shuffled) == [(0, 2), (3, 5)]  # case kept: 'right turn' is no mirror of 'Left turn'
+    # the sense of a rotation mirrors too, in any of its spellings; 'counter-clockwise' is one word
+    assert mirror_name("a rotating clockwise") == "a rotating counter-clockwise"
+    assert mirror_name("a rotating counter-clockwise") == "a rotating clockwise"
+    assert mirror_name("Clockwise turn to the left") == "Counter-clockwise turn to the right"
+    spun = ["b anticlockwise", "a clockwise", "c counterclockwise", "b clockwise", "a counter-clockwise", "c clockwise"]
+    assert mirror_pairs(spun) == [(0, 3), (1, 4), (2, 5)]
+    assert mirror_pairs(["d clockwise", "d clockwise spin"]) == []
     assert flip_label(0, True, swap_table(shuffled)) == 2 and flip_label(0, False, swap_table(shuffled)) == 0
     assert flip_label(1, True, swap_table(shuffled)) == 1 and flip_label(3, True, None) == 3
     np.testing.assert_array_equal(flip_labels([0, 2, 1, 0], [True, True, True, False], swap_table(shuffled)),
@@ -67,7 +75,8 @@ def test_the_rule_reads_names_not_positions():
 
 def test_datasets_register_whether_flips_swap_labels():
     assert get_dataset("ssv2").flip_swaps
-    assert not any(get_dataset(n).flip_swaps for n in ("k400", "ucf101", "hmdb51", "custom", "demo"))
+    assert get_dataset("demo").flip_swaps  # its rotations mirror (tests/test_demo_data.py)
+    assert not any(get_dataset(n).flip_swaps for n in ("k400", "ucf101", "hmdb51", "custom"))
 
 
 def test_view_label_keeps_a_mirror_outside_the_class_selection():
@@ -78,12 +87,11 @@ def test_view_label_keeps_a_mirror_outside_the_class_selection():
     assert view_label(0, True, None, {0: 5}) == 5
 
 
-def test_a_cache_made_before_the_flag_swaps_for_ssv2_only():
-    from cache.meta import DatasetMeta
-
+def test_a_cache_made_before_the_flag_swaps_for_ssv2_and_demo_only():
     old = {"name": "ssv2", "classes": MIRROR_CLASSES}
     assert DatasetMeta.from_dict(old).swap_table() == (1, 0, 2, 3)
     assert DatasetMeta.from_dict({**old, "name": "custom"}).swap_table() is None
+    assert DatasetMeta.from_dict({**old, "name": "demo"}).swap_table() == (1, 0, 2, 3)  # registered since
     assert DatasetMeta.from_dict({**old, "flip_swaps": False}).swap_table() is None
     assert DatasetMeta(name="x", classes=MIRROR_CLASSES, flip_swaps=True).swap_table() == (1, 0, 2, 3)
     assert "flip_swaps" not in DatasetMeta(name="x", classes=MIRROR_CLASSES).to_dict()  # other caches unchanged
@@ -163,16 +171,20 @@ def test_stage_two_says_so(mirror_bank, demo_small, tmp_path):
     from stages.train import resolve_train
 
     lines = resolve_train("tap", "quick", cache=str(mirror_bank.path)).lines
-    assert any("flipped view of a left/right class trains with its mirror's label (classes 0/1)" in x for x in lines)
+    assert any("flipped view of a mirror class trains with its mirror's label (classes 0/1)" in x for x in lines)
     plain = extracted_store(demo_small.root, tmp_path / "plain", frames=4, layers="none", text="none")
     assert not any("flipped view" in x for x in resolve_train("tap", "quick", cache=str(plain.path)).lines)
 
 
 def test_a_dataset_whose_flips_swap_nothing_reads_its_labels_as_before(demo_small, tmp_path):
-    spec = load_dataset("demo", data_root=demo_small.root)
+    spec = load_dataset("custom", video_root=demo_small.video_root, train_list=demo_small.train_list,
+                        val_list=demo_small.val_list, classes=demo_small.root / "classes.txt")
     assert not spec.flip_swaps
     st = _bank(spec, tmp_path / "plain")
     assert "flip_swaps" not in st.meta["dataset"] and st.info.dataset.swap_table() is None
+    # the demo swaps, but these four classes have no mirror among them ('moving right' without 'left')
+    demo = DatasetMeta(name="demo", classes=spec.classes, flip_swaps=True)
+    assert get_dataset("demo").flip_swaps and demo.swap_table() is None
     idx = select_videos(st, "train")
     ds = CacheSplit(st, HeadInputs(st, DataKeys(frame_emb=True), "train"), idx, train=True)
     assert ds.view_labels is None

@@ -103,7 +103,7 @@ class DatasetEntry:
     split_ids: tuple[int, ...] = ()
     # the folder tree the loader reads and where its files come from, shown when data_root is missing
     layout: str = ""
-    # a horizontal flip swaps the labels of the left/right class pairs (cache/flips.py): SSv2
+    # a horizontal flip swaps the labels of the mirror class pairs (cache/flips.py): SSv2, demo
     flip_swaps: bool = False
 
 
@@ -116,7 +116,8 @@ def register_dataset(name: str, loader: Callable[[DatasetArgs], DatasetSpec], *,
     """Make ``name`` a dataset `load_dataset` (and ``--dataset``) accepts. ``layout``: the tree
     under data_root the loader reads and where its files come from (printed when it is missing).
     ``flip_swaps``: a horizontal flip swaps the labels of the classes whose names differ only by
-    left <-> right (cache/flips.py), as in Something-Something v2."""
+    left <-> right or clockwise <-> counter-clockwise (cache/flips.py), as in Something-Something v2
+    and the demo world."""
     if name in _REGISTRY:
         raise RuntimeError(f"dataset '{name}' registered twice")
     entry = DatasetEntry(name, loader, help, default_root, tuple(split_ids), layout.strip("\n"), flip_swaps)

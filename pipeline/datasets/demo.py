@@ -29,8 +29,10 @@ def load_demo(args: DatasetArgs) -> DatasetSpec:
     return spec_from_lists("demo", need_dir(video_root, "demo video root"), train, val, test, cls)
 
 
+# flip_swaps: a mirrored clip of "... rotating clockwise" shows "... rotating counter-clockwise"
+# (and "moving left" becomes "moving right"), so a flip in training swaps those labels (cache/flips.py)
 register_dataset("demo", load_demo, help="the synthetic demo world (`pipeline demo-data`): lists and classes.txt",
-                 layout="""
+                 flip_swaps=True, layout="""
   DATA_ROOT/train.txt, val.txt, classes.txt   `videos/<name>.mp4 label` lists and one class name per line
   DATA_ROOT/videos/                           the demo's h264 videos
   `make extract DATASET=demo` (or `pipeline demo-data --out DATA_ROOT`) writes them.""")
