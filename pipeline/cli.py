@@ -460,7 +460,7 @@ def finetune(
     if flags.get("epochs") is not None and flags["epochs"] < 0:
         raise ConfigError(f"--epochs must be 0 or more, got {flags['epochs']}")
     r = resolve_finetune(paradigm, o["recipe"], file=file_keys, sets=set_, flags=flags, where=f"config file {config}",
-                         options=[*FINETUNE_FILE_OPTIONS, *FINETUNE_FLAG_FIELDS])
+                         options=[*FINETUNE_FILE_OPTIONS, *FINETUNE_FLAG_FIELDS], dataset=o["dataset"])
     cfg = r.cfg
     say(r.lines)
     spec = load_dataset(o["dataset"], data_root=o["data_root"], video_root=o["video_root"],

@@ -192,8 +192,9 @@ def eval_resize(size: int, cfg: AugmentCfg | None = None) -> int:
     return int(round(size * ratio)) if ratio else size
 
 
-def eval_views(clips: list[np.ndarray], size: int, crops: int, resize: int | None = None) -> torch.Tensor:
+def eval_views(clips: list[np.ndarray], size: int, crops: int, resize: int | None = None,
+               frame_size: tuple[int, int] | None = None) -> torch.Tensor:
     """C clips of (T, H, W, 3) -> (V = S*C, T, 3, size, size) uint8: stage one's views, the short
-    side first resized to ``resize`` (default ``size``)."""
-    views = torch.from_numpy(make_views(clips, size, crops, resize))  # (V, T, S, S, 3)
+    side first resized to ``resize`` (default ``size``), or the frames to ``frame_size`` (H, W)."""
+    views = torch.from_numpy(make_views(clips, size, crops, resize, frame_size))  # (V, T, S, S, 3)
     return views.permute(0, 1, 4, 2, 3).contiguous()

@@ -74,7 +74,7 @@ from stages.recipes import accumulation_steps, resolve_recipe, stage_three_recip
 from stages.resolve import Resolved, file_layer, world_size
 from stages.runs import (AMP_CHOICES, RunLog, autocast, autocast_dtype, check_finite_weights, default_runs_root,
                          lr_factor, param_groups, settle_run, step_overflow_stops, write_experiment)
-from stages.video import SamplingCfg, decode_clips, parse_views, validate_sampling
+from stages.video import SamplingCfg, decode_clips, parse_frame_size, parse_views, validate_sampling
 
 __all__ = [
     "PARADIGMS",
@@ -105,6 +105,8 @@ class FinetuneCfg:
     sampling: str = "segment"         # segment (TSN: random offsets in training) | dense
     stride: int = 8                   # dense sampling stride
     views: str = "1x1"                # CxS evaluation views (as stage one)
+    resize_to: str = ""               # HxW: evaluation frames resized to exactly H x W before the crops
+    #                                   (SSv2's protocols: the paper recipe on ssv2); "" = short side to the test scale
     epochs: int = -1                  # -1: paradigm default (Text4Vis 30, ActionCLIP 50); 0: evaluate only
     warmup_epochs: float = 5.0
     batch_size: int = 32              # per step: the global batch split over DDP ranks, or (global_batch > 0) per process
@@ -137,6 +139,7 @@ class FinetuneCfg:
     def validate(self) -> None:
         paradigm = get_paradigm(self.paradigm)  # an unknown paradigm is refused here
         validate_sampling(self.frames, self.sampling, self.stride, self.views)
+        parse_frame_size(self.resize_to)  # a malformed HxW: one line
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.global_batch < 0:
@@ -185,15 +188,17 @@ def split_finetune_overrides(pairs, paradigm: str, where: str = "--set", options
 
 
 def resolve_finetune(paradigm: str, recipe: str = "paper", *, file: dict | None = None, sets=(),
-                     flags: dict | None = None, where: str = "config file", options=()) -> Resolved:
+                     flags: dict | None = None, where: str = "config file", options=(), dataset: str = "") -> Resolved:
     """Stage three's options, resolved as stages/resolve.py says: FinetuneCfg's defaults < the
     paradigm's preset ``recipe`` < ``file`` (an experiment file's keys) < ``sets`` (--set pairs or
     {key: value}) < ``flags`` ({FinetuneCfg field: value} given explicitly); the same layers for
-    the head options and the augmentation. ``pretrained`` 'auto' (unless set) picks the weights."""
+    the head options and the augmentation. ``pretrained`` 'auto' (unless set) picks the weights.
+    ``dataset``: the paper recipe tests with the paradigm's protocol for it where one is registered
+    (text4vis on ssv2: 240 x 320 frames)."""
     file_ft, file_aug, file_head = split_finetune_overrides(file or {}, paradigm, where, options)
     set_ft, set_aug, set_head = split_finetune_overrides(sets, paradigm)
     you = {**set_ft, **{k: v for k, v in (flags or {}).items() if v is not None}}
-    rec = stage_three_recipe(paradigm, recipe)
+    rec = stage_three_recipe(paradigm, recipe, dataset)
     defaults = asdict(FinetuneCfg(paradigm=paradigm))
     explicit = {**file_layer(file_ft, {**defaults, **rec.values}, you), **you}  # file < --set < flags
     values, lines = resolve_recipe(rec, explicit, defaults, world=world_size())
@@ -215,16 +220,18 @@ class VideoClips(Dataset):
 
     Training: {"video": (T, 3, S, S)} with random TSN offsets and clip-level augmentation,
     "template": the random text template of the sample. Evaluation: {"video": (V, T, 3, S, S)},
-    stage one's views cut from the short side resized to ``resize`` (the test scale, default S).
+    stage one's views cut from the short side resized to ``resize`` (the test scale, default S), or
+    from frames resized to exactly ``frame_size`` (H, W) (SSv2's protocols).
     Both: "label", "index", "valid" (False: padding or undecodable), "error".
     """
 
     def __init__(self, items: list, sampling: SamplingCfg, size: int, train: bool, seed: int = 0,
                  aug: AugmentCfg | None = None, num_templates: int = 0, resize: int | None = None,
-                 swaps: tuple[int, ...] | None = None):
+                 swaps: tuple[int, ...] | None = None, frame_size: tuple[int, int] | None = None):
         self.items, self.sampling, self.size, self.train = list(items), sampling, size, train
         self.swaps = swaps  # the label of a mirrored clip per class (cache/flips.py), for a dataset whose flips swap labels
         self.resize = resize or size  # evaluation: the short side before the crops (the test scale)
+        self.frame_size = frame_size  # evaluation: or every frame to exactly H x W first (SSv2)
         self.seed, self.num_templates, self.epoch = seed, num_templates, 0
         self.transform = build_train_transform(size, aug) if train else None
 
@@ -258,7 +265,8 @@ class VideoClips(Dataset):
                     template = int(rng.integers(self.num_templates))
             else:
                 clips, _ = decode_clips(item.path, self.sampling, item.num_frames)
-                video = eval_views(clips, self.size, self.sampling.crops, self.resize)  # (V, T, 3, S, S)
+                video = eval_views(clips, self.size, self.sampling.crops, self.resize,
+                                   self.frame_size)  # (V, T, 3, S, S)
         except Exception as exc:  # a video that does not decode (or crashes its decoder) must not stop the run
             return self._empty(i, item.label, decode_failure_reason(exc))
         return {"video": video, "label": torch.tensor(label), "index": torch.tensor(i),
@@ -361,7 +369,8 @@ class Finetuner:
         self.train_data = VideoClips(spec.splits[cfg.train_split], self.sampling_train, size, train=True,
                                      seed=cfg.seed, aug=self.aug, num_templates=paradigm.train_templates, swaps=swaps)
         self.eval_data = VideoClips(spec.splits[cfg.eval_split], self.sampling_eval, size, train=False, seed=cfg.seed,
-                                    resize=eval_resize(size, self.aug))  # the paradigm's test scale, then crops
+                                    resize=eval_resize(size, self.aug),  # the paradigm's test scale, then crops
+                                    frame_size=parse_frame_size(cfg.resize_to))  # or H x W (SSv2)
         self.epochs = cfg.resolved_epochs()
         self.global_batch = cfg.global_batch or cfg.batch_size  # videos per optimiser step
         self.accum = accumulation_steps(cfg.batch_size, cfg.global_batch, self.dist.world)

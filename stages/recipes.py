@@ -162,14 +162,16 @@ _PAPER_THREE = {
 }
 
 
-def stage_three_recipe(paradigm: str, name: str = "paper") -> Recipe:
-    """The preset ``name`` for stage-three paradigm ``paradigm`` (text4vis | actionclip)."""
+def stage_three_recipe(paradigm: str, name: str = "paper", dataset: str = "") -> Recipe:
+    """The preset ``name`` for stage-three paradigm ``paradigm`` (text4vis | actionclip); under
+    ``paper``, tested with the protocol the paradigm's head registers for ``dataset`` (e.g.
+    text4vis-ssv2's 240 x 320 frames) where it registers one, else its own."""
     _check_name(name)
     if name == "demo":
         raise ConfigError("recipe 'demo' is for stage two (`pipeline train`); fine-tune with paper or quick")
     if name == "paper" and paradigm in _PAPER_THREE:
         source, values, ref, head_opts, aug = _PAPER_THREE[paradigm]
-        test, described = _paper_test_views(paradigm)
+        test, described = _paper_test_views(paradigm, dataset)
         return Recipe("paper", paradigm, source + described, {"batch_size": _PER_STEP, **values, **test}, ref,
                       dict(head_opts), dict(aug))
     return Recipe(name, paradigm, "quick: the generic fine-tuning defaults (head lr 5e-5, encoders 5e-6, weight "
@@ -178,18 +180,23 @@ def stage_three_recipe(paradigm: str, name: str = "paper") -> Recipe:
                   note="" if name == "quick" else "no published recipe: `paper` is the quick recipe")
 
 
-def _paper_test_views(paradigm: str) -> tuple[dict, str]:
+def _paper_test_views(paradigm: str, dataset: str = "") -> tuple[dict, str]:
     """The FinetuneCfg evaluation values of the test protocol the paradigm's head registers (its
-    sampling and CxS views; the test scale is the recipe's ``resize_ratio``) and how the recipe's
-    line says them. Training keeps random TSN offsets: segment and segment-start draw the same."""
-    p = _protocol(paradigm)
+    sampling and CxS views; the test scale is the recipe's ``resize_ratio``, or the protocol's fixed
+    frame size, as SSv2's) and how the recipe's line says them; for ``dataset`` the protocol named
+    PARADIGM-DATASET where there is one. Training keeps random TSN offsets: segment and
+    segment-start draw the same."""
+    p = (_protocol(f"{paradigm}-{dataset}") if dataset else None) or _protocol(paradigm)
     if p is None:
         return {}, ""
     values = {"sampling": p.sampling, "views": p.views}
     if p.sampling == "dense":
         values["stride"] = p.stride
+    if p.resize_to:
+        values["resize_to"] = p.resize_to
     clips, crops = (int(x) for x in p.views.split("x"))
-    return values, (f"; tested as the paper: {clips} clip(s) x {crops} crop(s), {p.sampling} sampling "
+    scale = f", frames resized to {p.resize_to.replace('x', ' x ')}" if p.resize_to else ""
+    return values, (f"; tested as the paper: {clips} clip(s) x {crops} crop(s), {p.sampling} sampling{scale} "
                     f"(protocol {p.name})")
 
 

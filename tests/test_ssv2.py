@@ -269,6 +269,38 @@ def test_stage_three_takes_the_swaps_from_the_dataset(mirror_spec, demo_small):
     assert tuner.train_data.swaps is None and not any("mirror" in ln for ln in lines)
 
 
+def test_stage_three_tests_ssv2_with_the_paradigms_ssv2_protocol(mirror_spec, tmp_path):
+    """`finetune --dataset ssv2` under the paper recipe: Text4Vis evaluates with its SSv2 protocol
+    (4 x 3 views of frames resized to 240 x 320), pixel for pixel the views stage one caches with
+    that resize; other datasets, and ActionCLIP (no SSv2 protocol), keep the short-side rule."""
+    from cache.errors import ConfigError
+    from stages.finetune import DistContext, FinetuneCfg, Finetuner, resolve_finetune
+
+    r = resolve_finetune("text4vis", "paper", dataset="ssv2")
+    assert (r.cfg.resize_to, r.cfg.views, r.cfg.sampling) == ("240x320", "4x3", "segment-start")
+    assert any("frames resized to 240 x 320 (protocol text4vis-ssv2)" in ln for ln in r.lines), r.lines
+    for paradigm, dataset in (("text4vis", "k400"), ("text4vis", ""), ("actionclip", "ssv2")):
+        assert resolve_finetune(paradigm, "paper", dataset=dataset).cfg.resize_to == ""
+    assert resolve_finetune("text4vis", "quick", dataset="ssv2").cfg.resize_to == ""
+    with pytest.raises(ConfigError, match="HxW"):
+        resolve_finetune("text4vis", "paper", dataset="ssv2", sets=["resize_to=240"])
+
+    st = extracted_store(mirror_spec, tmp_path / "cache", frames=4, sampling="segment-start", views="2x3",
+                         resize_to="40x48", store_frames=True, layers="none", text="none")
+    head = {"layers": "1", "pos_rows": "8"}
+    cfg = FinetuneCfg(paradigm="text4vis", model="tiny", frames=4, sampling="segment-start", views="2x3",
+                      resize_to="40x48", epochs=0, batch_size=4, workers=0)
+    clips = Finetuner(mirror_spec, cfg, head, dist_ctx=DistContext(), log=lambda *a: None).eval_data
+    short = Finetuner(mirror_spec, FinetuneCfg(**{**cfg.__dict__, "resize_to": ""}), head, dist_ctx=DistContext(),
+                      log=lambda *a: None).eval_data
+    assert [it.path for it in clips.items] == [path for path, _ in st.items("val")]
+    for i in range(2):
+        item = clips[i]
+        assert item["valid"] and item["video"].shape == (6, 4, 3, 32, 32)
+        np.testing.assert_array_equal(item["video"].permute(0, 1, 3, 4, 2).numpy(), st.read("val", "frames", i))
+        assert not torch.equal(item["video"], short[i]["video"])  # the short-side rule gives other pixels
+
+
 def test_online_fresh_views_that_flip_read_the_mirror_label(mirror_bank):
     """train --online: a fresh mirrored view of a left/right class trains with its mirror's label
     (the cache records the dataset's swaps), any other view or class keeps its own."""
