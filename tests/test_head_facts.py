@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from torch import nn
 
 from cache.errors import ConfigError
 from cache.store import open_store
 from conftest import cli_in_process
-from stages.heads import DataKeys, Head, get_head_entry, register_head
+from frame_mean_head import TINY, FrameMeanCfg, FrameMeanHead
+from stages.heads import get_head_entry, register_head
 from stages.heads.facts import PaperRecipe, Protocol, PublishedResult
 
 NAME = "test_paper_head"
@@ -31,27 +31,10 @@ SEEN = PublishedResult(dataset="demo", backbone="clipcache-tiny", frames=8, view
                        source="Test paper, Table 2", pretrained="")
 
 
-@dataclass
-class PaperHeadCfg:
-    num_classes: int = 400
-    embed_dim: int = 512
-
-
-@register_head(NAME, PaperHeadCfg, tiny={"num_classes": 4, "embed_dim": 32}, paper_recipe=RECIPE,
-               protocol=PROTOCOL, view_bank=3,
+@register_head(NAME, FrameMeanCfg, tiny=TINY, paper_recipe=RECIPE, protocol=PROTOCOL, view_bank=3,
                published=(SEEN, dataclasses.replace(SEEN, frames=16, top1=70.0, source="Test paper, Table 3")))
-class PaperHead(Head):
+class PaperHead(FrameMeanHead):
     """Frame mean -> linear: the facts in its decorator are all the pipeline learns about its paper."""
-
-    def __init__(self, cfg: PaperHeadCfg):
-        super().__init__(cfg)
-        self.fc = nn.Linear(cfg.embed_dim, cfg.num_classes)
-
-    def data_keys(self) -> DataKeys:
-        return DataKeys(frame_emb=True)
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"logits": self.fc(batch["frame_emb"].float().mean(dim=1))}  # (B, T, E) -> (B, K)
 
 
 def test_stage_two_finds_the_paper_recipe_registered_here():

@@ -7,39 +7,20 @@ the online runs with fresh paper views), so the mechanism is exercised with a he
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
-import torch
-from torch import nn
 
 from conftest import cli_in_process
-from stages.heads import DataKeys, Head, register_head
+from frame_mean_head import TINY, FrameMeanCfg, FrameMeanHead
+from stages.heads import register_head
 from stages.heads.needs import VIEW_BANK_DEFAULTS, recommended_train_aug, recommended_view_bank
 
 BANKED = "test_banked_head"
 K = 2
 
 
-@dataclass
-class BankedCfg:
-    num_classes: int = 400
-    embed_dim: int = 512
-
-
-@register_head(BANKED, BankedCfg, tiny={"num_classes": 4, "embed_dim": 32}, view_bank=K)
-class BankedHead(Head):
+@register_head(BANKED, FrameMeanCfg, tiny=TINY, view_bank=K)
+class BankedHead(FrameMeanHead):
     """Frame mean -> linear, with a registered view-bank default of K views."""
-
-    def __init__(self, cfg: BankedCfg):
-        super().__init__(cfg)
-        self.fc = nn.Linear(cfg.embed_dim, cfg.num_classes)
-
-    def data_keys(self) -> DataKeys:
-        return DataKeys(frame_emb=True)
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"logits": self.fc(batch["frame_emb"].float().mean(dim=1))}
 
 
 def _dry(capsys, demo_small, *extra):
