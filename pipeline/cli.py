@@ -337,7 +337,8 @@ def evaluate(
                                                     "the text classifier is swapped for its class names)."),
     split: str = typer.Option("val", help="Split to evaluate."),
     text_set: str = typer.Option("", help="Text set of the other cache to classify with."),
-    average: str = typer.Option("scores", help="Multi-view: average scores or embeddings."),
+    average: str = typer.Option("", help="Multi-view: average scores or embeddings (default: the run's own rule, "
+                                         "as it was evaluated in training)."),
     allow_partial: bool = typer.Option(False, "--allow-partial",
                                        help="Evaluate on the done videos of an unfinished cache (said loudly)."),
     head_module: Optional[Path] = typer.Option(None, "--head-module", help="The .py file that registers the run's "
@@ -355,7 +356,7 @@ def evaluate(
     res = evaluate_run(run, cache, split=split, text_set=text_set, eval_average=average, allow_partial=allow_partial,
                        outputs=outputs)
     typer.echo(f"{res['cache']} [{split}]: top1 {res['top1']:.1f}%  top5 {res['top5']:.1f}%  "
-               f"mean-class {res['mean_class']:.1f}%  ({res['n']} videos"
+               f"mean-class {res['mean_class']:.1f}%  ({res['n']} videos, {res['average']} averaged over views"
                + (", classifier swapped to this cache's classes)" if res["swapped_classifier"] else ")"))
     if outputs is not None:
         typer.echo(f"per_class.csv, confusion.csv/.png, predictions.csv in {outputs}")

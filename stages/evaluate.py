@@ -117,15 +117,18 @@ def evaluate_head(head: Head, data: CacheSplit, device: torch.device, batch_size
 # own dataset per split: an IterableDataset that shuffles itself through a buffer, seeded by
 # set_epoch. Everything else treats it as a store (meta, labels, status, text, aux).
 def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, split: str = "val",
-                 text_set: str = "", eval_average: str = "scores", allow_partial: bool = False,
+                 text_set: str = "", eval_average: str = "", allow_partial: bool = False,
                  outputs: str | Path | None = None) -> dict:
     """Evaluate a trained run, on its own cache or on another one (cross-dataset zero-shot).
 
     A cache is a Zarr folder or a WebDataset export's header: a run trained from shards is
     re-evaluated from its shards. On another dataset's cache the head's classifier is swapped for that cache's class text
     embeddings (cosine similarity with the head's video embedding), so the other cache must
-    come from the same backbone weights and sampling. ``outputs``: a folder to write the per-class
-    results, confusion matrix and predictions into (stages/run_outputs.py).
+    come from the same backbone weights and sampling. ``eval_average``: how multi-view scores are
+    combined, "" for the rule the run was trained and evaluated with (its recorded ``eval_average``:
+    a Text4Vis run on a 4x3 cache averages embeddings), so that the run's own split gives the run's
+    own figure. ``outputs``: a folder to write the per-class results, confusion matrix and
+    predictions into (stages/run_outputs.py).
     """
     run_dir = Path(run_dir)
     ckpt_path = run_dir / "last.pt"
@@ -135,7 +138,8 @@ def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, split: st
     if not isinstance(ckpt, dict) or "head" not in ckpt or "cache" not in ckpt.get("config", {}):
         raise ConfigError(f"{run_dir} is not a stage-two run (a stage-three run keeps its evaluation in "
                           "metrics.json; `pipeline finetune-export` turns its backbone into a checkpoint to extract with)")
-    validate_choice("average", eval_average, EVAL_AVERAGES)
+    if eval_average:
+        validate_choice("average", eval_average, EVAL_AVERAGES)
     resolved = ckpt["config"]
     own = open_source(resolved["cache"], resolved.get("source", ""))
     target = open_source(cache) if cache else own
@@ -143,6 +147,8 @@ def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, split: st
     name = resolved["head"]["name"]
     head = get_head_entry(name).head_cls(make_cfg(name, head_cfg))
     head.load_state_dict(ckpt["head"])
+    # the run's own rule (a closed-form head's run averaged scores whatever it recorded)
+    eval_average = eval_average or ("scores" if head.uses_sklearn else resolved["train"].get("eval_average", "scores"))
     swap = target.key != own.key
     if swap:
         same = (target.info.backbone.weights == own.info.backbone.weights
@@ -170,4 +176,5 @@ def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, split: st
 
         write_scores(Path(outputs), kept["scores"].numpy(), kept["labels"].numpy(), store=target, split=split,
                      indices=idx, classes=None, title=f"{name} ({split})")
-    return {"run": str(run_dir), "cache": str(target.path), "split": split, "swapped_classifier": swap, **metrics}
+    return {"run": str(run_dir), "cache": str(target.path), "split": split, "swapped_classifier": swap,
+            "average": eval_average, **metrics}

@@ -16,7 +16,7 @@ from torch import nn
 
 from cache.errors import ConfigError
 from cache.meta import ProtocolRecord
-from conftest import extracted_store
+from conftest import cli_in_process, extracted_store
 from stages.evaluate import evaluate_run
 from stages.heads import DataKeys, Head, create_head, example_batch, get_head_entry, register_head
 from stages.recipes import protocol_eval_overrides
@@ -72,6 +72,23 @@ def test_a_head_registered_from_a_test_module_trains_through_train_head(store, t
     # the run folder alone rebuilds the head through the registry and scores the same videos alike
     again = evaluate_run(tmp_path / "run", eval_average="embeddings")
     assert again["top1"] == pytest.approx(res["final"]["top1"]) and again["n"] == res["final"]["n"]
+
+
+def test_evaluate_reuses_the_runs_averaging_rule(demo_small, tmp_path, capsys):
+    """`pipeline evaluate --run RUN` on a multi-view cache combines the views as the run did (here
+    embeddings), so it writes the run's own scores; `--average scores` is another rule, said so."""
+    multi = extracted_store(demo_small.root, tmp_path / "cache", views="1x3", text="clip_single")
+    cfg = TrainCfg(head=NAME, epochs=2, batch_size=4, lr=1e-2, eval_average="embeddings")
+    res = train_head(multi, cfg, {"hidden": 8}, run_dir=tmp_path / "run", progress=False, log=lambda *a, **k: None)
+    run = tmp_path / "run"
+    code, out, err = cli_in_process(capsys, "evaluate", "--run", run)
+    assert code == 0, err
+    assert "embeddings averaged over views" in out and f"top1 {res['final']['top1']:.1f}%" in out
+    assert (run / "eval-val" / "predictions.csv").read_text() == (run / "predictions.csv").read_text()
+    code, out, err = cli_in_process(capsys, "evaluate", "--run", run, "--average", "scores")
+    assert code == 0 and "scores averaged over views" in out, err
+    assert (run / "eval-val" / "predictions.csv").read_text() != (run / "predictions.csv").read_text()
+    assert evaluate_run(run)["average"] == "embeddings"
 
 
 def test_capabilities_are_declared_where_a_head_overrides_them():
