@@ -73,7 +73,7 @@ __all__ = ["ActionClipCfg", "ClsTokenAggregator", "VisualPrompt", "ActionClipHea
 PROMPTS = ("meanp", "conv1d", "lstm", "transf", "transf_cls")
 TEMPLATE_AVERAGES = ("embedding", "score")
 _B16 = {"embed_dim": 512, "frames": 8, "num_classes": 400}
-_SRC = "ActionCLIP (arXiv:2109.08472) / SPEC section 3"
+_SRC = "ActionCLIP (arXiv:2109.08472)"
 
 # Kinetics-400 top-1 / top-5 of the official repository's README.md "Kinetics-400" table (the same as
 # MODEL_ZOO.md; the paper's Table 6), end to end (stage three, the actionclip paradigm, from OpenAI's
@@ -227,7 +227,7 @@ def _ref(label: str, prompt: str, expected: int) -> Reference:
     # its K400 config (SPEC section 7; its HMDB/UCF configs set RandAugment N 0); scale 256 first as the
     # project's stage-three ActionCLIP recipe (stages/recipes.py)
     train_aug=TrainPipeline(
-        "ActionCLIP's K400 train code (SPEC section 7): random TSN offsets, RandAugment N2 M9 drawn per frame, "
+        "ActionCLIP's official K400 train code: random TSN offsets, RandAugment N2 M9 drawn per frame, "
         "multi-scale crop (1, .875, .75, .66), flip p 0.5, colour jitter p 0.8 (0.4, 0.4, 0.2, 0.1), "
         "grayscale p 0.2",
         clip="segment", resize_ratio=SCALE_256, crop="multiscale", ms_scales=(1.0, 0.875, 0.75, 0.66),

@@ -257,7 +257,7 @@ def _k400(backbone: str, frames: int, stride: int, views: str, top1: float, top5
                 "the normalised frames bilinearly, the long side rounded down"),
     # view bank: none (bench/bench_viewbank.py: the plain cache's mean was highest, within the spread)
     train_aug=TrainPipeline(
-        "EVL's train code (SPEC section 7): a random dense clip, RandAugment m7 n4 with the same ops for every "
+        "EVL's official train code: a random dense clip, RandAugment m7 n4 with the same ops for every "
         "frame (its rand-m7-n4-mstd0.5-inc1 here as torchvision's op table at bin 7), then a random resized "
         "crop 0.08-1 bilinear of the whole frame; no flip (its --no_mirror is parsed, never used)",
         clip="dense", crop="random_resized", area=(0.08, 1.0), interpolation="bilinear", flip=0.0,

@@ -207,7 +207,7 @@ _SOURCE = "Side4Video (Yao et al. 2023), K400 ViT-B/16 8 frames; trainable param
     # so the smallest K that does is 0; it was 1 from light banks measured before the paper pipelines
     # its K400 train pipeline (SPEC section 7; RandAugment only in its SSv2 configs)
     train_aug=TrainPipeline(
-        "Side4Video's K400 train code (SPEC section 7): random TSN offsets, scale 256 (for 224), random "
+        "Side4Video's official K400 train code: random TSN offsets, scale 256 (for 224), random "
         "resized crop 0.08-1, flip p 0.5, grayscale p 0.2",
         clip="segment", resize_ratio=SCALE_256, crop="random_resized", area=(0.08, 1.0), interpolation="bilinear",
         flip=0.5, grayscale=0.2),

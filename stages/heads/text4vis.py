@@ -103,7 +103,7 @@ class Text4VisCfg:
               "video embeddings averaged over views then normalised, scale 256 then crop 224",
         differs=CROPS_TSN),
     train_aug=TrainPipeline(
-        "Text4Vis's train code (SPEC section 7): random TSN offsets, scale 256 (for 224), random resized crop "
+        "Text4Vis's official train code: random TSN offsets, scale 256 (for 224), random resized crop "
         "0.08-1, flip p 0.5, grayscale p 0.2, no colour jitter",
         clip="segment", resize_ratio=SCALE_256, crop="random_resized", area=(0.08, 1.0), interpolation="bilinear",
         flip=0.5, grayscale=0.2),
@@ -112,7 +112,7 @@ class Text4VisCfg:
             "text4vis-ssv2", 8, "segment-start", 8, "4x3", 1.0, "embeddings", resize_to="240x320",
             paper="Something-Something v2: frames resized to 240 x 320 (H x W), then its test crops of 224; "
                   "its test code changes only the scale for SSv2",
-            differs="SPEC section 7 gives only the 240 x 320 scale: frames, sampling and views are Text4Vis's "
+            differs="Its SSv2 test setting gives only the 240 x 320 scale: frames, sampling and views are Text4Vis's "
                     "K400 protocol's (8 frames, 4 clips x 3 crops, segment starts). Frames resized bicubic "
                     "(antialiased); its code resizes PIL images bilinearly"),
     ),
