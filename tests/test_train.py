@@ -278,7 +278,7 @@ def test_cross_dataset_evaluation_swaps_in_the_other_class_names(full_cache, tmp
     proc = run_cli("evaluate", "--run", run, "--cache", other_cache, check=True)
     assert "classifier swapped" in proc.stdout and "(6 videos" in proc.stdout
     same = run_cli("evaluate", "--run", run, check=True)
-    assert "(8 videos)" in same.stdout
+    assert "(8 videos, scores averaged over views)" in same.stdout  # the run's own rule (TrainCfg default)
     # a cache from other backbone weights is refused
     foreign = tmp_path / "foreign"
     run_cli("extract", "--dataset", "demo", "--data-root", other.root, "--model", "tiny", "--init-seed", "5",
