@@ -16,7 +16,8 @@ Text4Vis 5e-5 / 5e-6, decay 0.2 on all parameters, betas (0.9, 0.999), 30 epochs
 ActionCLIP 5e-5 / 5e-6, decay 0.2 on all parameters, betas (0.9, 0.98), 50 epochs, batch 128,
 CLIP's ``logit_scale`` trainable and scaling the training loss, clamped at 100). The dataclass
 defaults below are the ``quick`` values (no decay on gains and biases, frozen logit scale with
-the head's fixed 100) but for the epochs (-1: the paradigm's 30 or 50) and 5 warm-up epochs. ``global_batch`` > ``batch_size`` x ranks is reached by gradient
+the head's fixed 100) but for the epochs (-1: the paradigm's 30 or 50) and 5 warm-up epochs.
+``global_batch`` > ``batch_size`` x ranks is reached by gradient
 accumulation (``Finetuner.step`` takes a list of micro-batches).
 
 Data: decode (stages.video, decord then PyAV) in DataLoader workers, random TSN offsets and the

@@ -186,7 +186,7 @@ def _paper_test_views(paradigm: str, dataset: str = "") -> tuple[dict, str]:
     frame size, as SSv2's) and how the recipe's line says them; for ``dataset`` the protocol named
     PARADIGM-DATASET where there is one. Training keeps random TSN offsets: segment and
     segment-start draw the same."""
-    p = (_protocol(f"{paradigm}-{dataset}") if dataset else None) or _protocol(paradigm)
+    p = _protocol_on(paradigm, dataset)
     if p is None:
         return {}, ""
     values = {"sampling": p.sampling, "views": p.views}
@@ -263,6 +263,12 @@ def _protocol(name: str) -> Protocol | None:
     return find_protocol(name)
 
 
+def _protocol_on(head: str, dataset: str = "") -> Protocol | None:
+    """The protocol ``head`` registers for ``dataset`` (named HEAD-DATASET, e.g. side4video-ssv2),
+    else its own, else None."""
+    return (_protocol(f"{head}-{dataset}") if dataset else None) or _protocol(head)
+
+
 def protocol_for_heads(heads: list[str], dataset: str = "") -> str:
     """The test protocol a cache for ``heads`` (``extract --for-head``) gets by default: the papers'
     own, when the heads that have one test on the same frames and views (Text4Vis and Side4Video
@@ -270,7 +276,7 @@ def protocol_for_heads(heads: list[str], dataset: str = "") -> str:
     protocol registered as HEAD-DATASET, e.g. side4video-ssv2) that one. Heads whose papers test on
     different frames cannot share one cache's val views: one ConfigError naming them and the way out."""
     own = {h: p for h in dict.fromkeys(heads)
-           if (p := (_protocol(f"{h}-{dataset}") if dataset else None) or _protocol(h)) is not None}
+           if (p := _protocol_on(h, dataset)) is not None}
     named = list(own)
     groups: dict[tuple, list[str]] = {}
     for h in named:
